@@ -1,0 +1,27 @@
+/**
+ * Every error a user can cause is a DellaError: one message naming what is wrong and
+ * where, and a stable code for scripts. Anything else reaching the CLI is a bug.
+ */
+export type ErrorCode =
+  | 'E_RECIPE' // the recipe is malformed or asks for something invalid
+  | 'E_CHECKPOINT' // a checkpoint file or directory is malformed
+  | 'E_SHAPE' // models disagree on tensors or shapes
+  | 'E_NONFINITE' // NaN or infinity in an input tensor to be merged
+  | 'E_IO' // reading or writing failed (disk full, permissions, ...)
+  | 'E_OUTPUT' // the output location is unusable (exists, not a directory, ...)
+  | 'E_ARGS' // bad command-line or API arguments
+  | 'E_ABORTED' // the merge was cancelled
+  | 'E_NATIVE'; // the native addon could not be loaded
+
+export class DellaError extends Error {
+  readonly code: ErrorCode;
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'DellaError';
+    this.code = code;
+  }
+}
+
+export function isDellaError(e: unknown): e is DellaError {
+  return e instanceof DellaError;
+}

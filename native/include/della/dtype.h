@@ -1,0 +1,101 @@
+// Exact loads and round-to-nearest-even stores between fp32 and the stored dtypes.
+#pragma once
+#include "della/common.h"
+
+namespace della {
+
+enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
+
+DELLA_HD unsigned dtype_size(DType t) {
+  return t == DType::F64 ? 8u : (t == DType::F32 ? 4u : 2u);
+}
+
+DELLA_HD float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  if (exp == 0x1f) return bits_f32(sign | 0x7f800000u | (man << 13));
+  if (exp != 0) return bits_f32(sign | ((exp + 112u) << 23) | (man << 13));
+  if (man == 0) return bits_f32(sign);
+  // Subnormal: man * 2^-24 is exact in fp32.
+  const float v = static_cast<float>(man) * 5.9604644775390625e-08f;
+  return sign ? -v : v;
+}
+
+DELLA_HD uint16_t f32_to_f16(float f) {
+  const uint32_t x = f32_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return sign | 0x7e00u;        // NaN stays a (quiet) NaN
+  if (ax >= 0x477ff000u) return sign | 0x7c00u;       // >= 65520 rounds to infinity
+  if (ax >= 0x38800000u) {                            // normal half
+    const uint32_t r = ax - 0x38000000u;
+    return sign | static_cast<uint16_t>((r + 0xfffu + ((r >> 13) & 1u)) >> 13);
+  }
+  if (ax < 0x33000000u) return sign;                  // below 2^-25: rounds to zero
+  // Subnormal half: round the 24-bit significand right by 126 - exp (14..24 bits).
+  const uint32_t e = ax >> 23;
+  const uint32_t m = (ax & 0x7fffffu) | 0x800000u;
+  const uint32_t shift = 126u - e;
+  uint32_t r = m >> shift;
+  const uint32_t rem = m & ((1u << shift) - 1u);
+  const uint32_t half = 1u << (shift - 1u);
+  if (rem > half || (rem == half && (r & 1u))) ++r;
+  return sign | static_cast<uint16_t>(r);
+}
+
+DELLA_HD float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
+
+DELLA_HD uint16_t f32_to_bf16(float f) {
+  const uint32_t x = f32_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
+  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+// Tensors inside safetensors files need not be aligned to their element size, so
+// every access goes through memcpy (a plain load once compiled).
+template <class T>
+DELLA_HD T load_raw(const void* p, uint64_t i) {
+  T v;
+  std::memcpy(&v, static_cast<const char*>(p) + i * sizeof(T), sizeof(T));
+  return v;
+}
+
+template <class T>
+DELLA_HD void store_raw(void* p, uint64_t i, T v) {
+  std::memcpy(static_cast<char*>(p) + i * sizeof(T), &v, sizeof(T));
+}
+
+DELLA_HD float load_f32(const void* p, DType t, uint64_t i) {
+  switch (t) {
+    case DType::F32: return load_raw<float>(p, i);
+    case DType::F16: return f16_to_f32(load_raw<uint16_t>(p, i));
+    case DType::BF16: return bf16_to_f32(load_raw<uint16_t>(p, i));
+    default: return static_cast<float>(load_raw<double>(p, i));  // RNE
+  }
+}
+
+DELLA_HD void store_f32(void* p, DType t, uint64_t i, float v) {
+  switch (t) {
+    case DType::F32: store_raw<float>(p, i, v); break;
+    case DType::F16: store_raw<uint16_t>(p, i, f32_to_f16(v)); break;
+    case DType::BF16: store_raw<uint16_t>(p, i, f32_to_bf16(v)); break;
+    default: store_raw<double>(p, i, static_cast<double>(v)); break;
+  }
+}
+
+DELLA_HD bool is_finite_f32(float v) { return (f32_bits(v) & 0x7f800000u) != 0x7f800000u; }
+
+// Ranking keys (SPEC §4): monotone in |v|. Half-precision keys are 15 bits.
+enum class KeyMode : uint8_t { F32 = 0, F16 = 1, BF16 = 2 };
+
+DELLA_HD uint32_t magnitude_key(float v, KeyMode m) {
+  const float a = bits_f32(f32_bits(v) & 0x7fffffffu);
+  switch (m) {
+    case KeyMode::F16: return f32_to_f16(a) & 0x7fffu;
+    case KeyMode::BF16: return f32_to_bf16(a) & 0x7fffu;
+    default: return f32_bits(a);
+  }
+}
+
+}  // namespace della

@@ -1,0 +1,48 @@
+// Module entry: registers the binding's functions and classes. No math here.
+#include <napi.h>
+
+#include <thread>
+
+#include "../kernels/thread_pool.h"
+#include "della/philox.h"
+#include "mapped_file.h"
+#include "merge_worker.h"
+
+namespace della_binding {
+namespace {
+
+// philoxBlock(c0, c1, c2, c3, k0, k1) -> [w0, w1, w2, w3]: exposes the kernels'
+// generator so tests can check it against known answers.
+Napi::Value PhiloxBlock(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint32_t a[6];
+  for (int i = 0; i < 6; ++i) {
+    if (i >= static_cast<int>(info.Length()) || !info[i].IsNumber())
+      throw Napi::TypeError::New(env, "philoxBlock takes six 32-bit numbers");
+    a[i] = info[i].As<Napi::Number>().Uint32Value();
+  }
+  const della::Philox4 b = della::philox4x32_10(a[0], a[1], a[2], a[3], a[4], a[5]);
+  Napi::Array out = Napi::Array::New(env, 4);
+  for (uint32_t i = 0; i < 4; ++i) out.Set(i, Napi::Number::New(env, b.v[i]));
+  return out;
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  Napi::Function mapped = MappedFile::Define(env);
+  // Per-environment storage keeps the class alive in each worker thread's env.
+  auto* ctor = new Napi::FunctionReference(Napi::Persistent(mapped));
+  env.SetInstanceData<Napi::FunctionReference>(ctor);
+  exports.Set("MappedFile", mapped);
+  exports.Set("mergeBatch", Napi::Function::New(env, MergeBatch, "mergeBatch"));
+  exports.Set("philoxBlock", Napi::Function::New(env, PhiloxBlock, "philoxBlock"));
+  exports.Set("hardwareThreads", Napi::Number::New(env, della::ThreadPool::hardware_threads()));
+  exports.Set("abiVersion", Napi::Number::New(env, 1));
+  return exports;
+}
+
+}  // namespace
+}  // namespace della_binding
+
+static Napi::Object InitModule(Napi::Env env, Napi::Object exports) { return della_binding::Init(env, exports); }
+
+NODE_API_MODULE(della_merge, InitModule)

@@ -1,0 +1,169 @@
+#include "merge_worker.h"
+
+#include <string>
+#include <vector>
+
+#include "../kernels/merge_cpu.h"
+#include "args.h"
+#include "della/philox.h"
+
+namespace della_binding {
+namespace {
+
+using della::CopyTask;
+using della::MergeStats;
+using della::MergeTask;
+
+uint64_t numel_of(const std::vector<int64_t>& shape) {
+  uint64_t n = 1;
+  for (int64_t d : shape) n *= static_cast<uint64_t>(d);
+  return n;
+}
+
+della::DType dtype_field(const Napi::Object& o, const char* key, const std::string& where) {
+  return static_cast<della::DType>(integer_field(o, key, where, 0, 3));
+}
+
+void need_bytes(Napi::Env env, const ByteSpan& b, uint64_t want, const std::string& what, bool exact) {
+  if (exact ? b.length != want : b.length < want)
+    throw Napi::RangeError::New(env, what + " has " + std::to_string(b.length) + " bytes; its shape and dtype need " +
+                                         std::to_string(want));
+}
+
+MergeTask parse_merge(const Napi::Object& o, const std::string& where) {
+  Napi::Env env = o.Env();
+  MergeTask t;
+  t.shape = shape_field(o, "shape", where);
+  const uint64_t numel = numel_of(t.shape);
+  const ByteSpan base = bytes_field(o, "base", where);
+  t.base_dtype = dtype_field(o, "baseDtype", where);
+  need_bytes(env, base, numel * della::dtype_size(t.base_dtype), where + ".base", true);
+  t.base = base.data;
+  const ByteSpan out = bytes_field(o, "out", where);
+  t.out_dtype = dtype_field(o, "outDtype", where);
+  need_bytes(env, out, numel * della::dtype_size(t.out_dtype), where + ".out", true);
+  t.out = out.data;
+  t.sparsifier = static_cast<della::Sparsifier>(integer_field(o, "sparsifier", where, 0, 2));
+  t.rescale = static_cast<della::Rescale>(integer_field(o, "rescale", where, 0, 1));
+  t.consensus = static_cast<della::Consensus>(integer_field(o, "consensus", where, 0, 2));
+  t.normalize = bool_field(o, "normalize", where);
+  t.lambda = number_field(o, "lambda", where);
+  t.seed = static_cast<uint64_t>(integer_field(o, "seed", where, 0, 9007199254740991.0));
+  Napi::Value name = field(o, "name", where);
+  if (!name.IsString()) throw Napi::TypeError::New(env, where + ".name must be a string");
+  const std::string utf8 = name.As<Napi::String>().Utf8Value();
+  t.tensor_id = della::fnv1a32(reinterpret_cast<const unsigned char*>(utf8.data()), utf8.size());
+  Napi::Array experts = array_field(o, "experts", where);
+  for (uint32_t k = 0; k < experts.Length(); ++k) {
+    const std::string ew = where + ".experts[" + std::to_string(k) + "]";
+    Napi::Value ev = experts.Get(k);
+    if (!ev.IsObject()) throw Napi::TypeError::New(env, ew + " must be an object");
+    Napi::Object e = ev.As<Napi::Object>();
+    della::ExpertInput in;
+    in.shape = shape_field(e, "shape", ew);
+    in.dtype = dtype_field(e, "dtype", ew);
+    const ByteSpan data = bytes_field(e, "data", ew);
+    need_bytes(env, data, numel_of(in.shape) * della::dtype_size(in.dtype), ew + ".data", true);
+    in.data = data.data;
+    in.weight = static_cast<float>(number_field(e, "weight", ew));
+    in.density = number_field(e, "density", ew);
+    in.epsilon = number_field(e, "epsilon", ew);
+    t.experts.push_back(std::move(in));
+  }
+  try {
+    della::validate_task(t);
+  } catch (const std::exception& err) {
+    throw Napi::RangeError::New(env, where + ": " + err.what());
+  }
+  return t;
+}
+
+class MergeBatchWorker : public Napi::AsyncWorker {
+ public:
+  MergeBatchWorker(Napi::Env env, Napi::Object batch, std::vector<MergeTask> merges, std::vector<CopyTask> copies,
+                   unsigned threads)
+      : Napi::AsyncWorker(env, "della-merge:mergeBatch"),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        keep_alive_(Napi::Persistent(batch)),  // the buffers must outlive the work
+        merges_(std::move(merges)),
+        copies_(std::move(copies)),
+        threads_(threads) {}
+
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+  void Execute() override {
+    try {
+      della::run_batch(merges_, copies_, threads_, stats_);
+    } catch (const std::exception& e) {
+      SetError(e.what());
+    }
+  }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    Napi::Array out = Napi::Array::New(env, stats_.size());
+    for (size_t i = 0; i < stats_.size(); ++i) {
+      Napi::Object s = Napi::Object::New(env);
+      Napi::Array nonfinite = Napi::Array::New(env, stats_[i].nonfinite.size());
+      for (size_t k = 0; k < stats_[i].nonfinite.size(); ++k)
+        nonfinite.Set(k, Napi::Number::New(env, static_cast<double>(stats_[i].nonfinite[k])));
+      Napi::Array kept = Napi::Array::New(env, stats_[i].kept.size());
+      for (size_t k = 0; k < stats_[i].kept.size(); ++k)
+        kept.Set(k, Napi::Number::New(env, static_cast<double>(stats_[i].kept[k])));
+      s.Set("nonfinite", nonfinite);
+      s.Set("kept", kept);
+      s.Set("numel", Napi::Number::New(env, static_cast<double>(stats_[i].numel)));
+      out.Set(i, s);
+    }
+    keep_alive_.Reset();
+    deferred_.Resolve(out);
+  }
+
+  void OnError(const Napi::Error& e) override {
+    keep_alive_.Reset();
+    deferred_.Reject(e.Value());
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  Napi::ObjectReference keep_alive_;
+  std::vector<MergeTask> merges_;
+  std::vector<CopyTask> copies_;
+  std::vector<MergeStats> stats_;
+  unsigned threads_;
+};
+
+}  // namespace
+
+// mergeBatch({ threads, merges: [...], copies: [{ src, dst }] }) -> Promise<stats[]>
+Napi::Value MergeBatch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "mergeBatch(batch) takes an object");
+  Napi::Object batch = info[0].As<Napi::Object>();
+  const unsigned threads = static_cast<unsigned>(integer_field(batch, "threads", "batch", 1, 1024));
+  std::vector<MergeTask> merges;
+  Napi::Array ms = array_field(batch, "merges", "batch");
+  for (uint32_t i = 0; i < ms.Length(); ++i) {
+    const std::string where = "merges[" + std::to_string(i) + "]";
+    Napi::Value v = ms.Get(i);
+    if (!v.IsObject()) throw Napi::TypeError::New(env, where + " must be an object");
+    merges.push_back(parse_merge(v.As<Napi::Object>(), where));
+  }
+  std::vector<CopyTask> copies;
+  Napi::Array cs = array_field(batch, "copies", "batch");
+  for (uint32_t i = 0; i < cs.Length(); ++i) {
+    const std::string where = "copies[" + std::to_string(i) + "]";
+    Napi::Value v = cs.Get(i);
+    if (!v.IsObject()) throw Napi::TypeError::New(env, where + " must be an object");
+    const ByteSpan src = bytes_field(v.As<Napi::Object>(), "src", where);
+    const ByteSpan dst = bytes_field(v.As<Napi::Object>(), "dst", where);
+    if (src.length != dst.length) throw Napi::RangeError::New(env, where + ": src and dst lengths differ");
+    copies.push_back({src.data, dst.data, src.length});
+  }
+  auto* worker = new MergeBatchWorker(env, batch, std::move(merges), std::move(copies), threads);
+  Napi::Promise p = worker->Promise();
+  worker->Queue();
+  return p;
+}
+
+}  // namespace della_binding

@@ -1,0 +1,57 @@
+// CPU merge of whole tensors (SPEC §1-5). Plain pointers and structs: no Node here.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "della/merge_math.h"
+
+namespace della {
+
+struct ExpertInput {
+  const void* data = nullptr;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;  // equal to the base's, or larger in every dimension
+  float weight = 1.0f;         // f32(w_k)
+  double density = 1.0;
+  double epsilon = 0.0;
+};
+
+struct MergeTask {
+  const void* base = nullptr;
+  DType base_dtype = DType::F32;
+  void* out = nullptr;
+  DType out_dtype = DType::F32;
+  std::vector<int64_t> shape;  // base and output shape
+  std::vector<ExpertInput> experts;
+  Sparsifier sparsifier = Sparsifier::None;
+  Rescale rescale = Rescale::None;
+  Consensus consensus = Consensus::None;
+  bool normalize = false;
+  double lambda = 1.0;
+  uint32_t tensor_id = 0;
+  uint64_t seed = 0;
+};
+
+struct CopyTask {
+  const void* src = nullptr;
+  void* dst = nullptr;
+  uint64_t bytes = 0;
+};
+
+struct MergeStats {
+  std::vector<uint64_t> nonfinite;  // [base, expert 0, ...]
+  std::vector<uint64_t> kept;       // per expert: elements whose delta survived
+  uint64_t numel = 0;
+};
+
+// Throws std::invalid_argument for a task the kernels cannot run (named by index).
+void validate_task(const MergeTask& t);
+
+// Runs every task on up to `threads` threads of the global pool. Rows of large
+// tensors are spread across threads; small tensors are batched. Results do not
+// depend on `threads`.
+void run_batch(const std::vector<MergeTask>& merges, const std::vector<CopyTask>& copies,
+               unsigned threads, std::vector<MergeStats>& stats);
+
+}  // namespace della

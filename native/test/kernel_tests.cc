@@ -1,0 +1,113 @@
+// C++ checks of the shared math that need no Node: Philox known answers, dtype
+// round trips, and thread-count independence of the CPU kernels.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "../src/kernels/merge_cpu.h"
+#include "della/philox.h"
+
+static int failures = 0;
+#define CHECK(cond, ...)                         \
+  do {                                           \
+    if (!(cond)) {                               \
+      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::fprintf(stderr, __VA_ARGS__);         \
+      std::fprintf(stderr, "\n");                \
+      ++failures;                                \
+    }                                            \
+  } while (0)
+
+static void philox_known_answers() {
+  struct Kat { uint32_t c[4], k[2], want[4]; };
+  const Kat kats[] = {
+      {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}},
+      {{0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff}, {0xffffffff, 0xffffffff},
+       {0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}},
+      {{0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344}, {0xa4093822, 0x299f31d0},
+       {0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}},
+  };
+  for (const Kat& t : kats) {
+    const della::Philox4 b = della::philox4x32_10(t.c[0], t.c[1], t.c[2], t.c[3], t.k[0], t.k[1]);
+    for (int i = 0; i < 4; ++i) CHECK(b.v[i] == t.want[i], "philox word %d: %08x != %08x", i, b.v[i], t.want[i]);
+  }
+}
+
+static void half_round_trips() {
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const uint16_t x = static_cast<uint16_t>(h);
+    if ((x & 0x7c00) == 0x7c00 && (x & 0x3ff)) continue;  // NaN payloads
+    CHECK(della::f32_to_f16(della::f16_to_f32(x)) == x, "f16 round trip %04x", h);
+    CHECK(della::f32_to_bf16(della::bf16_to_f32(x)) == x || ((x & 0x7f80) == 0x7f80 && (x & 0x7f)),
+          "bf16 round trip %04x", h);
+  }
+  CHECK(della::f32_to_f16(65520.0f) == 0x7c00, "65520 -> inf");
+  CHECK(della::f32_to_f16(65519.99f) == 0x7bff, "65519.99 -> max");
+  CHECK(della::f32_to_f16(std::ldexp(1.0f, -25)) == 0, "2^-25 ties to zero");
+  CHECK(della::f32_to_f16(std::ldexp(1.5f, -25)) == 1, "1.5*2^-25 -> 1 ulp");
+  CHECK(della::f32_to_bf16(1.00390625f) == 0x3f80, "bf16 tie to even");
+}
+
+static void threads_do_not_change_results() {
+  std::mt19937_64 rng(12345);
+  const int64_t rows = 37, n = 1031;
+  std::vector<uint16_t> base(rows * n), e0(rows * n), e1(rows * n);
+  std::normal_distribution<float> nd(0.0f, 0.02f);
+  for (size_t i = 0; i < base.size(); ++i) {
+    base[i] = della::f32_to_bf16(nd(rng));
+    e0[i] = della::f32_to_bf16(della::bf16_to_f32(base[i]) + nd(rng) * 0.1f);
+    e1[i] = della::f32_to_bf16(della::bf16_to_f32(base[i]) + nd(rng) * 0.1f);
+  }
+  std::vector<uint16_t> out1(base.size(), 0xffff), out2(base.size(), 0xffff);
+  auto task = [&](std::vector<uint16_t>& out) {
+    della::MergeTask t;
+    t.base = base.data();
+    t.base_dtype = della::DType::BF16;
+    t.out = out.data();
+    t.out_dtype = della::DType::BF16;
+    t.shape = {rows, n};
+    for (auto* e : {&e0, &e1}) {
+      della::ExpertInput in;
+      in.data = e->data();
+      in.dtype = della::DType::BF16;
+      in.shape = t.shape;
+      in.weight = 0.7f;
+      in.density = 0.4;
+      in.epsilon = 0.1;
+      t.experts.push_back(in);
+    }
+    t.sparsifier = della::Sparsifier::Magprune;
+    t.rescale = della::Rescale::Inverse;
+    t.consensus = della::Consensus::Sum;
+    t.normalize = true;
+    t.lambda = 1.1;
+    t.tensor_id = 7;
+    t.seed = 99;
+    return t;
+  };
+  std::vector<della::MergeStats> s1, s2;
+  della::run_batch({task(out1)}, {}, 1, s1);
+  della::run_batch({task(out2)}, {}, 4, s2);
+  CHECK(out1 == out2, "1 and 4 threads differ");
+  CHECK(s1[0].kept == s2[0].kept, "kept counts differ");
+  size_t unwritten = 0;
+  for (uint16_t v : out1) unwritten += v == 0xffff;
+  CHECK(unwritten == 0, "%zu elements unwritten", unwritten);
+  // About density of each expert survives.
+  const double frac = static_cast<double>(s1[0].kept[0]) / static_cast<double>(rows * n);
+  CHECK(frac > 0.35 && frac < 0.45, "kept fraction %f", frac);
+}
+
+int main() {
+  philox_known_answers();
+  half_round_trips();
+  threads_do_not_change_results();
+  if (failures) {
+    std::fprintf(stderr, "%d failures\n", failures);
+    return 1;
+  }
+  std::printf("kernel tests passed\n");
+  return 0;
+}
