@@ -1,0 +1,59 @@
+/**
+ * The kernel contract: one tensor's merge, fully resolved. The native addon
+ * (mergeBatch) and lib/reference take exactly this object, so the two can be swapped
+ * and compared. Codes are small integers because the binding passes them straight
+ * to the C++ enums in native/include/della.
+ */
+export const DTYPE_CODE = { F32: 0, F16: 1, BF16: 2, F64: 3 } as const;
+export type FloatDType = keyof typeof DTYPE_CODE;
+export type DTypeCode = (typeof DTYPE_CODE)[FloatDType];
+
+export const SPARSIFIER_CODE = { none: 0, magprune: 1, random: 2, magnitude: 3, breadcrumbs: 4 } as const;
+export const RESCALE_CODE = { none: 0, inverse: 1, l1: 2, l2: 3, linf: 4 } as const;
+export const CONSENSUS_CODE = { none: 0, sum: 1, count: 2 } as const;
+
+export interface ExpertTask {
+  data: ArrayBufferView;
+  dtype: DTypeCode;
+  /** equal to the base's, or larger in every dimension (embedding sub-block rule) */
+  shape: number[];
+  weight: number;
+  density: number;
+  epsilon: number;
+}
+
+export interface MergeTaskSpec {
+  /** output tensor name: its FNV-1a hash is the Philox tensor id */
+  name: string;
+  base: ArrayBufferView;
+  baseDtype: DTypeCode;
+  out: ArrayBufferView;
+  outDtype: DTypeCode;
+  shape: number[];
+  experts: ExpertTask[];
+  sparsifier: number;
+  rescale: number;
+  consensus: number;
+  normalize: boolean;
+  lambda: number;
+  seed: number;
+}
+
+export interface CopyTaskSpec {
+  src: ArrayBufferView;
+  dst: ArrayBufferView;
+}
+
+export interface MergeTaskStats {
+  /** non-finite input values: [base, expert 0, expert 1, ...] */
+  nonfinite: number[];
+  /** per expert: elements of its delta that survived sparsification */
+  kept: number[];
+  numel: number;
+}
+
+export interface BatchSpec {
+  threads: number;
+  merges: MergeTaskSpec[];
+  copies: CopyTaskSpec[];
+}

@@ -1,0 +1,54 @@
+/**
+ * The one file that loads and types the native addon. node-gyp-build looks in
+ * build/Release first (a local build), then prebuilds/<platform>-<arch>/.
+ */
+import { createRequire } from 'node:module';
+import { dirname, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { DellaError } from './errors.js';
+import type { BatchSpec, MergeTaskStats } from './merge/task.js';
+
+export interface NativeMappedFile {
+  readonly size: number;
+  readonly writable: boolean;
+  /** A zero-copy view of [offset, offset + length); keeps the map alive. */
+  view(offset: number, length: number): Uint8Array;
+  advise(offset: number, length: number, how: 'willneed' | 'dontneed' | 'sequential'): void;
+  close(): void;
+}
+
+export interface NativeAddon {
+  MappedFile: {
+    /** Maps an existing file read-only. */
+    new (path: string): NativeMappedFile;
+    /** Creates a new file of `size` bytes (reserved on disk) and maps it read-write. */
+    new (path: string, size: number): NativeMappedFile;
+  };
+  mergeBatch(batch: BatchSpec): Promise<MergeTaskStats[]>;
+  philoxBlock(c0: number, c1: number, c2: number, c3: number, k0: number, k1: number): number[];
+  hardwareThreads: number;
+  abiVersion: number;
+}
+
+export const packageRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+
+let cached: NativeAddon | undefined;
+
+export function loadNative(): NativeAddon {
+  if (cached) return cached;
+  const require = createRequire(import.meta.url);
+  try {
+    const load = require('node-gyp-build') as (dir: string) => unknown;
+    cached = load(packageRoot) as NativeAddon;
+  } catch (e) {
+    const reason = e instanceof Error ? e.message.split('\n')[0] : String(e);
+    throw new DellaError(
+      'E_NATIVE',
+      `the della-merge native addon could not be loaded (${reason}). ` +
+        `No prebuilt binary fits ${process.platform}-${process.arch} and no local build was found: ` +
+        `run "npm rebuild della-merge" (needs CMake and a C++17 compiler) or "npm run build:native" in a checkout.`,
+      { cause: e },
+    );
+  }
+  return cached;
+}

@@ -1,0 +1,98 @@
+/**
+ * Exact conversions between fp32 and the stored dtypes (SPEC §1), on bit patterns.
+ * Every fp32 value here is a JS number that Math.fround leaves unchanged.
+ */
+import { DTYPE_CODE, type DTypeCode } from '../merge/task.js';
+
+const f32 = new Float32Array(1);
+const u32 = new Uint32Array(f32.buffer);
+
+export function f32Bits(v: number): number {
+  f32[0] = v;
+  return u32[0];
+}
+
+export function bitsF32(b: number): number {
+  u32[0] = b >>> 0;
+  return f32[0];
+}
+
+export function f16ToF32(h: number): number {
+  const sign = h & 0x8000 ? -1 : 1;
+  const exp = (h >>> 10) & 0x1f;
+  const man = h & 0x3ff;
+  if (exp === 0x1f) return man ? NaN : sign * Infinity;
+  if (exp === 0) return sign * man * 2 ** -24;
+  return sign * (1 + man / 1024) * 2 ** (exp - 15);
+}
+
+/** fp32 -> IEEE half, round to nearest even, with subnormals. */
+export function f32ToF16(v: number): number {
+  const x = f32Bits(v);
+  const sign = (x >>> 16) & 0x8000;
+  const ax = x & 0x7fffffff;
+  if (ax > 0x7f800000) return sign | 0x7e00;
+  if (ax >= 0x477ff000) return sign | 0x7c00;
+  if (ax >= 0x38800000) {
+    const r = ax - 0x38000000;
+    return sign | ((r + 0xfff + ((r >>> 13) & 1)) >>> 13);
+  }
+  if (ax < 0x33000000) return sign;
+  const e = ax >>> 23;
+  const m = (ax & 0x7fffff) | 0x800000;
+  const shift = 126 - e;
+  let r = m >>> shift;
+  const rem = m & ((1 << shift) - 1);
+  const half = 1 << (shift - 1);
+  if (rem > half || (rem === half && (r & 1))) r++;
+  return sign | r;
+}
+
+export function bf16ToF32(h: number): number {
+  return bitsF32((h & 0xffff) << 16);
+}
+
+/** fp32 -> bfloat16: upper 16 bits after round to nearest even. */
+export function f32ToBf16(v: number): number {
+  const x = f32Bits(v);
+  if ((x & 0x7fffffff) > 0x7f800000) return ((x >>> 16) | 0x40) & 0xffff;
+  return Math.floor((x + 0x7fff + ((x >>> 16) & 1)) / 65536) & 0xffff;
+}
+
+export function dtypeSize(t: DTypeCode): number {
+  return t === DTYPE_CODE.F64 ? 8 : t === DTYPE_CODE.F32 ? 4 : 2;
+}
+
+export function dataView(v: ArrayBufferView): DataView {
+  return new DataView(v.buffer, v.byteOffset, v.byteLength);
+}
+
+/** Element i of a little-endian tensor as fp32 (F64 rounds to nearest even). */
+export function loadF32(dv: DataView, t: DTypeCode, i: number): number {
+  switch (t) {
+    case DTYPE_CODE.F32: return dv.getFloat32(4 * i, true);
+    case DTYPE_CODE.F16: return f16ToF32(dv.getUint16(2 * i, true));
+    case DTYPE_CODE.BF16: return bf16ToF32(dv.getUint16(2 * i, true));
+    default: return Math.fround(dv.getFloat64(8 * i, true));
+  }
+}
+
+export function storeF32(dv: DataView, t: DTypeCode, i: number, v: number): void {
+  switch (t) {
+    case DTYPE_CODE.F32: dv.setFloat32(4 * i, v, true); break;
+    case DTYPE_CODE.F16: dv.setUint16(2 * i, f32ToF16(v), true); break;
+    case DTYPE_CODE.BF16: dv.setUint16(2 * i, f32ToBf16(v), true); break;
+    default: dv.setFloat64(8 * i, v, true); break;
+  }
+}
+
+/**
+ * Ranking key of SPEC §4: for a half-precision base, the 15-bit pattern of |v|
+ * rounded to that dtype; otherwise the fp32 bit pattern of |v|.
+ */
+export function magnitudeKey(v: number, baseDtype: DTypeCode): number {
+  const a = Math.abs(v);
+  if (baseDtype === DTYPE_CODE.F16) return f32ToF16(a) & 0x7fff;
+  if (baseDtype === DTYPE_CODE.BF16) return f32ToBf16(a) & 0x7fff;
+  return f32Bits(a) & 0x7fffffff;
+}

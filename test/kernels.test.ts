@@ -1,0 +1,152 @@
+/**
+ * Native CPU kernels against lib/reference, bit for bit, on fresh random inputs:
+ * shapes (rows of length 1, 1-D tensors, rows over 64k, scalars, sub-blocks), dtypes,
+ * densities, epsilons, seeds and methods, for one and several threads. Outputs are
+ * poisoned first so unwritten elements show.
+ */
+import { describe, expect, it } from 'vitest';
+import { loadNative } from '../lib/native.js';
+import { CONSENSUS_CODE, DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE, type DTypeCode, type MergeTaskSpec } from '../lib/merge/task.js';
+import { referenceMergeTensor } from '../lib/reference/merge-tensor.js';
+import { dtypeSize } from '../lib/reference/dtypes.js';
+import { drawBaseAndExperts, poisoned, tensorBytes } from './helpers/tensors.js';
+import { int, pick, rng, testSeed } from './helpers/random.js';
+
+const native = loadNative();
+const seed = testSeed();
+const DTYPES: DTypeCode[] = [DTYPE_CODE.F32, DTYPE_CODE.F16, DTYPE_CODE.BF16, DTYPE_CODE.F64];
+
+const METHODS = {
+  della: { sparsifier: SPARSIFIER_CODE.magprune, consensus: CONSENSUS_CODE.sum, normalize: true, rescale: RESCALE_CODE.inverse },
+  della_linear: { sparsifier: SPARSIFIER_CODE.magprune, consensus: CONSENSUS_CODE.none, normalize: false, rescale: RESCALE_CODE.inverse },
+  della_norescale: { sparsifier: SPARSIFIER_CODE.magprune, consensus: CONSENSUS_CODE.count, normalize: true, rescale: RESCALE_CODE.none },
+  dare_ties: { sparsifier: SPARSIFIER_CODE.random, consensus: CONSENSUS_CODE.sum, normalize: false, rescale: RESCALE_CODE.inverse },
+  dare_linear: { sparsifier: SPARSIFIER_CODE.random, consensus: CONSENSUS_CODE.none, normalize: false, rescale: RESCALE_CODE.inverse },
+  task_arithmetic: { sparsifier: SPARSIFIER_CODE.none, consensus: CONSENSUS_CODE.none, normalize: false, rescale: RESCALE_CODE.none },
+} as const;
+
+function numelOf(shape: number[]): number {
+  return shape.reduce((a, b) => a * b, 1);
+}
+
+/** Draws one random task; `outBytes()` makes a poisoned output buffer for it. */
+function drawTask(r: () => number, shape: number[], method: keyof typeof METHODS, subBlock = false) {
+  const K = int(r, 1, 4);
+  const numel = numelOf(shape);
+  const baseDtype = pick(r, DTYPES);
+  const outDtype = r() < 0.7 ? baseDtype : pick(r, DTYPES);
+  const expertShape = subBlock ? shape.map((d) => d + int(r, 1, 3)) : shape;
+  const { base, experts } = drawBaseAndExperts(r, numelOf(expertShape), K);
+  const density = pick(r, [1, 0.9, 0.5, 0.3, 0.1, 0.05, r() * 0.9 + 0.05]);
+  const task: MergeTaskSpec = {
+    name: `model.layers.${int(r, 0, 40)}.mlp.w${int(r, 0, 1e6)}`,
+    base: tensorBytes(base.subarray(0, numel), baseDtype),
+    baseDtype,
+    out: new Uint8Array(0),
+    outDtype,
+    shape,
+    experts: experts.map((values) => {
+      const dtype = r() < 0.8 ? baseDtype : pick(r, DTYPES);
+      const d = density === 1 ? 1 : Math.min(1, Math.max(0.02, density + (r() - 0.5) * 0.1));
+      const eps = d >= 1 ? 0.15 : Math.min(d, 1 - d) * r() * 0.999;
+      return {
+        data: tensorBytes(values, dtype), dtype, shape: expertShape,
+        weight: pick(r, [1, 0.5, 0.3 + r(), -0.5, 0]), density: d, epsilon: eps,
+      };
+    }),
+    ...METHODS[method],
+    lambda: pick(r, [1, 1.1, 0.7]),
+    seed: pick(r, [0, 42, int(r, 0, 2 ** 31), 2 ** 52 + int(r, 0, 1000)]),
+  };
+  return task;
+}
+
+async function compare(task: MergeTaskSpec, threads: number, label: string) {
+  const bytes = numelOf(task.shape) * dtypeSize(task.outDtype);
+  const ref = { ...task, out: poisoned(bytes) };
+  const nat = { ...task, out: poisoned(bytes) };
+  const refStats = referenceMergeTensor(ref);
+  const [natStats] = await native.mergeBatch({ threads, merges: [nat], copies: [] });
+  const a = ref.out as Uint8Array, b = nat.out as Uint8Array;
+  let first = -1;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) { first = i; break; }
+  expect(first, `${label}: first differing byte ${first} (DELLA_TEST_SEED=${seed})`).toBe(-1);
+  expect(natStats, `${label} stats (DELLA_TEST_SEED=${seed})`).toEqual(refStats);
+}
+
+describe(`native CPU kernels equal lib/reference (DELLA_TEST_SEED=${seed})`, () => {
+  const shapes: Array<[string, (r: () => number) => number[]]> = [
+    ['2-D', (r) => [int(r, 1, 40), int(r, 2, 300)]],
+    ['rows of length 1', (r) => [int(r, 1, 50), 1]],
+    ['1-D', (r) => [int(r, 1, 5000)]],
+    ['scalar', () => []],
+    ['3-D', (r) => [int(r, 1, 4), int(r, 1, 6), int(r, 1, 70)]],
+    ['rows over 64k', (r) => [int(r, 1, 2), 65536 + int(r, 1, 5000)]],
+    ['zero-size', (r) => [0, int(r, 1, 9)]],
+  ];
+  for (const method of Object.keys(METHODS) as Array<keyof typeof METHODS>) {
+    for (const [label, shapeOf] of shapes) {
+      it(`${method}, ${label}`, async () => {
+        const r = rng(seed ^ (label.length * 7919 + method.length * 104729));
+        const trials = label === 'rows over 64k' ? 1 : 3;
+        for (let t = 0; t < trials; t++) {
+          const task = drawTask(r, shapeOf(r), method);
+          for (const threads of [1, 3]) await compare(task, threads, `${method} ${JSON.stringify(task.shape)} threads=${threads}`);
+        }
+      });
+    }
+  }
+
+  it('embedding sub-blocks read the leading block of a larger expert', async () => {
+    const r = rng(seed + 1);
+    for (const shape of [[7, 13], [9], [2, 3, 5]]) {
+      const task = drawTask(r, shape, 'della', true);
+      await compare(task, 2, `sub-block ${JSON.stringify(shape)}`);
+    }
+  });
+
+  it('a batch of many small tensors equals tensor-by-tensor results for any thread count', async () => {
+    const r = rng(seed + 2);
+    const tasks = Array.from({ length: 20 }, () => drawTask(r, [int(r, 1, 30), int(r, 1, 90)], 'della'));
+    const outputs = async (threads: number) => {
+      const merges = tasks.map((t) => ({ ...t, out: poisoned(numelOf(t.shape) * dtypeSize(t.outDtype)) }));
+      await native.mergeBatch({ threads, merges, copies: [] });
+      return merges.map((m) => Buffer.from(m.out as Uint8Array).toString('hex'));
+    };
+    const one = await outputs(1);
+    expect(await outputs(2)).toEqual(one);
+    expect(await outputs(7)).toEqual(one);
+    for (const [i, t] of tasks.entries()) {
+      const ref = { ...t, out: poisoned(numelOf(t.shape) * dtypeSize(t.outDtype)) };
+      referenceMergeTensor(ref);
+      expect(Buffer.from(ref.out as Uint8Array).toString('hex'), `task ${i} (DELLA_TEST_SEED=${seed})`).toBe(one[i]);
+    }
+  });
+
+  it('counts non-finite inputs per model', async () => {
+    const base = tensorBytes([1, NaN, 3, 4], DTYPE_CODE.F32);
+    const e = tensorBytes([Infinity, 2, -Infinity, 4], DTYPE_CODE.F32);
+    const task: MergeTaskSpec = {
+      name: 't', base, baseDtype: DTYPE_CODE.F32, out: poisoned(16), outDtype: DTYPE_CODE.F32, shape: [4],
+      experts: [{ data: e, dtype: DTYPE_CODE.F32, shape: [4], weight: 1, density: 1, epsilon: 0 }],
+      ...METHODS.della, lambda: 1, seed: 0,
+    };
+    const [stats] = await native.mergeBatch({ threads: 1, merges: [task], copies: [] });
+    expect(stats.nonfinite).toEqual([1, 2]);
+  });
+
+  it('rejects buffers that do not match their shape and dtype', async () => {
+    const task: MergeTaskSpec = {
+      name: 't', base: new Uint8Array(10), baseDtype: DTYPE_CODE.F32, out: new Uint8Array(16), outDtype: DTYPE_CODE.F32,
+      shape: [4], experts: [], ...METHODS.della, lambda: 1, seed: 0,
+    };
+    expect(() => native.mergeBatch({ threads: 1, merges: [task], copies: [] })).toThrow(/merges\[0\]\.base has 10 bytes/);
+  });
+
+  it('copies bytes', async () => {
+    const src = new Uint8Array(20_000_000).map((_, i) => i * 31);
+    const dst = poisoned(src.length);
+    await native.mergeBatch({ threads: 2, merges: [], copies: [{ src, dst }] });
+    expect(Buffer.compare(Buffer.from(src), Buffer.from(dst))).toBe(0);
+  });
+});
