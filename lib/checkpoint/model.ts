@@ -1,0 +1,220 @@
+/**
+ * Opens a checkpoint (SPEC §8): a .safetensors file, a directory with
+ * model.safetensors, a sharded directory with model.safetensors.index.json, or a
+ * directory of *.safetensors shards. Files are memory-mapped by the addon and every
+ * header is validated before any tensor is touched.
+ */
+import { existsSync, readdirSync, readFileSync, realpathSync, statSync } from 'node:fs';
+import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
+import { DellaError } from '../errors.js';
+import { loadNative, type NativeMappedFile } from '../native.js';
+import { parseHeader, readHeaderLength, type SafetensorsHeader, type TensorInfo } from './safetensors.js';
+
+export const INDEX_FILE = 'model.safetensors.index.json';
+export const SINGLE_FILE = 'model.safetensors';
+
+export interface CheckpointTensor extends TensorInfo {
+  /** absolute path of the file holding it */
+  file: string;
+  /** absolute byte offset of its data in that file */
+  offset: number;
+  byteLength: number;
+}
+
+export interface Checkpoint {
+  /** the path as opened, resolved */
+  path: string;
+  /** the directory holding config and tokenizer files, or null for a lone file */
+  dir: string | null;
+  files: string[];
+  /** tensors by name */
+  tensors: ReadonlyMap<string, CheckpointTensor>;
+  /** tensor names, sorted */
+  names: string[];
+  /** __metadata__ of each file, by file path */
+  metadata: ReadonlyMap<string, Record<string, string> | null>;
+  totalBytes: number;
+  /** Zero-copy bytes of a tensor. */
+  bytes(name: string): Uint8Array;
+  /**
+   * The tensor as a typed array of its element type (F16/BF16 as Uint16Array raw bits,
+   * F8 types as Uint8Array). Zero-copy when the data is aligned to its element size,
+   * as in files written by safetensors or della-merge; otherwise a copy.
+   */
+  array(name: string): TensorArray;
+  /** Hints the kernel to read a tensor ahead of use. */
+  prefetch(name: string): void;
+  /** Releases the maps once every view handed out is collected. */
+  close(): void;
+}
+
+export type TensorArray =
+  | Float64Array | Float32Array | Uint16Array | Int16Array | Uint8Array | Int8Array
+  | Int32Array | Uint32Array | BigInt64Array | BigUint64Array;
+
+const ARRAY_TYPES: Record<string, { new (b: ArrayBufferLike, o: number, n: number): TensorArray; BYTES_PER_ELEMENT: number }> = {
+  F64: Float64Array, F32: Float32Array, F16: Uint16Array, BF16: Uint16Array, I64: BigInt64Array, U64: BigUint64Array,
+  I32: Int32Array, U32: Uint32Array, I16: Int16Array, U16: Uint16Array, I8: Int8Array, U8: Uint8Array, BOOL: Uint8Array,
+  F8_E4M3: Uint8Array, F8_E5M2: Uint8Array, F8_E8M0: Uint8Array, C64: Float32Array,
+};
+
+interface OpenFile {
+  map: NativeMappedFile;
+  header: SafetensorsHeader;
+}
+
+function checkpointError(message: string): DellaError {
+  return new DellaError('E_CHECKPOINT', message);
+}
+
+function openFile(file: string): OpenFile {
+  const native = loadNative();
+  let map: NativeMappedFile;
+  try {
+    map = new native.MappedFile(file);
+  } catch (e) {
+    throw checkpointError(`${file}: cannot be read: ${(e as Error).message.replace(`${file}: `, '')}`);
+  }
+  try {
+    const headerLength = readHeaderLength(map.view(0, Math.min(8, map.size)), map.size, file);
+    const header = parseHeader(map.view(8, headerLength), headerLength, map.size, file);
+    return { map, header };
+  } catch (e) {
+    map.close();
+    throw e;
+  }
+}
+
+/** Resolves a weight_map entry, refusing anything that leads outside `dir`. */
+function shardPath(dir: string, name: unknown, indexFile: string): string {
+  if (typeof name !== 'string' || name === '') {
+    throw checkpointError(`${indexFile}: weight_map values must be non-empty file names, got ${JSON.stringify(name)}`);
+  }
+  if (isAbsolute(name)) throw checkpointError(`${indexFile}: weight_map names "${name}", an absolute path; shards must be inside ${dir}`);
+  const full = resolve(dir, name);
+  const rel = relative(dir, full);
+  if (rel.startsWith('..') || isAbsolute(rel)) {
+    throw checkpointError(`${indexFile}: weight_map names "${name}", which is outside the model directory ${dir}`);
+  }
+  if (!existsSync(full)) throw checkpointError(`${indexFile}: weight_map names "${name}", which does not exist in ${dir}`);
+  const real = realpathSync(full);
+  const realDir = realpathSync(dir);
+  if (real !== realDir && !real.startsWith(realDir + sep)) {
+    throw checkpointError(`${indexFile}: weight_map names "${name}", a link leading outside the model directory ${dir}`);
+  }
+  return full;
+}
+
+function readIndex(dir: string): { files: string[]; weightMap: Map<string, string> } {
+  const indexFile = join(dir, INDEX_FILE);
+  let doc: unknown;
+  try {
+    doc = JSON.parse(readFileSync(indexFile, 'utf8'));
+  } catch (e) {
+    throw checkpointError(`${indexFile}: not valid JSON (${(e as Error).message})`);
+  }
+  const wm = (doc as { weight_map?: unknown } | null)?.weight_map;
+  if (typeof wm !== 'object' || wm === null || Array.isArray(wm)) {
+    throw checkpointError(`${indexFile}: has no "weight_map" object`);
+  }
+  const weightMap = new Map<string, string>();
+  const files = new Set<string>();
+  for (const [tensor, file] of Object.entries(wm as Record<string, unknown>)) {
+    const full = shardPath(dir, file, indexFile);
+    weightMap.set(tensor, full);
+    files.add(full);
+  }
+  return { files: [...files].sort(), weightMap };
+}
+
+function locate(path: string): { dir: string | null; files: string[]; weightMap: Map<string, string> | null } {
+  let st;
+  try {
+    st = statSync(path);
+  } catch {
+    throw checkpointError(`${path}: no such file or directory`);
+  }
+  if (st.isFile()) return { dir: null, files: [path], weightMap: null };
+  if (!st.isDirectory()) throw checkpointError(`${path}: not a file or directory`);
+  if (existsSync(join(path, INDEX_FILE))) {
+    const { files, weightMap } = readIndex(path);
+    return { dir: path, files, weightMap };
+  }
+  if (existsSync(join(path, SINGLE_FILE))) return { dir: path, files: [join(path, SINGLE_FILE)], weightMap: null };
+  const shards = readdirSync(path).filter((f) => f.endsWith('.safetensors')).sort();
+  if (shards.length === 0) {
+    throw checkpointError(`${path}: no ${SINGLE_FILE}, ${INDEX_FILE} or *.safetensors files in this directory`);
+  }
+  return { dir: path, files: shards.map((f) => join(path, f)), weightMap: null };
+}
+
+export function openCheckpoint(path: string): Checkpoint {
+  const full = resolve(path);
+  const where = locate(full);
+  const opened = new Map<string, OpenFile>();
+  const tensors = new Map<string, CheckpointTensor>();
+  try {
+    for (const file of where.files) {
+      const f = openFile(file);
+      opened.set(file, f);
+      for (const t of f.header.tensors) {
+        if (where.weightMap && where.weightMap.get(t.name) !== file) continue;
+        const prior = tensors.get(t.name);
+        if (prior) {
+          throw checkpointError(`${full}: tensor "${t.name}" is in both ${basename(prior.file)} and ${basename(file)}`);
+        }
+        tensors.set(t.name, { ...t, file, offset: f.header.dataOffset + t.begin, byteLength: t.end - t.begin });
+      }
+    }
+    if (where.weightMap) {
+      for (const [name, file] of where.weightMap) {
+        if (!tensors.has(name)) {
+          throw checkpointError(`${join(full, INDEX_FILE)}: weight_map puts "${name}" in ${basename(file)}, which has no such tensor`);
+        }
+      }
+    }
+  } catch (e) {
+    for (const f of opened.values()) f.map.close();
+    throw e;
+  }
+  const names = [...tensors.keys()].sort();
+  let totalBytes = 0;
+  for (const t of tensors.values()) totalBytes += t.byteLength;
+  const get = (name: string): CheckpointTensor => {
+    const t = tensors.get(name);
+    if (!t) throw new DellaError('E_ARGS', `${full}: no tensor named "${name}"`);
+    return t;
+  };
+  return {
+    path: full,
+    dir: where.dir,
+    files: where.files,
+    tensors,
+    names,
+    metadata: new Map([...opened].map(([file, f]) => [file, f.header.metadata])),
+    totalBytes,
+    bytes(name) {
+      const t = get(name);
+      return opened.get(t.file)!.map.view(t.offset, t.byteLength);
+    },
+    array(name) {
+      const t = get(name);
+      const Ctor = ARRAY_TYPES[t.dtype];
+      let b = opened.get(t.file)!.map.view(t.offset, t.byteLength);
+      if (t.offset % Ctor.BYTES_PER_ELEMENT !== 0) b = b.slice(); // maps are page-aligned
+      return new Ctor(b.buffer, b.byteOffset, b.byteLength / Ctor.BYTES_PER_ELEMENT);
+    },
+    prefetch(name) {
+      const t = get(name);
+      if (t.byteLength > 0) opened.get(t.file)!.map.advise(t.offset, t.byteLength, 'willneed');
+    },
+    close() {
+      for (const f of opened.values()) f.map.close();
+    },
+  };
+}
+
+/** Shown by `inspect`: the directory a file belongs to, for messages. */
+export function describeLocation(c: Checkpoint): string {
+  return c.dir ?? dirname(c.path);
+}

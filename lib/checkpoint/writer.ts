@@ -1,0 +1,200 @@
+/**
+ * The output side of SPEC §8: lays tensors out in shards, creates the shard files
+ * (reserved on disk, memory-mapped) with their headers written, and hands out
+ * destination views so kernels write each tensor straight to its final offset. All of
+ * it happens in a temporary sibling directory that is renamed into place only when
+ * complete; any failure removes it.
+ */
+import { existsSync, mkdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { basename, dirname, join, resolve } from 'node:path';
+import { DellaError } from '../errors.js';
+import { loadNative, type NativeMappedFile } from '../native.js';
+import { DTYPE_SIZES, encodeHeader } from './safetensors.js';
+import { INDEX_FILE, SINGLE_FILE } from './model.js';
+
+export interface OutputTensor {
+  name: string;
+  dtype: string;
+  shape: number[];
+  byteLength: number;
+}
+
+export interface ShardLayout {
+  fileName: string;
+  /** in file order, with offsets relative to the data section */
+  tensors: Array<OutputTensor & { begin: number; end: number }>;
+  header: Uint8Array;
+  fileSize: number;
+  dataBytes: number;
+}
+
+export const DEFAULT_SHARD_SIZE = 5_000_000_000;
+
+/**
+ * Fills shards in name order up to `shardSize` data bytes (a larger tensor gets a shard
+ * of its own). Inside a shard, wider dtypes come first so every tensor is aligned to
+ * its element size (headers are padded to 8 bytes).
+ */
+export function layoutShards(tensors: readonly OutputTensor[], shardSize: number): ShardLayout[] {
+  const sorted = [...tensors].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  const groups: OutputTensor[][] = [];
+  let current: OutputTensor[] = [];
+  let bytes = 0;
+  for (const t of sorted) {
+    if (current.length > 0 && bytes + t.byteLength > shardSize) {
+      groups.push(current);
+      current = [];
+      bytes = 0;
+    }
+    current.push(t);
+    bytes += t.byteLength;
+  }
+  if (current.length > 0 || groups.length === 0) groups.push(current);
+  const n = groups.length;
+  const pad = (i: number) => String(i).padStart(5, '0');
+  return groups.map((group, i) => {
+    const ordered = [...group].sort((a, b) => (DTYPE_SIZES[b.dtype] ?? 1) - (DTYPE_SIZES[a.dtype] ?? 1));
+    let offset = 0;
+    const placed = ordered.map((t) => {
+      const begin = offset;
+      offset += t.byteLength;
+      return { ...t, begin, end: offset };
+    });
+    const header = encodeHeader(placed, { format: 'pt' });
+    return {
+      fileName: n === 1 ? SINGLE_FILE : `model-${pad(i + 1)}-of-${pad(n)}.safetensors`,
+      tensors: placed,
+      header,
+      fileSize: header.length + offset,
+      dataBytes: offset,
+    };
+  });
+}
+
+function outputError(message: string, cause?: unknown): DellaError {
+  return new DellaError('E_OUTPUT', message, { cause });
+}
+
+function ioError(what: string, e: unknown): DellaError {
+  const err = e as NodeJS.ErrnoException;
+  const reason = err.code === 'ENOSPC' ? 'no space left on device' : err.message;
+  return new DellaError('E_IO', `${what}: ${reason}`, { cause: e });
+}
+
+export class OutputDirectory {
+  readonly target: string;
+  readonly tmp: string;
+  private readonly overwrite: boolean;
+  private maps: NativeMappedFile[] = [];
+  private done = false;
+
+  private constructor(target: string, tmp: string, overwrite: boolean) {
+    this.target = target;
+    this.tmp = tmp;
+    this.overwrite = overwrite;
+  }
+
+  /** Checks the target and makes the temporary sibling directory. */
+  static create(target: string, options: { overwrite?: boolean } = {}): OutputDirectory {
+    const full = resolve(target);
+    const overwrite = options.overwrite ?? false;
+    checkTarget(full, overwrite);
+    const parent = dirname(full);
+    if (!existsSync(parent)) {
+      try {
+        mkdirSync(parent, { recursive: true });
+      } catch (e) {
+        throw ioError(`cannot create ${parent}`, e);
+      }
+    }
+    const tmp = join(parent, `.${basename(full)}.della-tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
+    try {
+      mkdirSync(tmp);
+    } catch (e) {
+      throw ioError(`cannot create a temporary output directory in ${parent}`, e);
+    }
+    return new OutputDirectory(full, tmp, overwrite);
+  }
+
+  /** Creates every shard file with its header; returns the destination view of each tensor. */
+  openShards(layouts: readonly ShardLayout[]): Map<string, Uint8Array> {
+    const native = loadNative();
+    const views = new Map<string, Uint8Array>();
+    for (const layout of layouts) {
+      const file = join(this.tmp, layout.fileName);
+      let map: NativeMappedFile;
+      try {
+        map = new native.MappedFile(file, layout.fileSize);
+      } catch (e) {
+        throw ioError(`cannot create ${layout.fileName} (${layout.fileSize} bytes) in ${this.tmp}`, e);
+      }
+      this.maps.push(map);
+      map.view(0, layout.header.length).set(layout.header);
+      for (const t of layout.tensors) views.set(t.name, map.view(layout.header.length + t.begin, t.byteLength));
+    }
+    return views;
+  }
+
+  /** Writes a small file (index, model card, recipe) into the temporary directory. */
+  writeFile(name: string, content: string | Uint8Array): void {
+    try {
+      writeFileSync(join(this.tmp, name), content);
+    } catch (e) {
+      throw ioError(`cannot write ${name} in ${this.tmp}`, e);
+    }
+  }
+
+  path(name: string): string {
+    return join(this.tmp, name);
+  }
+
+  /** Moves the finished directory into place (replacing the target only with overwrite). */
+  commit(): void {
+    for (const m of this.maps) m.close();
+    this.maps = [];
+    checkTarget(this.target, this.overwrite);
+    let old: string | null = null;
+    try {
+      if (existsSync(this.target)) {
+        old = `${this.tmp}.old`;
+        renameSync(this.target, old);
+      }
+      renameSync(this.tmp, this.target);
+    } catch (e) {
+      if (old && !existsSync(this.target)) renameSync(old, this.target);
+      throw ioError(`cannot move the finished output into ${this.target}`, e);
+    }
+    this.done = true;
+    if (old) rmSync(old, { recursive: true, force: true });
+  }
+
+  /** Removes the temporary directory; safe to call more than once and after commit. */
+  abort(): void {
+    for (const m of this.maps) m.close();
+    this.maps = [];
+    if (!this.done) rmSync(this.tmp, { recursive: true, force: true });
+    this.done = true;
+  }
+}
+
+function checkTarget(full: string, overwrite: boolean): void {
+  if (!existsSync(full)) return;
+  if (!statSync(full).isDirectory()) throw outputError(`${full} exists and is not a directory`);
+  if (!overwrite) throw outputError(`${full} already exists (pass --overwrite to replace it)`);
+}
+
+export function indexJson(layouts: readonly ShardLayout[]): string {
+  const weightMap: Record<string, string> = {};
+  const entries: Array<[string, string]> = [];
+  let total = 0;
+  for (const l of layouts) {
+    total += l.dataBytes;
+    for (const t of l.tensors) entries.push([t.name, l.fileName]);
+  }
+  entries.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+  for (const [name, file] of entries) weightMap[name] = file;
+  return `${JSON.stringify({ metadata: { total_size: total }, weight_map: weightMap }, null, 2)}\n`;
+}
+
+export { INDEX_FILE };

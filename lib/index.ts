@@ -1,0 +1,44 @@
+/**
+ * della-merge: DELLA, DARE and task-arithmetic merging of safetensors checkpoints.
+ *
+ *   import { merge } from 'della-merge';
+ *   const report = await merge('recipe.yaml', { out: 'merged', onProgress: console.log });
+ */
+import { resolve } from 'node:path';
+import { stringify as yamlStringify } from 'yaml';
+import { DellaError } from './errors.js';
+import { loadRecipe, parseRecipe, type Recipe } from './recipe/index.js';
+import { runMerge, type MergeOptions, type MergeReport } from './merge/run.js';
+
+export { DellaError, isDellaError, type ErrorCode } from './errors.js';
+export { openCheckpoint, type Checkpoint, type CheckpointTensor, type TensorArray } from './checkpoint/model.js';
+export { saveModel, type InMemoryTensor } from './checkpoint/save.js';
+export type { TensorInfo } from './checkpoint/safetensors.js';
+export { loadRecipe, parseRecipe, resolveTensorParams, layerCount, layerIndex } from './recipe/index.js';
+export type { Recipe, RecipeModel, TensorParams, ExpertParams, ParamValue, OutDType } from './recipe/index.js';
+export { planRecipe, type MergeOptions, type MergeReport, type ProgressEvent, type TensorReport } from './merge/run.js';
+export { METHODS, type MethodSpec } from './merge/methods.js';
+export * as reference from './reference/index.js';
+
+/**
+ * Merges the models of a recipe into `options.out`.
+ * `recipe` is a path to a YAML/JSON recipe file, a parsed Recipe, or a recipe document
+ * in mergekit's layout (its relative model paths are taken from the current directory).
+ * Resolves to the report; rejects with a DellaError naming the problem, leaving no
+ * output behind.
+ */
+export async function merge(recipe: string | Recipe | Record<string, unknown>, options: MergeOptions): Promise<MergeReport> {
+  if (!options || typeof options.out !== 'string' || options.out === '') {
+    throw new DellaError('E_ARGS', 'merge(recipe, options) needs options.out, the output directory');
+  }
+  return runMerge(await toRecipe(recipe), options);
+}
+
+async function toRecipe(recipe: string | Recipe | Record<string, unknown>): Promise<Recipe> {
+  if (typeof recipe === 'string') return loadRecipe(recipe);
+  if (recipe && typeof recipe === 'object' && 'mergeMethod' in recipe && 'baseModel' in recipe) return recipe as unknown as Recipe;
+  if (recipe && typeof recipe === 'object') {
+    return parseRecipe(yamlStringify(recipe), { resolvePath: (m) => resolve(m) });
+  }
+  throw new DellaError('E_ARGS', 'merge(recipe, ...) takes a recipe file path, a parsed recipe, or a recipe object');
+}

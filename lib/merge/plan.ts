@@ -1,0 +1,154 @@
+/**
+ * Planning: from a recipe and the opened checkpoints' headers, decide for every output
+ * tensor whether it is merged or copied, its output dtype and shape, and its resolved
+ * parameters. Every shape, dtype and parameter problem is found here, before a single
+ * tensor byte is read.
+ */
+import { DellaError } from '../errors.js';
+import type { Checkpoint, CheckpointTensor } from '../checkpoint/model.js';
+import { DTYPE_SIZES, MERGEABLE_DTYPES } from '../checkpoint/safetensors.js';
+import type { Recipe, TensorParams } from '../recipe/index.js';
+import { layerCount, resolveTensorParams } from '../recipe/index.js';
+import { METHODS, type MethodSpec } from './methods.js';
+
+const EMBEDDING_NAMES = ['embed_tokens', 'lm_head', 'wte', 'word_embeddings', 'embed_in', 'embed_out'];
+
+export interface TensorPlan {
+  name: string;
+  kind: 'merge' | 'copy';
+  base: CheckpointTensor;
+  /** per expert, for merged tensors */
+  experts: CheckpointTensor[];
+  outDtype: string;
+  shape: number[];
+  numel: number;
+  outBytes: number;
+  /** bytes this tensor reads from all inputs */
+  inBytes: number;
+  params: TensorParams | null;
+}
+
+export interface MergePlan {
+  method: MethodSpec;
+  tensors: TensorPlan[];
+  layers: number;
+  warnings: string[];
+  totals: {
+    tensors: number;
+    merged: number;
+    copied: number;
+    parameters: number;
+    mergedParameters: number;
+    bytesRead: number;
+    bytesWritten: number;
+  };
+}
+
+function shapeText(s: readonly number[]): string {
+  return `[${s.join(', ')}]`;
+}
+
+function isEmbedding(name: string): boolean {
+  return EMBEDDING_NAMES.some((e) => name.includes(e));
+}
+
+/** Expert shape accepted for a base shape: equal, or an embedding larger in every dimension. */
+function shapeFits(name: string, base: readonly number[], expert: readonly number[]): boolean {
+  if (base.length !== expert.length) return false;
+  if (base.every((d, i) => d === expert[i])) return true;
+  return isEmbedding(name) && base.length > 0 && base.every((d, i) => expert[i] > d);
+}
+
+export function planMerge(recipe: Recipe, base: Checkpoint, experts: readonly Checkpoint[]): MergePlan {
+  const method = METHODS[recipe.mergeMethod];
+  if (!method) throw new DellaError('E_RECIPE', `unknown merge_method "${recipe.mergeMethod}"`);
+  const layers = layerCount(base.names);
+  const warnings: string[] = [];
+  const tensors: TensorPlan[] = [];
+  const baseName = recipe.baseModel.model;
+  const onlyInBase: string[] = [];
+
+  for (const name of base.names) {
+    const bt = base.tensors.get(name)!;
+    const found = experts.map((e) => e.tensors.get(name));
+    const mergeable = MERGEABLE_DTYPES.has(bt.dtype);
+    const present = found.filter((t) => t !== undefined).length;
+    if (!mergeable || present === 0) {
+      if (mergeable) onlyInBase.push(name);
+      tensors.push({
+        name, kind: 'copy', base: bt, experts: [], outDtype: bt.dtype, shape: bt.shape, numel: bt.numel,
+        outBytes: bt.byteLength, inBytes: bt.byteLength, params: null,
+      });
+      continue;
+    }
+    const ets: CheckpointTensor[] = [];
+    found.forEach((t, k) => {
+      const model = recipe.models[k].model;
+      if (!t) {
+        throw new DellaError('E_SHAPE', `tensor "${name}" is in the base model ${baseName} but missing from ${model}`);
+      }
+      if (!MERGEABLE_DTYPES.has(t.dtype)) {
+        throw new DellaError('E_SHAPE', `tensor "${name}" is ${bt.dtype} in the base model ${baseName} but ${t.dtype} in ${model}, which cannot be merged`);
+      }
+      if (!shapeFits(name, bt.shape, t.shape)) {
+        throw new DellaError('E_SHAPE',
+          `tensor "${name}" has shape ${shapeText(bt.shape)} in the base model ${baseName} but ${shapeText(t.shape)} in ${model}`);
+      }
+      ets.push(t);
+    });
+    const outDtype = recipe.outDtype ?? recipe.dtype ?? bt.dtype;
+    const outBytes = bt.numel * DTYPE_SIZES[outDtype];
+    tensors.push({
+      name, kind: 'merge', base: bt, experts: ets, outDtype, shape: bt.shape, numel: bt.numel, outBytes,
+      inBytes: bt.byteLength + ets.reduce((a, t) => a + t.byteLength, 0),
+      params: resolveTensorParams(recipe, name, layers),
+    });
+  }
+  if (onlyInBase.length > 0) {
+    const list = onlyInBase.slice(0, 5).map((n) => `"${n}"`).join(', ');
+    warnings.push(`${onlyInBase.length} tensor(s) are only in the base model and are copied unchanged: ${list}${onlyInBase.length > 5 ? ', ...' : ''}`);
+  }
+  experts.forEach((e, k) => {
+    const extra = e.names.filter((n) => !base.tensors.has(n));
+    if (extra.length > 0) {
+      warnings.push(`${recipe.models[k].model} has ${extra.length} tensor(s) the base model lacks; they are ignored (first: "${extra[0]}")`);
+    }
+  });
+  for (const t of tensors) {
+    if (t.kind === 'merge' && t.params) {
+      t.params.experts.forEach((p, k) => {
+        if (p.weight === 0) warnings.push(`weight 0 for ${recipe.models[k].model} on "${t.name}": it contributes nothing there`);
+      });
+    }
+  }
+  const merged = tensors.filter((t) => t.kind === 'merge');
+  return {
+    method,
+    tensors,
+    layers,
+    warnings: dedupe(warnings),
+    totals: {
+      tensors: tensors.length,
+      merged: merged.length,
+      copied: tensors.length - merged.length,
+      parameters: tensors.reduce((a, t) => a + t.numel, 0),
+      mergedParameters: merged.reduce((a, t) => a + t.numel, 0),
+      bytesRead: tensors.reduce((a, t) => a + t.inBytes, 0),
+      bytesWritten: tensors.reduce((a, t) => a + t.outBytes, 0),
+    },
+  };
+}
+
+function dedupe(xs: string[]): string[] {
+  const seen = new Set<string>();
+  const out: string[] = [];
+  for (const x of xs) {
+    if (!seen.has(x)) {
+      seen.add(x);
+      out.push(x);
+    }
+  }
+  // A weight-0 warning per tensor would flood the report: keep the first few.
+  const zero = out.filter((x) => x.startsWith('weight 0'));
+  return zero.length > 3 ? [...out.filter((x) => !x.startsWith('weight 0')), ...zero.slice(0, 3), `... and ${zero.length - 3} more weight-0 notes`] : out;
+}

@@ -1,0 +1,354 @@
+/**
+ * The scheduler: opens the models, plans, lays out the output, and feeds the kernels
+ * batches of tensors straight from the input maps to the output maps, with progress,
+ * cancellation and cleanup. Memory stays bounded: nothing is copied into JS.
+ */
+import { readFileSync } from 'node:fs';
+import { stringify as yamlStringify } from 'yaml';
+import { DellaError } from '../errors.js';
+import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
+import { copyExtras, CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
+import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, DEFAULT_SHARD_SIZE } from '../checkpoint/writer.js';
+import { loadNative, packageRoot } from '../native.js';
+import type { Recipe } from '../recipe/index.js';
+import { referenceMergeTensor } from '../reference/merge-tensor.js';
+import { modelCard } from './card.js';
+import { planMerge, type MergePlan, type TensorPlan } from './plan.js';
+import {
+  CONSENSUS_CODE, DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE,
+  type CopyTaskSpec, type FloatDType, type MergeTaskSpec, type MergeTaskStats,
+} from './task.js';
+
+export const RECIPE_FILE = 'della_merge_recipe.yaml';
+
+export interface ProgressEvent {
+  phase: 'merge' | 'finish';
+  tensorsDone: number;
+  tensorsTotal: number;
+  bytesDone: number;
+  bytesTotal: number;
+  elapsedSeconds: number;
+  /** the last tensor finished */
+  tensor: string | null;
+}
+
+export interface MergeOptions {
+  /** output directory (created; must not exist unless overwrite) */
+  out: string;
+  /** overrides the recipe's seed */
+  seed?: number;
+  /** kernel threads (default: all cores) */
+  threads?: number;
+  /** largest shard in bytes of tensor data (default 5 GB) */
+  shardSize?: number;
+  overwrite?: boolean;
+  onProgress?: (event: ProgressEvent) => void;
+  signal?: AbortSignal;
+  /** 'reference' runs lib/reference instead of the native kernels (slow; for checks) */
+  backend?: 'native' | 'reference';
+}
+
+export interface TensorReport {
+  name: string;
+  kind: 'merge' | 'copy';
+  dtype: string;
+  shape: number[];
+  /** per expert: fraction of its delta that survived sparsification */
+  keptFraction?: number[];
+  parameters?: {
+    weight: number[];
+    density: number[];
+    epsilon: number[];
+    lambda: number;
+    normalize: boolean;
+    consensus: string;
+    rescale: string;
+  };
+}
+
+export interface MergeReport {
+  version: string;
+  method: string;
+  base: string;
+  models: string[];
+  out: string;
+  files: string[];
+  seed: number;
+  threads: number;
+  backend: 'native' | 'reference';
+  tensors: { total: number; merged: number; copied: number };
+  parameters: { total: number; merged: number };
+  bytes: { read: number; written: number };
+  seconds: number;
+  warnings: string[];
+  tensorReports: TensorReport[];
+}
+
+/** Upper bounds of one kernel call: enough work to spread over threads, little latency. */
+const BATCH_BYTES = 256 << 20;
+const BATCH_TENSORS = 256;
+
+export function packageVersion(): string {
+  try {
+    return (JSON.parse(readFileSync(`${packageRoot}/package.json`, 'utf8')) as { version: string }).version;
+  } catch {
+    return 'unknown';
+  }
+}
+
+function abortError(): DellaError {
+  return new DellaError('E_ABORTED', 'the merge was cancelled; nothing was written');
+}
+
+function batches(tensors: readonly TensorPlan[]): TensorPlan[][] {
+  const out: TensorPlan[][] = [];
+  let cur: TensorPlan[] = [];
+  let bytes = 0;
+  for (const t of tensors) {
+    const size = t.inBytes + t.outBytes;
+    if (cur.length > 0 && (bytes + size > BATCH_BYTES || cur.length >= BATCH_TENSORS)) {
+      out.push(cur);
+      cur = [];
+      bytes = 0;
+    }
+    cur.push(t);
+    bytes += size;
+  }
+  if (cur.length > 0) out.push(cur);
+  return out;
+}
+
+function mergeTask(
+  plan: MergePlan, t: TensorPlan, models: OpenedModels, out: Uint8Array, seed: number,
+): MergeTaskSpec {
+  const p = t.params!;
+  const { base, experts } = models;
+  return {
+    name: t.name,
+    base: base.bytes(t.name),
+    baseDtype: DTYPE_CODE[t.base.dtype as FloatDType],
+    out,
+    outDtype: DTYPE_CODE[t.outDtype as FloatDType],
+    shape: t.shape,
+    experts: t.experts.map((et, k) => ({
+      data: experts[k].bytes(t.name),
+      dtype: DTYPE_CODE[et.dtype as FloatDType],
+      shape: et.shape,
+      weight: p.experts[k].weight,
+      density: p.experts[k].density,
+      epsilon: p.experts[k].epsilon,
+    })),
+    sparsifier: SPARSIFIER_CODE[plan.method.sparsifier],
+    rescale: RESCALE_CODE[p.rescale],
+    consensus: CONSENSUS_CODE[p.consensus],
+    normalize: p.normalize,
+    lambda: p.lambda,
+    seed,
+  };
+}
+
+function checkFinite(t: TensorPlan, stats: MergeTaskStats, recipe: Recipe): void {
+  stats.nonfinite.forEach((count, i) => {
+    if (count > 0) {
+      const model = i === 0 ? `the base model ${recipe.baseModel.model}` : recipe.models[i - 1].model;
+      throw new DellaError('E_NONFINITE', `tensor "${t.name}" of ${model} holds ${count} non-finite value(s) (NaN or infinity); refusing to merge it`);
+    }
+  });
+}
+
+function tensorReport(t: TensorPlan, stats: MergeTaskStats | null): TensorReport {
+  const r: TensorReport = { name: t.name, kind: t.kind, dtype: t.outDtype, shape: t.shape };
+  if (t.params && stats) {
+    r.keptFraction = stats.kept.map((k) => (stats.numel === 0 ? 1 : k / stats.numel));
+    r.parameters = {
+      weight: t.params.experts.map((e) => e.weight),
+      density: t.params.experts.map((e) => e.density),
+      epsilon: t.params.experts.map((e) => e.epsilon),
+      lambda: t.params.lambda,
+      normalize: t.params.normalize,
+      consensus: t.params.consensus,
+      rescale: t.params.rescale,
+    };
+  }
+  return r;
+}
+
+export interface OpenedModels {
+  base: Checkpoint;
+  experts: Checkpoint[];
+  close(): void;
+}
+
+export function openModels(recipe: Recipe): OpenedModels {
+  const opened: Checkpoint[] = [];
+  try {
+    const base = openCheckpoint(recipe.baseModel.path);
+    opened.push(base);
+    const experts = recipe.models.map((m) => {
+      const c = openCheckpoint(m.path);
+      opened.push(c);
+      return c;
+    });
+    return { base, experts, close: () => opened.forEach((c) => c.close()) };
+  } catch (e) {
+    opened.forEach((c) => c.close());
+    throw e;
+  }
+}
+
+/** Plans a merge without writing anything (for --dry-run and checks). */
+export function planRecipe(recipe: Recipe): { plan: MergePlan; models: OpenedModels } {
+  const models = openModels(recipe);
+  try {
+    return { plan: planMerge(recipe, models.base, models.experts), models };
+  } catch (e) {
+    models.close();
+    throw e;
+  }
+}
+
+function recipeText(recipe: Recipe): string {
+  if (recipe.source) {
+    try {
+      return readFileSync(recipe.source, 'utf8');
+    } catch {
+      // fall through to the parsed document
+    }
+  }
+  return yamlStringify(recipe.document);
+}
+
+/** Runs a parsed recipe to completion; see `merge` in index.ts for the public entry. */
+export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<MergeReport> {
+  const started = performance.now();
+  const backend = options.backend ?? 'native';
+  const native = backend === 'native' ? loadNative() : null;
+  const threads = options.threads ?? native?.hardwareThreads ?? 1;
+  if (!Number.isInteger(threads) || threads < 1 || threads > 1024) {
+    throw new DellaError('E_ARGS', `threads must be an integer from 1 to 1024, got ${options.threads}`);
+  }
+  const seed = options.seed ?? recipe.seed;
+  if (!Number.isSafeInteger(seed) || seed < 0) {
+    throw new DellaError('E_ARGS', `seed must be an integer in [0, 2^53), got ${seed}`);
+  }
+  const shardSize = options.shardSize ?? DEFAULT_SHARD_SIZE;
+  if (!(Number.isSafeInteger(shardSize) && shardSize > 0)) {
+    throw new DellaError('E_ARGS', `shard size must be a positive number of bytes, got ${shardSize}`);
+  }
+  if (options.signal?.aborted) throw abortError();
+
+  const { plan, models } = planRecipe(recipe);
+  let out: OutputDirectory | null = null;
+  try {
+    out = OutputDirectory.create(options.out, { overwrite: options.overwrite });
+    const layouts = layoutShards(
+      plan.tensors.map((t) => ({ name: t.name, dtype: t.outDtype, shape: t.shape, byteLength: t.outBytes })),
+      shardSize,
+    );
+    const dest = out.openShards(layouts);
+    const reports: TensorReport[] = [];
+    const bytesTotal = plan.totals.bytesRead + plan.totals.bytesWritten;
+    let bytesDone = 0;
+    let tensorsDone = 0;
+    const groups = batches(plan.tensors);
+    const prefetch = (group: TensorPlan[] | undefined) => {
+      for (const t of group ?? []) {
+        models.base.prefetch(t.name);
+        if (t.kind === 'merge') models.experts.forEach((e) => e.prefetch(t.name));
+      }
+    };
+    prefetch(groups[0]);
+    for (let g = 0; g < groups.length; g++) {
+      if (options.signal?.aborted) throw abortError();
+      const group = groups[g];
+      prefetch(groups[g + 1]); // read ahead while this batch computes
+      const merges: MergeTaskSpec[] = [];
+      const mergePlans: TensorPlan[] = [];
+      const copies: CopyTaskSpec[] = [];
+      for (const t of group) {
+        if (t.kind === 'merge') {
+          merges.push(mergeTask(plan, t, models, dest.get(t.name)!, seed));
+          mergePlans.push(t);
+        } else {
+          copies.push({ src: models.base.bytes(t.name), dst: dest.get(t.name)! });
+        }
+      }
+      let stats: MergeTaskStats[];
+      if (native) {
+        stats = await native.mergeBatch({ threads, merges, copies });
+      } else {
+        stats = merges.map((m) => referenceMergeTensor(m));
+        for (const c of copies) (c.dst as Uint8Array).set(c.src as Uint8Array);
+      }
+      mergePlans.forEach((t, i) => {
+        checkFinite(t, stats[i], recipe);
+        reports.push(tensorReport(t, stats[i]));
+      });
+      for (const t of group) {
+        if (t.kind === 'copy') reports.push(tensorReport(t, null));
+        bytesDone += t.inBytes + t.outBytes;
+        tensorsDone++;
+      }
+      options.onProgress?.({
+        phase: 'merge', tensorsDone, tensorsTotal: plan.totals.tensors, bytesDone, bytesTotal,
+        elapsedSeconds: (performance.now() - started) / 1000, tensor: group[group.length - 1].name,
+      });
+    }
+    if (options.signal?.aborted) throw abortError();
+
+    // Everything beside the weights, then the rename that makes it all visible.
+    const files = layouts.map((l) => l.fileName);
+    if (layouts.length > 1) {
+      out.writeFile(INDEX_FILE, indexJson(layouts));
+      files.push(INDEX_FILE);
+    }
+    const tokenizerDir = tokenizerSourceDir(recipe, models);
+    files.push(...copyExtras(models.base.dir, out.tmp, CONFIG_FILES));
+    files.push(...copyExtras(tokenizerDir, out.tmp, TOKENIZER_FILES));
+    const text = recipeText(recipe);
+    out.writeFile(RECIPE_FILE, text);
+    out.writeFile('README.md', modelCard(recipe, plan.method, text, packageVersion()));
+    files.push(RECIPE_FILE, 'README.md');
+    out.commit();
+    reports.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+    const seconds = (performance.now() - started) / 1000;
+    options.onProgress?.({
+      phase: 'finish', tensorsDone, tensorsTotal: plan.totals.tensors, bytesDone, bytesTotal,
+      elapsedSeconds: seconds, tensor: null,
+    });
+    const zeroKept = reports.filter((r) => r.keptFraction?.some((f) => f === 0) && r.shape.length > 0);
+    const warnings = [...recipe.warnings, ...plan.warnings];
+    if (zeroKept.length > 0 && plan.method.sparsifier !== 'none') {
+      warnings.push(`${zeroKept.length} tensor(s) kept none of some expert's delta (first: "${zeroKept[0].name}")`);
+    }
+    return {
+      version: packageVersion(),
+      method: plan.method.name,
+      base: recipe.baseModel.model,
+      models: recipe.models.map((m) => m.model),
+      out: out.target,
+      files: files.sort(),
+      seed,
+      threads,
+      backend,
+      tensors: { total: plan.totals.tensors, merged: plan.totals.merged, copied: plan.totals.copied },
+      parameters: { total: plan.totals.parameters, merged: plan.totals.mergedParameters },
+      bytes: { read: plan.totals.bytesRead, written: plan.totals.bytesWritten },
+      seconds,
+      warnings,
+      tensorReports: reports,
+    };
+  } catch (e) {
+    out?.abort();
+    throw e;
+  } finally {
+    models.close();
+  }
+}
+
+function tokenizerSourceDir(recipe: Recipe, models: OpenedModels): string | null {
+  const src = recipe.tokenizerSource;
+  if (!src || src === 'base') return models.base.dir;
+  const k = recipe.models.findIndex((m) => m.model === src);
+  return k >= 0 ? models.experts[k].dir : models.base.dir;
+}

@@ -1,0 +1,12 @@
+export type {
+  ExpertParams,
+  OutDType,
+  ParamScalar,
+  ParamValue,
+  ParseOptions,
+  Recipe,
+  RecipeModel,
+  TensorParams,
+} from './types.js';
+export { loadRecipe, parseRecipe, validateParam } from './parse.js';
+export { layerCount, layerIndex, resolveTensorParams } from './resolve.js';

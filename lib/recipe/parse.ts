@@ -1,0 +1,482 @@
+/**
+ * Recipe text -> validated Recipe (SPEC §7). Every problem is a DellaError('E_RECIPE')
+ * raised here, before any tensor is read, naming the model, parameter and value.
+ */
+import { existsSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import * as path from 'node:path';
+import { parseDocument } from 'yaml';
+import { DellaError } from '../errors.js';
+import { METHODS, type MethodSpec } from '../merge/methods.js';
+import {
+  ALIASES,
+  aliasOf,
+  DEFAULTS,
+  GLOBAL_ONLY_PARAMS,
+  NUMERIC_PARAMS,
+  PER_MODEL_PARAMS,
+  densityEpsilonProblem,
+  didYouMean,
+  fmt,
+  nearest,
+  recipeError,
+} from './params.js';
+import type { OutDType, ParamScalar, ParamValue, ParseOptions, Recipe, RecipeModel } from './types.js';
+
+const TOP_LEVEL_KEYS = [
+  'models',
+  'base_model',
+  'merge_method',
+  'parameters',
+  'dtype',
+  'out_dtype',
+  'tokenizer_source',
+  'seed',
+  'name',
+] as const;
+
+const DTYPE_NAMES: Readonly<Record<string, OutDType>> = {
+  bfloat16: 'BF16', bf16: 'BF16',
+  float16: 'F16', fp16: 'F16', half: 'F16', f16: 'F16',
+  float32: 'F32', fp32: 'F32', float: 'F32', f32: 'F32',
+  float64: 'F64', fp64: 'F64', double: 'F64', f64: 'F64',
+};
+
+type Dict = Record<string, unknown>;
+
+function isDict(v: unknown): v is Dict {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+function has(o: Dict, k: string): boolean {
+  return Object.prototype.hasOwnProperty.call(o, k);
+}
+
+// ---------------------------------------------------------------- document
+
+function parseText(text: string): { document: unknown; warnings: string[] } {
+  const src = text.charCodeAt(0) === 0xfeff ? text.slice(1) : text;
+  let jsonError: string | null = null;
+  if (src.trimStart().startsWith('{')) {
+    try {
+      return { document: JSON.parse(src), warnings: [] };
+    } catch (e) {
+      // flow-style YAML also starts with '{': fall back, but keep JSON's more exact message
+      jsonError = (e as Error).message;
+    }
+  }
+  const doc = parseDocument(src, { prettyErrors: true, uniqueKeys: true });
+  if (doc.errors.length > 0) {
+    const msg = jsonError !== null ? `invalid JSON: ${jsonError}` : `invalid YAML: ${doc.errors[0].message}`;
+    throw recipeError(`recipe is not valid: ${msg.trim()}`);
+  }
+  const warnings = doc.warnings.map((w) => `YAML: ${w.message}`);
+  let document: unknown;
+  try {
+    document = doc.toJS({ maxAliasCount: 1000 });
+  } catch (e) {
+    throw recipeError(`recipe is not valid YAML: ${(e as Error).message}`);
+  }
+  return { document, warnings };
+}
+
+// ---------------------------------------------------------------- values
+
+interface Ctx {
+  /** 'model "x"' or 'global parameters' */
+  where: string;
+  /** the key as written (maybe an alias) */
+  key: string;
+  /** the canonical name */
+  name: string;
+}
+
+function describe(ctx: Ctx, entry: string): string {
+  const alias = aliasOf(ctx.key);
+  const aliasNote = alias ? ` (${alias.relation})` : '';
+  return `${ctx.where}: parameter "${ctx.key}"${aliasNote}${entry}`;
+}
+
+/** Checks one scalar and returns it in canonical form (alias converted, consensus spelled out). */
+function checkScalar(ctx: Ctx, v: unknown, entry: string): ParamScalar {
+  const bad = (rule: string): never => {
+    throw recipeError(`${describe(ctx, entry)} must be ${rule}, got ${fmt(v)}`);
+  };
+  const finite = (): number => {
+    if (typeof v !== 'number' || !Number.isFinite(v)) bad('a finite number');
+    return v as number;
+  };
+  switch (ctx.key) {
+    case 'weight':
+    case 'lambda':
+      return finite();
+    case 'density': {
+      const x = finite();
+      if (!(x > 0 && x <= 1)) bad('in (0, 1]');
+      return x;
+    }
+    case 'drop_rate': {
+      const x = finite();
+      if (!(x >= 0 && x < 1)) bad('in [0, 1)');
+      return ALIASES.drop_rate.toTarget(x);
+    }
+    case 'epsilon': {
+      const x = finite();
+      if (!(x >= 0)) bad('>= 0');
+      return x;
+    }
+    case 'window_size': {
+      const x = finite();
+      if (!(x >= 0)) bad('>= 0');
+      return ALIASES.window_size.toTarget(x);
+    }
+    case 'gamma': {
+      const x = finite();
+      if (!(x >= 0 && x < 1)) bad('in [0, 1)');
+      return x;
+    }
+    case 't': {
+      const x = finite();
+      if (!(x >= 0 && x <= 1)) bad('in [0, 1]');
+      return x;
+    }
+    case 'normalize':
+      if (typeof v !== 'boolean') bad('true or false');
+      return v as boolean;
+    case 'consensus':
+      if (v === null || v === false) return 'none';
+      if (v === 'sum' || v === 'count' || v === 'none') return v;
+      return bad('"sum", "count" or "none"');
+    case 'rescale':
+      if (v === 'l1' || v === 'l2' || v === 'linf') {
+        throw recipeError(`${describe(ctx, entry)} value "${v}" is not implemented yet in this version (use true, false or "inverse")`);
+      }
+      if (typeof v === 'boolean' || v === 'inverse' || v === 'none') return v;
+      return bad('true, false or "inverse"');
+    default:
+      // unreachable: names are checked before values
+      throw recipeError(`${describe(ctx, entry)} is not a known parameter`);
+  }
+}
+
+function checkGradient(ctx: Ctx, list: unknown[], entry: string): number[] {
+  if (!NUMERIC_PARAMS.includes(ctx.name)) {
+    throw recipeError(`${describe(ctx, entry)} cannot be a gradient (a list of numbers); it takes one value, got ${fmt(list)}`);
+  }
+  if (list.length === 0) throw recipeError(`${describe(ctx, entry)} is an empty gradient; give at least one number`);
+  return list.map((x, i) => checkScalar(ctx, x, `${entry} (gradient entry ${i + 1})`) as number);
+}
+
+function checkValue(ctx: Ctx, raw: unknown): ParamValue {
+  if (Array.isArray(raw)) {
+    if (raw.length === 0) {
+      throw recipeError(`${describe(ctx, '')} is an empty list; give a value, a gradient or a list of {filter, value} entries`);
+    }
+    if (!raw.some(isDict)) return checkGradient(ctx, raw, '');
+    return raw.map((e, i) => {
+      const entry = ` (filter entry ${i + 1})`;
+      if (!isDict(e)) {
+        throw recipeError(`${describe(ctx, entry)} must be a {filter, value} object like the other entries, got ${fmt(e)}`);
+      }
+      for (const k of Object.keys(e)) {
+        if (k !== 'filter' && k !== 'value') {
+          throw recipeError(`${describe(ctx, entry)} has unknown key "${k}"${didYouMean(k, ['filter', 'value'])}`);
+        }
+      }
+      if (!has(e, 'value')) throw recipeError(`${describe(ctx, entry)} has no "value"`);
+      let filter: string | undefined;
+      if (e.filter !== undefined && e.filter !== null) {
+        if (typeof e.filter !== 'string') {
+          throw recipeError(`${describe(ctx, entry)} has a filter that is not a string: ${fmt(e.filter)}`);
+        }
+        filter = e.filter;
+      }
+      const v = e.value;
+      let value: ParamScalar | number[];
+      if (Array.isArray(v)) value = checkGradient(ctx, v, entry);
+      else if (isDict(v)) {
+        throw recipeError(`${describe(ctx, entry)} value must be a scalar or a gradient (list of numbers), got ${fmt(v)}`);
+      } else value = checkScalar(ctx, v, entry);
+      return filter === undefined ? { value } : { filter, value };
+    });
+  }
+  if (isDict(raw)) {
+    throw recipeError(
+      `${describe(ctx, '')} must be a scalar, a gradient (list of numbers) or a list of {filter, value} entries, got ${fmt(raw)}`,
+    );
+  }
+  return checkScalar(ctx, raw, '');
+}
+
+/**
+ * Validates one parameter value as a recipe would give it (alias rewritten), without a
+ * method: for callers that build parameters outside a recipe file.
+ */
+export function validateParam(name: string, value: unknown, where = 'parameters'): ParamValue {
+  const alias = aliasOf(name);
+  const canonical = alias ? alias.target : name;
+  if (!ALL_PARAM_NAMES.includes(name) || canonical === 'int8_mask') {
+    throw recipeError(`${where}: unknown parameter "${name}"${didYouMean(name, ALL_PARAM_NAMES)}`);
+  }
+  return checkValue({ where, key: name, name: canonical }, value);
+}
+
+// ---------------------------------------------------------------- sections
+
+const ALL_PARAM_NAMES = [...PER_MODEL_PARAMS, ...GLOBAL_ONLY_PARAMS, ...Object.keys(ALIASES)];
+
+function usable(method: MethodSpec, scope: 'model' | 'global'): string[] {
+  const names = [...method.modelParams, ...(scope === 'global' ? [...method.globalParams, 'int8_mask'] : [])];
+  for (const [alias, a] of Object.entries(ALIASES)) if (names.includes(a.target)) names.push(alias);
+  return names;
+}
+
+function parseSection(
+  raw: unknown,
+  where: string,
+  scope: 'model' | 'global',
+  method: MethodSpec,
+  warnings: string[],
+): Record<string, ParamValue> {
+  if (raw === undefined || raw === null) return {};
+  if (!isDict(raw)) throw recipeError(`${where}: parameters must be a mapping of name: value, got ${fmt(raw)}`);
+  const out: Record<string, ParamValue> = {};
+  const from: Record<string, string> = {};
+  const valid = usable(method, scope);
+  for (const [key, value] of Object.entries(raw)) {
+    const alias = aliasOf(key);
+    const name = alias ? alias.target : key;
+    if (!ALL_PARAM_NAMES.includes(key)) {
+      // prefer a name valid here; a known name elsewhere only when strictly closer
+      const a = nearest(key, valid);
+      const b = nearest(key, ALL_PARAM_NAMES);
+      const pick = b && (!a || b.distance < a.distance) ? b : a;
+      const hint = pick ? ` (did you mean "${pick.name}"?)` : '';
+      throw recipeError(`${where}: unknown parameter "${key}"${hint}`);
+    }
+    if (scope === 'model' && GLOBAL_ONLY_PARAMS.includes(name)) {
+      throw recipeError(`${where}: parameter "${key}" is global-only; set it in the top-level parameters, not per model`);
+    }
+    if (name === 'int8_mask') {
+      warnings.push(`parameter "int8_mask" has no effect in della-merge (a mergekit memory option); ignored`);
+      continue;
+    }
+    if (!valid.includes(key)) {
+      throw recipeError(`${where}: parameter "${key}" is not used by merge_method "${method.name}"`);
+    }
+    if (has(from, name)) {
+      throw recipeError(`${where}: both "${from[name]}" and "${key}" are given; they set the same parameter (${name}), give only one`);
+    }
+    from[name] = key;
+    out[name] = checkValue({ where, key, name }, value);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- top level
+
+function modelString(raw: unknown, what: string): string {
+  if (typeof raw === 'string') {
+    if (raw.trim() === '') throw recipeError(`${what} is an empty string`);
+    return raw;
+  }
+  if (isDict(raw)) {
+    for (const k of Object.keys(raw)) {
+      if (k !== 'model') throw recipeError(`${what} has unknown key "${k}"${didYouMean(k, ['model'])}`);
+    }
+    if (!has(raw, 'model')) throw recipeError(`${what} has no "model"`);
+    return modelString(raw.model, what);
+  }
+  throw recipeError(`${what} must be a model path (string), got ${fmt(raw)}`);
+}
+
+function parseDtype(raw: unknown, key: string): OutDType | null {
+  if (raw === undefined || raw === null) return null;
+  const t = typeof raw === 'string' && has(DTYPE_NAMES, raw.toLowerCase()) ? DTYPE_NAMES[raw.toLowerCase()] : undefined;
+  if (t === undefined) {
+    throw recipeError(`${key} ${fmt(raw)} is not a supported dtype; use one of ${Object.keys(DTYPE_NAMES).join(', ')}`);
+  }
+  return t;
+}
+
+function parseSeed(raw: unknown): number {
+  if (raw === undefined || raw === null) return 0;
+  if (typeof raw !== 'number' || !Number.isSafeInteger(raw) || raw < 0) {
+    throw recipeError(`seed must be an integer in [0, 2^53), got ${fmt(raw)}`);
+  }
+  return raw;
+}
+
+function parseMethod(raw: unknown): MethodSpec {
+  if (raw === undefined || raw === null) {
+    throw recipeError(`merge_method is missing; use one of ${Object.keys(METHODS).join(', ')}`);
+  }
+  if (typeof raw !== 'string') throw recipeError(`merge_method must be a string, got ${fmt(raw)}`);
+  if (!has(METHODS as Dict, raw)) {
+    throw recipeError(`unknown merge_method "${raw}"${didYouMean(raw, Object.keys(METHODS))}; known: ${Object.keys(METHODS).join(', ')}`);
+  }
+  const m = METHODS[raw];
+  if (!m.implemented) throw recipeError(`merge_method "${raw}" is not implemented yet in this version`);
+  return m;
+}
+
+type Found = { param: ParamValue; level: 'per model' | 'global' } | { param: number; level: 'default' };
+
+function effective(own: Record<string, ParamValue>, global: Record<string, ParamValue>, name: 'density' | 'epsilon'): Found {
+  if (has(own, name)) return { param: own[name], level: 'per model' };
+  if (has(global, name)) return { param: global[name], level: 'global' };
+  return { param: DEFAULTS[name], level: 'default' };
+}
+
+export function parseRecipe(text: string, options: ParseOptions = {}): Recipe {
+  const { document, warnings } = parseText(text);
+  const resolvePath = options.resolvePath ?? ((m: string) => m);
+  if (!isDict(document)) {
+    throw recipeError(`a recipe must be a mapping with models, base_model and merge_method, got ${fmt(document)}`);
+  }
+  const doc = document;
+
+  for (const key of Object.keys(doc)) {
+    if (key === 'slices') {
+      throw recipeError('"slices" is not supported: list the models under "models" (della-merge merges whole models)');
+    }
+    if (!(TOP_LEVEL_KEYS as readonly string[]).includes(key)) {
+      throw recipeError(`unknown key "${key}" at the top level${didYouMean(key, TOP_LEVEL_KEYS)}`);
+    }
+  }
+
+  const method = parseMethod(doc.merge_method);
+
+  if (doc.base_model === undefined || doc.base_model === null) {
+    throw recipeError(`base_model is missing: merge_method "${method.name}" merges deltas from a base model`);
+  }
+  const baseName = modelString(doc.base_model, 'base_model');
+  const baseModel = { model: baseName, path: resolvePath(baseName) };
+
+  if (!Array.isArray(doc.models) || doc.models.length === 0) {
+    throw recipeError(`models must be a non-empty list of {model, parameters} entries, got ${fmt(doc.models)}`);
+  }
+
+  const globalParams = parseSection(doc.parameters, 'global parameters', 'global', method, warnings);
+
+  const models: RecipeModel[] = [];
+  const listed: string[] = [];
+  doc.models.forEach((entry: unknown, i: number) => {
+    const what = `models[${i}]`;
+    let name: string;
+    let rawParams: unknown;
+    if (typeof entry === 'string') {
+      name = modelString(entry, what);
+    } else if (isDict(entry)) {
+      for (const k of Object.keys(entry)) {
+        if (k !== 'model' && k !== 'parameters') {
+          throw recipeError(`${what}: unknown key "${k}"${didYouMean(k, ['model', 'parameters'])}`);
+        }
+      }
+      if (!has(entry, 'model')) throw recipeError(`${what} has no "model"`);
+      name = modelString(entry.model, `${what}.model`);
+      rawParams = entry.parameters;
+    } else {
+      throw recipeError(`${what} must be {model, parameters} or a model path, got ${fmt(entry)}`);
+    }
+    listed.push(name);
+    const resolved = resolvePath(name);
+    if (name === baseName || resolved === baseModel.path) {
+      // mergekit lets the base appear among models; it is not an expert
+      if (isDict(rawParams) && Object.keys(rawParams).length > 0) {
+        warnings.push(`${what} ("${name}") is the base model; its parameters are ignored`);
+      }
+      return;
+    }
+    const parameters = parseSection(rawParams, `model "${name}"`, 'model', method, warnings);
+    models.push({ model: name, path: resolved, parameters });
+  });
+  if (models.length === 0) {
+    throw recipeError(`models lists no expert besides the base model "${baseName}"`);
+  }
+
+  if (method.sparsifier === 'magprune') {
+    for (const m of models) {
+      const d = effective(m.parameters, globalParams, 'density');
+      const e = effective(m.parameters, globalParams, 'epsilon');
+      // lists depend on the tensor: resolveTensorParams checks those
+      if (typeof d.param !== 'number' || typeof e.param !== 'number') continue;
+      const problem = densityEpsilonProblem(d.param, e.param);
+      if (problem) {
+        throw recipeError(`model "${m.model}": ${problem} (density ${d.level}, epsilon ${e.level})`);
+      }
+    }
+  }
+
+  const tok = doc.tokenizer_source;
+  let tokenizerSource: string | null = null;
+  if (tok !== undefined && tok !== null) {
+    if (typeof tok !== 'string' || (tok !== 'base' && tok !== baseName && !listed.includes(tok))) {
+      throw recipeError(
+        `tokenizer_source ${fmt(tok)} must be "base" or one of the models as written: ${[baseName, ...listed.filter((n) => n !== baseName)].map((n) => `"${n}"`).join(', ')}`,
+      );
+    }
+    tokenizerSource = tok;
+  }
+
+  return {
+    source: options.source ?? null,
+    mergeMethod: method.name,
+    baseModel,
+    models,
+    parameters: globalParams,
+    dtype: parseDtype(doc.dtype, 'dtype'),
+    outDtype: parseDtype(doc.out_dtype, 'out_dtype'),
+    tokenizerSource,
+    seed: parseSeed(doc.seed),
+    warnings,
+    document,
+  };
+}
+
+// ---------------------------------------------------------------- files
+
+const HUB_ID = /^[A-Za-z0-9][\w.-]*\/[\w.-]+(@[\w./-]+)?$/;
+
+/** mergekit resolves against the working directory; the recipe's own directory is a fallback. */
+export function makeResolver(recipeFile: string, cwd: string): (model: string) => string {
+  const recipeDir = path.dirname(recipeFile);
+  return (model) => {
+    if (path.isAbsolute(model)) {
+      if (existsSync(model)) return model;
+      throw recipeError(`model "${model}" not found: ${model} does not exist`);
+    }
+    const inCwd = path.resolve(cwd, model);
+    if (existsSync(inCwd)) return inCwd;
+    const inRecipeDir = path.resolve(recipeDir, model);
+    if (existsSync(inRecipeDir)) return inRecipeDir;
+    const looked =
+      inCwd === inRecipeDir
+        ? `${inCwd} does not exist`
+        : `neither ${inCwd} (working directory) nor ${inRecipeDir} (recipe directory) exists`;
+    if (HUB_ID.test(model)) {
+      throw recipeError(
+        `model "${model}" looks like a Hugging Face hub id, and hub ids are not resolved yet in this version: download it and give a local path (${looked})`,
+      );
+    }
+    throw recipeError(`model "${model}" not found: ${looked}`);
+  };
+}
+
+export async function loadRecipe(file: string, options: { cwd?: string } = {}): Promise<Recipe> {
+  const cwd = options.cwd ?? process.cwd();
+  const source = path.resolve(cwd, file);
+  let text: string;
+  try {
+    text = await readFile(source, 'utf8');
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    throw new DellaError('E_RECIPE', `cannot read recipe ${source}: ${code ?? (e as Error).message}`, { cause: e });
+  }
+  try {
+    return parseRecipe(text, { source, resolvePath: makeResolver(source, cwd) });
+  } catch (e) {
+    if (e instanceof DellaError) throw new DellaError(e.code, `${source}: ${e.message}`, { cause: e.cause });
+    throw e;
+  }
+}

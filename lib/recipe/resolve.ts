@@ -1,0 +1,115 @@
+/**
+ * Per-tensor parameter resolution (SPEC §7): per-model value, else global, else default;
+ * filter lists pick by tensor name, gradients are read at the tensor's layer position.
+ */
+import { METHODS, resolveRescale, type RescaleName } from '../merge/methods.js';
+import { DEFAULTS, densityEpsilonProblem, fmt, recipeError } from './params.js';
+import type { ExpertParams, ParamScalar, ParamValue, Recipe, TensorParams } from './types.js';
+
+const LAYER = /(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)(?:\.|$)/;
+
+/** The layer index of a tensor, or null for tensors outside the layers (embeddings, final norm). */
+export function layerIndex(tensorName: string): number | null {
+  const m = LAYER.exec(tensorName);
+  return m ? Number(m[1]) : null;
+}
+
+/** L = 1 + the largest layer index; 0 when no tensor has a layer. */
+export function layerCount(baseTensorNames: Iterable<string>): number {
+  let max = -1;
+  for (const n of baseTensorNames) {
+    const i = layerIndex(n);
+    if (i !== null && i > max) max = i;
+  }
+  return max + 1;
+}
+
+/** Where a gradient is read for this tensor: t in [0, 1]. */
+export function gradientPosition(tensorName: string, layers: number): number {
+  const i = layerIndex(tensorName);
+  if (i === null) return 0;
+  if (layers <= 1) return 1;
+  return i / (layers - 1);
+}
+
+/** Linear interpolation in binary64; t beyond the last entry clamps to it. */
+export function interpolate(gradient: readonly number[], t: number): number {
+  const m = gradient.length;
+  if (m === 1) return gradient[0];
+  const s = t * (m - 1);
+  const i = Math.floor(s);
+  if (i >= m - 1) return gradient[m - 1];
+  if (i < 0) return gradient[0];
+  const a = gradient[i];
+  const b = gradient[i + 1];
+  return a + (b - a) * (s - i);
+}
+
+type Entry = { filter?: string; value: ParamScalar | number[] };
+
+function isFilterList(v: ParamValue): v is Entry[] {
+  return Array.isArray(v) && v.length > 0 && typeof v[0] === 'object' && v[0] !== null;
+}
+
+/** The value a level gives this tensor, or undefined to fall through to the next level. */
+function pick(v: ParamValue | undefined, tensorName: string, t: number): ParamScalar | undefined {
+  if (v === undefined) return undefined;
+  let x: ParamScalar | number[];
+  if (isFilterList(v)) {
+    const hit = v.find((e) => e.filter === undefined || tensorName.includes(e.filter));
+    if (hit === undefined) return undefined;
+    x = hit.value;
+  } else {
+    x = v as ParamScalar | number[];
+  }
+  return Array.isArray(x) ? interpolate(x, t) : x;
+}
+
+function lookup(
+  own: Record<string, ParamValue> | null,
+  global: Record<string, ParamValue>,
+  name: string,
+  tensorName: string,
+  t: number,
+): ParamScalar | undefined {
+  return pick(own?.[name], tensorName, t) ?? pick(global[name], tensorName, t);
+}
+
+function num(v: ParamScalar | undefined, fallback: number, what: string): number {
+  if (v === undefined) return fallback;
+  if (typeof v !== 'number' || !Number.isFinite(v)) throw recipeError(`${what} must be a finite number, got ${fmt(v)}`);
+  return v;
+}
+
+export function resolveTensorParams(recipe: Recipe, tensorName: string, layers: number): TensorParams {
+  const method = METHODS[recipe.mergeMethod];
+  if (method === undefined) throw recipeError(`unknown merge_method "${recipe.mergeMethod}"`);
+  const t = gradientPosition(tensorName, layers);
+  const g = recipe.parameters;
+
+  const experts: ExpertParams[] = recipe.models.map((m) => {
+    const get = (name: 'weight' | 'density' | 'epsilon' | 'gamma'): number =>
+      num(lookup(m.parameters, g, name, tensorName, t), DEFAULTS[name], `model "${m.model}": ${name} for tensor "${tensorName}"`);
+    const p: ExpertParams = { weight: get('weight'), density: get('density'), epsilon: get('epsilon'), gamma: get('gamma') };
+    if (method.sparsifier === 'magprune') {
+      const problem = densityEpsilonProblem(p.density, p.epsilon);
+      if (problem) throw recipeError(`model "${m.model}": ${problem} (tensor "${tensorName}")`);
+    }
+    return p;
+  });
+
+  const lambda = num(lookup(null, g, 'lambda', tensorName, t), DEFAULTS.lambda, `lambda for tensor "${tensorName}"`);
+
+  const n = lookup(null, g, 'normalize', tensorName, t);
+  const normalize = n === undefined ? method.normalize : n === true;
+
+  const c = lookup(null, g, 'consensus', tensorName, t);
+  const consensus = c === 'sum' || c === 'count' || c === 'none' ? c : method.consensus;
+
+  const r = lookup(null, g, 'rescale', tensorName, t);
+  const rescaleValue: boolean | RescaleName =
+    r === undefined ? method.rescale : typeof r === 'boolean' ? r : (r as RescaleName);
+  const rescale = resolveRescale(method.sparsifier, rescaleValue);
+
+  return { experts, lambda, normalize, consensus, rescale };
+}

@@ -1,0 +1,171 @@
+/**
+ * End-to-end merges through the API: sharded checkpoints in each dtype, della and
+ * della_linear (and DARE / task arithmetic), native output equal to the reference
+ * backend tensor by tensor and across thread counts; the output layout of SPEC §8.
+ */
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { merge, openCheckpoint, DellaError } from '../lib/index.js';
+import type { FloatDType } from '../lib/merge/task.js';
+import { makeModels, tempDir } from './helpers/models.js';
+import { pick, rng, testSeed } from './helpers/random.js';
+
+const seed = testSeed();
+
+function tensorsOf(dir: string): Map<string, string> {
+  const c = openCheckpoint(dir);
+  try {
+    return new Map(c.names.map((n) => [n, `${c.tensors.get(n)!.dtype}:${c.tensors.get(n)!.shape}:${Buffer.from(c.bytes(n)).toString('hex')}`]));
+  } finally {
+    c.close();
+  }
+}
+
+function filesOf(dir: string): Map<string, string> {
+  return new Map(readdirSync(dir).map((f) => [f, readFileSync(join(dir, f)).toString('hex')]));
+}
+
+describe(`merges end to end (DELLA_TEST_SEED=${seed})`, () => {
+  const cases: Array<[string, FloatDType]> = [
+    ['della', 'BF16'], ['della', 'F16'], ['della', 'F32'],
+    ['della_linear', 'BF16'], ['della_linear', 'F16'], ['della_linear', 'F32'],
+    ['dare_ties', 'BF16'], ['dare_linear', 'F32'], ['task_arithmetic', 'F16'],
+  ];
+  for (const [method, dtype] of cases) {
+    it(`${method} on sharded ${dtype} checkpoints equals the reference, for 1 and 2 threads`, async () => {
+      const r = rng(seed ^ (method.length * 31 + dtype.length));
+      const dir = tempDir();
+      const K = pick(r, [1, 2, 3]);
+      const models = makeModels(r, dir, { dtype, experts: K });
+      const usesDensity = method !== 'task_arithmetic';
+      const usesEpsilon = method.startsWith('della');
+      const recipe = {
+        merge_method: method,
+        base_model: models.base,
+        models: models.experts.map((m, k) => ({
+          model: m,
+          parameters: {
+            weight: pick(r, [1, 0.5, 0.8, -0.3]) + k * 0.1,
+            ...(usesDensity ? { density: pick(r, [0.3, 0.5, 0.7]) } : {}),
+            ...(usesEpsilon ? { epsilon: pick(r, [0.05, 0.1, 0.2]) } : {}),
+          },
+        })),
+        parameters: { lambda: pick(r, [1, 1.1, 0.9]) },
+        out_dtype: pick(r, [undefined, 'bfloat16', 'float16', 'float32']),
+        seed: Math.floor(r() * 2 ** 40),
+      };
+      const ref = await merge(recipe, { out: join(dir, 'ref'), backend: 'reference', shardSize: 700 });
+      const one = await merge(recipe, { out: join(dir, 'one'), threads: 1, shardSize: 700 });
+      const two = await merge(recipe, { out: join(dir, 'two'), threads: 2, shardSize: 700 });
+      const label = `${method} ${dtype} K=${K} (DELLA_TEST_SEED=${seed})`;
+      expect(tensorsOf(join(dir, 'one')), label).toEqual(tensorsOf(join(dir, 'ref')));
+      expect(filesOf(join(dir, 'two')), label).toEqual(filesOf(join(dir, 'one')));
+      expect(one.tensors).toEqual(ref.tensors);
+      expect(one.tensorReports).toEqual(ref.tensorReports);
+      expect(two.tensors.merged).toBeGreaterThan(0);
+      // the integer buffer is copied from the base byte for byte
+      const base = openCheckpoint(models.base);
+      const out = openCheckpoint(join(dir, 'one'));
+      expect(Buffer.from(out.bytes('model.position_ids'))).toEqual(Buffer.from(base.bytes('model.position_ids')));
+      base.close();
+      out.close();
+    });
+  }
+
+  it('writes the layout of SPEC §8: shards, index, padded headers, metadata, extras, no leftovers', async () => {
+    const r = rng(seed + 5);
+    const dir = tempDir();
+    const models = makeModels(r, dir, { dtype: 'BF16', experts: 2 });
+    const recipe = { merge_method: 'della', base_model: models.base, models: models.experts.map((m) => ({ model: m, parameters: { density: 0.5, epsilon: 0.1 } })) };
+    const out = join(dir, 'merged');
+    const report = await merge(recipe, { out, shardSize: 1000 });
+    const files = readdirSync(out).sort();
+    const shards = files.filter((f) => f.endsWith('.safetensors'));
+    expect(shards.length).toBeGreaterThan(1);
+    shards.forEach((f, i) => expect(f).toBe(`model-${String(i + 1).padStart(5, '0')}-of-${String(shards.length).padStart(5, '0')}.safetensors`));
+    expect(files).toContain('model.safetensors.index.json');
+    expect(files).toContain('config.json');
+    expect(files).toContain('tokenizer.json');
+    expect(files).toContain('README.md');
+    expect(files).toContain('della_merge_recipe.yaml');
+    const index = JSON.parse(readFileSync(join(out, 'model.safetensors.index.json'), 'utf8'));
+    const c = openCheckpoint(out);
+    expect(Object.keys(index.weight_map).sort()).toEqual(c.names);
+    expect(index.metadata.total_size).toBe(c.totalBytes);
+    for (const f of shards) {
+      const bytes = readFileSync(join(out, f));
+      const n = Number(bytes.readBigUInt64LE(0));
+      expect((8 + n) % 8).toBe(0);
+      const header = JSON.parse(bytes.subarray(8, 8 + n).toString('utf8'));
+      expect(header.__metadata__).toEqual({ format: 'pt' });
+    }
+    for (const file of c.metadata.keys()) expect(c.metadata.get(file)).toEqual({ format: 'pt' });
+    c.close();
+    const card = readFileSync(join(out, 'README.md'), 'utf8');
+    expect(card).toMatch(/^---\nbase_model: /);
+    expect(card).toContain('- della-merge');
+    expect(readdirSync(dir).filter((f) => f.includes('della-tmp'))).toEqual([]);
+    expect(report.files).toEqual(files);
+  });
+
+  it('a single shard is model.safetensors without an index', async () => {
+    const r = rng(seed + 6);
+    const dir = tempDir();
+    const models = makeModels(r, dir, { dtype: 'F16', experts: 1 });
+    const out = join(dir, 'merged');
+    await merge({ merge_method: 'della_linear', base_model: models.base, models: [{ model: models.experts[0] }] }, { out });
+    const files = readdirSync(out);
+    expect(files).toContain('model.safetensors');
+    expect(files).not.toContain('model.safetensors.index.json');
+  });
+
+  it('reports progress, and a cancelled merge leaves nothing behind', async () => {
+    const r = rng(seed + 7);
+    const dir = tempDir();
+    const models = makeModels(r, dir, { dtype: 'BF16', experts: 2, layers: 6 });
+    const recipe = { merge_method: 'della', base_model: models.base, models: models.experts.map((m) => ({ model: m })) };
+    const events: number[] = [];
+    await merge(recipe, { out: join(dir, 'ok'), onProgress: (e) => events.push(e.tensorsDone) });
+    expect(events.at(-1)).toBeGreaterThan(0);
+    const controller = new AbortController();
+    controller.abort();
+    await expect(merge(recipe, { out: join(dir, 'cancelled'), signal: controller.signal })).rejects.toMatchObject({ code: 'E_ABORTED' });
+    expect(existsSync(join(dir, 'cancelled'))).toBe(false);
+    expect(readdirSync(dir).filter((f) => f.includes('della-tmp'))).toEqual([]);
+  });
+
+  it('refuses an existing output unless overwrite, and then replaces it whole', async () => {
+    const r = rng(seed + 8);
+    const dir = tempDir();
+    const models = makeModels(r, dir, { dtype: 'BF16', experts: 1 });
+    const recipe = { merge_method: 'della', base_model: models.base, models: [{ model: models.experts[0] }] };
+    const out = join(dir, 'merged');
+    await merge(recipe, { out });
+    await expect(merge(recipe, { out })).rejects.toThrow(/already exists \(pass --overwrite/);
+    await merge({ ...recipe, seed: 9 }, { out, overwrite: true });
+    expect(readdirSync(dir).filter((f) => f.includes('della-tmp'))).toEqual([]);
+  });
+
+  it('names the tensor, both models and both shapes on a shape mismatch, and a tensor missing from an expert', async () => {
+    const r = rng(seed + 9);
+    const dirA = tempDir();
+    const a = makeModels(r, dirA, { dtype: 'BF16', experts: 1 });
+    const b = makeModels(rng(seed + 10), tempDir(), { dtype: 'BF16', experts: 1 });
+    const recipe = { merge_method: 'della', base_model: a.base, models: [{ model: b.experts[0] }] };
+    const e = await merge(recipe, { out: join(dirA, 'x') }).catch((x) => x);
+    expect(e).toBeInstanceOf(DellaError);
+    expect(e.message).toMatch(/tensor ".*" has shape \[.*\] in the base model .* but \[.*\] in .*expert0|missing from/);
+    expect(existsSync(join(dirA, 'x'))).toBe(false);
+  });
+
+  it('refuses non-finite inputs, naming the model, tensor and count', async () => {
+    const { saveModel } = await import('../lib/checkpoint/save.js');
+    const dir = tempDir();
+    saveModel(join(dir, 'base'), [{ name: 'w', dtype: 'F32', shape: [2, 2], data: new Float32Array([1, 2, 3, 4]) }]);
+    saveModel(join(dir, 'e'), [{ name: 'w', dtype: 'F32', shape: [2, 2], data: new Float32Array([1, NaN, Infinity, 4]) }]);
+    const recipe = { merge_method: 'della', base_model: join(dir, 'base'), models: [{ model: join(dir, 'e') }] };
+    await expect(merge(recipe, { out: join(dir, 'out') })).rejects.toThrow(/tensor "w" of .*\/e holds 2 non-finite value/);
+    expect(existsSync(join(dir, 'out'))).toBe(false);
+  });
+});
