@@ -6,7 +6,7 @@ import { createRequire } from 'node:module';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { DellaError } from './errors.js';
-import type { BatchSpec, MergeTaskStats } from './merge/task.js';
+import type { BatchSpec, DotStats, DotTaskSpec, MergeTaskStats } from './merge/task.js';
 
 export interface NativeMappedFile {
   readonly size: number;
@@ -25,6 +25,7 @@ export interface NativeAddon {
     new (path: string, size: number): NativeMappedFile;
   };
   mergeBatch(batch: BatchSpec): Promise<MergeTaskStats[]>;
+  dotBatch(batch: { threads: number; tasks: DotTaskSpec[] }): Promise<DotStats[]>;
   philoxBlock(c0: number, c1: number, c2: number, c3: number, k0: number, k1: number): number[];
   hardwareThreads: number;
   abiVersion: number;

@@ -7,7 +7,7 @@
 import { describe, expect, it } from 'vitest';
 import { loadNative } from '../lib/native.js';
 import { CONSENSUS_CODE, DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE, type DTypeCode, type MergeTaskSpec } from '../lib/merge/task.js';
-import { referenceMergeTensor } from '../lib/reference/merge-tensor.js';
+import { referenceDots, referenceMergeTensor } from '../lib/reference/merge-tensor.js';
 import { dtypeSize } from '../lib/reference/dtypes.js';
 import { drawBaseAndExperts, poisoned, tensorBytes } from './helpers/tensors.js';
 import { int, pick, rng, testSeed } from './helpers/random.js';
@@ -23,6 +23,13 @@ const METHODS = {
   dare_ties: { sparsifier: SPARSIFIER_CODE.random, consensus: CONSENSUS_CODE.sum, normalize: false, rescale: RESCALE_CODE.inverse },
   dare_linear: { sparsifier: SPARSIFIER_CODE.random, consensus: CONSENSUS_CODE.none, normalize: false, rescale: RESCALE_CODE.inverse },
   task_arithmetic: { sparsifier: SPARSIFIER_CODE.none, consensus: CONSENSUS_CODE.none, normalize: false, rescale: RESCALE_CODE.none },
+  ties: { sparsifier: SPARSIFIER_CODE.magnitude, consensus: CONSENSUS_CODE.sum, normalize: true, rescale: RESCALE_CODE.none },
+  ties_l1: { sparsifier: SPARSIFIER_CODE.magnitude, consensus: CONSENSUS_CODE.sum, normalize: true, rescale: RESCALE_CODE.l1 },
+  breadcrumbs: { sparsifier: SPARSIFIER_CODE.breadcrumbs, consensus: CONSENSUS_CODE.none, normalize: false, rescale: RESCALE_CODE.none },
+  breadcrumbs_ties_l2: { sparsifier: SPARSIFIER_CODE.breadcrumbs, consensus: CONSENSUS_CODE.sum, normalize: false, rescale: RESCALE_CODE.l2 },
+  della_linf: { sparsifier: SPARSIFIER_CODE.magprune, consensus: CONSENSUS_CODE.sum, normalize: true, rescale: RESCALE_CODE.linf },
+  dare_l1: { sparsifier: SPARSIFIER_CODE.random, consensus: CONSENSUS_CODE.count, normalize: true, rescale: RESCALE_CODE.l1 },
+  linear: { sparsifier: SPARSIFIER_CODE.none, consensus: CONSENSUS_CODE.none, normalize: true, rescale: RESCALE_CODE.none },
 } as const;
 
 function numelOf(shape: number[]): number {
@@ -40,7 +47,7 @@ function drawTask(r: () => number, shape: number[], method: keyof typeof METHODS
   const density = pick(r, [1, 0.9, 0.5, 0.3, 0.1, 0.05, r() * 0.9 + 0.05]);
   const task: MergeTaskSpec = {
     name: `model.layers.${int(r, 0, 40)}.mlp.w${int(r, 0, 1e6)}`,
-    base: tensorBytes(base.subarray(0, numel), baseDtype),
+    base: method === 'linear' ? null : tensorBytes(base.subarray(0, numel), baseDtype),
     baseDtype,
     out: new Uint8Array(0),
     outDtype,
@@ -51,7 +58,7 @@ function drawTask(r: () => number, shape: number[], method: keyof typeof METHODS
       const eps = d >= 1 ? 0.15 : Math.min(d, 1 - d) * r() * 0.999;
       return {
         data: tensorBytes(values, dtype), dtype, shape: expertShape,
-        weight: pick(r, [1, 0.5, 0.3 + r(), -0.5, 0]), density: d, epsilon: eps,
+        weight: pick(r, [1, 0.5, 0.3 + r(), -0.5, 0]), density: d, epsilon: eps, gamma: pick(r, [0, 0.01, 0.1, r() * 0.5]),
       };
     }),
     ...METHODS[method],
@@ -123,12 +130,24 @@ describe(`native CPU kernels equal lib/reference (DELLA_TEST_SEED=${seed})`, () 
     }
   });
 
+  it('slerp sums (dot and squared norms) equal the reference', async () => {
+    const r = rng(seed + 3);
+    for (const shape of [[int(r, 1, 30), int(r, 1, 200)], [int(r, 1, 3000)], [], [2, 70000]]) {
+      const numel = numelOf(shape);
+      const { base, experts } = drawBaseAndExperts(r, numel, 1);
+      const aDtype = pick(r, DTYPES), bDtype = pick(r, DTYPES);
+      const task = { a: tensorBytes(base, aDtype), aDtype, b: tensorBytes(experts[0], bDtype), bDtype, shape };
+      const [got] = await native.dotBatch({ threads: 2, tasks: [task] });
+      expect(got, `slerp sums ${JSON.stringify(shape)} (DELLA_TEST_SEED=${seed})`).toEqual(referenceDots(task));
+    }
+  });
+
   it('counts non-finite inputs per model', async () => {
     const base = tensorBytes([1, NaN, 3, 4], DTYPE_CODE.F32);
     const e = tensorBytes([Infinity, 2, -Infinity, 4], DTYPE_CODE.F32);
     const task: MergeTaskSpec = {
       name: 't', base, baseDtype: DTYPE_CODE.F32, out: poisoned(16), outDtype: DTYPE_CODE.F32, shape: [4],
-      experts: [{ data: e, dtype: DTYPE_CODE.F32, shape: [4], weight: 1, density: 1, epsilon: 0 }],
+      experts: [{ data: e, dtype: DTYPE_CODE.F32, shape: [4], weight: 1, density: 1, epsilon: 0, gamma: 0 }],
       ...METHODS.della, lambda: 1, seed: 0,
     };
     const [stats] = await native.mergeBatch({ threads: 1, merges: [task], copies: [] });

@@ -20,12 +20,15 @@ export interface ExpertTask {
   weight: number;
   density: number;
   epsilon: number;
+  /** breadcrumbs' outlier fraction */
+  gamma: number;
 }
 
 export interface MergeTaskSpec {
   /** output tensor name: its FNV-1a hash is the Philox tensor id */
   name: string;
-  base: ArrayBufferView;
+  /** null: a plain weighted combination of the experts' values (linear, slerp) */
+  base: ArrayBufferView | null;
   baseDtype: DTypeCode;
   out: ArrayBufferView;
   outDtype: DTypeCode;
@@ -50,6 +53,22 @@ export interface MergeTaskStats {
   /** per expert: elements of its delta that survived sparsification */
   kept: number[];
   numel: number;
+}
+
+export interface DotTaskSpec {
+  a: ArrayBufferView;
+  aDtype: DTypeCode;
+  b: ArrayBufferView;
+  bDtype: DTypeCode;
+  shape: number[];
+}
+
+/** Sums for slerp in binary64 (row partials in index order, rows in order). */
+export interface DotStats {
+  dot: number;
+  aa: number;
+  bb: number;
+  nonfinite: [number, number];
 }
 
 export interface BatchSpec {

@@ -1,6 +1,6 @@
 export { philox4x32_10, elementUniform, uniformFromWord, seedKey } from './philox.js';
 export { fnv1a32, tensorId } from './fnv.js';
 export { f16ToF32, f32ToF16, bf16ToF32, f32ToBf16, loadF32, storeF32, magnitudeKey, f32Bits, bitsF32 } from './dtypes.js';
-export { stableRanks, magpruneQ, sparsifyRow } from './sparsify.js';
+export { stableRanks, magpruneQ, sparsifyDelta, breadcrumbsWindow, normScale } from './sparsify.js';
 export { fuseElement } from './fuse.js';
-export { referenceMergeTensor, expertRowOffset } from './merge-tensor.js';
+export { referenceMergeTensor, referenceDots, expertRowOffset } from './merge-tensor.js';

@@ -2,11 +2,11 @@
  * The executable SPEC: merges one tensor exactly as SPEC §1-5 say, slowly and
  * obviously. Takes the same task object as the native kernels.
  */
-import type { MergeTaskSpec, MergeTaskStats } from '../merge/task.js';
+import type { DotStats, DotTaskSpec, MergeTaskSpec, MergeTaskStats } from '../merge/task.js';
 import { dataView, loadF32, storeF32 } from './dtypes.js';
 import { tensorId } from './fnv.js';
 import { fuseElement } from './fuse.js';
-import { sparsifyRow } from './sparsify.js';
+import { sparsifyDelta } from './sparsify.js';
 
 function product(shape: readonly number[]): number {
   return shape.reduce((a, b) => a * b, 1);
@@ -32,40 +32,62 @@ export function referenceMergeTensor(t: MergeTaskSpec): MergeTaskStats {
   const rows = n === 0 ? 0 : numel / n;
   const K = t.experts.length;
   const id = tensorId(t.name);
-  const baseView = dataView(t.base);
+  const baseView = t.base ? dataView(t.base) : null;
   const outView = dataView(t.out);
   const expertViews = t.experts.map((e) => dataView(e.data));
   const w = t.experts.map((e) => Math.fround(e.weight));
   const stats: MergeTaskStats = { nonfinite: new Array(K + 1).fill(0), kept: new Array(K).fill(0), numel };
-  const b = new Float64Array(n);
-  const deltas = t.experts.map(() => new Float64Array(n));
-  const p = new Float64Array(K);
-  const fuse = { consensus: t.consensus, normalize: t.normalize, lambda: t.lambda };
-
-  for (let r = 0; r < rows; r++) {
-    const i0 = r * n;
-    for (let j = 0; j < n; j++) {
-      b[j] = loadF32(baseView, t.baseDtype, i0 + j);
-      if (!Number.isFinite(b[j])) stats.nonfinite[0]++;
-    }
-    for (let k = 0; k < K; k++) {
-      const e = t.experts[k];
+  const b = new Float64Array(numel);
+  for (let i = 0; baseView && i < numel; i++) {
+    b[i] = loadF32(baseView, t.baseDtype, i);
+    if (!Number.isFinite(b[i])) stats.nonfinite[0]++;
+  }
+  // Each expert's whole delta, then its sparsifier (some look at the whole tensor).
+  const deltas = t.experts.map((e, k) => {
+    const d = new Float64Array(numel);
+    for (let r = 0; r < rows; r++) {
       const off = expertRowOffset(t.shape, e.shape, r, n);
-      const d = deltas[k];
       for (let j = 0; j < n; j++) {
         const x = loadF32(expertViews[k], e.dtype, off + j);
         if (!Number.isFinite(x)) stats.nonfinite[k + 1]++;
-        d[j] = Math.fround(x - b[j]);
+        d[r * n + j] = baseView ? Math.fround(x - b[r * n + j]) : x;
       }
-      stats.kept[k] += sparsifyRow(d, i0, {
-        sparsifier: t.sparsifier, rescale: t.rescale, baseDtype: t.baseDtype, seed: t.seed,
-        tensorId: id, expert: k, density: e.density, epsilon: e.epsilon,
-      });
     }
-    for (let j = 0; j < n; j++) {
-      for (let k = 0; k < K; k++) p[k] = Math.fround(w[k] * deltas[k][j]);
-      storeF32(outView, t.outDtype, i0 + j, Math.fround(b[j] + fuseElement(p, w, fuse)));
-    }
+    stats.kept[k] = !baseView ? numel : sparsifyDelta(d, n, {
+      sparsifier: t.sparsifier, rescale: t.rescale, baseDtype: t.baseDtype, seed: t.seed,
+      tensorId: id, expert: k, density: e.density, epsilon: e.epsilon, gamma: e.gamma,
+    });
+    return d;
+  });
+  const p = new Float64Array(K);
+  const fuse = { consensus: t.consensus, normalize: t.normalize, lambda: t.lambda };
+  for (let i = 0; i < numel; i++) {
+    for (let k = 0; k < K; k++) p[k] = Math.fround(w[k] * deltas[k][i]);
+    const m = fuseElement(p, w, fuse);
+    storeF32(outView, t.outDtype, i, baseView ? Math.fround(b[i] + m) : m);
   }
   return stats;
+}
+
+/** Sums over two tensors for slerp: binary64, row partials in index order, rows in order. */
+export function referenceDots(t: DotTaskSpec): DotStats {
+  const numel = product(t.shape);
+  const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : numel;
+  const a = dataView(t.a), b = dataView(t.b);
+  const s: DotStats = { dot: 0, aa: 0, bb: 0, nonfinite: [0, 0] };
+  for (let i0 = 0; n > 0 && i0 < numel; i0 += n) {
+    let d = 0, x = 0, y = 0;
+    for (let j = 0; j < n; j++) {
+      const u = loadF32(a, t.aDtype, i0 + j), v = loadF32(b, t.bDtype, i0 + j);
+      if (!Number.isFinite(u)) s.nonfinite[0]++;
+      if (!Number.isFinite(v)) s.nonfinite[1]++;
+      d += u * v;
+      x += u * u;
+      y += v * v;
+    }
+    s.dot += d;
+    s.aa += x;
+    s.bb += y;
+  }
+  return s;
 }

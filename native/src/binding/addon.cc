@@ -34,6 +34,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData<Napi::FunctionReference>(ctor);
   exports.Set("MappedFile", mapped);
   exports.Set("mergeBatch", Napi::Function::New(env, MergeBatch, "mergeBatch"));
+  exports.Set("dotBatch", Napi::Function::New(env, DotBatch, "dotBatch"));
   exports.Set("philoxBlock", Napi::Function::New(env, PhiloxBlock, "philoxBlock"));
   exports.Set("hardwareThreads", Napi::Number::New(env, della::ThreadPool::hardware_threads()));
   exports.Set("abiVersion", Napi::Number::New(env, 1));

@@ -35,16 +35,19 @@ MergeTask parse_merge(const Napi::Object& o, const std::string& where) {
   MergeTask t;
   t.shape = shape_field(o, "shape", where);
   const uint64_t numel = numel_of(t.shape);
-  const ByteSpan base = bytes_field(o, "base", where);
   t.base_dtype = dtype_field(o, "baseDtype", where);
-  need_bytes(env, base, numel * della::dtype_size(t.base_dtype), where + ".base", true);
-  t.base = base.data;
+  t.linear = field(o, "base", where).IsNull();  // null: a plain weighted combination
+  if (!t.linear) {
+    const ByteSpan base = bytes_field(o, "base", where);
+    need_bytes(env, base, numel * della::dtype_size(t.base_dtype), where + ".base", true);
+    t.base = base.data;
+  }
   const ByteSpan out = bytes_field(o, "out", where);
   t.out_dtype = dtype_field(o, "outDtype", where);
   need_bytes(env, out, numel * della::dtype_size(t.out_dtype), where + ".out", true);
   t.out = out.data;
-  t.sparsifier = static_cast<della::Sparsifier>(integer_field(o, "sparsifier", where, 0, 2));
-  t.rescale = static_cast<della::Rescale>(integer_field(o, "rescale", where, 0, 1));
+  t.sparsifier = static_cast<della::Sparsifier>(integer_field(o, "sparsifier", where, 0, 4));
+  t.rescale = static_cast<della::Rescale>(integer_field(o, "rescale", where, 0, 4));
   t.consensus = static_cast<della::Consensus>(integer_field(o, "consensus", where, 0, 2));
   t.normalize = bool_field(o, "normalize", where);
   t.lambda = number_field(o, "lambda", where);
@@ -68,6 +71,7 @@ MergeTask parse_merge(const Napi::Object& o, const std::string& where) {
     in.weight = static_cast<float>(number_field(e, "weight", ew));
     in.density = number_field(e, "density", ew);
     in.epsilon = number_field(e, "epsilon", ew);
+    in.gamma = number_field(e, "gamma", ew);
     t.experts.push_back(std::move(in));
   }
   try {
@@ -133,7 +137,88 @@ class MergeBatchWorker : public Napi::AsyncWorker {
   unsigned threads_;
 };
 
+class DotBatchWorker : public Napi::AsyncWorker {
+ public:
+  DotBatchWorker(Napi::Env env, Napi::Object batch, std::vector<della::DotTask> tasks, unsigned threads)
+      : Napi::AsyncWorker(env, "della-merge:dotBatch"),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        keep_alive_(Napi::Persistent(batch)),
+        tasks_(std::move(tasks)),
+        threads_(threads) {}
+
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+  void Execute() override {
+    try {
+      della::run_dots(tasks_, threads_, stats_);
+    } catch (const std::exception& e) {
+      SetError(e.what());
+    }
+  }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    Napi::Array out = Napi::Array::New(env, stats_.size());
+    for (size_t i = 0; i < stats_.size(); ++i) {
+      Napi::Object s = Napi::Object::New(env);
+      s.Set("dot", stats_[i].dot);
+      s.Set("aa", stats_[i].aa);
+      s.Set("bb", stats_[i].bb);
+      Napi::Array nonfinite = Napi::Array::New(env, 2);
+      nonfinite.Set(0u, Napi::Number::New(env, static_cast<double>(stats_[i].nonfinite_a)));
+      nonfinite.Set(1u, Napi::Number::New(env, static_cast<double>(stats_[i].nonfinite_b)));
+      s.Set("nonfinite", nonfinite);
+      out.Set(i, s);
+    }
+    keep_alive_.Reset();
+    deferred_.Resolve(out);
+  }
+
+  void OnError(const Napi::Error& e) override {
+    keep_alive_.Reset();
+    deferred_.Reject(e.Value());
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  Napi::ObjectReference keep_alive_;
+  std::vector<della::DotTask> tasks_;
+  std::vector<della::DotStats> stats_;
+  unsigned threads_;
+};
+
 }  // namespace
+
+// dotBatch({ threads, tasks: [{ a, aDtype, b, bDtype, shape }] }) -> Promise<[{ dot, aa, bb, nonfinite }]>
+Napi::Value DotBatch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "dotBatch(batch) takes an object");
+  Napi::Object batch = info[0].As<Napi::Object>();
+  const unsigned threads = static_cast<unsigned>(integer_field(batch, "threads", "batch", 1, 1024));
+  std::vector<della::DotTask> tasks;
+  Napi::Array ts = array_field(batch, "tasks", "batch");
+  for (uint32_t i = 0; i < ts.Length(); ++i) {
+    const std::string where = "tasks[" + std::to_string(i) + "]";
+    Napi::Value v = ts.Get(i);
+    if (!v.IsObject()) throw Napi::TypeError::New(env, where + " must be an object");
+    Napi::Object o = v.As<Napi::Object>();
+    della::DotTask t;
+    t.shape = shape_field(o, "shape", where);
+    const uint64_t numel = numel_of(t.shape);
+    t.a_dtype = dtype_field(o, "aDtype", where);
+    t.b_dtype = dtype_field(o, "bDtype", where);
+    const ByteSpan a = bytes_field(o, "a", where), b = bytes_field(o, "b", where);
+    need_bytes(env, a, numel * della::dtype_size(t.a_dtype), where + ".a", true);
+    need_bytes(env, b, numel * della::dtype_size(t.b_dtype), where + ".b", true);
+    t.a = a.data;
+    t.b = b.data;
+    tasks.push_back(std::move(t));
+  }
+  auto* worker = new DotBatchWorker(env, batch, std::move(tasks), threads);
+  Napi::Promise p = worker->Promise();
+  worker->Queue();
+  return p;
+}
 
 // mergeBatch({ threads, merges: [...], copies: [{ src, dst }] }) -> Promise<stats[]>
 Napi::Value MergeBatch(const Napi::CallbackInfo& info) {

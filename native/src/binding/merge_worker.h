@@ -6,5 +6,6 @@
 namespace della_binding {
 
 Napi::Value MergeBatch(const Napi::CallbackInfo& info);
+Napi::Value DotBatch(const Napi::CallbackInfo& info);
 
 }  // namespace della_binding

@@ -1,7 +1,7 @@
 #include "merge_cpu.h"
 
 #include <algorithm>
-#include <atomic>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 
@@ -11,12 +11,14 @@
 namespace della {
 namespace {
 
-constexpr uint64_t kRowChunkElements = 1u << 16;  // work item size for many short rows
+constexpr uint64_t kItemElements = 1u << 16;  // rows per work item: about this many elements
 constexpr uint64_t kCopyChunkBytes = 8u << 20;
+constexpr uint64_t kTableMax = 1u << 22;      // longest row whose keep table is precomputed
+constexpr uint32_t kNoKey = 0xffffffffu;      // above every key (keys are < 2^31)
 
 struct Geometry {
   uint64_t numel = 1;
-  uint64_t n = 1;     // row length
+  uint64_t n = 1;  // row length
   uint64_t rows = 0;
 };
 
@@ -34,8 +36,7 @@ KeyMode key_mode_for(DType base) {
 
 // Offset of base row r's first element inside an expert that may be larger in every
 // dimension (the embedding sub-block rule of SPEC §2).
-uint64_t expert_row_offset(const std::vector<int64_t>& base, const std::vector<int64_t>& ex, uint64_t r,
-                           uint64_t n) {
+uint64_t expert_row_offset(const std::vector<int64_t>& base, const std::vector<int64_t>& ex, uint64_t r, uint64_t n) {
   if (base == ex) return r * n;
   if (base.size() <= 1) return 0;
   uint64_t offset = 0, stride = static_cast<uint64_t>(ex.back());
@@ -48,16 +49,84 @@ uint64_t expert_row_offset(const std::vector<int64_t>& base, const std::vector<i
   return offset;
 }
 
+// ---------------------------------------------------------------- row primitives
+
+template <class T, class Conv>
+uint64_t load_loop(const void* p, uint64_t off, uint64_t n, float* dst, Conv conv) {
+  const char* src = static_cast<const char*>(p) + off * sizeof(T);
+  uint64_t bad = 0;
+  for (uint64_t j = 0; j < n; ++j) {
+    T raw;
+    std::memcpy(&raw, src + j * sizeof(T), sizeof(T));
+    const float v = conv(raw);
+    dst[j] = v;
+    bad += !is_finite_f32(v);
+  }
+  return bad;
+}
+
+// Loads n elements from flat offset `off` as fp32; returns how many are not finite.
+uint64_t load_row(const void* p, DType t, uint64_t off, uint64_t n, float* dst) {
+  switch (t) {
+    case DType::F32: return load_loop<float>(p, off, n, dst, [](float v) { return v; });
+    case DType::F16: return load_loop<uint16_t>(p, off, n, dst, [](uint16_t v) { return f16_to_f32(v); });
+    case DType::BF16: return load_loop<uint16_t>(p, off, n, dst, [](uint16_t v) { return bf16_to_f32(v); });
+    default: return load_loop<double>(p, off, n, dst, [](double v) { return static_cast<float>(v); });
+  }
+}
+
+template <class T, class Conv>
+void store_loop(void* p, uint64_t off, uint64_t n, const float* v, Conv conv) {
+  char* dst = static_cast<char*>(p) + off * sizeof(T);
+  for (uint64_t j = 0; j < n; ++j) {
+    const T raw = conv(v[j]);
+    std::memcpy(dst + j * sizeof(T), &raw, sizeof(T));
+  }
+}
+
+void store_row(void* p, DType t, uint64_t off, uint64_t n, const float* v) {
+  switch (t) {
+    case DType::F32: store_loop<float>(p, off, n, v, [](float x) { return x; }); break;
+    case DType::F16: store_loop<uint16_t>(p, off, n, v, [](float x) { return f32_to_f16(x); }); break;
+    case DType::BF16: store_loop<uint16_t>(p, off, n, v, [](float x) { return f32_to_bf16(x); }); break;
+    default: store_loop<double>(p, off, n, v, [](float x) { return static_cast<double>(x); }); break;
+  }
+}
+
+// The Philox uniforms of flat elements [i0, i0 + n) of one expert's stream.
+void uniforms_row(uint64_t seed, uint32_t tensor_id, uint32_t expert, uint64_t i0, uint64_t n, float* x) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  uint64_t i = i0;
+  const uint64_t end = i0 + n;
+  while (i < end) {
+    const uint64_t g = i >> 2;
+    const Philox4 b = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), tensor_id, expert, k0, k1);
+    for (unsigned w = static_cast<unsigned>(i & 3); w < 4 && i < end; ++w, ++i) x[i - i0] = uniform_from_word(b.v[w]);
+  }
+}
+
+void keys_row(const float* d, uint64_t n, KeyMode m, uint32_t* keys) {
+  switch (m) {
+    case KeyMode::F16:
+      for (uint64_t j = 0; j < n; ++j) keys[j] = magnitude_key(d[j], KeyMode::F16);
+      break;
+    case KeyMode::BF16:
+      for (uint64_t j = 0; j < n; ++j) keys[j] = magnitude_key(d[j], KeyMode::BF16);
+      break;
+    default:
+      for (uint64_t j = 0; j < n; ++j) keys[j] = magnitude_key(d[j], KeyMode::F32);
+      break;
+  }
+}
+
 struct Scratch {
-  std::vector<float> base, delta;
-  std::vector<uint32_t> keys, ranks, hist;
-  std::vector<uint64_t> sorted;
+  std::vector<float> base, delta, x, fac, vals;
+  std::vector<uint32_t> keys, ranks, hist, tmp_keys, tmp_idx, idx, cur_keys;
+  std::vector<uint8_t> keep;
 };
 
-thread_local Scratch tls_scratch;
-
-// Stable ascending ranks of keys[0..n): counting over the row's key range when it is
-// small, else a sort of (key, index) pairs.
+// Stable ascending ranks of keys[0..n): counting over the row's key range for
+// half-precision keys; an LSD radix sort (stable) of 31-bit keys otherwise.
 void stable_ranks(const uint32_t* keys, uint64_t n, bool half_keys, Scratch& s, uint32_t* ranks) {
   uint32_t lo = keys[0], hi = keys[0];
   for (uint64_t j = 1; j < n; ++j) {
@@ -65,7 +134,7 @@ void stable_ranks(const uint32_t* keys, uint64_t n, bool half_keys, Scratch& s, 
     hi = std::max(hi, keys[j]);
   }
   const uint64_t range = static_cast<uint64_t>(hi) - lo + 1;
-  if (half_keys && range <= 4 * n + 256) {
+  if (range <= 4 * n + 256 || half_keys) {
     s.hist.assign(range, 0);
     for (uint64_t j = 0; j < n; ++j) ++s.hist[keys[j] - lo];
     uint32_t sum = 0;
@@ -77,99 +146,466 @@ void stable_ranks(const uint32_t* keys, uint64_t n, bool half_keys, Scratch& s, 
     for (uint64_t j = 0; j < n; ++j) ranks[j] = s.hist[keys[j] - lo]++;
     return;
   }
-  s.sorted.resize(n);
-  for (uint64_t j = 0; j < n; ++j) s.sorted[j] = (static_cast<uint64_t>(keys[j]) << 32) | j;
-  std::sort(s.sorted.begin(), s.sorted.end());
-  for (uint64_t p = 0; p < n; ++p) ranks[static_cast<uint32_t>(s.sorted[p])] = static_cast<uint32_t>(p);
+  // Three stable 11-bit passes over (key - lo) carry the indices into sorted order.
+  s.idx.resize(n);
+  s.tmp_idx.resize(n);
+  s.tmp_keys.resize(n);
+  std::vector<uint32_t>& cur_idx = s.idx;
+  for (uint64_t j = 0; j < n; ++j) cur_idx[j] = static_cast<uint32_t>(j);
+  const uint32_t span = hi - lo;
+  std::vector<uint32_t>& cur_keys = s.cur_keys;
+  cur_keys.assign(keys, keys + n);
+  for (uint32_t& k : cur_keys) k -= lo;
+  for (unsigned shift = 0; shift < 32 && (shift == 0 || (span >> shift) != 0); shift += 11) {
+    s.hist.assign(2048, 0);
+    for (uint64_t j = 0; j < n; ++j) ++s.hist[(cur_keys[j] >> shift) & 2047];
+    uint32_t sum = 0;
+    for (unsigned b = 0; b < 2048; ++b) {
+      const uint32_t c = s.hist[b];
+      s.hist[b] = sum;
+      sum += c;
+    }
+    for (uint64_t j = 0; j < n; ++j) {
+      const uint32_t pos = s.hist[(cur_keys[j] >> shift) & 2047]++;
+      s.tmp_keys[pos] = cur_keys[j];
+      s.tmp_idx[pos] = cur_idx[j];
+    }
+    cur_keys.swap(s.tmp_keys);
+    cur_idx.swap(s.tmp_idx);
+  }
+  for (uint64_t p = 0; p < n; ++p) ranks[cur_idx[p]] = static_cast<uint32_t>(p);
 }
 
-// Walks the Philox stream of one expert along consecutive flat indices.
-struct RowRng {
-  uint64_t seed;
-  uint32_t tensor_id, expert;
-  uint64_t block = ~0ull;
-  Philox4 words{};
-  float at(uint64_t i) {
-    const uint64_t g = i >> 2;
-    if (g != block) {
-      block = g;
-      words = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), tensor_id, expert,
-                            static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-    }
-    return uniform_from_word(words.v[i & 3]);
-  }
+// ---------------------------------------------------------------- whole-tensor cuts
+
+// "Before the cut": ascending, key < T or (key == T and it is among the first `take`
+// elements with key T in index order); descending, the same with key > T.
+struct Cut {
+  uint32_t key = kNoKey;
+  uint64_t take = 0;
+  bool descending = false;
+  bool all = false;
 };
 
-// Sparsifies one expert's delta row in place; returns how many elements were kept.
-uint64_t sparsify_row(const MergeTask& t, unsigned k, float* delta, uint64_t i0, uint64_t n, Scratch& s) {
-  const ExpertInput& e = t.experts[k];
-  if (t.sparsifier == Sparsifier::None || e.density >= 1.0) return n;
-  RowRng rng{t.seed, t.tensor_id, k};
-  uint64_t kept = 0;
-  if (t.sparsifier == Sparsifier::Random) {
-    const float q = static_cast<float>(e.density);
-    const float scale = inverse_scale(q);
-    const bool inv = t.rescale == Rescale::Inverse;
-    for (uint64_t j = 0; j < n; ++j) {
-      const bool keep = rng.at(i0 + j) < q;
-      kept += keep;
-      delta[j] = keep ? (inv ? delta[j] * scale : delta[j]) : 0.0f;
+inline bool before(const Cut& c, uint32_t key, uint64_t occ) {
+  if (c.all) return true;
+  if (c.descending) return key > c.key || (key == c.key && occ < c.take);
+  return key < c.key || (key == c.key && occ < c.take);
+}
+
+// Finds the bin holding position p (0-based, in the cut's order) of a histogram.
+// Returns false when p is at or past the total (everything is before the cut).
+bool select_bin(const std::vector<uint64_t>& hist, uint64_t p, bool descending, uint32_t& bin, uint64_t& before_count) {
+  uint64_t cum = 0;
+  const size_t nb = hist.size();
+  for (size_t i = 0; i < nb; ++i) {
+    const size_t b = descending ? nb - 1 - i : i;
+    if (p < cum + hist[b]) {
+      bin = static_cast<uint32_t>(b);
+      before_count = cum;
+      return true;
     }
-    return kept;
+    cum += hist[b];
   }
-  // Magprune.
-  const KeyMode mode = key_mode_for(t.base_dtype);
-  s.keys.resize(n);
-  s.ranks.resize(n);
-  for (uint64_t j = 0; j < n; ++j) s.keys[j] = magnitude_key(delta[j], mode);
-  stable_ranks(s.keys.data(), n, mode != KeyMode::F32, s, s.ranks.data());
-  const MagpruneCoef c = magprune_coef(e.density, e.epsilon);
-  const bool inv = t.rescale == Rescale::Inverse;
-  for (uint64_t j = 0; j < n; ++j) {
-    const float q = magprune_q(s.ranks[j], n, c);
-    const bool keep = rng.at(i0 + j) < q;
-    kept += keep;
-    delta[j] = keep ? (inv ? delta[j] * inverse_scale(q) : delta[j]) : 0.0f;
+  return false;
+}
+
+struct ExpertState {
+  bool sparse = false;  // false: the delta is left unchanged
+  MagpruneCoef coef{};
+  std::vector<float> qtab, stab;  // magprune keep probability and inverse scale by rank
+  float q_random = 0, s_random = 0;
+  Cut cut_a, cut_b;
+  std::vector<uint64_t> occ_a, occ_b;  // per row: earlier elements with the cut key
+  float norm_scale = 1.0f;
+};
+
+struct TaskState {
+  Geometry g;
+  KeyMode mode = KeyMode::F32;
+  std::vector<ExpertState> ex;
+};
+
+bool whole_tensor(Sparsifier s) { return s == Sparsifier::Magnitude || s == Sparsifier::Breadcrumbs; }
+bool norm_rescale(Rescale r) { return r == Rescale::L1 || r == Rescale::L2 || r == Rescale::Linf; }
+
+// Loads base row r into s.base.
+uint64_t base_row(const MergeTask& t, const TaskState& st, uint64_t r, Scratch& s) {
+  s.base.resize(st.g.n);
+  return load_row(t.base, t.base_dtype, r * st.g.n, st.g.n, s.base.data());
+}
+
+// Expert k's delta row (n floats) into s.delta; needs s.base. Returns the expert's
+// non-finite count for the row.
+uint64_t delta_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t r, Scratch& s) {
+  const uint64_t n = st.g.n;
+  s.delta.resize(n);
+  const ExpertInput& e = t.experts[k];
+  const uint64_t bad = load_row(e.data, e.dtype, expert_row_offset(t.shape, e.shape, r, n), n, s.delta.data());
+  float* d = s.delta.data();
+  const float* b = s.base.data();
+  for (uint64_t j = 0; j < n; ++j) d[j] = d[j] - b[j];
+  return bad;
+}
+
+// Decides which elements of expert k's delta row survive (s.keep) and, for the
+// inverse rescale, each survivor's factor (s.fac). Needs s.delta.
+void mask_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t r, Scratch& s) {
+  const uint64_t n = st.g.n, i0 = r * n;
+  const ExpertState& es = st.ex[k];
+  s.keep.resize(n);
+  s.fac.resize(n);
+  uint8_t* keep = s.keep.data();
+  float* fac = s.fac.data();
+  if (!es.sparse) {
+    std::fill(keep, keep + n, 1);
+    std::fill(fac, fac + n, 1.0f);
+    return;
   }
+  switch (t.sparsifier) {
+    case Sparsifier::Magprune: {
+      s.keys.resize(n);
+      s.ranks.resize(n);
+      s.x.resize(n);
+      keys_row(s.delta.data(), n, st.mode, s.keys.data());
+      stable_ranks(s.keys.data(), n, st.mode != KeyMode::F32, s, s.ranks.data());
+      uniforms_row(t.seed, t.tensor_id, k, i0, n, s.x.data());
+      const uint32_t* rk = s.ranks.data();
+      const float* x = s.x.data();
+      if (!es.qtab.empty()) {
+        for (uint64_t j = 0; j < n; ++j) {
+          keep[j] = x[j] < es.qtab[rk[j]];
+          fac[j] = es.stab[rk[j]];
+        }
+      } else {
+        for (uint64_t j = 0; j < n; ++j) {
+          const float q = magprune_q(rk[j], n, es.coef);
+          keep[j] = x[j] < q;
+          fac[j] = inverse_scale(q);
+        }
+      }
+      break;
+    }
+    case Sparsifier::Random: {
+      s.x.resize(n);
+      uniforms_row(t.seed, t.tensor_id, k, i0, n, s.x.data());
+      const float* x = s.x.data();
+      for (uint64_t j = 0; j < n; ++j) {
+        keep[j] = x[j] < es.q_random;
+        fac[j] = es.s_random;
+      }
+      break;
+    }
+    case Sparsifier::Magnitude:
+    case Sparsifier::Breadcrumbs: {
+      s.keys.resize(n);
+      keys_row(s.delta.data(), n, st.mode, s.keys.data());
+      const uint32_t* key = s.keys.data();
+      uint64_t occ_a = es.occ_a[r], occ_b = es.occ_b[r];
+      const bool magnitude = t.sparsifier == Sparsifier::Magnitude;
+      for (uint64_t j = 0; j < n; ++j) {
+        const bool in_a = before(es.cut_a, key[j], occ_a);
+        const bool in_b = before(es.cut_b, key[j], occ_b);
+        // magnitude: kept iff its descending rank < k; breadcrumbs: bottom <= rank < N - top.
+        keep[j] = magnitude ? in_a : (!in_a && in_b);
+        occ_a += key[j] == es.cut_a.key;
+        occ_b += key[j] == es.cut_b.key;
+        fac[j] = 1.0f;
+      }
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+// Applies the mask and rescale to s.delta in place; returns how many survived.
+uint64_t apply_row(const MergeTask& t, const ExpertState& es, uint64_t n, Scratch& s) {
+  float* d = s.delta.data();
+  const uint8_t* keep = s.keep.data();
+  const float* fac = s.fac.data();
+  uint64_t kept = 0;
+  if (!es.sparse) return n;
+  if (t.rescale == Rescale::Inverse) {
+    for (uint64_t j = 0; j < n; ++j) d[j] = keep[j] ? d[j] * fac[j] : 0.0f;
+  } else if (norm_rescale(t.rescale)) {
+    const float sc = es.norm_scale;
+    for (uint64_t j = 0; j < n; ++j) d[j] = keep[j] ? d[j] * sc : 0.0f;
+  } else {
+    for (uint64_t j = 0; j < n; ++j) d[j] = keep[j] ? d[j] : 0.0f;
+  }
+  for (uint64_t j = 0; j < n; ++j) kept += keep[j];
   return kept;
 }
 
-void merge_rows(const MergeTask& t, uint64_t row_begin, uint64_t row_end, MergeStats& local) {
-  Scratch& s = tls_scratch;
-  const Geometry g = geometry(t.shape);
-  const uint64_t n = g.n;
+// ---------------------------------------------------------------- passes
+
+// Runs fn(row_begin, row_end, worker) over the rows of one tensor.
+template <class Fn>
+void for_rows(const Geometry& g, unsigned threads, std::vector<Scratch>& scratch, Fn fn) {
+  const uint64_t per = std::max<uint64_t>(1, kItemElements / std::max<uint64_t>(1, g.n));
+  const size_t items = static_cast<size_t>((g.rows + per - 1) / per);
+  global_pool().run(items, threads, [&](size_t it, unsigned worker) {
+    const uint64_t r0 = it * per;
+    fn(r0, std::min(g.rows, r0 + per), scratch[worker]);
+  });
+}
+
+// Histograms of every expert's keys (optionally only keys whose high half equals
+// `hi_filter[k]`, binned by their low half) summed over per-worker copies.
+std::vector<std::vector<uint64_t>> key_histograms(const MergeTask& t, const TaskState& st, unsigned threads,
+                                                  std::vector<Scratch>& scratch, int level,
+                                                  const std::vector<uint32_t>& hi_filter) {
+  const size_t K = t.experts.size();
+  const size_t bins = level == 2 ? 65536 : 32768;
+  std::vector<std::vector<std::vector<uint64_t>>> per_worker(scratch.size(), std::vector<std::vector<uint64_t>>(K));
+  for_rows(st.g, threads, scratch, [&](uint64_t r0, uint64_t r1, Scratch& s) {
+    auto& hists = per_worker[&s - scratch.data()];
+    for (size_t k = 0; k < K; ++k)
+      if (hists[k].empty()) hists[k].assign(bins, 0);
+    for (uint64_t r = r0; r < r1; ++r) {
+      base_row(t, st, r, s);
+      for (unsigned k = 0; k < K; ++k) {
+        if (!st.ex[k].sparse) continue;
+        delta_row(t, st, k, r, s);
+        s.keys.resize(st.g.n);
+        keys_row(s.delta.data(), st.g.n, st.mode, s.keys.data());
+        std::vector<uint64_t>& h = hists[k];
+        for (uint64_t j = 0; j < st.g.n; ++j) {
+          const uint32_t key = s.keys[j];
+          if (st.mode != KeyMode::F32) ++h[key];
+          else if (level == 1) ++h[key >> 16];
+          else if ((key >> 16) == hi_filter[k]) ++h[key & 0xffff];
+        }
+      }
+    }
+  });
+  std::vector<std::vector<uint64_t>> total(K, std::vector<uint64_t>(bins, 0));
+  for (auto& hists : per_worker)
+    for (size_t k = 0; k < K; ++k)
+      for (size_t b = 0; b < hists[k].size(); ++b) total[k][b] += hists[k][b];
+  return total;
+}
+
+// Finds, for every sparse expert, the cut at position positions[k] (elements before it).
+std::vector<Cut> find_cuts(const MergeTask& t, const TaskState& st, unsigned threads, std::vector<Scratch>& scratch,
+                           const std::vector<uint64_t>& positions, bool descending) {
+  const size_t K = t.experts.size();
+  std::vector<Cut> cuts(K);
+  std::vector<uint64_t> remaining(positions);
+  std::vector<uint32_t> hi(K, 0);
+  auto h1 = key_histograms(t, st, threads, scratch, 1, hi);
+  bool need_level2 = false;
+  for (size_t k = 0; k < K; ++k) {
+    cuts[k].descending = descending;
+    if (!st.ex[k].sparse) continue;
+    uint32_t bin = 0;
+    uint64_t before_count = 0;
+    if (!select_bin(h1[k], positions[k], descending, bin, before_count)) {
+      cuts[k].all = true;
+      continue;
+    }
+    if (st.mode != KeyMode::F32) {
+      cuts[k].key = bin;
+      cuts[k].take = positions[k] - before_count;
+    } else {
+      hi[k] = bin;
+      remaining[k] = positions[k] - before_count;
+      need_level2 = true;
+    }
+  }
+  if (!need_level2) return cuts;
+  auto h2 = key_histograms(t, st, threads, scratch, 2, hi);
+  for (size_t k = 0; k < K; ++k) {
+    if (!st.ex[k].sparse || cuts[k].all) continue;
+    uint32_t bin = 0;
+    uint64_t before_count = 0;
+    select_bin(h2[k], remaining[k], descending, bin, before_count);  // the bin exists: level 1 said so
+    cuts[k].key = (hi[k] << 16) | bin;
+    cuts[k].take = remaining[k] - before_count;
+  }
+  return cuts;
+}
+
+// Per row, how many earlier elements (in index order) carry each cut's key.
+void occurrence_starts(const MergeTask& t, TaskState& st, unsigned threads, std::vector<Scratch>& scratch) {
+  const size_t K = t.experts.size();
+  for (auto& es : st.ex) {
+    es.occ_a.assign(st.g.rows + 1, 0);
+    es.occ_b.assign(st.g.rows + 1, 0);
+  }
+  for_rows(st.g, threads, scratch, [&](uint64_t r0, uint64_t r1, Scratch& s) {
+    for (uint64_t r = r0; r < r1; ++r) {
+      base_row(t, st, r, s);
+      for (unsigned k = 0; k < K; ++k) {
+        ExpertState& es = st.ex[k];
+        if (!es.sparse) continue;
+        delta_row(t, st, k, r, s);
+        s.keys.resize(st.g.n);
+        keys_row(s.delta.data(), st.g.n, st.mode, s.keys.data());
+        uint64_t a = 0, b = 0;
+        for (uint64_t j = 0; j < st.g.n; ++j) {
+          a += s.keys[j] == es.cut_a.key;
+          b += s.keys[j] == es.cut_b.key;
+        }
+        es.occ_a[r + 1] = a;
+        es.occ_b[r + 1] = b;
+      }
+    }
+  });
+  for (auto& es : st.ex) {
+    for (uint64_t r = 0; r < st.g.rows; ++r) {
+      es.occ_a[r + 1] += es.occ_a[r];
+      es.occ_b[r + 1] += es.occ_b[r];
+    }
+  }
+}
+
+// ‖δ‖ / ‖δ ⊙ mask‖ per expert, binary64: row partials in index order, rows in order.
+void norm_scales(const MergeTask& t, TaskState& st, unsigned threads, std::vector<Scratch>& scratch) {
+  const size_t K = t.experts.size();
+  const uint64_t rows = st.g.rows;
+  std::vector<double> full(rows * K, 0.0), kept(rows * K, 0.0);
+  for_rows(st.g, threads, scratch, [&](uint64_t r0, uint64_t r1, Scratch& s) {
+    for (uint64_t r = r0; r < r1; ++r) {
+      base_row(t, st, r, s);
+      for (unsigned k = 0; k < K; ++k) {
+        if (!st.ex[k].sparse) continue;
+        delta_row(t, st, k, r, s);
+        mask_row(t, st, k, r, s);
+        double f = 0.0, m = 0.0;
+        for (uint64_t j = 0; j < st.g.n; ++j) {
+          const double v = static_cast<double>(s.delta[j]);
+          const double a = t.rescale == Rescale::L2 ? v * v : std::fabs(v);
+          if (t.rescale == Rescale::Linf) {
+            f = std::max(f, a);
+            if (s.keep[j]) m = std::max(m, a);
+          } else {
+            f = f + a;
+            if (s.keep[j]) m = m + a;
+          }
+        }
+        full[r * K + k] = f;
+        kept[r * K + k] = m;
+      }
+    }
+  });
+  for (unsigned k = 0; k < K; ++k) {
+    ExpertState& es = st.ex[k];
+    if (!es.sparse) continue;
+    double f = 0.0, m = 0.0;
+    for (uint64_t r = 0; r < rows; ++r) {
+      if (t.rescale == Rescale::Linf) {
+        f = std::max(f, full[r * K + k]);
+        m = std::max(m, kept[r * K + k]);
+      } else {
+        f = f + full[r * K + k];
+        m = m + kept[r * K + k];
+      }
+    }
+    if (t.rescale == Rescale::L2) {
+      f = std::sqrt(f);
+      m = std::sqrt(m);
+    }
+    es.norm_scale = static_cast<float>(f < 1e-7 || m < 1e-7 ? 1.0 : f / m);
+  }
+}
+
+// Everything a tensor's final pass needs that depends only on the tensor (or on a
+// whole-tensor pre-pass): tables by rank, cuts, occurrence starts, norm scales.
+TaskState prepare(const MergeTask& t, unsigned threads, std::vector<Scratch>& scratch) {
+  TaskState st;
+  st.g = geometry(t.shape);
+  st.mode = key_mode_for(t.base_dtype);
+  const size_t K = t.experts.size();
+  st.ex.resize(K);
+  for (size_t k = 0; k < K; ++k) {
+    ExpertState& es = st.ex[k];
+    const ExpertInput& e = t.experts[k];
+    es.sparse = !t.linear && t.sparsifier != Sparsifier::None && e.density < 1.0;
+    if (!es.sparse) continue;
+    if (t.sparsifier == Sparsifier::Magprune) {
+      es.coef = magprune_coef(e.density, e.epsilon);
+      if (st.g.n <= kTableMax && st.g.n * 8 <= std::max<uint64_t>(st.g.numel, 1u << 16)) {
+        es.qtab.resize(st.g.n);
+        es.stab.resize(st.g.n);
+        for (uint64_t r = 0; r < st.g.n; ++r) {
+          es.qtab[r] = magprune_q(r, st.g.n, es.coef);
+          es.stab[r] = inverse_scale(es.qtab[r]);
+        }
+      }
+    } else if (t.sparsifier == Sparsifier::Random) {
+      es.q_random = static_cast<float>(e.density);
+      es.s_random = inverse_scale(es.q_random);
+    }
+  }
+  if (st.g.numel == 0) return st;
+  if (whole_tensor(t.sparsifier)) {
+    const uint64_t N = st.g.numel;
+    std::vector<uint64_t> pa(K, 0), pb(K, 0);
+    for (size_t k = 0; k < K; ++k) {
+      const ExpertInput& e = t.experts[k];
+      const uint64_t target = static_cast<uint64_t>(std::floor(e.density * static_cast<double>(N)));
+      if (t.sparsifier == Sparsifier::Magnitude) {
+        pa[k] = target;
+      } else {
+        int64_t top = static_cast<int64_t>(std::floor(e.gamma * static_cast<double>(N)));
+        int64_t bottom = static_cast<int64_t>(N) - static_cast<int64_t>(target) - top;
+        if (bottom < 0) {
+          top += bottom;
+          bottom = 0;
+        }
+        pa[k] = static_cast<uint64_t>(bottom);
+        pb[k] = N - static_cast<uint64_t>(top);
+      }
+    }
+    const bool descending = t.sparsifier == Sparsifier::Magnitude;
+    std::vector<Cut> a = find_cuts(t, st, threads, scratch, pa, descending);
+    std::vector<Cut> b;
+    if (t.sparsifier == Sparsifier::Breadcrumbs) b = find_cuts(t, st, threads, scratch, pb, false);
+    for (size_t k = 0; k < K; ++k) {
+      st.ex[k].cut_a = a[k];
+      st.ex[k].cut_b = b.empty() ? Cut{} : b[k];
+    }
+    occurrence_starts(t, st, threads, scratch);
+  }
+  if (norm_rescale(t.rescale)) norm_scales(t, st, threads, scratch);
+  return st;
+}
+
+// The final pass over rows [r0, r1): merged values straight into the output.
+void merge_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s, MergeStats& local) {
+  const uint64_t n = st.g.n;
   const unsigned K = static_cast<unsigned>(t.experts.size());
-  s.base.resize(n);
-  s.delta.resize(static_cast<size_t>(K) * n);
   FuseConfig fc{static_cast<int>(K), t.consensus, t.normalize, t.lambda != 1.0, static_cast<float>(t.lambda)};
   float w[64], p[64];
   for (unsigned k = 0; k < K; ++k) w[k] = t.experts[k].weight;
-
-  for (uint64_t r = row_begin; r < row_end; ++r) {
-    const uint64_t i0 = r * n;
-    float* b = s.base.data();
-    for (uint64_t j = 0; j < n; ++j) {
-      b[j] = load_f32(t.base, t.base_dtype, i0 + j);
-      local.nonfinite[0] += !is_finite_f32(b[j]);
-    }
+  s.vals.resize(static_cast<size_t>(K) * n);
+  const bool linear = t.linear;
+  for (uint64_t r = r0; r < r1; ++r) {
+    if (linear) s.base.assign(n, 0.0f);
+    else local.nonfinite[0] += base_row(t, st, r, s);
     for (unsigned k = 0; k < K; ++k) {
-      const ExpertInput& e = t.experts[k];
-      const uint64_t off = expert_row_offset(t.shape, e.shape, r, n);
-      float* d = s.delta.data() + static_cast<size_t>(k) * n;
-      uint64_t bad = 0;
-      for (uint64_t j = 0; j < n; ++j) {
-        const float x = load_f32(e.data, e.dtype, off + j);
-        bad += !is_finite_f32(x);
-        d[j] = x - b[j];
+      float* dst = s.vals.data() + static_cast<size_t>(k) * n;
+      if (linear) {
+        const ExpertInput& e = t.experts[k];
+        local.nonfinite[k + 1] += load_row(e.data, e.dtype, expert_row_offset(t.shape, e.shape, r, n), n, dst);
+        local.kept[k] += n;
+        continue;
       }
-      local.nonfinite[k + 1] += bad;
-      local.kept[k] += sparsify_row(t, k, d, i0, n, s);
+      local.nonfinite[k + 1] += delta_row(t, st, k, r, s);
+      mask_row(t, st, k, r, s);
+      local.kept[k] += apply_row(t, st.ex[k], n, s);
+      std::memcpy(dst, s.delta.data(), n * sizeof(float));
     }
+    s.delta.resize(n);
+    float* out = s.delta.data();
     for (uint64_t j = 0; j < n; ++j) {
-      for (unsigned k = 0; k < K; ++k) p[k] = w[k] * s.delta[static_cast<size_t>(k) * n + j];
+      for (unsigned k = 0; k < K; ++k) p[k] = w[k] * s.vals[static_cast<size_t>(k) * n + j];
       const float m = fuse_element(p, w, fc);
-      store_f32(t.out, t.out_dtype, i0 + j, b[j] + m);
+      out[j] = linear ? m : s.base[j] + m;
     }
+    store_row(t.out, t.out_dtype, r * n, n, out);
   }
 }
 
@@ -188,27 +624,34 @@ void validate_task(const MergeTask& t) {
     if (d < 0) throw std::invalid_argument("negative dimension in shape");
   const Geometry g = geometry(t.shape);
   if (g.n > 0xffffffffull) throw std::invalid_argument("rows longer than 2^32 - 1 elements are not supported");
+  if (t.rescale == Rescale::Inverse && whole_tensor(t.sparsifier))
+    throw std::invalid_argument("the inverse rescale needs a keep probability: use it with magprune or random");
+  if (t.linear && t.sparsifier != Sparsifier::None)
+    throw std::invalid_argument("a merge without a base cannot sparsify deltas");
   for (const ExpertInput& e : t.experts) {
     if (e.shape.size() != t.shape.size()) throw std::invalid_argument("expert rank differs from the base's");
     for (size_t d = 0; d < t.shape.size(); ++d)
       if (e.shape[d] < t.shape[d]) throw std::invalid_argument("expert shape smaller than the base's");
-    if (e.shape != t.shape && e.shape.size() <= 1 && t.shape.empty())
-      throw std::invalid_argument("scalar shapes must match");
   }
 }
 
 void run_batch(const std::vector<MergeTask>& merges, const std::vector<CopyTask>& copies, unsigned threads,
                std::vector<MergeStats>& stats) {
+  threads = std::max(1u, threads);
+  std::vector<Scratch> scratch(threads);
   stats.assign(merges.size(), MergeStats{});
+  std::vector<TaskState> states;
+  states.reserve(merges.size());
   std::vector<WorkItem> items;
   for (size_t t = 0; t < merges.size(); ++t) {
     validate_task(merges[t]);
-    const Geometry g = geometry(merges[t].shape);
+    states.push_back(prepare(merges[t], threads, scratch));
+    const Geometry& g = states.back().g;
     const size_t K = merges[t].experts.size();
     stats[t].nonfinite.assign(K + 1, 0);
     stats[t].kept.assign(K, 0);
     stats[t].numel = g.numel;
-    const uint64_t rows_per_item = std::max<uint64_t>(1, kRowChunkElements / std::max<uint64_t>(1, g.n));
+    const uint64_t rows_per_item = std::max<uint64_t>(1, kItemElements / std::max<uint64_t>(1, g.n));
     for (uint64_t r = 0; r < g.rows; r += rows_per_item)
       items.push_back({0, static_cast<uint32_t>(t), r, std::min(g.rows, r + rows_per_item)});
   }
@@ -218,19 +661,18 @@ void run_batch(const std::vector<MergeTask>& merges, const std::vector<CopyTask>
 
   // Per-item statistics are summed afterwards, so the totals are thread-independent.
   std::vector<MergeStats> item_stats(items.size());
-  global_pool().run(items.size(), threads, [&](size_t idx, unsigned) {
+  global_pool().run(items.size(), threads, [&](size_t idx, unsigned worker) {
     const WorkItem& it = items[idx];
     if (it.kind == 1) {
       const CopyTask& c = copies[it.task];
-      std::memcpy(static_cast<char*>(c.dst) + it.begin, static_cast<const char*>(c.src) + it.begin,
-                  it.end - it.begin);
+      std::memcpy(static_cast<char*>(c.dst) + it.begin, static_cast<const char*>(c.src) + it.begin, it.end - it.begin);
       return;
     }
     const MergeTask& t = merges[it.task];
     MergeStats& local = item_stats[idx];
     local.nonfinite.assign(t.experts.size() + 1, 0);
     local.kept.assign(t.experts.size(), 0);
-    merge_rows(t, it.begin, it.end, local);
+    merge_rows(t, states[it.task], it.begin, it.end, scratch[worker], local);
   });
   for (size_t idx = 0; idx < items.size(); ++idx) {
     if (items[idx].kind != 0) continue;
@@ -238,6 +680,46 @@ void run_batch(const std::vector<MergeTask>& merges, const std::vector<CopyTask>
     const MergeStats& src = item_stats[idx];
     for (size_t k = 0; k < src.nonfinite.size(); ++k) dst.nonfinite[k] += src.nonfinite[k];
     for (size_t k = 0; k < src.kept.size(); ++k) dst.kept[k] += src.kept[k];
+  }
+}
+
+void run_dots(const std::vector<DotTask>& tasks, unsigned threads, std::vector<DotStats>& stats) {
+  threads = std::max(1u, threads);
+  std::vector<Scratch> scratch(threads);
+  stats.assign(tasks.size(), DotStats{});
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    const DotTask& t = tasks[i];
+    for (int64_t d : t.shape)
+      if (d < 0) throw std::invalid_argument("negative dimension in shape");
+    const Geometry g = geometry(t.shape);
+    std::vector<double> dot(g.rows), aa(g.rows), bb(g.rows);
+    std::vector<uint64_t> bad_a(g.rows), bad_b(g.rows);
+    for_rows(g, threads, scratch, [&](uint64_t r0, uint64_t r1, Scratch& s) {
+      s.base.resize(g.n);
+      s.delta.resize(g.n);
+      for (uint64_t r = r0; r < r1; ++r) {
+        bad_a[r] = load_row(t.a, t.a_dtype, r * g.n, g.n, s.base.data());
+        bad_b[r] = load_row(t.b, t.b_dtype, r * g.n, g.n, s.delta.data());
+        double d = 0.0, x = 0.0, y = 0.0;
+        for (uint64_t j = 0; j < g.n; ++j) {
+          const double a = s.base[j], b = s.delta[j];
+          d = d + a * b;
+          x = x + a * a;
+          y = y + b * b;
+        }
+        dot[r] = d;
+        aa[r] = x;
+        bb[r] = y;
+      }
+    });
+    DotStats& st = stats[i];
+    for (uint64_t r = 0; r < g.rows; ++r) {
+      st.dot = st.dot + dot[r];
+      st.aa = st.aa + aa[r];
+      st.bb = st.bb + bb[r];
+      st.nonfinite_a += bad_a[r];
+      st.nonfinite_b += bad_b[r];
+    }
   }
 }
 

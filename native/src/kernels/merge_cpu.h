@@ -15,9 +15,14 @@ struct ExpertInput {
   float weight = 1.0f;         // f32(w_k)
   double density = 1.0;
   double epsilon = 0.0;
+  double gamma = 0.0;
 };
 
+// One output tensor. Normally a delta merge: out = B + fuse(sparsified deltas). With
+// `linear` set there is no base: a plain weighted combination of the experts' values
+// (the linear method, and the second pass of slerp): out = fuse(w_k * X_k).
 struct MergeTask {
+  bool linear = false;
   const void* base = nullptr;
   DType base_dtype = DType::F32;
   void* out = nullptr;
@@ -45,7 +50,22 @@ struct MergeStats {
   uint64_t numel = 0;
 };
 
-// Throws std::invalid_argument for a task the kernels cannot run (named by index).
+// Sums over two tensors of the same shape for slerp, in binary64 with row partial
+// sums in index order and rows summed in index order.
+struct DotTask {
+  const void* a = nullptr;
+  DType a_dtype = DType::F32;
+  const void* b = nullptr;
+  DType b_dtype = DType::F32;
+  std::vector<int64_t> shape;
+};
+
+struct DotStats {
+  double dot = 0, aa = 0, bb = 0;
+  uint64_t nonfinite_a = 0, nonfinite_b = 0;
+};
+
+// Throws std::invalid_argument for a task the kernels cannot run.
 void validate_task(const MergeTask& t);
 
 // Runs every task on up to `threads` threads of the global pool. Rows of large
@@ -53,5 +73,7 @@ void validate_task(const MergeTask& t);
 // depend on `threads`.
 void run_batch(const std::vector<MergeTask>& merges, const std::vector<CopyTask>& copies,
                unsigned threads, std::vector<MergeStats>& stats);
+
+void run_dots(const std::vector<DotTask>& tasks, unsigned threads, std::vector<DotStats>& stats);
 
 }  // namespace della
