@@ -82,6 +82,21 @@ function ioError(what: string, e: unknown): DellaError {
   return new DellaError('E_IO', `${what}: ${reason}`, { cause: e });
 }
 
+// Temporary directories still open; removed if the process exits without finishing
+// them (a second Ctrl-C, process.exit from elsewhere).
+const live = new Set<string>();
+let exitHookInstalled = false;
+
+function track(tmp: string): void {
+  live.add(tmp);
+  if (!exitHookInstalled) {
+    exitHookInstalled = true;
+    process.once('exit', () => {
+      for (const dir of live) rmSync(dir, { recursive: true, force: true });
+    });
+  }
+}
+
 export class OutputDirectory {
   readonly target: string;
   readonly tmp: string;
@@ -114,6 +129,7 @@ export class OutputDirectory {
     } catch (e) {
       throw ioError(`cannot create a temporary output directory in ${parent}`, e);
     }
+    track(tmp);
     return new OutputDirectory(full, tmp, overwrite);
   }
 
@@ -166,6 +182,7 @@ export class OutputDirectory {
       throw ioError(`cannot move the finished output into ${this.target}`, e);
     }
     this.done = true;
+    live.delete(this.tmp);
     if (old) rmSync(old, { recursive: true, force: true });
   }
 
@@ -174,6 +191,7 @@ export class OutputDirectory {
     for (const m of this.maps) m.close();
     this.maps = [];
     if (!this.done) rmSync(this.tmp, { recursive: true, force: true });
+    live.delete(this.tmp);
     this.done = true;
   }
 }

@@ -85,7 +85,7 @@ export interface MergeReport {
 }
 
 /** Upper bounds of one kernel call: enough work to spread over threads, little latency. */
-const BATCH_BYTES = 256 << 20;
+const BATCH_BYTES = 64 << 20;
 const BATCH_TENSORS = 256;
 
 export function packageVersion(): string {
@@ -137,6 +137,7 @@ function mergeTask(
       weight: p.experts[k].weight,
       density: p.experts[k].density,
       epsilon: p.experts[k].epsilon,
+      gamma: p.experts[k].gamma,
     })),
     sparsifier: SPARSIFIER_CODE[plan.method.sparsifier],
     rescale: RESCALE_CODE[p.rescale],

@@ -1,0 +1,193 @@
+/** The della-merge command as a user runs it: exit codes, messages, files. */
+import { spawnSync } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync, writeFileSync, truncateSync, copyFileSync, mkdirSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { merge } from '../lib/index.js';
+import { makeModels, tempDir, writeRecipe } from './helpers/models.js';
+import { rng, testSeed } from './helpers/random.js';
+
+const root = resolve(import.meta.dirname, '..');
+const seed = testSeed();
+
+function cli(args: string[], cwd = root) {
+  const r = spawnSync(process.execPath, [join(root, 'bin/della-merge.js'), ...args], { cwd, encoding: 'utf8', env: { ...process.env, NO_COLOR: '1' } });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+function dellaRecipe(models: { base: string; experts: string[] }, extra: Record<string, unknown> = {}) {
+  return {
+    merge_method: 'della',
+    base_model: models.base,
+    models: models.experts.map((m, k) => ({ model: m, parameters: { weight: 1 - 0.2 * k, density: 0.5, epsilon: 0.1 } })),
+    parameters: { lambda: 1.1 },
+    dtype: 'bfloat16',
+    seed: 7,
+    ...extra,
+  };
+}
+
+describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
+  it('demo builds three experts, merges them with DELLA and explains the result', () => {
+    const dir = tempDir();
+    const r = cli(['demo', '--out', dir]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toContain('what DELLA did');
+    expect(r.stdout).toMatch(/math +kept 4\d\.\d% of its delta/);
+    expect(readdirSync(join(dir, 'merged'))).toContain('model.safetensors');
+  });
+
+  it('run writes files equal to the reference backend\'s, and the same bytes for 1 and 2 threads', async () => {
+    const dir = tempDir();
+    const models = makeModels(rng(seed), dir, { dtype: 'BF16', experts: 3 });
+    const recipe = writeRecipe(join(dir, 'recipe.yaml'), dellaRecipe(models));
+    const report = join(dir, 'report.json');
+    const one = cli(['run', recipe, '--out', join(dir, 'one'), '--threads', '1', '--shard-size', '800', '--report', report]);
+    expect(one.code, one.stderr).toBe(0);
+    expect(one.stdout).toMatch(/merged +della: \d+ tensors merged, 1 copied/);
+    const two = cli(['run', recipe, '--out', join(dir, 'two'), '--threads', '2', '--shard-size', '800', '--quiet']);
+    expect(two.code, two.stderr).toBe(0);
+    await merge(recipe, { out: join(dir, 'ref'), backend: 'reference', shardSize: 800 });
+    const files = readdirSync(join(dir, 'ref')).sort();
+    expect(readdirSync(join(dir, 'one')).sort()).toEqual(files);
+    expect(files.filter((f) => f.endsWith('.safetensors')).length).toBeGreaterThan(1);
+    for (const f of files) {
+      const want = readFileSync(join(dir, 'ref', f));
+      expect(readFileSync(join(dir, 'one', f)).equals(want), `${f} (DELLA_TEST_SEED=${seed})`).toBe(true);
+      expect(readFileSync(join(dir, 'two', f)).equals(want), `${f} threads=2 (DELLA_TEST_SEED=${seed})`).toBe(true);
+    }
+    const rep = JSON.parse(readFileSync(report, 'utf8'));
+    expect(rep.method).toBe('della');
+    expect(rep.tensors.copied).toBe(1);
+    expect(rep.bytes.read).toBeGreaterThan(0);
+    expect(rep.seconds).toBeGreaterThan(0);
+    expect(rep.threads).toBe(1);
+    expect(rep.tensorReports[0].parameters.density).toEqual([0.5, 0.5, 0.5]);
+    expect(Array.isArray(rep.warnings)).toBe(true);
+  });
+
+  it('--seed overrides the recipe and changes the result; --json prints the report', () => {
+    const dir = tempDir();
+    const models = makeModels(rng(seed + 1), dir, { dtype: 'F16', experts: 2 });
+    const recipe = writeRecipe(join(dir, 'recipe.json'), dellaRecipe(models));
+    const a = cli(['run', recipe, '--out', join(dir, 'a'), '--json']);
+    expect(a.code, a.stderr).toBe(0);
+    expect(JSON.parse(a.stdout).seed).toBe(7);
+    const b = cli(['run', recipe, '--out', join(dir, 'b'), '--seed', '8', '--json']);
+    expect(JSON.parse(b.stdout).seed).toBe(8);
+    expect(readFileSync(join(dir, 'a', 'model.safetensors')).equals(readFileSync(join(dir, 'b', 'model.safetensors')))).toBe(false);
+  });
+
+  it('inspect lists tensors, dtypes, shapes, sizes and totals', () => {
+    const dir = tempDir();
+    const models = makeModels(rng(seed + 2), dir, { dtype: 'BF16', experts: 1 });
+    const r = cli(['inspect', models.base]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/model\.position_ids +I64 +\[2, 3\] +48 B/);
+    expect(r.stdout).toMatch(/\d+ tensors, [\d,]+ parameters, .* in \d+ file\(s\); dtypes: BF16 ×\d+, I64 ×1/);
+    const j = cli(['inspect', models.base, '--json']);
+    const doc = JSON.parse(j.stdout);
+    expect(doc.tensors.find((t: { name: string }) => t.name === 'model.position_ids')).toMatchObject({ dtype: 'I64', shape: [2, 3], bytes: 48 });
+  });
+
+  it('help and version', () => {
+    expect(cli(['--help']).stdout).toContain('della-merge run RECIPE --out DIR');
+    expect(cli(['help', 'run']).stdout).toContain('--shard-size SIZE');
+    expect(cli(['run', '--help']).code).toBe(0);
+    expect(cli(['--version']).stdout.trim()).toMatch(/^\d+\.\d+\.\d+/);
+  });
+
+  describe('bad input: one clear message, a non-zero exit, no output', () => {
+    const dir = tempDir();
+    const models = makeModels(rng(seed + 3), dir, { dtype: 'BF16', experts: 2 });
+    const good = writeRecipe(join(dir, 'good.yaml'), dellaRecipe(models));
+    const cases: Array<[string, () => string[], number, RegExp]> = [
+      ['unknown command', () => ['merge'], 2, /unknown command "merge"/],
+      ['run without recipe', () => ['run', '--out', join(dir, 'o')], 2, /run needs a RECIPE/],
+      ['run without --out', () => ['run', good], 2, /run needs --out DIR/],
+      ['unknown option', () => ['run', good, '--out', join(dir, 'o'), '--fast'], 2, /Unknown option '--fast'/],
+      ['bad --threads', () => ['run', good, '--out', join(dir, 'o'), '--threads', '0'], 2, /--threads must be an integer from 1 to 1024, got "0"/],
+      ['bad --seed', () => ['run', good, '--out', join(dir, 'o'), '--seed=-3'], 2, /--seed must be an integer/],
+      ['fractional --seed', () => ['run', good, '--out', join(dir, 'o'), '--seed', '1.5'], 2, /--seed must be an integer/],
+      ['bad --shard-size', () => ['run', good, '--out', join(dir, 'o'), '--shard-size', '5 lightyears'], 2, /--shard-size "5 lightyears" is not a size/],
+      ['missing recipe file', () => ['run', join(dir, 'nope.yaml'), '--out', join(dir, 'o')], 1, /nope\.yaml/],
+      ['unknown method', () => ['run', writeRecipe(join(dir, 'm.yaml'), dellaRecipe(models, { merge_method: 'dela' })), '--out', join(dir, 'o')], 1, /did you mean "della"/],
+      ['density out of range', () => ['run', writeRecipe(join(dir, 'd.yaml'), { ...dellaRecipe(models), parameters: { density: 1.5 } }), '--out', join(dir, 'o')], 1, /density/],
+      ['missing model', () => ['run', writeRecipe(join(dir, 'mm.yaml'), dellaRecipe({ base: models.base, experts: [join(dir, 'ghost')] })), '--out', join(dir, 'o')], 1, /ghost/],
+      ['inspect a missing path', () => ['inspect', join(dir, 'ghost')], 1, /ghost: no such file or directory/],
+    ];
+    for (const [label, args, code, message] of cases) {
+      it(label, () => {
+        const r = cli(args());
+        expect(r.code, r.stderr).toBe(code);
+        expect(r.stderr).toMatch(message);
+        expect(r.stderr).not.toMatch(/\n\s+at /); // no stack trace
+        expect(existsSync(join(dir, 'o'))).toBe(false);
+      });
+    }
+
+    it('a truncated shard is named, and nothing is written', () => {
+      const broken = join(dir, 'broken');
+      mkdirSync(broken);
+      for (const f of readdirSync(models.experts[0])) copyFileSync(join(models.experts[0], f), join(broken, f));
+      const shard = readdirSync(broken).find((f) => f.endsWith('.safetensors'))!;
+      truncateSync(join(broken, shard), 100);
+      const recipe = writeRecipe(join(dir, 'b.yaml'), dellaRecipe({ base: models.base, experts: [broken] }));
+      const r = cli(['run', recipe, '--out', join(dir, 'o')]);
+      expect(r.code).toBe(1);
+      expect(r.stderr).toContain(join(broken, shard));
+      expect(existsSync(join(dir, 'o'))).toBe(false);
+    });
+
+    it('an existing output is kept unless --overwrite', () => {
+      const out = join(dir, 'exists');
+      mkdirSync(out);
+      writeFileSync(join(out, 'keep.txt'), 'mine');
+      const r = cli(['run', good, '--out', out]);
+      expect(r.code).toBe(1);
+      expect(r.stderr).toMatch(/already exists \(pass --overwrite to replace it\)/);
+      expect(readFileSync(join(out, 'keep.txt'), 'utf8')).toBe('mine');
+      expect(cli(['run', good, '--out', out, '--overwrite', '-q']).code).toBe(0);
+      expect(existsSync(join(out, 'keep.txt'))).toBe(false);
+      expect(readdirSync(dir).filter((f) => f.includes('della-tmp'))).toEqual([]);
+    });
+  });
+});
+
+describe('interrupted merges', () => {
+  it('SIGTERM midway exits 143 and leaves nothing that looks finished', async () => {
+    const { saveModel } = await import('../lib/checkpoint/save.js');
+    const { spawn } = await import('node:child_process');
+    const dir = tempDir();
+    const tensors = (salt: number) => Array.from({ length: 40 }, (_, i) => {
+      const data = new Uint16Array(1 << 20);
+      for (let j = 0; j < data.length; j++) data[j] = 0x3c00 | ((j * 2654435761 + i * 97 + salt * (j & 7)) & 0x3ff);
+      return { name: `model.layers.${i}.mlp.up_proj.weight`, dtype: 'BF16', shape: [1024, 1024], data };
+    });
+    saveModel(join(dir, 'base'), tensors(0));
+    saveModel(join(dir, 'e0'), tensors(1));
+    saveModel(join(dir, 'e1'), tensors(2));
+    const recipe = writeRecipe(join(dir, 'r.yaml'), {
+      merge_method: 'della', base_model: join(dir, 'base'),
+      models: [{ model: join(dir, 'e0'), parameters: { density: 0.5, epsilon: 0.1 } }, { model: join(dir, 'e1'), parameters: { density: 0.5, epsilon: 0.1 } }],
+    });
+    const out = join(dir, 'merged');
+    const child = spawn(process.execPath, [bin(), 'run', recipe, '--out', out, '--threads', '1'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    const code = await new Promise<number | null>((resolveExit) => {
+      child.stderr.on('data', (d: Buffer) => {
+        stderr += d.toString();
+        if (stderr.includes('progress') && !child.killed) child.kill('SIGTERM');
+      });
+      child.on('exit', (c) => resolveExit(c));
+    });
+    expect(code, stderr).toBe(143);
+    expect(stderr).toContain('SIGTERM: stopping');
+    expect(existsSync(out)).toBe(false);
+    expect(readdirSync(dir).filter((f) => f.includes('della-tmp'))).toEqual([]);
+  });
+});
+
+function bin(): string {
+  return join(root, 'bin/della-merge.js');
+}
