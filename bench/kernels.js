@@ -86,7 +86,7 @@ for (const dtype of DTYPES) {
       const task = {
         name: 'model.layers.0.mlp.down_proj.weight', base: base.bytes, baseDtype: DTYPE_CODE[dtype], out, outDtype: DTYPE_CODE[dtype],
         shape: [rows, cols], sparsifier: m.sparsifier, rescale: m.rescale, consensus: m.consensus, normalize: m.normalize, lambda: 1, seed: 0,
-        experts: experts.slice(0, K).map((data) => ({ data, dtype: DTYPE_CODE[dtype], shape: [rows, cols], weight: 1, density: m.density, epsilon: m.epsilon })),
+        experts: experts.slice(0, K).map((data) => ({ data, dtype: DTYPE_CODE[dtype], shape: [rows, cols], weight: 1, density: m.density, epsilon: m.epsilon, gamma: 0 })),
       };
       const s = await time(() => native.mergeBatch({ threads, merges: [task], copies: [] }));
       const row = {

@@ -573,12 +573,71 @@ TaskState prepare(const MergeTask& t, unsigned threads, std::vector<Scratch>& sc
   return st;
 }
 
+// Election and fuse of a row, element-wise as fuse_element() but as loops over the
+// row that compilers vectorize. Adding +0 for a non-agreeing expert equals skipping
+// it: the sums start at +0 and only ever add same-signed values, so they are never -0.
+void fuse_row(const float* vals, const float* w, unsigned K, uint64_t n, const FuseConfig& c, const float* base,
+              std::vector<float>& tmp, float* out) {
+  tmp.resize(2 * n);
+  float* m = out;
+  float* d = tmp.data();
+  float* sum = tmp.data() + n;
+  for (uint64_t j = 0; j < n; ++j) m[j] = d[j] = 0.0f;
+  if (c.consensus == Consensus::None) {
+    for (unsigned k = 0; k < K; ++k) {
+      const float* v = vals + static_cast<size_t>(k) * n;
+      const float wk = w[k];
+      for (uint64_t j = 0; j < n; ++j) {
+        m[j] = m[j] + wk * v[j];
+        d[j] = d[j] + wk;
+      }
+    }
+    for (uint64_t j = 0; j < n; ++j) d[j] = std::fabs(static_cast<double>(d[j])) < 1e-8 ? 1.0f : d[j];
+  } else {
+    if (c.consensus == Consensus::Sum) {
+      for (uint64_t j = 0; j < n; ++j) sum[j] = 0.0f;
+      for (unsigned k = 0; k < K; ++k) {
+        const float* v = vals + static_cast<size_t>(k) * n;
+        const float wk = w[k];
+        for (uint64_t j = 0; j < n; ++j) sum[j] = sum[j] + wk * v[j];
+      }
+    } else {
+      for (uint64_t j = 0; j < n; ++j) sum[j] = 0.0f;
+      for (unsigned k = 0; k < K; ++k) {
+        const float* v = vals + static_cast<size_t>(k) * n;
+        const float wk = w[k];
+        for (uint64_t j = 0; j < n; ++j) {
+          const float p = wk * v[j];
+          sum[j] += static_cast<float>((p > 0.0f) - (p < 0.0f));  // small integers: exact
+        }
+      }
+    }
+    for (unsigned k = 0; k < K; ++k) {
+      const float* v = vals + static_cast<size_t>(k) * n;
+      const float wk = w[k];
+      for (uint64_t j = 0; j < n; ++j) {
+        const float p = wk * v[j];
+        const bool agree = sum[j] >= 0.0f ? p > 0.0f : p < 0.0f;
+        m[j] = m[j] + (agree ? p : 0.0f);
+        d[j] = d[j] + (agree ? wk : 0.0f);
+      }
+    }
+    for (uint64_t j = 0; j < n; ++j) d[j] = d[j] == 0.0f ? 1.0f : d[j];
+  }
+  if (c.normalize)
+    for (uint64_t j = 0; j < n; ++j) m[j] = m[j] / d[j];
+  if (c.apply_lambda)
+    for (uint64_t j = 0; j < n; ++j) m[j] = m[j] * c.lambda;
+  if (base)
+    for (uint64_t j = 0; j < n; ++j) m[j] = base[j] + m[j];
+}
+
 // The final pass over rows [r0, r1): merged values straight into the output.
 void merge_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s, MergeStats& local) {
   const uint64_t n = st.g.n;
   const unsigned K = static_cast<unsigned>(t.experts.size());
   FuseConfig fc{static_cast<int>(K), t.consensus, t.normalize, t.lambda != 1.0, static_cast<float>(t.lambda)};
-  float w[64], p[64];
+  float w[64];
   for (unsigned k = 0; k < K; ++k) w[k] = t.experts[k].weight;
   s.vals.resize(static_cast<size_t>(K) * n);
   const bool linear = t.linear;
@@ -599,12 +658,8 @@ void merge_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
       std::memcpy(dst, s.delta.data(), n * sizeof(float));
     }
     s.delta.resize(n);
-    float* out = s.delta.data();
-    for (uint64_t j = 0; j < n; ++j) {
-      for (unsigned k = 0; k < K; ++k) p[k] = w[k] * s.vals[static_cast<size_t>(k) * n + j];
-      const float m = fuse_element(p, w, fc);
-      out[j] = linear ? m : s.base[j] + m;
-    }
+    fuse_row(s.vals.data(), w, K, n, fc, linear ? nullptr : s.base.data(), s.x, s.delta.data());
+    const float* out = s.delta.data();
     store_row(t.out, t.out_dtype, r * n, n, out);
   }
 }
