@@ -9,8 +9,9 @@ import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { DellaError, isDellaError } from './errors.js';
 import { openCheckpoint, type Checkpoint } from './checkpoint/model.js';
-import { loadRecipe } from './recipe/index.js';
-import { packageVersion, runMerge, type MergeReport } from './merge/run.js';
+import { loadRecipe, type Recipe, type TensorParams } from './recipe/index.js';
+import { packageVersion, planRecipe, runMerge, type MergeReport } from './merge/run.js';
+import type { MethodSpec } from './merge/methods.js';
 import { createProgress } from './cli/progress.js';
 import { formatBytes, parseSize } from './util/size.js';
 import { writeDemoModels, DEMO_EXPERTS } from './demo.js';
@@ -36,7 +37,9 @@ const RUN_USAGE = `Usage: della-merge run RECIPE --out DIR [options]
   --overwrite          replace DIR if it exists (atomically, when the merge is complete)
   --report FILE        write a JSON report (tensors, bytes, seconds, parameters, warnings)
   --quiet              no progress output
-  --json               print the report as JSON on stdout instead of a summary`;
+  --json               print the report as JSON on stdout instead of a summary
+  --dry-run            print the plan (per tensor: method and parameters per model; totals)
+                       without reading a tensor or writing anything; --out is not needed`;
 
 const INSPECT_USAGE = `Usage: della-merge inspect PATH [--json]
 
@@ -114,10 +117,11 @@ async function cmdRun(args: string[]): Promise<number> {
   const { values, positionals } = parse('run', args, {
     out: { type: 'string', short: 'o' }, seed: { type: 'string' }, threads: { type: 'string', short: 'j' },
     'shard-size': { type: 'string' }, overwrite: { type: 'boolean' }, report: { type: 'string' },
-    quiet: { type: 'boolean', short: 'q' }, json: { type: 'boolean' },
+    quiet: { type: 'boolean', short: 'q' }, json: { type: 'boolean' }, 'dry-run': { type: 'boolean', short: 'n' },
   });
   if (values.help) return out(RUN_USAGE), 0;
   if (positionals.length !== 1) throw usageError(positionals.length === 0 ? 'run needs a RECIPE file' : `run takes one RECIPE, got ${positionals.length}`, 'run');
+  if (values['dry-run']) return dryRun(await loadRecipe(positionals[0]), Boolean(values.json));
   if (!values.out) throw usageError('run needs --out DIR', 'run');
   const seed = intOption(values.seed as string | undefined, 'seed', 0, Number.MAX_SAFE_INTEGER);
   const threads = intOption(values.threads as string | undefined, 'threads', 1, 1024);
@@ -131,6 +135,47 @@ async function cmdRun(args: string[]): Promise<number> {
   if (values.report) writeFileSync(resolve(values.report as string), `${JSON.stringify(report, null, 2)}\n`);
   if (values.json) out(JSON.stringify(report, null, 2));
   else summary(report).forEach(out);
+  return 0;
+}
+
+function paramText(p: TensorParams, method: MethodSpec): string {
+  const list = (xs: number[]) => `[${xs.map((x) => +x.toPrecision(6)).join(', ')}]`;
+  if (method.kind === 'slerp') return `t=${+p.t.toPrecision(6)}`;
+  const parts = [`weight=${list(p.experts.map((e) => e.weight))}`];
+  if (method.kind === 'linear') return [...parts, `normalize=${p.normalize}`].join(' ');
+  if (method.sparsifier !== 'none') parts.push(`density=${list(p.experts.map((e) => e.density))}`);
+  if (method.sparsifier === 'magprune') parts.push(`epsilon=${list(p.experts.map((e) => e.epsilon))}`);
+  if (method.sparsifier === 'breadcrumbs') parts.push(`gamma=${list(p.experts.map((e) => e.gamma))}`);
+  parts.push(`lambda=${+p.lambda.toPrecision(6)}`, `consensus=${p.consensus}`, `normalize=${p.normalize}`, `rescale=${p.rescale}`);
+  return parts.join(' ');
+}
+
+/** run --dry-run: the plan, from headers alone. */
+function dryRun(recipe: Recipe, json: boolean): number {
+  const { plan, models } = planRecipe(recipe);
+  models.close();
+  const t = plan.totals;
+  if (json) {
+    out(JSON.stringify({
+      method: plan.method.name, base: recipe.baseModel.model, models: recipe.models.map((m) => m.model),
+      seed: recipe.seed, layers: plan.layers, totals: t, warnings: [...recipe.warnings, ...plan.warnings],
+      tensors: plan.tensors.map((x) => ({
+        name: x.name, action: x.kind, dtype: x.outDtype, shape: x.shape, bytesRead: x.inBytes, bytesWritten: x.outBytes,
+        ...(x.params ? { parameters: x.params } : {}),
+      })),
+    }, null, 2));
+    return 0;
+  }
+  out(`plan     ${plan.method.name} (${plan.method.paper}); base ${recipe.baseModel.model}; ` +
+    `models ${recipe.models.map((m) => m.model).join(', ')}; seed ${recipe.seed}`);
+  const w = Math.max(...plan.tensors.map((x) => x.name.length), 6);
+  for (const x of plan.tensors) {
+    const what = x.kind === 'merge' ? paramText(x.params!, plan.method) : 'copied from the base';
+    out(`${x.name.padEnd(w)}  ${x.kind.padEnd(5)}  ${x.outDtype.padEnd(4)}  [${x.shape.join(', ')}]  ${what}`);
+  }
+  out(`totals   ${t.tensors} tensors (${t.merged} merged, ${t.copied} copied), ${t.parameters.toLocaleString('en-US')} parameters ` +
+    `(${t.mergedParameters.toLocaleString('en-US')} merged); would read ${formatBytes(t.bytesRead)} and write ${formatBytes(t.bytesWritten)}`);
+  for (const warning of [...recipe.warnings, ...plan.warnings]) out(`warning  ${warning}`);
   return 0;
 }
 

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { merge, openCheckpoint, DellaError } from '../lib/index.js';
 import type { FloatDType } from '../lib/merge/task.js';
+import { METHODS } from '../lib/merge/methods.js';
 import { makeModels, tempDir } from './helpers/models.js';
 import { pick, rng, testSeed } from './helpers/random.js';
 
@@ -30,35 +31,62 @@ describe(`merges end to end (DELLA_TEST_SEED=${seed})`, () => {
   const cases: Array<[string, FloatDType]> = [
     ['della', 'BF16'], ['della', 'F16'], ['della', 'F32'],
     ['della_linear', 'BF16'], ['della_linear', 'F16'], ['della_linear', 'F32'],
-    ['dare_ties', 'BF16'], ['dare_linear', 'F32'], ['task_arithmetic', 'F16'],
+    ['dare_ties', 'BF16'], ['dare_ties', 'F32'], ['dare_linear', 'F16'], ['dare_linear', 'F32'],
+    ['task_arithmetic', 'F16'], ['task_arithmetic', 'BF16'],
+    ['ties', 'BF16'], ['ties', 'F16'], ['ties', 'F32'],
+    ['breadcrumbs', 'BF16'], ['breadcrumbs', 'F32'],
+    ['breadcrumbs_ties', 'F16'], ['breadcrumbs_ties', 'BF16'],
+    ['linear', 'BF16'], ['linear', 'F32'],
+    ['slerp', 'BF16'], ['slerp', 'F16'], ['slerp', 'F32'],
   ];
   for (const [method, dtype] of cases) {
     it(`${method} on sharded ${dtype} checkpoints equals the reference, for 1 and 2 threads`, async () => {
-      const r = rng(seed ^ (method.length * 31 + dtype.length));
+      const r = rng(seed ^ (method.length * 31 + dtype.length * 7 + method.charCodeAt(1)));
       const dir = tempDir();
-      const K = pick(r, [1, 2, 3]);
+      const spec = METHODS[method];
+      const K = spec.kind === 'slerp' ? 1 : pick(r, [1, 2, 3]);
       const models = makeModels(r, dir, { dtype, experts: K });
-      const usesDensity = method !== 'task_arithmetic';
-      const usesEpsilon = method.startsWith('della');
+      const uses = (p: string) => spec.modelParams.includes(p);
+      // a scalar, a gradient across layers, or a filter list with a fallback
+      const vary = (lo: number, hi: number) => {
+        const v = () => lo + (hi - lo) * r();
+        return pick(r, [v(), [v(), v(), v()], [{ filter: 'mlp', value: v() }, { value: [v(), v()] }]]);
+      };
+      const parameters: Record<string, unknown> = {};
+      if (spec.kind === 'delta') {
+        parameters.lambda = pick(r, [1, 1.1, 0.9]);
+        if (r() < 0.3) parameters.consensus = pick(r, ['sum', 'count', 'none']);
+        if (r() < 0.3) parameters.normalize = pick(r, [true, false]);
+        if (spec.sparsifier !== 'none' && r() < 0.5) {
+          parameters.rescale = spec.sparsifier === 'magnitude' || spec.sparsifier === 'breadcrumbs'
+            ? pick(r, [true, false, 'l1', 'l2', 'linf']) : pick(r, [true, false, 'inverse', 'l1', 'l2', 'linf']);
+        }
+      }
+      if (spec.kind === 'linear' && r() < 0.5) parameters.normalize = pick(r, [true, false]);
+      if (spec.kind === 'slerp') parameters.t = vary(0, 1);
       const recipe = {
         merge_method: method,
         base_model: models.base,
-        models: models.experts.map((m, k) => ({
-          model: m,
-          parameters: {
-            weight: pick(r, [1, 0.5, 0.8, -0.3]) + k * 0.1,
-            ...(usesDensity ? { density: pick(r, [0.3, 0.5, 0.7]) } : {}),
-            ...(usesEpsilon ? { epsilon: pick(r, [0.05, 0.1, 0.2]) } : {}),
-          },
-        })),
-        parameters: { lambda: pick(r, [1, 1.1, 0.9]) },
+        models: [
+          ...models.experts.map((m, k) => ({
+            model: m,
+            parameters: {
+              ...(uses('weight') ? { weight: pick(r, [1, 0.5, 0.8, -0.3]) + k * 0.1 } : {}),
+              ...(uses('density') ? { density: vary(0.2, 0.7) } : {}),
+              ...(uses('epsilon') ? { epsilon: pick(r, [0.05, 0.1, 0.15]) } : {}),
+              ...(uses('gamma') ? { gamma: pick(r, [0, 0.01, 0.1]) } : {}),
+            },
+          })),
+          ...(spec.kind === 'linear' ? [{ model: models.base, parameters: { weight: 0.5 } }] : []),
+        ],
+        parameters,
         out_dtype: pick(r, [undefined, 'bfloat16', 'float16', 'float32']),
         seed: Math.floor(r() * 2 ** 40),
       };
       const ref = await merge(recipe, { out: join(dir, 'ref'), backend: 'reference', shardSize: 700 });
       const one = await merge(recipe, { out: join(dir, 'one'), threads: 1, shardSize: 700 });
       const two = await merge(recipe, { out: join(dir, 'two'), threads: 2, shardSize: 700 });
-      const label = `${method} ${dtype} K=${K} (DELLA_TEST_SEED=${seed})`;
+      const label = `${method} ${dtype} K=${K} ${JSON.stringify(parameters)} (DELLA_TEST_SEED=${seed})`;
       expect(tensorsOf(join(dir, 'one')), label).toEqual(tensorsOf(join(dir, 'ref')));
       expect(filesOf(join(dir, 'two')), label).toEqual(filesOf(join(dir, 'one')));
       expect(one.tensors).toEqual(ref.tensors);

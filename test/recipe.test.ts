@@ -228,6 +228,7 @@ describe('resolveTensorParams', () => {
       normalize: true,
       consensus: 'sum',
       rescale: 'inverse',
+      t: 0.5,
     });
     const lin = resolveTensorParams(parse(recipe({ method: 'della_linear' })), 'x', 0);
     expect([lin.normalize, lin.consensus, lin.rescale]).toEqual([false, 'none', 'inverse']);
@@ -379,12 +380,11 @@ describe('refusals', () => {
     refuse(recipe({ extra: 'slices:\n  - sources: []\n' }), 'slices', 'not supported', 'models');
   });
 
-  it('merge_method: missing, unknown with a suggestion, not implemented', () => {
+  it('merge_method: missing, unknown with a suggestion', () => {
     refuse('base_model: b\nmodels: [a]\n', 'merge_method is missing');
     refuse(recipe({ method: 'dela' }), 'unknown merge_method "dela"', '(did you mean "della"?)');
     refuse(recipe({ method: 'dare-ties' }), 'did you mean "dare_ties"?');
-    refuse(recipe({ method: 'ties' }), 'merge_method "ties" is not implemented yet in this version');
-    refuse(recipe({ method: 'breadcrumbs' }), 'merge_method "breadcrumbs" is not implemented yet');
+    refuse(recipe({ method: 'brekadcrumbs' }), 'did you mean "breadcrumbs"?');
   });
 
   it('missing base_model, empty or missing models, no expert besides the base', () => {
@@ -436,9 +436,8 @@ describe('refusals', () => {
   });
 
   it('gamma outside [0, 1)', () => {
-    refuse(recipe({ method: 'breadcrumbs' }), 'not implemented');
-    // no implemented method reads gamma yet: in a recipe it is refused as unused
     refuse(recipe({ params: '  gamma: -0.1\n' }), 'parameter "gamma" is not used by merge_method "della"');
+    refuse(recipe({ method: 'breadcrumbs', params: '  gamma: -0.1\n' }), 'parameter "gamma" must be in [0, 1), got -0.1');
     expect(() => validateParam('gamma', -0.1, 'model "a"')).toThrow(/model "a": parameter "gamma" must be in \[0, 1\), got -0\.1/);
     expect(() => validateParam('gamma', 1)).toThrow(/got 1$/);
     expect(() => validateParam('gamma', [0.1, -0.5])).toThrow(/gradient entry 2/);
@@ -463,7 +462,7 @@ describe('refusals', () => {
     refuse(recipe({ params: '  normalize: 1\n' }), 'parameter "normalize"', 'true or false', 'got 1');
     refuse(recipe({ params: '  normalize: [true]\n' }), 'parameter "normalize"', 'cannot be a gradient');
     refuse(recipe({ params: '  consensus: majority\n' }), 'parameter "consensus"', 'got "majority"');
-    refuse(recipe({ params: '  rescale: l2\n' }), 'parameter "rescale"', '"l2" is not implemented yet');
+    refuse(recipe({ params: '  rescale: l3\n' }), 'parameter "rescale"', 'must be true, false, "inverse", "l1", "l2" or "linf"');
     refuse(recipe({ params: '  rescale: 2\n' }), 'parameter "rescale"', 'got 2');
     refuse(recipe({ params: '  density:\n    - {filtr: mlp, value: 0.5}\n' }), 'unknown key "filtr"', 'did you mean "filter"?');
     refuse(recipe({ params: '  density:\n    - {filter: mlp}\n' }), 'has no "value"');
@@ -528,14 +527,15 @@ describe('loadRecipe', () => {
     expect(msg).toContain(path.join(dir, 'recipes', 'experts', 'nope'));
   });
 
-  it('says hub ids are not resolved yet', async () => {
+  it('looks a hub id up in the local cache and says where it looked', async () => {
     const file = path.join(dir, 'recipes', 'hub.yaml');
     writeFileSync(file, recipe({ models: '  - model: mistralai/Mistral-7B-v0.1@main\n' }).replace('base_model: base', 'base_model: ./base'));
     const err = (await loadRecipe(file, { cwd: path.join(dir, 'cwd') }).catch((e: unknown) => e)) as DellaError;
     expect(err.code).toBe('E_RECIPE');
     expect(err.message).toContain('"mistralai/Mistral-7B-v0.1@main"');
-    expect(err.message).toContain('hub ids are not resolved yet');
+    expect(err.message).toContain('not in the Hugging Face cache (della-merge never downloads)');
     expect(err.message).toContain(path.join(dir, 'cwd', 'mistralai'));
+    expect(err.message).toContain('models--mistralai--Mistral-7B-v0.1');
   });
 
   it('refuses an unreadable recipe file', async () => {

@@ -10,6 +10,8 @@ export type RescaleName = 'none' | 'inverse' | 'l1' | 'l2' | 'linf';
 
 export interface MethodSpec {
   name: string;
+  /** delta: base + fuse(sparsified deltas); linear: weighted average; slerp: two models */
+  kind: 'delta' | 'linear' | 'slerp';
   sparsifier: SparsifierName;
   consensus: ConsensusName;
   normalize: boolean;
@@ -19,8 +21,6 @@ export interface MethodSpec {
   modelParams: readonly string[];
   /** global-only parameters this method reads */
   globalParams: readonly string[];
-  /** whether the native kernels implement it yet */
-  implemented: boolean;
   paper: string;
 }
 
@@ -28,44 +28,54 @@ const TA_GLOBAL = ['lambda', 'normalize', 'rescale', 'consensus'] as const;
 
 export const METHODS: Readonly<Record<string, MethodSpec>> = {
   task_arithmetic: {
-    name: 'task_arithmetic', sparsifier: 'none', consensus: 'none', normalize: false, rescale: false,
-    modelParams: ['weight'], globalParams: TA_GLOBAL, implemented: true,
+    name: 'task_arithmetic', kind: 'delta', sparsifier: 'none', consensus: 'none', normalize: false, rescale: false,
+    modelParams: ['weight'], globalParams: TA_GLOBAL,
     paper: 'Editing Models with Task Arithmetic (Ilharco et al., 2023), arXiv:2212.04089',
   },
   ties: {
-    name: 'ties', sparsifier: 'magnitude', consensus: 'sum', normalize: true, rescale: false,
-    modelParams: ['weight', 'density'], globalParams: TA_GLOBAL, implemented: false,
+    name: 'ties', kind: 'delta', sparsifier: 'magnitude', consensus: 'sum', normalize: true, rescale: false,
+    modelParams: ['weight', 'density'], globalParams: TA_GLOBAL,
     paper: 'TIES-Merging (Yadav et al., 2023), arXiv:2306.01708',
   },
   dare_ties: {
-    name: 'dare_ties', sparsifier: 'random', consensus: 'sum', normalize: false, rescale: true,
-    modelParams: ['weight', 'density'], globalParams: TA_GLOBAL, implemented: true,
+    name: 'dare_ties', kind: 'delta', sparsifier: 'random', consensus: 'sum', normalize: false, rescale: true,
+    modelParams: ['weight', 'density'], globalParams: TA_GLOBAL,
     paper: 'Language Models are Super Mario (Yu et al., 2024), arXiv:2311.03099',
   },
   dare_linear: {
-    name: 'dare_linear', sparsifier: 'random', consensus: 'none', normalize: false, rescale: true,
-    modelParams: ['weight', 'density'], globalParams: TA_GLOBAL, implemented: true,
+    name: 'dare_linear', kind: 'delta', sparsifier: 'random', consensus: 'none', normalize: false, rescale: true,
+    modelParams: ['weight', 'density'], globalParams: TA_GLOBAL,
     paper: 'Language Models are Super Mario (Yu et al., 2024), arXiv:2311.03099',
   },
   breadcrumbs: {
-    name: 'breadcrumbs', sparsifier: 'breadcrumbs', consensus: 'none', normalize: false, rescale: false,
-    modelParams: ['weight', 'density', 'gamma'], globalParams: TA_GLOBAL, implemented: false,
+    name: 'breadcrumbs', kind: 'delta', sparsifier: 'breadcrumbs', consensus: 'none', normalize: false, rescale: false,
+    modelParams: ['weight', 'density', 'gamma'], globalParams: TA_GLOBAL,
     paper: 'Model Breadcrumbs (Davari & Belilovsky, 2024), arXiv:2312.06795',
   },
   breadcrumbs_ties: {
-    name: 'breadcrumbs_ties', sparsifier: 'breadcrumbs', consensus: 'sum', normalize: false, rescale: false,
-    modelParams: ['weight', 'density', 'gamma'], globalParams: TA_GLOBAL, implemented: false,
+    name: 'breadcrumbs_ties', kind: 'delta', sparsifier: 'breadcrumbs', consensus: 'sum', normalize: false, rescale: false,
+    modelParams: ['weight', 'density', 'gamma'], globalParams: TA_GLOBAL,
     paper: 'Model Breadcrumbs (Davari & Belilovsky, 2024), arXiv:2312.06795',
   },
   della: {
-    name: 'della', sparsifier: 'magprune', consensus: 'sum', normalize: true, rescale: true,
-    modelParams: ['weight', 'density', 'epsilon'], globalParams: TA_GLOBAL, implemented: true,
+    name: 'della', kind: 'delta', sparsifier: 'magprune', consensus: 'sum', normalize: true, rescale: true,
+    modelParams: ['weight', 'density', 'epsilon'], globalParams: TA_GLOBAL,
     paper: 'DELLA-Merging (Deep, Bhardwaj & Poria, 2024), arXiv:2406.11617',
   },
   della_linear: {
-    name: 'della_linear', sparsifier: 'magprune', consensus: 'none', normalize: false, rescale: true,
-    modelParams: ['weight', 'density', 'epsilon'], globalParams: TA_GLOBAL, implemented: true,
+    name: 'della_linear', kind: 'delta', sparsifier: 'magprune', consensus: 'none', normalize: false, rescale: true,
+    modelParams: ['weight', 'density', 'epsilon'], globalParams: TA_GLOBAL,
     paper: 'DELLA-Merging (Deep, Bhardwaj & Poria, 2024), arXiv:2406.11617',
+  },
+  linear: {
+    name: 'linear', kind: 'linear', sparsifier: 'none', consensus: 'none', normalize: true, rescale: false,
+    modelParams: ['weight'], globalParams: ['normalize'],
+    paper: 'Model soups (Wortsman et al., 2022), arXiv:2203.05482',
+  },
+  slerp: {
+    name: 'slerp', kind: 'slerp', sparsifier: 'none', consensus: 'none', normalize: false, rescale: false,
+    modelParams: [], globalParams: ['t'],
+    paper: 'spherical linear interpolation (Shoemake, 1985), as in mergekit',
   },
 };
 

@@ -52,11 +52,14 @@ function isEmbedding(name: string): boolean {
   return EMBEDDING_NAMES.some((e) => name.includes(e));
 }
 
-/** Expert shape accepted for a base shape: equal, or an embedding larger in every dimension. */
-function shapeFits(name: string, base: readonly number[], expert: readonly number[]): boolean {
+/**
+ * Expert shape accepted for a base shape: equal, or (for deltas and averages) an
+ * embedding larger in every dimension, of which the leading block is used.
+ */
+function shapeFits(name: string, base: readonly number[], expert: readonly number[], exact: boolean): boolean {
   if (base.length !== expert.length) return false;
   if (base.every((d, i) => d === expert[i])) return true;
-  return isEmbedding(name) && base.length > 0 && base.every((d, i) => expert[i] > d);
+  return !exact && isEmbedding(name) && base.length > 0 && base.every((d, i) => expert[i] > d);
 }
 
 export function planMerge(recipe: Recipe, base: Checkpoint, experts: readonly Checkpoint[]): MergePlan {
@@ -90,7 +93,7 @@ export function planMerge(recipe: Recipe, base: Checkpoint, experts: readonly Ch
       if (!MERGEABLE_DTYPES.has(t.dtype)) {
         throw new DellaError('E_SHAPE', `tensor "${name}" is ${bt.dtype} in the base model ${baseName} but ${t.dtype} in ${model}, which cannot be merged`);
       }
-      if (!shapeFits(name, bt.shape, t.shape)) {
+      if (!shapeFits(name, bt.shape, t.shape, method.kind === 'slerp')) {
         throw new DellaError('E_SHAPE',
           `tensor "${name}" has shape ${shapeText(bt.shape)} in the base model ${baseName} but ${shapeText(t.shape)} in ${model}`);
       }
@@ -119,6 +122,12 @@ export function planMerge(recipe: Recipe, base: Checkpoint, experts: readonly Ch
       t.params.experts.forEach((p, k) => {
         if (p.weight === 0) warnings.push(`weight 0 for ${recipe.models[k].model} on "${t.name}": it contributes nothing there`);
       });
+    }
+  }
+  if (method.sparsifier === 'magnitude' || method.sparsifier === 'breadcrumbs') {
+    const empty = tensors.filter((t) => t.params?.experts.some((p) => p.density < 1 && Math.floor(p.density * t.numel) === 0));
+    if (empty.length > 0) {
+      warnings.push(`${empty.length} tensor(s) are too small for their density: floor(density × size) = 0 drops every delta there (first: "${empty[0].name}", ${empty[0].numel} elements)`);
     }
   }
   const merged = tensors.filter((t) => t.kind === 'merge');

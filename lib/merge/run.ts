@@ -9,14 +9,15 @@ import { DellaError } from '../errors.js';
 import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
 import { copyExtras, CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, DEFAULT_SHARD_SIZE } from '../checkpoint/writer.js';
-import { loadNative, packageRoot } from '../native.js';
+import { loadNative, packageRoot, type NativeAddon } from '../native.js';
 import type { Recipe } from '../recipe/index.js';
-import { referenceMergeTensor } from '../reference/merge-tensor.js';
+import { referenceDots, referenceMergeTensor } from '../reference/merge-tensor.js';
+import { slerpCoefficients } from './slerp.js';
 import { modelCard } from './card.js';
 import { planMerge, type MergePlan, type TensorPlan } from './plan.js';
 import {
   CONSENSUS_CODE, DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE,
-  type CopyTaskSpec, type FloatDType, type MergeTaskSpec, type MergeTaskStats,
+  type CopyTaskSpec, type DotTaskSpec, type FloatDType, type MergeTaskSpec, type MergeTaskStats,
 } from './task.js';
 
 export const RECIPE_FILE = 'della_merge_recipe.yaml';
@@ -55,14 +56,19 @@ export interface TensorReport {
   shape: number[];
   /** per expert: fraction of its delta that survived sparsification */
   keptFraction?: number[];
+  /** the resolved parameters of a merged tensor (those its method reads) */
   parameters?: {
-    weight: number[];
-    density: number[];
-    epsilon: number[];
-    lambda: number;
-    normalize: boolean;
-    consensus: string;
-    rescale: string;
+    weight?: number[];
+    density?: number[];
+    epsilon?: number[];
+    gamma?: number[];
+    lambda?: number;
+    normalize?: boolean;
+    consensus?: string;
+    rescale?: string;
+    /** slerp: the position and the coefficients (out = c0·base + c1·other) */
+    t?: number;
+    coefficients?: [number, number];
   };
 }
 
@@ -119,33 +125,65 @@ function batches(tensors: readonly TensorPlan[]): TensorPlan[][] {
 }
 
 function mergeTask(
-  plan: MergePlan, t: TensorPlan, models: OpenedModels, out: Uint8Array, seed: number,
+  plan: MergePlan, t: TensorPlan, models: OpenedModels, out: Uint8Array, seed: number, slerp: [number, number] | null,
 ): MergeTaskSpec {
   const p = t.params!;
   const { base, experts } = models;
-  return {
+  const common = {
     name: t.name,
-    base: base.bytes(t.name),
     baseDtype: DTYPE_CODE[t.base.dtype as FloatDType],
     out,
     outDtype: DTYPE_CODE[t.outDtype as FloatDType],
     shape: t.shape,
-    experts: t.experts.map((et, k) => ({
-      data: experts[k].bytes(t.name),
-      dtype: DTYPE_CODE[et.dtype as FloatDType],
-      shape: et.shape,
-      weight: p.experts[k].weight,
-      density: p.experts[k].density,
-      epsilon: p.experts[k].epsilon,
-      gamma: p.experts[k].gamma,
-    })),
+    seed,
+  };
+  const expert = (k: number, weight: number) => ({
+    data: experts[k].bytes(t.name),
+    dtype: DTYPE_CODE[t.experts[k].dtype as FloatDType],
+    shape: t.experts[k].shape,
+    weight,
+    density: p.experts[k].density,
+    epsilon: p.experts[k].epsilon,
+    gamma: p.experts[k].gamma,
+  });
+  const plain = { sparsifier: SPARSIFIER_CODE.none, rescale: RESCALE_CODE.none, consensus: CONSENSUS_CODE.none, lambda: 1 };
+  if (plan.method.kind === 'linear') {
+    // A weighted average of the models' values: no base, no deltas.
+    return { ...common, ...plain, base: null, normalize: p.normalize, experts: t.experts.map((_, k) => expert(k, p.experts[k].weight)) };
+  }
+  if (plan.method.kind === 'slerp') {
+    const [c0, c1] = slerp!;
+    const a = { data: base.bytes(t.name), dtype: common.baseDtype, shape: t.shape, weight: c0, density: 1, epsilon: 0, gamma: 0 };
+    return { ...common, ...plain, base: null, normalize: false, experts: [a, expert(0, c1)] };
+  }
+  return {
+    ...common,
+    base: base.bytes(t.name),
+    experts: t.experts.map((_, k) => expert(k, p.experts[k].weight)),
     sparsifier: SPARSIFIER_CODE[plan.method.sparsifier],
     rescale: RESCALE_CODE[p.rescale],
     consensus: CONSENSUS_CODE[p.consensus],
     normalize: p.normalize,
     lambda: p.lambda,
-    seed,
   };
+}
+
+/** slerp's coefficients for the merged tensors of a batch (one pass over both models). */
+async function slerpBatch(
+  plans: TensorPlan[], models: OpenedModels, native: NativeAddon | null, threads: number, recipe: Recipe,
+): Promise<Map<string, [number, number]>> {
+  const tasks: DotTaskSpec[] = plans.map((t) => ({
+    a: models.base.bytes(t.name), aDtype: DTYPE_CODE[t.base.dtype as FloatDType],
+    b: models.experts[0].bytes(t.name), bDtype: DTYPE_CODE[t.experts[0].dtype as FloatDType],
+    shape: t.shape,
+  }));
+  const sums = native ? await native.dotBatch({ threads, tasks }) : tasks.map(referenceDots);
+  const out = new Map<string, [number, number]>();
+  plans.forEach((t, i) => {
+    checkFinite(t, { nonfinite: sums[i].nonfinite, kept: [], numel: t.numel }, recipe);
+    out.set(t.name, slerpCoefficients(t.params!.t, sums[i]));
+  });
+  return out;
 }
 
 function checkFinite(t: TensorPlan, stats: MergeTaskStats, recipe: Recipe): void {
@@ -157,19 +195,25 @@ function checkFinite(t: TensorPlan, stats: MergeTaskStats, recipe: Recipe): void
   });
 }
 
-function tensorReport(t: TensorPlan, stats: MergeTaskStats | null): TensorReport {
+function tensorReport(plan: MergePlan, t: TensorPlan, stats: MergeTaskStats | null, slerp?: [number, number]): TensorReport {
   const r: TensorReport = { name: t.name, kind: t.kind, dtype: t.outDtype, shape: t.shape };
   if (t.params && stats) {
-    r.keptFraction = stats.kept.map((k) => (stats.numel === 0 ? 1 : k / stats.numel));
-    r.parameters = {
-      weight: t.params.experts.map((e) => e.weight),
-      density: t.params.experts.map((e) => e.density),
-      epsilon: t.params.experts.map((e) => e.epsilon),
-      lambda: t.params.lambda,
-      normalize: t.params.normalize,
-      consensus: t.params.consensus,
-      rescale: t.params.rescale,
-    };
+    if (plan.method.kind === 'delta') r.keptFraction = stats.kept.map((k) => (stats.numel === 0 ? 1 : k / stats.numel));
+    const p = t.params;
+    r.parameters = plan.method.kind === 'slerp'
+      ? { t: p.t, coefficients: slerp }
+      : plan.method.kind === 'linear'
+        ? { weight: p.experts.map((e) => e.weight), normalize: p.normalize }
+        : {
+          weight: p.experts.map((e) => e.weight),
+          density: p.experts.map((e) => e.density),
+          ...(plan.method.sparsifier === 'magprune' ? { epsilon: p.experts.map((e) => e.epsilon) } : {}),
+          ...(plan.method.sparsifier === 'breadcrumbs' ? { gamma: p.experts.map((e) => e.gamma) } : {}),
+          lambda: p.lambda,
+          normalize: p.normalize,
+          consensus: p.consensus,
+          rescale: p.rescale,
+        };
   }
   return r;
 }
@@ -266,9 +310,12 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
       const merges: MergeTaskSpec[] = [];
       const mergePlans: TensorPlan[] = [];
       const copies: CopyTaskSpec[] = [];
+      const coefficients = plan.method.kind === 'slerp'
+        ? await slerpBatch(group.filter((t) => t.kind === 'merge'), models, native, threads, recipe)
+        : null;
       for (const t of group) {
         if (t.kind === 'merge') {
-          merges.push(mergeTask(plan, t, models, dest.get(t.name)!, seed));
+          merges.push(mergeTask(plan, t, models, dest.get(t.name)!, seed, coefficients?.get(t.name) ?? null));
           mergePlans.push(t);
         } else {
           copies.push({ src: models.base.bytes(t.name), dst: dest.get(t.name)! });
@@ -283,10 +330,10 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
       }
       mergePlans.forEach((t, i) => {
         checkFinite(t, stats[i], recipe);
-        reports.push(tensorReport(t, stats[i]));
+        reports.push(tensorReport(plan, t, stats[i], coefficients?.get(t.name)));
       });
       for (const t of group) {
-        if (t.kind === 'copy') reports.push(tensorReport(t, null));
+        if (t.kind === 'copy') reports.push(tensorReport(plan, t, null));
         bytesDone += t.inBytes + t.outBytes;
         tensorsDone++;
       }

@@ -8,6 +8,7 @@ import * as path from 'node:path';
 import { parseDocument } from 'yaml';
 import { DellaError } from '../errors.js';
 import { METHODS, type MethodSpec } from '../merge/methods.js';
+import { resolveHubId } from './hub.js';
 import {
   ALIASES,
   aliasOf,
@@ -148,11 +149,8 @@ function checkScalar(ctx: Ctx, v: unknown, entry: string): ParamScalar {
       if (v === 'sum' || v === 'count' || v === 'none') return v;
       return bad('"sum", "count" or "none"');
     case 'rescale':
-      if (v === 'l1' || v === 'l2' || v === 'linf') {
-        throw recipeError(`${describe(ctx, entry)} value "${v}" is not implemented yet in this version (use true, false or "inverse")`);
-      }
-      if (typeof v === 'boolean' || v === 'inverse' || v === 'none') return v;
-      return bad('true, false or "inverse"');
+      if (typeof v === 'boolean' || v === 'inverse' || v === 'none' || v === 'l1' || v === 'l2' || v === 'linf') return v;
+      return bad('true, false, "inverse", "l1", "l2" or "linf"');
     default:
       // unreachable: names are checked before values
       throw recipeError(`${describe(ctx, entry)} is not a known parameter`);
@@ -315,9 +313,7 @@ function parseMethod(raw: unknown): MethodSpec {
   if (!has(METHODS as Dict, raw)) {
     throw recipeError(`unknown merge_method "${raw}"${didYouMean(raw, Object.keys(METHODS))}; known: ${Object.keys(METHODS).join(', ')}`);
   }
-  const m = METHODS[raw];
-  if (!m.implemented) throw recipeError(`merge_method "${raw}" is not implemented yet in this version`);
-  return m;
+  return METHODS[raw];
 }
 
 type Found = { param: ParamValue; level: 'per model' | 'global' } | { param: number; level: 'default' };
@@ -347,15 +343,21 @@ export function parseRecipe(text: string, options: ParseOptions = {}): Recipe {
 
   const method = parseMethod(doc.merge_method);
 
-  if (doc.base_model === undefined || doc.base_model === null) {
-    throw recipeError(`base_model is missing: merge_method "${method.name}" merges deltas from a base model`);
-  }
-  const baseName = modelString(doc.base_model, 'base_model');
-  const baseModel = { model: baseName, path: resolvePath(baseName) };
-
   if (!Array.isArray(doc.models) || doc.models.length === 0) {
     throw recipeError(`models must be a non-empty list of {model, parameters} entries, got ${fmt(doc.models)}`);
   }
+  const noBase = doc.base_model === undefined || doc.base_model === null;
+  if (noBase && method.kind !== 'linear') {
+    throw recipeError(`base_model is missing: merge_method "${method.name}" ${method.kind === 'slerp' ? 'interpolates from the base model (t = 0) to the other model' : 'merges deltas from a base model'}`);
+  }
+  // linear needs no base: the first model then supplies tensor names and copied tensors
+  const entries = doc.models as unknown[];
+  const firstModel = (): string => {
+    const e = entries[0];
+    return modelString(isDict(e) ? e.model : e, 'models[0]');
+  };
+  const baseName = noBase ? firstModel() : modelString(doc.base_model, 'base_model');
+  const baseModel = { model: baseName, path: resolvePath(baseName) };
 
   const globalParams = parseSection(doc.parameters, 'global parameters', 'global', method, warnings);
 
@@ -381,7 +383,7 @@ export function parseRecipe(text: string, options: ParseOptions = {}): Recipe {
     }
     listed.push(name);
     const resolved = resolvePath(name);
-    if (name === baseName || resolved === baseModel.path) {
+    if (method.kind !== 'linear' && (name === baseName || resolved === baseModel.path)) {
       // mergekit lets the base appear among models; it is not an expert
       if (isDict(rawParams) && Object.keys(rawParams).length > 0) {
         warnings.push(`${what} ("${name}") is the base model; its parameters are ignored`);
@@ -393,6 +395,19 @@ export function parseRecipe(text: string, options: ParseOptions = {}): Recipe {
   });
   if (models.length === 0) {
     throw recipeError(`models lists no expert besides the base model "${baseName}"`);
+  }
+  if (method.kind === 'slerp') {
+    if (models.length !== 1) {
+      throw recipeError(`slerp interpolates between two models: the base model and one other, but models lists ${models.length} besides the base (${models.map((m) => `"${m.model}"`).join(', ')})`);
+    }
+    if (!has(globalParams, 't')) throw recipeError('slerp needs the global parameter "t" (0 gives the base model, 1 the other)');
+  }
+  if (method.sparsifier === 'magnitude' || method.sparsifier === 'breadcrumbs') {
+    const r = globalParams.rescale;
+    const values = Array.isArray(r) ? r.map((e) => (typeof e === 'object' ? e.value : e)) : [r];
+    if (values.includes('inverse')) {
+      throw recipeError(`global parameters: rescale "inverse" (1/(1 - p)) needs a keep probability, which merge_method "${method.name}" does not have; use true (l1), "l1", "l2", "linf" or false`);
+    }
   }
 
   if (method.sparsifier === 'magprune') {
@@ -436,8 +451,6 @@ export function parseRecipe(text: string, options: ParseOptions = {}): Recipe {
 
 // ---------------------------------------------------------------- files
 
-const HUB_ID = /^[A-Za-z0-9][\w.-]*\/[\w.-]+(@[\w./-]+)?$/;
-
 /** mergekit resolves against the working directory; the recipe's own directory is a fallback. */
 export function makeResolver(recipeFile: string, cwd: string): (model: string) => string {
   const recipeDir = path.dirname(recipeFile);
@@ -454,9 +467,13 @@ export function makeResolver(recipeFile: string, cwd: string): (model: string) =
       inCwd === inRecipeDir
         ? `${inCwd} does not exist`
         : `neither ${inCwd} (working directory) nor ${inRecipeDir} (recipe directory) exists`;
-    if (HUB_ID.test(model)) {
+    const hub = resolveHubId(model);
+    if (hub && 'path' in hub) return hub.path;
+    if (hub) {
       throw recipeError(
-        `model "${model}" looks like a Hugging Face hub id, and hub ids are not resolved yet in this version: download it and give a local path (${looked})`,
+        `model "${model}" is not a local path and not in the Hugging Face cache (della-merge never downloads): ` +
+          `looked for ${[inCwd, inRecipeDir].filter((p, i, a) => a.indexOf(p) === i).join(', ')} and ${hub.looked.join(', ')}. ` +
+          `Download it first (e.g. "huggingface-cli download ${model.split('@')[0]}") or give a local path`,
       );
     }
     throw recipeError(`model "${model}" not found: ${looked}`);

@@ -84,12 +84,12 @@ function num(v: ParamScalar | undefined, fallback: number, what: string): number
 export function resolveTensorParams(recipe: Recipe, tensorName: string, layers: number): TensorParams {
   const method = METHODS[recipe.mergeMethod];
   if (method === undefined) throw recipeError(`unknown merge_method "${recipe.mergeMethod}"`);
-  const t = gradientPosition(tensorName, layers);
+  const pos = gradientPosition(tensorName, layers);
   const g = recipe.parameters;
 
   const experts: ExpertParams[] = recipe.models.map((m) => {
     const get = (name: 'weight' | 'density' | 'epsilon' | 'gamma'): number =>
-      num(lookup(m.parameters, g, name, tensorName, t), DEFAULTS[name], `model "${m.model}": ${name} for tensor "${tensorName}"`);
+      num(lookup(m.parameters, g, name, tensorName, pos), DEFAULTS[name], `model "${m.model}": ${name} for tensor "${tensorName}"`);
     const p: ExpertParams = { weight: get('weight'), density: get('density'), epsilon: get('epsilon'), gamma: get('gamma') };
     if (method.sparsifier === 'magprune') {
       const problem = densityEpsilonProblem(p.density, p.epsilon);
@@ -98,18 +98,20 @@ export function resolveTensorParams(recipe: Recipe, tensorName: string, layers: 
     return p;
   });
 
-  const lambda = num(lookup(null, g, 'lambda', tensorName, t), DEFAULTS.lambda, `lambda for tensor "${tensorName}"`);
+  const lambda = num(lookup(null, g, 'lambda', tensorName, pos), DEFAULTS.lambda, `lambda for tensor "${tensorName}"`);
 
-  const n = lookup(null, g, 'normalize', tensorName, t);
+  const n = lookup(null, g, 'normalize', tensorName, pos);
   const normalize = n === undefined ? method.normalize : n === true;
 
-  const c = lookup(null, g, 'consensus', tensorName, t);
+  const c = lookup(null, g, 'consensus', tensorName, pos);
   const consensus = c === 'sum' || c === 'count' || c === 'none' ? c : method.consensus;
 
-  const r = lookup(null, g, 'rescale', tensorName, t);
+  const r = lookup(null, g, 'rescale', tensorName, pos);
   const rescaleValue: boolean | RescaleName =
     r === undefined ? method.rescale : typeof r === 'boolean' ? r : (r as RescaleName);
   const rescale = resolveRescale(method.sparsifier, rescaleValue);
 
-  return { experts, lambda, normalize, consensus, rescale };
+  const t = num(lookup(null, g, 't', tensorName, pos), 0.5, `t for tensor "${tensorName}"`);
+
+  return { experts, lambda, normalize, consensus, rescale, t };
 }

@@ -56,4 +56,6 @@ export interface TensorParams {
   normalize: boolean;
   consensus: 'sum' | 'count' | 'none';
   rescale: 'none' | 'inverse' | 'l1' | 'l2' | 'linf';
+  /** slerp's interpolation position (0: base model, 1: the other) */
+  t: number;
 }
