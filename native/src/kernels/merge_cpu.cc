@@ -51,6 +51,12 @@ uint64_t expert_row_offset(const std::vector<int64_t>& base, const std::vector<i
 
 // ---------------------------------------------------------------- row primitives
 
+// v where keep, else +0, without a branch (random masks defeat branch prediction):
+// the bit pattern of v and-ed with all ones or all zeros.
+inline float keep_or_zero(bool keep, float v) {
+  return bits_f32(f32_bits(v) & (0u - static_cast<uint32_t>(keep)));
+}
+
 template <class T, class Conv>
 uint64_t load_loop(const void* p, uint64_t off, uint64_t n, float* dst, Conv conv) {
   const char* src = static_cast<const char*>(p) + off * sizeof(T);
@@ -321,18 +327,18 @@ void mask_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t r, S
 
 // Applies the mask and rescale to s.delta in place; returns how many survived.
 uint64_t apply_row(const MergeTask& t, const ExpertState& es, uint64_t n, Scratch& s) {
-  float* d = s.delta.data();
-  const uint8_t* keep = s.keep.data();
-  const float* fac = s.fac.data();
+  float* __restrict d = s.delta.data();
+  const uint8_t* __restrict keep = s.keep.data();
+  const float* __restrict fac = s.fac.data();
   uint64_t kept = 0;
   if (!es.sparse) return n;
   if (t.rescale == Rescale::Inverse) {
-    for (uint64_t j = 0; j < n; ++j) d[j] = keep[j] ? d[j] * fac[j] : 0.0f;
+    for (uint64_t j = 0; j < n; ++j) d[j] = keep_or_zero(keep[j], d[j] * fac[j]);
   } else if (norm_rescale(t.rescale)) {
     const float sc = es.norm_scale;
-    for (uint64_t j = 0; j < n; ++j) d[j] = keep[j] ? d[j] * sc : 0.0f;
+    for (uint64_t j = 0; j < n; ++j) d[j] = keep_or_zero(keep[j], d[j] * sc);
   } else {
-    for (uint64_t j = 0; j < n; ++j) d[j] = keep[j] ? d[j] : 0.0f;
+    for (uint64_t j = 0; j < n; ++j) d[j] = keep_or_zero(keep[j], d[j]);
   }
   for (uint64_t j = 0; j < n; ++j) kept += keep[j];
   return kept;
@@ -576,12 +582,12 @@ TaskState prepare(const MergeTask& t, unsigned threads, std::vector<Scratch>& sc
 // Election and fuse of a row, element-wise as fuse_element() but as loops over the
 // row that compilers vectorize. Adding +0 for a non-agreeing expert equals skipping
 // it: the sums start at +0 and only ever add same-signed values, so they are never -0.
-void fuse_row(const float* vals, const float* w, unsigned K, uint64_t n, const FuseConfig& c, const float* base,
-              std::vector<float>& tmp, float* out) {
+void fuse_row(const float* __restrict vals, const float* w, unsigned K, uint64_t n, const FuseConfig& c,
+              const float* __restrict base, std::vector<float>& tmp, float* __restrict out) {
   tmp.resize(2 * n);
-  float* m = out;
-  float* d = tmp.data();
-  float* sum = tmp.data() + n;
+  float* __restrict m = out;
+  float* __restrict d = tmp.data();
+  float* __restrict sum = tmp.data() + n;
   for (uint64_t j = 0; j < n; ++j) m[j] = d[j] = 0.0f;
   if (c.consensus == Consensus::None) {
     for (unsigned k = 0; k < K; ++k) {
@@ -592,7 +598,8 @@ void fuse_row(const float* vals, const float* w, unsigned K, uint64_t n, const F
         d[j] = d[j] + wk;
       }
     }
-    for (uint64_t j = 0; j < n; ++j) d[j] = std::fabs(static_cast<double>(d[j])) < 1e-8 ? 1.0f : d[j];
+    // |d| < 1e-8 in binary64 is |d| <= 1e-8f for floats: 1e-8f is the largest float below 1e-8.
+    for (uint64_t j = 0; j < n; ++j) d[j] = std::fabs(d[j]) <= 1e-8f ? 1.0f : d[j];
   } else {
     if (c.consensus == Consensus::Sum) {
       for (uint64_t j = 0; j < n; ++j) sum[j] = 0.0f;
@@ -608,7 +615,7 @@ void fuse_row(const float* vals, const float* w, unsigned K, uint64_t n, const F
         const float wk = w[k];
         for (uint64_t j = 0; j < n; ++j) {
           const float p = wk * v[j];
-          sum[j] += static_cast<float>((p > 0.0f) - (p < 0.0f));  // small integers: exact
+          sum[j] = sum[j] + static_cast<float>(static_cast<int>(p > 0.0f) - static_cast<int>(p < 0.0f));  // exact
         }
       }
     }
@@ -617,9 +624,10 @@ void fuse_row(const float* vals, const float* w, unsigned K, uint64_t n, const F
       const float wk = w[k];
       for (uint64_t j = 0; j < n; ++j) {
         const float p = wk * v[j];
-        const bool agree = sum[j] >= 0.0f ? p > 0.0f : p < 0.0f;
-        m[j] = m[j] + (agree ? p : 0.0f);
-        d[j] = d[j] + (agree ? wk : 0.0f);
+        const bool positive = sum[j] >= 0.0f;
+        const bool agree = (positive & (p > 0.0f)) | (!positive & (p < 0.0f));
+        m[j] = m[j] + keep_or_zero(agree, p);
+        d[j] = d[j] + keep_or_zero(agree, wk);
       }
     }
     for (uint64_t j = 0; j < n; ++j) d[j] = d[j] == 0.0f ? 1.0f : d[j];
