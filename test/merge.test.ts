@@ -3,7 +3,7 @@
  * della_linear (and DARE / task arithmetic), native output equal to the reference
  * backend tensor by tensor and across thread counts; the output layout of SPEC §8.
  */
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { merge, openCheckpoint, DellaError } from '../lib/index.js';
@@ -28,17 +28,8 @@ function filesOf(dir: string): Map<string, string> {
 }
 
 describe(`merges end to end (DELLA_TEST_SEED=${seed})`, () => {
-  const cases: Array<[string, FloatDType]> = [
-    ['della', 'BF16'], ['della', 'F16'], ['della', 'F32'],
-    ['della_linear', 'BF16'], ['della_linear', 'F16'], ['della_linear', 'F32'],
-    ['dare_ties', 'BF16'], ['dare_ties', 'F32'], ['dare_linear', 'F16'], ['dare_linear', 'F32'],
-    ['task_arithmetic', 'F16'], ['task_arithmetic', 'BF16'],
-    ['ties', 'BF16'], ['ties', 'F16'], ['ties', 'F32'],
-    ['breadcrumbs', 'BF16'], ['breadcrumbs', 'F32'],
-    ['breadcrumbs_ties', 'F16'], ['breadcrumbs_ties', 'BF16'],
-    ['linear', 'BF16'], ['linear', 'F32'],
-    ['slerp', 'BF16'], ['slerp', 'F16'], ['slerp', 'F32'],
-  ];
+  const dtypes: FloatDType[] = ['BF16', 'F16', 'F32'];
+  const cases = Object.keys(METHODS).flatMap((m) => dtypes.map((d) => [m, d] as const));
   for (const [method, dtype] of cases) {
     it(`${method} on sharded ${dtype} checkpoints equals the reference, for 1 and 2 threads`, async () => {
       const r = rng(seed ^ (method.length * 31 + dtype.length * 7 + method.charCodeAt(1)));
@@ -135,6 +126,18 @@ describe(`merges end to end (DELLA_TEST_SEED=${seed})`, () => {
     expect(card).toContain('- della-merge');
     expect(readdirSync(dir).filter((f) => f.includes('della-tmp'))).toEqual([]);
     expect(report.files).toEqual(files);
+  });
+
+  it('copies config from the base and tokenizer files from tokenizer_source', async () => {
+    const r = rng(seed + 11);
+    const dir = tempDir();
+    const models = makeModels(r, dir, { dtype: 'BF16', experts: 2 });
+    writeFileSync(join(models.experts[1], 'tokenizer.json'), '{"from": "expert1"}\n');
+    writeFileSync(join(models.experts[1], 'config.json'), '{"from": "expert1"}\n');
+    const recipe = { merge_method: 'task_arithmetic', base_model: models.base, models: models.experts.map((m) => ({ model: m })), tokenizer_source: models.experts[1] };
+    await merge(recipe, { out: join(dir, 'o') });
+    expect(readFileSync(join(dir, 'o', 'tokenizer.json'), 'utf8')).toBe('{"from": "expert1"}\n');
+    expect(readFileSync(join(dir, 'o', 'config.json'), 'utf8')).toBe(readFileSync(join(models.base, 'config.json'), 'utf8'));
   });
 
   it('a single shard is model.safetensors without an index', async () => {
