@@ -16,11 +16,13 @@ import { createProgress } from './cli/progress.js';
 import { formatBytes, parseSize } from './util/size.js';
 import { writeDemoModels, DEMO_EXPERTS } from './demo.js';
 import { bf16ToF32 } from './reference/dtypes.js';
+import { verifyMerge, type VerifyReport } from './validate/verify.js';
 
 const USAGE = `della-merge ${'{version}'}: fast DELLA / DARE / task-arithmetic merging of safetensors models
 
 Usage:
   della-merge run RECIPE --out DIR [options]   merge the models of a recipe (YAML or JSON)
+  della-merge verify OUT --recipe RECIPE       check a merged model against its recipe
   della-merge inspect PATH [--json]            list the tensors of a checkpoint
   della-merge demo [--out DIR]                 build three small experts and merge them with DELLA
   della-merge help [COMMAND]                   show help
@@ -38,8 +40,22 @@ const RUN_USAGE = `Usage: della-merge run RECIPE --out DIR [options]
   --report FILE        write a JSON report (tensors, bytes, seconds, parameters, warnings)
   --quiet              no progress output
   --json               print the report as JSON on stdout instead of a summary
+  --verify             after merging, verify the output (see "della-merge help verify")
+  --allow-nonfinite    merge tensors holding NaN or infinity instead of refusing them
   --dry-run            print the plan (per tensor: method and parameters per model; totals)
                        without reading a tensor or writing anything; --out is not needed`;
+
+const VERIFY_USAGE = `Usage: della-merge verify OUT --recipe RECIPE [--samples N] [--seed N] [--json]
+
+  Checks that OUT has exactly the tensors, dtypes and shapes RECIPE plans, that every
+  value is finite, that copied tensors equal the base's, and that sampled rows of every
+  merged tensor (all rows of tensors up to 65,536 elements; N others, default 3),
+  recomputed by the reference implementation, equal the output bit for bit. Prints per
+  tensor the fraction of each expert's change kept, how often its surviving changes
+  agree in sign with the merged change, and the norm of the merged change against the
+  expert's. Exits 1 if anything differs.
+
+  --seed N   the seed of the merge (default: OUT/della_merge_run.json, else the recipe's)`;
 
 const INSPECT_USAGE = `Usage: della-merge inspect PATH [--json]
 
@@ -51,7 +67,7 @@ const DEMO_USAGE = `Usage: della-merge demo [--out DIR] [--threads N]
   Writes a small Llama-shaped base model and three experts (math, code, chat) into DIR
   (default: a new temporary directory), merges them with DELLA and shows what it did.`;
 
-const HELP: Record<string, string> = { run: RUN_USAGE, inspect: INSPECT_USAGE, demo: DEMO_USAGE };
+const HELP: Record<string, string> = { run: RUN_USAGE, verify: VERIFY_USAGE, inspect: INSPECT_USAGE, demo: DEMO_USAGE };
 
 function usageError(message: string, command?: string): DellaError {
   return new DellaError('E_ARGS', `${message}\n\n${command ? HELP[command] : USAGE.replace('{version}', packageVersion())}`);
@@ -118,6 +134,7 @@ async function cmdRun(args: string[]): Promise<number> {
     out: { type: 'string', short: 'o' }, seed: { type: 'string' }, threads: { type: 'string', short: 'j' },
     'shard-size': { type: 'string' }, overwrite: { type: 'boolean' }, report: { type: 'string' },
     quiet: { type: 'boolean', short: 'q' }, json: { type: 'boolean' }, 'dry-run': { type: 'boolean', short: 'n' },
+    verify: { type: 'boolean' }, 'allow-nonfinite': { type: 'boolean' },
   });
   if (values.help) return out(RUN_USAGE), 0;
   if (positionals.length !== 1) throw usageError(positionals.length === 0 ? 'run needs a RECIPE file' : `run takes one RECIPE, got ${positionals.length}`, 'run');
@@ -130,12 +147,55 @@ async function cmdRun(args: string[]): Promise<number> {
   const progress = createProgress(process.stderr, values.quiet || values.json ? 'none' : 'auto');
   const report = await withSignals((signal) => runMerge(recipe, {
     out: values.out as string, seed, threads, shardSize, overwrite: Boolean(values.overwrite), signal,
-    onProgress: (e) => progress.update(e),
+    allowNonFinite: Boolean(values['allow-nonfinite']), onProgress: (e) => progress.update(e),
   }).finally(() => progress.end()));
-  if (values.report) writeFileSync(resolve(values.report as string), `${JSON.stringify(report, null, 2)}\n`);
+  const verified = values.verify ? await verifyMerge(report.out, recipe, { seed: report.seed }) : null;
+  const full = verified ? { ...report, verify: verified } : report;
+  if (values.report) writeFileSync(resolve(values.report as string), `${JSON.stringify(full, null, 2)}\n`);
+  if (values.json) out(JSON.stringify(full, null, 2));
+  else {
+    summary(report).forEach(out);
+    if (verified) verifySummary(verified).forEach(out);
+  }
+  return verified && !verified.ok ? 1 : 0;
+}
+
+function pct(x: number | undefined): string {
+  return x === undefined ? '' : `${(x * 100).toFixed(1)}%`;
+}
+
+function verifyTable(r: VerifyReport): string[] {
+  const w = Math.max(6, ...r.checks.map((c) => c.name.length));
+  const lines = [`${'tensor'.padEnd(w)}  status  rows       kept              sign agreement    norm ratio`];
+  for (const c of r.checks) {
+    const rows = `${c.rowsChecked}/${c.rowsTotal}`.padEnd(9);
+    const list = (xs: number[] | undefined, f: (x: number) => string) => (xs ? xs.map(f).join(' ') : '').padEnd(17);
+    lines.push(`${c.name.padEnd(w)}  ${(c.ok ? 'ok' : 'FAIL').padEnd(6)}  ${rows}  ${list(c.keptFraction, pct)} ${list(c.signAgreement, pct)} ${list(c.normRatio, (x) => x.toFixed(3))}`.trimEnd());
+  }
+  return lines;
+}
+
+function verifySummary(r: VerifyReport): string[] {
+  const head = r.ok
+    ? `verified ${r.tensors.checked} tensors (${r.rowsChecked} rows recomputed by the reference), all equal, all finite, in ${r.seconds.toFixed(2)} s`
+    : `FAILED   ${r.tensors.failed} of ${r.tensors.checked} tensors differ from the recipe (seed ${r.seed}):`;
+  return [head, ...r.problems.slice(0, 20).map((p) => `  ${p}`), ...(r.problems.length > 20 ? [`  ... and ${r.problems.length - 20} more`] : [])];
+}
+
+async function cmdVerify(args: string[]): Promise<number> {
+  const { values, positionals } = parse('verify', args, {
+    recipe: { type: 'string', short: 'r' }, samples: { type: 'string' }, seed: { type: 'string' }, json: { type: 'boolean' },
+  });
+  if (values.help) return out(VERIFY_USAGE), 0;
+  if (positionals.length !== 1) throw usageError('verify takes one OUT directory', 'verify');
+  if (!values.recipe) throw usageError('verify needs --recipe RECIPE', 'verify');
+  const samples = intOption(values.samples as string | undefined, 'samples', 1, 1_000_000);
+  const seed = intOption(values.seed as string | undefined, 'seed', 0, Number.MAX_SAFE_INTEGER);
+  const recipe = await loadRecipe(values.recipe as string);
+  const report = await verifyMerge(resolve(positionals[0]), recipe, { samples, seed });
   if (values.json) out(JSON.stringify(report, null, 2));
-  else summary(report).forEach(out);
-  return 0;
+  else [...verifyTable(report), '', ...verifySummary(report)].forEach(out);
+  return report.ok ? 0 : 1;
 }
 
 function paramText(p: TensorParams, method: MethodSpec): string {
@@ -295,6 +355,7 @@ export async function main(argv: string[]): Promise<number> {
     switch (command) {
       case 'run': return await cmdRun(rest);
       case 'inspect': return await cmdInspect(rest);
+      case 'verify': return await cmdVerify(rest);
       case 'demo': return await cmdDemo(rest);
       case '--version': case '-v': case 'version': out(packageVersion()); return 0;
       case undefined: case 'help': case '--help': case '-h': {

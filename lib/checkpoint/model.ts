@@ -46,6 +46,8 @@ export interface Checkpoint {
   prefetch(name: string): void;
   /** Releases the maps once every view handed out is collected. */
   close(): void;
+  /** A description of the first file whose size or modification time changed since it was opened, else null. */
+  changed(): string | null;
 }
 
 export type TensorArray =
@@ -61,6 +63,8 @@ const ARRAY_TYPES: Record<string, { new (b: ArrayBufferLike, o: number, n: numbe
 interface OpenFile {
   map: NativeMappedFile;
   header: SafetensorsHeader;
+  size: number;
+  mtimeMs: number;
 }
 
 function checkpointError(message: string): DellaError {
@@ -70,7 +74,9 @@ function checkpointError(message: string): DellaError {
 function openFile(file: string): OpenFile {
   const native = loadNative();
   let map: NativeMappedFile;
+  let st;
   try {
+    st = statSync(file);
     map = new native.MappedFile(file);
   } catch (e) {
     throw checkpointError(`${file}: cannot be read: ${(e as Error).message.replace(`${file}: `, '')}`);
@@ -78,7 +84,7 @@ function openFile(file: string): OpenFile {
   try {
     const headerLength = readHeaderLength(map.view(0, Math.min(8, map.size)), map.size, file);
     const header = parseHeader(map.view(8, headerLength), headerLength, map.size, file);
-    return { map, header };
+    return { map, header, size: st.size, mtimeMs: st.mtimeMs };
   } catch (e) {
     map.close();
     throw e;
@@ -210,6 +216,19 @@ export function openCheckpoint(path: string): Checkpoint {
     },
     close() {
       for (const f of opened.values()) f.map.close();
+    },
+    changed() {
+      for (const [file, f] of opened) {
+        let now;
+        try {
+          now = statSync(file);
+        } catch {
+          return `${file} was removed while it was being read`;
+        }
+        if (now.size !== f.size) return `${file} changed size while it was being read (${f.size} → ${now.size} bytes)`;
+        if (now.mtimeMs !== f.mtimeMs) return `${file} was modified while it was being read`;
+      }
+      return null;
     },
   };
 }

@@ -3,10 +3,10 @@
  * batches of tensors straight from the input maps to the output maps, with progress,
  * cancellation and cleanup. Memory stays bounded: nothing is copied into JS.
  */
+import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { stringify as yamlStringify } from 'yaml';
 import { DellaError } from '../errors.js';
-import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
 import { copyExtras, CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, DEFAULT_SHARD_SIZE } from '../checkpoint/writer.js';
 import { loadNative, packageRoot, type NativeAddon } from '../native.js';
@@ -14,13 +14,28 @@ import type { Recipe } from '../recipe/index.js';
 import { referenceDots, referenceMergeTensor } from '../reference/merge-tensor.js';
 import { slerpCoefficients } from './slerp.js';
 import { modelCard } from './card.js';
-import { planMerge, type MergePlan, type TensorPlan } from './plan.js';
-import {
-  CONSENSUS_CODE, DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE,
-  type CopyTaskSpec, type DotTaskSpec, type FloatDType, type MergeTaskSpec, type MergeTaskStats,
-} from './task.js';
+import type { MergePlan, TensorPlan } from './plan.js';
+import { buildMergeTask, planRecipe, type OpenedModels } from './build.js';
+import { DTYPE_CODE, type CopyTaskSpec, type DotTaskSpec, type FloatDType, type MergeTaskSpec, type MergeTaskStats } from './task.js';
+
+export { planRecipe, openModels, type OpenedModels } from './build.js';
 
 export const RECIPE_FILE = 'della_merge_recipe.yaml';
+/** What verification needs beyond the recipe: the seed used and each tensor's digest. */
+export const RUN_FILE = 'della_merge_run.json';
+
+export interface RunRecord {
+  tool: 'della-merge';
+  version: string;
+  method: string;
+  seed: number;
+  /** SHA-256 of each output tensor's bytes, as written */
+  sha256: Record<string, string>;
+}
+
+function sortedKeys(o: Record<string, string>): Record<string, string> {
+  return Object.fromEntries(Object.entries(o).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
+}
 
 export interface ProgressEvent {
   phase: 'merge' | 'finish';
@@ -47,6 +62,8 @@ export interface MergeOptions {
   signal?: AbortSignal;
   /** 'reference' runs lib/reference instead of the native kernels (slow; for checks) */
   backend?: 'native' | 'reference';
+  /** merge tensors holding NaN or infinity (a warning) instead of refusing them */
+  allowNonFinite?: boolean;
 }
 
 export interface TensorReport {
@@ -124,53 +141,10 @@ function batches(tensors: readonly TensorPlan[]): TensorPlan[][] {
   return out;
 }
 
-function mergeTask(
-  plan: MergePlan, t: TensorPlan, models: OpenedModels, out: Uint8Array, seed: number, slerp: [number, number] | null,
-): MergeTaskSpec {
-  const p = t.params!;
-  const { base, experts } = models;
-  const common = {
-    name: t.name,
-    baseDtype: DTYPE_CODE[t.base.dtype as FloatDType],
-    out,
-    outDtype: DTYPE_CODE[t.outDtype as FloatDType],
-    shape: t.shape,
-    seed,
-  };
-  const expert = (k: number, weight: number) => ({
-    data: experts[k].bytes(t.name),
-    dtype: DTYPE_CODE[t.experts[k].dtype as FloatDType],
-    shape: t.experts[k].shape,
-    weight,
-    density: p.experts[k].density,
-    epsilon: p.experts[k].epsilon,
-    gamma: p.experts[k].gamma,
-  });
-  const plain = { sparsifier: SPARSIFIER_CODE.none, rescale: RESCALE_CODE.none, consensus: CONSENSUS_CODE.none, lambda: 1 };
-  if (plan.method.kind === 'linear') {
-    // A weighted average of the models' values: no base, no deltas.
-    return { ...common, ...plain, base: null, normalize: p.normalize, experts: t.experts.map((_, k) => expert(k, p.experts[k].weight)) };
-  }
-  if (plan.method.kind === 'slerp') {
-    const [c0, c1] = slerp!;
-    const a = { data: base.bytes(t.name), dtype: common.baseDtype, shape: t.shape, weight: c0, density: 1, epsilon: 0, gamma: 0 };
-    return { ...common, ...plain, base: null, normalize: false, experts: [a, expert(0, c1)] };
-  }
-  return {
-    ...common,
-    base: base.bytes(t.name),
-    experts: t.experts.map((_, k) => expert(k, p.experts[k].weight)),
-    sparsifier: SPARSIFIER_CODE[plan.method.sparsifier],
-    rescale: RESCALE_CODE[p.rescale],
-    consensus: CONSENSUS_CODE[p.consensus],
-    normalize: p.normalize,
-    lambda: p.lambda,
-  };
-}
-
 /** slerp's coefficients for the merged tensors of a batch (one pass over both models). */
 async function slerpBatch(
   plans: TensorPlan[], models: OpenedModels, native: NativeAddon | null, threads: number, recipe: Recipe,
+  warnings: string[] | null,
 ): Promise<Map<string, [number, number]>> {
   const tasks: DotTaskSpec[] = plans.map((t) => ({
     a: models.base.bytes(t.name), aDtype: DTYPE_CODE[t.base.dtype as FloatDType],
@@ -180,17 +154,20 @@ async function slerpBatch(
   const sums = native ? await native.dotBatch({ threads, tasks }) : tasks.map(referenceDots);
   const out = new Map<string, [number, number]>();
   plans.forEach((t, i) => {
-    checkFinite(t, { nonfinite: sums[i].nonfinite, kept: [], numel: t.numel }, recipe);
+    checkFinite(t, { nonfinite: sums[i].nonfinite, kept: [], numel: t.numel }, recipe, warnings);
     out.set(t.name, slerpCoefficients(t.params!.t, sums[i]));
   });
   return out;
 }
 
-function checkFinite(t: TensorPlan, stats: MergeTaskStats, recipe: Recipe): void {
+/** Non-finite inputs are an error, or with allowNonFinite a warning (SPEC §1). */
+function checkFinite(t: TensorPlan, stats: MergeTaskStats, recipe: Recipe, warnings: string[] | null): void {
   stats.nonfinite.forEach((count, i) => {
     if (count > 0) {
       const model = i === 0 ? `the base model ${recipe.baseModel.model}` : recipe.models[i - 1].model;
-      throw new DellaError('E_NONFINITE', `tensor "${t.name}" of ${model} holds ${count} non-finite value(s) (NaN or infinity); refusing to merge it`);
+      const what = `tensor "${t.name}" of ${model} holds ${count} non-finite value(s) (NaN or infinity)`;
+      if (!warnings) throw new DellaError('E_NONFINITE', `${what}; refusing to merge it (--allow-nonfinite merges it anyway)`);
+      warnings.push(`${what}; merged anyway`);
     }
   });
 }
@@ -216,40 +193,6 @@ function tensorReport(plan: MergePlan, t: TensorPlan, stats: MergeTaskStats | nu
         };
   }
   return r;
-}
-
-export interface OpenedModels {
-  base: Checkpoint;
-  experts: Checkpoint[];
-  close(): void;
-}
-
-export function openModels(recipe: Recipe): OpenedModels {
-  const opened: Checkpoint[] = [];
-  try {
-    const base = openCheckpoint(recipe.baseModel.path);
-    opened.push(base);
-    const experts = recipe.models.map((m) => {
-      const c = openCheckpoint(m.path);
-      opened.push(c);
-      return c;
-    });
-    return { base, experts, close: () => opened.forEach((c) => c.close()) };
-  } catch (e) {
-    opened.forEach((c) => c.close());
-    throw e;
-  }
-}
-
-/** Plans a merge without writing anything (for --dry-run and checks). */
-export function planRecipe(recipe: Recipe): { plan: MergePlan; models: OpenedModels } {
-  const models = openModels(recipe);
-  try {
-    return { plan: planMerge(recipe, models.base, models.experts), models };
-  } catch (e) {
-    models.close();
-    throw e;
-  }
 }
 
 function recipeText(recipe: Recipe): string {
@@ -283,6 +226,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   if (options.signal?.aborted) throw abortError();
 
   const { plan, models } = planRecipe(recipe);
+  const nonfiniteWarnings: string[] | null = options.allowNonFinite ? [] : null;
   let out: OutputDirectory | null = null;
   try {
     out = OutputDirectory.create(options.out, { overwrite: options.overwrite });
@@ -292,6 +236,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     );
     const dest = out.openShards(layouts);
     const reports: TensorReport[] = [];
+    const digests: Record<string, string> = {};
     const bytesTotal = plan.totals.bytesRead + plan.totals.bytesWritten;
     let bytesDone = 0;
     let tensorsDone = 0;
@@ -311,11 +256,11 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
       const mergePlans: TensorPlan[] = [];
       const copies: CopyTaskSpec[] = [];
       const coefficients = plan.method.kind === 'slerp'
-        ? await slerpBatch(group.filter((t) => t.kind === 'merge'), models, native, threads, recipe)
+        ? await slerpBatch(group.filter((t) => t.kind === 'merge'), models, native, threads, recipe, nonfiniteWarnings)
         : null;
       for (const t of group) {
         if (t.kind === 'merge') {
-          merges.push(mergeTask(plan, t, models, dest.get(t.name)!, seed, coefficients?.get(t.name) ?? null));
+          merges.push(buildMergeTask(plan, t, models, dest.get(t.name)!, seed, coefficients?.get(t.name) ?? null));
           mergePlans.push(t);
         } else {
           copies.push({ src: models.base.bytes(t.name), dst: dest.get(t.name)! });
@@ -329,13 +274,20 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
         for (const c of copies) (c.dst as Uint8Array).set(c.src as Uint8Array);
       }
       mergePlans.forEach((t, i) => {
-        checkFinite(t, stats[i], recipe);
+        checkFinite(t, stats[i], recipe, nonfiniteWarnings);
         reports.push(tensorReport(plan, t, stats[i], coefficients?.get(t.name)));
       });
       for (const t of group) {
+        // Recorded for `verify`, which detects any later change to the bytes.
+        digests[t.name] = createHash('sha256').update(dest.get(t.name)!).digest('hex');
         if (t.kind === 'copy') reports.push(tensorReport(plan, t, null));
         bytesDone += t.inBytes + t.outBytes;
         tensorsDone++;
+      }
+      // A file rewritten under a map would feed the merge a mix of old and new bytes.
+      for (const m of [models.base, ...models.experts]) {
+        const change = m.changed();
+        if (change) throw new DellaError('E_IO', `${change}; the merge is abandoned (rerun it on stable inputs)`);
       }
       options.onProgress?.({
         phase: 'merge', tensorsDone, tensorsTotal: plan.totals.tensors, bytesDone, bytesTotal,
@@ -356,7 +308,9 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     const text = recipeText(recipe);
     out.writeFile(RECIPE_FILE, text);
     out.writeFile('README.md', modelCard(recipe, plan.method, text, packageVersion()));
-    files.push(RECIPE_FILE, 'README.md');
+    const run: RunRecord = { tool: 'della-merge', version: packageVersion(), method: plan.method.name, seed, sha256: sortedKeys(digests) };
+    out.writeFile(RUN_FILE, `${JSON.stringify(run, null, 2)}\n`);
+    files.push(RECIPE_FILE, 'README.md', RUN_FILE);
     out.commit();
     reports.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
     const seconds = (performance.now() - started) / 1000;
@@ -365,7 +319,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
       elapsedSeconds: seconds, tensor: null,
     });
     const zeroKept = reports.filter((r) => r.keptFraction?.some((f) => f === 0) && r.shape.length > 0);
-    const warnings = [...recipe.warnings, ...plan.warnings];
+    const warnings = [...recipe.warnings, ...plan.warnings, ...(nonfiniteWarnings ?? [])];
     if (zeroKept.length > 0 && plan.method.sparsifier !== 'none') {
       warnings.push(`${zeroKept.length} tensor(s) kept none of some expert's delta (first: "${zeroKept[0].name}")`);
     }

@@ -40,6 +40,11 @@ export interface MergeTaskSpec {
   normalize: boolean;
   lambda: number;
   seed: number;
+  /**
+   * lib/reference only: the flat index of this task's first element in its tensor,
+   * when a task holds some rows of a larger tensor (verification recomputes rows).
+   */
+  flatOffset?: number;
 }
 
 export interface CopyTaskSpec {

@@ -3,4 +3,5 @@ export { fnv1a32, tensorId } from './fnv.js';
 export { f16ToF32, f32ToF16, bf16ToF32, f32ToBf16, loadF32, storeF32, magnitudeKey, f32Bits, bitsF32 } from './dtypes.js';
 export { stableRanks, magpruneQ, sparsifyDelta, breadcrumbsWindow, normScale } from './sparsify.js';
 export { fuseElement } from './fuse.js';
-export { referenceMergeTensor, referenceDots, expertRowOffset } from './merge-tensor.js';
+export { referenceMergeTensor, referenceDots, expertRowOffset, type ElementProbe } from './merge-tensor.js';
+export { referenceMergeRows, needsWholeTensor } from './rows.js';

@@ -26,7 +26,10 @@ export function expertRowOffset(base: readonly number[], expert: readonly number
   return offset;
 }
 
-export function referenceMergeTensor(t: MergeTaskSpec): MergeTaskStats {
+/** Sees every element: its raw and sparsified delta per expert, and M, the merged change. */
+export type ElementProbe = (i: number, raw: ArrayLike<number>, sparsified: ArrayLike<number>, m: number) => void;
+
+export function referenceMergeTensor(t: MergeTaskSpec, probe?: ElementProbe): MergeTaskStats {
   const numel = product(t.shape);
   const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : numel;
   const rows = n === 0 ? 0 : numel / n;
@@ -42,6 +45,7 @@ export function referenceMergeTensor(t: MergeTaskSpec): MergeTaskStats {
     b[i] = loadF32(baseView, t.baseDtype, i);
     if (!Number.isFinite(b[i])) stats.nonfinite[0]++;
   }
+  const raws: Float64Array[] = [];
   // Each expert's whole delta, then its sparsifier (some look at the whole tensor).
   const deltas = t.experts.map((e, k) => {
     const d = new Float64Array(numel);
@@ -53,9 +57,10 @@ export function referenceMergeTensor(t: MergeTaskSpec): MergeTaskStats {
         d[r * n + j] = baseView ? Math.fround(x - b[r * n + j]) : x;
       }
     }
+    if (probe) raws[k] = d.slice();
     stats.kept[k] = !baseView ? numel : sparsifyDelta(d, n, {
       sparsifier: t.sparsifier, rescale: t.rescale, baseDtype: t.baseDtype, seed: t.seed,
-      tensorId: id, expert: k, density: e.density, epsilon: e.epsilon, gamma: e.gamma,
+      tensorId: id, expert: k, density: e.density, epsilon: e.epsilon, gamma: e.gamma, offset: t.flatOffset,
     });
     return d;
   });
@@ -65,6 +70,7 @@ export function referenceMergeTensor(t: MergeTaskSpec): MergeTaskStats {
     for (let k = 0; k < K; k++) p[k] = Math.fround(w[k] * deltas[k][i]);
     const m = fuseElement(p, w, fuse);
     storeF32(outView, t.outDtype, i, baseView ? Math.fround(b[i] + m) : m);
+    if (probe) probe(i, raws.map((d) => d[i]), deltas.map((d) => d[i]), m);
   }
   return stats;
 }

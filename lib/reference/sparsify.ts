@@ -47,6 +47,8 @@ export interface SparsifyContext {
   density: number;
   epsilon: number;
   gamma: number;
+  /** flat index of delta[0] in its tensor (non-zero when a single row is recomputed) */
+  offset?: number;
 }
 
 /**
@@ -58,7 +60,7 @@ export function sparsifyDelta(delta: Float64Array, n: number, c: SparsifyContext
   if (c.sparsifier === SPARSIFIER_CODE.none || c.density >= 1) return numel;
   const keep = new Uint8Array(numel);
   const q = new Float64Array(numel); // keep probability, for the inverse rescale
-  const x = (i: number) => elementUniform(c.seed, c.tensorId, c.expert, i);
+  const x = (i: number) => elementUniform(c.seed, c.tensorId, c.expert, (c.offset ?? 0) + i);
   switch (c.sparsifier) {
     case SPARSIFIER_CODE.magprune:
       for (let i0 = 0; i0 < numel; i0 += n) {

@@ -1,0 +1,88 @@
+/**
+ * From a plan to kernel tasks: the models a recipe names, opened, and the task object
+ * (lib/merge/task.ts) of each merged tensor. Shared by the scheduler and verification.
+ */
+import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
+import type { Recipe } from '../recipe/index.js';
+import { planMerge, type MergePlan, type TensorPlan } from './plan.js';
+import { CONSENSUS_CODE, DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE, type FloatDType, type MergeTaskSpec } from './task.js';
+
+export interface OpenedModels {
+  base: Checkpoint;
+  experts: Checkpoint[];
+  close(): void;
+}
+
+export function openModels(recipe: Recipe): OpenedModels {
+  const opened: Checkpoint[] = [];
+  try {
+    const base = openCheckpoint(recipe.baseModel.path);
+    opened.push(base);
+    const experts = recipe.models.map((m) => {
+      const c = openCheckpoint(m.path);
+      opened.push(c);
+      return c;
+    });
+    return { base, experts, close: () => opened.forEach((c) => c.close()) };
+  } catch (e) {
+    opened.forEach((c) => c.close());
+    throw e;
+  }
+}
+
+/** Plans a merge without writing anything (for --dry-run and checks). */
+export function planRecipe(recipe: Recipe): { plan: MergePlan; models: OpenedModels } {
+  const models = openModels(recipe);
+  try {
+    return { plan: planMerge(recipe, models.base, models.experts), models };
+  } catch (e) {
+    models.close();
+    throw e;
+  }
+}
+
+/** The kernel task of a merged tensor; slerp needs its coefficients (see slerp.ts). */
+export function buildMergeTask(
+  plan: MergePlan, t: TensorPlan, models: OpenedModels, out: Uint8Array, seed: number, slerp: [number, number] | null,
+): MergeTaskSpec {
+  const p = t.params!;
+  const { base, experts } = models;
+  const common = {
+    name: t.name,
+    baseDtype: DTYPE_CODE[t.base.dtype as FloatDType],
+    out,
+    outDtype: DTYPE_CODE[t.outDtype as FloatDType],
+    shape: t.shape,
+    seed,
+  };
+  const expert = (k: number, weight: number) => ({
+    data: experts[k].bytes(t.name),
+    dtype: DTYPE_CODE[t.experts[k].dtype as FloatDType],
+    shape: t.experts[k].shape,
+    weight,
+    density: p.experts[k].density,
+    epsilon: p.experts[k].epsilon,
+    gamma: p.experts[k].gamma,
+  });
+  const plain = { sparsifier: SPARSIFIER_CODE.none, rescale: RESCALE_CODE.none, consensus: CONSENSUS_CODE.none, lambda: 1 };
+  if (plan.method.kind === 'linear') {
+    // A weighted average of the models' values: no base, no deltas.
+    return { ...common, ...plain, base: null, normalize: p.normalize, experts: t.experts.map((_, k) => expert(k, p.experts[k].weight)) };
+  }
+  if (plan.method.kind === 'slerp') {
+    const [c0, c1] = slerp!;
+    const a = { data: base.bytes(t.name), dtype: common.baseDtype, shape: t.shape, weight: c0, density: 1, epsilon: 0, gamma: 0 };
+    return { ...common, ...plain, base: null, normalize: false, experts: [a, expert(0, c1)] };
+  }
+  return {
+    ...common,
+    base: base.bytes(t.name),
+    experts: t.experts.map((_, k) => expert(k, p.experts[k].weight)),
+    sparsifier: SPARSIFIER_CODE[plan.method.sparsifier],
+    rescale: RESCALE_CODE[p.rescale],
+    consensus: CONSENSUS_CODE[p.consensus],
+    normalize: p.normalize,
+    lambda: p.lambda,
+  };
+}
+

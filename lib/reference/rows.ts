@@ -1,0 +1,64 @@
+/**
+ * Recomputes chosen rows of a tensor with the reference, for verification: alone when
+ * a row's result depends only on that row, from the whole tensor when it does not
+ * (TIES and breadcrumbs cut over the whole tensor; norm rescales sum over it).
+ */
+import type { MergeTaskSpec, MergeTaskStats } from '../merge/task.js';
+import { RESCALE_CODE, SPARSIFIER_CODE } from '../merge/task.js';
+import { dtypeSize } from './dtypes.js';
+import { expertRowOffset, referenceMergeTensor, type ElementProbe } from './merge-tensor.js';
+
+export function needsWholeTensor(t: MergeTaskSpec): boolean {
+  const wholeCut = t.sparsifier === SPARSIFIER_CODE.magnitude || t.sparsifier === SPARSIFIER_CODE.breadcrumbs;
+  const norm = t.rescale === RESCALE_CODE.l1 || t.rescale === RESCALE_CODE.l2 || t.rescale === RESCALE_CODE.linf;
+  return t.base !== null && t.sparsifier !== SPARSIFIER_CODE.none && (wholeCut || norm);
+}
+
+export interface RowsResult {
+  /** the output bytes of each requested row, in the order asked */
+  rows: Uint8Array[];
+  /** statistics over the rows computed (the whole tensor when it had to be) */
+  stats: MergeTaskStats;
+}
+
+function bytesOf(v: ArrayBufferView): Uint8Array {
+  return new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
+}
+
+/** `t.out` is ignored; the probe sees the elements of the requested rows only. */
+export function referenceMergeRows(t: MergeTaskSpec, rows: readonly number[], probe?: ElementProbe): RowsResult {
+  const numel = t.shape.reduce((a, b) => a * b, 1);
+  const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : numel;
+  const outSize = dtypeSize(t.outDtype);
+  if (needsWholeTensor(t)) {
+    const out = new Uint8Array(numel * outSize);
+    const wanted = new Set(rows);
+    const stats = referenceMergeTensor({ ...t, out }, probe && ((i, raw, sp, m) => {
+      if (wanted.has(Math.floor(i / n))) probe(i, raw, sp, m);
+    }));
+    return { rows: rows.map((r) => out.subarray(r * n * outSize, (r + 1) * n * outSize)), stats };
+  }
+  const K = t.experts.length;
+  const stats: MergeTaskStats = { nonfinite: new Array(K + 1).fill(0), kept: new Array(K).fill(0), numel: 0 };
+  const inSize = dtypeSize(t.baseDtype);
+  const out = rows.map((r) => {
+    const row: MergeTaskSpec = {
+      ...t,
+      shape: [n],
+      flatOffset: r * n,
+      base: t.base && bytesOf(t.base).subarray(r * n * inSize, (r + 1) * n * inSize),
+      out: new Uint8Array(n * outSize),
+      experts: t.experts.map((e) => {
+        const size = dtypeSize(e.dtype);
+        const off = expertRowOffset(t.shape, e.shape, r, n);
+        return { ...e, shape: [n], data: bytesOf(e.data).subarray(off * size, (off + n) * size) };
+      }),
+    };
+    const s = referenceMergeTensor(row, probe && ((i, raw, sp, m) => probe(r * n + i, raw, sp, m)));
+    s.nonfinite.forEach((c, k) => { stats.nonfinite[k] += c; });
+    s.kept.forEach((c, k) => { stats.kept[k] += c; });
+    stats.numel += s.numel;
+    return row.out as Uint8Array;
+  });
+  return { rows: out, stats };
+}

@@ -1,0 +1,226 @@
+/**
+ * Verifies a merged model against its recipe: the planned tensors with the planned
+ * dtypes and shapes, every value finite, copied tensors equal to the base, and sampled
+ * rows of every merged tensor recomputed by lib/reference equal to the output bit for
+ * bit. Along the way it gathers what users look at when a merge goes wrong.
+ */
+import { createHash } from 'node:crypto';
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { DellaError } from '../errors.js';
+import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
+import type { Recipe } from '../recipe/index.js';
+import { buildMergeTask, planRecipe } from '../merge/build.js';
+import type { TensorPlan } from '../merge/plan.js';
+import { slerpCoefficients } from '../merge/slerp.js';
+import { RUN_FILE, type RunRecord } from '../merge/run.js';
+import { DTYPE_CODE, type FloatDType } from '../merge/task.js';
+import { dataView, dtypeSize, loadF32 } from '../reference/dtypes.js';
+import { referenceDots } from '../reference/merge-tensor.js';
+import { referenceMergeRows } from '../reference/rows.js';
+import { tensorId } from '../reference/fnv.js';
+
+export interface VerifyOptions {
+  /** rows recomputed per merged tensor (all rows of tensors up to 65,536 elements); default 3 */
+  samples?: number;
+  /** the seed the merge used; default: the output's della_merge_run.json, else the recipe's */
+  seed?: number;
+  onProgress?: (done: number, total: number, tensor: string) => void;
+}
+
+export interface TensorCheck {
+  name: string;
+  kind: 'merge' | 'copy';
+  ok: boolean;
+  problems: string[];
+  rowsChecked: number;
+  rowsTotal: number;
+  /** merged tensors, over the rows checked: per expert */
+  keptFraction?: number[];
+  /** fraction of an expert's surviving changes whose sign matches the merged change */
+  signAgreement?: number[];
+  /** ‖merged change‖ / ‖expert's change‖ */
+  normRatio?: number[];
+}
+
+export interface VerifyReport {
+  ok: boolean;
+  out: string;
+  method: string;
+  seed: number;
+  tensors: { checked: number; failed: number };
+  rowsChecked: number;
+  problems: string[];
+  checks: TensorCheck[];
+  seconds: number;
+}
+
+const SMALL = 65536;
+
+/** Rows to recompute: all of a small tensor, else the first, the last and some between. */
+export function sampleRows(name: string, rows: number, numel: number, samples: number): number[] {
+  if (numel <= SMALL || rows <= samples) return Array.from({ length: rows }, (_, i) => i);
+  const picked = new Set([0, rows - 1]);
+  let h = tensorId(name);
+  for (let tries = 0; picked.size < Math.min(samples, rows) && tries < 100_000; tries++) {
+    h = Math.imul(h ^ (h >>> 15), 0x2c1b3c6d) >>> 0;
+    picked.add(h % rows);
+  }
+  return [...picked].sort((a, b) => a - b);
+}
+
+function bytes(v: ArrayBufferView): Uint8Array {
+  return new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
+}
+
+/** Counts non-finite values of a stored float tensor straight from its bits. */
+function countNonFinite(b: Uint8Array, dtype: string): number {
+  const dv = dataView(b);
+  let bad = 0;
+  if (dtype === 'F16' || dtype === 'BF16') {
+    const mask = dtype === 'F16' ? 0x7c00 : 0x7f80;
+    for (let i = 0; i + 1 < b.length; i += 2) if ((dv.getUint16(i, true) & mask) === mask) bad++;
+  } else if (dtype === 'F32') {
+    for (let i = 0; i + 3 < b.length; i += 4) if ((dv.getUint32(i, true) & 0x7f800000) === 0x7f800000) bad++;
+  } else if (dtype === 'F64') {
+    for (let i = 0; i + 7 < b.length; i += 8) if (!Number.isFinite(dv.getFloat64(i, true))) bad++;
+  }
+  return bad;
+}
+
+/** The merge's own record (seed, digests), when the output still has it. */
+function runRecord(out: string): Partial<RunRecord> {
+  const file = join(out, RUN_FILE);
+  if (!existsSync(file)) return {};
+  try {
+    const r = JSON.parse(readFileSync(file, 'utf8')) as Partial<RunRecord>;
+    return typeof r === 'object' && r !== null ? r : {};
+  } catch {
+    return {};
+  }
+}
+
+export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOptions = {}): Promise<VerifyReport> {
+  const started = performance.now();
+  const samples = options.samples ?? 3;
+  if (!Number.isInteger(samples) || samples < 1) throw new DellaError('E_ARGS', `samples must be a positive integer, got ${samples}`);
+  if (!existsSync(out)) throw new DellaError('E_ARGS', `${out}: no such output directory`);
+  const record = runRecord(out);
+  const recorded = record.seed;
+  const seed = options.seed ?? (typeof recorded === 'number' && Number.isSafeInteger(recorded) && recorded >= 0 ? recorded : recipe.seed);
+  const digests = record.sha256 && typeof record.sha256 === 'object' ? record.sha256 : null;
+  const { plan, models } = planRecipe(recipe);
+  let merged: Checkpoint | null = null;
+  try {
+    merged = openCheckpoint(out);
+    const problems: string[] = [];
+    const checks: TensorCheck[] = [];
+    if (!digests) problems.push(`${RUN_FILE} is missing or unreadable: only sampled rows can be checked, not every byte`);
+    const planned = new Set(plan.tensors.map((t) => t.name));
+    for (const name of merged.names) {
+      if (!planned.has(name)) problems.push(`tensor "${name}" is in the output but not in the plan`);
+    }
+    let rowsChecked = 0;
+    for (const [i, t] of plan.tensors.entries()) {
+      const check = checkTensor(t, merged, plan.method.kind, models, seed, samples, plan);
+      const want = digests?.[t.name];
+      if (digests && merged.tensors.has(t.name)) {
+        const have = createHash('sha256').update(merged.bytes(t.name)).digest('hex');
+        if (have !== want) {
+          check.ok = false;
+          check.problems.push(`tensor "${t.name}": its bytes changed since the merge wrote them (SHA-256 ${have.slice(0, 12)}…, recorded ${String(want).slice(0, 12)}…)`);
+        }
+      }
+      rowsChecked += check.rowsChecked;
+      checks.push(check);
+      problems.push(...check.problems);
+      options.onProgress?.(i + 1, plan.tensors.length, t.name);
+      if (i % 16 === 15) await new Promise((r) => setImmediate(r)); // let progress and signals through
+    }
+    return {
+      ok: problems.length === 0,
+      out: merged.path,
+      method: plan.method.name,
+      seed,
+      tensors: { checked: checks.length, failed: checks.filter((c) => !c.ok).length },
+      rowsChecked,
+      problems,
+      checks,
+      seconds: (performance.now() - started) / 1000,
+    };
+  } finally {
+    merged?.close();
+    models.close();
+  }
+}
+
+function checkTensor(
+  t: TensorPlan, merged: Checkpoint, kind: string, models: ReturnType<typeof planRecipe>['models'], seed: number,
+  samples: number, plan: ReturnType<typeof planRecipe>['plan'],
+): TensorCheck {
+  const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : t.numel;
+  const rows = n === 0 ? 0 : t.numel / n;
+  const check: TensorCheck = { name: t.name, kind: t.kind, ok: true, problems: [], rowsChecked: 0, rowsTotal: rows };
+  const fail = (message: string) => {
+    check.ok = false;
+    check.problems.push(`tensor "${t.name}": ${message}`);
+  };
+  const info = merged.tensors.get(t.name);
+  if (!info) {
+    fail('missing from the output');
+    return check;
+  }
+  if (info.dtype !== t.outDtype) fail(`dtype ${info.dtype}, planned ${t.outDtype}`);
+  if (info.shape.join(',') !== t.shape.join(',')) fail(`shape [${info.shape.join(', ')}], planned [${t.shape.join(', ')}]`);
+  if (!check.ok) return check;
+  const got = merged.bytes(t.name);
+  const bad = countNonFinite(got, info.dtype);
+  if (bad > 0) fail(`${bad} non-finite value(s)`);
+  if (t.kind === 'copy') {
+    if (Buffer.compare(Buffer.from(bytes(got)), Buffer.from(bytes(models.base.bytes(t.name)))) !== 0) fail('differs from the base model, from which it is copied');
+    check.rowsChecked = rows;
+    return check;
+  }
+  const slerp = kind === 'slerp'
+    ? slerpCoefficients(t.params!.t, referenceDots({
+      a: models.base.bytes(t.name), aDtype: DTYPE_CODE[t.base.dtype as FloatDType],
+      b: models.experts[0].bytes(t.name), bDtype: DTYPE_CODE[t.experts[0].dtype as FloatDType], shape: t.shape,
+    }))
+    : null;
+  const task = buildMergeTask(plan, t, models, new Uint8Array(0), seed, slerp);
+  const wanted = sampleRows(t.name, rows, t.numel, samples);
+  const K = task.experts.length;
+  const agree = new Array(K).fill(0), nonzero = new Array(K).fill(0), rawSq = new Array(K).fill(0);
+  let mergedSq = 0;
+  const baseView = task.base ? dataView(task.base) : null;
+  const outView = dataView(got);
+  const result = referenceMergeRows(task, wanted, (i, raw, sparsified, m) => {
+    const change = baseView ? loadF32(outView, task.outDtype, i) - loadF32(baseView, task.baseDtype, i) : m;
+    mergedSq += change * change;
+    for (let k = 0; k < K; k++) {
+      rawSq[k] += raw[k] * raw[k];
+      const p = task.experts[k].weight * sparsified[k];
+      if (p !== 0) {
+        nonzero[k]++;
+        if (Math.sign(p) === Math.sign(change)) agree[k]++;
+      }
+    }
+  });
+  const size = dtypeSize(task.outDtype);
+  wanted.forEach((r, idx) => {
+    const want = result.rows[idx];
+    const have = got.subarray(r * n * size, (r + 1) * n * size);
+    if (Buffer.compare(Buffer.from(want), Buffer.from(have)) !== 0) {
+      let j = 0;
+      while (j < want.length && want[j] === have[j]) j++;
+      fail(`row ${r} differs from the reference recomputation (first at element ${r * n + Math.floor(j / size)})`);
+    }
+  });
+  check.rowsChecked = wanted.length;
+  if (kind === 'delta') {
+    check.keptFraction = result.stats.kept.map((k) => (result.stats.numel ? k / result.stats.numel : 1));
+    check.signAgreement = agree.map((a, k) => (nonzero[k] ? a / nonzero[k] : 1));
+    check.normRatio = rawSq.map((s) => (s > 0 ? Math.sqrt(mergedSq / s) : 0));
+  }
+  return check;
+}
