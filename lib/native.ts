@@ -39,8 +39,10 @@ export function loadNative(): NativeAddon {
   if (cached) return cached;
   const require = createRequire(import.meta.url);
   try {
+    // DELLA_NATIVE_PATH picks a specific build (the sanitizer build of test:asan).
+    const explicit = process.env.DELLA_NATIVE_PATH;
     const load = require('node-gyp-build') as (dir: string) => unknown;
-    cached = load(packageRoot) as NativeAddon;
+    cached = (explicit ? require(resolve(explicit)) : load(packageRoot)) as NativeAddon;
   } catch (e) {
     const reason = e instanceof Error ? e.message.split('\n')[0] : String(e);
     throw new DellaError(

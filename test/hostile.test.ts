@@ -1,0 +1,174 @@
+/**
+ * Hostile or broken checkpoints and faults: every case gets one clear message naming
+ * the file, a non-zero exit, no stack trace, and no output left behind.
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, readdirSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { merge, saveModel } from '../lib/index.js';
+import { tempDir, writeRecipe } from './helpers/models.js';
+
+const root = resolve(import.meta.dirname, '..');
+const bin = join(root, 'bin/della-merge.js');
+
+function cli(args: string[]) {
+  const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8' });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** A safetensors file from a header object (or raw header text) and data bytes. */
+function rawFile(path: string, header: unknown, data: Uint8Array | number = 0, opts: { lengthOverride?: bigint } = {}) {
+  const json = Buffer.isBuffer(header) ? header : Buffer.from(typeof header === 'string' ? header : JSON.stringify(header), 'utf8');
+  const prefix = Buffer.alloc(8);
+  prefix.writeBigUInt64LE(opts.lengthOverride ?? BigInt(json.length));
+  const body = typeof data === 'number' ? Buffer.alloc(data, 1) : Buffer.from(data);
+  writeFileSync(path, Buffer.concat([prefix, json, body]));
+  return path;
+}
+
+const W = { dtype: 'F32', shape: [2, 2], data_offsets: [0, 16] };
+
+describe('hostile checkpoints', () => {
+  const dir = tempDir('della-hostile-');
+  const good = join(dir, 'good');
+  saveModel(good, [{ name: 'w', dtype: 'F32', shape: [2, 2], data: new Float32Array([1, 2, 3, 4]) }]);
+  const base = good;
+  const f = (name: string) => join(dir, name);
+  const cases: Array<[string, () => string, RegExp]> = [
+    ['an empty file', () => (writeFileSync(f('empty.safetensors'), ''), f('empty.safetensors')), /empty\.safetensors: .*(truncated|shorter|empty|8 bytes)/i],
+    ['a 5-byte file', () => (writeFileSync(f('five.safetensors'), 'abcde'), f('five.safetensors')), /five\.safetensors/],
+    ['a header length beyond the file', () => rawFile(f('long.safetensors'), { w: W }, 16, { lengthOverride: 10_000n }), /long\.safetensors: .*header/i],
+    ['a header length over 100 MB', () => rawFile(f('huge.safetensors'), { w: W }, 16, { lengthOverride: 200_000_000n }), /huge\.safetensors: .*100/],
+    ['a header length of 2^64 - 1', () => rawFile(f('max.safetensors'), { w: W }, 16, { lengthOverride: 0xffffffffffffffffn }), /max\.safetensors/],
+    ['bytes that are not UTF-8', () => rawFile(f('utf.safetensors'), Buffer.from([0x7b, 0xff, 0xfe, 0x7d]), 0), /utf\.safetensors: .*UTF-8/i],
+    ['a header that is not JSON', () => rawFile(f('notjson.safetensors'), '{"w": ', 0), /notjson\.safetensors: .*JSON/i],
+    ['a JSON array header', () => rawFile(f('array.safetensors'), '[1, 2]', 0), /array\.safetensors: .*object/i],
+    ['a JSON null header', () => rawFile(f('null.safetensors'), 'null', 0), /null\.safetensors: .*object/i],
+    ['duplicate tensor names', () => rawFile(f('dup.safetensors'), `{"w": ${JSON.stringify(W)}, "w": ${JSON.stringify({ ...W, data_offsets: [16, 32] })}}`, 32), /dup\.safetensors: .*duplicate/i],
+    ['an unknown dtype', () => rawFile(f('dtype.safetensors'), { w: { ...W, dtype: 'F128' } }, 16), /dtype\.safetensors: .*F128/],
+    ['a negative dimension', () => rawFile(f('neg.safetensors'), { w: { ...W, shape: [-2, 2] } }, 16), /neg\.safetensors: .*shape/i],
+    ['a fractional dimension', () => rawFile(f('frac.safetensors'), { w: { ...W, shape: [1.5, 2] } }, 16), /frac\.safetensors: .*shape/i],
+    ['a string dimension', () => rawFile(f('str.safetensors'), { w: { ...W, shape: ['2', 2] } }, 16), /str\.safetensors: .*shape/i],
+    ['an overflowing shape', () => rawFile(f('ovf.safetensors'), { w: { ...W, shape: [2 ** 40, 2 ** 40] } }, 16), /ovf\.safetensors: .*(overflow|large|safe)/i],
+    ['offsets that run backwards', () => rawFile(f('back.safetensors'), { w: { ...W, data_offsets: [16, 0] } }, 16), /back\.safetensors: .*offsets/i],
+    ['offsets past the end', () => rawFile(f('past.safetensors'), { w: { ...W, data_offsets: [0, 16] } }, 8), /past\.safetensors/],
+    ['overlapping tensors', () => rawFile(f('overlap.safetensors'), { a: W, b: { ...W, data_offsets: [8, 24] } }, 24), /overlap\.safetensors: .*overlap/i],
+    ['a gap between tensors', () => rawFile(f('gap.safetensors'), { a: W, b: { ...W, data_offsets: [20, 36] } }, 36), /gap\.safetensors: .*gap/i],
+    ['a size that does not match the shape', () => rawFile(f('size.safetensors'), { w: { ...W, data_offsets: [0, 12] } }, 12), /size\.safetensors: .*(needs|bytes)/i],
+    ['trailing bytes after the last tensor', () => rawFile(f('trail.safetensors'), { w: W }, 20), /trail\.safetensors/],
+    ['non-integer offsets', () => rawFile(f('offs.safetensors'), { w: { ...W, data_offsets: [0, 16.5] } }, 16), /offs\.safetensors: .*offsets/i],
+    ['a metadata value that is not a string', () => rawFile(f('meta.safetensors'), { __metadata__: { format: 1 }, w: W }, 16), /meta\.safetensors: .*metadata/i],
+    ['a tensor entry that is not an object', () => rawFile(f('entry.safetensors'), { w: 7 }, 0), /entry\.safetensors/],
+    ['a directory without weights', () => (mkdirSync(f('nodata'), { recursive: true }), f('nodata')), /nodata: no model\.safetensors/],
+    ['an index that is not JSON', () => { mkdirSync(f('idx1'), { recursive: true }); writeFileSync(join(f('idx1'), 'model.safetensors.index.json'), '{oops'); return f('idx1'); }, /idx1.*index\.json: not valid JSON/],
+    ['an index without weight_map', () => { mkdirSync(f('idx2'), { recursive: true }); writeFileSync(join(f('idx2'), 'model.safetensors.index.json'), '{"metadata": {}}'); return f('idx2'); }, /idx2.*has no "weight_map"/],
+    ['an index escaping with ../', () => { mkdirSync(f('idx3'), { recursive: true }); writeFileSync(join(f('idx3'), 'model.safetensors.index.json'), JSON.stringify({ weight_map: { w: '../good/model.safetensors' } })); return f('idx3'); }, /idx3.*outside the model directory/],
+    ['an index naming an absolute path', () => { mkdirSync(f('idx4'), { recursive: true }); writeFileSync(join(f('idx4'), 'model.safetensors.index.json'), JSON.stringify({ weight_map: { w: join(good, 'model.safetensors') } })); return f('idx4'); }, /idx4.*absolute path/],
+    ['an index through a symbolic link leading out', () => { mkdirSync(f('idx5'), { recursive: true }); symlinkSync(join(good, 'model.safetensors'), join(f('idx5'), 'shard.safetensors')); writeFileSync(join(f('idx5'), 'model.safetensors.index.json'), JSON.stringify({ weight_map: { w: 'shard.safetensors' } })); return f('idx5'); }, /idx5.*link leading outside/],
+    ['an index naming a missing shard', () => { mkdirSync(f('idx6'), { recursive: true }); writeFileSync(join(f('idx6'), 'model.safetensors.index.json'), JSON.stringify({ weight_map: { w: 'gone.safetensors' } })); return f('idx6'); }, /idx6.*gone\.safetensors.*does not exist/],
+    ['an index naming a tensor its shard lacks', () => { mkdirSync(f('idx7'), { recursive: true }); saveModel(join(f('idx7'), 'x'), [{ name: 'w', dtype: 'F32', shape: [2, 2], data: new Float32Array(4) }]); writeFileSync(join(f('idx7'), 'model.safetensors.index.json'), JSON.stringify({ weight_map: { v: 'x/model.safetensors' } })); return f('idx7'); }, /idx7.*puts "v" in model\.safetensors, which has no such tensor/],
+    ['a tensor in two shards', () => { mkdirSync(f('two'), { recursive: true }); saveModel(join(f('two'), 'a'), [{ name: 'w', dtype: 'F32', shape: [1], data: new Float32Array(1) }]); rmSync(join(f('two'), 'a'), { recursive: true }); rawFile(join(f('two'), 'a.safetensors'), { w: { dtype: 'F32', shape: [1], data_offsets: [0, 4] } }, 4); rawFile(join(f('two'), 'b.safetensors'), { w: { dtype: 'F32', shape: [1], data_offsets: [0, 4] } }, 4); return f('two'); }, /tensor "w" is in both a\.safetensors and b\.safetensors/],
+  ];
+  for (const [label, make, message] of cases) {
+    it(label, () => {
+      const path = make();
+      const inspect = cli(['inspect', path]);
+      expect(inspect.code, inspect.stderr).toBe(1);
+      expect(inspect.stderr).toMatch(message);
+      expect(inspect.stderr).not.toMatch(/\n\s+at /);
+      const out = join(dir, `out-${label.replace(/\W+/g, '-')}`);
+      const recipe = writeRecipe(join(dir, `r-${label.replace(/\W+/g, '-')}.yaml`), { merge_method: 'della', base_model: base, models: [{ model: path }] });
+      const run = cli(['run', recipe, '--out', out]);
+      expect(run.code, run.stderr).toBe(1);
+      expect(run.stderr).toMatch(message);
+      expect(existsSync(out)).toBe(false);
+    });
+  }
+
+  it('NaN or infinity in a tensor to be merged is an error by default, and --allow-nonfinite proceeds', () => {
+    saveModel(f('nan'), [{ name: 'w', dtype: 'F32', shape: [2, 2], data: new Float32Array([1, NaN, Infinity, 4]) }]);
+    const recipe = writeRecipe(f('nan.yaml'), { merge_method: 'task_arithmetic', base_model: base, models: [{ model: f('nan') }] });
+    const r = cli(['run', recipe, '--out', f('nan-out')]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/tensor "w" of .*nan holds 2 non-finite value\(s\)/);
+    expect(existsSync(f('nan-out'))).toBe(false);
+    const ok = cli(['run', recipe, '--out', f('nan-out'), '--allow-nonfinite']);
+    expect(ok.code, ok.stderr).toBe(0);
+    expect(ok.stdout).toMatch(/warning +tensor "w" .* merged anyway/);
+  });
+});
+
+describe('faults leave nothing that looks finished', () => {
+  function bigModels(dir: string) {
+    const tensors = (salt: number) => Array.from({ length: 24 }, (_, i) => {
+      const data = new Uint16Array(1 << 20);
+      for (let j = 0; j < data.length; j++) data[j] = 0x3c00 | ((j * 2654435761 + i * 97 + salt * (j & 7)) & 0x3ff);
+      return { name: `model.layers.${i}.mlp.up_proj.weight`, dtype: 'BF16', shape: [1024, 1024], data };
+    });
+    saveModel(join(dir, 'base'), tensors(0));
+    saveModel(join(dir, 'e0'), tensors(1));
+    return writeRecipe(join(dir, 'r.yaml'), { merge_method: 'della', base_model: join(dir, 'base'), models: [{ model: join(dir, 'e0'), parameters: { density: 0.5, epsilon: 0.1 } }] });
+  }
+
+  it('SIGINT midway exits 130 and removes the temporary output', async () => {
+    const dir = tempDir();
+    const recipe = bigModels(dir);
+    const out = join(dir, 'merged');
+    const child = spawn(process.execPath, [bin, 'run', recipe, '--out', out, '--threads', '1'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    const code = await new Promise<number | null>((done) => {
+      child.stderr.on('data', (d: Buffer) => {
+        stderr += d.toString();
+        if (stderr.includes('progress') && !child.killed) child.kill('SIGINT');
+      });
+      child.on('exit', (c) => done(c));
+    });
+    expect(code, stderr).toBe(130);
+    expect(existsSync(out)).toBe(false);
+    expect(readdirSync(dir).filter((x) => x.includes('della-tmp'))).toEqual([]);
+  });
+
+  it('an input modified during the merge is detected and reported', async () => {
+    const dir = tempDir();
+    const recipe = bigModels(dir);
+    let touched = false;
+    const err = await merge(recipe, {
+      out: join(dir, 'merged'),
+      onProgress: () => {
+        if (!touched) {
+          touched = true;
+          utimesSync(join(dir, 'e0', 'model.safetensors'), new Date(), new Date(Date.now() + 5000));
+        }
+      },
+    }).catch((e: Error) => e);
+    expect(String(err)).toMatch(/e0\/model\.safetensors was modified while it was being read/);
+    expect(existsSync(join(dir, 'merged'))).toBe(false);
+    expect(readdirSync(dir).filter((x) => x.includes('della-tmp'))).toEqual([]);
+  });
+
+  it('a full disk fails cleanly (a 1 MB tmpfs where the machine permits, else an unwritable path)', () => {
+    const dir = tempDir();
+    saveModel(join(dir, 'base'), [{ name: 'w', dtype: 'F32', shape: [512, 1024], data: new Float32Array(512 * 1024) }]);
+    saveModel(join(dir, 'e'), [{ name: 'w', dtype: 'F32', shape: [512, 1024], data: new Float32Array(512 * 1024).fill(0.5) }]);
+    const recipe = writeRecipe(join(dir, 'r.yaml'), { merge_method: 'task_arithmetic', base_model: join(dir, 'base'), models: [{ model: join(dir, 'e') }] });
+    const mnt = join(dir, 'small');
+    mkdirSync(mnt);
+    const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mnt]).status === 0;
+    try {
+      if (mounted) {
+        const r = cli(['run', recipe, '--out', join(mnt, 'merged')]);
+        expect(r.code).toBe(1);
+        expect(r.stderr).toMatch(/no space left on device|No space left/i);
+        expect(readdirSync(mnt)).toEqual([]);
+      } else {
+        writeFileSync(join(dir, 'file'), 'x');
+        const r = cli(['run', recipe, '--out', join(dir, 'file', 'merged')]);
+        expect(r.code).toBe(1);
+        expect(r.stderr).toMatch(/file/);
+      }
+    } finally {
+      if (mounted) spawnSync('umount', [mnt]);
+    }
+  });
+});

@@ -1,0 +1,111 @@
+/** verify: passes good merges of every kind and fails on a single flipped byte. */
+import { spawnSync } from 'node:child_process';
+import { readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { loadRecipe, merge, openCheckpoint, saveModel } from '../lib/index.js';
+import { verifyMerge } from '../lib/validate/verify.js';
+import { makeModels, tempDir, writeRecipe } from './helpers/models.js';
+import { rng, testSeed } from './helpers/random.js';
+import { drawBaseAndExperts, tensorBytes } from './helpers/tensors.js';
+import { DTYPE_CODE } from '../lib/merge/task.js';
+
+const root = resolve(import.meta.dirname, '..');
+const seed = testSeed();
+
+function cli(args: string[]) {
+  const r = spawnSync(process.execPath, [join(root, 'bin/della-merge.js'), ...args], { encoding: 'utf8' });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** Flips one bit of tensor `name`'s element `index` in the output files. */
+function flip(out: string, name: string, index: number) {
+  const c = openCheckpoint(out);
+  const t = c.tensors.get(name)!;
+  const size = t.byteLength / t.numel;
+  c.close();
+  const bytes = readFileSync(t.file);
+  bytes[t.offset + index * size] ^= 1;
+  writeFileSync(t.file, bytes);
+}
+
+
+describe(`verify (DELLA_TEST_SEED=${seed})`, () => {
+  const cases: Array<[string, 'BF16' | 'F16' | 'F32', Record<string, unknown>, Record<string, unknown>]> = [
+    ['della', 'BF16', { density: 0.5, epsilon: 0.1 }, { lambda: 1.1 }],
+    ['ties', 'F16', { density: 0.4 }, { rescale: 'l2' }],
+    ['breadcrumbs_ties', 'F32', { density: 0.7, gamma: 0.05 }, {}],
+    ['dare_linear', 'BF16', { density: 0.3 }, { rescale: 'linf' }],
+    ['linear', 'F16', { weight: 2 }, {}],
+    ['slerp', 'BF16', {}, { t: [0.2, 0.8] }],
+  ];
+  for (const [method, dtype, perModel, global] of cases) {
+    it(`${method} ${dtype}: a good merge passes; one flipped bit anywhere fails`, async () => {
+      const r = rng(seed ^ method.length);
+      const dir = tempDir();
+      const m = makeModels(r, dir, { dtype, experts: method === 'slerp' ? 1 : 2 });
+      const recipe = writeRecipe(join(dir, 'r.yaml'), {
+        merge_method: method, base_model: m.base,
+        models: m.experts.map((model) => ({ model, parameters: perModel })), parameters: global, seed: 5,
+      });
+      const out = join(dir, 'merged');
+      await merge(recipe, { out, shardSize: 2000 });
+      const parsed = await loadRecipe(recipe);
+      const good = await verifyMerge(out, parsed);
+      expect(good.problems, `DELLA_TEST_SEED=${seed}`).toEqual([]);
+      expect(good.ok).toBe(true);
+      expect(good.rowsChecked).toBeGreaterThan(0);
+      const merged = good.checks.find((c) => c.kind === 'merge')!;
+      if (method !== 'linear' && method !== 'slerp') {
+        expect(merged.keptFraction!.length).toBe(2);
+        expect(merged.signAgreement!.every((x) => x >= 0 && x <= 1)).toBe(true);
+      }
+      flip(out, 'model.layers.1.mlp.down_proj.weight', 0);
+      const bad = await verifyMerge(out, parsed);
+      expect(bad.ok).toBe(false);
+      expect(bad.problems.join('\n')).toMatch(/"model\.layers\.1\.mlp\.down_proj\.weight": its bytes changed since the merge wrote them/);
+      expect(bad.problems.join('\n')).toMatch(/row 0 differs from the reference recomputation \(first at element 0\)/);
+    });
+  }
+
+  it('recomputes sampled rows of large tensors; without the merge record a flip in them is still caught', async () => {
+    const r = rng(seed + 3);
+    const dir = tempDir();
+    const base = drawBaseAndExperts(r, 400 * 200, 2);
+    saveModel(join(dir, 'base'), [{ name: 'model.layers.0.w', dtype: 'BF16', shape: [400, 200], data: tensorBytes(base.base, DTYPE_CODE.BF16) }]);
+    base.experts.forEach((v, k) => saveModel(join(dir, `e${k}`), [{ name: 'model.layers.0.w', dtype: 'BF16', shape: [400, 200], data: tensorBytes(v, DTYPE_CODE.BF16) }]));
+    const recipe = writeRecipe(join(dir, 'r.yaml'), { merge_method: 'della', base_model: join(dir, 'base'), models: [0, 1].map((k) => ({ model: join(dir, `e${k}`), parameters: { density: 0.6, epsilon: 0.2 } })) });
+    const out = join(dir, 'o');
+    await merge(recipe, { out });
+    const parsed = await loadRecipe(recipe);
+    const good = await verifyMerge(out, parsed, { samples: 5 });
+    expect(good.ok).toBe(true);
+    expect(good.checks[0].rowsChecked).toBe(5);
+    expect(good.checks[0].rowsTotal).toBe(400);
+    rmSync(join(out, 'della_merge_run.json'));
+    flip(out, 'model.layers.0.w', 399 * 200 + 7); // the last row is always sampled
+    const bad = await verifyMerge(out, parsed, { samples: 5 });
+    expect(bad.ok).toBe(false);
+    expect(bad.problems.join('\n')).toMatch(/della_merge_run\.json is missing/);
+    expect(bad.problems.join('\n')).toMatch(/row 399 differs from the reference recomputation \(first at element 79807\)/);
+  });
+
+  it('the CLI: run --verify, verify with a table and --json, a wrong seed fails', () => {
+    const dir = tempDir();
+    const m = makeModels(rng(seed + 4), dir, { dtype: 'BF16', experts: 2 });
+    const recipe = writeRecipe(join(dir, 'r.yaml'), { merge_method: 'della', base_model: m.base, models: m.experts.map((model) => ({ model, parameters: { density: 0.5, epsilon: 0.2 } })) });
+    const run = cli(['run', recipe, '--out', join(dir, 'o'), '--verify', '--seed', '77']);
+    expect(run.code, run.stderr).toBe(0);
+    expect(run.stdout).toMatch(/verified \d+ tensors \(\d+ rows recomputed by the reference\), all equal, all finite/);
+    const v = cli(['verify', join(dir, 'o'), '--recipe', recipe]);
+    expect(v.code, v.stderr).toBe(0);
+    expect(v.stdout).toMatch(/model\.layers\.0\.mlp\.down_proj\.weight +ok +\d+\/\d+ +\d+\.\d% \d+\.\d%/);
+    const j = JSON.parse(cli(['verify', join(dir, 'o'), '--recipe', recipe, '--json']).stdout);
+    expect(j.ok).toBe(true);
+    expect(j.seed).toBe(77);
+    const wrong = cli(['verify', join(dir, 'o'), '--recipe', recipe, '--seed', '78']);
+    expect(wrong.code).toBe(1);
+    expect(wrong.stdout).toMatch(/FAILED/);
+    expect(readdirSync(join(dir, 'o'))).toContain('della_merge_run.json');
+  });
+});
