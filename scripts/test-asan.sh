@@ -4,9 +4,7 @@
 # leak checking is off. Any sanitizer report aborts the process and fails the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1"
-npx cmake-js compile --out build-asan --CDCMAKE_BUILD_TYPE=RelWithDebInfo \
-  "--CDCMAKE_CXX_FLAGS=$flags" "--CDCMAKE_SHARED_LINKER_FLAGS=-fsanitize=address,undefined"
+npx cmake-js compile --out build-asan --CDDELLA_SANITIZE=ON
 export DELLA_NATIVE_PATH="$PWD/build-asan/Release/della_merge.node"
 export LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libubsan.so)"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
