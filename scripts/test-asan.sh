@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Runs the test suite against an AddressSanitizer + UBSan build of the addon.
-# The sanitizer runtimes are preloaded into node; leaks at exit are node's own, so
-# leak checking is off. Any sanitizer report aborts the process and fails the tests.
+# Runs the C++ tests, the kernel fuzz harness and the vitest suite against
+# AddressSanitizer + UBSan builds. For the addon, the sanitizer runtimes are preloaded
+# into node; leaks at exit are node's own, so leak checking is off. Any sanitizer
+# report aborts the process and fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 npx cmake-js compile --out build-asan --CDDELLA_SANITIZE=ON
+cmake -S . -B build-asan-ctest -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDELLA_SANITIZE=ON >/dev/null
+cmake --build build-asan-ctest -j
+ctest --test-dir build-asan-ctest --output-on-failure
+npx tsc -p tsconfig.json
 export DELLA_NATIVE_PATH="$PWD/build-asan/Release/della_merge.node"
 export LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libubsan.so)"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
-npx tsc -p tsconfig.json
 npx vitest run --exclude test/independent.test.ts "$@"

@@ -147,6 +147,27 @@ describe('faults leave nothing that looks finished', () => {
     expect(readdirSync(dir).filter((x) => x.includes('della-tmp'))).toEqual([]);
   });
 
+  it('a read-only output location fails cleanly (a read-only bind mount where the machine permits)', () => {
+    const dir = tempDir();
+    saveModel(join(dir, 'base'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4) }]);
+    saveModel(join(dir, 'e'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4).fill(1) }]);
+    const recipe = writeRecipe(join(dir, 'r.yaml'), { merge_method: 'task_arithmetic', base_model: join(dir, 'base'), models: [{ model: join(dir, 'e') }] });
+    const ro = join(dir, 'ro');
+    mkdirSync(ro);
+    const mounted = spawnSync('mount', ['--bind', ro, ro]).status === 0 && spawnSync('mount', ['-o', 'remount,bind,ro', ro]).status === 0;
+    try {
+      const target = mounted ? join(ro, 'merged') : join(dir, 'r.yaml', 'merged'); // else: a path under a file
+      const r = cli(['run', recipe, '--out', target]);
+      expect(r.code).toBe(1);
+      expect(r.stderr).toMatch(mounted ? /read-only file system/i : /not a directory|ENOTDIR/i);
+      expect(r.stderr).not.toMatch(/\n\s+at /);
+      if (mounted) expect(readdirSync(ro)).toEqual([]);
+      expect(readdirSync(dir).filter((x) => x.includes('della-tmp'))).toEqual([]);
+    } finally {
+      if (mounted) spawnSync('umount', [ro]);
+    }
+  });
+
   it('a full disk fails cleanly (a 1 MB tmpfs where the machine permits, else an unwritable path)', () => {
     const dir = tempDir();
     saveModel(join(dir, 'base'), [{ name: 'w', dtype: 'F32', shape: [512, 1024], data: new Float32Array(512 * 1024) }]);
