@@ -17,12 +17,14 @@ import { formatBytes, parseSize } from './util/size.js';
 import { writeDemoModels, DEMO_EXPERTS } from './demo.js';
 import { bf16ToF32 } from './reference/dtypes.js';
 import { verifyMerge, type VerifyReport } from './validate/verify.js';
+import { assemble, parsePart } from './merge/parts.js';
 
 const USAGE = `della-merge ${'{version}'}: fast DELLA / DARE / task-arithmetic merging of safetensors models
 
 Usage:
   della-merge run RECIPE --out DIR [options]   merge the models of a recipe (YAML or JSON)
   della-merge verify OUT --recipe RECIPE       check a merged model against its recipe
+  della-merge assemble --out DIR PART...       join the parts of a merge run with --part i/N
   della-merge inspect PATH [--json]            list the tensors of a checkpoint
   della-merge demo [--out DIR]                 build three small experts and merge them with DELLA
   della-merge help [COMMAND]                   show help
@@ -40,6 +42,8 @@ const RUN_USAGE = `Usage: della-merge run RECIPE --out DIR [options]
   --report FILE        write a JSON report (tensors, bytes, seconds, parameters, warnings)
   --quiet              no progress output
   --json               print the report as JSON on stdout instead of a summary
+  --part i/N           merge only part i of N byte-balanced parts (for N jobs, GPUs or
+                       machines); join the N part directories with "della-merge assemble"
   --verify             after merging, verify the output (see "della-merge help verify")
   --allow-nonfinite    merge tensors holding NaN or infinity instead of refusing them
   --dry-run            print the plan (per tensor: method and parameters per model; totals)
@@ -57,6 +61,12 @@ const VERIFY_USAGE = `Usage: della-merge verify OUT --recipe RECIPE [--samples N
 
   --seed N   the seed of the merge (default: OUT/della_merge_run.json, else the recipe's)`;
 
+const ASSEMBLE_USAGE = `Usage: della-merge assemble --out DIR [--overwrite] [--json] PART_DIR...
+
+  Joins the N directories written by "della-merge run RECIPE --out PART_DIR --part i/N"
+  (i = 1..N) into DIR: the same files, byte for byte, that one run of the whole merge
+  writes. Refuses parts of different merges, a part given twice, and missing parts.`;
+
 const INSPECT_USAGE = `Usage: della-merge inspect PATH [--json]
 
   PATH is a .safetensors file or a model directory (model.safetensors,
@@ -67,7 +77,9 @@ const DEMO_USAGE = `Usage: della-merge demo [--out DIR] [--threads N]
   Writes a small Llama-shaped base model and three experts (math, code, chat) into DIR
   (default: a new temporary directory), merges them with DELLA and shows what it did.`;
 
-const HELP: Record<string, string> = { run: RUN_USAGE, verify: VERIFY_USAGE, inspect: INSPECT_USAGE, demo: DEMO_USAGE };
+const HELP: Record<string, string> = {
+  run: RUN_USAGE, verify: VERIFY_USAGE, assemble: ASSEMBLE_USAGE, inspect: INSPECT_USAGE, demo: DEMO_USAGE,
+};
 
 function usageError(message: string, command?: string): DellaError {
   return new DellaError('E_ARGS', `${message}\n\n${command ? HELP[command] : USAGE.replace('{version}', packageVersion())}`);
@@ -134,7 +146,7 @@ async function cmdRun(args: string[]): Promise<number> {
     out: { type: 'string', short: 'o' }, seed: { type: 'string' }, threads: { type: 'string', short: 'j' },
     'shard-size': { type: 'string' }, overwrite: { type: 'boolean' }, report: { type: 'string' },
     quiet: { type: 'boolean', short: 'q' }, json: { type: 'boolean' }, 'dry-run': { type: 'boolean', short: 'n' },
-    verify: { type: 'boolean' }, 'allow-nonfinite': { type: 'boolean' },
+    verify: { type: 'boolean' }, 'allow-nonfinite': { type: 'boolean' }, part: { type: 'string' },
   });
   if (values.help) return out(RUN_USAGE), 0;
   if (positionals.length !== 1) throw usageError(positionals.length === 0 ? 'run needs a RECIPE file' : `run takes one RECIPE, got ${positionals.length}`, 'run');
@@ -143,11 +155,13 @@ async function cmdRun(args: string[]): Promise<number> {
   const seed = intOption(values.seed as string | undefined, 'seed', 0, Number.MAX_SAFE_INTEGER);
   const threads = intOption(values.threads as string | undefined, 'threads', 1, 1024);
   const shardSize = values['shard-size'] !== undefined ? parseSize(values['shard-size'] as string, '--shard-size') : undefined;
+  const part = values.part !== undefined ? parsePart(values.part as string) : undefined;
+  if (part && values.verify) throw usageError('--verify checks a whole merge: verify after "della-merge assemble"', 'run');
   const recipe = await loadRecipe(positionals[0]);
   const progress = createProgress(process.stderr, values.quiet || values.json ? 'none' : 'auto');
   const report = await withSignals((signal) => runMerge(recipe, {
     out: values.out as string, seed, threads, shardSize, overwrite: Boolean(values.overwrite), signal,
-    allowNonFinite: Boolean(values['allow-nonfinite']), onProgress: (e) => progress.update(e),
+    allowNonFinite: Boolean(values['allow-nonfinite']), part, onProgress: (e) => progress.update(e),
   }).finally(() => progress.end()));
   const verified = values.verify ? await verifyMerge(report.out, recipe, { seed: report.seed }) : null;
   const full = verified ? { ...report, verify: verified } : report;
@@ -180,6 +194,24 @@ function verifySummary(r: VerifyReport): string[] {
     ? `verified ${r.tensors.checked} tensors (${r.rowsChecked} rows recomputed by the reference), all equal, all finite, in ${r.seconds.toFixed(2)} s`
     : `FAILED   ${r.tensors.failed} of ${r.tensors.checked} tensors differ from the recipe (seed ${r.seed}):`;
   return [head, ...r.problems.slice(0, 20).map((p) => `  ${p}`), ...(r.problems.length > 20 ? [`  ... and ${r.problems.length - 20} more`] : [])];
+}
+
+async function cmdAssemble(args: string[]): Promise<number> {
+  const { values, positionals } = parse('assemble', args, {
+    out: { type: 'string', short: 'o' }, overwrite: { type: 'boolean' }, json: { type: 'boolean' }, threads: { type: 'string', short: 'j' },
+  });
+  if (values.help) return out(ASSEMBLE_USAGE), 0;
+  if (!values.out) throw usageError('assemble needs --out DIR', 'assemble');
+  if (positionals.length === 0) throw usageError('assemble needs the part directories', 'assemble');
+  const threads = intOption(values.threads as string | undefined, 'threads', 1, 1024);
+  const r = await assemble(positionals, values.out as string, { overwrite: Boolean(values.overwrite), threads });
+  if (values.json) out(JSON.stringify(r, null, 2));
+  else {
+    out(`assembled ${r.parts} parts: ${r.tensors} tensors, ${formatBytes(r.bytes)} in ${r.seconds.toFixed(2)} s`);
+    out(`output   ${r.out}`);
+    out(`files    ${r.files.join(', ')}`);
+  }
+  return 0;
 }
 
 async function cmdVerify(args: string[]): Promise<number> {
@@ -356,6 +388,7 @@ export async function main(argv: string[]): Promise<number> {
       case 'run': return await cmdRun(rest);
       case 'inspect': return await cmdInspect(rest);
       case 'verify': return await cmdVerify(rest);
+      case 'assemble': return await cmdAssemble(rest);
       case 'demo': return await cmdDemo(rest);
       case '--version': case '-v': case 'version': out(packageVersion()); return 0;
       case undefined: case 'help': case '--help': case '-h': {

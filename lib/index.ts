@@ -8,7 +8,7 @@ import { resolve } from 'node:path';
 import { stringify as yamlStringify } from 'yaml';
 import { DellaError } from './errors.js';
 import { loadRecipe, parseRecipe, type Recipe } from './recipe/index.js';
-import { runMerge, type MergeOptions, type MergeReport } from './merge/run.js';
+import { runMerge, streamMerge, type MergeOptions, type MergeReport, type MergedTensor, type TensorStreamOptions } from './merge/run.js';
 
 export { DellaError, isDellaError, type ErrorCode } from './errors.js';
 export { openCheckpoint, type Checkpoint, type CheckpointTensor, type TensorArray } from './checkpoint/model.js';
@@ -16,7 +16,10 @@ export { saveModel, type InMemoryTensor } from './checkpoint/save.js';
 export type { TensorInfo } from './checkpoint/safetensors.js';
 export { loadRecipe, parseRecipe, resolveTensorParams, layerCount, layerIndex } from './recipe/index.js';
 export type { Recipe, RecipeModel, TensorParams, ExpertParams, ParamValue, OutDType } from './recipe/index.js';
-export { planRecipe, type MergeOptions, type MergeReport, type ProgressEvent, type TensorReport } from './merge/run.js';
+export { planRecipe, type MergeOptions, type MergeReport, type ProgressEvent, type TensorReport, type MergedTensor, type TensorStreamOptions } from './merge/run.js';
+export { assemble, type AssembleReport } from './merge/parts.js';
+export { verifyMerge, type VerifyReport, type VerifyOptions, type TensorCheck } from './validate/verify.js';
+export type { MemoryTensor, TensorSet } from './checkpoint/memory.js';
 export { METHODS, type MethodSpec } from './merge/methods.js';
 export * as reference from './reference/index.js';
 
@@ -34,11 +37,35 @@ export async function merge(recipe: string | Recipe | Record<string, unknown>, o
   return runMerge(await toRecipe(recipe), options);
 }
 
-async function toRecipe(recipe: string | Recipe | Record<string, unknown>): Promise<Recipe> {
+/**
+ * Merges and yields the merged tensors instead of writing files:
+ *
+ *   for await (const t of mergeTensors(recipe, { base, models })) use(t.name, t.data);
+ *
+ * With `base` and `models` (tensor sets in memory, by recipe position) nothing is read
+ * from disk and the recipe's model names are only labels (they may be left out).
+ * Cancel with `signal`; break out of the loop to stop early.
+ */
+export async function* mergeTensors(
+  recipe: string | Recipe | Record<string, unknown>, options: TensorStreamOptions = {},
+): AsyncGenerator<MergedTensor> {
+  const inMemory = options.base !== undefined || options.models !== undefined;
+  yield* streamMerge(await toRecipe(recipe, inMemory), options);
+}
+
+async function toRecipe(recipe: string | Recipe | Record<string, unknown>, inMemory = false): Promise<Recipe> {
   if (typeof recipe === 'string') return loadRecipe(recipe);
   if (recipe && typeof recipe === 'object' && 'mergeMethod' in recipe && 'baseModel' in recipe) return recipe as unknown as Recipe;
   if (recipe && typeof recipe === 'object') {
-    return parseRecipe(yamlStringify(recipe), { resolvePath: (m) => resolve(m) });
+    if (!inMemory) return parseRecipe(yamlStringify(recipe), { resolvePath: (m) => resolve(m) });
+    // In memory, model names are labels: fill in the ones left out.
+    const doc = { ...recipe } as Record<string, unknown>;
+    if (doc.base_model === undefined) doc.base_model = 'base';
+    if (Array.isArray(doc.models)) {
+      doc.models = doc.models.map((m: unknown, k: number) =>
+        m && typeof m === 'object' && !('model' in m) ? { model: `model-${k}`, ...m } : m);
+    }
+    return parseRecipe(yamlStringify(doc), { resolvePath: (m) => m });
   }
   throw new DellaError('E_ARGS', 'merge(recipe, ...) takes a recipe file path, a parsed recipe, or a recipe object');
 }

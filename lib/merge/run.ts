@@ -8,31 +8,24 @@ import { readFileSync } from 'node:fs';
 import { stringify as yamlStringify } from 'yaml';
 import { DellaError } from '../errors.js';
 import { copyExtras, CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
-import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, DEFAULT_SHARD_SIZE } from '../checkpoint/writer.js';
+import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, DEFAULT_SHARD_SIZE, type OutputTensor } from '../checkpoint/writer.js';
+import { checkPart, partTensors, planDigest, PART_FILE, type PartRecord } from './parts.js';
+import { RUN_FILE, type RunRecord } from './record.js';
 import { loadNative, packageRoot, type NativeAddon } from '../native.js';
 import type { Recipe } from '../recipe/index.js';
 import { referenceDots, referenceMergeTensor } from '../reference/merge-tensor.js';
 import { slerpCoefficients } from './slerp.js';
 import { modelCard } from './card.js';
 import type { MergePlan, TensorPlan } from './plan.js';
-import { buildMergeTask, planRecipe, type OpenedModels } from './build.js';
+import { buildMergeTask, openModels, planRecipe, type OpenedModels } from './build.js';
+import { planMerge } from './plan.js';
+import { memoryCheckpoint, type TensorSet } from '../checkpoint/memory.js';
 import { DTYPE_CODE, type CopyTaskSpec, type DotTaskSpec, type FloatDType, type MergeTaskSpec, type MergeTaskStats } from './task.js';
 
 export { planRecipe, openModels, type OpenedModels } from './build.js';
 
 export const RECIPE_FILE = 'della_merge_recipe.yaml';
-/** What verification needs beyond the recipe: the seed used and each tensor's digest. */
-export const RUN_FILE = 'della_merge_run.json';
-
-export interface RunRecord {
-  tool: 'della-merge';
-  version: string;
-  method: string;
-  seed: number;
-  /** SHA-256 of each output tensor's bytes, as written */
-  sha256: Record<string, string>;
-}
-
+export { RUN_FILE, type RunRecord } from './record.js';
 function sortedKeys(o: Record<string, string>): Record<string, string> {
   return Object.fromEntries(Object.entries(o).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
 }
@@ -64,6 +57,8 @@ export interface MergeOptions {
   backend?: 'native' | 'reference';
   /** merge tensors holding NaN or infinity (a warning) instead of refusing them */
   allowNonFinite?: boolean;
+  /** merge only part `index` (1-based) of `count` byte-balanced parts; join them with assemble */
+  part?: { index: number; count: number };
 }
 
 export interface TensorReport {
@@ -99,6 +94,8 @@ export interface MergeReport {
   seed: number;
   threads: number;
   backend: 'native' | 'reference';
+  /** set when only one part of the merge was run */
+  part?: { index: number; count: number };
   tensors: { total: number; merged: number; copied: number };
   parameters: { total: number; merged: number };
   bytes: { read: number; written: number };
@@ -227,71 +224,30 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
 
   const { plan, models } = planRecipe(recipe);
   const nonfiniteWarnings: string[] | null = options.allowNonFinite ? [] : null;
+  const part = options.part ? checkPart(options.part) : null;
+  const tensors = part ? partTensors(plan.tensors, part.index, part.count) : plan.tensors;
   let out: OutputDirectory | null = null;
   try {
     out = OutputDirectory.create(options.out, { overwrite: options.overwrite });
-    const layouts = layoutShards(
-      plan.tensors.map((t) => ({ name: t.name, dtype: t.outDtype, shape: t.shape, byteLength: t.outBytes })),
-      shardSize,
-    );
+    const layouts = layoutShards(tensors.map(outputTensor), shardSize);
     const dest = out.openShards(layouts);
     const reports: TensorReport[] = [];
     const digests: Record<string, string> = {};
-    const bytesTotal = plan.totals.bytesRead + plan.totals.bytesWritten;
+    const bytesTotal = tensors.reduce((a, t) => a + t.inBytes + t.outBytes, 0);
     let bytesDone = 0;
     let tensorsDone = 0;
-    const groups = batches(plan.tensors);
-    const prefetch = (group: TensorPlan[] | undefined) => {
-      for (const t of group ?? []) {
-        models.base.prefetch(t.name);
-        if (t.kind === 'merge') models.experts.forEach((e) => e.prefetch(t.name));
-      }
-    };
-    prefetch(groups[0]);
-    for (let g = 0; g < groups.length; g++) {
-      if (options.signal?.aborted) throw abortError();
-      const group = groups[g];
-      prefetch(groups[g + 1]); // read ahead while this batch computes
-      const merges: MergeTaskSpec[] = [];
-      const mergePlans: TensorPlan[] = [];
-      const copies: CopyTaskSpec[] = [];
-      const coefficients = plan.method.kind === 'slerp'
-        ? await slerpBatch(group.filter((t) => t.kind === 'merge'), models, native, threads, recipe, nonfiniteWarnings)
-        : null;
-      for (const t of group) {
-        if (t.kind === 'merge') {
-          merges.push(buildMergeTask(plan, t, models, dest.get(t.name)!, seed, coefficients?.get(t.name) ?? null));
-          mergePlans.push(t);
-        } else {
-          copies.push({ src: models.base.bytes(t.name), dst: dest.get(t.name)! });
-        }
-      }
-      let stats: MergeTaskStats[];
-      if (native) {
-        stats = await native.mergeBatch({ threads, merges, copies });
-      } else {
-        stats = merges.map((m) => referenceMergeTensor(m));
-        for (const c of copies) (c.dst as Uint8Array).set(c.src as Uint8Array);
-      }
-      mergePlans.forEach((t, i) => {
-        checkFinite(t, stats[i], recipe, nonfiniteWarnings);
-        reports.push(tensorReport(plan, t, stats[i], coefficients?.get(t.name)));
-      });
-      for (const t of group) {
+    const ctx: BatchContext = { plan, models, recipe, seed, threads, native, signal: options.signal, nonfiniteWarnings };
+    for await (const done of runBatches(ctx, tensors, (t) => dest.get(t.name)!)) {
+      for (const t of done) {
         // Recorded for `verify`, which detects any later change to the bytes.
-        digests[t.name] = createHash('sha256').update(dest.get(t.name)!).digest('hex');
-        if (t.kind === 'copy') reports.push(tensorReport(plan, t, null));
-        bytesDone += t.inBytes + t.outBytes;
+        digests[t.plan.name] = createHash('sha256').update(dest.get(t.plan.name)!).digest('hex');
+        reports.push(tensorReport(plan, t.plan, t.stats, t.slerp));
+        bytesDone += t.plan.inBytes + t.plan.outBytes;
         tensorsDone++;
       }
-      // A file rewritten under a map would feed the merge a mix of old and new bytes.
-      for (const m of [models.base, ...models.experts]) {
-        const change = m.changed();
-        if (change) throw new DellaError('E_IO', `${change}; the merge is abandoned (rerun it on stable inputs)`);
-      }
       options.onProgress?.({
-        phase: 'merge', tensorsDone, tensorsTotal: plan.totals.tensors, bytesDone, bytesTotal,
-        elapsedSeconds: (performance.now() - started) / 1000, tensor: group[group.length - 1].name,
+        phase: 'merge', tensorsDone, tensorsTotal: tensors.length, bytesDone, bytesTotal,
+        elapsedSeconds: (performance.now() - started) / 1000, tensor: done[done.length - 1].plan.name,
       });
     }
     if (options.signal?.aborted) throw abortError();
@@ -308,14 +264,24 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     const text = recipeText(recipe);
     out.writeFile(RECIPE_FILE, text);
     out.writeFile('README.md', modelCard(recipe, plan.method, text, packageVersion()));
+    files.push(RECIPE_FILE, 'README.md');
     const run: RunRecord = { tool: 'della-merge', version: packageVersion(), method: plan.method.name, seed, sha256: sortedKeys(digests) };
-    out.writeFile(RUN_FILE, `${JSON.stringify(run, null, 2)}\n`);
-    files.push(RECIPE_FILE, 'README.md', RUN_FILE);
+    if (part) {
+      const record: PartRecord = {
+        ...run, part: part.index, of: part.count, shardSize,
+        planned: plan.tensors.map(outputTensor), planDigest: planDigest(plan),
+      };
+      out.writeFile(PART_FILE, `${JSON.stringify(record, null, 2)}\n`);
+      files.push(PART_FILE);
+    } else {
+      out.writeFile(RUN_FILE, `${JSON.stringify(run, null, 2)}\n`);
+      files.push(RUN_FILE);
+    }
     out.commit();
     reports.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
     const seconds = (performance.now() - started) / 1000;
     options.onProgress?.({
-      phase: 'finish', tensorsDone, tensorsTotal: plan.totals.tensors, bytesDone, bytesTotal,
+      phase: 'finish', tensorsDone, tensorsTotal: tensors.length, bytesDone, bytesTotal,
       elapsedSeconds: seconds, tensor: null,
     });
     const zeroKept = reports.filter((r) => r.keptFraction?.some((f) => f === 0) && r.shape.length > 0);
@@ -323,6 +289,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     if (zeroKept.length > 0 && plan.method.sparsifier !== 'none') {
       warnings.push(`${zeroKept.length} tensor(s) kept none of some expert's delta (first: "${zeroKept[0].name}")`);
     }
+    const merged = tensors.filter((t) => t.kind === 'merge');
     return {
       version: packageVersion(),
       method: plan.method.name,
@@ -333,9 +300,10 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
       seed,
       threads,
       backend,
-      tensors: { total: plan.totals.tensors, merged: plan.totals.merged, copied: plan.totals.copied },
-      parameters: { total: plan.totals.parameters, merged: plan.totals.mergedParameters },
-      bytes: { read: plan.totals.bytesRead, written: plan.totals.bytesWritten },
+      ...(part ? { part: { index: part.index, count: part.count } } : {}),
+      tensors: { total: tensors.length, merged: merged.length, copied: tensors.length - merged.length },
+      parameters: { total: tensors.reduce((a, t) => a + t.numel, 0), merged: merged.reduce((a, t) => a + t.numel, 0) },
+      bytes: { read: tensors.reduce((a, t) => a + t.inBytes, 0), written: tensors.reduce((a, t) => a + t.outBytes, 0) },
       seconds,
       warnings,
       tensorReports: reports,
@@ -343,6 +311,168 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   } catch (e) {
     out?.abort();
     throw e;
+  } finally {
+    models.close();
+  }
+}
+
+export interface BatchContext {
+  plan: MergePlan;
+  models: OpenedModels;
+  recipe: Recipe;
+  seed: number;
+  threads: number;
+  native: NativeAddon | null;
+  signal?: AbortSignal;
+  /** null: non-finite inputs are errors; else they are collected here as warnings */
+  nonfiniteWarnings: string[] | null;
+}
+
+export interface FinishedTensor {
+  plan: TensorPlan;
+  stats: MergeTaskStats | null;
+  slerp?: [number, number];
+}
+
+/**
+ * Merges (or copies) `tensors` into the buffers `destFor` gives, a batch per kernel
+ * call, reading the next batch ahead; yields each finished batch. Checks cancellation,
+ * non-finite inputs and input files changing underneath.
+ */
+export async function* runBatches(
+  ctx: BatchContext, tensors: readonly TensorPlan[], destFor: (t: TensorPlan) => Uint8Array,
+): AsyncGenerator<FinishedTensor[]> {
+  const { plan, models, recipe, seed, threads, native } = ctx;
+  const groups = batches(tensors);
+  const prefetch = (group: TensorPlan[] | undefined) => {
+    for (const t of group ?? []) {
+      models.base.prefetch(t.name);
+      if (t.kind === 'merge') models.experts.forEach((e) => e.prefetch(t.name));
+    }
+  };
+  prefetch(groups[0]);
+  for (let g = 0; g < groups.length; g++) {
+    if (ctx.signal?.aborted) throw abortError();
+    const group = groups[g];
+    prefetch(groups[g + 1]); // read ahead while this batch computes
+    const merges: MergeTaskSpec[] = [];
+    const mergePlans: TensorPlan[] = [];
+    const copies: CopyTaskSpec[] = [];
+    const coefficients = plan.method.kind === 'slerp'
+      ? await slerpBatch(group.filter((t) => t.kind === 'merge'), models, native, threads, recipe, ctx.nonfiniteWarnings)
+      : null;
+    for (const t of group) {
+      if (t.kind === 'merge') {
+        merges.push(buildMergeTask(plan, t, models, destFor(t), seed, coefficients?.get(t.name) ?? null));
+        mergePlans.push(t);
+      } else {
+        copies.push({ src: models.base.bytes(t.name), dst: destFor(t) });
+      }
+    }
+    let stats: MergeTaskStats[];
+    if (native) {
+      stats = await native.mergeBatch({ threads, merges, copies });
+    } else {
+      stats = merges.map((m) => referenceMergeTensor(m));
+      for (const c of copies) (c.dst as Uint8Array).set(c.src as Uint8Array);
+    }
+    const byName = new Map<string, MergeTaskStats>();
+    mergePlans.forEach((t, i) => {
+      checkFinite(t, stats[i], recipe, ctx.nonfiniteWarnings);
+      byName.set(t.name, stats[i]);
+    });
+    // A file rewritten under a map would feed the merge a mix of old and new bytes.
+    for (const m of [models.base, ...models.experts]) {
+      const change = m.changed();
+      if (change) throw new DellaError('E_IO', `${change}; the merge is abandoned (rerun it on stable inputs)`);
+    }
+    yield group.map((t) => ({ plan: t, stats: byName.get(t.name) ?? null, slerp: coefficients?.get(t.name) }));
+  }
+}
+
+function outputTensor(t: TensorPlan): OutputTensor {
+  return { name: t.name, dtype: t.outDtype, shape: t.shape, byteLength: t.outBytes };
+}
+
+export interface MergedTensor {
+  name: string;
+  dtype: string;
+  shape: number[];
+  /** the merged (or copied) tensor's bytes, little-endian; yours to keep */
+  data: Uint8Array;
+  report: TensorReport;
+}
+
+export interface TensorStreamOptions {
+  /** the base model's tensors, when they are in memory rather than in files */
+  base?: TensorSet;
+  /** the experts' tensors, in recipe order, when they are in memory */
+  models?: TensorSet[];
+  seed?: number;
+  threads?: number;
+  signal?: AbortSignal;
+  allowNonFinite?: boolean;
+  onProgress?: (event: ProgressEvent) => void;
+}
+
+/**
+ * Merges without writing files: yields each output tensor (name order, a batch at a
+ * time) as an async iterator. Inputs come from the recipe's files, or from memory
+ * (`options.base` and `options.models`, matched to the recipe's models by position).
+ * Memory in flight is one batch of outputs, unless the consumer keeps them.
+ */
+export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions = {}): AsyncGenerator<MergedTensor> {
+  const started = performance.now();
+  const native = loadNative();
+  const threads = options.threads ?? native.hardwareThreads;
+  if (!Number.isInteger(threads) || threads < 1 || threads > 1024) {
+    throw new DellaError('E_ARGS', `threads must be an integer from 1 to 1024, got ${options.threads}`);
+  }
+  const seed = options.seed ?? recipe.seed;
+  if (!Number.isSafeInteger(seed) || seed < 0) throw new DellaError('E_ARGS', `seed must be an integer in [0, 2^53), got ${seed}`);
+  const inMemory = options.base !== undefined || options.models !== undefined;
+  let models: OpenedModels;
+  if (inMemory) {
+    if (!options.base || !options.models || options.models.length !== recipe.models.length) {
+      throw new DellaError('E_ARGS', `in-memory merges need options.base and options.models with one tensor set per recipe model (${recipe.models.length})`);
+    }
+    models = {
+      base: memoryCheckpoint(recipe.baseModel.model, options.base),
+      experts: options.models.map((set, k) => memoryCheckpoint(recipe.models[k].model, set)),
+      close() {},
+    };
+  } else {
+    models = openModels(recipe);
+  }
+  try {
+    const plan = planMerge(recipe, models.base, models.experts);
+    const ctx: BatchContext = {
+      plan, models, recipe, seed, threads, native, signal: options.signal,
+      nonfiniteWarnings: options.allowNonFinite ? [] : null,
+    };
+    const buffers = new Map<string, Uint8Array>();
+    const bytesTotal = plan.totals.bytesRead + plan.totals.bytesWritten;
+    let bytesDone = 0, tensorsDone = 0;
+    const batchesOf = runBatches(ctx, plan.tensors, (t) => {
+      const b = new Uint8Array(t.outBytes);
+      buffers.set(t.name, b);
+      return b;
+    });
+    for await (const done of batchesOf) {
+      for (const t of done) {
+        bytesDone += t.plan.inBytes + t.plan.outBytes;
+        tensorsDone++;
+      }
+      options.onProgress?.({
+        phase: 'merge', tensorsDone, tensorsTotal: plan.totals.tensors, bytesDone, bytesTotal,
+        elapsedSeconds: (performance.now() - started) / 1000, tensor: done[done.length - 1].plan.name,
+      });
+      for (const t of done) {
+        const data = buffers.get(t.plan.name)!;
+        buffers.delete(t.plan.name);
+        yield { name: t.plan.name, dtype: t.plan.outDtype, shape: t.plan.shape, data, report: tensorReport(plan, t.plan, t.stats, t.slerp) };
+      }
+    }
   } finally {
     models.close();
   }

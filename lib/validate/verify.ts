@@ -13,7 +13,7 @@ import type { Recipe } from '../recipe/index.js';
 import { buildMergeTask, planRecipe } from '../merge/build.js';
 import type { TensorPlan } from '../merge/plan.js';
 import { slerpCoefficients } from '../merge/slerp.js';
-import { RUN_FILE, type RunRecord } from '../merge/run.js';
+import { RUN_FILE, type RunRecord } from '../merge/record.js';
 import { DTYPE_CODE, type FloatDType } from '../merge/task.js';
 import { dataView, dtypeSize, loadF32 } from '../reference/dtypes.js';
 import { referenceDots } from '../reference/merge-tensor.js';

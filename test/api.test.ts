@@ -1,0 +1,102 @@
+/** The pipeline API: tensors in memory, merged tensors out, cancellation, worker threads. */
+import { join, resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { Worker } from 'node:worker_threads';
+import { describe, expect, it } from 'vitest';
+import { merge, mergeTensors, openCheckpoint, saveModel, DellaError, type MemoryTensor } from '../lib/index.js';
+import { DTYPE_CODE } from '../lib/merge/task.js';
+import { tempDir } from './helpers/models.js';
+import { drawBaseAndExperts, tensorBytes } from './helpers/tensors.js';
+import { int, rng, testSeed } from './helpers/random.js';
+
+const seed = testSeed();
+const root = resolve(import.meta.dirname, '..');
+
+function randomSets(r: () => number, K: number) {
+  const names = ['model.layers.0.mlp.up_proj.weight', 'model.layers.1.mlp.up_proj.weight', 'model.norm.weight', 'lm_head.weight'];
+  const sets: Array<Record<string, MemoryTensor>> = Array.from({ length: K + 1 }, () => ({}));
+  for (const name of names) {
+    const shape = name.includes('norm') ? [int(r, 1, 64)] : [int(r, 1, 40), int(r, 1, 90)];
+    const numel = shape.reduce((a, b) => a * b, 1);
+    const { base, experts } = drawBaseAndExperts(r, numel, K);
+    [base, ...experts].forEach((v, m) => { sets[m][name] = { dtype: 'BF16', shape, data: tensorBytes(v, DTYPE_CODE.BF16) }; });
+  }
+  return { base: sets[0], models: sets.slice(1) };
+}
+
+const recipeDoc = {
+  merge_method: 'della',
+  models: [{ parameters: { weight: 1, density: 0.5, epsilon: 0.1 } }, { parameters: { weight: 0.7, density: 0.6, epsilon: 0.2 } }],
+  parameters: { lambda: 1.1 },
+  seed: 3,
+};
+
+describe(`pipeline API (DELLA_TEST_SEED=${seed})`, () => {
+  it('merges tensors held in memory, equal to the same merge through files', async () => {
+    const r = rng(seed);
+    const { base, models } = randomSets(r, 2);
+    const got = new Map<string, Uint8Array>();
+    for await (const t of mergeTensors(recipeDoc, { base, models, threads: 2 })) {
+      expect(t.report.kind).toBe('merge');
+      got.set(t.name, t.data);
+    }
+    const dir = tempDir();
+    const toFiles = (set: Record<string, MemoryTensor>, d: string) => saveModel(d, Object.entries(set).map(([name, t]) => ({ name, ...t })));
+    toFiles(base, join(dir, 'base'));
+    models.forEach((m, k) => toFiles(m, join(dir, `m${k}`)));
+    await merge({ ...recipeDoc, base_model: join(dir, 'base'), models: recipeDoc.models.map((m, k) => ({ model: join(dir, `m${k}`), ...m })) }, { out: join(dir, 'out') });
+    const c = openCheckpoint(join(dir, 'out'));
+    expect([...got.keys()].sort()).toEqual(c.names);
+    for (const name of c.names) expect(Buffer.from(got.get(name)!).equals(Buffer.from(c.bytes(name))), name).toBe(true);
+    c.close();
+  });
+
+  it('streams merged tensors from files; cancelling stops it with E_ABORTED', async () => {
+    const r = rng(seed + 1);
+    const { base, models } = randomSets(r, 2);
+    const dir = tempDir();
+    saveModel(join(dir, 'base'), Object.entries(base).map(([name, t]) => ({ name, ...t })));
+    models.forEach((m, k) => saveModel(join(dir, `m${k}`), Object.entries(m).map(([name, t]) => ({ name, ...t }))));
+    const doc = { ...recipeDoc, base_model: join(dir, 'base'), models: recipeDoc.models.map((m, k) => ({ model: join(dir, `m${k}`), ...m })) };
+    const names: string[] = [];
+    for await (const t of mergeTensors(doc)) names.push(t.name);
+    expect(names).toEqual(Object.keys(base).sort());
+    const controller = new AbortController();
+    controller.abort();
+    const err = await (async () => { for await (const _ of mergeTensors(doc, { signal: controller.signal })) void _; })().catch((e) => e);
+    expect(err).toBeInstanceOf(DellaError);
+    expect(err.code).toBe('E_ABORTED');
+    // leaving early is fine
+    for await (const t of mergeTensors(doc)) if (t) break;
+  });
+
+  it('refuses malformed in-memory tensors with a message naming the tensor', async () => {
+    const bad = { base: { w: { dtype: 'BF16', shape: [2, 2], data: new Uint16Array(3) } }, models: [{ w: { dtype: 'BF16', shape: [2, 2], data: new Uint16Array(4) } }] };
+    const run = async () => { for await (const _ of mergeTensors({ merge_method: 'task_arithmetic', models: [{}] }, bad)) void _; };
+    await expect(run()).rejects.toThrow(/base: tensor "w": 6 bytes given, shape \[2, 2\] of BF16 needs 8/);
+  });
+
+  it('is safe in worker threads, several at once', async () => {
+    const code = `
+      import { parentPort, workerData } from 'node:worker_threads';
+      const { mergeTensors } = await import(${JSON.stringify(pathToFileURL(join(root, 'dist/index.js')).href)});
+      const out = {};
+      for await (const t of mergeTensors(workerData.recipe, { base: workerData.base, models: workerData.models, threads: 2 })) {
+        out[t.name] = Buffer.from(t.data).toString('hex');
+      }
+      parentPort.postMessage(out);
+    `;
+    const { base, models } = randomSets(rng(seed + 2), 2);
+    const run = () => new Promise<Record<string, string>>((done, fail) => {
+      const w = new Worker(new URL(`data:text/javascript,${encodeURIComponent(code)}`), { workerData: { recipe: recipeDoc, base, models } });
+      w.once('message', done);
+      w.once('error', fail);
+    });
+    const [a, b, c] = await Promise.all([run(), run(), run()]);
+    const here: Record<string, string> = {};
+    for await (const t of mergeTensors(recipeDoc, { base, models })) here[t.name] = Buffer.from(t.data).toString('hex');
+    expect(a).toEqual(here);
+    expect(b).toEqual(here);
+    expect(c).toEqual(here);
+  });
+});
