@@ -18,6 +18,7 @@ import { writeDemoModels, DEMO_EXPERTS } from './demo.js';
 import { bf16ToF32 } from './reference/dtypes.js';
 import { verifyMerge, type VerifyReport } from './validate/verify.js';
 import { assemble, parsePart } from './merge/parts.js';
+import { doctor, doctorLines } from './cli/doctor.js';
 
 const USAGE = `della-merge ${'{version}'}: fast DELLA / DARE / task-arithmetic merging of safetensors models
 
@@ -27,6 +28,7 @@ Usage:
   della-merge assemble --out DIR PART...       join the parts of a merge run with --part i/N
   della-merge inspect PATH [--json]            list the tensors of a checkpoint
   della-merge demo [--out DIR]                 build three small experts and merge them with DELLA
+  della-merge doctor [--json]                  report the platform, binary, SIMD and CUDA status
   della-merge help [COMMAND]                   show help
   della-merge --version
 
@@ -77,7 +79,15 @@ const DEMO_USAGE = `Usage: della-merge demo [--out DIR] [--threads N]
   Writes a small Llama-shaped base model and three experts (math, code, chat) into DIR
   (default: a new temporary directory), merges them with DELLA and shows what it did.`;
 
+const DOCTOR_USAGE = `Usage: della-merge doctor [--json]
+
+  Reports the platform, Node.js and glibc versions, which native binary is used
+  (prebuilt or local build) and whether it loads, the CPU's SIMD extensions, and the
+  CUDA plugin and driver status; prints what to do when something is missing.
+  Exits 1 when the native binary cannot be loaded.`;
+
 const HELP: Record<string, string> = {
+  doctor: DOCTOR_USAGE,
   run: RUN_USAGE, verify: VERIFY_USAGE, assemble: ASSEMBLE_USAGE, inspect: INSPECT_USAGE, demo: DEMO_USAGE,
 };
 
@@ -390,6 +400,14 @@ export async function main(argv: string[]): Promise<number> {
       case 'verify': return await cmdVerify(rest);
       case 'assemble': return await cmdAssemble(rest);
       case 'demo': return await cmdDemo(rest);
+      case 'doctor': {
+        const { values } = parse('doctor', rest, { json: { type: 'boolean' } });
+        if (values.help) return out(DOCTOR_USAGE), 0;
+        const r = doctor(packageVersion());
+        if (values.json) out(JSON.stringify(r, null, 2));
+        else doctorLines(r).forEach(out);
+        return r.ok ? 0 : 1;
+      }
       case '--version': case '-v': case 'version': out(packageVersion()); return 0;
       case undefined: case 'help': case '--help': case '-h': {
         const topic = command === 'help' ? rest[0] : undefined;

@@ -27,6 +27,7 @@ export interface NativeAddon {
   mergeBatch(batch: BatchSpec): Promise<MergeTaskStats[]>;
   dotBatch(batch: { threads: number; tasks: DotTaskSpec[] }): Promise<DotStats[]>;
   philoxBlock(c0: number, c1: number, c2: number, c3: number, k0: number, k1: number): number[];
+  cpuFeatures(): string[];
   hardwareThreads: number;
   abiVersion: number;
 }
@@ -34,6 +35,20 @@ export interface NativeAddon {
 export const packageRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 
 let cached: NativeAddon | undefined;
+let loadedFrom: string | undefined;
+
+/** The file the addon was (or would be) loaded from, or why none was found. */
+export function nativeLocation(): { path: string | null; error: string | null } {
+  const require = createRequire(import.meta.url);
+  if (process.env.DELLA_NATIVE_PATH) return { path: resolve(process.env.DELLA_NATIVE_PATH), error: null };
+  if (loadedFrom) return { path: loadedFrom, error: null };
+  try {
+    const load = require('node-gyp-build') as { path(dir: string): string };
+    return { path: load.path(packageRoot), error: null };
+  } catch (e) {
+    return { path: null, error: (e as Error).message.split('\n')[0] };
+  }
+}
 
 export function loadNative(): NativeAddon {
   if (cached) return cached;
@@ -43,6 +58,7 @@ export function loadNative(): NativeAddon {
     const explicit = process.env.DELLA_NATIVE_PATH;
     const load = require('node-gyp-build') as (dir: string) => unknown;
     cached = (explicit ? require(resolve(explicit)) : load(packageRoot)) as NativeAddon;
+    loadedFrom = explicit ? resolve(explicit) : (load as unknown as { path(dir: string): string }).path(packageRoot);
   } catch (e) {
     const reason = e instanceof Error ? e.message.split('\n')[0] : String(e);
     throw new DellaError(

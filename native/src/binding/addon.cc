@@ -27,6 +27,25 @@ Napi::Value PhiloxBlock(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// cpuFeatures() -> names of the SIMD extensions this CPU has (for `doctor`).
+Napi::Value CpuFeatures(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Array out = Napi::Array::New(env);
+  uint32_t i = 0;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("sse4.2")) out.Set(i++, "sse4.2");
+  if (__builtin_cpu_supports("avx")) out.Set(i++, "avx");
+  if (__builtin_cpu_supports("avx2")) out.Set(i++, "avx2");
+  if (__builtin_cpu_supports("fma")) out.Set(i++, "fma");
+  if (__builtin_cpu_supports("avx512f")) out.Set(i++, "avx512f");
+  if (__builtin_cpu_supports("avx512bw")) out.Set(i++, "avx512bw");
+#elif defined(__aarch64__)
+  out.Set(i++, "neon");
+#endif
+  return out;
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   Napi::Function mapped = MappedFile::Define(env);
   // Per-environment storage keeps the class alive in each worker thread's env.
@@ -36,6 +55,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("mergeBatch", Napi::Function::New(env, MergeBatch, "mergeBatch"));
   exports.Set("dotBatch", Napi::Function::New(env, DotBatch, "dotBatch"));
   exports.Set("philoxBlock", Napi::Function::New(env, PhiloxBlock, "philoxBlock"));
+  exports.Set("cpuFeatures", Napi::Function::New(env, CpuFeatures, "cpuFeatures"));
   exports.Set("hardwareThreads", Napi::Number::New(env, della::ThreadPool::hardware_threads()));
   exports.Set("abiVersion", Napi::Number::New(env, 1));
   return exports;

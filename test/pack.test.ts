@@ -1,0 +1,57 @@
+/**
+ * The npm package as users get it: prebuilt binary (prebuildify through cmake-js),
+ * npm pack, install into an empty project on a PATH without a compiler or CMake, run
+ * the demo and import the API. Runs in a copy of the tree so the build of the suite is
+ * left alone. Set DELLA_SKIP_PACK=1 to skip it (it takes a minute).
+ */
+import { execFileSync, spawnSync } from 'node:child_process';
+import { cpSync, mkdirSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { tempDir } from './helpers/models.js';
+
+const root = resolve(import.meta.dirname, '..');
+const npm = (cwd: string, args: string[], env: NodeJS.ProcessEnv = process.env) =>
+  spawnSync('npm', args, { cwd, encoding: 'utf8', env: { ...env, npm_config_yes: 'true' }, timeout: 300_000 });
+
+describe.skipIf(process.env.DELLA_SKIP_PACK === '1')('npm pack with a prebuilt binary', () => {
+  it('installs without a compiler or CMake, runs the demo, and imports', () => {
+    const work = tempDir('della-pack-');
+    const src = join(work, 'src');
+    const files = execFileSync('git', ['ls-files', '--cached', '--others', '--exclude-standard'], { cwd: root, encoding: 'utf8' })
+      .split('\n').filter((f) => f && !f.startsWith('test/'));
+    for (const f of files) {
+      mkdirSync(dirname(join(src, f)), { recursive: true });
+      cpSync(join(root, f), join(src, f));
+    }
+    symlinkSync(join(root, 'node_modules'), join(src, 'node_modules'));
+    const pre = npm(src, ['run', 'prebuilds']);
+    expect(pre.status, pre.stderr).toBe(0);
+    expect(readdirSync(join(src, 'prebuilds', `${process.platform}-${process.arch}`))).toEqual(['della-merge.glibc.node']);
+    const pack = npm(src, ['pack', '--pack-destination', work]);
+    expect(pack.status, pack.stderr).toBe(0);
+    const tarball = readdirSync(work).find((f) => f.endsWith('.tgz'))!;
+
+    const app = join(work, 'app');
+    mkdirSync(app);
+    writeFileSync(join(app, 'package.json'), '{"name": "app", "version": "1.0.0", "type": "module", "private": true}\n');
+    const install = npm(app, ['install', join(work, tarball), '--no-audit', '--no-fund', '--prefer-offline']);
+    expect(install.status, install.stderr).toBe(0);
+
+    // A PATH holding node and nothing else: no compiler, no CMake, no make.
+    const bin = join(work, 'bin');
+    mkdirSync(bin);
+    symlinkSync(process.execPath, join(bin, 'node'));
+    const env = { ...process.env, PATH: bin };
+    for (const tool of ['cmake', 'g++', 'c++', 'make']) {
+      expect(spawnSync(tool, ['--version'], { env }).error, `${tool} must not be reachable`).toBeTruthy();
+    }
+    const demo = spawnSync(join(bin, 'node'), [join(app, 'node_modules/.bin/della-merge'), 'demo', '--out', join(work, 'demo')], { cwd: app, env, encoding: 'utf8' });
+    expect(demo.status, demo.stderr).toBe(0);
+    expect(demo.stdout).toContain('what DELLA did');
+    const doctor = spawnSync(join(bin, 'node'), [join(app, 'node_modules/.bin/della-merge'), 'doctor'], { cwd: app, env, encoding: 'utf8' });
+    expect(doctor.stdout).toMatch(/della-merge\.glibc\.node \(prebuilt\) loads/);
+    const imp = spawnSync(join(bin, 'node'), ['--input-type=module', '-e', "import { merge, mergeTensors, openCheckpoint } from 'della-merge'; console.log(typeof merge, typeof mergeTensors, typeof openCheckpoint)"], { cwd: app, env, encoding: 'utf8' });
+    expect(imp.stdout.trim(), imp.stderr).toBe('function function function');
+  });
+});
