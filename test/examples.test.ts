@@ -31,6 +31,19 @@ describe('examples/', () => {
     });
   }
 
+  it('merge-in-memory.mjs runs', () => {
+    const r = run([join(root, 'examples/merge-in-memory.mjs')], cwd);
+    expect(r.code, r.out).toBe(0);
+    expect(r.out).toMatch(/model\.layers\.0\.mlp\.up_proj\.weight F32 \[64,256\]: kept \d+%, \d+% of each delta/);
+  });
+
+  it('custom-progress.mjs runs', () => {
+    const r = run([join(root, 'examples/custom-progress.mjs')], cwd);
+    expect(r.code, r.out).toBe(0);
+    expect(r.out).toMatch(/100%  40\/40 tensors/);
+    expect(r.out).toMatch(/done: 39 merged, 1 copied/);
+  });
+
   it('merge-api.mjs runs', () => {
     const r = run([join(root, 'examples/merge-api.mjs')], cwd);
     expect(r.code, r.out).toBe(0);
