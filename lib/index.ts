@@ -15,7 +15,13 @@ export { openCheckpoint, type Checkpoint, type CheckpointTensor, type TensorArra
 export { saveModel, type InMemoryTensor } from './checkpoint/save.js';
 export type { TensorInfo } from './checkpoint/safetensors.js';
 export { loadRecipe, parseRecipe, resolveTensorParams, layerCount, layerIndex } from './recipe/index.js';
-export type { Recipe, RecipeModel, TensorParams, ExpertParams, ParamValue, OutDType } from './recipe/index.js';
+export type { Recipe, RecipeModel, TensorParams, ExpertParams, ParamValue, ParamScalar, OutDType, ParseOptions } from './recipe/index.js';
+export type { MergePlan, TensorPlan } from './merge/plan.js';
+export type { OpenedModels } from './merge/build.js';
+export type { ConsensusName, SparsifierName, RescaleName } from './merge/methods.js';
+export type {
+  MergeTaskSpec, ExpertTask, CopyTaskSpec, DotTaskSpec, DotStats, MergeTaskStats, DTypeCode, FloatDType,
+} from './merge/task.js';
 export { planRecipe, type MergeOptions, type MergeReport, type ProgressEvent, type TensorReport, type MergedTensor, type TensorStreamOptions } from './merge/run.js';
 export { assemble, type AssembleReport } from './merge/parts.js';
 export { verifyMerge, type VerifyReport, type VerifyOptions, type TensorCheck } from './validate/verify.js';

@@ -5,3 +5,6 @@ export { stableRanks, magpruneQ, sparsifyDelta, breadcrumbsWindow, normScale } f
 export { fuseElement } from './fuse.js';
 export { referenceMergeTensor, referenceDots, expertRowOffset, type ElementProbe } from './merge-tensor.js';
 export { referenceMergeRows, needsWholeTensor } from './rows.js';
+export type { SparsifyContext } from './sparsify.js';
+export type { FuseOptions } from './fuse.js';
+export type { RowsResult } from './rows.js';
