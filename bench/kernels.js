@@ -22,6 +22,7 @@ const METHODS = {
   della: { sparsifier: SPARSIFIER_CODE.magprune, consensus: CONSENSUS_CODE.sum, normalize: true, rescale: RESCALE_CODE.inverse, density: 0.5, epsilon: 0.1 },
   della_linear: { sparsifier: SPARSIFIER_CODE.magprune, consensus: CONSENSUS_CODE.none, normalize: false, rescale: RESCALE_CODE.inverse, density: 0.5, epsilon: 0.1 },
   dare_ties: { sparsifier: SPARSIFIER_CODE.random, consensus: CONSENSUS_CODE.sum, normalize: false, rescale: RESCALE_CODE.inverse, density: 0.5, epsilon: 0 },
+  ties: { sparsifier: SPARSIFIER_CODE.magnitude, consensus: CONSENSUS_CODE.sum, normalize: true, rescale: RESCALE_CODE.none, density: 0.5, epsilon: 0 },
   task_arithmetic: { sparsifier: SPARSIFIER_CODE.none, consensus: CONSENSUS_CODE.none, normalize: false, rescale: RESCALE_CODE.none, density: 1, epsilon: 0 },
 };
 const DTYPES = quick ? ['BF16'] : ['BF16', 'F16', 'F32'];

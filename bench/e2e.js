@@ -1,0 +1,138 @@
+#!/usr/bin/env node
+// End-to-end merge benchmark: generates a base and K experts (BF16, Llama-shaped
+// layers) of --params parameters each, then times `della-merge run` from page-cached
+// files beside the time to read every input file once (the floor), and samples the
+// merge process's peak private (anonymous) memory from /proc. Prints a table and writes
+// bench/out/e2e.json.
+//   node bench/e2e.js [--params 200e6] [--experts 3] [--method della] [--threads N] [--keep DIR]
+import { spawn } from 'node:child_process';
+import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { cpus, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { saveModel } from '../dist/index.js';
+
+const { values } = parseArgs({ options: {
+  params: { type: 'string' }, experts: { type: 'string' }, method: { type: 'string' }, threads: { type: 'string' }, keep: { type: 'string' },
+} });
+const target = Number(values.params ?? 200e6);
+const K = Number(values.experts ?? 3);
+const method = values.method ?? 'della';
+const hidden = 4096, ffn = 11008;
+const root = new URL('..', import.meta.url).pathname;
+const dir = values.keep ?? mkdtempSync(join(tmpdir(), 'della-e2e-'));
+
+// Layers of 4 attention [h, h] and 3 MLP [ffn, h] matrices until the target is reached.
+const perLayer = 4 * hidden * hidden + 3 * ffn * hidden;
+const layers = Math.max(1, Math.round(target / perLayer));
+const params = layers * perLayer;
+
+function gen(seed, k) {
+  let x = (seed * 2654435761) >>> 0 || 1;
+  return (n, around) => {
+    const out = new Uint16Array(n);
+    for (let i = 0; i < n; i++) {
+      x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+      // base: small bf16 values; experts: the base with the low mantissa bits nudged
+      out[i] = around ? (around[i] + ((x >>> 29) - 4) * (k + 1)) & 0xffff : 0x3c00 + (x & 0x3ff) - (x & 0x8000 ? 0x800 : 0);
+    }
+    return out;
+  };
+}
+
+function writeModels() {
+  if (readdirSync(dir).includes('expert0')) return; // reuse with --keep
+  for (let l = 0; l < layers; l++) {
+    const shapes = [
+      ...['q_proj', 'k_proj', 'v_proj', 'o_proj'].map((p) => [`model.layers.${l}.self_attn.${p}.weight`, [hidden, hidden]]),
+      ...['gate_proj', 'up_proj'].map((p) => [`model.layers.${l}.mlp.${p}.weight`, [ffn, hidden]]),
+      [`model.layers.${l}.mlp.down_proj.weight`, [hidden, ffn]],
+    ];
+    for (const [name, shape] of shapes) {
+      const n = shape[0] * shape[1];
+      const base = gen(l * 31 + name.length, -1)(n);
+      const models = [base, ...Array.from({ length: K }, (_, k) => gen(l * 97 + k + 7, k)(n, base))];
+      models.forEach((data, m) => {
+        const d = join(dir, m === 0 ? 'base' : `expert${m - 1}`, `layer${l}`);
+        mkdirSync(d, { recursive: true });
+        saveModel(join(d, name.replace(/\./g, '_')), [{ name, dtype: 'BF16', shape, data }]);
+      });
+    }
+  }
+  // Gather every tensor file of a model into one directory of shards.
+  for (const m of ['base', ...Array.from({ length: K }, (_, k) => `expert${k}`)]) {
+    const shards = join(dir, m, 'shards');
+    mkdirSync(shards, { recursive: true });
+    for (const l of readdirSync(join(dir, m)).filter((x) => x.startsWith('layer'))) {
+      for (const t of readdirSync(join(dir, m, l))) {
+        writeFileSync(join(shards, `${l}-${t}.safetensors`), readFileSync(join(dir, m, l, t, 'model.safetensors')));
+      }
+      rmSync(join(dir, m, l), { recursive: true });
+    }
+  }
+}
+
+function inputFiles() {
+  return ['base', ...Array.from({ length: K }, (_, k) => `expert${k}`)].flatMap((m) =>
+    readdirSync(join(dir, m, 'shards')).map((f) => join(dir, m, 'shards', f)));
+}
+
+function readAll(files) {
+  const buf = Buffer.alloc(64 << 20);
+  let bytes = 0;
+  const t = performance.now();
+  for (const f of files) {
+    const fd = openSync(f, 'r');
+    let n;
+    while ((n = readSync(fd, buf, 0, buf.length, null)) > 0) bytes += n;
+    closeSync(fd);
+  }
+  return { seconds: (performance.now() - t) / 1000, bytes };
+}
+
+function runMerge(recipe, out, threads) {
+  return new Promise((resolve, reject) => {
+    const args = [join(root, 'bin/della-merge.js'), 'run', recipe, '--out', out, '--overwrite', '--json', ...(threads ? ['--threads', threads] : [])];
+    const t = performance.now();
+    const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+    let stdout = '', peakAnon = 0;
+    child.stdout.on('data', (d) => { stdout += d; });
+    const poll = setInterval(() => {
+      try {
+        const m = /RssAnon:\s+(\d+) kB/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'));
+        if (m) peakAnon = Math.max(peakAnon, Number(m[1]) * 1024);
+      } catch { /* exited */ }
+    }, 20);
+    child.on('exit', (code) => {
+      clearInterval(poll);
+      if (code !== 0) return reject(new Error(`merge exited ${code}`));
+      resolve({ seconds: (performance.now() - t) / 1000, peakAnon, report: JSON.parse(stdout) });
+    });
+  });
+}
+
+mkdirSync(dir, { recursive: true });
+console.log(`della-merge end-to-end benchmark: ${method}, K = ${K}, BF16, ${(params / 1e6).toFixed(0)} M parameters per model (${layers} layers), ${cpus().length} cores (${cpus()[0]?.model})`);
+console.log(`models in ${dir}`);
+writeModels();
+const recipe = join(dir, 'recipe.yaml');
+const models = Array.from({ length: K }, (_, k) => `  - model: ${join(dir, `expert${k}`, 'shards')}\n    parameters: { weight: 1.0, density: 0.5${method.startsWith('della') ? ', epsilon: 0.1' : ''} }`).join('\n');
+writeFileSync(recipe, `merge_method: ${method}\nbase_model: ${join(dir, 'base', 'shards')}\nmodels:\n${models}\nseed: 1\n`);
+const files = inputFiles();
+readAll(files); // warm the page cache
+const floor = [readAll(files), readAll(files)].sort((a, b) => a.seconds - b.seconds)[0];
+const out = join(dir, 'merged');
+const runs = [];
+for (let i = 0; i < 2; i++) runs.push(await runMerge(recipe, out, values.threads));
+const best = runs.sort((a, b) => a.seconds - b.seconds)[0];
+const row = {
+  date: new Date().toISOString(), cpu: cpus()[0]?.model, cores: cpus().length, method, experts: K, dtype: 'BF16',
+  parametersPerModel: params, inputBytes: floor.bytes, readOnceSeconds: floor.seconds,
+  mergeSeconds: best.seconds, mergeSecondsAll: runs.map((r) => r.seconds), ratioToReadOnce: best.seconds / floor.seconds,
+  mParamsPerSecond: params / best.seconds / 1e6, peakAnonBytes: Math.max(...runs.map((r) => r.peakAnon)), threads: best.report.threads,
+};
+console.log('read inputs once   merge (best of 2)   ratio   M params/s   peak private memory');
+console.log(`${floor.seconds.toFixed(2).padStart(8)} s   ${best.seconds.toFixed(2).padStart(12)} s   ${row.ratioToReadOnce.toFixed(1).padStart(6)}x   ${row.mParamsPerSecond.toFixed(1).padStart(9)}   ${(row.peakAnonBytes / 2 ** 20).toFixed(0).padStart(8)} MiB`);
+mkdirSync(new URL('./out/', import.meta.url), { recursive: true });
+writeFileSync(new URL('./out/e2e.json', import.meta.url), `${JSON.stringify(row, null, 2)}\n`);
+if (!values.keep) rmSync(dir, { recursive: true, force: true });
