@@ -111,7 +111,8 @@ describe('faults leave nothing that looks finished', () => {
     return writeRecipe(join(dir, 'r.yaml'), { merge_method: 'della', base_model: join(dir, 'base'), models: [{ model: join(dir, 'e0'), parameters: { density: 0.5, epsilon: 0.1 } }] });
   }
 
-  it('SIGINT midway exits 130 and removes the temporary output', async () => {
+  /** Starts a merge, sends `signal` at its first progress line, returns the exit code. */
+  async function interruptMidway(signal: 'SIGINT' | 'SIGTERM') {
     const dir = tempDir();
     const recipe = bigModels(dir);
     const out = join(dir, 'merged');
@@ -120,14 +121,22 @@ describe('faults leave nothing that looks finished', () => {
     const code = await new Promise<number | null>((done) => {
       child.stderr.on('data', (d: Buffer) => {
         stderr += d.toString();
-        if (stderr.includes('progress') && !child.killed) child.kill('SIGINT');
+        if (stderr.includes('progress') && !child.killed) child.kill(signal);
       });
       child.on('exit', (c) => done(c));
     });
-    expect(code, stderr).toBe(130);
-    expect(existsSync(out)).toBe(false);
-    expect(readdirSync(dir).filter((x) => x.includes('della-tmp'))).toEqual([]);
-  });
+    return { code, stderr, out, dir };
+  }
+
+  for (const [signal, exit] of [['SIGINT', 130], ['SIGTERM', 143]] as const) {
+    it(`${signal} midway exits ${exit} and leaves nothing that looks finished`, async () => {
+      const r = await interruptMidway(signal);
+      expect(r.code, r.stderr).toBe(exit);
+      expect(r.stderr).toContain(`${signal}: stopping`);
+      expect(existsSync(r.out)).toBe(false);
+      expect(readdirSync(r.dir).filter((x) => x.includes('della-tmp'))).toEqual([]);
+    });
+  }
 
   it('an input modified during the merge is detected and reported', async () => {
     const dir = tempDir();

@@ -9,20 +9,9 @@ import {
   type SafetensorsHeader,
 } from '../lib/checkpoint/safetensors.js';
 import { DellaError } from '../lib/errors.js';
+import { rng as mulberry32 } from './helpers/random.js';
 
 const FILE = 'model.safetensors';
-
-/** Deterministic PRNG so a failing case can be reproduced from its seed. */
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function prefix(n: number | bigint): Uint8Array {
   const b = new Uint8Array(8);

@@ -1,5 +1,6 @@
 #include "merge_worker.h"
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -82,45 +83,39 @@ MergeTask parse_merge(const Napi::Object& o, const std::string& where) {
   return t;
 }
 
-class MergeBatchWorker : public Napi::AsyncWorker {
+// Runs `run` on a libuv worker thread and settles a promise with `to_js(result)`.
+// `keep` holds the caller's batch object, so its buffers outlive the work.
+template <class Result>
+class PromiseWorker : public Napi::AsyncWorker {
  public:
-  MergeBatchWorker(Napi::Env env, Napi::Object batch, std::vector<MergeTask> merges, std::vector<CopyTask> copies,
-                   unsigned threads)
-      : Napi::AsyncWorker(env, "della-merge:mergeBatch"),
-        deferred_(Napi::Promise::Deferred::New(env)),
-        keep_alive_(Napi::Persistent(batch)),  // the buffers must outlive the work
-        merges_(std::move(merges)),
-        copies_(std::move(copies)),
-        threads_(threads) {}
+  using Run = std::function<Result()>;
+  using ToJs = Napi::Value (*)(Napi::Env, const Result&);
 
-  Napi::Promise Promise() { return deferred_.Promise(); }
+  PromiseWorker(Napi::Env env, const char* name, Napi::Object keep, Run run, ToJs to_js)
+      : Napi::AsyncWorker(env, name),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        keep_alive_(Napi::Persistent(keep)),
+        run_(std::move(run)),
+        to_js_(to_js) {}
+
+  static Napi::Promise Start(Napi::Env env, const char* name, Napi::Object keep, Run run, ToJs to_js) {
+    auto* w = new PromiseWorker(env, name, keep, std::move(run), to_js);
+    Napi::Promise p = w->deferred_.Promise();
+    w->Queue();
+    return p;
+  }
 
   void Execute() override {
     try {
-      della::run_batch(merges_, copies_, threads_, stats_);
+      result_ = run_();
     } catch (const std::exception& e) {
       SetError(e.what());
     }
   }
 
   void OnOK() override {
-    Napi::Env env = Env();
-    Napi::Array out = Napi::Array::New(env, stats_.size());
-    for (size_t i = 0; i < stats_.size(); ++i) {
-      Napi::Object s = Napi::Object::New(env);
-      Napi::Array nonfinite = Napi::Array::New(env, stats_[i].nonfinite.size());
-      for (size_t k = 0; k < stats_[i].nonfinite.size(); ++k)
-        nonfinite.Set(k, Napi::Number::New(env, static_cast<double>(stats_[i].nonfinite[k])));
-      Napi::Array kept = Napi::Array::New(env, stats_[i].kept.size());
-      for (size_t k = 0; k < stats_[i].kept.size(); ++k)
-        kept.Set(k, Napi::Number::New(env, static_cast<double>(stats_[i].kept[k])));
-      s.Set("nonfinite", nonfinite);
-      s.Set("kept", kept);
-      s.Set("numel", Napi::Number::New(env, static_cast<double>(stats_[i].numel)));
-      out.Set(i, s);
-    }
     keep_alive_.Reset();
-    deferred_.Resolve(out);
+    deferred_.Resolve(to_js_(Env(), result_));
   }
 
   void OnError(const Napi::Error& e) override {
@@ -131,61 +126,41 @@ class MergeBatchWorker : public Napi::AsyncWorker {
  private:
   Napi::Promise::Deferred deferred_;
   Napi::ObjectReference keep_alive_;
-  std::vector<MergeTask> merges_;
-  std::vector<CopyTask> copies_;
-  std::vector<MergeStats> stats_;
-  unsigned threads_;
+  Run run_;
+  ToJs to_js_;
+  Result result_;
 };
 
-class DotBatchWorker : public Napi::AsyncWorker {
- public:
-  DotBatchWorker(Napi::Env env, Napi::Object batch, std::vector<della::DotTask> tasks, unsigned threads)
-      : Napi::AsyncWorker(env, "della-merge:dotBatch"),
-        deferred_(Napi::Promise::Deferred::New(env)),
-        keep_alive_(Napi::Persistent(batch)),
-        tasks_(std::move(tasks)),
-        threads_(threads) {}
+Napi::Array numbers(Napi::Env env, const std::vector<uint64_t>& xs) {
+  Napi::Array a = Napi::Array::New(env, xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) a.Set(i, Napi::Number::New(env, static_cast<double>(xs[i])));
+  return a;
+}
 
-  Napi::Promise Promise() { return deferred_.Promise(); }
-
-  void Execute() override {
-    try {
-      della::run_dots(tasks_, threads_, stats_);
-    } catch (const std::exception& e) {
-      SetError(e.what());
-    }
+Napi::Value merge_stats_to_js(Napi::Env env, const std::vector<MergeStats>& stats) {
+  Napi::Array out = Napi::Array::New(env, stats.size());
+  for (size_t i = 0; i < stats.size(); ++i) {
+    Napi::Object s = Napi::Object::New(env);
+    s.Set("nonfinite", numbers(env, stats[i].nonfinite));
+    s.Set("kept", numbers(env, stats[i].kept));
+    s.Set("numel", Napi::Number::New(env, static_cast<double>(stats[i].numel)));
+    out.Set(i, s);
   }
+  return out;
+}
 
-  void OnOK() override {
-    Napi::Env env = Env();
-    Napi::Array out = Napi::Array::New(env, stats_.size());
-    for (size_t i = 0; i < stats_.size(); ++i) {
-      Napi::Object s = Napi::Object::New(env);
-      s.Set("dot", stats_[i].dot);
-      s.Set("aa", stats_[i].aa);
-      s.Set("bb", stats_[i].bb);
-      Napi::Array nonfinite = Napi::Array::New(env, 2);
-      nonfinite.Set(0u, Napi::Number::New(env, static_cast<double>(stats_[i].nonfinite_a)));
-      nonfinite.Set(1u, Napi::Number::New(env, static_cast<double>(stats_[i].nonfinite_b)));
-      s.Set("nonfinite", nonfinite);
-      out.Set(i, s);
-    }
-    keep_alive_.Reset();
-    deferred_.Resolve(out);
+Napi::Value dot_stats_to_js(Napi::Env env, const std::vector<della::DotStats>& stats) {
+  Napi::Array out = Napi::Array::New(env, stats.size());
+  for (size_t i = 0; i < stats.size(); ++i) {
+    Napi::Object s = Napi::Object::New(env);
+    s.Set("dot", stats[i].dot);
+    s.Set("aa", stats[i].aa);
+    s.Set("bb", stats[i].bb);
+    s.Set("nonfinite", numbers(env, {stats[i].nonfinite_a, stats[i].nonfinite_b}));
+    out.Set(i, s);
   }
-
-  void OnError(const Napi::Error& e) override {
-    keep_alive_.Reset();
-    deferred_.Reject(e.Value());
-  }
-
- private:
-  Napi::Promise::Deferred deferred_;
-  Napi::ObjectReference keep_alive_;
-  std::vector<della::DotTask> tasks_;
-  std::vector<della::DotStats> stats_;
-  unsigned threads_;
-};
+  return out;
+}
 
 }  // namespace
 
@@ -214,10 +189,14 @@ Napi::Value DotBatch(const Napi::CallbackInfo& info) {
     t.b = b.data;
     tasks.push_back(std::move(t));
   }
-  auto* worker = new DotBatchWorker(env, batch, std::move(tasks), threads);
-  Napi::Promise p = worker->Promise();
-  worker->Queue();
-  return p;
+  return PromiseWorker<std::vector<della::DotStats>>::Start(
+      env, "della-merge:dotBatch", batch,
+      [tasks = std::move(tasks), threads] {
+        std::vector<della::DotStats> stats;
+        della::run_dots(tasks, threads, stats);
+        return stats;
+      },
+      dot_stats_to_js);
 }
 
 // mergeBatch({ threads, merges: [...], copies: [{ src, dst }] }) -> Promise<stats[]>
@@ -245,10 +224,14 @@ Napi::Value MergeBatch(const Napi::CallbackInfo& info) {
     if (src.length != dst.length) throw Napi::RangeError::New(env, where + ": src and dst lengths differ");
     copies.push_back({src.data, dst.data, src.length});
   }
-  auto* worker = new MergeBatchWorker(env, batch, std::move(merges), std::move(copies), threads);
-  Napi::Promise p = worker->Promise();
-  worker->Queue();
-  return p;
+  return PromiseWorker<std::vector<MergeStats>>::Start(
+      env, "della-merge:mergeBatch", batch,
+      [merges = std::move(merges), copies = std::move(copies), threads] {
+        std::vector<MergeStats> stats;
+        della::run_batch(merges, copies, threads, stats);
+        return stats;
+      },
+      merge_stats_to_js);
 }
 
 }  // namespace della_binding
