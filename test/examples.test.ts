@@ -1,6 +1,6 @@
 /** Every recipe and script in examples/ runs as written, against the demo's models. */
 import { spawnSync } from 'node:child_process';
-import { cpSync, readdirSync } from 'node:fs';
+import { cpSync, readdirSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { tempDir } from './helpers/models.js';
@@ -42,6 +42,13 @@ describe('examples/', () => {
     expect(r.code, r.out).toBe(0);
     expect(r.out).toMatch(/100%  40\/40 tensors/);
     expect(r.out).toMatch(/done: 39 merged, 1 copied/);
+  });
+
+  it('the README shows the examples exactly as they are in examples/', () => {
+    const readme = readFileSync(join(root, 'README.md'), 'utf8');
+    const shown = [...readme.matchAll(/<!-- example: (\S+) -->\n```\w*\n([\s\S]*?)\n```/g)];
+    expect(shown.length).toBeGreaterThanOrEqual(3);
+    for (const [, file, body] of shown) expect(body, file).toBe(readFileSync(join(root, file), 'utf8').trimEnd());
   });
 
   it('merge-api.mjs runs', () => {
