@@ -3,7 +3,7 @@
  * (bad recipe, checkpoint, shapes, I/O), 2 bad command-line usage, 130/143 interrupted
  * by SIGINT/SIGTERM, 70 an internal error (a bug: please report it).
  */
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -373,6 +373,10 @@ async function cmdDemo(args: string[]): Promise<number> {
   if (positionals.length > 0) throw usageError(`demo takes no positional arguments, got "${positionals[0]}"`, 'demo');
   const threads = intOption(values.threads as string | undefined, 'threads', 1, 1024);
   const dir = values.out ? resolve(values.out as string) : mkdtempSync(join(tmpdir(), 'della-merge-demo-'));
+  // Only an empty directory, or an earlier demo's, is written into.
+  if (values.out && existsSync(dir) && readdirSync(dir).length > 0 && !existsSync(join(dir, 'models', 'recipe.yaml'))) {
+    throw new DellaError('E_OUTPUT', `${dir} exists and is not an earlier demo's directory; give an empty or new directory`);
+  }
   const models = writeDemoModels(join(dir, 'models'));
   out(`della-merge demo`);
   out(`models   ${models.dir}: a base model (BF16, ${models.layers} layers, ${(models.parameters / 1e6).toFixed(2)} M parameters, 2 shards)`);

@@ -35,6 +35,13 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
     expect(r.stdout).toContain('what DELLA did');
     expect(r.stdout).toMatch(/math +kept 4\d\.\d% of its delta/);
     expect(readdirSync(join(dir, 'merged'))).toContain('model.safetensors');
+    expect(cli(['demo', '--out', dir]).code).toBe(0); // an earlier demo's directory is reused
+    const mine = tempDir();
+    writeFileSync(join(mine, 'notes.txt'), 'keep');
+    const refused = cli(['demo', '--out', mine]);
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toMatch(/is not an earlier demo's directory/);
+    expect(readdirSync(mine)).toEqual(['notes.txt']);
   });
 
   it('run writes files equal to the reference backend\'s, and the same bytes for 1 and 2 threads', async () => {
