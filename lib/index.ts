@@ -8,7 +8,8 @@ import { resolve } from 'node:path';
 import { stringify as yamlStringify } from 'yaml';
 import { DellaError } from './errors.js';
 import { loadRecipe, parseRecipe, type Recipe } from './recipe/index.js';
-import { runMerge, streamMerge, type MergeOptions, type MergeReport, type MergedTensor, type TensorStreamOptions } from './merge/run.js';
+import { runMerge, type MergeOptions, type MergeReport } from './merge/run.js';
+import { streamMerge, type MergedTensor, type TensorStreamOptions } from './merge/stream.js';
 
 export { DellaError, isDellaError, type ErrorCode } from './errors.js';
 export { openCheckpoint, type Checkpoint, type CheckpointTensor, type TensorArray } from './checkpoint/model.js';
@@ -22,7 +23,8 @@ export type { ConsensusName, SparsifierName, RescaleName } from './merge/methods
 export type {
   MergeTaskSpec, ExpertTask, CopyTaskSpec, DotTaskSpec, DotStats, MergeTaskStats, DTypeCode, FloatDType,
 } from './merge/task.js';
-export { planRecipe, type MergeOptions, type MergeReport, type ProgressEvent, type TensorReport, type MergedTensor, type TensorStreamOptions } from './merge/run.js';
+export { planRecipe, type MergeOptions, type MergeReport, type ProgressEvent, type TensorReport } from './merge/run.js';
+export type { MergedTensor, TensorStreamOptions } from './merge/stream.js';
 export { assemble, type AssembleReport } from './merge/parts.js';
 export { verifyMerge, type VerifyReport, type VerifyOptions, type TensorCheck } from './validate/verify.js';
 export type { MemoryTensor, TensorSet } from './checkpoint/memory.js';

@@ -17,9 +17,7 @@ import { referenceDots, referenceMergeTensor } from '../reference/merge-tensor.j
 import { slerpCoefficients } from './slerp.js';
 import { modelCard } from './card.js';
 import type { MergePlan, TensorPlan } from './plan.js';
-import { buildMergeTask, openModels, planRecipe, type OpenedModels } from './build.js';
-import { planMerge } from './plan.js';
-import { memoryCheckpoint, type TensorSet } from '../checkpoint/memory.js';
+import { buildMergeTask, planRecipe, type OpenedModels } from './build.js';
 import { DTYPE_CODE, type CopyTaskSpec, type DotTaskSpec, type FloatDType, type MergeTaskSpec, type MergeTaskStats } from './task.js';
 
 export { planRecipe, openModels, type OpenedModels } from './build.js';
@@ -116,7 +114,7 @@ export function packageVersion(): string {
   }
 }
 
-function abortError(): DellaError {
+export function abortError(): DellaError {
   return new DellaError('E_ABORTED', 'the merge was cancelled; nothing was written');
 }
 
@@ -169,7 +167,7 @@ function checkFinite(t: TensorPlan, stats: MergeTaskStats, recipe: Recipe, warni
   });
 }
 
-function tensorReport(plan: MergePlan, t: TensorPlan, stats: MergeTaskStats | null, slerp?: [number, number]): TensorReport {
+export function tensorReport(plan: MergePlan, t: TensorPlan, stats: MergeTaskStats | null, slerp?: [number, number]): TensorReport {
   const r: TensorReport = { name: t.name, kind: t.kind, dtype: t.outDtype, shape: t.shape };
   if (t.params && stats) {
     if (plan.method.kind === 'delta') r.keptFraction = stats.kept.map((k) => (stats.numel === 0 ? 1 : k / stats.numel));
@@ -208,14 +206,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   const started = performance.now();
   const backend = options.backend ?? 'native';
   const native = backend === 'native' ? loadNative() : null;
-  const threads = options.threads ?? native?.hardwareThreads ?? 1;
-  if (!Number.isInteger(threads) || threads < 1 || threads > 1024) {
-    throw new DellaError('E_ARGS', `threads must be an integer from 1 to 1024, got ${options.threads}`);
-  }
-  const seed = options.seed ?? recipe.seed;
-  if (!Number.isSafeInteger(seed) || seed < 0) {
-    throw new DellaError('E_ARGS', `seed must be an integer in [0, 2^53), got ${seed}`);
-  }
+  const { threads, seed } = runSettings(options, recipe, native);
   const shardSize = options.shardSize ?? DEFAULT_SHARD_SIZE;
   if (!(Number.isSafeInteger(shardSize) && shardSize > 0)) {
     throw new DellaError('E_ARGS', `shard size must be a positive number of bytes, got ${shardSize}`);
@@ -316,6 +307,19 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   }
 }
 
+/** Threads (default: all cores) and seed (default: the recipe's), checked. */
+export function runSettings(
+  options: { threads?: number; seed?: number }, recipe: Recipe, native: NativeAddon | null,
+): { threads: number; seed: number } {
+  const threads = options.threads ?? native?.hardwareThreads ?? 1;
+  if (!Number.isInteger(threads) || threads < 1 || threads > 1024) {
+    throw new DellaError('E_ARGS', `threads must be an integer from 1 to 1024, got ${options.threads}`);
+  }
+  const seed = options.seed ?? recipe.seed;
+  if (!Number.isSafeInteger(seed) || seed < 0) throw new DellaError('E_ARGS', `seed must be an integer in [0, 2^53), got ${seed}`);
+  return { threads, seed };
+}
+
 export interface BatchContext {
   plan: MergePlan;
   models: OpenedModels;
@@ -392,90 +396,6 @@ export async function* runBatches(
 
 function outputTensor(t: TensorPlan): OutputTensor {
   return { name: t.name, dtype: t.outDtype, shape: t.shape, byteLength: t.outBytes };
-}
-
-export interface MergedTensor {
-  name: string;
-  dtype: string;
-  shape: number[];
-  /** the merged (or copied) tensor's bytes, little-endian; yours to keep */
-  data: Uint8Array;
-  report: TensorReport;
-}
-
-export interface TensorStreamOptions {
-  /** the base model's tensors, when they are in memory rather than in files */
-  base?: TensorSet;
-  /** the experts' tensors, in recipe order, when they are in memory */
-  models?: TensorSet[];
-  seed?: number;
-  threads?: number;
-  signal?: AbortSignal;
-  allowNonFinite?: boolean;
-  onProgress?: (event: ProgressEvent) => void;
-}
-
-/**
- * Merges without writing files: yields each output tensor (name order, a batch at a
- * time) as an async iterator. Inputs come from the recipe's files, or from memory
- * (`options.base` and `options.models`, matched to the recipe's models by position).
- * Memory in flight is one batch of outputs, unless the consumer keeps them.
- */
-export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions = {}): AsyncGenerator<MergedTensor> {
-  const started = performance.now();
-  const native = loadNative();
-  const threads = options.threads ?? native.hardwareThreads;
-  if (!Number.isInteger(threads) || threads < 1 || threads > 1024) {
-    throw new DellaError('E_ARGS', `threads must be an integer from 1 to 1024, got ${options.threads}`);
-  }
-  const seed = options.seed ?? recipe.seed;
-  if (!Number.isSafeInteger(seed) || seed < 0) throw new DellaError('E_ARGS', `seed must be an integer in [0, 2^53), got ${seed}`);
-  const inMemory = options.base !== undefined || options.models !== undefined;
-  let models: OpenedModels;
-  if (inMemory) {
-    if (!options.base || !options.models || options.models.length !== recipe.models.length) {
-      throw new DellaError('E_ARGS', `in-memory merges need options.base and options.models with one tensor set per recipe model (${recipe.models.length})`);
-    }
-    models = {
-      base: memoryCheckpoint(recipe.baseModel.model, options.base),
-      experts: options.models.map((set, k) => memoryCheckpoint(recipe.models[k].model, set)),
-      close() {},
-    };
-  } else {
-    models = openModels(recipe);
-  }
-  try {
-    const plan = planMerge(recipe, models.base, models.experts);
-    const ctx: BatchContext = {
-      plan, models, recipe, seed, threads, native, signal: options.signal,
-      nonfiniteWarnings: options.allowNonFinite ? [] : null,
-    };
-    const buffers = new Map<string, Uint8Array>();
-    const bytesTotal = plan.totals.bytesRead + plan.totals.bytesWritten;
-    let bytesDone = 0, tensorsDone = 0;
-    const batchesOf = runBatches(ctx, plan.tensors, (t) => {
-      const b = new Uint8Array(t.outBytes);
-      buffers.set(t.name, b);
-      return b;
-    });
-    for await (const done of batchesOf) {
-      for (const t of done) {
-        bytesDone += t.plan.inBytes + t.plan.outBytes;
-        tensorsDone++;
-      }
-      options.onProgress?.({
-        phase: 'merge', tensorsDone, tensorsTotal: plan.totals.tensors, bytesDone, bytesTotal,
-        elapsedSeconds: (performance.now() - started) / 1000, tensor: done[done.length - 1].plan.name,
-      });
-      for (const t of done) {
-        const data = buffers.get(t.plan.name)!;
-        buffers.delete(t.plan.name);
-        yield { name: t.plan.name, dtype: t.plan.outDtype, shape: t.plan.shape, data, report: tensorReport(plan, t.plan, t.stats, t.slerp) };
-      }
-    }
-  } finally {
-    models.close();
-  }
 }
 
 function tokenizerSourceDir(recipe: Recipe, models: OpenedModels): string | null {

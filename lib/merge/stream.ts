@@ -1,0 +1,91 @@
+/**
+ * Merging without output files: merged tensors handed out as an async iterator, from
+ * the recipe's files or from tensors held in memory.
+ */
+import { DellaError } from '../errors.js';
+import { memoryCheckpoint, type TensorSet } from '../checkpoint/memory.js';
+import { loadNative } from '../native.js';
+import type { Recipe } from '../recipe/index.js';
+import { openModels, type OpenedModels } from './build.js';
+import { planMerge } from './plan.js';
+import { runBatches, runSettings, tensorReport, type BatchContext, type ProgressEvent, type TensorReport } from './run.js';
+
+export interface MergedTensor {
+  name: string;
+  dtype: string;
+  shape: number[];
+  /** the merged (or copied) tensor's bytes, little-endian; yours to keep */
+  data: Uint8Array;
+  report: TensorReport;
+}
+
+export interface TensorStreamOptions {
+  /** the base model's tensors, when they are in memory rather than in files */
+  base?: TensorSet;
+  /** the experts' tensors, in recipe order, when they are in memory */
+  models?: TensorSet[];
+  seed?: number;
+  threads?: number;
+  signal?: AbortSignal;
+  allowNonFinite?: boolean;
+  onProgress?: (event: ProgressEvent) => void;
+}
+
+/**
+ * Merges without writing files: yields each output tensor (name order, a batch at a
+ * time) as an async iterator. Inputs come from the recipe's files, or from memory
+ * (`options.base` and `options.models`, matched to the recipe's models by position).
+ * Memory in flight is one batch of outputs, unless the consumer keeps them.
+ */
+export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions = {}): AsyncGenerator<MergedTensor> {
+  const started = performance.now();
+  const native = loadNative();
+  const { threads, seed } = runSettings(options, recipe, native);
+  const inMemory = options.base !== undefined || options.models !== undefined;
+  let models: OpenedModels;
+  if (inMemory) {
+    if (!options.base || !options.models || options.models.length !== recipe.models.length) {
+      throw new DellaError('E_ARGS', `in-memory merges need options.base and options.models with one tensor set per recipe model (${recipe.models.length})`);
+    }
+    models = {
+      base: memoryCheckpoint(recipe.baseModel.model, options.base),
+      experts: options.models.map((set, k) => memoryCheckpoint(recipe.models[k].model, set)),
+      close() {},
+    };
+  } else {
+    models = openModels(recipe);
+  }
+  try {
+    const plan = planMerge(recipe, models.base, models.experts);
+    const ctx: BatchContext = {
+      plan, models, recipe, seed, threads, native, signal: options.signal,
+      nonfiniteWarnings: options.allowNonFinite ? [] : null,
+    };
+    const buffers = new Map<string, Uint8Array>();
+    const bytesTotal = plan.totals.bytesRead + plan.totals.bytesWritten;
+    let bytesDone = 0, tensorsDone = 0;
+    const batchesOf = runBatches(ctx, plan.tensors, (t) => {
+      const b = new Uint8Array(t.outBytes);
+      buffers.set(t.name, b);
+      return b;
+    });
+    for await (const done of batchesOf) {
+      for (const t of done) {
+        bytesDone += t.plan.inBytes + t.plan.outBytes;
+        tensorsDone++;
+      }
+      options.onProgress?.({
+        phase: 'merge', tensorsDone, tensorsTotal: plan.totals.tensors, bytesDone, bytesTotal,
+        elapsedSeconds: (performance.now() - started) / 1000, tensor: done[done.length - 1].plan.name,
+      });
+      for (const t of done) {
+        const data = buffers.get(t.plan.name)!;
+        buffers.delete(t.plan.name);
+        yield { name: t.plan.name, dtype: t.plan.outDtype, shape: t.plan.shape, data, report: tensorReport(plan, t.plan, t.stats, t.slerp) };
+      }
+    }
+  } finally {
+    models.close();
+  }
+}
+
