@@ -1,0 +1,71 @@
+/** Help texts of the della-merge command. */
+export const USAGE = `della-merge ${'{version}'}: fast DELLA / DARE / task-arithmetic merging of safetensors models
+
+Usage:
+  della-merge run RECIPE --out DIR [options]   merge the models of a recipe (YAML or JSON)
+  della-merge verify OUT --recipe RECIPE       check a merged model against its recipe
+  della-merge assemble --out DIR PART...       join the parts of a merge run with --part i/N
+  della-merge inspect PATH [--json]            list the tensors of a checkpoint
+  della-merge demo [--out DIR]                 build three small experts and merge them with DELLA
+  della-merge doctor [--json]                  report the platform, binary, SIMD and CUDA status
+  della-merge help [COMMAND]                   show help
+  della-merge --version
+
+Run "della-merge help run" for the merge options.`;
+
+export const RUN_USAGE = `Usage: della-merge run RECIPE --out DIR [options]
+
+  --out DIR            output directory (must not exist, unless --overwrite)
+  --seed N             random seed, an integer in [0, 2^53) (default: the recipe's, else 0)
+  --threads N          kernel threads (default: all cores)
+  --shard-size SIZE    largest output shard, e.g. 2GB, 500MiB (default 5GB)
+  --overwrite          replace DIR if it exists (atomically, when the merge is complete)
+  --report FILE        write a JSON report (tensors, bytes, seconds, parameters, warnings)
+  --quiet              no progress output
+  --json               print the report as JSON on stdout instead of a summary
+  --part i/N           merge only part i of N byte-balanced parts (for N jobs, GPUs or
+                       machines); join the N part directories with "della-merge assemble"
+  --verify             after merging, verify the output (see "della-merge help verify")
+  --allow-nonfinite    merge tensors holding NaN or infinity instead of refusing them
+  --dry-run            print the plan (per tensor: method and parameters per model; totals)
+                       without reading a tensor or writing anything; --out is not needed`;
+
+export const VERIFY_USAGE = `Usage: della-merge verify OUT --recipe RECIPE [--samples N] [--seed N] [--json]
+
+  Checks that OUT has exactly the tensors, dtypes and shapes RECIPE plans, that every
+  value is finite, that copied tensors equal the base's, and that sampled rows of every
+  merged tensor (all rows of tensors up to 65,536 elements; N others, default 3),
+  recomputed by the reference implementation, equal the output bit for bit. Prints per
+  tensor the fraction of each expert's change kept, how often its surviving changes
+  agree in sign with the merged change, and the norm of the merged change against the
+  expert's. Exits 1 if anything differs.
+
+  --seed N   the seed of the merge (default: OUT/della_merge_run.json, else the recipe's)`;
+
+export const ASSEMBLE_USAGE = `Usage: della-merge assemble --out DIR [--overwrite] [--json] PART_DIR...
+
+  Joins the N directories written by "della-merge run RECIPE --out PART_DIR --part i/N"
+  (i = 1..N) into DIR: the same files, byte for byte, that one run of the whole merge
+  writes. Refuses parts of different merges, a part given twice, and missing parts.`;
+
+export const INSPECT_USAGE = `Usage: della-merge inspect PATH [--json]
+
+  PATH is a .safetensors file or a model directory (model.safetensors,
+  model.safetensors.index.json, or *.safetensors shards).`;
+
+export const DEMO_USAGE = `Usage: della-merge demo [--out DIR] [--threads N]
+
+  Writes a small Llama-shaped base model and three experts (math, code, chat) into DIR
+  (default: a new temporary directory), merges them with DELLA and shows what it did.`;
+
+export const DOCTOR_USAGE = `Usage: della-merge doctor [--json]
+
+  Reports the platform, Node.js and glibc versions, which native binary is used
+  (prebuilt or local build) and whether it loads, the CPU's SIMD extensions, and the
+  CUDA plugin and driver status; prints what to do when something is missing.
+  Exits 1 when the native binary cannot be loaded.`;
+
+export const HELP: Record<string, string> = {
+  doctor: DOCTOR_USAGE,
+  run: RUN_USAGE, verify: VERIFY_USAGE, assemble: ASSEMBLE_USAGE, inspect: INSPECT_USAGE, demo: DEMO_USAGE,
+};
