@@ -149,53 +149,63 @@ struct Scratch {
   std::vector<uint8_t> keep;
 };
 
-// Stable ascending ranks of keys[0..n): counting over the row's key range for
-// half-precision keys; an LSD radix sort (stable) of 31-bit keys otherwise.
-void stable_ranks(const uint32_t* keys, uint64_t n, bool half_keys, Scratch& s, uint32_t* ranks) {
+// Stable ascending ranks of keys[0..n): counting over the row's key range when it is
+// at most 2^15 (always so for half-precision keys) or small next to n, else an LSD
+// radix sort (stable) carrying the indices.
+void stable_ranks(const uint32_t* __restrict keys, uint64_t n, Scratch& s, uint32_t* __restrict ranks) {
   uint32_t lo = keys[0], hi = keys[0];
   for (uint64_t j = 1; j < n; ++j) {
     lo = std::min(lo, keys[j]);
     hi = std::max(hi, keys[j]);
   }
   const uint64_t range = static_cast<uint64_t>(hi) - lo + 1;
-  if (range <= 4 * n + 256 || half_keys) {
+  if (range <= 32768 || range <= 4 * n + 256) {  // every half-precision key range
     s.hist.assign(range, 0);
-    for (uint64_t j = 0; j < n; ++j) ++s.hist[keys[j] - lo];
+    uint32_t* __restrict h = s.hist.data();
+    for (uint64_t j = 0; j < n; ++j) ++h[keys[j] - lo];
     uint32_t sum = 0;
     for (uint64_t b = 0; b < range; ++b) {
-      const uint32_t c = s.hist[b];
-      s.hist[b] = sum;
+      const uint32_t c = h[b];
+      h[b] = sum;
       sum += c;
     }
-    for (uint64_t j = 0; j < n; ++j) ranks[j] = s.hist[keys[j] - lo]++;
+    for (uint64_t j = 0; j < n; ++j) ranks[j] = h[keys[j] - lo]++;
     return;
   }
-  // Three stable 11-bit passes over (key - lo) carry the indices into sorted order.
+  // Digits of 8 bits for short rows, 11 for long ones: a pass costs n + 2^bits.
+  const unsigned bits = n >= 8192 ? 11 : 8;
+  const uint32_t mask = (1u << bits) - 1;
   s.idx.resize(n);
   s.tmp_idx.resize(n);
   s.tmp_keys.resize(n);
-  std::vector<uint32_t>& cur_idx = s.idx;
-  for (uint64_t j = 0; j < n; ++j) cur_idx[j] = static_cast<uint32_t>(j);
+  s.cur_keys.resize(n);
+  uint32_t* cur_idx = s.idx.data();
+  uint32_t* cur_keys = s.cur_keys.data();
+  uint32_t* nxt_idx = s.tmp_idx.data();
+  uint32_t* nxt_keys = s.tmp_keys.data();
+  for (uint64_t j = 0; j < n; ++j) {
+    cur_idx[j] = static_cast<uint32_t>(j);
+    cur_keys[j] = keys[j] - lo;
+  }
   const uint32_t span = hi - lo;
-  std::vector<uint32_t>& cur_keys = s.cur_keys;
-  cur_keys.assign(keys, keys + n);
-  for (uint32_t& k : cur_keys) k -= lo;
-  for (unsigned shift = 0; shift < 32 && (shift == 0 || (span >> shift) != 0); shift += 11) {
-    s.hist.assign(2048, 0);
-    for (uint64_t j = 0; j < n; ++j) ++s.hist[(cur_keys[j] >> shift) & 2047];
+  s.hist.resize(mask + 1);
+  uint32_t* __restrict h = s.hist.data();
+  for (unsigned shift = 0; shift < 32 && (shift == 0 || (span >> shift) != 0); shift += bits) {
+    std::fill(h, h + mask + 1, 0u);
+    for (uint64_t j = 0; j < n; ++j) ++h[(cur_keys[j] >> shift) & mask];
     uint32_t sum = 0;
-    for (unsigned b = 0; b < 2048; ++b) {
-      const uint32_t c = s.hist[b];
-      s.hist[b] = sum;
+    for (uint32_t b = 0; b <= mask; ++b) {
+      const uint32_t c = h[b];
+      h[b] = sum;
       sum += c;
     }
     for (uint64_t j = 0; j < n; ++j) {
-      const uint32_t pos = s.hist[(cur_keys[j] >> shift) & 2047]++;
-      s.tmp_keys[pos] = cur_keys[j];
-      s.tmp_idx[pos] = cur_idx[j];
+      const uint32_t pos = h[(cur_keys[j] >> shift) & mask]++;
+      nxt_keys[pos] = cur_keys[j];
+      nxt_idx[pos] = cur_idx[j];
     }
-    cur_keys.swap(s.tmp_keys);
-    cur_idx.swap(s.tmp_idx);
+    std::swap(cur_keys, nxt_keys);
+    std::swap(cur_idx, nxt_idx);
   }
   for (uint64_t p = 0; p < n; ++p) ranks[cur_idx[p]] = static_cast<uint32_t>(p);
 }
@@ -279,8 +289,8 @@ void mask_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t r, S
   const ExpertState& es = st.ex[k];
   s.keep.resize(n);
   s.fac.resize(n);
-  uint8_t* keep = s.keep.data();
-  float* fac = s.fac.data();
+  uint8_t* __restrict keep = s.keep.data();
+  float* __restrict fac = s.fac.data();
   if (!es.sparse) {
     std::fill(keep, keep + n, 1);
     std::fill(fac, fac + n, 1.0f);
@@ -292,14 +302,16 @@ void mask_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t r, S
       s.ranks.resize(n);
       s.x.resize(n);
       keys_row(s.delta.data(), n, st.mode, s.keys.data());
-      stable_ranks(s.keys.data(), n, st.mode != KeyMode::F32, s, s.ranks.data());
+      stable_ranks(s.keys.data(), n, s, s.ranks.data());
       uniforms_row(t.seed, t.tensor_id, k, i0, n, s.x.data(), s.words);
-      const uint32_t* rk = s.ranks.data();
-      const float* x = s.x.data();
+      const uint32_t* __restrict rk = s.ranks.data();
+      const float* __restrict x = s.x.data();
       if (!es.qtab.empty()) {
+        const float* __restrict qtab = es.qtab.data();
+        const float* __restrict stab = es.stab.data();
         for (uint64_t j = 0; j < n; ++j) {
-          keep[j] = x[j] < es.qtab[rk[j]];
-          fac[j] = es.stab[rk[j]];
+          keep[j] = x[j] < qtab[rk[j]];
+          fac[j] = stab[rk[j]];
         }
       } else {
         for (uint64_t j = 0; j < n; ++j) {
@@ -394,9 +406,10 @@ std::vector<std::vector<uint64_t>> key_histograms(const MergeTask& t, const Task
         delta_row(t, st, k, r, s);
         s.keys.resize(st.g.n);
         keys_row(s.delta.data(), st.g.n, st.mode, s.keys.data());
-        std::vector<uint64_t>& h = hists[k];
+        uint64_t* __restrict h = hists[k].data();
+        const uint32_t* __restrict keys = s.keys.data();
         for (uint64_t j = 0; j < st.g.n; ++j) {
-          const uint32_t key = s.keys[j];
+          const uint32_t key = keys[j];
           if (st.mode != KeyMode::F32) ++h[key];
           else if (level == 1) ++h[key >> 16];
           else if ((key >> 16) == hi_filter[k]) ++h[key & 0xffff];
@@ -468,9 +481,11 @@ void occurrence_starts(const MergeTask& t, TaskState& st, unsigned threads, std:
         s.keys.resize(st.g.n);
         keys_row(s.delta.data(), st.g.n, st.mode, s.keys.data());
         uint64_t a = 0, b = 0;
+        const uint32_t* __restrict keys = s.keys.data();
+        const uint32_t ka = es.cut_a.key, kb = es.cut_b.key;
         for (uint64_t j = 0; j < st.g.n; ++j) {
-          a += s.keys[j] == es.cut_a.key;
-          b += s.keys[j] == es.cut_b.key;
+          a += keys[j] == ka;
+          b += keys[j] == kb;
         }
         es.occ_a[r + 1] = a;
         es.occ_b[r + 1] = b;
