@@ -42,7 +42,10 @@ describe.skipIf(process.env.DELLA_SKIP_PACK === '1')('npm pack with a prebuilt b
     const bin = join(work, 'bin');
     mkdirSync(bin);
     symlinkSync(process.execPath, join(bin, 'node'));
-    const env = { ...process.env, PATH: bin };
+    // ...and none of the test suite's own overrides (test:asan sets these).
+    const { DELLA_NATIVE_PATH: _a, LD_PRELOAD: _b, ASAN_OPTIONS: _c, UBSAN_OPTIONS: _d, ...clean } = process.env;
+    void [_a, _b, _c, _d];
+    const env = { ...clean, PATH: bin };
     for (const tool of ['cmake', 'g++', 'c++', 'make']) {
       expect(spawnSync(tool, ['--version'], { env }).error, `${tool} must not be reachable`).toBeTruthy();
     }
