@@ -6,11 +6,18 @@ Usage: python3 spec_merge.py RECIPE.json OUT.safetensors [--m-sum-from-p0]
 --m-sum-from-p0: without consensus, compute M as p_0 + p_1 + … instead of the default
 +0 + p_0 + p_1 + … (they differ only in the sign of a zero; see main()).
 
-Written only from /work/shared/SPEC.md, as a cross-check of the project's CLI.
+Methods: task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties,
+della, della_linear (SPEC §4-§6), linear and slerp (README "What a merge computes");
+parameters may be scalars, gradients or filter lists, with the drop_rate / window_size
+aliases (SPEC §7); rescale true/false/inverse/l1/l2/linf.
+
+Written only from /work/shared/SPEC.md and the README's "What a merge computes", as a
+cross-check of the project's CLI.
 Every "fp32" step is done with numpy float32 arrays / np.float32 scalars, one
 operation at a time and in the order the spec writes it (numpy never fuses).
 """
 import json
+import math
 import os
 import struct
 import sys
@@ -261,7 +268,7 @@ def uniforms(numel, seed, tensor_id, k):
 
 
 # ---------------------------------------------------------------------------
-# sparsifiers
+# sparsifiers (SPEC §4)
 # ---------------------------------------------------------------------------
 
 def magnitude_keys(delta, base_dtype):
@@ -274,10 +281,19 @@ def magnitude_keys(delta, base_dtype):
 
 
 def stable_row_ranks(keys2d):
+    """Stable ascending rank of each element within its row (ties by ascending index)."""
     rows, n = keys2d.shape
     order = np.argsort(keys2d, axis=1, kind='stable')
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.broadcast_to(np.arange(n, dtype=order.dtype), (rows, n)), axis=1)
+    return ranks
+
+
+def ranks_of(keys1d):
+    """Stable ascending rank over a flat array (ties by ascending index)."""
+    order = np.argsort(keys1d, kind='stable')
+    ranks = np.empty(keys1d.size, dtype=np.int64)
+    ranks[order] = np.arange(keys1d.size, dtype=np.int64)
     return ranks
 
 
@@ -291,15 +307,36 @@ def rows_shape(shape):
     return 1, numel
 
 
-def sparsify(delta, kind, density, epsilon, rescale_inverse, x, base_dtype, shape):
-    """delta: flat fp32 array. Returns the sparsified flat fp32 array."""
+def tensor_norm(v, shape, kind):
+    """‖v‖ in binary64: row partial sums in index order (from 0.0), rows summed in index
+    order (from 0.0); l2 takes the square root of the sum of squares; linf the max."""
+    rows, n = rows_shape(shape)
+    if v.size == 0:
+        return 0.0
+    a = np.abs(v.astype(np.float64)).reshape(rows, n)
+    if kind == 'linf':
+        return float(a.max())
+    if kind == 'l2':
+        a = a * a  # exact: a binary32 squared fits binary64
+    # np.add.accumulate is a strictly sequential running sum (no pairwise summation)
+    row_sums = np.add.accumulate(a, axis=1)[:, -1]
+    total = float(np.add.accumulate(row_sums)[-1])
+    if kind == 'l2':
+        total = math.sqrt(total)
+    return total
+
+
+def sparsify(delta, kind, density, epsilon, gamma, rescale, x, base_dtype, shape):
+    """delta: flat fp32 array. rescale: None | 'inverse' | 'l1' | 'l2' | 'linf'.
+    Returns the sparsified (and rescaled) flat fp32 array."""
     if kind == 'none' or density >= 1:
         return delta
     N = delta.size
+    if N == 0:
+        return delta
+    q = None
     if kind == 'magprune':
         rows, n = rows_shape(shape)
-        if N == 0:
-            return delta
         keys = magnitude_keys(delta, base_dtype).reshape(rows, n)
         if n >= 2:
             r = stable_row_ranks(keys).reshape(-1)
@@ -309,29 +346,61 @@ def sparsify(delta, kind, density, epsilon, rescale_inverse, x, base_dtype, shap
         lo = F32(density - epsilon)
         span = F32(2 * epsilon)
         q = lo + span * u  # fp32 mul then fp32 add
+        keep = x < q
     elif kind == 'random':
         q = np.full(N, F32(density), dtype=F32)
+        keep = x < q
+    elif kind == 'magnitude':
+        keys = magnitude_keys(delta, base_dtype)
+        k = math.floor(density * N)
+        # descending rank by key, ties by ascending flat index
+        rank = ranks_of(-keys)
+        keep = rank < k
+    elif kind == 'breadcrumbs':
+        keys = magnitude_keys(delta, base_dtype)
+        target = math.floor(density * N)
+        top = math.floor(gamma * N)
+        bottom = N - target - top
+        if bottom < 0:
+            top += bottom
+            bottom = 0
+        rank = ranks_of(keys)
+        keep = (rank >= bottom) & (rank < N - top)
     else:
         raise ValueError(kind)
-    keep = x < q
-    if rescale_inverse:
+
+    if rescale is None:
+        kept = delta
+    elif rescale == 'inverse':
+        if q is None:
+            raise SystemExit(f'rescale inverse is not defined for the {kind} sparsifier')
         with np.errstate(divide='ignore', over='ignore'):
             s = F32(1.0) / q
             kept = delta * s
+    elif rescale in ('l1', 'l2', 'linf'):
+        masked = np.where(keep, delta, F32(0.0)).astype(F32)
+        full = tensor_norm(delta, shape, rescale)
+        part = tensor_norm(masked, shape, rescale)
+        s = 1.0 if (full < 1e-7 or part < 1e-7) else full / part
+        with np.errstate(over='ignore'):
+            kept = (delta * F32(s)).astype(F32)
     else:
-        kept = delta
+        raise ValueError(rescale)
     return np.where(keep, kept, F32(0.0)).astype(F32)
 
 
 # ---------------------------------------------------------------------------
-# recipe
+# recipe parameters (SPEC §7): scalars, gradients, filter lists, aliases
 # ---------------------------------------------------------------------------
 
 METHODS = {
     # sparsifier, consensus, normalize, rescale
-    'task_arithmetic': ('none', 'none', False, None),
+    'task_arithmetic': ('none', 'none', False, False),
+    'ties': ('magnitude', 'sum', True, False),
     'dare_ties': ('random', 'sum', False, True),
     'dare_linear': ('random', 'none', False, True),
+    'breadcrumbs': ('breadcrumbs', 'none', False, False),
+    'breadcrumbs_ties': ('breadcrumbs', 'sum', False, False),
     'della': ('magprune', 'sum', True, True),
     'della_linear': ('magprune', 'none', False, True),
 }
@@ -341,72 +410,176 @@ DTYPE_NAMES = {
     'float32': 'F32', 'fp32': 'F32', 'float': 'F32',
 }
 
+LAYER_KEYS = ('layers', 'h', 'blocks', 'layer', 'block')
+NOMATCH = object()
 
-def scalar(v, what):
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f'only scalar parameters are supported: {what} = {v!r}')
+
+def layer_index(name):
+    """N of the first dotted path component pair `<key>.N.` (key in LAYER_KEYS), else None."""
+    parts = name.split('.')
+    for j in range(len(parts) - 2):  # N must be followed by a dot
+        p = parts[j + 1]
+        if parts[j] in LAYER_KEYS and p and p.isascii() and p.isdigit():
+            return int(p)
+    return None
+
+
+def layer_count(names):
+    """L = 1 + the largest layer index among the names (0 when none has one)."""
+    idx = [i for i in (layer_index(n) for n in names) if i is not None]
+    return 1 + max(idx) if idx else 0
+
+
+def gradient_t(name, L):
+    li = layer_index(name)
+    if li is None:
+        return 0.0
+    if L == 1:
+        return 1.0
+    return li / (L - 1)
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def interp(a, t):
+    m = len(a)
+    if m == 0:
+        raise SystemExit('empty gradient')
+    s = t * (m - 1)
+    i = math.floor(s)
+    if i >= m - 1:
+        return float(a[m - 1])
+    a0 = float(a[i])
+    a1 = float(a[i + 1])
+    return a0 + (a1 - a0) * (s - i)
+
+
+def is_filter_list(v):
+    return isinstance(v, list) and len(v) > 0 and all(isinstance(e, dict) for e in v)
+
+
+def map_numbers(v, f):
+    """Apply an alias conversion to every number of a value (inside gradients and filters)."""
+    if is_filter_list(v):
+        return [{**e, 'value': map_numbers(e['value'], f)} for e in v]
+    if isinstance(v, list):
+        return [map_numbers(x, f) for x in v]
+    if is_number(v):
+        return f(float(v))
+    return v
+
+
+def resolve(v, name, t):
+    """The value of one parameter for tensor `name` at gradient position t, or NOMATCH."""
+    if is_filter_list(v):
+        for e in v:
+            f = e.get('filter')
+            if f is None or f in name:
+                return resolve(e['value'], name, t)
+        return NOMATCH
+    if isinstance(v, list):
+        if not all(is_number(x) for x in v):
+            raise SystemExit(f'bad gradient {v!r}')
+        return interp(v, t)
+    return v
+
+
+ALIASES = {
+    'density': ('drop_rate', lambda x: 1.0 - x),
+    'epsilon': ('window_size', lambda x: x / 2),
+}
+
+
+def lookup(levels, key, name, t, default):
+    """levels: parameter dicts, most specific first (the model's, then the global ones)."""
+    alias, conv = ALIASES.get(key, (None, None))
+    for p in levels:
+        if key in p:
+            if alias is not None and alias in p:
+                raise SystemExit(f'both {key} and {alias} given')
+            v = p[key]
+        elif alias is not None and alias in p:
+            v = map_numbers(p[alias], conv)
+        else:
+            continue
+        r = resolve(v, name, t)
+        if r is not NOMATCH:
+            return r
+    return default
+
+
+def num(v, what):
+    if not is_number(v):
+        raise SystemExit(f'{what}: expected a number, got {v!r}')
     return float(v)
 
 
-def model_params(global_p, model_p):
-    def get(name, default):
-        if name in model_p:
-            return scalar(model_p[name], name)
-        if name in global_p:
-            return scalar(global_p[name], name)
-        return default
-    density = get('density', None)
-    if density is None:
-        dr = model_p.get('drop_rate', global_p.get('drop_rate'))
-        density = 1.0 - scalar(dr, 'drop_rate') if dr is not None else 1.0
-    eps = get('epsilon', None)
-    if eps is None:
-        ws = model_p.get('window_size', global_p.get('window_size'))
-        eps = scalar(ws, 'window_size') / 2 if ws is not None else 0.15
-    return {'weight': get('weight', 1.0), 'density': density, 'epsilon': eps}
+# ---------------------------------------------------------------------------
+# merging
+# ---------------------------------------------------------------------------
+
+EMBED_NAMES = ('embed_tokens', 'lm_head', 'wte', 'word_embeddings', 'embed_in', 'embed_out')
 
 
-def main(argv):
-    global M_FROM_P0
-    _philox_selftest()
-    args = [a for a in argv[1:] if not a.startswith('--')]
-    M_FROM_P0 = '--m-sum-from-p0' in argv[1:]
-    if len(args) != 2:
-        raise SystemExit('usage: spec_merge.py RECIPE.json OUT.safetensors [--m-sum-from-p0]')
-    recipe_path, out_path = args
-    with open(recipe_path) as f:
-        recipe = json.load(f)
-    method = recipe['merge_method']
-    if method not in METHODS:
-        raise SystemExit(f'unsupported merge_method {method}')
-    sparsifier, consensus, normalize, rescale = METHODS[method]
+def expert_f32(name, et, ref_shape, who, allow_embed_block=True):
+    E = load_f32(et)
+    if et.shape != ref_shape:
+        if (allow_embed_block and any(s in name for s in EMBED_NAMES) and len(et.shape) == len(ref_shape)
+                and all(a > b for a, b in zip(et.shape, ref_shape))):
+            E = E[tuple(slice(0, s) for s in ref_shape)]
+        else:
+            raise SystemExit(f'{who}: {name}: shape {et.shape} vs base {ref_shape}')
+    Ef = np.ascontiguousarray(E).reshape(-1)
+    if not np.all(np.isfinite(Ef)):
+        raise SystemExit(f'{who}: {name}: {int(np.sum(~np.isfinite(Ef)))} non-finite values')
+    return Ef
+
+
+class Loader:
+    def __init__(self):
+        self.cache = {}
+
+    def __call__(self, path):
+        if path not in self.cache:
+            self.cache[path] = load_model(path)
+        return self.cache[path]
+
+
+def out_dtype_of(recipe):
+    od = recipe.get('out_dtype') or recipe.get('dtype')
+    return DTYPE_NAMES[od] if od else None
+
+
+def rescale_mode(r, sparsifier):
+    if r is True:
+        return 'inverse' if sparsifier in ('magprune', 'random') else 'l1'
+    if r is False or r is None:
+        return None
+    if r in ('inverse', 'l1', 'l2', 'linf'):
+        if r == 'inverse' and sparsifier in ('magnitude', 'breadcrumbs'):
+            raise SystemExit(f'rescale inverse is refused for {sparsifier}')
+        return r
+    raise SystemExit(f'unsupported rescale {r!r}')
+
+
+def merge_delta_method(recipe, method, load):
+    sparsifier, consensus0, normalize0, rescale0 = METHODS[method]
     gp = recipe.get('parameters') or {}
-    if 'consensus' in gp:
-        consensus = gp['consensus']
-    if 'normalize' in gp:
-        normalize = bool(gp['normalize'])
-    if 'rescale' in gp:
-        rescale = gp['rescale']
-    if rescale not in (True, False, None, 'inverse'):
-        raise SystemExit(f'unsupported rescale {rescale!r}')
-    rescale_inverse = rescale is True or rescale == 'inverse'
-    lam = scalar(gp['lambda'], 'lambda') if 'lambda' in gp else 1.0
     seed = int(recipe.get('seed', 0) or 0)
     assert 0 <= seed < 2 ** 53
-    out_dtype = recipe.get('out_dtype') or recipe.get('dtype')
-    out_dtype = DTYPE_NAMES[out_dtype] if out_dtype else None
-
+    out_dtype = out_dtype_of(recipe)
     base_path = recipe['base_model']
     experts = []
     for m in recipe['models']:
         if m['model'] == base_path:
             continue  # the base is excluded from the expert list
-        experts.append((m['model'], model_params(gp, m.get('parameters') or {})))
+        experts.append((m['model'], m.get('parameters') or {}))
+    base = load(base_path)
+    exp_models = [load(p) for p, _ in experts]
+    L = layer_count(base.keys())
 
-    base = load_model(base_path)
-    exp_models = [load_model(p) for p, _ in experts]
-
-    embed_names = ('embed_tokens', 'lm_head', 'wte', 'word_embeddings', 'embed_in', 'embed_out')
     out = {}
     for name, bt in base.items():
         if bt.dtype not in MERGEABLE:
@@ -418,34 +591,33 @@ def main(argv):
         Bf = B.reshape(-1)
         N = Bf.size
         tid = fnv1a32(name)
+        t = gradient_t(name, L)
+        consensus = lookup([gp], 'consensus', name, t, consensus0)
+        normalize = bool(lookup([gp], 'normalize', name, t, normalize0))
+        rescale = rescale_mode(lookup([gp], 'rescale', name, t, rescale0), sparsifier)
+        lam = num(lookup([gp], 'lambda', name, t, 1.0), 'lambda')
         ps = []
         ws = []
-        for k, ((mpath, prm), em) in enumerate(zip(experts, exp_models)):
+        for k, ((mpath, mp), em) in enumerate(zip(experts, exp_models)):
             if name not in em:
                 raise SystemExit(f'{mpath}: missing tensor {name}')
-            et = em[name]
-            E = load_f32(et)
-            if et.shape != bt.shape:
-                if (any(s in name for s in embed_names) and len(et.shape) == len(bt.shape)
-                        and all(a > b for a, b in zip(et.shape, bt.shape))):
-                    E = E[tuple(slice(0, s) for s in bt.shape)]
-                else:
-                    raise SystemExit(f'{mpath}: {name}: shape {et.shape} vs base {bt.shape}')
-            Ef = np.ascontiguousarray(E).reshape(-1)
-            if not np.all(np.isfinite(Ef)):
-                raise SystemExit(f'{mpath}: {name}: {int(np.sum(~np.isfinite(Ef)))} non-finite values')
+            Ef = expert_f32(name, em[name], bt.shape, mpath)
             delta = (Ef - Bf).astype(F32)
-            if sparsifier != 'none' and prm['density'] < 1:
-                x = uniforms(N, seed, tid, k)
+            levels = [mp, gp]
+            weight = num(lookup(levels, 'weight', name, t, 1.0), 'weight')
+            density = num(lookup(levels, 'density', name, t, 1.0), 'density')
+            epsilon = num(lookup(levels, 'epsilon', name, t, 0.15), 'epsilon')
+            gamma = num(lookup(levels, 'gamma', name, t, 0.01), 'gamma')
+            if sparsifier != 'none' and density < 1:
+                x = uniforms(N, seed, tid, k) if sparsifier in ('magprune', 'random') else None
                 if sparsifier == 'magprune':
-                    d, e = prm['density'], prm['epsilon']
+                    d, e = density, epsilon
                     if not (e >= 0 and d - e > 0 and d + e <= 1):
-                        raise SystemExit(f'{mpath}: invalid density/epsilon {d}/{e}')
-                dsp = sparsify(delta, sparsifier, prm['density'], prm['epsilon'], rescale_inverse,
-                               x, bt.dtype, bt.shape)
+                        raise SystemExit(f'{mpath}: {name}: invalid density/epsilon {d}/{e}')
+                dsp = sparsify(delta, sparsifier, density, epsilon, gamma, rescale, x, bt.dtype, bt.shape)
             else:
                 dsp = delta
-            wk = F32(prm['weight'])
+            wk = F32(weight)
             ps.append((wk * dsp).astype(F32))
             ws.append(wk)
 
@@ -469,14 +641,8 @@ def main(argv):
                     D = np.where(agree, D + w, D).astype(F32)
                 D = np.where(D == F32(0), F32(1), D).astype(F32)
             elif consensus in ('none', None, False):
-                # "M = Σ p_k": an fp32 accumulator that starts at +0 and adds p_k in k order,
-                # the same summation as the consensus branch above (whose empty sum is +0).
-                # NOTE: SPEC.md writes S as "p_0 + p_1 + …" but M only as "Σ p_k"; the two
-                # readings differ in one case: all p_k == -0 (negative weights, dropped or
-                # zero deltas) and base == -0, where p_0 + p_1 + … gives -0 + -0 = -0 at the
-                # end but +0 + p_0 + … gives +0 (before normalize, which may flip it).
-                # The CLI follows the +0-accumulator reading; see the cross-check report.
-                # --m-sum-from-p0 selects the other reading (M = p_0 + p_1 + …).
+                # "M = Σ p_k": an fp32 accumulator that starts at +0 and adds p_k in k order
+                # (README: sums start from +0). --m-sum-from-p0 selects M = p_0 + p_1 + ….
                 if M_FROM_P0:
                     M = ps[0].copy()
                     for p in ps[1:]:
@@ -485,8 +651,8 @@ def main(argv):
                     M = np.zeros(N, dtype=F32)
                     for p in ps:
                         M = (M + p).astype(F32)
-                Ds = ws[0]
-                for w in ws[1:]:
+                Ds = F32(0)
+                for w in ws:
                     Ds = F32(Ds + w)
                 if abs(float(Ds)) < 1e-8:
                     Ds = F32(1)
@@ -500,7 +666,128 @@ def main(argv):
             R = (Bf + M).astype(F32)
         od = out_dtype or bt.dtype
         out[name] = Tensor(od, bt.shape, store(R, od))
+    return out
 
+
+def merge_linear(recipe, load):
+    """README: p_k = f32(w_k)·f32(X_k); M = Σ p_k, D = Σ f32(w_k) in model order from +0;
+    out = M / D when normalize (default true; D = 1 when |D| < 1e-8), else M."""
+    gp = recipe.get('parameters') or {}
+    out_dtype = out_dtype_of(recipe)
+    models = [(m['model'], m.get('parameters') or {}) for m in recipe['models']]
+    ref_path = recipe.get('base_model') or models[0][0]
+    ref = load(ref_path)
+    loaded = [load(p) for p, _ in models]
+    L = layer_count(ref.keys())
+    out = {}
+    for name, rt in ref.items():
+        if rt.dtype not in MERGEABLE:
+            out[name] = Tensor(rt.dtype, rt.shape, rt.raw)
+            continue
+        t = gradient_t(name, L)
+        normalize = bool(lookup([gp], 'normalize', name, t, True))
+        N = 1
+        for s in rt.shape:
+            N *= s
+        M = np.zeros(N, dtype=F32)
+        D = F32(0)
+        with np.errstate(over='ignore', invalid='ignore', divide='ignore'):
+            for (mpath, mp), mm in zip(models, loaded):
+                if name not in mm:
+                    raise SystemExit(f'{mpath}: missing tensor {name}')
+                X = expert_f32(name, mm[name], rt.shape, mpath)
+                wk = F32(num(lookup([mp, gp], 'weight', name, t, 1.0), 'weight'))
+                M = (M + (wk * X).astype(F32)).astype(F32)
+                D = F32(D + wk)
+            if normalize:
+                if abs(float(D)) < 1e-8:
+                    D = F32(1)
+                M = (M / D).astype(F32)
+        od = out_dtype or rt.dtype
+        out[name] = Tensor(od, rt.shape, store(M, od))
+    return out
+
+
+def row_sums_f64(prod, shape):
+    """Σ in binary64: row partial sums in index order, rows summed in index order."""
+    rows, n = rows_shape(shape)
+    if prod.size == 0:
+        return 0.0
+    r = np.add.accumulate(prod.reshape(rows, n), axis=1)[:, -1]
+    return float(np.add.accumulate(r)[-1])
+
+
+def slerp_coefficients(A, B, shape, t):
+    a = A.astype(np.float64)
+    b = B.astype(np.float64)
+    dot = row_sums_f64(a * b, shape)  # products of binary32 values are exact in binary64
+    na = math.sqrt(row_sums_f64(a * a, shape))
+    nb = math.sqrt(row_sums_f64(b * b, shape))
+    if na <= 1e-8:
+        na = 1.0
+    if nb <= 1e-8:
+        nb = 1.0
+    cos = dot / (na * nb)
+    if abs(cos) > 0.9995:
+        return 1 - t, t
+    theta = math.acos(cos)
+    st = math.sin(theta)
+    return math.sin(theta - t * theta) / st, math.sin(t * theta) / st
+
+
+def merge_slerp(recipe, load):
+    gp = recipe.get('parameters') or {}
+    out_dtype = out_dtype_of(recipe)
+    base_path = recipe['base_model']
+    others = [m['model'] for m in recipe['models'] if m['model'] != base_path]
+    if len(others) != 1:
+        raise SystemExit(f'slerp needs exactly one model besides the base, got {len(others)}')
+    base = load(base_path)
+    other = load(others[0])
+    L = layer_count(base.keys())
+    out = {}
+    for name, bt in base.items():
+        if bt.dtype not in MERGEABLE:
+            out[name] = Tensor(bt.dtype, bt.shape, bt.raw)
+            continue
+        if name not in other:
+            raise SystemExit(f'{others[0]}: missing tensor {name}')
+        A = expert_f32(name, bt, bt.shape, base_path)
+        B = expert_f32(name, other[name], bt.shape, others[0], allow_embed_block=False)
+        t = lookup([gp], 't', name, gradient_t(name, L), None)
+        if t is None:
+            # SPEC §7 / README give t no default: a tensor that no filter entry names has no t
+            raise SystemExit(f'slerp: no value of t for tensor {name} (t has no default)')
+        t = num(t, 't')
+        c0, c1 = slerp_coefficients(A, B, bt.shape, t)
+        with np.errstate(over='ignore', invalid='ignore'):
+            m = (F32(0) + (F32(c0) * A).astype(F32)).astype(F32)
+            m = (m + (F32(c1) * B).astype(F32)).astype(F32)
+        od = out_dtype or bt.dtype
+        out[name] = Tensor(od, bt.shape, store(m, od))
+    return out
+
+
+def main(argv):
+    global M_FROM_P0
+    _philox_selftest()
+    args = [a for a in argv[1:] if not a.startswith('--')]
+    M_FROM_P0 = '--m-sum-from-p0' in argv[1:]
+    if len(args) != 2:
+        raise SystemExit('usage: spec_merge.py RECIPE.json OUT.safetensors [--m-sum-from-p0]')
+    recipe_path, out_path = args
+    with open(recipe_path) as f:
+        recipe = json.load(f)
+    method = recipe['merge_method']
+    load = Loader()
+    if method in METHODS:
+        out = merge_delta_method(recipe, method, load)
+    elif method == 'linear':
+        out = merge_linear(recipe, load)
+    elif method == 'slerp':
+        out = merge_slerp(recipe, load)
+    else:
+        raise SystemExit(f'unsupported merge_method {method}')
     write_safetensors(out_path, out)
     return 0
 
