@@ -6,7 +6,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { merge, openCheckpoint, parseRecipe, resolveTensorParams, saveModel } from '../lib/index.js';
+import { layerCount, layerIndex, merge, openCheckpoint, parseRecipe, resolveTensorParams, saveModel } from '../lib/index.js';
 import { makeModels, tempDir, writeRecipe } from './helpers/models.js';
 import { rng, testSeed } from './helpers/random.js';
 
@@ -142,6 +142,18 @@ dtype: float16
     expect(l0.rescale).toBe('none');
     expect(recipe.dtype).toBe('F16');
     expect(recipe.warnings.join()).toMatch(/int8_mask/);
+  });
+
+  it('a layer index needs the dot after it (SPEC §7): a name ending in ".N" is outside the layers', () => {
+    expect(layerIndex('model.blocks.7')).toBeNull();
+    expect(layerIndex('model.h.7.attn.weight')).toBe(7);
+    expect(layerCount(['model.layers.0.w', 'model.layers.3.w', 'model.blocks.7'])).toBe(4);
+  });
+
+  it('slerp refuses a tensor that no entry of its t filter list matches', () => {
+    const r = parseRecipe('merge_method: slerp\nbase_model: a\nmodels: [a, b]\nparameters:\n  t: [{filter: mlp, value: 0.3}]\n');
+    expect(resolveTensorParams(r, 'model.layers.0.mlp.w', 2).t).toBe(0.3);
+    expect(() => resolveTensorParams(r, 'model.norm.weight', 2)).toThrow(/"t" has no value for tensor "model.norm.weight"/);
   });
 
   it('a one-layer model reads gradients at t = 1', () => {

@@ -6,7 +6,8 @@ import { METHODS, resolveRescale, type RescaleName } from '../merge/methods.js';
 import { DEFAULTS, densityEpsilonProblem, fmt, recipeError } from './params.js';
 import type { ExpertParams, ParamScalar, ParamValue, Recipe, TensorParams } from './types.js';
 
-const LAYER = /(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)(?:\.|$)/;
+// SPEC §7: `layers.N.` — the index is followed by a dot; a name ending in `.N` has no layer.
+const LAYER = /(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\./;
 
 /** The layer index of a tensor, or null for tensors outside the layers (embeddings, final norm). */
 export function layerIndex(tensorName: string): number | null {
@@ -111,7 +112,12 @@ export function resolveTensorParams(recipe: Recipe, tensorName: string, layers: 
     r === undefined ? method.rescale : typeof r === 'boolean' ? r : (r as RescaleName);
   const rescale = resolveRescale(method.sparsifier, rescaleValue);
 
-  const t = num(lookup(null, g, 't', tensorName, pos), 0.5, `t for tensor "${tensorName}"`);
+  // slerp's t has no default: a filter list that matches nothing here is an error.
+  const tValue = lookup(null, g, 't', tensorName, pos);
+  if (method.kind === 'slerp' && tValue === undefined) {
+    throw recipeError(`parameter "t" has no value for tensor "${tensorName}": no filter entry matches it (end the list with an entry without a filter)`);
+  }
+  const t = num(tValue, 0.5, `t for tensor "${tensorName}"`);
 
   return { experts, lambda, normalize, consensus, rescale, t };
 }
