@@ -106,12 +106,18 @@ export interface MergeReport {
 const BATCH_BYTES = 64 << 20;
 const BATCH_TENSORS = 256;
 
+let version: string | undefined;
+
+/** The package's version, read once. */
 export function packageVersion(): string {
-  try {
-    return (JSON.parse(readFileSync(`${packageRoot}/package.json`, 'utf8')) as { version: string }).version;
-  } catch {
-    return 'unknown';
+  if (version === undefined) {
+    try {
+      version = (JSON.parse(readFileSync(`${packageRoot}/package.json`, 'utf8')) as { version: string }).version;
+    } catch {
+      version = 'unknown';
+    }
   }
+  return version;
 }
 
 export function abortError(): DellaError {
