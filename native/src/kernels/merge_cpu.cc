@@ -6,33 +6,26 @@
 #include <stdexcept>
 
 #include "della/philox.h"
+#include "fuse_row.h"
+#include "merge_state.h"
 #include "thread_pool.h"
 
 namespace della {
+
+using namespace detail;
+
 namespace {
 
 constexpr uint64_t kItemElements = 1u << 16;  // rows per work item: about this many elements
 constexpr uint64_t kCopyChunkBytes = 8u << 20;
 constexpr uint64_t kTableMax = 1u << 22;      // longest row whose keep table is precomputed
-constexpr uint32_t kNoKey = 0xffffffffu;      // above every key (keys are < 2^31)
-
-struct Geometry {
-  uint64_t numel = 1;
-  uint64_t n = 1;  // row length
-  uint64_t rows = 0;
-};
-
-Geometry geometry(const std::vector<int64_t>& shape) {
-  Geometry g;
-  for (int64_t d : shape) g.numel *= static_cast<uint64_t>(d);
-  g.n = shape.size() >= 2 ? static_cast<uint64_t>(shape.back()) : g.numel;
-  g.rows = g.n == 0 ? 0 : g.numel / g.n;
-  return g;
-}
-
 KeyMode key_mode_for(DType base) {
   return base == DType::F16 ? KeyMode::F16 : (base == DType::BF16 ? KeyMode::BF16 : KeyMode::F32);
 }
+
+}  // namespace
+
+namespace detail {
 
 // Offset of base row r's first element inside an expert that may be larger in every
 // dimension (the embedding sub-block rule of SPEC §2).
@@ -49,13 +42,12 @@ uint64_t expert_row_offset(const std::vector<int64_t>& base, const std::vector<i
   return offset;
 }
 
+}  // namespace detail
+
+namespace {
+
 // ---------------------------------------------------------------- row primitives
 
-// v where keep, else +0, without a branch (random masks defeat branch prediction):
-// the bit pattern of v and-ed with all ones or all zeros.
-inline float keep_or_zero(bool keep, float v) {
-  return bits_f32(f32_bits(v) & (0u - static_cast<uint32_t>(keep)));
-}
 
 template <class T, class Conv>
 uint64_t load_loop(const void* p, uint64_t off, uint64_t n, float* dst, Conv conv) {
@@ -99,23 +91,7 @@ void store_row(void* p, DType t, uint64_t off, uint64_t n, const float* v) {
   }
 }
 
-// Philox blocks g0 .. g0 + count - 1 of one stream, four words each. Blocks are
-// independent, so the loop vectorizes (32x32->64 multiplies); one binary carries
-// AVX-512, AVX2 and baseline versions, picked at load time for the CPU at hand.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-void philox_blocks(uint64_t g0, uint64_t count, uint32_t tensor_id, uint32_t expert, uint32_t k0, uint32_t k1,
-                   uint32_t* __restrict out) {
-  for (uint64_t b = 0; b < count; ++b) {
-    const uint64_t g = g0 + b;
-    const Philox4 w = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), tensor_id, expert, k0, k1);
-    out[4 * b + 0] = w.v[0];
-    out[4 * b + 1] = w.v[1];
-    out[4 * b + 2] = w.v[2];
-    out[4 * b + 3] = w.v[3];
-  }
-}
+
 
 // The Philox uniforms of flat elements [i0, i0 + n) of one expert's stream.
 void uniforms_row(uint64_t seed, uint32_t tensor_id, uint32_t expert, uint64_t i0, uint64_t n, float* x,
@@ -143,11 +119,9 @@ void keys_row(const float* d, uint64_t n, KeyMode m, uint32_t* keys) {
   }
 }
 
-struct Scratch {
-  std::vector<float> base, delta, x, fac, vals;
-  std::vector<uint32_t> keys, ranks, hist, tmp_keys, tmp_idx, idx, cur_keys, words;
-  std::vector<uint8_t> keep;
-};
+}  // namespace
+
+namespace detail {
 
 // Stable ascending ranks of keys[0..n): counting over the row's key range when it is
 // at most 2^15 (always so for half-precision keys) or small next to n, else an LSD
@@ -210,16 +184,11 @@ void stable_ranks(const uint32_t* __restrict keys, uint64_t n, Scratch& s, uint3
   for (uint64_t p = 0; p < n; ++p) ranks[cur_idx[p]] = static_cast<uint32_t>(p);
 }
 
-// ---------------------------------------------------------------- whole-tensor cuts
+}  // namespace detail
 
-// "Before the cut": ascending, key < T or (key == T and it is among the first `take`
-// elements with key T in index order); descending, the same with key > T.
-struct Cut {
-  uint32_t key = kNoKey;
-  uint64_t take = 0;
-  bool descending = false;
-  bool all = false;
-};
+namespace {
+
+// ---------------------------------------------------------------- whole-tensor cuts
 
 inline bool before(const Cut& c, uint32_t key, uint64_t occ) {
   if (c.all) return true;
@@ -243,22 +212,6 @@ bool select_bin(const std::vector<uint64_t>& hist, uint64_t p, bool descending, 
   }
   return false;
 }
-
-struct ExpertState {
-  bool sparse = false;  // false: the delta is left unchanged
-  MagpruneCoef coef{};
-  std::vector<float> qtab, stab;  // magprune keep probability and inverse scale by rank
-  float q_random = 0, s_random = 0;
-  Cut cut_a, cut_b;
-  std::vector<uint64_t> occ_a, occ_b;  // per row: earlier elements with the cut key
-  float norm_scale = 1.0f;
-};
-
-struct TaskState {
-  Geometry g;
-  KeyMode mode = KeyMode::F32;
-  std::vector<ExpertState> ex;
-};
 
 bool whole_tensor(Sparsifier s) { return s == Sparsifier::Magnitude || s == Sparsifier::Breadcrumbs; }
 bool norm_rescale(Rescale r) { return r == Rescale::L1 || r == Rescale::L2 || r == Rescale::Linf; }
@@ -306,12 +259,11 @@ void mask_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t r, S
       uniforms_row(t.seed, t.tensor_id, k, i0, n, s.x.data(), s.words);
       const uint32_t* __restrict rk = s.ranks.data();
       const float* __restrict x = s.x.data();
-      if (!es.qtab.empty()) {
-        const float* __restrict qtab = es.qtab.data();
-        const float* __restrict stab = es.stab.data();
+      if (!es.table.empty()) {
+        const KeepScale* __restrict tab = es.table.data();
         for (uint64_t j = 0; j < n; ++j) {
-          keep[j] = x[j] < qtab[rk[j]];
-          fac[j] = stab[rk[j]];
+          keep[j] = x[j] < tab[rk[j]].q;
+          fac[j] = tab[rk[j]].s;
         }
       } else {
         for (uint64_t j = 0; j < n; ++j) {
@@ -355,24 +307,6 @@ void mask_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t r, S
   }
 }
 
-// Applies the mask and rescale to s.delta in place; returns how many survived.
-uint64_t apply_row(const MergeTask& t, const ExpertState& es, uint64_t n, Scratch& s) {
-  float* __restrict d = s.delta.data();
-  const uint8_t* __restrict keep = s.keep.data();
-  const float* __restrict fac = s.fac.data();
-  uint64_t kept = 0;
-  if (!es.sparse) return n;
-  if (t.rescale == Rescale::Inverse) {
-    for (uint64_t j = 0; j < n; ++j) d[j] = keep_or_zero(keep[j], d[j] * fac[j]);
-  } else if (norm_rescale(t.rescale)) {
-    const float sc = es.norm_scale;
-    for (uint64_t j = 0; j < n; ++j) d[j] = keep_or_zero(keep[j], d[j] * sc);
-  } else {
-    for (uint64_t j = 0; j < n; ++j) d[j] = keep_or_zero(keep[j], d[j]);
-  }
-  for (uint64_t j = 0; j < n; ++j) kept += keep[j];
-  return kept;
-}
 
 // ---------------------------------------------------------------- passes
 
@@ -399,23 +333,7 @@ std::vector<std::vector<uint64_t>> key_histograms(const MergeTask& t, const Task
     auto& hists = per_worker[&s - scratch.data()];
     for (size_t k = 0; k < K; ++k)
       if (hists[k].empty()) hists[k].assign(bins, 0);
-    for (uint64_t r = r0; r < r1; ++r) {
-      base_row(t, st, r, s);
-      for (unsigned k = 0; k < K; ++k) {
-        if (!st.ex[k].sparse) continue;
-        delta_row(t, st, k, r, s);
-        s.keys.resize(st.g.n);
-        keys_row(s.delta.data(), st.g.n, st.mode, s.keys.data());
-        uint64_t* __restrict h = hists[k].data();
-        const uint32_t* __restrict keys = s.keys.data();
-        for (uint64_t j = 0; j < st.g.n; ++j) {
-          const uint32_t key = keys[j];
-          if (st.mode != KeyMode::F32) ++h[key];
-          else if (level == 1) ++h[key >> 16];
-          else if ((key >> 16) == hi_filter[k]) ++h[key & 0xffff];
-        }
-      }
-    }
+    histogram_rows(t, st, r0, r1, s, level, hi_filter, hists);
   });
   std::vector<std::vector<uint64_t>> total(K, std::vector<uint64_t>(bins, 0));
   for (auto& hists : per_worker)
@@ -467,35 +385,17 @@ std::vector<Cut> find_cuts(const MergeTask& t, const TaskState& st, unsigned thr
 // Per row, how many earlier elements (in index order) carry each cut's key.
 void occurrence_starts(const MergeTask& t, TaskState& st, unsigned threads, std::vector<Scratch>& scratch) {
   const size_t K = t.experts.size();
-  for (auto& es : st.ex) {
-    es.occ_a.assign(st.g.rows + 1, 0);
-    es.occ_b.assign(st.g.rows + 1, 0);
-  }
-  for_rows(st.g, threads, scratch, [&](uint64_t r0, uint64_t r1, Scratch& s) {
-    for (uint64_t r = r0; r < r1; ++r) {
-      base_row(t, st, r, s);
-      for (unsigned k = 0; k < K; ++k) {
-        ExpertState& es = st.ex[k];
-        if (!es.sparse) continue;
-        delta_row(t, st, k, r, s);
-        s.keys.resize(st.g.n);
-        keys_row(s.delta.data(), st.g.n, st.mode, s.keys.data());
-        uint64_t a = 0, b = 0;
-        const uint32_t* __restrict keys = s.keys.data();
-        const uint32_t ka = es.cut_a.key, kb = es.cut_b.key;
-        for (uint64_t j = 0; j < st.g.n; ++j) {
-          a += keys[j] == ka;
-          b += keys[j] == kb;
-        }
-        es.occ_a[r + 1] = a;
-        es.occ_b[r + 1] = b;
-      }
-    }
-  });
-  for (auto& es : st.ex) {
-    for (uint64_t r = 0; r < st.g.rows; ++r) {
-      es.occ_a[r + 1] += es.occ_a[r];
-      es.occ_b[r + 1] += es.occ_b[r];
+  const uint64_t rows = st.g.rows;
+  std::vector<uint64_t> a(rows * K, 0), b(rows * K, 0);
+  for_rows(st.g, threads, scratch,
+           [&](uint64_t r0, uint64_t r1, Scratch& s) { cut_key_counts(t, st, r0, r1, s, a, b); });
+  for (size_t k = 0; k < K; ++k) {
+    ExpertState& es = st.ex[k];
+    es.occ_a.assign(rows + 1, 0);
+    es.occ_b.assign(rows + 1, 0);
+    for (uint64_t r = 0; r < rows; ++r) {
+      es.occ_a[r + 1] = es.occ_a[r] + a[r * K + k];
+      es.occ_b[r + 1] = es.occ_b[r] + b[r * K + k];
     }
   }
 }
@@ -566,11 +466,10 @@ TaskState prepare(const MergeTask& t, unsigned threads, std::vector<Scratch>& sc
     if (t.sparsifier == Sparsifier::Magprune) {
       es.coef = magprune_coef(e.density, e.epsilon);
       if (st.g.n <= kTableMax && st.g.n * 8 <= std::max<uint64_t>(st.g.numel, 1u << 16)) {
-        es.qtab.resize(st.g.n);
-        es.stab.resize(st.g.n);
+        es.table.resize(st.g.n);
         for (uint64_t r = 0; r < st.g.n; ++r) {
-          es.qtab[r] = magprune_q(r, st.g.n, es.coef);
-          es.stab[r] = inverse_scale(es.qtab[r]);
+          const float q = magprune_q(r, st.g.n, es.coef);
+          es.table[r] = KeepScale{q, inverse_scale(q)};
         }
       }
     } else if (t.sparsifier == Sparsifier::Random) {
@@ -612,96 +511,27 @@ TaskState prepare(const MergeTask& t, unsigned threads, std::vector<Scratch>& sc
   return st;
 }
 
-// Election and fuse of a row, element-wise as fuse_element() but as loops over the
-// row that compilers vectorize. Adding +0 for a non-agreeing expert equals skipping
-// it: the sums start at +0 and only ever add same-signed values, so they are never -0.
-void fuse_row(const float* __restrict vals, const float* w, unsigned K, uint64_t n, const FuseConfig& c,
-              const float* __restrict base, std::vector<float>& tmp, float* __restrict out) {
-  tmp.resize(2 * n);
-  float* __restrict m = out;
-  float* __restrict d = tmp.data();
-  float* __restrict sum = tmp.data() + n;
-  for (uint64_t j = 0; j < n; ++j) m[j] = d[j] = 0.0f;
-  if (c.consensus == Consensus::None) {
-    for (unsigned k = 0; k < K; ++k) {
-      const float* v = vals + static_cast<size_t>(k) * n;
-      const float wk = w[k];
-      for (uint64_t j = 0; j < n; ++j) {
-        m[j] = m[j] + wk * v[j];
-        d[j] = d[j] + wk;
-      }
-    }
-    // |d| < 1e-8 in binary64 is |d| <= 1e-8f for floats: 1e-8f is the largest float below 1e-8.
-    for (uint64_t j = 0; j < n; ++j) d[j] = std::fabs(d[j]) <= 1e-8f ? 1.0f : d[j];
-  } else {
-    if (c.consensus == Consensus::Sum) {
-      for (uint64_t j = 0; j < n; ++j) sum[j] = 0.0f;
-      for (unsigned k = 0; k < K; ++k) {
-        const float* v = vals + static_cast<size_t>(k) * n;
-        const float wk = w[k];
-        for (uint64_t j = 0; j < n; ++j) sum[j] = sum[j] + wk * v[j];
-      }
-    } else {
-      for (uint64_t j = 0; j < n; ++j) sum[j] = 0.0f;
-      for (unsigned k = 0; k < K; ++k) {
-        const float* v = vals + static_cast<size_t>(k) * n;
-        const float wk = w[k];
-        for (uint64_t j = 0; j < n; ++j) {
-          const float p = wk * v[j];
-          sum[j] = sum[j] + static_cast<float>(static_cast<int>(p > 0.0f) - static_cast<int>(p < 0.0f));  // exact
-        }
-      }
-    }
-    for (unsigned k = 0; k < K; ++k) {
-      const float* v = vals + static_cast<size_t>(k) * n;
-      const float wk = w[k];
-      for (uint64_t j = 0; j < n; ++j) {
-        const float p = wk * v[j];
-        const bool positive = sum[j] >= 0.0f;
-        const bool agree = (positive & (p > 0.0f)) | (!positive & (p < 0.0f));
-        m[j] = m[j] + keep_or_zero(agree, p);
-        d[j] = d[j] + keep_or_zero(agree, wk);
-      }
-    }
-    for (uint64_t j = 0; j < n; ++j) d[j] = d[j] == 0.0f ? 1.0f : d[j];
-  }
-  if (c.normalize)
-    for (uint64_t j = 0; j < n; ++j) m[j] = m[j] / d[j];
-  if (c.apply_lambda)
-    for (uint64_t j = 0; j < n; ++j) m[j] = m[j] * c.lambda;
-  if (base)
-    for (uint64_t j = 0; j < n; ++j) m[j] = base[j] + m[j];
-}
 
-// The final pass over rows [r0, r1): merged values straight into the output.
-void merge_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s, MergeStats& local) {
+// The final pass of a linear task (no base: the linear method and slerp's second
+// pass) over rows [r0, r1): merged values straight into the output.
+void merge_rows_linear(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s,
+                       MergeStats& local) {
   const uint64_t n = st.g.n;
   const unsigned K = static_cast<unsigned>(t.experts.size());
   FuseConfig fc{static_cast<int>(K), t.consensus, t.normalize, t.lambda != 1.0, static_cast<float>(t.lambda)};
   float w[64];
   for (unsigned k = 0; k < K; ++k) w[k] = t.experts[k].weight;
   s.vals.resize(static_cast<size_t>(K) * n);
-  const bool linear = t.linear;
+  s.delta.resize(n);
   for (uint64_t r = r0; r < r1; ++r) {
-    if (linear) s.base.assign(n, 0.0f);
-    else local.nonfinite[0] += base_row(t, st, r, s);
     for (unsigned k = 0; k < K; ++k) {
+      const ExpertInput& e = t.experts[k];
       float* dst = s.vals.data() + static_cast<size_t>(k) * n;
-      if (linear) {
-        const ExpertInput& e = t.experts[k];
-        local.nonfinite[k + 1] += load_row(e.data, e.dtype, expert_row_offset(t.shape, e.shape, r, n), n, dst);
-        local.kept[k] += n;
-        continue;
-      }
-      local.nonfinite[k + 1] += delta_row(t, st, k, r, s);
-      mask_row(t, st, k, r, s);
-      local.kept[k] += apply_row(t, st.ex[k], n, s);
-      std::memcpy(dst, s.delta.data(), n * sizeof(float));
+      local.nonfinite[k + 1] += load_row(e.data, e.dtype, expert_row_offset(t.shape, e.shape, r, n), n, dst);
+      local.kept[k] += n;
     }
-    s.delta.resize(n);
-    fuse_row(s.vals.data(), w, K, n, fc, linear ? nullptr : s.base.data(), s.x, s.delta.data());
-    const float* out = s.delta.data();
-    store_row(t.out, t.out_dtype, r * n, n, out);
+    fuse_row(s.vals.data(), w, K, n, fc, nullptr, s.x, s.delta.data());
+    store_row(t.out, t.out_dtype, r * n, n, s.delta.data());
   }
 }
 
@@ -768,7 +598,8 @@ void run_batch(const std::vector<MergeTask>& merges, const std::vector<CopyTask>
     MergeStats& local = item_stats[idx];
     local.nonfinite.assign(t.experts.size() + 1, 0);
     local.kept.assign(t.experts.size(), 0);
-    merge_rows(t, states[it.task], it.begin, it.end, scratch[worker], local);
+    if (t.linear) merge_rows_linear(t, states[it.task], it.begin, it.end, scratch[worker], local);
+    else merge_rows_delta(t, states[it.task], it.begin, it.end, scratch[worker], local);
   });
   for (size_t idx = 0; idx < items.size(); ++idx) {
     if (items[idx].kind != 0) continue;

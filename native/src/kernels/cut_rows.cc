@@ -1,0 +1,157 @@
+// Row work of the whole-tensor pre-passes of TIES and breadcrumbs (SPEC §4): key
+// histograms, from which the cuts are selected, and per-row counts of the cut keys,
+// from which each row learns how many equal keys came before it. Built per SIMD level
+// like the delta pass (see delta_pass.cc).
+#include <cstring>
+
+#include "merge_state.h"
+#include "row_io.h"
+
+namespace della::detail {
+namespace {
+
+constexpr uint32_t kBins = 1u << 15;
+constexpr uint32_t kBlockBits = 4;
+constexpr uint32_t kBlocks = kBins >> kBlockBits;
+
+// The 15-bit level-1 bin of each key: the key itself for half-precision keys, the
+// high half of an fp32 key (its sign bit is clear).
+DELLA_ALWAYS_INLINE void level1_bins(const uint32_t* __restrict k32, uint64_t n, uint16_t* __restrict out) {
+  for (uint64_t j = 0; j < n; ++j) out[j] = static_cast<uint16_t>(k32[j] >> 16);
+}
+
+// Deltas of expert k's row r into `d` and their keys: 15-bit keys into k16 (half
+// precision), or 32-bit keys into k32. Returns nothing: non-finite inputs are counted
+// by the final pass.
+DELLA_ALWAYS_INLINE void row_keys(const MergeTask& t, const TaskState& st, unsigned k, uint64_t r, const float* base,
+                                  float* d, uint16_t* k16, uint32_t* k32) {
+  const uint64_t n = st.g.n;
+  const ExpertInput& e = t.experts[k];
+  const uint8_t* src =
+      static_cast<const uint8_t*>(e.data) + expert_row_offset(t.shape, e.shape, r, n) * dtype_size(e.dtype);
+  if (st.mode == KeyMode::BF16) deltas_any<1>(e.dtype, src, n, base, d, k16, k32);
+  else if (st.mode == KeyMode::F16) deltas_any<2>(e.dtype, src, n, base, d, k16, k32);
+  else deltas_any<3>(e.dtype, src, n, base, d, k16, k32);
+}
+
+// Counts 15-bit bins into four tables, one per quarter of the row, so that runs of
+// equal keys do not chain every increment through memory; marks touched blocks.
+__attribute__((noinline)) void count_bins(const uint16_t* __restrict bins, uint64_t n, uint32_t* __restrict tables,
+                                          uint8_t* __restrict touched) {
+  const uint64_t q = n / 4;
+  uint32_t* __restrict h0 = tables;
+  uint32_t* __restrict h1 = tables + kBins;
+  uint32_t* __restrict h2 = tables + 2 * kBins;
+  uint32_t* __restrict h3 = tables + 3 * kBins;
+  for (uint64_t j = 0; j < q; ++j) {
+    const uint32_t a = bins[j], b = bins[q + j], c = bins[2 * q + j], d = bins[3 * q + j];
+    ++h0[a];
+    ++h1[b];
+    ++h2[c];
+    ++h3[d];
+    touched[a >> kBlockBits] = 1;
+    touched[b >> kBlockBits] = 1;
+    touched[c >> kBlockBits] = 1;
+    touched[d >> kBlockBits] = 1;
+  }
+  for (uint64_t j = 4 * q; j < n; ++j) {
+    ++h3[bins[j]];
+    touched[bins[j] >> kBlockBits] = 1;
+  }
+}
+
+// Adds the four tables' touched blocks into `total` and zeroes them again.
+void flush_bins(uint32_t* __restrict tables, uint8_t* __restrict touched, uint64_t* __restrict total) {
+  uint16_t blocks[kBlocks];
+  const uint32_t m = nonzero_flags(touched, kBlocks, blocks);
+  std::memset(touched, 0, kBlocks);
+  for (uint32_t i = 0; i < m; ++i) {
+    const uint32_t b = blocks[i];
+    for (uint32_t i = b << kBlockBits; i < (b + 1) << kBlockBits; ++i) {
+      total[i] += static_cast<uint64_t>(tables[i]) + tables[kBins + i] + tables[2 * kBins + i] + tables[3 * kBins + i];
+      tables[i] = tables[kBins + i] = tables[2 * kBins + i] = tables[3 * kBins + i] = 0;
+    }
+  }
+}
+
+DELLA_SIMD_CLONES
+void histogram_rows_impl(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s, int level,
+                         const std::vector<uint32_t>& hi_filter, std::vector<std::vector<uint64_t>>& hists) {
+  const uint64_t n = st.g.n;
+  const unsigned K = static_cast<unsigned>(t.experts.size());
+  float* base = grown(s.base, n);
+  float* d = grown(s.delta, n);
+  uint16_t* k16 = grown(s.keys16, n);
+  uint32_t* k32 = grown(s.keys, n);
+  uint32_t* tables = grown(s.hist15, 4 * kBins);
+  s.touched.assign(kBlocks, 0);
+  for (unsigned k = 0; k < K; ++k) {
+    if (!st.ex[k].sparse) continue;
+    for (uint64_t r = r0; r < r1; ++r) {
+      load_any(t.base_dtype, static_cast<const uint8_t*>(t.base) + r * n * dtype_size(t.base_dtype), n, base);
+      row_keys(t, st, k, r, base, d, k16, k32);
+      if (st.mode == KeyMode::F32) {
+        if (level == 1) {
+          level1_bins(k32, n, k16);
+        } else {
+          uint64_t* __restrict h = hists[k].data();
+          const uint32_t hi = hi_filter[k];
+          for (uint64_t j = 0; j < n; ++j)
+            if ((k32[j] >> 16) == hi) ++h[k32[j] & 0xffffu];
+          continue;
+        }
+      }
+      count_bins(k16, n, tables, s.touched.data());
+    }
+    // Counts stay below 2^32: a call covers one work item of about 2^16 elements.
+    flush_bins(tables, s.touched.data(), hists[k].data());
+  }
+}
+
+DELLA_SIMD_CLONES
+void cut_key_counts_impl(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s,
+                         std::vector<uint64_t>& a_counts, std::vector<uint64_t>& b_counts) {
+  const uint64_t n = st.g.n;
+  const unsigned K = static_cast<unsigned>(t.experts.size());
+  float* base = grown(s.base, n);
+  float* d = grown(s.delta, n);
+  uint16_t* k16 = grown(s.keys16, n);
+  uint32_t* k32 = grown(s.keys, n);
+  for (uint64_t r = r0; r < r1; ++r) {
+    load_any(t.base_dtype, static_cast<const uint8_t*>(t.base) + r * n * dtype_size(t.base_dtype), n, base);
+    for (unsigned k = 0; k < K; ++k) {
+      const ExpertState& es = st.ex[k];
+      if (!es.sparse) continue;
+      row_keys(t, st, k, r, base, d, k16, k32);
+      uint64_t a = 0, b = 0;
+      const uint32_t ka = es.cut_a.key, kb = es.cut_b.key;
+      if (st.mode == KeyMode::F32) {
+        for (uint64_t j = 0; j < n; ++j) {
+          a += k32[j] == ka;
+          b += k32[j] == kb;
+        }
+      } else {
+        for (uint64_t j = 0; j < n; ++j) {
+          a += k16[j] == ka;
+          b += k16[j] == kb;
+        }
+      }
+      a_counts[r * K + k] = a;
+      b_counts[r * K + k] = b;
+    }
+  }
+}
+
+}  // namespace
+
+void histogram_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s, int level,
+                    const std::vector<uint32_t>& hi_filter, std::vector<std::vector<uint64_t>>& hists) {
+  histogram_rows_impl(t, st, r0, r1, s, level, hi_filter, hists);
+}
+
+void cut_key_counts(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s,
+                    std::vector<uint64_t>& a_counts, std::vector<uint64_t>& b_counts) {
+  cut_key_counts_impl(t, st, r0, r1, s, a_counts, b_counts);
+}
+
+}  // namespace della::detail

@@ -1,0 +1,339 @@
+// The final pass of merges whose sparsifier decides each element from its own row
+// (magprune, random) or keeps everything (task arithmetic): della, della_linear,
+// dare_ties, dare_linear, task_arithmetic. One sweep per row reads each input once and
+// writes the output once.
+//
+// Per row and expert: deltas and their 15-bit keys in one vector loop; exact stable
+// ranks by counting (a histogram over all 2^15 keys that stays zeroed between rows,
+// so a row pays only for the 128-key blocks it touched); keep probability and rescale
+// looked up by rank; Philox, keep, rescale and weight in one vector loop. Then the
+// election and fuse over the row and one rounding store.
+//
+// The hot function is built three times (AVX-512, AVX2, baseline x86-64) and the
+// loader picks the one the CPU supports; every version does the same fp32 operations
+// in the same order (no FMA: -ffp-contract=off), so all give the same bytes.
+#include <algorithm>
+#include <cstring>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+// GCC 12 warns inside its own AVX-512 headers (_mm512_undefined_epi32).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include "della/philox.h"
+#include "fuse_row.h"
+#include "merge_state.h"
+#include "row_io.h"
+
+
+namespace della::detail {
+namespace {
+
+// Stable ascending ranks of 15-bit keys by counting. The row is cut into kSegments
+// contiguous segments, each counted in its own histogram and walked in an
+// interleaved loop: consecutive elements with the same key would otherwise chain
+// every increment through memory. The start of key k in segment c is the number of
+// smaller keys in the row plus key k's count in earlier segments: one running sum
+// over (key, segment) in that order.
+constexpr int kSegments = 4;
+constexpr uint32_t kKeys = 1u << 15;
+constexpr uint32_t kBlockBits = 4;  // keys are tracked in blocks of 16: one vector
+constexpr uint32_t kBlocks = kKeys >> kBlockBits;
+
+// Running sum over the touched blocks, scalar.
+void segment_starts_scalar(uint32_t* __restrict hist, const uint16_t* blocks, uint32_t m) {
+  uint32_t sum = 0;
+  for (uint32_t i = 0; i < m; ++i) {
+    const uint32_t b = blocks[i];
+    for (uint32_t key = b << kBlockBits; key < (b + 1) << kBlockBits; ++key) {
+      for (int c = 0; c < kSegments; ++c) {
+        const uint32_t count = hist[c * kKeys + key];
+        hist[c * kKeys + key] = sum;
+        sum += count;
+      }
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// The same running sum, 16 keys at a time: an in-register scan of the per-key totals.
+__attribute__((target("avx512f"))) void segment_starts_avx512(uint32_t* __restrict hist, const uint16_t* blocks,
+                                                              uint32_t m) {
+  static_assert(kSegments == 4 && kBlockBits == 4, "one vector per block and segment");
+  const __m512i zero = _mm512_setzero_si512(), last = _mm512_set1_epi32(15);
+  __m512i carry = zero;  // the running sum, in every lane
+  for (uint32_t i = 0; i < m; ++i) {
+    uint32_t* p = hist + (static_cast<uint32_t>(blocks[i]) << kBlockBits);
+    const __m512i c0 = _mm512_loadu_si512(p), c1 = _mm512_loadu_si512(p + kKeys);
+    const __m512i c2 = _mm512_loadu_si512(p + 2 * kKeys), c3 = _mm512_loadu_si512(p + 3 * kKeys);
+    const __m512i c01 = _mm512_add_epi32(c0, c1), c012 = _mm512_add_epi32(c01, c2);
+    const __m512i total = _mm512_add_epi32(c012, c3);
+    __m512i x = total;  // inclusive scan across the 16 keys: shifts up by 1, 2, 4, 8 lanes
+    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 15));
+    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 14));
+    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 12));
+    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 8));
+    const __m512i start = _mm512_add_epi32(_mm512_sub_epi32(x, total), carry);
+    _mm512_storeu_si512(p, start);
+    _mm512_storeu_si512(p + kKeys, _mm512_add_epi32(start, c0));
+    _mm512_storeu_si512(p + 2 * kKeys, _mm512_add_epi32(start, c01));
+    _mm512_storeu_si512(p + 3 * kKeys, _mm512_add_epi32(start, c012));
+    carry = _mm512_permutexvar_epi32(last, _mm512_add_epi32(x, carry));
+  }
+}
+inline bool have_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+#endif
+
+// Writes table[rank] for each element with a table, else the rank itself. `hist`
+// (kSegments x 2^15 counters) is all zero on entry and on return; a row pays only for
+// the blocks of 16 keys it touches. Scalar code in a function of its own: inlined
+// into the big row function it would lose registers to it.
+__attribute__((noinline)) void ranks15(const uint16_t* __restrict keys, uint64_t n, uint32_t* __restrict hist,
+                                       const KeepScale* __restrict table, KeepScale* __restrict ks_out,
+                                       uint32_t* __restrict rank_out) {
+  uint8_t touched[kBlocks] = {};  // a local array: its byte stores alias nothing else
+  const uint64_t q = n / kSegments;  // segment c is [c q, (c + 1) q); the last also takes the tail
+  uint32_t* __restrict h0 = hist;
+  uint32_t* __restrict h1 = hist + kKeys;
+  uint32_t* __restrict h2 = hist + 2 * kKeys;
+  uint32_t* __restrict h3 = hist + 3 * kKeys;
+  const uint16_t* k0 = keys;
+  const uint16_t* k1 = keys + q;
+  const uint16_t* k2 = keys + 2 * q;
+  const uint16_t* k3 = keys + 3 * q;
+  for (uint64_t j = 0; j < q; ++j) {
+    ++h0[k0[j]];
+    ++h1[k1[j]];
+    ++h2[k2[j]];
+    ++h3[k3[j]];
+    touched[k0[j] >> kBlockBits] = 1;
+    touched[k1[j] >> kBlockBits] = 1;
+    touched[k2[j] >> kBlockBits] = 1;
+    touched[k3[j] >> kBlockBits] = 1;
+  }
+  for (uint64_t j = 4 * q; j < n; ++j) {
+    ++h3[keys[j]];
+    touched[keys[j] >> kBlockBits] = 1;
+  }
+  uint16_t blocks[kBlocks];
+  const uint32_t m = nonzero_flags(touched, kBlocks, blocks);
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  if (have_avx512()) segment_starts_avx512(hist, blocks, m);
+  else segment_starts_scalar(hist, blocks, m);
+#else
+  segment_starts_scalar(hist, blocks, m);
+#endif
+  if (table) {
+    KeepScale* o0 = ks_out;
+    KeepScale* o1 = ks_out + q;
+    KeepScale* o2 = ks_out + 2 * q;
+    KeepScale* o3 = ks_out + 3 * q;
+    for (uint64_t j = 0; j < q; ++j) {
+      o0[j] = table[h0[k0[j]]++];
+      o1[j] = table[h1[k1[j]]++];
+      o2[j] = table[h2[k2[j]]++];
+      o3[j] = table[h3[k3[j]]++];
+    }
+    for (uint64_t j = 4 * q; j < n; ++j) ks_out[j] = table[h3[keys[j]]++];
+  } else {
+    for (uint64_t j = 0; j < q; ++j) {
+      rank_out[j] = h0[k0[j]]++;
+      rank_out[q + j] = h1[k1[j]]++;
+      rank_out[2 * q + j] = h2[k2[j]]++;
+      rank_out[3 * q + j] = h3[k3[j]]++;
+    }
+    for (uint64_t j = 4 * q; j < n; ++j) rank_out[j] = h3[keys[j]]++;
+  }
+  for (uint32_t i = 0; i < m; ++i)
+    for (int c = 0; c < kSegments; ++c)
+      std::memset(hist + c * kKeys + (static_cast<uint32_t>(blocks[i]) << kBlockBits), 0, sizeof(uint32_t) << kBlockBits);
+}
+
+// Philox words of flat elements [i0, i0 + n) of one expert's stream: the row's blocks
+// into `words`; returns a pointer to element i0's word.
+DELLA_ALWAYS_INLINE const uint32_t* philox_row(uint64_t seed, uint32_t tensor_id, uint32_t expert, uint64_t i0,
+                                               uint64_t n, uint32_t* __restrict words) {
+  const uint64_t g0 = i0 >> 2, count = ((i0 + n - 1) >> 2) - g0 + 1;
+  philox_blocks(g0, count, tensor_id, expert, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), words);
+  return words + (i0 & 3);
+}
+
+
+
+// in[j] = whether element j of row r is before cut c (SPEC §4, see Cut): occ and
+// occ_end count the cut key's elements in the rows before r and up to r's end. Only
+// the row where the cut falls inside its equal keys needs them in index order.
+template <class Key>
+DELLA_ALWAYS_INLINE void cut_side(const Key* __restrict keys, uint64_t n, const Cut& c, uint64_t occ, uint64_t occ_end,
+                                  uint8_t* __restrict in) {
+  if (c.all) {
+    std::memset(in, 1, n);
+    return;
+  }
+  const uint32_t T = c.key;
+  const bool equal_before = occ_end <= c.take;  // every equal key of this row is before
+  if (c.descending) {
+    if (equal_before) for (uint64_t j = 0; j < n; ++j) in[j] = keys[j] >= T;
+    else for (uint64_t j = 0; j < n; ++j) in[j] = keys[j] > T;
+  } else {
+    if (equal_before) for (uint64_t j = 0; j < n; ++j) in[j] = keys[j] <= T;
+    else for (uint64_t j = 0; j < n; ++j) in[j] = keys[j] < T;
+  }
+  if (equal_before || occ >= c.take) return;
+  for (uint64_t j = 0; j < n && occ < c.take; ++j) {
+    if (keys[j] != T) continue;
+    in[j] = 1;
+    ++occ;
+  }
+}
+
+// Magnitude keeps what is before its cut; breadcrumbs what is past cut a and before b.
+template <class Key>
+DELLA_ALWAYS_INLINE void cut_mask(const Key* keys, uint64_t n, const ExpertState& es, uint64_t r, Sparsifier sp,
+                                  uint8_t* __restrict keep, uint8_t* __restrict in_b) {
+  cut_side(keys, n, es.cut_a, es.occ_a[r], es.occ_a[r + 1], keep);
+  if (sp == Sparsifier::Magnitude) return;
+  cut_side(keys, n, es.cut_b, es.occ_b[r], es.occ_b[r + 1], in_b);
+  for (uint64_t j = 0; j < n; ++j) keep[j] = static_cast<uint8_t>((keep[j] ^ 1u) & in_b[j]);
+}
+
+DELLA_SIMD_CLONES
+void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s, MergeStats& local) {
+  const uint64_t n = st.g.n;
+  const unsigned K = static_cast<unsigned>(t.experts.size());
+  const FuseConfig fc{static_cast<int>(K), t.consensus, t.normalize, t.lambda != 1.0, static_cast<float>(t.lambda)};
+  float w[64];
+  for (unsigned k = 0; k < K; ++k) w[k] = t.experts[k].weight;
+  const int keys = st.mode == KeyMode::BF16 ? 1 : (st.mode == KeyMode::F16 ? 2 : 3);
+
+  float* base = grown(s.base, n);
+  float* vals = grown(s.vals, static_cast<size_t>(K) * n);
+  float* out = grown(s.delta, n);
+  uint16_t* k16 = grown(s.keys16, n);
+  uint32_t* k32 = grown(s.keys, n);
+  uint32_t* ranks = grown(s.ranks, n);
+  KeepScale* ks = grown(s.ks, n);
+  uint32_t* words = grown(s.words, n + 8);
+  uint32_t* hist = grown(s.hist15, kSegments * kKeys);
+
+  for (uint64_t r = r0; r < r1; ++r) {
+    const uint64_t i0 = r * n;
+    local.nonfinite[0] += load_any(t.base_dtype, static_cast<const uint8_t*>(t.base) + i0 * dtype_size(t.base_dtype),
+                                   n, base);
+    for (unsigned k = 0; k < K; ++k) {
+      const ExpertInput& e = t.experts[k];
+      const ExpertState& es = st.ex[k];
+      const uint8_t* src =
+          static_cast<const uint8_t*>(e.data) + expert_row_offset(t.shape, e.shape, r, n) * dtype_size(e.dtype);
+      float* __restrict d = vals + static_cast<size_t>(k) * n;
+      const bool ranked = es.sparse && t.sparsifier == Sparsifier::Magprune;
+      const bool cut = es.sparse && (t.sparsifier == Sparsifier::Magnitude || t.sparsifier == Sparsifier::Breadcrumbs);
+      uint64_t bad;
+      if (!ranked && !cut) bad = deltas_any<0>(e.dtype, src, n, base, d, k16, k32);
+      else if (keys == 1) bad = deltas_any<1>(e.dtype, src, n, base, d, k16, k32);
+      else if (keys == 2) bad = deltas_any<2>(e.dtype, src, n, base, d, k16, k32);
+      else bad = deltas_any<3>(e.dtype, src, n, base, d, k16, k32);
+      local.nonfinite[k + 1] += bad;
+      if (!es.sparse) {
+        local.kept[k] += n;
+        continue;
+      }
+
+      if (cut) {
+        // Whole-tensor cuts: a mask, then no rescale or a norm rescale.
+        uint8_t* keep = grown(s.keep, n);
+        uint8_t* in_b = grown(s.keep_b, n);
+        if (keys == 3) cut_mask(k32, n, es, r, t.sparsifier, keep, in_b);
+        else cut_mask(k16, n, es, r, t.sparsifier, keep, in_b);
+        const bool scaled = t.rescale != Rescale::None;
+        const float sc = es.norm_scale;
+        uint64_t kept = 0;
+        for (uint64_t j = 0; j < n; ++j) {
+          d[j] = keep_or_zero(keep[j], scaled ? d[j] * sc : d[j]);
+          kept += keep[j];
+        }
+        local.kept[k] += kept;
+        continue;
+      }
+
+      // Keep probability and rescale per element.
+      float q_const = es.q_random, s_const = es.s_random;
+      const bool per_element = ranked;
+      if (ranked) {
+        const KeepScale* table = es.table.empty() ? nullptr : es.table.data();
+        if (keys != 3) {
+          ranks15(k16, n, hist, table, ks, ranks);
+        } else {
+          stable_ranks(k32, n, s, ranks);
+          if (table)
+            for (uint64_t j = 0; j < n; ++j) ks[j] = table[ranks[j]];
+        }
+        if (!table) {
+          for (uint64_t j = 0; j < n; ++j) {
+            const float q = magprune_q(ranks[j], n, es.coef);
+            ks[j] = KeepScale{q, inverse_scale(q)};
+          }
+        }
+      }
+
+      const uint32_t* x = philox_row(t.seed, t.tensor_id, k, i0, n, words);
+      uint64_t kept = 0;
+      if (t.rescale == Rescale::Inverse) {
+        if (per_element) {
+          for (uint64_t j = 0; j < n; ++j) {
+            const bool keep = uniform_from_word(x[j]) < ks[j].q;
+            d[j] = keep_or_zero(keep, d[j] * ks[j].s);
+            kept += keep;
+          }
+        } else {
+          for (uint64_t j = 0; j < n; ++j) {
+            const bool keep = uniform_from_word(x[j]) < q_const;
+            d[j] = keep_or_zero(keep, d[j] * s_const);
+            kept += keep;
+          }
+        }
+      } else {
+        // No rescale, or a norm rescale (its scale comes from a pre-pass; 1 for none).
+        const bool scaled = t.rescale != Rescale::None;
+        const float sc = es.norm_scale;
+        for (uint64_t j = 0; j < n; ++j) {
+          const float q = per_element ? ks[j].q : q_const;
+          const bool keep = uniform_from_word(x[j]) < q;
+          d[j] = keep_or_zero(keep, scaled ? d[j] * sc : d[j]);
+          kept += keep;
+        }
+      }
+      local.kept[k] += kept;
+    }
+    fuse_row(vals, w, K, n, fc, base, s.x, out);
+    uint8_t* dst = static_cast<uint8_t*>(t.out) + i0 * dtype_size(t.out_dtype);
+    switch (t.out_dtype) {
+      case DType::F32:
+        for (uint64_t j = 0; j < n; ++j) store_raw<float>(dst, j, out[j]);
+        break;
+      case DType::F16:
+        for (uint64_t j = 0; j < n; ++j) store_raw<uint16_t>(dst, j, f32_to_f16(out[j]));
+        break;
+      case DType::BF16:
+        for (uint64_t j = 0; j < n; ++j) store_raw<uint16_t>(dst, j, f32_to_bf16(out[j]));
+        break;
+      default:
+        for (uint64_t j = 0; j < n; ++j) store_raw<double>(dst, j, static_cast<double>(out[j]));
+        break;
+    }
+  }
+}
+
+}  // namespace
+
+
+void merge_rows_delta(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s,
+                      MergeStats& local) {
+  delta_rows(t, st, r0, r1, s, local);
+}
+
+}  // namespace della::detail

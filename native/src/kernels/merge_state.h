@@ -1,0 +1,101 @@
+// Internal to the CPU kernels: what a tensor's passes share (geometry, per-expert
+// tables and cuts, per-worker scratch), so each pass can live in its own file.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "merge_cpu.h"
+
+namespace della::detail {
+
+constexpr uint32_t kNoKey = 0xffffffffu;  // above every key (keys are < 2^31)
+
+struct Geometry {
+  uint64_t numel = 1;
+  uint64_t n = 1;  // row length
+  uint64_t rows = 0;
+};
+
+inline Geometry geometry(const std::vector<int64_t>& shape) {
+  Geometry g;
+  for (int64_t d : shape) g.numel *= static_cast<uint64_t>(d);
+  g.n = shape.size() >= 2 ? static_cast<uint64_t>(shape.back()) : g.numel;
+  g.rows = g.n == 0 ? 0 : g.numel / g.n;
+  return g;
+}
+
+// "Before the cut": ascending, key < T or (key == T and it is among the first `take`
+// elements with key T in index order); descending, the same with key > T.
+struct Cut {
+  uint32_t key = kNoKey;
+  uint64_t take = 0;
+  bool descending = false;
+  bool all = false;
+};
+
+// A magprune keep probability and its inverse rescale, side by side so that one load
+// fetches both.
+struct KeepScale {
+  float q;
+  float s;
+};
+
+struct ExpertState {
+  bool sparse = false;  // false: the delta is left unchanged
+  MagpruneCoef coef{};
+  std::vector<KeepScale> table;  // magprune (q, 1/q) by rank; empty when not tabulated
+  float q_random = 0, s_random = 0;
+  Cut cut_a, cut_b;
+  std::vector<uint64_t> occ_a, occ_b;  // per row: earlier elements with the cut key
+  float norm_scale = 1.0f;
+};
+
+struct TaskState {
+  Geometry g;
+  KeyMode mode = KeyMode::F32;
+  std::vector<ExpertState> ex;
+};
+
+// Per-worker buffers, grown on demand and reused across rows and tensors.
+struct Scratch {
+  std::vector<float> base, delta, x, fac, vals;
+  std::vector<uint32_t> keys, ranks, hist, tmp_keys, tmp_idx, idx, cur_keys, words;
+  std::vector<uint8_t> keep, keep_b;
+  // Row-local pass: half-precision keys and a histogram over all 2^15 keys, kept
+  // zeroed between rows.
+  std::vector<uint16_t> keys16;
+  std::vector<uint32_t> hist15;
+  std::vector<uint8_t> touched;
+  std::vector<KeepScale> ks;
+};
+
+// Offset of base row r's first element inside an expert that may be larger in every
+// dimension (the embedding sub-block rule of SPEC §2).
+uint64_t expert_row_offset(const std::vector<int64_t>& base, const std::vector<int64_t>& ex, uint64_t r, uint64_t n);
+
+// Stable ascending ranks of keys[0..n) (any 32-bit keys).
+void stable_ranks(const uint32_t* keys, uint64_t n, Scratch& s, uint32_t* ranks);
+
+// Philox blocks g0 .. g0 + count - 1 of one stream, four words each, into out.
+void philox_blocks(uint64_t g0, uint64_t count, uint32_t tensor_id, uint32_t expert, uint32_t k0, uint32_t k1,
+                   uint32_t* out);
+
+// The final pass of a delta merge (every method but linear and slerp) over rows
+// [r0, r1), one fused sweep per row: merged values straight into the output. Adds
+// non-finite and kept counts to `local`. Needs the task's pre-passes (cuts, norm
+// scales) done.
+void merge_rows_delta(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s,
+                      MergeStats& local);
+
+// Adds the key histograms of rows [r0, r1) to hists[k] for every sparse expert k:
+// level 1 bins 15-bit keys (the high half of fp32 keys); level 2 bins the low half of
+// the fp32 keys whose high half is hi_filter[k].
+void histogram_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s, int level,
+                    const std::vector<uint32_t>& hi_filter, std::vector<std::vector<uint64_t>>& hists);
+
+// Per row r in [r0, r1) and sparse expert k, how many keys equal the expert's cut
+// keys: into a_counts[r * K + k] and b_counts[r * K + k].
+void cut_key_counts(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s,
+                    std::vector<uint64_t>& a_counts, std::vector<uint64_t>& b_counts);
+
+}  // namespace della::detail

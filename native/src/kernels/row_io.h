@@ -1,0 +1,124 @@
+// Row loads for the CPU passes: fp32 values, deltas and magnitude keys of one row,
+// written as plain loops with selects so that each caller's SIMD build vectorizes them.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "della/dtype.h"
+#include "fuse_row.h"
+
+// A hot row function is built three times (AVX-512, AVX2, baseline x86-64) and the
+// loader picks the one the CPU supports; every version does the same fp32 operations
+// in the same order (no FMA: -ffp-contract=off), so all give the same bytes.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define DELLA_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DELLA_SIMD_CLONES
+#endif
+
+namespace della::detail {
+
+// f16_to_f32 with selects instead of early returns, so loops over it vectorize.
+DELLA_ALWAYS_INLINE float f16_to_f32_select(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  const uint32_t normal = sign | ((exp + 112u) << 23) | (man << 13);
+  const uint32_t special = sign | 0x7f800000u | (man << 13);
+  const uint32_t sub = sign | f32_bits(static_cast<float>(man) * 5.9604644775390625e-08f);  // exact; +0 for man 0
+  const uint32_t r = exp == 0x1fu ? special : normal;
+  return bits_f32(exp == 0 ? sub : r);
+}
+
+template <DType DT>
+DELLA_ALWAYS_INLINE float load_elem(const uint8_t* p, uint64_t j) {
+  if constexpr (DT == DType::F32) return load_raw<float>(p, j);
+  else if constexpr (DT == DType::BF16) return bf16_to_f32(load_raw<uint16_t>(p, j));
+  else if constexpr (DT == DType::F16) return f16_to_f32_select(load_raw<uint16_t>(p, j));
+  else return static_cast<float>(load_raw<double>(p, j));
+}
+
+// The BF16 magnitude key of SPEC §4 with selects only.
+DELLA_ALWAYS_INLINE uint16_t bf16_key(float v) {
+  const uint32_t x = f32_bits(v) & 0x7fffffffu;
+  const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  const uint32_t nan = (x >> 16) | 0x40u;
+  return static_cast<uint16_t>((x > 0x7f800000u ? nan : rounded) & 0x7fffu);
+}
+
+// Loads n elements as fp32 into dst; returns how many are not finite.
+template <DType DT>
+DELLA_ALWAYS_INLINE uint64_t load_values(const uint8_t* __restrict src, uint64_t n, float* __restrict dst) {
+  uint64_t bad = 0;
+  for (uint64_t j = 0; j < n; ++j) {
+    const float v = load_elem<DT>(src, j);
+    dst[j] = v;
+    bad += !is_finite_f32(v);
+  }
+  return bad;
+}
+
+// d = E - B; keys when asked for (BF16 keys inline, others through magnitude_key).
+template <DType DT, int KEYS>  // KEYS: 0 none, 1 BF16, 2 F16, 3 F32
+DELLA_ALWAYS_INLINE uint64_t deltas(const uint8_t* __restrict src, uint64_t n, const float* __restrict b,
+                                    float* __restrict d, uint16_t* __restrict k16, uint32_t* __restrict k32) {
+  uint64_t bad = 0;
+  for (uint64_t j = 0; j < n; ++j) {
+    const float v = load_elem<DT>(src, j);
+    bad += !is_finite_f32(v);
+    const float dv = v - b[j];
+    d[j] = dv;
+    if constexpr (KEYS == 1) k16[j] = bf16_key(dv);
+  }
+  if constexpr (KEYS == 2)
+    for (uint64_t j = 0; j < n; ++j) k16[j] = static_cast<uint16_t>(magnitude_key(d[j], KeyMode::F16));
+  if constexpr (KEYS == 3)
+    for (uint64_t j = 0; j < n; ++j) k32[j] = magnitude_key(d[j], KeyMode::F32);
+  return bad;
+}
+
+template <int KEYS>
+DELLA_ALWAYS_INLINE uint64_t deltas_any(DType dt, const uint8_t* src, uint64_t n, const float* b, float* d,
+                                        uint16_t* k16, uint32_t* k32) {
+  switch (dt) {
+    case DType::F32: return deltas<DType::F32, KEYS>(src, n, b, d, k16, k32);
+    case DType::F16: return deltas<DType::F16, KEYS>(src, n, b, d, k16, k32);
+    case DType::BF16: return deltas<DType::BF16, KEYS>(src, n, b, d, k16, k32);
+    default: return deltas<DType::F64, KEYS>(src, n, b, d, k16, k32);
+  }
+}
+
+DELLA_ALWAYS_INLINE uint64_t load_any(DType dt, const uint8_t* src, uint64_t n, float* dst) {
+  switch (dt) {
+    case DType::F32: return load_values<DType::F32>(src, n, dst);
+    case DType::F16: return load_values<DType::F16>(src, n, dst);
+    case DType::BF16: return load_values<DType::BF16>(src, n, dst);
+    default: return load_values<DType::F64>(src, n, dst);
+  }
+}
+
+// The indices of the flags set among flags[0..count) (bytes of 0 or 1; count a
+// multiple of 8), in
+// order, into list; returns how many. Eight flags per load: touched blocks are few
+// and clustered, and a branch per flag would mispredict on every cluster edge.
+inline uint32_t nonzero_flags(const uint8_t* flags, uint32_t count, uint16_t* list) {
+  uint32_t m = 0;
+  for (uint32_t b = 0; b < count; b += 8) {
+    uint64_t w;
+    std::memcpy(&w, flags + b, 8);
+    while (w) {
+      list[m++] = static_cast<uint16_t>(b + (__builtin_ctzll(w) >> 3));
+      w &= w - 1;
+    }
+  }
+  return m;
+}
+
+template <class T>
+T* grown(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+}  // namespace della::detail
