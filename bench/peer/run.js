@@ -70,15 +70,14 @@ try {
   // nothing measurable on tensors this large. An explicit setting wins.
   const env = { ...process.env, OMP_WAIT_POLICY: process.env.OMP_WAIT_POLICY ?? 'PASSIVE' };
   const r = spawnSync(peer.python, args, { stdio: ['ignore', 'inherit', 'inherit'], env });
-  if (r.status !== 0) {
-    console.error(`the PyTorch peer failed (${r.error?.message ?? `exit status ${r.status}`})`);
-    process.exit(1);
-  }
-  peerReport = JSON.parse(readFileSync(out, 'utf8'));
-  peerReport.ompWaitPolicy = env.OMP_WAIT_POLICY;
+  if (r.status === 0) {
+    peerReport = JSON.parse(readFileSync(out, 'utf8'));
+    peerReport.ompWaitPolicy = env.OMP_WAIT_POLICY;
+  } else console.error(`the PyTorch peer failed (${r.error?.message ?? `exit status ${r.status ?? r.signal}`})`);
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }
+if (!peerReport) process.exit(1);
 
 const out = new Uint8Array(numel * SIZE[dtype]);
 const results = [];
