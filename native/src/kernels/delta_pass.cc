@@ -82,19 +82,57 @@ __attribute__((target("avx512f"))) void segment_starts_avx512(uint32_t* __restri
     carry = _mm512_permutexvar_epi32(last, _mm512_add_epi32(x, carry));
   }
 }
+// ranks[j] += hc[keys[j]] for j in [j0, j1): the segment's start for each key.
+__attribute__((target("avx512f"))) void add_starts_avx512(uint32_t* __restrict ranks, const uint16_t* __restrict keys,
+                                                          const uint32_t* __restrict hc, uint64_t j0, uint64_t j1) {
+  uint64_t j = j0;
+  for (; j + 16 <= j1; j += 16) {
+    const __m512i idx = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j)));
+    const __m512i start = _mm512_i32gather_epi32(idx, reinterpret_cast<const int*>(hc), 4);
+    _mm512_storeu_si512(ranks + j, _mm512_add_epi32(_mm512_loadu_si512(ranks + j), start));
+  }
+  for (; j < j1; ++j) ranks[j] += hc[keys[j]];
+}
+
+// The inverse-rescale mask by rank (SPEC §4): kept iff x < q[rank], then d * s[rank],
+// with tf holding q and s = 1/q interleaved by rank. Returns how many were kept.
+__attribute__((target("avx512f"))) uint64_t mask_by_rank_avx512(float* __restrict d, const uint32_t* __restrict words,
+                                                                 const uint32_t* __restrict ranks,
+                                                                 const float* __restrict tf, uint64_t n) {
+  const __m512 two_m24 = _mm512_set1_ps(5.9604644775390625e-08f);
+  uint64_t kept = 0, j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512i r2 = _mm512_slli_epi32(_mm512_loadu_si512(ranks + j), 1);
+    const __m512 q = _mm512_i32gather_ps(r2, tf, 4);
+    const __m512 sc = _mm512_i32gather_ps(r2, tf + 1, 4);
+    const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_loadu_si512(words + j), 8)), two_m24);
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, q, _CMP_LT_OQ);
+    _mm512_storeu_ps(d + j, _mm512_maskz_mul_ps(keep, _mm512_loadu_ps(d + j), sc));
+    kept += static_cast<uint64_t>(__builtin_popcount(keep));
+  }
+  for (; j < n; ++j) {
+    const bool keep = uniform_from_word(words[j]) < tf[2 * ranks[j]];
+    d[j] = keep_or_zero(keep, d[j] * tf[2 * ranks[j] + 1]);
+    kept += keep;
+  }
+  return kept;
+}
+
 inline bool have_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f");
   return yes;
 }
 #endif
 
-// Writes table[rank] for each element with a table, else the rank itself. `hist`
-// (kSegments x 2^15 counters) is all zero on entry and on return; a row pays only for
-// the blocks of 16 keys it touches. Scalar code in a function of its own: inlined
-// into the big row function it would lose registers to it.
-__attribute__((noinline)) void ranks15(const uint16_t* __restrict keys, uint64_t n, uint32_t* __restrict hist,
-                                       const KeepScale* __restrict table, KeepScale* __restrict ks_out,
-                                       uint32_t* __restrict rank_out) {
+// Counts the keys of a row, kSegments tables of 2^15 counters, and turns the counts
+// into each segment's start for each key; occ[j] gets element j's occurrence among the
+// equal keys of its segment before it. Returns the touched blocks of 16 keys (into
+// `blocks`): only those are nonzero, and clear_blocks() zeroes them again. Scalar code
+// in a function of its own: inlined into the big row function it would lose registers
+// to it.
+__attribute__((noinline)) uint32_t count_keys15(const uint16_t* __restrict keys, uint64_t n,
+                                                uint32_t* __restrict hist, uint32_t* __restrict occ,
+                                                uint16_t* __restrict blocks) {
   uint8_t touched[kBlocks] = {};  // a local array: its byte stores alias nothing else
   const uint64_t q = n / kSegments;  // segment c is [c q, (c + 1) q); the last also takes the tail
   uint32_t* __restrict h0 = hist;
@@ -106,20 +144,19 @@ __attribute__((noinline)) void ranks15(const uint16_t* __restrict keys, uint64_t
   const uint16_t* k2 = keys + 2 * q;
   const uint16_t* k3 = keys + 3 * q;
   for (uint64_t j = 0; j < q; ++j) {
-    ++h0[k0[j]];
-    ++h1[k1[j]];
-    ++h2[k2[j]];
-    ++h3[k3[j]];
+    occ[j] = h0[k0[j]]++;
+    occ[q + j] = h1[k1[j]]++;
+    occ[2 * q + j] = h2[k2[j]]++;
+    occ[3 * q + j] = h3[k3[j]]++;
     touched[k0[j] >> kBlockBits] = 1;
     touched[k1[j] >> kBlockBits] = 1;
     touched[k2[j] >> kBlockBits] = 1;
     touched[k3[j] >> kBlockBits] = 1;
   }
   for (uint64_t j = 4 * q; j < n; ++j) {
-    ++h3[keys[j]];
+    occ[j] = h3[keys[j]]++;
     touched[keys[j] >> kBlockBits] = 1;
   }
-  uint16_t blocks[kBlocks];
   const uint32_t m = nonzero_flags(touched, kBlocks, blocks);
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   if (have_avx512()) segment_starts_avx512(hist, blocks, m);
@@ -127,27 +164,10 @@ __attribute__((noinline)) void ranks15(const uint16_t* __restrict keys, uint64_t
 #else
   segment_starts_scalar(hist, blocks, m);
 #endif
-  if (table) {
-    KeepScale* o0 = ks_out;
-    KeepScale* o1 = ks_out + q;
-    KeepScale* o2 = ks_out + 2 * q;
-    KeepScale* o3 = ks_out + 3 * q;
-    for (uint64_t j = 0; j < q; ++j) {
-      o0[j] = table[h0[k0[j]]++];
-      o1[j] = table[h1[k1[j]]++];
-      o2[j] = table[h2[k2[j]]++];
-      o3[j] = table[h3[k3[j]]++];
-    }
-    for (uint64_t j = 4 * q; j < n; ++j) ks_out[j] = table[h3[keys[j]]++];
-  } else {
-    for (uint64_t j = 0; j < q; ++j) {
-      rank_out[j] = h0[k0[j]]++;
-      rank_out[q + j] = h1[k1[j]]++;
-      rank_out[2 * q + j] = h2[k2[j]]++;
-      rank_out[3 * q + j] = h3[k3[j]]++;
-    }
-    for (uint64_t j = 4 * q; j < n; ++j) rank_out[j] = h3[keys[j]]++;
-  }
+  return m;
+}
+
+void clear_blocks(uint32_t* __restrict hist, const uint16_t* blocks, uint32_t m) {
   for (uint32_t i = 0; i < m; ++i)
     for (int c = 0; c < kSegments; ++c)
       std::memset(hist + c * kKeys + (static_cast<uint32_t>(blocks[i]) << kBlockBits), 0, sizeof(uint32_t) << kBlockBits);
@@ -219,6 +239,7 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
   KeepScale* ks = grown(s.ks, n);
   uint32_t* words = grown(s.words, n + 8);
   uint32_t* hist = grown(s.hist15, kSegments * kKeys);
+  uint16_t* blocks = grown(s.blocks, kBlocks);
 
   for (uint64_t r = r0; r < r1; ++r) {
     const uint64_t i0 = r * n;
@@ -260,19 +281,32 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
         continue;
       }
 
-      // Keep probability and rescale per element.
-      float q_const = es.q_random, s_const = es.s_random;
+      // Keep probability and rescale per element: by rank from the tensor's table
+      // (tf: q and 1/q interleaved), or computed from the rank, or constants.
       const bool per_element = ranked;
+      const float* tf = ranked && !es.table.empty() ? &es.table[0].q : nullptr;
       if (ranked) {
-        const KeepScale* table = es.table.empty() ? nullptr : es.table.data();
         if (keys != 3) {
-          ranks15(k16, n, hist, table, ks, ranks);
+          // ranks[] holds each element's occurrence among equal keys of its segment;
+          // adding the segment's start for its key gives the stable rank.
+          const uint32_t m = count_keys15(k16, n, hist, ranks, blocks);
+          const uint64_t seg = n / kSegments;
+          for (int c = 0; c < kSegments; ++c) {
+            const uint64_t j0 = c * seg, j1 = c == kSegments - 1 ? n : j0 + seg;
+            const uint32_t* __restrict hc = hist + c * kKeys;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+            if (have_avx512()) {
+              add_starts_avx512(ranks, k16, hc, j0, j1);
+              continue;
+            }
+#endif
+            for (uint64_t j = j0; j < j1; ++j) ranks[j] += hc[k16[j]];
+          }
+          clear_blocks(hist, blocks, m);
         } else {
           stable_ranks(k32, n, s, ranks);
-          if (table)
-            for (uint64_t j = 0; j < n; ++j) ks[j] = table[ranks[j]];
         }
-        if (!table) {
+        if (!tf) {
           for (uint64_t j = 0; j < n; ++j) {
             const float q = magprune_q(ranks[j], n, es.coef);
             ks[j] = KeepScale{q, inverse_scale(q)};
@@ -281,9 +315,22 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
       }
 
       const uint32_t* x = philox_row(t.seed, t.tensor_id, k, i0, n, words);
+      const float q_const = es.q_random, s_const = es.s_random;
       uint64_t kept = 0;
       if (t.rescale == Rescale::Inverse) {
-        if (per_element) {
+        if (tf) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+          if (have_avx512()) {
+            local.kept[k] += mask_by_rank_avx512(d, x, ranks, tf, n);
+            continue;
+          }
+#endif
+          for (uint64_t j = 0; j < n; ++j) {
+            const bool keep = uniform_from_word(x[j]) < tf[2 * ranks[j]];
+            d[j] = keep_or_zero(keep, d[j] * tf[2 * ranks[j] + 1]);
+            kept += keep;
+          }
+        } else if (per_element) {
           for (uint64_t j = 0; j < n; ++j) {
             const bool keep = uniform_from_word(x[j]) < ks[j].q;
             d[j] = keep_or_zero(keep, d[j] * ks[j].s);
@@ -301,7 +348,7 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
         const bool scaled = t.rescale != Rescale::None;
         const float sc = es.norm_scale;
         for (uint64_t j = 0; j < n; ++j) {
-          const float q = per_element ? ks[j].q : q_const;
+          const float q = tf ? tf[2 * ranks[j]] : (per_element ? ks[j].q : q_const);
           const bool keep = uniform_from_word(x[j]) < q;
           d[j] = keep_or_zero(keep, scaled ? d[j] * sc : d[j]);
           kept += keep;

@@ -66,6 +66,7 @@ struct Scratch {
   std::vector<uint16_t> keys16;
   std::vector<uint32_t> hist15;
   std::vector<uint8_t> touched;
+  std::vector<uint16_t> blocks;
   std::vector<KeepScale> ks;
 };
 
