@@ -15,7 +15,8 @@
 #include <algorithm>
 #include <cstring>
 
-#if defined(__x86_64__)
+#include "row_io.h"
+#if defined(DELLA_AVX512_PATHS)
 #include <immintrin.h>
 // GCC 12 warns inside its own AVX-512 headers (_mm512_undefined_epi32).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -24,7 +25,6 @@
 #include "della/philox.h"
 #include "fuse_row.h"
 #include "merge_state.h"
-#include "row_io.h"
 
 
 namespace della::detail {
@@ -56,7 +56,7 @@ void segment_starts_scalar(uint32_t* __restrict hist, const uint16_t* blocks, ui
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(DELLA_AVX512_PATHS)
 // The same running sum, 16 keys at a time: an in-register scan of the per-key totals.
 __attribute__((target("avx512f"))) void segment_starts_avx512(uint32_t* __restrict hist, const uint16_t* blocks,
                                                               uint32_t m) {
@@ -158,7 +158,7 @@ __attribute__((noinline)) uint32_t count_keys15(const uint16_t* __restrict keys,
     touched[keys[j] >> kBlockBits] = 1;
   }
   const uint32_t m = nonzero_flags(touched, kBlocks, blocks);
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(DELLA_AVX512_PATHS)
   if (have_avx512()) segment_starts_avx512(hist, blocks, m);
   else segment_starts_scalar(hist, blocks, m);
 #else
@@ -294,7 +294,7 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
           for (int c = 0; c < kSegments; ++c) {
             const uint64_t j0 = c * seg, j1 = c == kSegments - 1 ? n : j0 + seg;
             const uint32_t* __restrict hc = hist + c * kKeys;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(DELLA_AVX512_PATHS)
             if (have_avx512()) {
               add_starts_avx512(ranks, k16, hc, j0, j1);
               continue;
@@ -319,7 +319,7 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
       uint64_t kept = 0;
       if (t.rescale == Rescale::Inverse) {
         if (tf) {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(DELLA_AVX512_PATHS)
           if (have_avx512()) {
             local.kept[k] += mask_by_rank_avx512(d, x, ranks, tf, n);
             continue;

@@ -5,8 +5,9 @@
 
 #include "della/philox.h"
 #include "merge_state.h"
+#include "row_io.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(DELLA_AVX512_PATHS)
 #include <immintrin.h>
 // GCC 12 warns inside its own AVX-512 headers (_mm512_undefined_epi32).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -91,9 +92,7 @@ __attribute__((target("avx512f"))) void philox_blocks_avx512(uint64_t g0, uint64
 #endif
 
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-__attribute__((target_clones("avx2", "default")))
-#endif
+DELLA_SIMD_CLONES
 void philox_blocks_portable(uint64_t g0, uint64_t count, uint32_t tensor_id, uint32_t expert, uint32_t k0, uint32_t k1,
                             uint32_t* __restrict out) {
   for (uint64_t b = 0; b < count; ++b) {

@@ -11,10 +11,18 @@
 // A hot row function is built three times (AVX-512, AVX2, baseline x86-64) and the
 // loader picks the one the CPU supports; every version does the same fp32 operations
 // in the same order (no FMA: -ffp-contract=off), so all give the same bytes.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+// DELLA_FIXED_SIMD (a test build: see CMakeLists.txt) turns the dispatch off, so that
+// the code compiled for the build's own flags runs, whatever the CPU.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__) && \
+    !defined(DELLA_FIXED_SIMD)
 #define DELLA_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DELLA_SIMD_CLONES
+#endif
+
+// Hand-written AVX-512 paths, taken when the CPU has AVX-512F (and not in a fixed build).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(DELLA_FIXED_SIMD)
+#define DELLA_AVX512_PATHS 1
 #endif
 
 namespace della::detail {
