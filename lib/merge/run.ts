@@ -344,10 +344,18 @@ export interface FinishedTensor {
   slerp?: [number, number];
 }
 
+interface LaunchedBatch {
+  group: TensorPlan[];
+  mergePlans: TensorPlan[];
+  coefficients: Map<string, [number, number]> | null;
+  stats: Promise<MergeTaskStats[]>;
+}
+
 /**
  * Merges (or copies) `tensors` into the buffers `destFor` gives, a batch per kernel
- * call, reading the next batch ahead; yields each finished batch. Checks cancellation,
- * non-finite inputs and input files changing underneath.
+ * call; yields each finished batch. The next batch is already computing while the
+ * caller handles the one yielded (hashing, reports), and the one after that is read
+ * ahead. Checks cancellation, non-finite inputs and input files changing underneath.
  */
 export async function* runBatches(
   ctx: BatchContext, tensors: readonly TensorPlan[], destFor: (t: TensorPlan) => Uint8Array,
@@ -360,9 +368,7 @@ export async function* runBatches(
       if (t.kind === 'merge') models.experts.forEach((e) => e.prefetch(t.name));
     }
   };
-  prefetch(groups[0]);
-  for (let g = 0; g < groups.length; g++) {
-    if (ctx.signal?.aborted) throw abortError();
+  const launch = async (g: number): Promise<LaunchedBatch> => {
     const group = groups[g];
     prefetch(groups[g + 1]); // read ahead while this batch computes
     const merges: MergeTaskSpec[] = [];
@@ -379,24 +385,45 @@ export async function* runBatches(
         copies.push({ src: models.base.bytes(t.name), dst: destFor(t) });
       }
     }
-    let stats: MergeTaskStats[];
+    let stats: Promise<MergeTaskStats[]>;
     if (native) {
-      stats = await native.mergeBatch({ threads, merges, copies });
+      stats = native.mergeBatch({ threads, merges, copies });
     } else {
-      stats = merges.map((m) => referenceMergeTensor(m));
+      stats = Promise.resolve(merges.map((m) => referenceMergeTensor(m)));
       for (const c of copies) (c.dst as Uint8Array).set(c.src as Uint8Array);
     }
-    const byName = new Map<string, MergeTaskStats>();
-    mergePlans.forEach((t, i) => {
-      checkFinite(t, stats[i], recipe, ctx.nonfiniteWarnings);
-      byName.set(t.name, stats[i]);
-    });
-    // A file rewritten under a map would feed the merge a mix of old and new bytes.
-    for (const m of [models.base, ...models.experts]) {
-      const change = m.changed();
-      if (change) throw new DellaError('E_IO', `${change}; the merge is abandoned (rerun it on stable inputs)`);
+    stats.catch(() => {}); // awaited below; never an unhandled rejection meanwhile
+    return { group, mergePlans, coefficients, stats };
+  };
+
+  prefetch(groups[0]);
+  let pending: Promise<LaunchedBatch> | null = null;
+  try {
+    for (let g = 0; g < groups.length; g++) {
+      if (ctx.signal?.aborted) throw abortError();
+      const current = await (pending ?? launch(g));
+      pending = null;
+      const stats = await current.stats;
+      // Start the next batch before this one is checked and handed out.
+      if (g + 1 < groups.length && !ctx.signal?.aborted) {
+        pending = launch(g + 1);
+        pending.catch(() => {});
+      }
+      const byName = new Map<string, MergeTaskStats>();
+      current.mergePlans.forEach((t, i) => {
+        checkFinite(t, stats[i], recipe, ctx.nonfiniteWarnings);
+        byName.set(t.name, stats[i]);
+      });
+      // A file rewritten under a map would feed the merge a mix of old and new bytes.
+      for (const m of [models.base, ...models.experts]) {
+        const change = m.changed();
+        if (change) throw new DellaError('E_IO', `${change}; the merge is abandoned (rerun it on stable inputs)`);
+      }
+      yield current.group.map((t) => ({ plan: t, stats: byName.get(t.name) ?? null, slerp: current.coefficients?.get(t.name) }));
     }
-    yield group.map((t) => ({ plan: t, stats: byName.get(t.name) ?? null, slerp: coefficients?.get(t.name) }));
+  } finally {
+    // Never leave a kernel writing into buffers the caller is about to unmap.
+    if (pending) await pending.then((b) => b.stats).catch(() => {});
   }
 }
 
