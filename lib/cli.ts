@@ -15,7 +15,7 @@ import { formatBytes, parseSize } from './util/size.js';
 import { verifyMerge } from './validate/verify.js';
 import { assemble, parsePart } from './merge/parts.js';
 import { doctor, doctorLines } from './cli/doctor.js';
-import { err, intOption, out, parse, summary, usageError, withSignals } from './cli/common.js';
+import { deviceOptions, err, intOption, out, parse, summary, usageError, withSignals } from './cli/common.js';
 import { cmdDemo } from './cli/demo.js';
 import { cmdVerify, verifySummary } from './cli/verify.js';
 import { ASSEMBLE_USAGE, DOCTOR_USAGE, HELP, INSPECT_USAGE, RUN_USAGE, USAGE } from './cli/usage.js';
@@ -26,6 +26,7 @@ async function cmdRun(args: string[]): Promise<number> {
     'shard-size': { type: 'string' }, overwrite: { type: 'boolean' }, report: { type: 'string' },
     quiet: { type: 'boolean', short: 'q' }, json: { type: 'boolean' }, 'dry-run': { type: 'boolean', short: 'n' },
     verify: { type: 'boolean' }, 'allow-nonfinite': { type: 'boolean' }, part: { type: 'string' },
+    device: { type: 'string' }, 'gpu-memory': { type: 'string' },
   });
   if (values.help) return out(RUN_USAGE), 0;
   if (positionals.length !== 1) throw usageError(positionals.length === 0 ? 'run needs a RECIPE file' : `run takes one RECIPE, got ${positionals.length}`, 'run');
@@ -35,12 +36,13 @@ async function cmdRun(args: string[]): Promise<number> {
   const threads = intOption(values.threads as string | undefined, 'threads', 1, 1024);
   const shardSize = values['shard-size'] !== undefined ? parseSize(values['shard-size'] as string, '--shard-size') : undefined;
   const part = values.part !== undefined ? parsePart(values.part as string) : undefined;
+  const { device, gpuMemory } = deviceOptions(values);
   if (part && values.verify) throw usageError('--verify checks a whole merge: verify after "della-merge assemble"', 'run');
   const recipe = await loadRecipe(positionals[0]);
   const progress = createProgress(process.stderr, values.quiet || values.json ? 'none' : 'auto');
   const report = await withSignals((signal) => runMerge(recipe, {
     out: values.out as string, seed, threads, shardSize, overwrite: Boolean(values.overwrite), signal,
-    allowNonFinite: Boolean(values['allow-nonfinite']), part, onProgress: (e) => progress.update(e),
+    allowNonFinite: Boolean(values['allow-nonfinite']), part, device, gpuMemory, onProgress: (e) => progress.update(e),
   }).finally(() => progress.end()));
   const verified = values.verify ? await verifyMerge(report.out, recipe, { seed: report.seed }) : null;
   const full = verified ? { ...report, verify: verified } : report;
