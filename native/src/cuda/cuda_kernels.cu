@@ -38,6 +38,7 @@ constexpr int kSortThreads = 512;      // block ranking: 512 threads x 8 keys = 
 constexpr int kSortItems = 8;
 constexpr int kIndexBits = 13;         // bits of a row index below kBlockSortMax (4096 = 2^12) plus one
 constexpr int kSelectThreads = 1024;
+static_assert(sizeof(SlabParams) <= 4096, "kernel parameters must fit 4 KiB");
 static_assert(kSortThreads * kSortItems == static_cast<int>(kBlockSortMax), "block ranking capacity");
 static_assert((1u << (kIndexBits - 1)) == kBlockSortMax, "index bits");
 
@@ -395,9 +396,7 @@ __global__ void carry_kernel(const uint64_t* flags, const uint64_t* occ, uint64_
 // ---------------------------------------------------------------- norm rescales
 
 // Row partial sums in binary64, in index order, one thread per row (as the CPU).
-__global__ void norm_rows_kernel(const __grid_constant__ SlabParams p, unsigned k) {
-  const uint64_t r = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x;
-  if (r >= p.rows) return;
+__device__ void norm_row(const SlabParams& p, unsigned k, uint64_t r) {
   const bool linf = p.rescale == Rescale::Linf, l2 = p.rescale == Rescale::L2;
   double f = 0.0, m = 0.0;
   for (uint64_t j = 0; j < p.n; ++j) {
@@ -416,6 +415,12 @@ __global__ void norm_rows_kernel(const __grid_constant__ SlabParams p, unsigned 
   }
   p.state.norm_full[(p.row0 + r) * p.k + k] = f;
   p.state.norm_kept[(p.row0 + r) * p.k + k] = m;
+}
+
+__global__ void norm_rows_kernel(const __grid_constant__ SlabParams p, unsigned k) {
+  for (uint64_t r = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; r < p.rows;
+       r += static_cast<uint64_t>(gridDim.x) * blockDim.x)
+    norm_row(p, k, r);
 }
 
 // Rows in order, per expert: s = |delta| / |delta * mask| (binary64), or 1.
