@@ -2,8 +2,8 @@
 // one block's ranking capacity, 1-D, zero-size, the embedding sub-block; every dtype,
 // sparsifier, rescale and consensus; K = 1..6; random seeds, densities and weights;
 // ties and non-finite values) run through della::run_batch and through
-// della::cuda::Context under several pipeline settings (slabs, streams, the block or
-// segmented ranking path). GPU outputs are poisoned first. Prints the seed; rerun one
+// della::cuda::Context under several pipeline settings (slabs, streams, both block
+// ranking tiers or the segmented sort). GPU outputs are poisoned first. Prints the seed; rerun one
 // with `della_cuda_parity SEED [ITERATIONS]`. Exits 77 (ctest: skipped) without a GPU.
 #include <cuda_runtime.h>
 
@@ -95,7 +95,9 @@ Case make_case(Gen& g, int index) {
   della::MergeTask& t = c.task;
   // Shape: rank 0..3; row lengths around the block ranking capacity (4096) and beyond.
   const int rank = static_cast<int>(g.pick({0, 1, 1, 2, 2, 2, 2, 3}));
-  const uint64_t n = g.pick<uint64_t>({0, 1, 2, 3, 5, 8, 63, 64, 100, 777, 1024, 2049, 4095, 4096, 4097, 6000, 9000, 17000});
+  // Rows around both block ranking tiers (4096, 16384) and past them (segmented sort).
+  const uint64_t n = g.pick<uint64_t>({0, 1, 2, 3, 5, 8, 63, 64, 100, 777, 1024, 2049, 4095, 4096, 4097, 6000, 11008,
+                                       16384, 16385, 17000});
   uint64_t rows_budget = std::max<uint64_t>(1, 200000 / std::max<uint64_t>(n, 1));
   if (rank == 0) t.shape = {};
   else if (rank == 1) t.shape = {static_cast<int64_t>(g.coin(0.1) ? 0 : std::max<uint64_t>(n, 1) * (1 + g.u(3)))};
@@ -245,7 +247,8 @@ int main(int argc, char** argv) {
   configs[1].o.block_sort_max = 0;
   configs[1].o.pinned_bytes = 96 << 10;
   configs[1].o.max_slab_elements = 20000;
-  configs[2].name = "small slabs, 2 streams";
+  configs[2].name = "small slabs, 2 streams, one ranking tier";
+  configs[2].o.block_sort_max = 4096;
   configs[2].o.memory_budget = 512ull << 20;
   configs[2].o.streams = 2;
   configs[2].o.pinned_bytes = 1 << 20;

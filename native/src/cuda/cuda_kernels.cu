@@ -34,13 +34,8 @@ void check(cudaError_t e, const char* what) {
 namespace {
 
 constexpr int kThreads = 256;          // elementwise kernels
-constexpr int kSortThreads = 512;      // block ranking: 512 threads x 8 keys = kBlockSortMax
-constexpr int kSortItems = 8;
-constexpr int kIndexBits = 13;         // bits of a row index below kBlockSortMax (4096 = 2^12) plus one
 constexpr int kSelectThreads = 1024;
 static_assert(sizeof(SlabParams) <= 4096, "kernel parameters must fit 4 KiB");
-static_assert(kSortThreads * kSortItems == static_cast<int>(kBlockSortMax), "block ranking capacity");
-static_assert((1u << (kIndexBits - 1)) == kBlockSortMax, "index bits");
 
 // ---------------------------------------------------------------- element helpers
 
@@ -132,46 +127,60 @@ __device__ __forceinline__ GroupRange slab_groups(const SlabParams& p) {
 
 // ---------------------------------------------------------------- magprune: block ranking
 
-// One block per row (n <= kBlockSortMax): stable ascending ranks of the row's keys by a
-// block radix sort of (key << kIndexBits | index), unique, so the order is the stable one;
-// then keep, rescale and emit per Philox block.
-template <class KeyT>
-__global__ void __launch_bounds__(kSortThreads) magprune_rows_kernel(const __grid_constant__ SlabParams p, unsigned k,
-                                                                     int final_pass) {
-  using Sort = cub::BlockRadixSort<KeyT, kSortThreads, kSortItems>;
-  __shared__ union {
-    typename Sort::TempStorage sort;
-    uint32_t ranks[kBlockSortMax];
-  } sh;
+// Block ranking tiers: rows up to 4096 elements (512 threads x 8 keys) and up to 16384
+// (1024 x 16, in more than 48 KiB of dynamic shared memory where the device allows it).
+constexpr int ilog2(int x) { return x <= 1 ? 0 : 1 + ilog2(x / 2); }
+
+template <class KeyT, int THREADS, int ITEMS>
+struct BlockRank {
+  static constexpr int kCapacity = THREADS * ITEMS;
+  static constexpr int kIndexBits = ilog2(kCapacity) + 1;  // every index of a row, and one more bit
+  using Sort = cub::BlockRadixSort<KeyT, THREADS, ITEMS>;
+  static constexpr size_t kSmem =
+      sizeof(typename Sort::TempStorage) > kCapacity * 4 ? sizeof(typename Sort::TempStorage) : kCapacity * 4;
+};
+
+// One block per row (n <= capacity): stable ascending ranks of the row's keys by a block
+// radix sort of (key << index bits | index), unique, so the sorted order is the stable
+// one; then keep, rescale and emit per Philox block.
+template <class KeyT, int THREADS, int ITEMS>
+__global__ void __launch_bounds__(THREADS) magprune_rows_kernel(const __grid_constant__ SlabParams p, unsigned k,
+                                                                int final_pass) {
+  using R = BlockRank<KeyT, THREADS, ITEMS>;
+  constexpr int IB = R::kIndexBits;
+  extern __shared__ __align__(16) unsigned char smem[];
+  // The sort's storage, then (after it) the ranks by index, in the same bytes.
+  typename R::Sort::TempStorage& temp = *reinterpret_cast<typename R::Sort::TempStorage*>(smem);
+  uint32_t* ranks = reinterpret_cast<uint32_t*>(smem);
   const DevExpert& ex = p.ex[k];
   const uint64_t r = blockIdx.x;
   const uint32_t n = static_cast<uint32_t>(p.n);
   const uint64_t off = r * p.n;
   const int key_bits = p.mode == KeyMode::F32 ? 31 : 15;
-  KeyT keys[kSortItems];
+  KeyT keys[ITEMS];
 #pragma unroll
-  for (int s = 0; s < kSortItems; ++s) {
-    const uint32_t j = s * kSortThreads + threadIdx.x;
+  for (int s = 0; s < ITEMS; ++s) {
+    const uint32_t j = s * THREADS + threadIdx.x;
     if (j < n) {
       float value;
       const float d = expert_delta(p, ex, off + j, value);
-      keys[s] = (static_cast<KeyT>(magnitude_key(d, p.mode)) << kIndexBits) | static_cast<KeyT>(j);
+      keys[s] = (static_cast<KeyT>(magnitude_key(d, p.mode)) << IB) | static_cast<KeyT>(j);
     } else {
       keys[s] = ~static_cast<KeyT>(0);  // after every real key in the sorted bits
     }
   }
-  Sort(sh.sort).Sort(keys, 0, key_bits + kIndexBits);
+  typename R::Sort(temp).Sort(keys, 0, key_bits + IB);
   __syncthreads();
 #pragma unroll
-  for (int s = 0; s < kSortItems; ++s) {
-    const uint32_t pos = threadIdx.x * kSortItems + s;  // blocked arrangement after Sort
-    if (pos < n) sh.ranks[static_cast<uint32_t>(keys[s] & ((static_cast<KeyT>(1) << kIndexBits) - 1))] = pos;
+  for (int s = 0; s < ITEMS; ++s) {
+    const uint32_t pos = threadIdx.x * ITEMS + s;  // blocked arrangement after Sort
+    if (pos < n) ranks[static_cast<uint32_t>(keys[s] & ((static_cast<KeyT>(1) << IB) - 1))] = pos;
   }
   __syncthreads();
   const uint64_t i0 = (p.row0 + r) * p.n;
   const uint64_t g0 = i0 >> 2, g1 = (i0 + n - 1) >> 2;
   uint32_t bad = 0, kept = 0;
-  for (uint64_t g = g0 + threadIdx.x; g <= g1; g += kSortThreads) {
+  for (uint64_t g = g0 + threadIdx.x; g <= g1; g += THREADS) {
     const Philox4 w = philox_block(g, p.tensor_id, k, p.seed);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -181,7 +190,7 @@ __global__ void __launch_bounds__(kSortThreads) magprune_rows_kernel(const __gri
       float value;
       const float d = expert_delta(p, ex, off + j, value);
       const float x = uniform_from_word(w.v[q]);
-      const float qk = magprune_q(sh.ranks[j], n, ex.coef);
+      const float qk = magprune_q(ranks[j], n, ex.coef);
       const bool keep = x < qk;
       emit(p, k, off + j, keep, d, inverse_scale(qk), final_pass);
       bad += !is_finite_f32(value);
@@ -192,6 +201,25 @@ __global__ void __launch_bounds__(kSortThreads) magprune_rows_kernel(const __gri
     count_add(&p.stats[1 + k], bad);
     count_add(&p.stats[1 + p.k + k], kept);
   }
+}
+
+using Tier1Half = BlockRank<uint32_t, 512, 8>;
+using Tier1F32 = BlockRank<uint64_t, 512, 8>;
+using Tier2Half = BlockRank<uint32_t, 1024, 16>;
+using Tier2F32 = BlockRank<uint64_t, 1024, 16>;
+static_assert(Tier1Half::kCapacity == 4096 && Tier2Half::kCapacity == static_cast<int>(kBlockSortMax), "tiers");
+static_assert(15 + Tier2Half::kIndexBits <= 32 && 31 + Tier2F32::kIndexBits <= 64, "composite keys fit");
+
+// Launches the ranking kernel of a tier, raising its dynamic shared memory limit (an
+// attribute of the current device's context, so set before every launch; it is cheap).
+template <class KeyT, int THREADS, int ITEMS>
+void launch_rank(const SlabParams& p, unsigned k, int final_pass, cudaStream_t s) {
+  using R = BlockRank<KeyT, THREADS, ITEMS>;
+  auto kernel = magprune_rows_kernel<KeyT, THREADS, ITEMS>;
+  if (R::kSmem > 48 * 1024)
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(R::kSmem)),
+          "cudaFuncSetAttribute (ranking shared memory)");
+  kernel<<<static_cast<unsigned>(p.rows), THREADS, R::kSmem, s>>>(p, k, final_pass);
 }
 
 // ---------------------------------------------------------------- magprune: long rows
@@ -631,7 +659,22 @@ TaskInfo task_info(const MergeTask& t, uint32_t block_sort_max) {
   }
   ti.need_cuts = any_sparse && whole_tensor(t.sparsifier) && ti.numel > 0;
   ti.need_norm = any_sparse && norm_rescale(t.rescale) && ti.numel > 0;
-  ti.block_sort = t.sparsifier == Sparsifier::Magprune && ti.n <= std::min<uint64_t>(block_sort_max, kBlockSortMax);
+  ti.block_tier = 0;
+  if (t.sparsifier == Sparsifier::Magprune && ti.n <= block_sort_max) {
+    if (ti.n <= static_cast<uint64_t>(Tier1Half::kCapacity)) {
+      ti.block_tier = 1;
+    } else if (ti.n <= kBlockSortMax) {
+      // The large tier needs more than 48 KiB of shared memory per block: where the
+      // device has less, long rows take the segmented sort.
+      int dev = 0, optin = 0;
+      cudaGetDevice(&dev);
+      if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) optin = 0;
+      (void)cudaGetLastError();
+      const size_t need = ti.f32_keys ? Tier2F32::kSmem : Tier2Half::kSmem;
+      ti.block_tier = static_cast<size_t>(optin) >= need ? 2 : 0;
+    }
+  }
+  ti.block_sort = ti.block_tier != 0;
   return ti;
 }
 
@@ -733,8 +776,10 @@ void sparsify(const MergeTask& t, const TaskInfo& ti, const SlabParams& p, unsig
   switch (t.sparsifier) {
     case Sparsifier::Magprune:
       if (ti.block_sort) {
-        if (ti.f32_keys) magprune_rows_kernel<uint64_t><<<static_cast<unsigned>(p.rows), kSortThreads, 0, s>>>(p, k, final_pass);
-        else magprune_rows_kernel<uint32_t><<<static_cast<unsigned>(p.rows), kSortThreads, 0, s>>>(p, k, final_pass);
+        if (ti.block_tier == 1 && ti.f32_keys) launch_rank<uint64_t, 512, 8>(p, k, final_pass, s);
+        else if (ti.block_tier == 1) launch_rank<uint32_t, 512, 8>(p, k, final_pass, s);
+        else if (ti.f32_keys) launch_rank<uint64_t, 1024, 16>(p, k, final_pass, s);
+        else launch_rank<uint32_t, 1024, 16>(p, k, final_pass, s);
         launched("magprune_rows_kernel");
       } else {
         composite_keys_kernel<<<grid_for(E), kThreads, 0, s>>>(p, k, w.comp);

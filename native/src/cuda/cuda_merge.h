@@ -25,14 +25,15 @@ struct Options {
   // Pinned host bytes per stream (inputs and output of one slab of rows); grows when one
   // row needs more.
   uint64_t pinned_bytes = 256ull << 20;
-  // Rows up to this length are ranked inside one thread block (at most kBlockSortMax);
-  // longer rows go through a device-wide segmented radix sort. 0 forces the latter.
-  uint32_t block_sort_max = 4096;
+  // Rows up to this length are ranked inside one thread block (at most kBlockSortMax,
+  // in two tiers: 4096 and 16384 keys); longer rows go through a device-wide segmented
+  // radix sort. 0 forces the latter.
+  uint32_t block_sort_max = 16384;
   // Largest slab of rows in elements (tests lower it to exercise multi-slab tensors).
   uint64_t max_slab_elements = 1ull << 28;
 };
 
-constexpr uint32_t kBlockSortMax = 4096;
+constexpr uint32_t kBlockSortMax = 16384;
 
 // An error of the CUDA backend: code is DELLA_CUDA_ERROR, _OUT_OF_MEMORY or _NO_DEVICE.
 class Error : public std::runtime_error {

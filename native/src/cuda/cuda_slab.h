@@ -103,7 +103,8 @@ struct TaskInfo {
   bool need_cuts = false;  // magnitude / breadcrumbs with a sparse expert
   bool need_norm = false;  // l1 / l2 / linf with a sparse expert
   bool f32_keys = false;
-  bool block_sort = false;  // magprune rows ranked inside one block
+  bool block_sort = false;  // magprune rows ranked inside one block...
+  int block_tier = 0;       // ...of 4096 (1) or 16384 (2) keys; 0: the segmented sort
   bool any_scratch = false;
   std::vector<uint8_t> sparse, mode_k;
   std::vector<uint64_t> pos_a, pos_b;  // cut positions (elements before the cut)
