@@ -30,13 +30,13 @@ async function cmdRun(args: string[]): Promise<number> {
   });
   if (values.help) return out(RUN_USAGE), 0;
   if (positionals.length !== 1) throw usageError(positionals.length === 0 ? 'run needs a RECIPE file' : `run takes one RECIPE, got ${positionals.length}`, 'run');
+  const { device, gpuMemory } = deviceOptions(values); // checked even for --dry-run
   if (values['dry-run']) return dryRun(await loadRecipe(positionals[0]), Boolean(values.json));
   if (!values.out) throw usageError('run needs --out DIR', 'run');
   const seed = intOption(values.seed as string | undefined, 'seed', 0, Number.MAX_SAFE_INTEGER);
   const threads = intOption(values.threads as string | undefined, 'threads', 1, 1024);
   const shardSize = values['shard-size'] !== undefined ? parseSize(values['shard-size'] as string, '--shard-size') : undefined;
   const part = values.part !== undefined ? parsePart(values.part as string) : undefined;
-  const { device, gpuMemory } = deviceOptions(values);
   if (part && values.verify) throw usageError('--verify checks a whole merge: verify after "della-merge assemble"', 'run');
   const recipe = await loadRecipe(positionals[0]);
   const progress = createProgress(process.stderr, values.quiet || values.json ? 'none' : 'auto');
