@@ -64,6 +64,7 @@ else
   note "kernel benchmark: FAILED (see gpu-check.log)"; status=1
 fi
 cat "$work/bench.txt"
+summary+=("$(grep -E '^(method|della|dare_ties|ties|task_arithmetic|pinned) ' "$work/bench.txt")")
 h2d=$(grep -o '"h2d_pinned_GBps": [0-9.]*' "$OUT/cuda-bench.json" 2>/dev/null | head -1 | grep -o '[0-9.]*$')
 
 # 4. End to end with Node.js (carried in .gpu by /work/shared/tools/gpu-carry.sh).
