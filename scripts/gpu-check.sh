@@ -31,7 +31,8 @@ nvcc --version | tail -2
 
 # 1. Plugin, kernel tests, parity tests and benchmark: plain CMake, sm_90 only (the H100).
 arch=${GPU_CHECK_ARCH:-90-real}
-if timeout 300 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDELLA_CUDA_ARCHITECTURES="$arch" \
+gen=(); command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
+if timeout 300 cmake -S . -B build-gpu "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DDELLA_CUDA_ARCHITECTURES="$arch" \
      >"$OUT/build.log" 2>&1 && timeout 300 cmake --build build-gpu -j "$jobs" >>"$OUT/build.log" 2>&1; then
   note "build: plugin + tests for $arch in $(elapsed)"
 else
@@ -75,7 +76,7 @@ else
   # The addon built here against the carried Node-API headers, CPU only; the plugin of
   # step 1 beside it, where the addon looks. Else the carried build/Release.
   addon=""
-  if timeout 180 cmake -S . -B build-gpu-node -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_JS_VERSION=gpu-check \
+  if timeout 180 cmake -S . -B build-gpu-node "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_JS_VERSION=gpu-check \
        -DCMAKE_JS_INC="$root/node_modules/node-api-headers/include" \
        -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$root/build-gpu-node/Release" -DDELLA_CUDA=OFF -DDELLA_TESTS=OFF \
        >>"$OUT/build.log" 2>&1 && timeout 180 cmake --build build-gpu-node -j "$jobs" >>"$OUT/build.log" 2>&1; then
