@@ -15,7 +15,7 @@ import { formatBytes, parseSize } from './util/size.js';
 import { verifyMerge } from './validate/verify.js';
 import { assemble, parsePart } from './merge/parts.js';
 import { doctor, doctorLines } from './cli/doctor.js';
-import { err, intOption, out, parse, summary, usageError, withSignals } from './cli/common.js';
+import { deviceOptions, err, intOption, out, parse, summary, usageError, withSignals } from './cli/common.js';
 import { cmdDemo } from './cli/demo.js';
 import { cmdVerify, verifySummary } from './cli/verify.js';
 import { ASSEMBLE_USAGE, DOCTOR_USAGE, HELP, INSPECT_USAGE, RUN_USAGE, USAGE } from './cli/usage.js';
@@ -26,9 +26,11 @@ async function cmdRun(args: string[]): Promise<number> {
     'shard-size': { type: 'string' }, overwrite: { type: 'boolean' }, report: { type: 'string' },
     quiet: { type: 'boolean', short: 'q' }, json: { type: 'boolean' }, 'dry-run': { type: 'boolean', short: 'n' },
     verify: { type: 'boolean' }, 'allow-nonfinite': { type: 'boolean' }, part: { type: 'string' },
+    device: { type: 'string' }, 'gpu-memory': { type: 'string' },
   });
   if (values.help) return out(RUN_USAGE), 0;
   if (positionals.length !== 1) throw usageError(positionals.length === 0 ? 'run needs a RECIPE file' : `run takes one RECIPE, got ${positionals.length}`, 'run');
+  const { device, gpuMemory } = deviceOptions(values); // checked even for --dry-run
   if (values['dry-run']) return dryRun(await loadRecipe(positionals[0]), Boolean(values.json));
   if (!values.out) throw usageError('run needs --out DIR', 'run');
   const seed = intOption(values.seed as string | undefined, 'seed', 0, Number.MAX_SAFE_INTEGER);
@@ -40,7 +42,7 @@ async function cmdRun(args: string[]): Promise<number> {
   const progress = createProgress(process.stderr, values.quiet || values.json ? 'none' : 'auto');
   const report = await withSignals((signal) => runMerge(recipe, {
     out: values.out as string, seed, threads, shardSize, overwrite: Boolean(values.overwrite), signal,
-    allowNonFinite: Boolean(values['allow-nonfinite']), part, onProgress: (e) => progress.update(e),
+    allowNonFinite: Boolean(values['allow-nonfinite']), part, device, gpuMemory, onProgress: (e) => progress.update(e),
   }).finally(() => progress.end()));
   const verified = values.verify ? await verifyMerge(report.out, recipe, { seed: report.seed }) : null;
   const full = verified ? { ...report, verify: verified } : report;

@@ -11,7 +11,8 @@ export type ErrorCode =
   | 'E_OUTPUT' // the output location is unusable (exists, not a directory, ...)
   | 'E_ARGS' // bad command-line or API arguments
   | 'E_ABORTED' // the merge was cancelled
-  | 'E_NATIVE'; // the native addon could not be loaded
+  | 'E_NATIVE' // the native addon could not be loaded
+  | 'E_CUDA'; // the GPU asked for (--device cuda) cannot be used, or failed (no plugin, driver or GPU; out of memory)
 
 export class DellaError extends Error {
   readonly code: ErrorCode;

@@ -17,6 +17,35 @@ export interface NativeMappedFile {
   close(): void;
 }
 
+/** A CUDA device as the plugin describes it. */
+export interface CudaDevice {
+  index: number;
+  name: string;
+  /** CUDA devices visible to the process */
+  count: number;
+  computeCapability: string;
+  totalMemory: number;
+  freeMemory: number;
+  multiprocessors: number;
+  /** e.g. 13000 for CUDA 13.0 */
+  runtimeVersion: number;
+  /** the driver's CUDA version, 0 without a driver */
+  driverVersion: number;
+}
+
+/** What cudaInfo() reports: never throws. */
+export interface CudaInfo {
+  /** where the plugin is looked for: beside the addon, or $DELLA_CUDA_PLUGIN */
+  plugin: string;
+  pluginExists: boolean;
+  loaded: boolean;
+  ok: boolean;
+  /** why the device cannot be used: E_NO_PLUGIN, E_NO_DEVICE, E_OUT_OF_MEMORY or E_CUDA */
+  code: string | null;
+  error: string | null;
+  device: CudaDevice | null;
+}
+
 export interface NativeAddon {
   MappedFile: {
     /** Maps an existing file read-only. */
@@ -28,6 +57,11 @@ export interface NativeAddon {
   dotBatch(batch: { threads: number; tasks: DotTaskSpec[] }): Promise<DotStats[]>;
   philoxBlock(c0: number, c1: number, c2: number, c3: number, k0: number, k1: number): number[];
   cpuFeatures(): string[];
+  /** Loads the CUDA plugin (once) and probes `device`; allocates nothing. */
+  cudaInfo(device: number): CudaInfo;
+  /** Opens `device` with a device memory budget in bytes (0: the plugin's default) and
+   * keeps it open for mergeBatch; throws an Error with `cudaCode` when it cannot. */
+  cudaOpen(options: { device: number; memory: number }): CudaDevice;
   hardwareThreads: number;
   abiVersion: number;
 }

@@ -30,7 +30,14 @@ try {
   process.exit(1);
 }
 console.error('della-merge: no prebuilt binary for this platform; building the native addon from source (needs CMake and a C++17 compiler)...');
-const r = spawnSync(process.execPath, [cmakeJs, 'compile', '--out', 'build'], { cwd: root, stdio: 'inherit' });
+let r = spawnSync(process.execPath, [cmakeJs, 'compile', '--out', 'build'], { cwd: root, stdio: 'inherit' });
+if (r.status !== 0) {
+  // The CUDA plugin is optional: a broken or unsupported CUDA toolkit must not stop the
+  // install. Build the CPU addon alone (merges then run on the CPU; doctor says why).
+  console.error('della-merge: the build failed; retrying without the CUDA plugin (-DDELLA_CUDA=OFF)...');
+  r = spawnSync(process.execPath, [cmakeJs, 'rebuild', '--out', 'build', '--CDDELLA_CUDA=OFF'], { cwd: root, stdio: 'inherit' });
+  if (r.status === 0) console.error('della-merge: built without the CUDA plugin: --device cuda is unavailable on this installation.');
+}
 if (r.status !== 0) {
   console.error(
     'della-merge: building the native addon failed. Install CMake (>= 3.18) and a C++17 compiler ' +

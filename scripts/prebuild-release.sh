@@ -26,5 +26,9 @@ chroot "$root" /usr/bin/env PATH=/usr/local/bin:/usr/bin:/bin HOME=/tmp \
   /bin/bash -c 'cd /build/della-merge && node node_modules/prebuildify/bin.js --napi --strip --tag-libc --node-gyp scripts/prebuild-shim.js'
 mkdir -p prebuilds/linux-x64
 cp "$work/prebuilds/linux-x64/"*.node prebuilds/linux-x64/
+# The CUDA plugin is not part of this build (the Debian root has no CUDA toolkit). To ship
+# one, build it on a machine with nvcc >= 12 and an old enough glibc with
+#   DELLA_PREBUILD_CUDA=1 npm run prebuilds
+# which also copies della_merge_cuda.so into prebuilds/linux-x64/ beside the .node.
 need=$(objdump -T prebuilds/linux-x64/*.node | grep -o 'GLIBC_[0-9.]*' | sort -t. -k2,2n -k3,3n -u | tail -1)
 echo "prebuilds/linux-x64: $(ls prebuilds/linux-x64) needs at most $need"

@@ -2,7 +2,8 @@
 import { parseArgs } from 'node:util';
 import { DellaError } from '../errors.js';
 import { packageVersion, type MergeReport } from '../merge/run.js';
-import { formatBytes } from '../util/size.js';
+import { formatBytes, parseSize } from '../util/size.js';
+import { parseDevice } from '../merge/device.js';
 import { HELP, USAGE } from './usage.js';
 
 export function usageError(message: string, command?: string): DellaError {
@@ -28,6 +29,15 @@ export function intOption(value: string | undefined, name: string, lo: number, h
     throw new DellaError('E_ARGS', `--${name} must be an integer from ${lo} to ${hi}, got "${value}"`);
   }
   return n;
+}
+
+/** --device cpu|cuda[:N] and --gpu-memory SIZE, checked before anything runs. */
+export function deviceOptions(values: Parsed['values']): { device?: string; gpuMemory?: number } {
+  const device = values.device as string | undefined;
+  const spec = parseDevice(device);
+  const gpuMemory = values['gpu-memory'] !== undefined ? parseSize(values['gpu-memory'] as string, '--gpu-memory') : undefined;
+  if (gpuMemory !== undefined && spec.kind !== 'cuda') throw new DellaError('E_ARGS', '--gpu-memory needs --device cuda');
+  return { device, gpuMemory };
 }
 
 export const out = (s: string) => process.stdout.write(`${s}\n`);
@@ -56,7 +66,8 @@ export function summary(r: MergeReport): string[] {
   const lines = [
     `merged   ${r.method}: ${r.tensors.merged} tensors merged, ${r.tensors.copied} copied, ` +
       `${(r.parameters.total / 1e6).toFixed(1)} M parameters in ${r.seconds.toFixed(2)} s ` +
-      `(${(r.parameters.merged / 1e6 / Math.max(r.seconds, 1e-9)).toFixed(0)} M merged parameters/s, ${r.threads} threads)`,
+      `(${(r.parameters.merged / 1e6 / Math.max(r.seconds, 1e-9)).toFixed(0)} M merged parameters/s, ` +
+      `${r.device && r.device !== 'cpu' ? `on ${r.device}` : `${r.threads} threads`})`,
     `read     ${formatBytes(r.bytes.read)}, wrote ${formatBytes(r.bytes.written)}`,
     `output   ${r.out}`,
     `files    ${r.files.join(', ')}`,

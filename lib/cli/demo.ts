@@ -5,10 +5,11 @@ import { join, resolve } from 'node:path';
 import { DellaError } from '../errors.js';
 import { openCheckpoint } from '../checkpoint/model.js';
 import { loadRecipe } from '../recipe/index.js';
-import { runMerge, type MergeReport } from '../merge/run.js';
+import { runMerge, selectDevice, type MergeReport } from '../merge/run.js';
+import { loadNative } from '../native.js';
 import { writeDemoModels, DEMO_EXPERTS } from '../demo.js';
 import { bf16ToF32 } from '../reference/dtypes.js';
-import { intOption, out, parse, summary, usageError, withSignals } from './common.js';
+import { deviceOptions, intOption, out, parse, summary, usageError, withSignals } from './common.js';
 import { createProgress } from './progress.js';
 import { DEMO_USAGE } from './usage.js';
 
@@ -59,10 +60,15 @@ function demoAnalysis(baseDir: string, expertDirs: string[], mergedDir: string, 
 }
 
 export async function cmdDemo(args: string[]): Promise<number> {
-  const { values, positionals } = parse('demo', args, { out: { type: 'string', short: 'o' }, threads: { type: 'string', short: 'j' } });
+  const { values, positionals } = parse('demo', args, {
+    out: { type: 'string', short: 'o' }, threads: { type: 'string', short: 'j' },
+    device: { type: 'string' }, 'gpu-memory': { type: 'string' },
+  });
   if (values.help) return out(DEMO_USAGE), 0;
   if (positionals.length > 0) throw usageError(`demo takes no positional arguments, got "${positionals[0]}"`, 'demo');
   const threads = intOption(values.threads as string | undefined, 'threads', 1, 1024);
+  const { device, gpuMemory } = deviceOptions(values);
+  if (device !== undefined) selectDevice({ device, gpuMemory }, loadNative()); // before any file is written
   const dir = values.out ? resolve(values.out as string) : mkdtempSync(join(tmpdir(), 'della-merge-demo-'));
   // Only an empty directory, or an earlier demo's, is written into.
   if (values.out && existsSync(dir) && readdirSync(dir).length > 0 && !existsSync(join(dir, 'models', 'recipe.yaml'))) {
@@ -77,7 +83,7 @@ export async function cmdDemo(args: string[]): Promise<number> {
   const progress = createProgress(process.stderr, 'auto');
   const mergedDir = join(dir, 'merged');
   const report = await withSignals((signal) => runMerge(recipe, {
-    out: mergedDir, threads, overwrite: true, signal, onProgress: (e) => progress.update(e),
+    out: mergedDir, threads, overwrite: true, signal, device, gpuMemory, onProgress: (e) => progress.update(e),
   }).finally(() => progress.end()));
   summary(report).forEach(out);
   demoAnalysis(models.baseDir, models.expertDirs, mergedDir, report).forEach(out);

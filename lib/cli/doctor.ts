@@ -1,7 +1,8 @@
 /** `della-merge doctor`: what this installation runs on, and what to do when it cannot. */
 import { existsSync, readFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { loadNative, nativeLocation } from '../native.js';
+import { join } from 'node:path';
+import { loadNative, nativeLocation, type CudaInfo, type NativeAddon } from '../native.js';
+import { formatBytes } from '../util/size.js';
 
 export interface DoctorReport {
   ok: boolean;
@@ -12,7 +13,20 @@ export interface DoctorReport {
   glibc: string | null;
   binary: { path: string | null; kind: 'prebuilt' | 'local build' | 'explicit' | 'none'; loads: boolean; error: string | null };
   cpu: { threads: number | null; features: string[]; kernels: string };
-  cuda: { plugin: string | null; driver: string | null; note: string };
+  cuda: {
+    /** the plugin file, when present (beside the addon, or $DELLA_CUDA_PLUGIN) */
+    plugin: string | null;
+    /** where the addon looks for it */
+    pluginPath: string | null;
+    /** the plugin loads and finds a usable GPU (device 0) */
+    available: boolean;
+    /** the NVIDIA driver, from /proc/driver/nvidia/version */
+    driver: string | null;
+    /** device 0, when available */
+    device: { name: string; computeCapability: string; totalMemory: number; freeMemory: number; count: number } | null;
+    /** why CUDA cannot be used (the loader's or the CUDA runtime's reason), or what it found */
+    note: string;
+  };
   advice: string[];
 }
 
@@ -23,8 +37,9 @@ export function doctor(version: string): DoctorReport {
   const loc = nativeLocation();
   const kind = process.env.DELLA_NATIVE_PATH ? 'explicit' : !loc.path ? 'none' : loc.path.includes(`${join('prebuilds')}`) ? 'prebuilt' : 'local build';
   let loads = false, error = loc.error, threads: number | null = null, features: string[] = [];
+  let native: NativeAddon | null = null;
   try {
-    const native = loadNative();
+    native = loadNative();
     loads = true;
     threads = native.hardwareThreads;
     features = native.cpuFeatures();
@@ -40,10 +55,22 @@ export function doctor(version: string): DoctorReport {
       advice.push(`The binary at ${loc.path} does not load: rebuild it with "npm rebuild della-merge".`);
     }
   }
-  const dir = loc.path ? dirname(loc.path) : null;
-  const plugin = dir && existsSync(join(dir, 'della_merge_cuda.so')) ? join(dir, 'della_merge_cuda.so') : null;
   const driverFile = '/proc/driver/nvidia/version';
   const driver = existsSync(driverFile) ? (readFileSync(driverFile, 'utf8').split('\n')[0].trim() || 'present') : null;
+  let info: CudaInfo | null = null;
+  try {
+    info = native && typeof native.cudaInfo === 'function' ? native.cudaInfo(0) : null;
+  } catch (e) {
+    info = null;
+    error = error ?? (e as Error).message;
+  }
+  const plugin = info?.pluginExists ? info.plugin : null;
+  const d = info?.device ?? null;
+  const cudaNote = !info
+    ? 'this binary has no CUDA support: merges run on the CPU'
+    : info.ok && d
+      ? `--device cuda can use ${d.count} GPU(s); cuda:0 is ${d.name} (compute ${d.computeCapability}, ${formatBytes(d.totalMemory)}, ${formatBytes(d.freeMemory)} free)`
+      : `--device cuda is unavailable: ${info.error ?? 'unknown reason'}; merges run on the CPU`;
   return {
     ok: loads,
     version,
@@ -59,8 +86,11 @@ export function doctor(version: string): DoctorReport {
     },
     cuda: {
       plugin,
+      pluginPath: info?.plugin ?? null,
+      available: Boolean(info?.ok),
       driver,
-      note: plugin ? 'CUDA plugin found' : 'this version has no CUDA plugin: merges run on the CPU',
+      device: d ? { name: d.name, computeCapability: d.computeCapability, totalMemory: d.totalMemory, freeMemory: d.freeMemory, count: d.count } : null,
+      note: cudaNote,
     },
     advice,
   };
@@ -71,7 +101,8 @@ export function doctorLines(r: DoctorReport): string[] {
     `della-merge ${r.version} on ${r.platform}, Node.js ${r.node} (N-API ${r.napi ?? '?'}), glibc ${r.glibc ?? 'n/a'}`,
     `binary   ${r.binary.path ?? 'none found'} (${r.binary.kind}) ${r.binary.loads ? 'loads' : `does not load${r.binary.error ? `: ${r.binary.error}` : ''}`}`,
     `cpu      ${r.cpu.threads ?? '?'} threads; SIMD ${r.cpu.features.join(', ') || 'none detected'}; kernels: ${r.cpu.kernels}`,
-    `cuda     plugin ${r.cuda.plugin ?? 'not present'}; driver ${r.cuda.driver ?? 'not found'} (${r.cuda.note})`,
+    `cuda     plugin ${r.cuda.plugin ?? `not present${r.cuda.pluginPath ? ` (looked for ${r.cuda.pluginPath})` : ''}`}; ` +
+      `driver ${r.cuda.driver ?? 'not found'}; ${r.cuda.note}`,
     ...r.advice.map((a) => `fix      ${a}`),
     r.ok ? 'ok       ready to merge' : 'FAILED   see the fix above',
   ];

@@ -27,6 +27,11 @@ export const RUN_USAGE = `Usage: della-merge run RECIPE --out DIR [options]
                        machines); join the N part directories with "della-merge assemble"
   --verify             after merging, verify the output (see "della-merge help verify")
   --allow-nonfinite    merge tensors holding NaN or infinity instead of refusing them
+  --device DEV         where the kernels run: cpu (default), cuda or cuda:N (the GPU
+                       plugin; the same bytes as the CPU). Fails before writing anything
+                       when the plugin, the driver or the GPU is missing.
+  --gpu-memory SIZE    GPU memory the merge may use, e.g. 8GiB (default: the smaller of
+                       16 GiB and 85% of the free memory); with --device cuda
   --dry-run            print the plan (per tensor: method and parameters per model; totals)
                        without reading a tensor or writing anything; --out is not needed`;
 
@@ -53,16 +58,20 @@ export const INSPECT_USAGE = `Usage: della-merge inspect PATH [--json]
   PATH is a .safetensors file or a model directory (model.safetensors,
   model.safetensors.index.json, or *.safetensors shards).`;
 
-export const DEMO_USAGE = `Usage: della-merge demo [--out DIR] [--threads N]
+export const DEMO_USAGE = `Usage: della-merge demo [--out DIR] [--threads N] [--device DEV] [--gpu-memory SIZE]
 
   Writes a small Llama-shaped base model and three experts (math, code, chat) into DIR
-  (default: a new temporary directory), merges them with DELLA and shows what it did.`;
+  (default: a new temporary directory), merges them with DELLA and shows what it did.
+  --device and --gpu-memory are those of "della-merge run".`;
 
 export const DOCTOR_USAGE = `Usage: della-merge doctor [--json]
 
   Reports the platform, Node.js and glibc versions, which native binary is used
   (prebuilt or local build) and whether it loads, the CPU's SIMD extensions, and the
-  CUDA plugin and driver status; prints what to do when something is missing.
+  CUDA status: whether the plugin (della_merge_cuda.so beside the binary, or
+  $DELLA_CUDA_PLUGIN) is present and loads, the driver, and the GPU it finds, or the
+  loader's or CUDA runtime's reason why --device cuda is unavailable; prints what to do
+  when something is missing.
   Exits 1 when the native binary cannot be loaded.`;
 
 export const HELP: Record<string, string> = {

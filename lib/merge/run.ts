@@ -18,6 +18,7 @@ import { slerpCoefficients } from './slerp.js';
 import { modelCard } from './card.js';
 import type { MergePlan, TensorPlan } from './plan.js';
 import { buildMergeTask, planRecipe, type OpenedModels } from './build.js';
+import { cudaError, describeDevice, openDevice, parseDevice, type CudaTarget } from './device.js';
 import { DTYPE_CODE, type CopyTaskSpec, type DotTaskSpec, type FloatDType, type MergeTaskSpec, type MergeTaskStats } from './task.js';
 
 export { planRecipe, openModels, type OpenedModels } from './build.js';
@@ -57,6 +58,13 @@ export interface MergeOptions {
   allowNonFinite?: boolean;
   /** merge only part `index` (1-based) of `count` byte-balanced parts; join them with assemble */
   part?: { index: number; count: number };
+  /**
+   * where the kernels run: 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA plugin; same
+   * bytes as the CPU). The device is opened before anything is written.
+   */
+  device?: string;
+  /** GPU memory budget in bytes (default: min(16 GiB, 85% of the free memory)) */
+  gpuMemory?: number;
 }
 
 export interface TensorReport {
@@ -92,6 +100,8 @@ export interface MergeReport {
   seed: number;
   threads: number;
   backend: 'native' | 'reference';
+  /** where the kernels ran: 'cpu' or 'cuda:N (name, memory)' */
+  device: string;
   /** set when only one part of the merge was run */
   part?: { index: number; count: number };
   tensors: { total: number; merged: number; copied: number };
@@ -105,6 +115,9 @@ export interface MergeReport {
 /** Upper bounds of one kernel call: enough work to spread over threads, little latency. */
 const BATCH_BYTES = 64 << 20;
 const BATCH_TENSORS = 256;
+/** On a GPU, larger calls keep the transfer pipeline full between calls. */
+const CUDA_BATCH_BYTES = 1 << 30;
+const CUDA_BATCH_TENSORS = 1024;
 
 let version: string | undefined;
 
@@ -124,13 +137,14 @@ export function abortError(): DellaError {
   return new DellaError('E_ABORTED', 'the merge was cancelled; nothing was written');
 }
 
-function batches(tensors: readonly TensorPlan[]): TensorPlan[][] {
+function batches(tensors: readonly TensorPlan[], gpu = false): TensorPlan[][] {
   const out: TensorPlan[][] = [];
   let cur: TensorPlan[] = [];
   let bytes = 0;
+  const maxBytes = gpu ? CUDA_BATCH_BYTES : BATCH_BYTES, maxTensors = gpu ? CUDA_BATCH_TENSORS : BATCH_TENSORS;
   for (const t of tensors) {
     const size = t.inBytes + t.outBytes;
-    if (cur.length > 0 && (bytes + size > BATCH_BYTES || cur.length >= BATCH_TENSORS)) {
+    if (cur.length > 0 && (bytes + size > maxBytes || cur.length >= maxTensors)) {
       out.push(cur);
       cur = [];
       bytes = 0;
@@ -217,6 +231,8 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   if (!(Number.isSafeInteger(shardSize) && shardSize > 0)) {
     throw new DellaError('E_ARGS', `shard size must be a positive number of bytes, got ${shardSize}`);
   }
+  // The device first: without a usable GPU nothing is read or written.
+  const cuda = selectDevice(options, native);
   if (options.signal?.aborted) throw abortError();
 
   const { plan, models } = planRecipe(recipe);
@@ -233,7 +249,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     const bytesTotal = tensors.reduce((a, t) => a + t.inBytes + t.outBytes, 0);
     let bytesDone = 0;
     let tensorsDone = 0;
-    const ctx: BatchContext = { plan, models, recipe, seed, threads, native, signal: options.signal, nonfiniteWarnings };
+    const ctx: BatchContext = { plan, models, recipe, seed, threads, native, cuda, signal: options.signal, nonfiniteWarnings };
     for await (const done of runBatches(ctx, tensors, (t) => dest.get(t.name)!)) {
       for (const t of done) {
         // Recorded for `verify`, which detects any later change to the bytes.
@@ -297,6 +313,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
       seed,
       threads,
       backend,
+      device: describeDevice(cuda),
       ...(part ? { part: { index: part.index, count: part.count } } : {}),
       tensors: { total: tensors.length, merged: merged.length, copied: tensors.length - merged.length },
       parameters: { total: tensors.reduce((a, t) => a + t.numel, 0), merged: merged.reduce((a, t) => a + t.numel, 0) },
@@ -311,6 +328,15 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   } finally {
     models.close();
   }
+}
+
+/** Parses options.device and opens a CUDA device (null: the CPU). */
+export function selectDevice(options: { device?: string; gpuMemory?: number }, native: NativeAddon | null): CudaTarget | null {
+  const spec = parseDevice(options.device);
+  if (spec.kind === 'cuda' && !native) {
+    throw new DellaError('E_ARGS', `the reference backend runs on the CPU only; leave out device "${options.device}"`);
+  }
+  return openDevice(native as NativeAddon, spec, options.gpuMemory);
 }
 
 /** Threads (default: all cores) and seed (default: the recipe's), checked. */
@@ -333,6 +359,8 @@ export interface BatchContext {
   seed: number;
   threads: number;
   native: NativeAddon | null;
+  /** the GPU the merges run on, or null for the CPU */
+  cuda?: CudaTarget | null;
   signal?: AbortSignal;
   /** null: non-finite inputs are errors; else they are collected here as warnings */
   nonfiniteWarnings: string[] | null;
@@ -361,7 +389,8 @@ export async function* runBatches(
   ctx: BatchContext, tensors: readonly TensorPlan[], destFor: (t: TensorPlan) => Uint8Array,
 ): AsyncGenerator<FinishedTensor[]> {
   const { plan, models, recipe, seed, threads, native } = ctx;
-  const groups = batches(tensors);
+  const cuda = ctx.cuda ?? null;
+  const groups = batches(tensors, cuda !== null);
   const prefetch = (group: TensorPlan[] | undefined) => {
     for (const t of group ?? []) {
       models.base.prefetch(t.name);
@@ -386,7 +415,10 @@ export async function* runBatches(
       }
     }
     let stats: Promise<MergeTaskStats[]>;
-    if (native) {
+    if (native && cuda) {
+      stats = native.mergeBatch({ threads, merges, copies, cuda: { device: cuda.device, memory: cuda.memory } })
+        .catch((e: unknown) => { throw cudaError(e, cuda.device, true); });
+    } else if (native) {
       stats = native.mergeBatch({ threads, merges, copies });
     } else {
       stats = Promise.resolve(merges.map((m) => referenceMergeTensor(m)));

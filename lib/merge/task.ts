@@ -80,4 +80,6 @@ export interface BatchSpec {
   threads: number;
   merges: MergeTaskSpec[];
   copies: CopyTaskSpec[];
+  /** run the merges on this CUDA device (opened with cudaOpen), with this memory budget in bytes */
+  cuda?: { device: number; memory: number } | null;
 }

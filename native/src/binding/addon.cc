@@ -5,6 +5,7 @@
 
 #include "../kernels/thread_pool.h"
 #include "della/philox.h"
+#include "cuda_plugin.h"
 #include "mapped_file.h"
 #include "merge_worker.h"
 
@@ -56,6 +57,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("dotBatch", Napi::Function::New(env, DotBatch, "dotBatch"));
   exports.Set("philoxBlock", Napi::Function::New(env, PhiloxBlock, "philoxBlock"));
   exports.Set("cpuFeatures", Napi::Function::New(env, CpuFeatures, "cpuFeatures"));
+  exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo, "cudaInfo"));
+  exports.Set("cudaOpen", Napi::Function::New(env, CudaOpen, "cudaOpen"));
   exports.Set("hardwareThreads", Napi::Number::New(env, della::ThreadPool::hardware_threads()));
   exports.Set("abiVersion", Napi::Number::New(env, 1));
   return exports;

@@ -6,6 +6,7 @@
 
 #include "../kernels/merge_cpu.h"
 #include "args.h"
+#include "cuda_plugin.h"
 #include "della/philox.h"
 
 namespace della_binding {
@@ -108,6 +109,9 @@ class PromiseWorker : public Napi::AsyncWorker {
   void Execute() override {
     try {
       result_ = run_();
+    } catch (const CudaFailure& e) {
+      cuda_code_ = e.code;
+      SetError(e.what());
     } catch (const std::exception& e) {
       SetError(e.what());
     }
@@ -120,7 +124,10 @@ class PromiseWorker : public Napi::AsyncWorker {
 
   void OnError(const Napi::Error& e) override {
     keep_alive_.Reset();
-    deferred_.Reject(e.Value());
+    Napi::Object err = e.Value();
+    if (cuda_code_ != 0) err.Set("cudaCode", cuda_code_ == -1 ? "E_NO_PLUGIN" : cuda_code_ == 2 ? "E_OUT_OF_MEMORY"
+                                                               : cuda_code_ == 3 ? "E_NO_DEVICE" : "E_CUDA");
+    deferred_.Reject(err);
   }
 
  private:
@@ -129,6 +136,7 @@ class PromiseWorker : public Napi::AsyncWorker {
   Run run_;
   ToJs to_js_;
   Result result_;
+  int cuda_code_ = 0;
 };
 
 Napi::Array numbers(Napi::Env env, const std::vector<uint64_t>& xs) {
@@ -199,7 +207,8 @@ Napi::Value DotBatch(const Napi::CallbackInfo& info) {
       dot_stats_to_js);
 }
 
-// mergeBatch({ threads, merges: [...], copies: [{ src, dst }] }) -> Promise<stats[]>
+// mergeBatch({ threads, merges: [...], copies: [{ src, dst }], cuda?: { device, memory } }) -> Promise<stats[]>
+// With `cuda` the merges run in the CUDA plugin (copies stay on the CPU threads).
 Napi::Value MergeBatch(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "mergeBatch(batch) takes an object");
@@ -224,12 +233,24 @@ Napi::Value MergeBatch(const Napi::CallbackInfo& info) {
     if (src.length != dst.length) throw Napi::RangeError::New(env, where + ": src and dst lengths differ");
     copies.push_back({src.data, dst.data, src.length});
   }
+  int cuda_device = -1;
+  uint64_t cuda_memory = 0;
+  if (batch.Has("cuda") && !batch.Get("cuda").IsUndefined() && !batch.Get("cuda").IsNull()) {
+    Napi::Object c = object_field(batch, "cuda", "batch");
+    cuda_device = static_cast<int>(integer_field(c, "device", "batch.cuda", 0, 1024));
+    cuda_memory = static_cast<uint64_t>(integer_field(c, "memory", "batch.cuda", 0, 9007199254740991.0));
+  }
   return PromiseWorker<std::vector<MergeStats>>::Start(
       env, "della-merge:mergeBatch", batch,
-      [merges = std::move(merges), copies = std::move(copies), threads] {
+      [merges = std::move(merges), copies = std::move(copies), threads, cuda_device, cuda_memory] {
         std::vector<MergeStats> stats;
-        della::run_batch(merges, copies, threads, stats);
-        return stats;
+        if (cuda_device < 0) {
+          della::run_batch(merges, copies, threads, stats);
+          return stats;
+        }
+        std::vector<MergeStats> none;
+        if (!copies.empty()) della::run_batch({}, copies, threads, none);
+        return cuda_run_batch(cuda_device, cuda_memory, merges, threads);
       },
       merge_stats_to_js);
 }

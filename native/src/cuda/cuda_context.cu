@@ -1,0 +1,468 @@
+// The CUDA pipeline: tensors are cut into slabs of whole rows; each slab is staged from
+// the input maps into a pinned buffer (host threads), copied to the device, merged and
+// copied back on one of several streams, so that the staging of one slab overlaps the
+// transfers and kernels of the others. Device memory stays inside the budget: each
+// stream owns budget / streams bytes, allocated once when the context opens.
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "../kernels/thread_pool.h"
+#include "cuda_merge.h"
+#include "cuda_slab.h"
+
+namespace della {
+namespace cuda {
+
+using namespace detail;
+
+namespace {
+
+constexpr uint64_t kGiB = 1ull << 30;
+constexpr uint64_t kCopyChunk = 8ull << 20;
+constexpr uint64_t kMaxSlabElements = 1ull << 30;  // cub's int item counts, with room
+
+std::string human(uint64_t b) {
+  char buf[64];
+  if (b >= kGiB) std::snprintf(buf, sizeof buf, "%.2f GiB", static_cast<double>(b) / kGiB);
+  else std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(b) / (1 << 20));
+  return buf;
+}
+
+std::string shape_text(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+// Offset of base row r's first element inside an expert larger in every dimension (the
+// embedding sub-block rule of SPEC §2), as the CPU kernels compute it.
+uint64_t expert_row_offset(const std::vector<int64_t>& base, const std::vector<int64_t>& ex, uint64_t r, uint64_t n) {
+  if (base == ex) return r * n;
+  if (base.size() <= 1) return 0;
+  uint64_t offset = 0, stride = static_cast<uint64_t>(ex.back());
+  for (size_t d = base.size() - 1; d-- > 0;) {
+    const uint64_t bd = static_cast<uint64_t>(base[d]);
+    offset += (r % bd) * stride;
+    r /= bd;
+    stride *= static_cast<uint64_t>(ex[d]);
+  }
+  return offset;
+}
+
+struct Piece {
+  const char* src;
+  char* dst;
+  uint64_t bytes;
+};
+
+// memcpy of every piece, in chunks spread over the host threads.
+void parallel_copy(const std::vector<Piece>& pieces, unsigned threads) {
+  std::vector<Piece> chunks;
+  for (const Piece& p : pieces)
+    for (uint64_t off = 0; off < p.bytes; off += kCopyChunk)
+      chunks.push_back({p.src + off, p.dst + off, std::min(kCopyChunk, p.bytes - off)});
+  if (chunks.size() <= 1 || threads <= 1) {
+    for (const Piece& c : chunks) std::memcpy(c.dst, c.src, c.bytes);
+    return;
+  }
+  global_pool().run(chunks.size(), threads, [&](size_t i, unsigned) { std::memcpy(chunks[i].dst, chunks[i].src, chunks[i].bytes); });
+}
+
+unsigned single_slab_passes(const TaskInfo& ti) {
+  unsigned p = kPassFinal | kResetCarryFinal;
+  if (ti.need_cuts) p |= kInitState | kPassHist1 | kSelect1 | (ti.f32_keys ? (kPassHist2 | kSelect2) : 0u);
+  if (ti.need_norm) p |= kPassNorm | kNormFinish | kResetCarryNorm;
+  return p;
+}
+
+// Where a slab's pieces sit: inputs (base, experts) in the same order and sizes on the
+// device and in pinned memory, so one copy moves them all.
+struct SlabLayout {
+  uint64_t stats = 0, state = 0, in = 0, in_bytes = 0, out_dev = 0, scratch = 0, work = 0, dev_total = 0;
+  uint64_t base_rel = 0;
+  std::vector<uint64_t> ex_rel;  // relative to `in`
+  uint64_t out_bytes = 0, pin_out = 0, pin_stats = 0, pin_total = 0;
+  uint64_t scratch_bytes = 0, work_bytes = 0;
+};
+
+SlabLayout slab_layout(const MergeTask& t, const TaskInfo& ti, uint64_t rows, bool with_work = true) {
+  SlabLayout L;
+  const uint64_t E = rows * ti.n;
+  const uint64_t stats_bytes = (2ull * ti.k + 1) * 8;
+  uint64_t off = 0;
+  L.stats = off;
+  off += align_up(stats_bytes);
+  L.state = off;
+  if (ti.need_cuts || ti.need_norm) off += align_up(state_bytes(ti));
+  L.in = off;
+  uint64_t rel = 0;
+  if (!t.linear) {
+    L.base_rel = rel;
+    rel += align_up(E * dtype_size(t.base_dtype));
+  }
+  for (const ExpertInput& e : t.experts) {
+    L.ex_rel.push_back(rel);
+    rel += align_up(E * dtype_size(e.dtype));
+  }
+  L.in_bytes = rel;
+  off += rel;
+  L.out_dev = off;
+  L.out_bytes = E * dtype_size(t.out_dtype);
+  off += align_up(L.out_bytes);
+  L.scratch = off;
+  if (with_work) {
+    L.scratch_bytes = slab_scratch_bytes(ti, rows);
+    const uint64_t total_work = slab_work_bytes(ti, rows);
+    L.work_bytes = total_work - L.scratch_bytes;
+    off += total_work;
+  }
+  L.work = L.scratch + L.scratch_bytes;
+  L.dev_total = off;
+  L.pin_out = align_up(L.in_bytes);
+  L.pin_stats = L.pin_out + align_up(L.out_bytes);
+  L.pin_total = L.pin_stats + align_up(stats_bytes);
+  return L;
+}
+
+}  // namespace
+
+DellaCudaDeviceInfo probe(int device) {
+  DellaCudaDeviceInfo info;
+  std::memset(&info, 0, sizeof info);
+  info.index = device;
+  cudaRuntimeGetVersion(&info.runtime_version);
+  cudaDriverGetVersion(&info.driver_version);
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    throw Error(DELLA_CUDA_NO_DEVICE, std::string("no usable CUDA driver or GPU: ") + cudaGetErrorString(e) + " (" +
+                                          cudaGetErrorName(e) + ")");
+  }
+  info.count = count;
+  if (count == 0) throw Error(DELLA_CUDA_NO_DEVICE, "the CUDA driver reports no GPU");
+  if (device < 0 || device >= count)
+    throw Error(DELLA_CUDA_NO_DEVICE, "there is no CUDA device " + std::to_string(device) + ": this machine has " +
+                                          std::to_string(count) + " (cuda:0" +
+                                          (count > 1 ? " to cuda:" + std::to_string(count - 1) : std::string()) + ")");
+  cudaDeviceProp prop;
+  check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+  std::snprintf(info.name, sizeof info.name, "%s", prop.name);
+  info.major = prop.major;
+  info.minor = prop.minor;
+  info.total_memory = prop.totalGlobalMem;
+  info.multiprocessors = prop.multiProcessorCount;
+  check(cudaSetDevice(device), "cudaSetDevice");
+  size_t free_b = 0, total_b = 0;
+  check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+  info.free_memory = free_b;
+  if (prop.major < 8)
+    throw Error(DELLA_CUDA_NO_DEVICE, std::string(prop.name) + " has compute capability " + std::to_string(prop.major) +
+                                          "." + std::to_string(prop.minor) +
+                                          "; the CUDA plugin is built for 8.0 (Ampere) and newer");
+  return info;
+}
+
+struct Slot {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t done = nullptr;
+  char* dev = nullptr;
+  uint64_t dev_bytes = 0;
+  char* pinned = nullptr;
+  uint64_t pinned_bytes = 0;
+  // the job in flight
+  bool busy = false;
+  size_t task = 0;
+  uint64_t row0 = 0, rows = 0;
+  bool final_pass = false;
+  SlabLayout layout;
+};
+
+struct Context::Impl {
+  Options opt;
+  DellaCudaDeviceInfo info{};
+  std::vector<Slot> slots;
+  bool healthy = true;
+
+  ~Impl() {
+    cudaSetDevice(opt.device);
+    for (Slot& s : slots) {
+      if (s.stream) cudaStreamSynchronize(s.stream);
+      if (s.done) cudaEventDestroy(s.done);
+      if (s.stream) cudaStreamDestroy(s.stream);
+      if (s.dev) cudaFree(s.dev);
+      if (s.pinned) cudaFreeHost(s.pinned);
+    }
+  }
+
+  struct Job {
+    size_t task;
+    uint64_t row0, rows;
+    unsigned passes;
+    bool bound;        // one of several slabs of a task whose state spans them: one stream
+    bool first_bound;  // the first such job of its task
+  };
+
+  uint64_t plan_rows(const MergeTask& t, const TaskInfo& ti) const;
+  void finish(Slot& s, const std::vector<MergeTask>& tasks, std::vector<MergeStats>& stats, unsigned threads);
+  void start(Slot& s, const Job& j, const MergeTask& t, const TaskInfo& ti, unsigned threads);
+};
+
+uint64_t Context::Impl::plan_rows(const MergeTask& t, const TaskInfo& ti) const {
+  if (ti.n > kMaxSlabElements)
+    throw Error(DELLA_CUDA_ERROR, "a tensor of shape " + shape_text(t.shape) + " has rows of " + std::to_string(ti.n) +
+                                      " elements; the CUDA backend takes rows of at most 2^30 (use --device cpu)");
+  const SlabLayout one = slab_layout(t, ti, 1, false);
+  const uint64_t per_row_pinned = std::max<uint64_t>(1, one.in_bytes + one.out_bytes);
+  uint64_t rows = std::min<uint64_t>(ti.rows, std::max<uint64_t>(1, opt.pinned_bytes / per_row_pinned));
+  rows = std::min<uint64_t>(rows, std::max<uint64_t>(1, std::min(opt.max_slab_elements, kMaxSlabElements) / ti.n));
+  const uint64_t cap = slots.front().dev_bytes;
+  while (true) {
+    const uint64_t need = slab_layout(t, ti, rows).dev_total;
+    if (need <= cap) return rows;
+    if (rows == 1)
+      throw Error(DELLA_CUDA_OUT_OF_MEMORY,
+                  "a tensor of shape " + shape_text(t.shape) + " needs " + human(need) +
+                      " of device memory for one row, more than the " + human(cap) +
+                      " per stream that the device memory budget allows: raise --gpu-memory");
+    rows = std::max<uint64_t>(1, rows / 2);
+  }
+}
+
+void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskInfo& ti, unsigned threads) {
+  const SlabLayout L = slab_layout(t, ti, j.rows);
+  if (L.dev_total > s.dev_bytes) throw Error(DELLA_CUDA_ERROR, "internal: slab larger than the stream's device memory");
+  if (s.pinned_bytes < L.pin_total) {
+    if (s.pinned) check(cudaFreeHost(s.pinned), "cudaFreeHost");
+    s.pinned = nullptr;
+    s.pinned_bytes = 0;
+    const uint64_t want = std::max(L.pin_total, std::min<uint64_t>(opt.pinned_bytes, 2 * L.pin_total));
+    void* p = nullptr;
+    check(cudaMallocHost(&p, want), "cudaMallocHost (pinned staging memory)");
+    s.pinned = static_cast<char*>(p);
+    s.pinned_bytes = want;
+  }
+  // Stage the inputs: rows [row0, row0 + rows) of the base and of each expert, the
+  // latter gathered row by row when it is larger than the base (embedding sub-block).
+  const uint64_t n = ti.n, E = j.rows * n;
+  std::vector<Piece> pieces;
+  if (!t.linear) {
+    const uint64_t bs = dtype_size(t.base_dtype);
+    pieces.push_back({static_cast<const char*>(t.base) + j.row0 * n * bs, s.pinned + L.base_rel, E * bs});
+  }
+  for (unsigned k = 0; k < ti.k; ++k) {
+    const ExpertInput& e = t.experts[k];
+    const uint64_t es = dtype_size(e.dtype);
+    char* dst = s.pinned + L.ex_rel[k];
+    if (e.shape == t.shape) {
+      pieces.push_back({static_cast<const char*>(e.data) + j.row0 * n * es, dst, E * es});
+    } else {
+      for (uint64_t r = 0; r < j.rows; ++r)
+        pieces.push_back({static_cast<const char*>(e.data) + expert_row_offset(t.shape, e.shape, j.row0 + r, n) * es,
+                          dst + r * n * es, n * es});
+    }
+  }
+  parallel_copy(pieces, threads);
+
+  char* dev = s.dev;
+  unsigned long long* d_stats = reinterpret_cast<unsigned long long*>(dev + L.stats);
+  check(cudaMemsetAsync(d_stats, 0, (2ull * ti.k + 1) * 8, s.stream), "cudaMemsetAsync");
+  check(cudaMemcpyAsync(dev + L.in, s.pinned, L.in_bytes, cudaMemcpyHostToDevice, s.stream), "cudaMemcpyAsync (to the GPU)");
+  SlabParams p;
+  fill_params(t, ti, p);
+  p.base = t.linear ? nullptr : dev + L.in + L.base_rel;
+  for (unsigned k = 0; k < ti.k; ++k) p.ex[k].data = dev + L.in + L.ex_rel[k];
+  p.out = dev + L.out_dev;
+  p.stats = d_stats;
+  p.rows = j.rows;
+  p.row0 = j.row0;
+  if (ti.need_cuts || ti.need_norm) p.state = state_layout(ti, dev + L.state);
+  enqueue_slab(t, ti, p, j.passes, dev + L.scratch, dev + L.work, L.work_bytes, s.stream);
+  const bool final_pass = (j.passes & kPassFinal) != 0;
+  if (final_pass)
+    check(cudaMemcpyAsync(s.pinned + L.pin_out, dev + L.out_dev, L.out_bytes, cudaMemcpyDeviceToHost, s.stream),
+          "cudaMemcpyAsync (from the GPU)");
+  check(cudaMemcpyAsync(s.pinned + L.pin_stats, d_stats, (2ull * ti.k + 1) * 8, cudaMemcpyDeviceToHost, s.stream),
+        "cudaMemcpyAsync (from the GPU)");
+  check(cudaEventRecord(s.done, s.stream), "cudaEventRecord");
+  s.busy = true;
+  s.task = j.task;
+  s.row0 = j.row0;
+  s.rows = j.rows;
+  s.final_pass = final_pass;
+  s.layout = L;
+}
+
+void Context::Impl::finish(Slot& s, const std::vector<MergeTask>& tasks, std::vector<MergeStats>& stats,
+                           unsigned threads) {
+  if (!s.busy) return;
+  check(cudaEventSynchronize(s.done), "the GPU merge");
+  s.busy = false;
+  const MergeTask& t = tasks[s.task];
+  const unsigned K = static_cast<unsigned>(t.experts.size());
+  const uint64_t n = t.shape.size() >= 2 ? static_cast<uint64_t>(t.shape.back()) : stats[s.task].numel;
+  if (s.final_pass) {
+    const uint64_t os = dtype_size(t.out_dtype);
+    parallel_copy({{s.pinned + s.layout.pin_out, static_cast<char*>(t.out) + s.row0 * n * os, s.layout.out_bytes}}, threads);
+  }
+  uint64_t counts[2 * kMaxExperts + 1];
+  std::memcpy(counts, s.pinned + s.layout.pin_stats, (2ull * K + 1) * 8);
+  MergeStats& st = stats[s.task];
+  for (unsigned i = 0; i <= K; ++i) st.nonfinite[i] += counts[i];
+  for (unsigned k = 0; k < K; ++k) st.kept[k] += counts[1 + K + k];
+}
+
+Context::Context(const Options& options) : impl_(new Impl) {
+  Impl& m = *impl_;
+  m.opt = options;
+  m.opt.streams = std::max(1u, options.streams);
+  m.info = probe(options.device);
+  const uint64_t free_b = m.info.free_memory;
+  uint64_t budget = options.memory_budget;
+  if (budget == 0) budget = std::min<uint64_t>(16 * kGiB, free_b / 100 * 85);
+  if (budget > free_b)
+    throw Error(DELLA_CUDA_OUT_OF_MEMORY, "the GPU memory budget (--gpu-memory) of " + human(budget) + " is more than the " +
+                                              human(free_b) + " free on cuda:" + std::to_string(options.device) + " (" +
+                                              m.info.name + ", " + human(m.info.total_memory) + ")");
+  const uint64_t per = budget / m.opt.streams / 256 * 256;
+  if (per < (16ull << 20))
+    throw Error(DELLA_CUDA_OUT_OF_MEMORY, "the GPU memory budget (--gpu-memory) of " + human(budget) +
+                                              " is too small: give at least " + human(16ull << 20) + " per stream (" +
+                                              std::to_string(m.opt.streams) + " streams)");
+  m.slots.resize(m.opt.streams);
+  for (Slot& s : m.slots) {
+    check(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    check(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "cudaEventCreate");
+    void* p = nullptr;
+    const cudaError_t e = cudaMalloc(&p, per);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      throw Error(DELLA_CUDA_OUT_OF_MEMORY, "cannot allocate " + human(budget) + " of GPU memory on cuda:" +
+                                                std::to_string(options.device) + " (" + m.info.name + "): " +
+                                                cudaGetErrorString(e) + "; lower --gpu-memory");
+    }
+    s.dev = static_cast<char*>(p);
+    s.dev_bytes = per;
+  }
+}
+
+Context::~Context() = default;
+
+const DellaCudaDeviceInfo& Context::info() const { return impl_->info; }
+bool Context::healthy() const { return impl_->healthy; }
+
+void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& stats, unsigned host_threads) {
+  Impl& m = *impl_;
+  if (!m.healthy) throw Error(DELLA_CUDA_ERROR, "the GPU context failed earlier and cannot be used");
+  host_threads = std::max(1u, host_threads);
+  check(cudaSetDevice(m.opt.device), "cudaSetDevice");
+  stats.assign(tasks.size(), MergeStats{});
+  std::vector<TaskInfo> infos;
+  infos.reserve(tasks.size());
+  std::vector<Impl::Job> jobs;
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    const MergeTask& t = tasks[i];
+    validate_task(t);
+    infos.push_back(task_info(t, m.opt.block_sort_max));
+    const TaskInfo& ti = infos.back();
+    stats[i].nonfinite.assign(ti.k + 1, 0);
+    stats[i].kept.assign(ti.k, 0);
+    stats[i].numel = ti.numel;
+    if (ti.numel == 0 || ti.rows == 0) continue;
+    const uint64_t per = m.plan_rows(t, ti);
+    const uint64_t slabs = (ti.rows + per - 1) / per;
+    auto slab = [&](uint64_t s) { return std::make_pair(s * per, std::min(per, ti.rows - s * per)); };
+    if (slabs == 1) {
+      jobs.push_back({i, 0, ti.rows, single_slab_passes(ti), false, false});
+    } else if (ti.need_cuts || ti.need_norm) {
+      bool first = true;
+      auto pass = [&](unsigned main, unsigned at_first, unsigned at_last) {
+        for (uint64_t s = 0; s < slabs; ++s) {
+          const auto [r0, rows] = slab(s);
+          unsigned p = main;
+          if (s == 0) p |= at_first;
+          if (s + 1 == slabs) p |= at_last;
+          jobs.push_back({i, r0, rows, p, true, first});
+          first = false;
+        }
+      };
+      if (ti.need_cuts) {
+        pass(kPassHist1, kInitState, kSelect1);
+        if (ti.f32_keys) pass(kPassHist2, 0, kSelect2);
+      }
+      if (ti.need_norm) pass(kPassNorm, kResetCarryNorm, kNormFinish);
+      pass(kPassFinal, kResetCarryFinal, 0);
+    } else {
+      for (uint64_t s = 0; s < slabs; ++s) {
+        const auto [r0, rows] = slab(s);
+        jobs.push_back({i, r0, rows, kPassFinal, false, false});
+      }
+    }
+  }
+  try {
+    size_t next = 0, bound_slot = 0;
+    for (const Impl::Job& j : jobs) {
+      size_t si;
+      if (j.bound) {
+        if (j.first_bound) bound_slot = next++ % m.slots.size();
+        si = bound_slot;
+      } else {
+        si = next++ % m.slots.size();
+      }
+      Slot& s = m.slots[si];
+      m.finish(s, tasks, stats, host_threads);
+      m.start(s, j, tasks[j.task], infos[j.task], host_threads);
+    }
+    for (Slot& s : m.slots) m.finish(s, tasks, stats, host_threads);
+  } catch (...) {
+    for (Slot& s : m.slots) {
+      const cudaError_t e = cudaStreamSynchronize(s.stream);
+      if (e != cudaSuccess) m.healthy = false;  // a failed kernel leaves the context unusable
+      s.busy = false;
+    }
+    (void)cudaGetLastError();
+    throw;
+  }
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    const MergeTask& t = tasks[i];
+    for (unsigned k = 0; k < infos[i].k; ++k)
+      if (!infos[i].sparse[k]) stats[i].kept[k] = infos[i].numel;  // as the CPU: unsparsified deltas are kept whole
+    (void)t;
+  }
+}
+
+uint64_t device_workspace_bytes(const MergeTask& t, const Options& options) {
+  const TaskInfo ti = task_info(t, options.block_sort_max);
+  const uint64_t stats = align_up((2ull * ti.k + 1) * 8);
+  return stats + align_up(state_bytes(ti)) + slab_work_bytes(ti, ti.rows);
+}
+
+void run_device_task(const MergeTask& t, void* workspace, uint64_t workspace_bytes, const Options& options,
+                     cudaStream_t stream) {
+  validate_task(t);
+  const TaskInfo ti = task_info(t, options.block_sort_max);
+  for (const ExpertInput& e : t.experts)
+    if (e.shape != t.shape) throw std::invalid_argument("run_device_task: experts must have the base's shape");
+  if (workspace_bytes < device_workspace_bytes(t, options)) throw std::invalid_argument("run_device_task: workspace too small");
+  if (ti.numel == 0) return;
+  char* w = static_cast<char*>(workspace);
+  const uint64_t stats = align_up((2ull * ti.k + 1) * 8);
+  SlabParams p;
+  fill_params(t, ti, p);
+  p.base = t.linear ? nullptr : t.base;
+  for (unsigned k = 0; k < ti.k; ++k) p.ex[k].data = t.experts[k].data;
+  p.out = t.out;
+  p.stats = reinterpret_cast<unsigned long long*>(w);
+  p.rows = ti.rows;
+  p.row0 = 0;
+  p.state = state_layout(ti, w + stats);
+  char* scratch = w + stats + align_up(state_bytes(ti));
+  const uint64_t scratch_bytes = slab_scratch_bytes(ti, ti.rows);
+  check(cudaMemsetAsync(w, 0, (2ull * ti.k + 1) * 8, stream), "cudaMemsetAsync");
+  enqueue_slab(t, ti, p, single_slab_passes(ti), scratch, scratch + scratch_bytes,
+               slab_work_bytes(ti, ti.rows) - scratch_bytes, stream);
+}
+
+}  // namespace cuda
+}  // namespace della

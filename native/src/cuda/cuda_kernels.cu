@@ -1,0 +1,952 @@
+// The CUDA kernels of SPEC §2-5 over one slab of rows already on the device. Every fp32
+// operation is the CPU kernels' (native/src/kernels/merge_cpu.cc), in the same order;
+// the build uses -fmad=false --prec-div=true --prec-sqrt=true and no fast math, so the
+// results are the same bits. Integer statistics are summed with atomics (order-free);
+// binary64 norm sums run sequentially per row, then over rows, as on the CPU.
+#include <cub/block/block_radix_sort.cuh>
+#include <cub/block/block_scan.cuh>
+#include <cub/device/device_scan.cuh>
+#include <cub/device/device_segmented_radix_sort.cuh>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "cuda_merge.h"
+#include "cuda_slab.h"
+#include "della/philox.h"
+
+namespace della {
+namespace cuda {
+namespace detail {
+
+void check(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return;
+  (void)cudaGetLastError();  // clear a non-sticky error
+  int code = DELLA_CUDA_ERROR;
+  if (e == cudaErrorMemoryAllocation) code = DELLA_CUDA_OUT_OF_MEMORY;
+  if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver || e == cudaErrorInvalidDevice ||
+      e == cudaErrorDevicesUnavailable || e == cudaErrorCompatNotSupportedOnDevice)
+    code = DELLA_CUDA_NO_DEVICE;
+  throw Error(code, std::string(what) + ": " + cudaGetErrorString(e) + " (" + cudaGetErrorName(e) + ")");
+}
+
+namespace {
+
+constexpr int kThreads = 256;          // elementwise kernels
+constexpr int kSelectThreads = 1024;
+static_assert(sizeof(SlabParams) <= 4096, "kernel parameters must fit 4 KiB");
+
+// ---------------------------------------------------------------- element helpers
+
+// Slab buffers on the device are 256-byte aligned and hold whole elements, so plain
+// typed loads replace the CPU's memcpy.
+__device__ __forceinline__ float dload(const void* p, DType t, uint64_t i) {
+  switch (t) {
+    case DType::F32: return static_cast<const float*>(p)[i];
+    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    default: return static_cast<float>(static_cast<const double*>(p)[i]);  // RNE
+  }
+}
+
+__device__ __forceinline__ void dstore(void* p, DType t, uint64_t i, float v) {
+  switch (t) {
+    case DType::F32: static_cast<float*>(p)[i] = v; break;
+    case DType::F16: static_cast<uint16_t*>(p)[i] = f32_to_f16(v); break;
+    case DType::BF16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
+    default: static_cast<double*>(p)[i] = static_cast<double>(v); break;
+  }
+}
+
+// v where keep, else +0 (the CPU's keep_or_zero).
+__device__ __forceinline__ float keep_or_zero(bool keep, float v) {
+  return __uint_as_float(__float_as_uint(v) & (0u - static_cast<uint32_t>(keep)));
+}
+
+__device__ __forceinline__ Philox4 philox_block(uint64_t g, uint32_t tensor_id, uint32_t expert, uint64_t seed) {
+  return philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), tensor_id, expert,
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// Adds each lane's count to *dst: one atomic per warp. Every lane of the warp must call it.
+__device__ __forceinline__ void count_add(unsigned long long* dst, uint32_t v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0 && v != 0) atomicAdd(dst, static_cast<unsigned long long>(v));
+}
+
+// One increment of h[bin] per lane (bin == kNoKey: none), aggregated over equal bins.
+__device__ __forceinline__ void hist_add(unsigned long long* h, uint32_t bin) {
+  const unsigned active = __activemask();
+  const unsigned peers = __match_any_sync(active, bin);
+  const int lane = threadIdx.x & 31;
+  if (bin != kNoKey && lane == __ffs(peers) - 1) atomicAdd(h + bin, static_cast<unsigned long long>(__popc(peers)));
+}
+
+__device__ __forceinline__ bool before(const DevCut& c, uint32_t key, uint64_t occ) {
+  if (c.all) return true;
+  if (c.descending) return key > c.key || (key == c.key && occ < c.take);
+  return key < c.key || (key == c.key && occ < c.take);
+}
+
+// Slab-local element e of expert k: its loaded value and its delta from the base.
+__device__ __forceinline__ float expert_delta(const SlabParams& p, const DevExpert& ex, uint64_t e, float& value) {
+  value = dload(ex.data, ex.dtype, e);
+  return value - dload(p.base, p.base_dtype, e);
+}
+
+// What a sparsify kernel writes for a decided element: in the norm pass the keep flag,
+// in the final pass the rescaled survivor (or +0).
+__device__ __forceinline__ void emit(const SlabParams& p, unsigned k, uint64_t e, bool keep, float d, float fac,
+                                     bool final_pass) {
+  if (!final_pass) {
+    p.keep[e] = keep;
+    return;
+  }
+  float v;
+  if (p.rescale == Rescale::Inverse) v = keep_or_zero(keep, d * fac);
+  else if (p.rescale == Rescale::L1 || p.rescale == Rescale::L2 || p.rescale == Rescale::Linf)
+    v = keep_or_zero(keep, d * p.state.norm_scale[k]);
+  else v = keep_or_zero(keep, d);
+  p.ex[k].scratch[e] = v;
+}
+
+struct GroupRange {
+  uint64_t begin, end;  // flat element indices of the slab
+  uint64_t g0, g1;      // Philox blocks covering them (inclusive)
+};
+
+__device__ __forceinline__ GroupRange slab_groups(const SlabParams& p) {
+  GroupRange r;
+  r.begin = p.row0 * p.n;
+  r.end = r.begin + p.rows * p.n;
+  r.g0 = r.begin >> 2;
+  r.g1 = (r.end - 1) >> 2;
+  return r;
+}
+
+// ---------------------------------------------------------------- magprune: block ranking
+
+// Block ranking tiers: rows up to 4096 elements (512 threads x 8 keys) and up to 16384
+// (1024 x 16, in more than 48 KiB of dynamic shared memory where the device allows it).
+constexpr int ilog2(int x) { return x <= 1 ? 0 : 1 + ilog2(x / 2); }
+
+template <class KeyT, int THREADS, int ITEMS>
+struct BlockRank {
+  static constexpr int kCapacity = THREADS * ITEMS;
+  static constexpr int kIndexBits = ilog2(kCapacity) + 1;  // every index of a row, and one more bit
+  using Sort = cub::BlockRadixSort<KeyT, THREADS, ITEMS>;
+  static constexpr size_t kSmem =
+      sizeof(typename Sort::TempStorage) > kCapacity * 4 ? sizeof(typename Sort::TempStorage) : kCapacity * 4;
+};
+
+// One block per row (n <= capacity): stable ascending ranks of the row's keys by a block
+// radix sort of (key << index bits | index), unique, so the sorted order is the stable
+// one; then keep, rescale and emit per Philox block.
+template <class KeyT, int THREADS, int ITEMS>
+__global__ void __launch_bounds__(THREADS) magprune_rows_kernel(const __grid_constant__ SlabParams p, unsigned k,
+                                                                int final_pass) {
+  using R = BlockRank<KeyT, THREADS, ITEMS>;
+  constexpr int IB = R::kIndexBits;
+  extern __shared__ __align__(16) unsigned char smem[];
+  // The sort's storage, then (after it) the ranks by index, in the same bytes.
+  typename R::Sort::TempStorage& temp = *reinterpret_cast<typename R::Sort::TempStorage*>(smem);
+  uint32_t* ranks = reinterpret_cast<uint32_t*>(smem);
+  const DevExpert& ex = p.ex[k];
+  const uint64_t r = blockIdx.x;
+  const uint32_t n = static_cast<uint32_t>(p.n);
+  const uint64_t off = r * p.n;
+  const int key_bits = p.mode == KeyMode::F32 ? 31 : 15;
+  KeyT keys[ITEMS];
+#pragma unroll
+  for (int s = 0; s < ITEMS; ++s) {
+    const uint32_t j = s * THREADS + threadIdx.x;
+    if (j < n) {
+      float value;
+      const float d = expert_delta(p, ex, off + j, value);
+      keys[s] = (static_cast<KeyT>(magnitude_key(d, p.mode)) << IB) | static_cast<KeyT>(j);
+    } else {
+      keys[s] = ~static_cast<KeyT>(0);  // after every real key in the sorted bits
+    }
+  }
+  typename R::Sort(temp).Sort(keys, 0, key_bits + IB);
+  __syncthreads();
+#pragma unroll
+  for (int s = 0; s < ITEMS; ++s) {
+    const uint32_t pos = threadIdx.x * ITEMS + s;  // blocked arrangement after Sort
+    if (pos < n) ranks[static_cast<uint32_t>(keys[s] & ((static_cast<KeyT>(1) << IB) - 1))] = pos;
+  }
+  __syncthreads();
+  const uint64_t i0 = (p.row0 + r) * p.n;
+  const uint64_t g0 = i0 >> 2, g1 = (i0 + n - 1) >> 2;
+  uint32_t bad = 0, kept = 0;
+  for (uint64_t g = g0 + threadIdx.x; g <= g1; g += THREADS) {
+    const Philox4 w = philox_block(g, p.tensor_id, k, p.seed);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint64_t i = 4 * g + q;
+      if (i < i0 || i >= i0 + n) continue;
+      const uint32_t j = static_cast<uint32_t>(i - i0);
+      float value;
+      const float d = expert_delta(p, ex, off + j, value);
+      const float x = uniform_from_word(w.v[q]);
+      const float qk = magprune_q(ranks[j], n, ex.coef);
+      const bool keep = x < qk;
+      emit(p, k, off + j, keep, d, inverse_scale(qk), final_pass);
+      bad += !is_finite_f32(value);
+      kept += keep;
+    }
+  }
+  if (final_pass) {
+    count_add(&p.stats[1 + k], bad);
+    count_add(&p.stats[1 + p.k + k], kept);
+  }
+}
+
+using Tier1Half = BlockRank<uint32_t, 512, 8>;
+using Tier1F32 = BlockRank<uint64_t, 512, 8>;
+using Tier2Half = BlockRank<uint32_t, 1024, 16>;
+using Tier2F32 = BlockRank<uint64_t, 1024, 16>;
+static_assert(Tier1Half::kCapacity == 4096 && Tier2Half::kCapacity == static_cast<int>(kBlockSortMax), "tiers");
+static_assert(15 + Tier2Half::kIndexBits <= 32 && 31 + Tier2F32::kIndexBits <= 64, "composite keys fit");
+
+// Launches the ranking kernel of a tier, raising its dynamic shared memory limit (an
+// attribute of the current device's context, so set before every launch; it is cheap).
+template <class KeyT, int THREADS, int ITEMS>
+void launch_rank(const SlabParams& p, unsigned k, int final_pass, cudaStream_t s) {
+  using R = BlockRank<KeyT, THREADS, ITEMS>;
+  auto kernel = magprune_rows_kernel<KeyT, THREADS, ITEMS>;
+  if (R::kSmem > 48 * 1024)
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(R::kSmem)),
+          "cudaFuncSetAttribute (ranking shared memory)");
+  kernel<<<static_cast<unsigned>(p.rows), THREADS, R::kSmem, s>>>(p, k, final_pass);
+}
+
+// ---------------------------------------------------------------- magprune: long rows
+
+// (key << 32 | index in row) per element, for the segmented sort.
+__global__ void composite_keys_kernel(const __grid_constant__ SlabParams p, unsigned k, uint64_t* comp) {
+  const uint64_t E = p.rows * p.n;
+  for (uint64_t e = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; e < E;
+       e += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t j = e % p.n;
+    float value;
+    const float d = expert_delta(p, p.ex[k], e, value);
+    comp[e] = (static_cast<uint64_t>(magnitude_key(d, p.mode)) << 32) | j;
+  }
+}
+
+__global__ void segment_offsets_kernel(int* offsets, uint64_t rows, uint64_t n) {
+  for (uint64_t r = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; r <= rows;
+       r += static_cast<uint64_t>(gridDim.x) * blockDim.x)
+    offsets[r] = static_cast<int>(r * n);
+}
+
+// Sorted position within the row = the stable ascending rank of the element it names.
+__global__ void ranks_from_sorted_kernel(const uint64_t* sorted, uint32_t* ranks, uint64_t E, uint64_t n) {
+  for (uint64_t e = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; e < E;
+       e += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t row_start = e - e % n;
+    ranks[row_start + static_cast<uint32_t>(sorted[e])] = static_cast<uint32_t>(e - row_start);
+  }
+}
+
+// ---------------------------------------------------------------- elementwise sparsify
+
+enum ApplyMode : int { kApplyRank = 0, kApplyRandom = 1, kApplyCut = 2 };
+
+// Decides and emits every element of expert k in the slab, one Philox block per thread.
+__global__ void apply_kernel(const __grid_constant__ SlabParams p, unsigned k, int amode, const uint32_t* ranks,
+                             const uint64_t* occ, int final_pass) {
+  const DevExpert& ex = p.ex[k];
+  const GroupRange gr = slab_groups(p);
+  const bool magnitude = p.sparsifier == Sparsifier::Magnitude;
+  const DevCut cut_a = amode == kApplyCut ? p.state.cuts[2 * k] : DevCut{};
+  const DevCut cut_b = amode == kApplyCut ? p.state.cuts[2 * k + 1] : DevCut{};
+  const uint64_t carry_a = amode == kApplyCut ? p.state.carry[2 * k] : 0;
+  const uint64_t carry_b = amode == kApplyCut ? p.state.carry[2 * k + 1] : 0;
+  uint32_t bad = 0, kept = 0;
+  for (uint64_t g = gr.g0 + blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; g <= gr.g1;
+       g += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+    Philox4 w{{0, 0, 0, 0}};
+    if (amode != kApplyCut) w = philox_block(g, p.tensor_id, k, p.seed);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint64_t i = 4 * g + q;
+      if (i < gr.begin || i >= gr.end) continue;
+      const uint64_t e = i - gr.begin;
+      float value;
+      const float d = expert_delta(p, ex, e, value);
+      bool keep;
+      float fac = 1.0f;
+      if (amode == kApplyRank) {
+        const float qk = magprune_q(ranks[e], p.n, ex.coef);
+        keep = uniform_from_word(w.v[q]) < qk;
+        fac = inverse_scale(qk);
+      } else if (amode == kApplyRandom) {
+        keep = uniform_from_word(w.v[q]) < ex.q_random;
+        fac = ex.s_random;
+      } else {
+        const uint32_t key = magnitude_key(d, p.mode);
+        const uint64_t o = occ[e];
+        const bool in_a = before(cut_a, key, carry_a + (o >> 32));
+        const bool in_b = before(cut_b, key, carry_b + (o & 0xffffffffu));
+        keep = magnitude ? in_a : (!in_a && in_b);
+      }
+      emit(p, k, e, keep, d, fac, final_pass);
+      bad += !is_finite_f32(value);
+      kept += keep;
+    }
+  }
+  if (final_pass) {
+    count_add(&p.stats[1 + k], bad);
+    count_add(&p.stats[1 + p.k + k], kept);
+  }
+}
+
+// ---------------------------------------------------------------- whole-tensor cuts
+
+__global__ void hist1_kernel(const __grid_constant__ SlabParams p, unsigned k, unsigned long long* h) {
+  const uint64_t E = p.rows * p.n;
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  // Every lane runs the same number of rounds so the warp stays together for hist_add.
+  for (uint64_t base = blockIdx.x * static_cast<uint64_t>(blockDim.x); base < E; base += stride) {
+    const uint64_t e = base + threadIdx.x;
+    uint32_t bin = kNoKey;
+    if (e < E) {
+      float value;
+      const uint32_t key = magnitude_key(expert_delta(p, p.ex[k], e, value), p.mode);
+      bin = p.mode == KeyMode::F32 ? key >> 16 : key;
+    }
+    hist_add(h, bin);
+  }
+}
+
+// Level 2 (F32 keys): low halves of the keys whose high half is the level-1 bin, per cut.
+__global__ void hist2_kernel(const __grid_constant__ SlabParams p, unsigned k, int cuts, unsigned long long* h) {
+  const uint64_t E = p.rows * p.n;
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  bool live[2];
+  uint32_t hi[2];
+  for (int c = 0; c < 2; ++c) {
+    live[c] = c < cuts && !p.state.cuts[2 * k + c].all;
+    hi[c] = p.state.hi[2 * k + c];
+  }
+  for (uint64_t base = blockIdx.x * static_cast<uint64_t>(blockDim.x); base < E; base += stride) {
+    const uint64_t e = base + threadIdx.x;
+    uint32_t key = kNoKey;
+    if (e < E) {
+      float value;
+      key = magnitude_key(expert_delta(p, p.ex[k], e, value), p.mode);
+    }
+    for (int c = 0; c < 2; ++c) {
+      const bool hit = e < E && live[c] && (key >> 16) == hi[c];
+      hist_add(h + static_cast<size_t>(c) * 65536, hit ? (key & 0xffffu) : kNoKey);
+    }
+  }
+}
+
+__global__ void init_cuts_kernel(DevCut* cuts, unsigned K, int descending_a) {
+  const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= 2 * K) return;
+  DevCut c;
+  c.key = kNoKey;
+  c.take = 0;
+  c.descending = (i % 2 == 0) ? static_cast<uint32_t>(descending_a) : 0u;
+  c.all = 0;
+  c.pad = 0;
+  cuts[i] = c;
+}
+
+// The CPU's select_bin over one histogram, by one block: the bin holding position `pos`
+// in the cut's order and the count before it. Level 1 (pos given) marks the cut "all"
+// when pos is past the total; level 2 continues from `remaining` in the bin `hi`.
+__global__ void __launch_bounds__(kSelectThreads) select_kernel(const unsigned long long* h, uint32_t bins,
+                                                                unsigned long long pos, int descending, int level,
+                                                                int half_keys, DevCut* cut, uint32_t* hi,
+                                                                unsigned long long* remaining) {
+  using Scan = cub::BlockScan<unsigned long long, kSelectThreads>;
+  __shared__ typename Scan::TempStorage ts;
+  if (level == 2) {
+    if (cut->all) return;  // uniform across the block
+    pos = *remaining;
+  }
+  const uint32_t chunk = bins / kSelectThreads;
+  const uint32_t q0 = threadIdx.x * chunk;
+  unsigned long long sum = 0;
+  for (uint32_t q = q0; q < q0 + chunk; ++q) sum += h[descending ? bins - 1 - q : q];
+  unsigned long long prefix, total;
+  Scan(ts).ExclusiveSum(sum, prefix, total);
+  if (pos >= total) {
+    if (level == 1 && threadIdx.x == 0) cut->all = 1;
+    return;
+  }
+  if (!(sum > 0 && prefix <= pos && pos < prefix + sum)) return;
+  unsigned long long cum = prefix;
+  for (uint32_t q = q0; q < q0 + chunk; ++q) {
+    const uint32_t b = descending ? bins - 1 - q : q;
+    if (pos < cum + h[b]) {
+      if (level == 2) {
+        cut->key = (*hi << 16) | b;
+        cut->take = pos - cum;
+      } else if (half_keys) {
+        cut->key = b;
+        cut->take = pos - cum;
+      } else {
+        *hi = b;
+        *remaining = pos - cum;
+      }
+      return;
+    }
+    cum += h[b];
+  }
+}
+
+// Flags (key == cut a's key) << 32 | (key == cut b's key), for the occurrence scan.
+__global__ void cut_flags_kernel(const __grid_constant__ SlabParams p, unsigned k, uint64_t* flags) {
+  const uint64_t E = p.rows * p.n;
+  const uint32_t ka = p.state.cuts[2 * k].key, kb = p.state.cuts[2 * k + 1].key;
+  for (uint64_t e = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; e < E;
+       e += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+    float value;
+    const uint32_t key = magnitude_key(expert_delta(p, p.ex[k], e, value), p.mode);
+    flags[e] = (static_cast<uint64_t>(key == ka) << 32) | static_cast<uint64_t>(key == kb);
+  }
+}
+
+// After a slab: its occurrences of each cut key join the carry for the next slab.
+__global__ void carry_kernel(const uint64_t* flags, const uint64_t* occ, uint64_t E, unsigned long long* carry) {
+  const uint64_t last = occ[E - 1] + flags[E - 1];
+  carry[0] += last >> 32;
+  carry[1] += last & 0xffffffffu;
+}
+
+// ---------------------------------------------------------------- norm rescales
+
+// Row partial sums in binary64, in index order, one thread per row (as the CPU).
+__device__ void norm_row(const SlabParams& p, unsigned k, uint64_t r) {
+  const bool linf = p.rescale == Rescale::Linf, l2 = p.rescale == Rescale::L2;
+  double f = 0.0, m = 0.0;
+  for (uint64_t j = 0; j < p.n; ++j) {
+    const uint64_t e = r * p.n + j;
+    float value;
+    const double v = static_cast<double>(expert_delta(p, p.ex[k], e, value));
+    const double a = l2 ? v * v : fabs(v);
+    const bool keep = p.keep[e] != 0;
+    if (linf) {
+      f = f < a ? a : f;  // std::max(f, a)
+      if (keep) m = m < a ? a : m;
+    } else {
+      f = f + a;
+      if (keep) m = m + a;
+    }
+  }
+  p.state.norm_full[(p.row0 + r) * p.k + k] = f;
+  p.state.norm_kept[(p.row0 + r) * p.k + k] = m;
+}
+
+__global__ void norm_rows_kernel(const __grid_constant__ SlabParams p, unsigned k) {
+  for (uint64_t r = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; r < p.rows;
+       r += static_cast<uint64_t>(gridDim.x) * blockDim.x)
+    norm_row(p, k, r);
+}
+
+// Rows in order, per expert: s = |delta| / |delta * mask| (binary64), or 1.
+__global__ void norm_finish_kernel(const __grid_constant__ SlabParams p, uint64_t rows) {
+  const unsigned k = threadIdx.x;
+  if (k >= p.k) return;
+  if (!p.ex[k].sparse) {
+    p.state.norm_scale[k] = 1.0f;
+    return;
+  }
+  const bool linf = p.rescale == Rescale::Linf;
+  double f = 0.0, m = 0.0;
+  for (uint64_t r = 0; r < rows; ++r) {
+    const double a = p.state.norm_full[r * p.k + k], b = p.state.norm_kept[r * p.k + k];
+    if (linf) {
+      f = f < a ? a : f;
+      m = m < b ? b : m;
+    } else {
+      f = f + a;
+      m = m + b;
+    }
+  }
+  if (p.rescale == Rescale::L2) {
+    f = sqrt(f);
+    m = sqrt(m);
+  }
+  p.state.norm_scale[k] = static_cast<float>(f < 1e-7 || m < 1e-7 ? 1.0 : f / m);
+}
+
+// ---------------------------------------------------------------- election and fuse
+
+// One Philox block of the slab per thread: every expert's sparsified delta (or value),
+// then the CPU's fuse_row, per element, and the store in the output dtype.
+template <int KMAX>
+__global__ void __launch_bounds__(kThreads) fuse_kernel(const __grid_constant__ SlabParams p) {
+  // Unrolled (registers) for few experts; a loop over local memory for many.
+  constexpr int UNROLL = KMAX <= 8 ? KMAX : 1;
+  const GroupRange gr = slab_groups(p);
+  const unsigned K = p.k;
+  const bool linear = p.linear != 0;
+  uint32_t bad_base = 0;
+  uint32_t bad[KMAX], kept[KMAX];
+#pragma unroll UNROLL
+  for (int k = 0; k < KMAX; ++k) bad[k] = kept[k] = 0;
+  for (uint64_t g = gr.g0 + blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; g <= gr.g1;
+       g += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+    bool valid[4];
+    uint64_t el[4];
+    float b[4];
+    float v[KMAX][4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint64_t i = 4 * g + q;
+      valid[q] = i >= gr.begin && i < gr.end;
+      el[q] = valid[q] ? i - gr.begin : 0;
+      b[q] = 0.0f;
+      if (valid[q] && !linear) {
+        b[q] = dload(p.base, p.base_dtype, el[q]);
+        bad_base += !is_finite_f32(b[q]);
+      }
+    }
+#pragma unroll UNROLL
+    for (int k = 0; k < KMAX; ++k) {
+      if (k >= static_cast<int>(K)) break;
+      const DevExpert& ex = p.ex[k];
+      Philox4 w{{0, 0, 0, 0}};
+      if (ex.mode == kRandomFused) w = philox_block(g, p.tensor_id, k, p.seed);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        v[k][q] = 0.0f;
+        if (!valid[q]) continue;
+        if (ex.mode == kScratch) {
+          v[k][q] = ex.scratch[el[q]];
+          continue;
+        }
+        const float value = dload(ex.data, ex.dtype, el[q]);
+        bad[k] += !is_finite_f32(value);
+        const float d = linear ? value : value - b[q];
+        if (ex.mode == kDirect) {
+          v[k][q] = d;
+        } else {
+          const bool keep = uniform_from_word(w.v[q]) < ex.q_random;
+          kept[k] += keep;
+          v[k][q] = p.rescale == Rescale::Inverse ? keep_or_zero(keep, d * ex.s_random) : keep_or_zero(keep, d);
+        }
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      if (!valid[q]) continue;
+      float m = 0.0f, d = 0.0f;
+      if (p.consensus == Consensus::None) {
+#pragma unroll UNROLL
+        for (int k = 0; k < KMAX; ++k) {
+          if (k >= static_cast<int>(K)) break;
+          const float wk = p.ex[k].weight;
+          m = m + wk * v[k][q];
+          d = d + wk;
+        }
+        d = fabsf(d) <= 1e-8f ? 1.0f : d;
+      } else {
+        float sum = 0.0f;
+#pragma unroll UNROLL
+        for (int k = 0; k < KMAX; ++k) {
+          if (k >= static_cast<int>(K)) break;
+          const float pk = p.ex[k].weight * v[k][q];
+          if (p.consensus == Consensus::Sum) sum = sum + pk;
+          else sum = sum + static_cast<float>(static_cast<int>(pk > 0.0f) - static_cast<int>(pk < 0.0f));
+        }
+        const bool positive = sum >= 0.0f;
+#pragma unroll UNROLL
+        for (int k = 0; k < KMAX; ++k) {
+          if (k >= static_cast<int>(K)) break;
+          const float wk = p.ex[k].weight;
+          const float pk = wk * v[k][q];
+          const bool agree = (positive & (pk > 0.0f)) | (!positive & (pk < 0.0f));
+          m = m + keep_or_zero(agree, pk);
+          d = d + keep_or_zero(agree, wk);
+        }
+        d = d == 0.0f ? 1.0f : d;
+      }
+      if (p.normalize) m = m / d;
+      if (p.apply_lambda) m = m * p.lambda;
+      if (!linear) m = b[q] + m;
+      dstore(p.out, p.out_dtype, el[q], m);
+    }
+  }
+  if (!linear) count_add(&p.stats[0], bad_base);
+#pragma unroll UNROLL
+  for (int k = 0; k < KMAX; ++k) {
+    if (k >= static_cast<int>(K)) break;
+    if (p.ex[k].mode != kScratch) count_add(&p.stats[1 + k], bad[k]);
+    if (p.ex[k].mode == kRandomFused) count_add(&p.stats[1 + K + k], kept[k]);
+  }
+}
+
+// ---------------------------------------------------------------- host side
+
+unsigned grid_for(uint64_t items, unsigned threads = kThreads) {
+  const uint64_t blocks = (items + threads - 1) / threads;
+  return static_cast<unsigned>(std::max<uint64_t>(1, std::min<uint64_t>(blocks, 1u << 16)));
+}
+
+bool whole_tensor(Sparsifier s) { return s == Sparsifier::Magnitude || s == Sparsifier::Breadcrumbs; }
+bool norm_rescale(Rescale r) { return r == Rescale::L1 || r == Rescale::L2 || r == Rescale::Linf; }
+
+uint64_t seg_sort_temp(uint64_t E, uint64_t rows) {
+  size_t bytes = 0;
+  check(cub::DeviceSegmentedRadixSort::SortKeys(nullptr, bytes, static_cast<const uint64_t*>(nullptr),
+                                                  static_cast<uint64_t*>(nullptr), static_cast<int>(E),
+                                                  static_cast<int>(rows), static_cast<const int*>(nullptr),
+                                                  static_cast<const int*>(nullptr) + 1, 0, 63),
+        "cub::DeviceSegmentedRadixSort (temporary storage size)");
+  return bytes;
+}
+
+uint64_t scan_temp(uint64_t E) {
+  size_t bytes = 0;
+  check(cub::DeviceScan::ExclusiveSum(nullptr, bytes, static_cast<const uint64_t*>(nullptr),
+                                      static_cast<uint64_t*>(nullptr), static_cast<int64_t>(E)),
+        "cub::DeviceScan (temporary storage size)");
+  return bytes;
+}
+
+void launched(const char* what) { check(cudaGetLastError(), what); }
+
+}  // namespace
+
+TaskInfo task_info(const MergeTask& t, uint32_t block_sort_max) {
+  TaskInfo ti;
+  ti.numel = 1;
+  for (int64_t d : t.shape) ti.numel *= static_cast<uint64_t>(d);
+  ti.n = t.shape.size() >= 2 ? static_cast<uint64_t>(t.shape.back()) : ti.numel;
+  ti.rows = ti.n == 0 ? 0 : ti.numel / ti.n;
+  ti.mode = t.base_dtype == DType::F16 ? KeyMode::F16 : (t.base_dtype == DType::BF16 ? KeyMode::BF16 : KeyMode::F32);
+  ti.f32_keys = ti.mode == KeyMode::F32;
+  ti.k = static_cast<unsigned>(t.experts.size());
+  ti.sparsifier = t.sparsifier;
+  ti.sparse.assign(ti.k, 0);
+  ti.mode_k.assign(ti.k, kDirect);
+  ti.pos_a.assign(ti.k, 0);
+  ti.pos_b.assign(ti.k, 0);
+  bool any_sparse = false;
+  for (unsigned k = 0; k < ti.k; ++k) {
+    const ExpertInput& e = t.experts[k];
+    ti.sparse[k] = !t.linear && t.sparsifier != Sparsifier::None && e.density < 1.0;
+    if (!ti.sparse[k]) continue;
+    any_sparse = true;
+    const bool fused = t.sparsifier == Sparsifier::Random && (t.rescale == Rescale::None || t.rescale == Rescale::Inverse);
+    ti.mode_k[k] = fused ? kRandomFused : kScratch;
+    ti.any_scratch = ti.any_scratch || !fused;
+    if (whole_tensor(t.sparsifier)) {
+      const uint64_t N = ti.numel;
+      const uint64_t target = static_cast<uint64_t>(std::floor(e.density * static_cast<double>(N)));
+      if (t.sparsifier == Sparsifier::Magnitude) {
+        ti.pos_a[k] = target;
+      } else {
+        int64_t top = static_cast<int64_t>(std::floor(e.gamma * static_cast<double>(N)));
+        int64_t bottom = static_cast<int64_t>(N) - static_cast<int64_t>(target) - top;
+        if (bottom < 0) {
+          top += bottom;
+          bottom = 0;
+        }
+        ti.pos_a[k] = static_cast<uint64_t>(bottom);
+        ti.pos_b[k] = N - static_cast<uint64_t>(top);
+      }
+    }
+  }
+  ti.need_cuts = any_sparse && whole_tensor(t.sparsifier) && ti.numel > 0;
+  ti.need_norm = any_sparse && norm_rescale(t.rescale) && ti.numel > 0;
+  ti.block_tier = 0;
+  if (t.sparsifier == Sparsifier::Magprune && ti.n <= block_sort_max) {
+    if (ti.n <= static_cast<uint64_t>(Tier1Half::kCapacity)) {
+      ti.block_tier = 1;
+    } else if (ti.n <= kBlockSortMax) {
+      // The large tier needs more than 48 KiB of shared memory per block: where the
+      // device has less, long rows take the segmented sort.
+      int dev = 0, optin = 0;
+      cudaGetDevice(&dev);
+      if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) optin = 0;
+      (void)cudaGetLastError();
+      const size_t need = ti.f32_keys ? Tier2F32::kSmem : Tier2Half::kSmem;
+      ti.block_tier = static_cast<size_t>(optin) >= need ? 2 : 0;
+    }
+  }
+  ti.block_sort = ti.block_tier != 0;
+  return ti;
+}
+
+uint64_t state_bytes(const TaskInfo& ti) {
+  uint64_t b = 0;
+  if (ti.need_cuts) {
+    b += align_up(ti.k * 32768ull * 8);
+    if (ti.f32_keys) b += align_up(ti.k * 2ull * 65536 * 8);
+    b += align_up(ti.k * 2ull * sizeof(DevCut)) + align_up(ti.k * 2ull * 4) + 2 * align_up(ti.k * 2ull * 8);
+  }
+  if (ti.need_norm) b += 2 * align_up(ti.rows * ti.k * 8ull) + align_up(ti.k * 4ull);
+  return b;
+}
+
+StatePtrs state_layout(const TaskInfo& ti, char* p) {
+  StatePtrs s;
+  auto take = [&](uint64_t bytes) {
+    char* q = p;
+    p += align_up(bytes);
+    return q;
+  };
+  if (ti.need_cuts) {
+    s.hist1 = reinterpret_cast<unsigned long long*>(take(ti.k * 32768ull * 8));
+    if (ti.f32_keys) s.hist2 = reinterpret_cast<unsigned long long*>(take(ti.k * 2ull * 65536 * 8));
+    s.cuts = reinterpret_cast<DevCut*>(take(ti.k * 2ull * sizeof(DevCut)));
+    s.hi = reinterpret_cast<uint32_t*>(take(ti.k * 2ull * 4));
+    s.remaining = reinterpret_cast<unsigned long long*>(take(ti.k * 2ull * 8));
+    s.carry = reinterpret_cast<unsigned long long*>(take(ti.k * 2ull * 8));
+  }
+  if (ti.need_norm) {
+    s.norm_full = reinterpret_cast<double*>(take(ti.rows * ti.k * 8ull));
+    s.norm_kept = reinterpret_cast<double*>(take(ti.rows * ti.k * 8ull));
+    s.norm_scale = reinterpret_cast<float*>(take(ti.k * 4ull));
+  }
+  return s;
+}
+
+uint64_t slab_scratch_bytes(const TaskInfo& ti, uint64_t rows) {
+  const uint64_t E = rows * ti.n;
+  uint64_t b = 0;
+  for (unsigned k = 0; k < ti.k; ++k)
+    if (ti.mode_k[k] == kScratch) b += align_up(E * 4);
+  if (ti.need_norm) b += align_up(E);
+  return b;
+}
+
+namespace {
+
+// Work area of the sorts and scans, laid out from `work`.
+struct WorkLayout {
+  uint64_t* comp = nullptr;
+  uint64_t* sorted = nullptr;
+  int* offsets = nullptr;
+  uint64_t* flags = nullptr;
+  uint64_t* occ = nullptr;
+  void* temp = nullptr;
+  uint64_t temp_bytes = 0;
+  uint64_t total = 0;
+};
+
+WorkLayout work_layout(const TaskInfo& ti, uint64_t rows, char* work) {
+  WorkLayout w;
+  const uint64_t E = rows * ti.n;
+  if (E == 0) return w;
+  uint64_t sort_bytes = 0, cut_bytes = 0, sort_temp = 0, cut_temp = 0;
+  const bool long_rows = ti.sparsifier == Sparsifier::Magprune && !ti.block_sort && ti.any_scratch;
+  if (long_rows) {
+    sort_temp = seg_sort_temp(E, rows);
+    sort_bytes = 2 * align_up(E * 8) + align_up((rows + 1) * 4) + align_up(sort_temp);
+  }
+  if (ti.need_cuts) {
+    cut_temp = scan_temp(E);
+    cut_bytes = 2 * align_up(E * 8) + align_up(cut_temp);
+  }
+  w.total = std::max(sort_bytes, cut_bytes);
+  if (!work) return w;
+  char* p = work;
+  if (long_rows) {
+    w.comp = reinterpret_cast<uint64_t*>(p);
+    w.sorted = reinterpret_cast<uint64_t*>(p + align_up(E * 8));
+    w.offsets = reinterpret_cast<int*>(p + 2 * align_up(E * 8));
+    w.temp = p + 2 * align_up(E * 8) + align_up((rows + 1) * 4);
+    w.temp_bytes = sort_temp;
+  }
+  if (ti.need_cuts) {
+    w.flags = reinterpret_cast<uint64_t*>(p);
+    w.occ = reinterpret_cast<uint64_t*>(p + align_up(E * 8));
+    w.temp = p + 2 * align_up(E * 8);
+    w.temp_bytes = cut_temp;
+  }
+  return w;
+}
+
+// Sparsifies expert k of the slab: keep flags (norm pass) or the scratch values (final).
+void sparsify(const MergeTask& t, const TaskInfo& ti, const SlabParams& p, unsigned k, bool final_pass,
+              const WorkLayout& w, cudaStream_t s) {
+  const uint64_t E = p.rows * p.n;
+  const uint64_t groups = ((p.row0 * p.n + E - 1) >> 2) - ((p.row0 * p.n) >> 2) + 1;
+  switch (t.sparsifier) {
+    case Sparsifier::Magprune:
+      if (ti.block_sort) {
+        if (ti.block_tier == 1 && ti.f32_keys) launch_rank<uint64_t, 512, 8>(p, k, final_pass, s);
+        else if (ti.block_tier == 1) launch_rank<uint32_t, 512, 8>(p, k, final_pass, s);
+        else if (ti.f32_keys) launch_rank<uint64_t, 1024, 16>(p, k, final_pass, s);
+        else launch_rank<uint32_t, 1024, 16>(p, k, final_pass, s);
+        launched("magprune_rows_kernel");
+      } else {
+        composite_keys_kernel<<<grid_for(E), kThreads, 0, s>>>(p, k, w.comp);
+        launched("composite_keys_kernel");
+        segment_offsets_kernel<<<grid_for(p.rows + 1), kThreads, 0, s>>>(w.offsets, p.rows, p.n);
+        launched("segment_offsets_kernel");
+        size_t temp = w.temp_bytes;
+        check(cub::DeviceSegmentedRadixSort::SortKeys(w.temp, temp, w.comp, w.sorted, static_cast<int>(E),
+                                                        static_cast<int>(p.rows), w.offsets, w.offsets + 1, 0,
+                                                        32 + (ti.f32_keys ? 31 : 15), s),
+              "cub::DeviceSegmentedRadixSort::SortKeys");
+        uint32_t* ranks = reinterpret_cast<uint32_t*>(w.comp);  // the unsorted keys are no longer needed
+        ranks_from_sorted_kernel<<<grid_for(E), kThreads, 0, s>>>(w.sorted, ranks, E, p.n);
+        launched("ranks_from_sorted_kernel");
+        apply_kernel<<<grid_for(groups), kThreads, 0, s>>>(p, k, kApplyRank, ranks, nullptr, final_pass);
+        launched("apply_kernel");
+      }
+      break;
+    case Sparsifier::Random:
+      apply_kernel<<<grid_for(groups), kThreads, 0, s>>>(p, k, kApplyRandom, nullptr, nullptr, final_pass);
+      launched("apply_kernel");
+      break;
+    case Sparsifier::Magnitude:
+    case Sparsifier::Breadcrumbs: {
+      cut_flags_kernel<<<grid_for(E), kThreads, 0, s>>>(p, k, w.flags);
+      launched("cut_flags_kernel");
+      size_t temp = w.temp_bytes;
+      check(cub::DeviceScan::ExclusiveSum(w.temp, temp, w.flags, w.occ, static_cast<int64_t>(E), s),
+            "cub::DeviceScan::ExclusiveSum");
+      apply_kernel<<<grid_for(groups), kThreads, 0, s>>>(p, k, kApplyCut, nullptr, w.occ, final_pass);
+      launched("apply_kernel");
+      carry_kernel<<<1, 1, 0, s>>>(w.flags, w.occ, E, p.state.carry + 2 * k);
+      launched("carry_kernel");
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+}  // namespace
+
+uint64_t slab_work_bytes(const TaskInfo& ti, uint64_t rows) {
+  return slab_scratch_bytes(ti, rows) + align_up(work_layout(ti, rows, nullptr).total);
+}
+
+void fill_params(const MergeTask& t, const TaskInfo& ti, SlabParams& p) {
+  p.n = ti.n;
+  p.seed = t.seed;
+  p.tensor_id = t.tensor_id;
+  p.k = ti.k;
+  p.lambda = static_cast<float>(t.lambda);
+  p.apply_lambda = t.lambda != 1.0;
+  p.base_dtype = t.base_dtype;
+  p.out_dtype = t.out_dtype;
+  p.mode = ti.mode;
+  p.sparsifier = t.sparsifier;
+  p.rescale = t.rescale;
+  p.consensus = t.consensus;
+  p.linear = t.linear;
+  p.normalize = t.normalize;
+  for (unsigned k = 0; k < ti.k; ++k) {
+    const ExpertInput& e = t.experts[k];
+    DevExpert& d = p.ex[k];
+    d.dtype = e.dtype;
+    d.weight = e.weight;
+    d.sparse = ti.sparse[k];
+    d.mode = ti.mode_k[k];
+    if (t.sparsifier == Sparsifier::Magprune) d.coef = magprune_coef(e.density, e.epsilon);
+    if (t.sparsifier == Sparsifier::Random) {
+      d.q_random = static_cast<float>(e.density);
+      d.s_random = inverse_scale(d.q_random);
+    }
+  }
+}
+
+void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigned passes, char* scratch, char* work,
+                  uint64_t work_bytes, cudaStream_t s) {
+  const uint64_t E = p.rows * p.n;
+  if (E == 0) return;
+  const unsigned K = ti.k;
+  // Scratch buffers: one float per element per kScratch expert, then the keep flags.
+  char* q = scratch;
+  for (unsigned k = 0; k < K; ++k) {
+    if (ti.mode_k[k] != kScratch) continue;
+    p.ex[k].scratch = reinterpret_cast<float*>(q);
+    q += align_up(E * 4);
+  }
+  p.keep = ti.need_norm ? reinterpret_cast<uint8_t*>(q) : nullptr;
+  const WorkLayout w = work_layout(ti, p.rows, work);
+  if (w.total > work_bytes) throw Error(DELLA_CUDA_ERROR, "internal: slab work area too small");
+  const bool breadcrumbs = t.sparsifier == Sparsifier::Breadcrumbs;
+  const int cuts = breadcrumbs ? 2 : 1;
+
+  if (passes & kInitState) {
+    if (ti.need_cuts) {
+      check(cudaMemsetAsync(p.state.hist1, 0, K * 32768ull * 8, s), "cudaMemsetAsync");
+      if (ti.f32_keys) check(cudaMemsetAsync(p.state.hist2, 0, K * 2ull * 65536 * 8, s), "cudaMemsetAsync");
+      check(cudaMemsetAsync(p.state.carry, 0, K * 2ull * 8, s), "cudaMemsetAsync");
+    }
+  }
+  if ((passes & kPassHist1) && ti.need_cuts) {
+    for (unsigned k = 0; k < K; ++k) {
+      if (!ti.sparse[k]) continue;
+      hist1_kernel<<<grid_for(E), kThreads, 0, s>>>(p, k, p.state.hist1 + k * 32768ull);
+      launched("hist1_kernel");
+    }
+  }
+  if ((passes & kSelect1) && ti.need_cuts) {
+    init_cuts_kernel<<<grid_for(2 * K), kThreads, 0, s>>>(p.state.cuts, K, t.sparsifier == Sparsifier::Magnitude);
+    launched("init_cuts_kernel");
+    for (unsigned k = 0; k < K; ++k) {
+      if (!ti.sparse[k]) continue;
+      for (int c = 0; c < cuts; ++c) {
+        const bool desc = c == 0 && t.sparsifier == Sparsifier::Magnitude;
+        select_kernel<<<1, kSelectThreads, 0, s>>>(p.state.hist1 + k * 32768ull, 32768, c == 0 ? ti.pos_a[k] : ti.pos_b[k],
+                                                   desc, 1, !ti.f32_keys, p.state.cuts + 2 * k + c,
+                                                   p.state.hi + 2 * k + c, p.state.remaining + 2 * k + c);
+        launched("select_kernel");
+      }
+    }
+  }
+  if ((passes & kPassHist2) && ti.need_cuts && ti.f32_keys) {
+    for (unsigned k = 0; k < K; ++k) {
+      if (!ti.sparse[k]) continue;
+      hist2_kernel<<<grid_for(E), kThreads, 0, s>>>(p, k, cuts, p.state.hist2 + k * 2ull * 65536);
+      launched("hist2_kernel");
+    }
+  }
+  if ((passes & kSelect2) && ti.need_cuts && ti.f32_keys) {
+    for (unsigned k = 0; k < K; ++k) {
+      if (!ti.sparse[k]) continue;
+      for (int c = 0; c < cuts; ++c) {
+        const bool desc = c == 0 && t.sparsifier == Sparsifier::Magnitude;
+        select_kernel<<<1, kSelectThreads, 0, s>>>(p.state.hist2 + (k * 2ull + c) * 65536, 65536, 0, desc, 2, 0,
+                                                   p.state.cuts + 2 * k + c, p.state.hi + 2 * k + c,
+                                                   p.state.remaining + 2 * k + c);
+        launched("select_kernel");
+      }
+    }
+  }
+  if ((passes & kPassNorm) && ti.need_norm) {
+    if ((passes & kResetCarryNorm) && ti.need_cuts)
+      check(cudaMemsetAsync(p.state.carry, 0, K * 2ull * 8, s), "cudaMemsetAsync");
+    for (unsigned k = 0; k < K; ++k) {
+      if (!ti.sparse[k]) continue;
+      sparsify(t, ti, p, k, false, w, s);
+      norm_rows_kernel<<<grid_for(p.rows, 128), 128, 0, s>>>(p, k);
+      launched("norm_rows_kernel");
+    }
+  }
+  if ((passes & kNormFinish) && ti.need_norm) {
+    norm_finish_kernel<<<1, kMaxExperts, 0, s>>>(p, ti.rows);
+    launched("norm_finish_kernel");
+  }
+  if (passes & kPassFinal) {
+    if ((passes & kResetCarryFinal) && ti.need_cuts)
+      check(cudaMemsetAsync(p.state.carry, 0, K * 2ull * 8, s), "cudaMemsetAsync");
+    for (unsigned k = 0; k < K; ++k)
+      if (ti.mode_k[k] == kScratch) sparsify(t, ti, p, k, true, w, s);
+    const uint64_t groups = ((p.row0 * p.n + E - 1) >> 2) - ((p.row0 * p.n) >> 2) + 1;
+    if (K <= 4) fuse_kernel<4><<<grid_for(groups), kThreads, 0, s>>>(p);
+    else fuse_kernel<kMaxExperts><<<grid_for(groups), kThreads, 0, s>>>(p);
+    launched("fuse_kernel");
+  }
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace della

@@ -1,0 +1,80 @@
+// The CUDA backend's C++ interface (no Node here): a Context that runs della::MergeTask
+// batches on one GPU, bit for bit equal to della::run_batch, and a kernel-level entry
+// for benchmarks. The plugin's C ABI (plugin.cu) wraps this; the parity tests and the
+// benchmark link it directly.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../kernels/merge_cpu.h"
+#include "della_cuda_api.h"
+
+namespace della {
+namespace cuda {
+
+struct Options {
+  int device = 0;
+  // Device bytes for the streams' work areas. 0: min(16 GiB, 85% of the free memory).
+  uint64_t memory_budget = 0;
+  unsigned streams = 3;
+  // Pinned host bytes per stream (inputs and output of one slab of rows); grows when one
+  // row needs more.
+  uint64_t pinned_bytes = 256ull << 20;
+  // Rows up to this length are ranked inside one thread block (at most kBlockSortMax,
+  // in two tiers: 4096 and 16384 keys); longer rows go through a device-wide segmented
+  // radix sort. 0 forces the latter.
+  uint32_t block_sort_max = 16384;
+  // Largest slab of rows in elements (tests lower it to exercise multi-slab tensors).
+  uint64_t max_slab_elements = 1ull << 28;
+};
+
+constexpr uint32_t kBlockSortMax = 16384;
+
+// An error of the CUDA backend: code is DELLA_CUDA_ERROR, _OUT_OF_MEMORY or _NO_DEVICE.
+class Error : public std::runtime_error {
+ public:
+  Error(int code, const std::string& what) : std::runtime_error(what), code_(code) {}
+  int code() const { return code_; }
+
+ private:
+  int code_;
+};
+
+// Describes a device without allocating on it; throws Error(DELLA_CUDA_NO_DEVICE) with
+// the runtime's reason when there is no driver, no GPU or no such index.
+DellaCudaDeviceInfo probe(int device);
+
+class Context {
+ public:
+  explicit Context(const Options& options);
+  ~Context();
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+
+  // Tasks hold host pointers (memory maps); results land in each task's `out`. Throws
+  // std::invalid_argument for a task the kernels cannot run, Error for device trouble.
+  void run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& stats, unsigned host_threads);
+  const DellaCudaDeviceInfo& info() const;
+  // False after an error that leaves the device unusable (the context must be dropped).
+  bool healthy() const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// Kernel level, for benchmarks: one task whose base, experts and out are DEVICE pointers
+// and whose experts have the base's shape, merged with every pass on `stream` inside a
+// workspace of device_workspace_bytes(). No host copies; results equal run_batch's.
+uint64_t device_workspace_bytes(const MergeTask& t, const Options& options);
+void run_device_task(const MergeTask& t, void* workspace, uint64_t workspace_bytes, const Options& options,
+                     cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace della

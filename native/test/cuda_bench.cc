@@ -1,0 +1,256 @@
+// Kernel throughput of the CUDA backend beside the memory ceiling measured in the same
+// run: della, dare_ties, ties and task_arithmetic with K = 3 BF16 experts on R x C
+// tensors whose inputs are already on the device (kernels only), a device-to-device
+// cudaMemcpy of the same bytes, pinned host-to-device bandwidth, and the whole pipeline
+// (pageable host memory in and out, as the addon's memory maps). Every kernel result is
+// also checked bit for bit against della::run_batch. Prints a table; --json FILE writes
+// the numbers.
+//   della_cuda_bench [--json FILE] [--sizes 4096x4096,14336x4096] [--reps N]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../src/kernels/merge_cpu.h"
+#include "cuda_merge.h"
+
+namespace {
+
+#define CK(x)                                                                                      \
+  do {                                                                                             \
+    cudaError_t e_ = (x);                                                                          \
+    if (e_ != cudaSuccess) {                                                                       \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));      \
+      std::exit(1);                                                                                \
+    }                                                                                              \
+  } while (0)
+
+struct Method {
+  const char* name;
+  della::Sparsifier sp;
+  della::Rescale rs;
+  della::Consensus cons;
+  bool normalize;
+};
+
+const Method kMethods[] = {
+    {"della", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true},
+    {"dare_ties", della::Sparsifier::Random, della::Rescale::Inverse, della::Consensus::Sum, false},
+    {"ties", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true},
+    {"task_arithmetic", della::Sparsifier::None, della::Rescale::None, della::Consensus::None, false},
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Times fn() (enqueued on `s`) with events: warm-up, then the median of `reps`.
+template <class Fn>
+double time_ms(cudaStream_t s, int reps, Fn fn) {
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  fn();
+  fn();
+  CK(cudaStreamSynchronize(s));
+  std::vector<double> ms;
+  for (int i = 0; i < reps; ++i) {
+    CK(cudaEventRecord(a, s));
+    fn();
+    CK(cudaEventRecord(b, s));
+    CK(cudaEventSynchronize(b));
+    float t = 0;
+    CK(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  CK(cudaEventDestroy(a));
+  CK(cudaEventDestroy(b));
+  return median(ms);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string json, sizes = "4096x4096,14336x4096";
+  int reps = 10;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
+    else if (!std::strcmp(argv[i], "--sizes") && i + 1 < argc) sizes = argv[++i];
+    else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::atoi(argv[++i]);
+  }
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    std::printf("SKIP: no CUDA device\n");
+    return 77;
+  }
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  CK(cudaSetDevice(0));
+  cudaStream_t s;
+  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
+  std::string out = "{\n  \"device\": \"" + std::string(prop.name) + "\",\n  \"results\": [\n";
+  bool first_row = true, all_equal = true;
+  std::printf("device %s; K=3 BF16 experts, BF16 base and output; median of %d runs\n", prop.name, reps);
+  std::printf("%-16s %-11s %10s %10s %12s %12s %10s  %s\n", "method", "shape", "ms", "GB/s", "Gparams/s",
+              "memcpy GB/s", "of memcpy", "equal to CPU");
+
+  // Pinned host-to-device bandwidth, the ceiling of an end-to-end GPU merge.
+  double h2d_gbs = 0;
+  {
+    const size_t bytes = 1ull << 30;
+    void *h = nullptr, *d = nullptr;
+    CK(cudaMallocHost(&h, bytes));
+    CK(cudaMalloc(&d, bytes));
+    std::memset(h, 1, bytes);
+    const double ms = time_ms(s, 5, [&] { CK(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, s)); });
+    h2d_gbs = bytes / ms / 1e6;
+    CK(cudaFree(d));
+    CK(cudaFreeHost(h));
+    std::printf("pinned host-to-device copy: %.1f GB/s\n", h2d_gbs);
+  }
+
+  size_t pos = 0;
+  while (pos < sizes.size()) {
+    const size_t comma = sizes.find(',', pos);
+    const std::string sz = sizes.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    pos = comma == std::string::npos ? sizes.size() : comma + 1;
+    int64_t R = 0, C = 0;
+    if (std::sscanf(sz.c_str(), "%lldx%lld", reinterpret_cast<long long*>(&R), reinterpret_cast<long long*>(&C)) != 2) continue;
+    const uint64_t N = static_cast<uint64_t>(R) * C;
+    const int K = 3;
+    // Random BF16 weights (never zeros: they would hide unwritten outputs).
+    std::vector<std::vector<uint16_t>> host(K + 1, std::vector<uint16_t>(N));
+    {
+      std::mt19937_64 rng(R * 131 + C);
+      std::normal_distribution<float> nd(0.0f, 0.02f);
+      for (uint64_t i = 0; i < N; ++i) host[0][i] = della::f32_to_bf16(nd(rng));
+      for (int k = 1; k <= K; ++k)
+        for (uint64_t i = 0; i < N; ++i)
+          host[k][i] = della::f32_to_bf16(della::bf16_to_f32(host[0][i]) + nd(rng) * 0.1f);
+    }
+    std::vector<void*> dev(K + 1);
+    for (int k = 0; k <= K; ++k) {
+      CK(cudaMalloc(&dev[k], N * 2));
+      CK(cudaMemcpy(dev[k], host[k].data(), N * 2, cudaMemcpyHostToDevice));
+    }
+    void* dout = nullptr;
+    CK(cudaMalloc(&dout, N * 2));
+    const uint64_t in_bytes = (K + 1) * N * 2, out_bytes = N * 2;
+    // The ceiling: a device-to-device copy of the merge's input bytes (read + write counted).
+    void *ca = nullptr, *cb = nullptr;
+    CK(cudaMalloc(&ca, in_bytes));
+    CK(cudaMalloc(&cb, in_bytes));
+    CK(cudaMemset(ca, 1, in_bytes));
+    const double copy_ms = time_ms(s, reps, [&] { CK(cudaMemcpyAsync(cb, ca, in_bytes, cudaMemcpyDeviceToDevice, s)); });
+    const double copy_gbs = 2.0 * in_bytes / copy_ms / 1e6;
+    CK(cudaFree(ca));
+    CK(cudaFree(cb));
+
+    // The addon's path: default options (16 GiB or 85% of free memory, 3 streams).
+    della::cuda::Context pipeline{della::cuda::Options{}};
+    for (const Method& m : kMethods) {
+      della::MergeTask t;
+      t.base = dev[0];
+      t.base_dtype = t.out_dtype = della::DType::BF16;
+      t.out = dout;
+      t.shape = {R, C};
+      t.sparsifier = m.sp;
+      t.rescale = m.rs;
+      t.consensus = m.cons;
+      t.normalize = m.normalize;
+      t.seed = 1234;
+      t.tensor_id = 0x9e3779b9u;
+      for (int k = 0; k < K; ++k) {
+        della::ExpertInput e;
+        e.data = dev[k + 1];
+        e.dtype = della::DType::BF16;
+        e.shape = t.shape;
+        e.weight = 0.5f + 0.25f * k;
+        e.density = m.sp == della::Sparsifier::None ? 1.0 : 0.4;
+        e.epsilon = m.sp == della::Sparsifier::Magprune ? 0.15 : 0.0;
+        t.experts.push_back(e);
+      }
+      della::cuda::Options o;
+      const uint64_t ws_bytes = della::cuda::device_workspace_bytes(t, o);
+      void* ws = nullptr;
+      CK(cudaMalloc(&ws, std::max<uint64_t>(ws_bytes, 256)));
+      CK(cudaMemset(dout, 0xA5, N * 2));  // poison
+      const double ms = time_ms(s, reps, [&] { della::cuda::run_device_task(t, ws, ws_bytes, o, s); });
+      CK(cudaStreamSynchronize(s));
+      CK(cudaGetLastError());
+      std::vector<uint16_t> gpu(N), cpu(N);
+      CK(cudaMemcpy(gpu.data(), dout, N * 2, cudaMemcpyDeviceToHost));
+      // The same task on the CPU, from host copies.
+      della::MergeTask h = t;
+      h.base = host[0].data();
+      for (int k = 0; k < K; ++k) h.experts[k].data = host[k + 1].data();
+      h.out = cpu.data();
+      std::vector<della::MergeStats> st;
+      const auto c0 = std::chrono::steady_clock::now();
+      della::run_batch({h}, {}, threads, st);
+      const double cpu_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - c0).count();
+      const bool equal = gpu == cpu;
+      all_equal = all_equal && equal;
+
+      // The whole pipeline from pageable host memory (as from memory maps) and back.
+      std::vector<uint16_t> pipe(N, 0x5a5a);
+      della::MergeTask pt = h;
+      pt.out = pipe.data();
+      double pipe_ms = 0;
+      {
+        std::vector<della::MergeStats> ps;
+        pipeline.run({pt}, ps, threads);  // warm-up: pinned buffers grow here
+        std::vector<double> runs;
+        for (int r = 0; r < 3; ++r) {
+          const auto p0 = std::chrono::steady_clock::now();
+          pipeline.run({pt}, ps, threads);
+          runs.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - p0).count());
+        }
+        pipe_ms = median(runs);
+      }
+      const bool pipe_equal = pipe == cpu;
+      all_equal = all_equal && pipe_equal;
+
+      const double gbs = (in_bytes + out_bytes) / ms / 1e6;
+      const double gps = N / ms / 1e6;
+      std::printf("%-16s %-11s %10.3f %10.1f %12.2f %12.1f %9.0f%%  %s (CPU %.0f ms; pipeline %.1f ms = %.1f GB/s in+out, %s)\n",
+                  m.name, sz.c_str(), ms, gbs, gps, copy_gbs, 100.0 * gbs / copy_gbs, equal ? "yes" : "NO", cpu_ms,
+                  pipe_ms, (in_bytes + out_bytes) / pipe_ms / 1e6, pipe_equal ? "equal" : "DIFFERS");
+      char row[1024];
+      std::snprintf(row, sizeof row,
+                    "%s    {\"method\": \"%s\", \"shape\": [%lld, %lld], \"experts\": %d, \"dtype\": \"BF16\", "
+                    "\"kernel_ms\": %.4f, \"kernel_GBps\": %.2f, \"params_per_s\": %.4g, \"memcpy_d2d_ms\": %.4f, "
+                    "\"memcpy_d2d_GBps\": %.2f, \"bytes_in\": %llu, \"bytes_out\": %llu, \"equal_to_cpu\": %s, "
+                    "\"cpu_ms\": %.2f, \"cpu_threads\": %u, \"pipeline_ms\": %.3f, \"pipeline_GBps\": %.2f, "
+                    "\"pipeline_equal_to_cpu\": %s, \"h2d_pinned_GBps\": %.2f}",
+                    first_row ? "" : ",\n", m.name, static_cast<long long>(R), static_cast<long long>(C), K, ms, gbs,
+                    N / ms * 1e3, copy_ms, copy_gbs, static_cast<unsigned long long>(in_bytes),
+                    static_cast<unsigned long long>(out_bytes), equal ? "true" : "false", cpu_ms, threads, pipe_ms,
+                    (in_bytes + out_bytes) / pipe_ms / 1e6, pipe_equal ? "true" : "false", h2d_gbs);
+      out += row;
+      first_row = false;
+      CK(cudaFree(ws));
+    }
+    for (void* p : dev) CK(cudaFree(p));
+    CK(cudaFree(dout));
+  }
+  out += "\n  ],\n  \"all_equal_to_cpu\": " + std::string(all_equal ? "true" : "false") + "\n}\n";
+  if (!json.empty()) {
+    FILE* f = std::fopen(json.c_str(), "w");
+    if (f) {
+      std::fputs(out.c_str(), f);
+      std::fclose(f);
+    }
+  }
+  std::printf(all_equal ? "all results equal to the CPU's\n" : "SOME RESULTS DIFFER FROM THE CPU'S\n");
+  return all_equal ? 0 : 1;
+}

@@ -1,0 +1,318 @@
+// CUDA against CPU, bit for bit: random tasks (shapes with rows shorter and longer than
+// one block's ranking capacity, 1-D, zero-size, the embedding sub-block; every dtype,
+// sparsifier, rescale and consensus; K = 1..6; random seeds, densities and weights;
+// ties and non-finite values) run through della::run_batch and through
+// della::cuda::Context under several pipeline settings (slabs, streams, both block
+// ranking tiers or the segmented sort). GPU outputs are poisoned first. Prints the seed; rerun one
+// with `della_cuda_parity SEED [ITERATIONS]`. Exits 77 (ctest: skipped) without a GPU.
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cinttypes>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../src/kernels/merge_cpu.h"
+#include "cuda_merge.h"
+
+using della::DType;
+
+namespace {
+
+constexpr int kSkip = 77;
+
+struct Case {
+  della::MergeTask task;
+  std::vector<std::vector<uint8_t>> inputs;  // base (when not linear), experts
+  std::vector<uint8_t> cpu_out, gpu_out;
+  bool nonfinite = false;
+  std::string desc;
+};
+
+uint64_t numel_of(const std::vector<int64_t>& s) {
+  uint64_t n = 1;
+  for (int64_t d : s) n *= static_cast<uint64_t>(d);
+  return n;
+}
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "F32";
+    case DType::F16: return "F16";
+    case DType::BF16: return "BF16";
+    default: return "F64";
+  }
+}
+
+bool is_nan_at(const std::vector<uint8_t>& b, DType t, uint64_t i) {
+  switch (t) {
+    case DType::F32: {
+      uint32_t u;
+      std::memcpy(&u, b.data() + 4 * i, 4);
+      return (u & 0x7fffffffu) > 0x7f800000u;
+    }
+    case DType::F64: {
+      uint64_t u;
+      std::memcpy(&u, b.data() + 8 * i, 8);
+      return (u & 0x7fffffffffffffffull) > 0x7ff0000000000000ull;
+    }
+    case DType::F16: {
+      uint16_t u;
+      std::memcpy(&u, b.data() + 2 * i, 2);
+      return (u & 0x7fffu) > 0x7c00u;
+    }
+    default: {
+      uint16_t u;
+      std::memcpy(&u, b.data() + 2 * i, 2);
+      return (u & 0x7fffu) > 0x7f80u;
+    }
+  }
+}
+
+struct Gen {
+  std::mt19937_64 rng;
+  explicit Gen(uint64_t seed) : rng(seed) {}
+  uint64_t u(uint64_t n) { return n == 0 ? 0 : rng() % n; }
+  double uni() { return std::uniform_real_distribution<double>(0.0, 1.0)(rng); }
+  bool coin(double p = 0.5) { return uni() < p; }
+  template <class T>
+  T pick(std::initializer_list<T> xs) {
+    return *(xs.begin() + u(xs.size()));
+  }
+};
+
+void store(std::vector<uint8_t>& buf, DType t, uint64_t i, float v) { della::store_f32(buf.data(), t, i, v); }
+
+Case make_case(Gen& g, int index) {
+  Case c;
+  della::MergeTask& t = c.task;
+  // Shape: rank 0..3; row lengths around the block ranking capacity (4096) and beyond.
+  const int rank = static_cast<int>(g.pick({0, 1, 1, 2, 2, 2, 2, 3}));
+  // Rows around both block ranking tiers (4096, 16384) and past them (segmented sort).
+  const uint64_t n = g.pick<uint64_t>({0, 1, 2, 3, 5, 8, 63, 64, 100, 777, 1024, 2049, 4095, 4096, 4097, 6000, 11008,
+                                       16384, 16385, 17000});
+  uint64_t rows_budget = std::max<uint64_t>(1, 200000 / std::max<uint64_t>(n, 1));
+  if (rank == 0) t.shape = {};
+  else if (rank == 1) t.shape = {static_cast<int64_t>(g.coin(0.1) ? 0 : std::max<uint64_t>(n, 1) * (1 + g.u(3)))};
+  else if (rank == 2) t.shape = {static_cast<int64_t>(g.coin(0.05) ? 0 : 1 + g.u(std::min<uint64_t>(rows_budget, 70))), static_cast<int64_t>(n)};
+  else t.shape = {static_cast<int64_t>(1 + g.u(3)), static_cast<int64_t>(1 + g.u(std::max<uint64_t>(1, std::min<uint64_t>(rows_budget / 3, 20)))), static_cast<int64_t>(n)};
+  const uint64_t N = numel_of(t.shape);
+
+  const DType dts[] = {DType::F32, DType::F16, DType::BF16, DType::F64};
+  t.base_dtype = dts[g.u(4)];
+  t.out_dtype = g.coin(0.6) ? t.base_dtype : dts[g.u(4)];
+  const unsigned K = static_cast<unsigned>(g.coin(0.1) ? 5 + g.u(2) : 1 + g.u(4));
+  t.linear = g.coin(0.1);
+  t.sparsifier = t.linear ? della::Sparsifier::None
+                          : static_cast<della::Sparsifier>(g.pick({0, 1, 1, 2, 2, 3, 3, 4, 4}));
+  const bool whole = t.sparsifier == della::Sparsifier::Magnitude || t.sparsifier == della::Sparsifier::Breadcrumbs;
+  if (t.linear || t.sparsifier == della::Sparsifier::None) t.rescale = della::Rescale::None;
+  else if (whole) t.rescale = g.pick({della::Rescale::None, della::Rescale::L1, della::Rescale::L2, della::Rescale::Linf});
+  else t.rescale = g.pick({della::Rescale::Inverse, della::Rescale::Inverse, della::Rescale::None, della::Rescale::L1,
+                           della::Rescale::L2, della::Rescale::Linf});
+  t.consensus = g.pick({della::Consensus::None, della::Consensus::Sum, della::Consensus::Sum, della::Consensus::Count});
+  t.normalize = g.coin();
+  t.lambda = g.coin(0.7) ? 1.0 : 0.25 + 1.5 * g.uni();
+  t.tensor_id = static_cast<uint32_t>(g.rng());
+  t.seed = g.rng() & ((1ull << 53) - 1);
+
+  // Values: small deltas around a base, sometimes quantized (many equal keys), sometimes
+  // equal to the base (zero deltas), a few with large magnitudes.
+  const bool quantized = g.coin(0.3);
+  const double scale = g.pick({0.02, 1.0, 300.0});
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::vector<float> base_vals(N);
+  for (uint64_t i = 0; i < N; ++i) base_vals[i] = static_cast<float>(nd(g.rng) * scale);
+  if (!t.linear) {
+    c.inputs.emplace_back(N * della::dtype_size(t.base_dtype));
+    for (uint64_t i = 0; i < N; ++i) store(c.inputs.back(), t.base_dtype, i, base_vals[i]);
+  }
+  const bool embed = rank >= 1 && N > 0 && g.coin(0.15);
+  c.nonfinite = g.coin(0.08);
+  for (unsigned k = 0; k < K; ++k) {
+    della::ExpertInput e;
+    e.dtype = g.coin(0.7) ? t.base_dtype : dts[g.u(4)];
+    e.shape = t.shape;
+    if (embed)
+      for (auto& d : e.shape) d += static_cast<int64_t>(1 + g.u(3));
+    e.weight = g.coin(0.4) ? 1.0f : static_cast<float>(g.uni() * 2.0 - 0.6);
+    e.density = g.coin(0.15) ? 1.0 : g.pick({0.05, 0.3, 0.5, 0.9}) * (0.5 + 0.5 * g.uni());
+    const double room = std::min(e.density, 1.0 - e.density);
+    e.epsilon = t.sparsifier == della::Sparsifier::Magprune && e.density < 1.0 ? room * 0.99 * g.uni() : 0.0;
+    if (e.density >= 1.0) e.epsilon = 0.0;
+    e.gamma = g.pick({0.0, 0.01, 0.1});
+    const uint64_t EN = numel_of(e.shape);
+    std::vector<uint8_t> buf(EN * della::dtype_size(e.dtype));
+    const double spread = scale * g.pick({0.001, 0.05, 0.5});
+    for (uint64_t i = 0; i < EN; ++i) {
+      double v = nd(g.rng) * spread;
+      if (quantized) v = std::round(v / spread * 4.0) * spread / 4.0;
+      if (g.coin(0.05)) v = 0.0;
+      store(buf, e.dtype, i, static_cast<float>(v + (i < N ? base_vals[i % N] : 0.0)));
+    }
+    // Rows of the sub-block must see the base's values near them too: for embeddings
+    // the row offsets differ, so the deltas are simply wider; that is fine for parity.
+    if (c.nonfinite && EN > 0) {
+      const float specials[] = {NAN, INFINITY, -INFINITY};
+      for (int s = 0; s < 3; ++s) store(buf, e.dtype, g.u(EN), specials[g.u(3)]);
+    }
+    c.inputs.push_back(std::move(buf));
+    t.experts.push_back(e);
+  }
+  if (c.nonfinite && !t.linear && N > 0) store(c.inputs[0], t.base_dtype, g.u(N), NAN);
+  // Wire the pointers.
+  size_t at = 0;
+  if (!t.linear) t.base = c.inputs[at++].data();
+  for (unsigned k = 0; k < K; ++k) t.experts[k].data = c.inputs[at++].data();
+  c.cpu_out.assign(N * della::dtype_size(t.out_dtype), 0);
+  c.gpu_out.assign(c.cpu_out.size(), 0);
+
+  char buf[512];
+  std::string shape = "[";
+  for (size_t i = 0; i < t.shape.size(); ++i) shape += (i ? "," : "") + std::to_string(t.shape[i]);
+  shape += "]";
+  std::snprintf(buf, sizeof buf,
+                "case %d: shape %s base %s out %s K=%u linear=%d sparsifier=%d rescale=%d consensus=%d normalize=%d "
+                "lambda=%g seed=%" PRIu64 " embed=%d nonfinite=%d quantized=%d",
+                index, shape.c_str(), dtype_name(t.base_dtype), dtype_name(t.out_dtype), K, t.linear,
+                static_cast<int>(t.sparsifier), static_cast<int>(t.rescale), static_cast<int>(t.consensus), t.normalize,
+                t.lambda, t.seed, embed, c.nonfinite, quantized);
+  c.desc = buf;
+  for (unsigned k = 0; k < K; ++k) {
+    std::snprintf(buf, sizeof buf, "\n    expert %u: %s w=%g d=%g eps=%g gamma=%g", k, dtype_name(t.experts[k].dtype),
+                  t.experts[k].weight, t.experts[k].density, t.experts[k].epsilon, t.experts[k].gamma);
+    c.desc += buf;
+  }
+  return c;
+}
+
+// Compares one case's GPU result with the CPU's; NaN matches any NaN (payloads of NaN
+// produced by arithmetic are not specified, on either side).
+bool same(const Case& c, const della::MergeStats& a, const della::MergeStats& b, const char* config) {
+  const DType t = c.task.out_dtype;
+  const unsigned es = della::dtype_size(t);
+  const uint64_t N = c.cpu_out.size() / es;
+  for (uint64_t i = 0; i < N; ++i) {
+    if (std::memcmp(c.cpu_out.data() + i * es, c.gpu_out.data() + i * es, es) == 0) continue;
+    if (is_nan_at(c.cpu_out, t, i) && is_nan_at(c.gpu_out, t, i)) continue;
+    const float cv = della::load_f32(c.cpu_out.data(), t, i), gv = della::load_f32(c.gpu_out.data(), t, i);
+    std::fprintf(stderr, "MISMATCH [%s] %s\n  element %" PRIu64 " of %" PRIu64 ": cpu %.9g gpu %.9g\n", config,
+                 c.desc.c_str(), i, N, cv, gv);
+    return false;
+  }
+  if (a.nonfinite != b.nonfinite || a.kept != b.kept || a.numel != b.numel) {
+    std::fprintf(stderr, "STATS MISMATCH [%s] %s\n  numel cpu %" PRIu64 " gpu %" PRIu64 "\n", config, c.desc.c_str(),
+                 a.numel, b.numel);
+    for (size_t k = 0; k < a.nonfinite.size() && k < b.nonfinite.size(); ++k)
+      std::fprintf(stderr, "  nonfinite[%zu] cpu %" PRIu64 " gpu %" PRIu64 "\n", k, a.nonfinite[k], b.nonfinite[k]);
+    for (size_t k = 0; k < a.kept.size() && k < b.kept.size(); ++k)
+      std::fprintf(stderr, "  kept[%zu] cpu %" PRIu64 " gpu %" PRIu64 "\n", k, a.kept[k], b.kept[k]);
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess || count == 0) {
+    std::printf("SKIP: no CUDA device (%s)\n", e != cudaSuccess ? cudaGetErrorString(e) : "the driver reports none");
+    return kSkip;
+  }
+  uint64_t seed = argc > 1 ? std::strtoull(argv[1], nullptr, 10)
+                           : static_cast<uint64_t>(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+  const int iterations = argc > 2 ? std::atoi(argv[2]) : 160;
+  std::printf("cuda_parity: seed %" PRIu64 " (rerun: della_cuda_parity %" PRIu64 " %d)\n", seed, seed, iterations);
+  std::fflush(stdout);
+
+  struct Config {
+    const char* name;
+    della::cuda::Options o;
+  };
+  std::vector<Config> configs(3);
+  configs[0].name = "default";
+  configs[0].o.memory_budget = 1536ull << 20;
+  configs[1].name = "segmented ranks, tiny slabs, 1 stream";
+  configs[1].o.memory_budget = 512ull << 20;
+  configs[1].o.streams = 1;
+  configs[1].o.block_sort_max = 0;
+  configs[1].o.pinned_bytes = 96 << 10;
+  configs[1].o.max_slab_elements = 20000;
+  configs[2].name = "small slabs, 2 streams, one ranking tier";
+  configs[2].o.block_sort_max = 4096;
+  configs[2].o.memory_budget = 512ull << 20;
+  configs[2].o.streams = 2;
+  configs[2].o.pinned_bytes = 1 << 20;
+  configs[2].o.max_slab_elements = 1 << 16;
+  std::vector<std::unique_ptr<della::cuda::Context>> ctx;
+  try {
+    for (const Config& c : configs) ctx.emplace_back(new della::cuda::Context(c.o));
+  } catch (const std::exception& ex) {
+    std::fprintf(stderr, "cannot open the device: %s\n", ex.what());
+    return 1;
+  }
+  std::printf("device: %s\n", ctx[0]->info().name);
+
+  Gen g(seed);
+  int failures = 0, cases = 0;
+  const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
+  for (int it = 0; it < iterations && failures < 5; ++it) {
+    // A batch of 1..4 tasks, as the addon sends them.
+    std::vector<Case> batch;
+    const int tasks = 1 + static_cast<int>(g.u(4));
+    for (int i = 0; i < tasks; ++i) batch.push_back(make_case(g, cases++));
+    std::vector<della::MergeTask> cpu_tasks, gpu_tasks;
+    for (Case& c : batch) {
+      c.task.out = c.cpu_out.data();
+      cpu_tasks.push_back(c.task);
+      c.task.out = c.gpu_out.data();
+      gpu_tasks.push_back(c.task);
+    }
+    std::vector<della::MergeStats> cpu_stats;
+    try {
+      della::run_batch(cpu_tasks, {}, threads, cpu_stats);
+    } catch (const std::exception& ex) {
+      std::fprintf(stderr, "CPU refused iteration %d: %s\n  %s\n", it, ex.what(), batch[0].desc.c_str());
+      ++failures;
+      continue;
+    }
+    for (size_t ci = 0; ci < configs.size(); ++ci) {
+      for (Case& c : batch) {  // poison: a different byte per config
+        std::memset(c.gpu_out.data(), 0xA5 ^ static_cast<int>(ci * 0x3c), c.gpu_out.size());
+        c.task.out = c.gpu_out.data();
+      }
+      std::vector<della::MergeStats> gpu_stats;
+      try {
+        ctx[ci]->run(gpu_tasks, gpu_stats, threads);
+      } catch (const std::exception& ex) {
+        std::fprintf(stderr, "GPU FAILED [%s] iteration %d: %s\n", configs[ci].name, it, ex.what());
+        for (const Case& c : batch) std::fprintf(stderr, "  %s\n", c.desc.c_str());
+        ++failures;
+        if (!ctx[ci]->healthy()) return 1;
+        continue;
+      }
+      for (size_t i = 0; i < batch.size(); ++i)
+        if (!same(batch[i], cpu_stats[i], gpu_stats[i], configs[ci].name)) ++failures;
+    }
+    if ((it + 1) % 20 == 0) {
+      std::printf("  %d iterations, %d tasks, %d failures\n", it + 1, cases, failures);
+      std::fflush(stdout);
+    }
+  }
+  if (failures) {
+    std::printf("cuda_parity: FAILED (%d) with seed %" PRIu64 "\n", failures, seed);
+    return 1;
+  }
+  std::printf("cuda_parity: %d tasks x %zu pipeline settings bit-identical to the CPU (seed %" PRIu64 ")\n", cases,
+              configs.size(), seed);
+  return 0;
+}

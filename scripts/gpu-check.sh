@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# The GPU check, in one command on a lent GPU machine (CUDA, CMake, ninja, a C++
+# compiler; no Node.js and no network): builds the plugin and its tests with plain CMake
+# for sm_90, runs the CUDA/CPU parity tests (ctest), the kernel benchmark, and end-to-end
+# merges with --device cuda against the CPU's (cmp, byte for byte) with timings beside
+# the pinned host-to-device bandwidth measured in the same run. Results go to $OUT.
+# How to call it with the device tool (command and carry list): native/src/cuda/README.md.
+#   bash scripts/gpu-check.sh          (OUT defaults to ./gpu-check-out)
+# Exit status: 0 when every check passed; the summary is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+OUT=${OUT:-$root/gpu-check-out}
+mkdir -p "$OUT"
+log=$OUT/gpu-check.log
+exec > >(tee -a "$log") 2>&1
+started=$(date +%s)
+jobs=$(nproc 2>/dev/null || echo 8)
+work=${GPU_CHECK_WORK:-/tmp/della-gpu-check}
+rm -rf "$work" && mkdir -p "$work"
+declare -a summary
+note() { summary+=("$1"); echo "== $1"; }
+elapsed() { echo $(( $(date +%s) - started ))s; }
+status=0
+
+echo "== della-merge GPU check, $(date -u +%FT%TZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+[ -f .gpu/env.sh ] && . .gpu/env.sh
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed"
+head -15 "$OUT/nvidia-smi.txt"
+nvcc --version | tail -2
+
+# 1. Plugin, kernel tests, parity tests and benchmark: plain CMake, sm_90 only (the H100).
+arch=${GPU_CHECK_ARCH:-90-real}
+gen=(); command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
+if timeout 300 cmake -S . -B build-gpu "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DDELLA_CUDA_ARCHITECTURES="$arch" \
+     >"$OUT/build.log" 2>&1 && timeout 300 cmake --build build-gpu -j "$jobs" >>"$OUT/build.log" 2>&1; then
+  note "build: plugin + tests for $arch in $(elapsed)"
+else
+  note "build: FAILED (see build.log)"; tail -30 "$OUT/build.log"; status=1
+fi
+if [ ! -f build-gpu/della_merge_cuda.so ]; then
+  note "no plugin was built: stopping"; printf '%s\n' "${summary[@]}" >"$OUT/summary.txt"; exit 1
+fi
+
+# 2. ctest: CPU kernel tests, CUDA/CPU parity (random cases, three pipeline settings),
+#    the plugin's C ABI through dlopen. A skip here means no GPU was found: a failure.
+ctest --test-dir build-gpu --output-on-failure --timeout 240 >"$OUT/ctest.log" 2>&1
+rc=$?
+grep -E "Test +#|tests passed|Skipped|seed|cuda_parity:|cuda_plugin:|device:|MISMATCH|FAIL" "$OUT/ctest.log" | head -40
+if [ $rc -ne 0 ] || grep -q "Skipped" "$OUT/ctest.log"; then
+  note "ctest: FAILED or skipped (see ctest.log)"; status=1
+else
+  note "ctest: $(grep -o '[0-9]*% tests passed.*' "$OUT/ctest.log"); $(grep -o 'cuda_parity: [0-9]* tasks.*' "$OUT/ctest.log")"
+fi
+# A second parity run with another seed and more iterations, while there is time.
+timeout 120 build-gpu/della_cuda_parity "$(date +%s%N | cut -c1-15)" 200 >>"$OUT/ctest.log" 2>&1
+rc=$?
+[ $rc -eq 0 ] && note "parity (second seed): $(grep -o 'cuda_parity: [0-9]* tasks.*' "$OUT/ctest.log" | tail -1)" \
+  || { note "parity (second seed): FAILED rc=$rc (see ctest.log)"; status=1; }
+
+# 3. Kernel benchmark: K=3 BF16, 4096x4096 and 14336x4096, beside a device-to-device copy.
+if timeout 240 build-gpu/della_cuda_bench --json "$OUT/cuda-bench.json" --reps 12 >"$work/bench.txt" 2>&1; then
+  note "kernel benchmark: all results equal to the CPU's ($(elapsed))"
+else
+  note "kernel benchmark: FAILED (see gpu-check.log)"; status=1
+fi
+cat "$work/bench.txt"
+summary+=("$(grep -E '^(method|della|dare_ties|ties|task_arithmetic|pinned) ' "$work/bench.txt")")
+h2d=$(grep -o '"h2d_pinned_GBps": [0-9.]*' "$OUT/cuda-bench.json" 2>/dev/null | head -1 | grep -o '[0-9.]*$')
+
+# 4. End to end with Node.js (carried in .gpu by /work/shared/tools/gpu-carry.sh).
+if ! command -v node >/dev/null 2>&1; then
+  note "end to end: SKIPPED (no node: carry .gpu and start the command with '. .gpu/env.sh;')"; status=1
+else
+  [ -e node_modules ] || { [ -d .gpu/node_modules ] && ln -s .gpu/node_modules node_modules; }
+  # The addon built here against the carried Node-API headers, CPU only; the plugin of
+  # step 1 beside it, where the addon looks. Else the carried build/Release.
+  addon=""
+  if timeout 180 cmake -S . -B build-gpu-node "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_JS_VERSION=gpu-check \
+       -DCMAKE_JS_INC="$root/node_modules/node-api-headers/include" \
+       -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$root/build-gpu-node/Release" -DDELLA_CUDA=OFF -DDELLA_TESTS=OFF \
+       >>"$OUT/build.log" 2>&1 && timeout 180 cmake --build build-gpu-node -j "$jobs" >>"$OUT/build.log" 2>&1; then
+    cp build-gpu/della_merge_cuda.so build-gpu-node/Release/
+    addon=$root/build-gpu-node/Release/della_merge.node
+  elif [ -f build/Release/della_merge.node ]; then
+    echo "addon build failed; using the carried build/Release"
+    addon=$root/build/Release/della_merge.node
+  fi
+  if [ -z "$addon" ] || [ ! -f dist/index.js ]; then
+    note "end to end: SKIPPED (no addon or no dist/: carry dist and node_modules/{yaml,node-gyp-build,node-addon-api,node-api-headers})"; status=1
+  else
+    export DELLA_NATIVE_PATH=$addon
+    dm=(node "$root/bin/della-merge.js")
+    gpu=${GPU_CHECK_DEVICE:-cuda}  # GPU_CHECK_DEVICE=cpu dry-runs this part on a machine without a GPU
+    "${dm[@]}" doctor | tee "$work/doctor.txt"
+    same() {  # same bytes in every .safetensors of two output directories
+      local a=$1 b=$2 f ok=0
+      for f in "$a"/*.safetensors; do cmp -s "$f" "$b/$(basename "$f")" || { echo "DIFFERS: $(basename "$f")"; ok=1; }; done
+      return $ok
+    }
+    e2e="{\n  \"h2d_pinned_GBps\": ${h2d:-null},\n  \"runs\": ["
+    sep=""
+    # 4a. The demo's models and recipe: CPU and GPU outputs byte for byte.
+    if timeout 120 "${dm[@]}" demo --out "$work/demo" >"$work/demo.txt" 2>&1 &&
+       timeout 120 "${dm[@]}" run "$work/demo/models/recipe.yaml" --out "$work/demo-gpu" --device "$gpu" --quiet >>"$work/demo.txt" 2>&1 &&
+       same "$work/demo/merged" "$work/demo-gpu"; then
+      note "demo: della-merge run --device $gpu equals the CPU's demo merge byte for byte"
+    else
+      note "demo: FAILED"; tail -20 "$work/demo.txt"; status=1
+    fi
+    # 4b. A 0.54 B-parameter BF16 model and three experts: della, dare_ties, ties,
+    #     breadcrumbs (l2 rescale), each on the CPU (all cores) and on the GPU.
+    if timeout 150 node scripts/gpu-e2e-models.mjs "$work/e2e" ${GPU_CHECK_MODEL:-} >"$work/models.json"; then
+      cat "$work/models.json"
+      for r in della dare_ties ties breadcrumbs_l2; do
+        timeout 150 "${dm[@]}" run "$work/e2e/$r.json" --out "$work/e2e/cpu-$r" --quiet --report "$work/cpu-$r.json" >/dev/null 2>"$work/err.txt"
+        c=$?
+        timeout 150 "${dm[@]}" run "$work/e2e/$r.json" --out "$work/e2e/gpu-$r" --quiet --device "$gpu" --report "$work/gpu-$r.json" >/dev/null 2>>"$work/err.txt"
+        g=$?
+        if [ $c -eq 0 ] && [ $g -eq 0 ] && same "$work/e2e/cpu-$r" "$work/e2e/gpu-$r"; then eq=true; else eq=false; status=1; cat "$work/err.txt"; fi
+        cs=$(node -p "require('$work/cpu-$r.json').seconds" 2>/dev/null || echo null)
+        gs=$(node -p "require('$work/gpu-$r.json').seconds" 2>/dev/null || echo null)
+        rd=$(node -p "require('$work/gpu-$r.json').bytes.read" 2>/dev/null || echo null)
+        wr=$(node -p "require('$work/gpu-$r.json').bytes.written" 2>/dev/null || echo null)
+        dev=$(node -p "require('$work/gpu-$r.json').device" 2>/dev/null || echo '?')
+        gbs=$(node -p "($rd / $gs / 1e9).toFixed(2)" 2>/dev/null || echo null)
+        floor=$(node -p "($rd / ($h2d * 1e9)).toFixed(3)" 2>/dev/null || echo null)
+        note "e2e $r: equal=$eq; cpu $cs s, gpu $gs s on $dev; read $rd bytes: $gbs GB/s vs pinned H2D ${h2d:-?} GB/s (floor $floor s)"
+        e2e+="$sep\n    {\"recipe\": \"$r\", \"equal\": $eq, \"cpu_seconds\": $cs, \"gpu_seconds\": $gs, \"bytes_read\": $rd, \"bytes_written\": $wr, \"gpu_read_GBps\": $gbs, \"h2d_floor_seconds\": $floor}"
+        sep=","
+        rm -rf "$work/e2e/cpu-$r" "$work/e2e/gpu-$r"
+      done
+    else
+      note "e2e models: FAILED"; status=1
+    fi
+    printf "%b\n  ]\n}\n" "$e2e" >"$OUT/e2e.json"
+  fi
+fi
+
+note "total $(elapsed); status $status"
+printf '%s\n' "${summary[@]}" >"$OUT/summary.txt"
+echo
+echo "================ summary"
+cat "$OUT/summary.txt"
+exit $status
