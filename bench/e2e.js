@@ -4,7 +4,9 @@
 // files beside the time to read every input file once (the floor), and samples the
 // merge process's peak private (anonymous) memory from /proc. Prints a table and writes
 // bench/out/e2e.json.
-//   node bench/e2e.js [--params 200e6] [--experts 3] [--method della] [--threads N] [--keep DIR]
+//   node bench/e2e.js [--params 200e6] [--experts 3] [--method della[,ties,...]] [--threads N] [--keep DIR]
+// Several methods (comma-separated) are timed on the same generated models, each best
+// of two runs.
 import { spawn } from 'node:child_process';
 import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
@@ -17,7 +19,7 @@ const { values } = parseArgs({ options: {
 } });
 const target = Number(values.params ?? 200e6);
 const K = Number(values.experts ?? 3);
-const method = values.method ?? 'della';
+const methods = (values.method ?? 'della').split(',').map((m) => m.trim()).filter(Boolean);
 const hidden = 4096, ffn = 11008;
 const root = new URL('..', import.meta.url).pathname;
 const dir = values.keep ?? mkdtempSync(join(tmpdir(), 'della-e2e-'));
@@ -112,27 +114,34 @@ function runMerge(recipe, out, threads) {
 }
 
 mkdirSync(dir, { recursive: true });
-console.log(`della-merge end-to-end benchmark: ${method}, K = ${K}, BF16, ${(params / 1e6).toFixed(0)} M parameters per model (${layers} layers), ${cpus().length} cores (${cpus()[0]?.model})`);
+console.log(`della-merge end-to-end benchmark: ${methods.join(', ')}, K = ${K}, BF16, ${(params / 1e6).toFixed(0)} M parameters per model (${layers} layers), ${cpus().length} cores (${cpus()[0]?.model})`);
 console.log(`models in ${dir}`);
 writeModels();
-const recipe = join(dir, 'recipe.yaml');
-const models = Array.from({ length: K }, (_, k) => `  - model: ${join(dir, `expert${k}`, 'shards')}\n    parameters: { weight: 1.0, density: 0.5${method.startsWith('della') ? ', epsilon: 0.1' : ''} }`).join('\n');
-writeFileSync(recipe, `merge_method: ${method}\nbase_model: ${join(dir, 'base', 'shards')}\nmodels:\n${models}\nseed: 1\n`);
 const files = inputFiles();
 readAll(files); // warm the page cache
 const floor = [readAll(files), readAll(files)].sort((a, b) => a.seconds - b.seconds)[0];
 const out = join(dir, 'merged');
-const runs = [];
-for (let i = 0; i < 2; i++) runs.push(await runMerge(recipe, out, values.threads));
-const best = runs.sort((a, b) => a.seconds - b.seconds)[0];
-const row = {
-  date: new Date().toISOString(), cpu: cpus()[0]?.model, cores: cpus().length, method, experts: K, dtype: 'BF16',
-  parametersPerModel: params, inputBytes: floor.bytes, readOnceSeconds: floor.seconds,
-  mergeSeconds: best.seconds, mergeSecondsAll: runs.map((r) => r.seconds), ratioToReadOnce: best.seconds / floor.seconds,
-  mParamsPerSecond: params / best.seconds / 1e6, peakAnonBytes: Math.max(...runs.map((r) => r.peakAnon)), threads: best.report.threads,
-};
-console.log('read inputs once   merge (best of 2)   ratio   M params/s   peak private memory');
-console.log(`${floor.seconds.toFixed(2).padStart(8)} s   ${best.seconds.toFixed(2).padStart(12)} s   ${row.ratioToReadOnce.toFixed(1).padStart(6)}x   ${row.mParamsPerSecond.toFixed(1).padStart(9)}   ${(row.peakAnonBytes / 2 ** 20).toFixed(0).padStart(8)} MiB`);
+const rows = [];
+console.log('method            read inputs once   merge (best of 2)   ratio   M params/s   peak private memory');
+for (const method of methods) {
+  const recipe = join(dir, `recipe-${method}.yaml`);
+  const params_ = method === 'task_arithmetic' ? '{ weight: 1.0 }'
+    : `{ weight: 1.0, density: 0.5${method.startsWith('della') ? ', epsilon: 0.1' : ''} }`;
+  const models = Array.from({ length: K }, (_, k) => `  - model: ${join(dir, `expert${k}`, 'shards')}\n    parameters: ${params_}`).join('\n');
+  writeFileSync(recipe, `merge_method: ${method}\nbase_model: ${join(dir, 'base', 'shards')}\nmodels:\n${models}\nseed: 1\n`);
+  readAll(files); // the previous merge's output may have pushed inputs out of the page cache
+  const runs = [];
+  for (let i = 0; i < 2; i++) runs.push(await runMerge(recipe, out, values.threads));
+  const best = runs.sort((a, b) => a.seconds - b.seconds)[0];
+  const row = {
+    date: new Date().toISOString(), cpu: cpus()[0]?.model, cores: cpus().length, method, experts: K, dtype: 'BF16',
+    parametersPerModel: params, inputBytes: floor.bytes, readOnceSeconds: floor.seconds,
+    mergeSeconds: best.seconds, mergeSecondsAll: runs.map((r) => r.seconds), ratioToReadOnce: best.seconds / floor.seconds,
+    mParamsPerSecond: params / best.seconds / 1e6, peakAnonBytes: Math.max(...runs.map((r) => r.peakAnon)), threads: best.report.threads,
+  };
+  rows.push(row);
+  console.log(`${method.padEnd(17)} ${floor.seconds.toFixed(2).padStart(8)} s   ${best.seconds.toFixed(2).padStart(12)} s   ${row.ratioToReadOnce.toFixed(1).padStart(6)}x   ${row.mParamsPerSecond.toFixed(1).padStart(9)}   ${(row.peakAnonBytes / 2 ** 20).toFixed(0).padStart(8)} MiB`);
+}
 mkdirSync(new URL('./out/', import.meta.url), { recursive: true });
-writeFileSync(new URL('./out/e2e.json', import.meta.url), `${JSON.stringify(row, null, 2)}\n`);
+writeFileSync(new URL('./out/e2e.json', import.meta.url), `${JSON.stringify(rows.length === 1 ? rows[0] : rows, null, 2)}\n`);
 if (!values.keep) rmSync(dir, { recursive: true, force: true });

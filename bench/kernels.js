@@ -47,6 +47,7 @@ for (const dtype of DTYPES) {
   }
 }
 mkdirSync(new URL('./out/', import.meta.url), { recursive: true });
-const file = new URL('./out/kernels.json', import.meta.url);
+// The full default table is kernels.json; quick or thread-limited runs get their own file.
+const file = new URL(quick || values.threads ? `./out/kernels${quick ? '-quick' : ''}-t${threads}.json` : './out/kernels.json', import.meta.url);
 writeFileSync(file, `${JSON.stringify({ date: new Date().toISOString(), cpu: cpus()[0]?.model, cores: cpus().length, threads, rows, cols, results }, null, 2)}\n`);
 console.log(`wrote ${file.pathname}`);
