@@ -363,7 +363,7 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
         for (uint64_t j = 0; j < n; ++j) store_raw<float>(dst, j, out[j]);
         break;
       case DType::F16:
-        for (uint64_t j = 0; j < n; ++j) store_raw<uint16_t>(dst, j, f32_to_f16(out[j]));
+        for (uint64_t j = 0; j < n; ++j) store_raw<uint16_t>(dst, j, f32_to_f16_select(out[j]));
         break;
       case DType::BF16:
         for (uint64_t j = 0; j < n; ++j) store_raw<uint16_t>(dst, j, f32_to_bf16(out[j]));

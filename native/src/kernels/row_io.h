@@ -27,6 +27,13 @@
 
 namespace della::detail {
 
+// Picks a where c, else b, by a bit mask: plain ?: on computed values can keep control
+// flow that stops GCC vectorizing the loop around it.
+DELLA_ALWAYS_INLINE uint32_t select_u32(bool c, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return (a & m) | (b & ~m);
+}
+
 // f16_to_f32 with selects instead of early returns, so loops over it vectorize.
 DELLA_ALWAYS_INLINE float f16_to_f32_select(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -34,9 +41,9 @@ DELLA_ALWAYS_INLINE float f16_to_f32_select(uint16_t h) {
   const uint32_t man = h & 0x3ffu;
   const uint32_t normal = sign | ((exp + 112u) << 23) | (man << 13);
   const uint32_t special = sign | 0x7f800000u | (man << 13);
-  const uint32_t sub = sign | f32_bits(static_cast<float>(man) * 5.9604644775390625e-08f);  // exact; +0 for man 0
-  const uint32_t r = exp == 0x1fu ? special : normal;
-  return bits_f32(exp == 0 ? sub : r);
+  // Subnormal: man * 2^-24 is exact in fp32 (+0 for man 0).
+  const uint32_t sub = sign | f32_bits(static_cast<float>(static_cast<int32_t>(man)) * 5.9604644775390625e-08f);
+  return bits_f32(select_u32(exp == 0, sub, select_u32(exp == 0x1fu, special, normal)));
 }
 
 template <DType DT>
@@ -45,6 +52,34 @@ DELLA_ALWAYS_INLINE float load_elem(const uint8_t* p, uint64_t j) {
   else if constexpr (DT == DType::BF16) return bf16_to_f32(load_raw<uint16_t>(p, j));
   else if constexpr (DT == DType::F16) return f16_to_f32_select(load_raw<uint16_t>(p, j));
   else return static_cast<float>(load_raw<double>(p, j));
+}
+
+// f32_to_f16 (RNE, subnormals, NaN -> quiet NaN) with every case computed and one
+// picked by masks, so loops over it vectorize; kernel_tests compares the two over the
+// whole fp32 range.
+DELLA_ALWAYS_INLINE uint16_t f32_to_f16_select(float f) {
+  const uint32_t x = f32_bits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t ax = x & 0x7fffffffu;
+  const uint32_t r = ax - 0x38000000u;
+  const uint32_t normal = (r + 0xfffu + ((r >> 13) & 1u)) >> 13;
+  // Subnormal half: the 24-bit significand shifted right by 126 - exponent (14..24),
+  // clamped so that lanes which take another case shift by a valid amount.
+  const int32_t sh0 = 126 - static_cast<int32_t>(ax >> 23);
+  const int32_t sh1 = sh0 < 14 ? 14 : sh0;
+  const uint32_t shift = static_cast<uint32_t>(sh1 > 24 ? 24 : sh1);
+  const uint32_t m = (ax & 0x7fffffu) | 0x800000u;
+  const uint32_t q = m >> shift;
+  const uint32_t rem = m & ((1u << shift) - 1u);
+  const uint32_t half = 1u << (shift - 1u);
+  // Round up iff rem > half, or rem == half and q is odd: iff rem + (q & 1) > half,
+  // read from the sign of the difference (both sides are below 2^25).
+  const uint32_t sub = q + ((half - (rem + (q & 1u))) >> 31);
+  uint32_t out = select_u32(ax < 0x33000000u, 0u, sub);
+  out = select_u32(ax >= 0x38800000u, normal, out);
+  out = select_u32(ax >= 0x477ff000u, 0x7c00u, out);
+  out = select_u32(ax > 0x7f800000u, 0x7e00u, out);
+  return static_cast<uint16_t>(sign | out);
 }
 
 // The BF16 magnitude key of SPEC §4 with selects only.
@@ -67,7 +102,8 @@ DELLA_ALWAYS_INLINE uint64_t load_values(const uint8_t* __restrict src, uint64_t
   return bad;
 }
 
-// d = E - B; keys when asked for (BF16 keys inline, others through magnitude_key).
+// d = E - B; keys when asked for (SPEC §4: the half-precision pattern of |d| without
+// its sign bit, which equals the pattern of d rounded, sign cleared).
 template <DType DT, int KEYS>  // KEYS: 0 none, 1 BF16, 2 F16, 3 F32
 DELLA_ALWAYS_INLINE uint64_t deltas(const uint8_t* __restrict src, uint64_t n, const float* __restrict b,
                                     float* __restrict d, uint16_t* __restrict k16, uint32_t* __restrict k32) {
@@ -80,7 +116,7 @@ DELLA_ALWAYS_INLINE uint64_t deltas(const uint8_t* __restrict src, uint64_t n, c
     if constexpr (KEYS == 1) k16[j] = bf16_key(dv);
   }
   if constexpr (KEYS == 2)
-    for (uint64_t j = 0; j < n; ++j) k16[j] = static_cast<uint16_t>(magnitude_key(d[j], KeyMode::F16));
+    for (uint64_t j = 0; j < n; ++j) k16[j] = static_cast<uint16_t>(f32_to_f16_select(d[j]) & 0x7fffu);
   if constexpr (KEYS == 3)
     for (uint64_t j = 0; j < n; ++j) k32[j] = magnitude_key(d[j], KeyMode::F32);
   return bad;
