@@ -10,6 +10,7 @@
 #include "../kernels/thread_pool.h"
 #include "cuda_merge.h"
 #include "cuda_slab.h"
+#include "della/tensor_rules.h"
 
 namespace della {
 namespace cuda {
@@ -35,20 +36,6 @@ std::string shape_text(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
-// Offset of base row r's first element inside an expert larger in every dimension (the
-// embedding sub-block rule of SPEC §2), as the CPU kernels compute it.
-uint64_t expert_row_offset(const std::vector<int64_t>& base, const std::vector<int64_t>& ex, uint64_t r, uint64_t n) {
-  if (base == ex) return r * n;
-  if (base.size() <= 1) return 0;
-  uint64_t offset = 0, stride = static_cast<uint64_t>(ex.back());
-  for (size_t d = base.size() - 1; d-- > 0;) {
-    const uint64_t bd = static_cast<uint64_t>(base[d]);
-    offset += (r % bd) * stride;
-    r /= bd;
-    stride *= static_cast<uint64_t>(ex[d]);
-  }
-  return offset;
-}
 
 struct Piece {
   const char* src;

@@ -15,6 +15,7 @@
 #include "cuda_merge.h"
 #include "cuda_slab.h"
 #include "della/philox.h"
+#include "della/tensor_rules.h"
 
 namespace della {
 namespace cuda {
@@ -641,20 +642,9 @@ TaskInfo task_info(const MergeTask& t, uint32_t block_sort_max) {
     ti.mode_k[k] = fused ? kRandomFused : kScratch;
     ti.any_scratch = ti.any_scratch || !fused;
     if (whole_tensor(t.sparsifier)) {
-      const uint64_t N = ti.numel;
-      const uint64_t target = static_cast<uint64_t>(std::floor(e.density * static_cast<double>(N)));
-      if (t.sparsifier == Sparsifier::Magnitude) {
-        ti.pos_a[k] = target;
-      } else {
-        int64_t top = static_cast<int64_t>(std::floor(e.gamma * static_cast<double>(N)));
-        int64_t bottom = static_cast<int64_t>(N) - static_cast<int64_t>(target) - top;
-        if (bottom < 0) {
-          top += bottom;
-          bottom = 0;
-        }
-        ti.pos_a[k] = static_cast<uint64_t>(bottom);
-        ti.pos_b[k] = N - static_cast<uint64_t>(top);
-      }
+      const CutPositions c = cut_positions(t.sparsifier, e.density, e.gamma, ti.numel);
+      ti.pos_a[k] = c.a;
+      ti.pos_b[k] = c.b;
     }
   }
   ti.need_cuts = any_sparse && whole_tensor(t.sparsifier) && ti.numel > 0;

@@ -27,20 +27,6 @@ KeyMode key_mode_for(DType base) {
 
 namespace detail {
 
-// Offset of base row r's first element inside an expert that may be larger in every
-// dimension (the embedding sub-block rule of SPEC §2).
-uint64_t expert_row_offset(const std::vector<int64_t>& base, const std::vector<int64_t>& ex, uint64_t r, uint64_t n) {
-  if (base == ex) return r * n;
-  if (base.size() <= 1) return 0;
-  uint64_t offset = 0, stride = static_cast<uint64_t>(ex.back());
-  for (size_t d = base.size() - 1; d-- > 0;) {
-    const uint64_t bd = static_cast<uint64_t>(base[d]);
-    offset += (r % bd) * stride;
-    r /= bd;
-    stride *= static_cast<uint64_t>(ex[d]);
-  }
-  return offset;
-}
 
 }  // namespace detail
 
@@ -483,19 +469,9 @@ TaskState prepare(const MergeTask& t, unsigned threads, std::vector<Scratch>& sc
     std::vector<uint64_t> pa(K, 0), pb(K, 0);
     for (size_t k = 0; k < K; ++k) {
       const ExpertInput& e = t.experts[k];
-      const uint64_t target = static_cast<uint64_t>(std::floor(e.density * static_cast<double>(N)));
-      if (t.sparsifier == Sparsifier::Magnitude) {
-        pa[k] = target;
-      } else {
-        int64_t top = static_cast<int64_t>(std::floor(e.gamma * static_cast<double>(N)));
-        int64_t bottom = static_cast<int64_t>(N) - static_cast<int64_t>(target) - top;
-        if (bottom < 0) {
-          top += bottom;
-          bottom = 0;
-        }
-        pa[k] = static_cast<uint64_t>(bottom);
-        pb[k] = N - static_cast<uint64_t>(top);
-      }
+      const CutPositions c = cut_positions(t.sparsifier, e.density, e.gamma, N);
+      pa[k] = c.a;
+      pb[k] = c.b;
     }
     const bool descending = t.sparsifier == Sparsifier::Magnitude;
     std::vector<Cut> a = find_cuts(t, st, threads, scratch, pa, descending);

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "della/tensor_rules.h"
 #include "merge_cpu.h"
 
 namespace della::detail {
@@ -69,10 +70,6 @@ struct Scratch {
   std::vector<uint16_t> blocks;
   std::vector<KeepScale> ks;
 };
-
-// Offset of base row r's first element inside an expert that may be larger in every
-// dimension (the embedding sub-block rule of SPEC §2).
-uint64_t expert_row_offset(const std::vector<int64_t>& base, const std::vector<int64_t>& ex, uint64_t r, uint64_t n);
 
 // Stable ascending ranks of keys[0..n) (any 32-bit keys).
 void stable_ranks(const uint32_t* keys, uint64_t n, Scratch& s, uint32_t* ranks);
