@@ -1,13 +1,13 @@
-// The final pass of merges whose sparsifier decides each element from its own row
-// (magprune, random) or keeps everything (task arithmetic): della, della_linear,
-// dare_ties, dare_linear, task_arithmetic. One sweep per row reads each input once and
-// writes the output once.
+// The final pass of every delta merge (all methods but linear and slerp): one sweep per
+// row reads each input once and writes the output once.
 //
-// Per row and expert: deltas and their 15-bit keys in one vector loop; exact stable
-// ranks by counting (a histogram over all 2^15 keys that stays zeroed between rows,
-// so a row pays only for the 128-key blocks it touched); keep probability and rescale
-// looked up by rank; Philox, keep, rescale and weight in one vector loop. Then the
-// election and fuse over the row and one rounding store.
+// Per row and expert: deltas and their 15-bit keys in one vector loop; for magprune,
+// exact stable ranks by counting (histograms over all 2^15 keys that stay zeroed
+// between rows, so a row pays only for the 16-key blocks it touches), then keep
+// probability and rescale looked up by rank; for random, constants; for magnitude and
+// breadcrumbs, the whole-tensor cuts found by the pre-passes (cut_rows.cc). Philox,
+// keep, rescale and weight in one vector loop; then the election and fuse over the
+// row and one rounding store.
 //
 // The hot function is built three times (AVX-512, AVX2, baseline x86-64) and the
 // loader picks the one the CPU supports; every version does the same fp32 operations
