@@ -26,7 +26,6 @@
 #include "fuse_row.h"
 #include "merge_state.h"
 
-
 namespace della::detail {
 namespace {
 
@@ -181,8 +180,6 @@ DELLA_ALWAYS_INLINE const uint32_t* philox_row(uint64_t seed, uint32_t tensor_id
   philox_blocks(g0, count, tensor_id, expert, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), words);
   return words + (i0 & 3);
 }
-
-
 
 // in[j] = whether element j of row r is before cut c (SPEC §4, see Cut): occ and
 // occ_end count the cut key's elements in the rows before r and up to r's end. Only
@@ -357,21 +354,7 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
       local.kept[k] += kept;
     }
     fuse_row(vals, w, K, n, fc, base, s.x, out);
-    uint8_t* dst = static_cast<uint8_t*>(t.out) + i0 * dtype_size(t.out_dtype);
-    switch (t.out_dtype) {
-      case DType::F32:
-        for (uint64_t j = 0; j < n; ++j) store_raw<float>(dst, j, out[j]);
-        break;
-      case DType::F16:
-        for (uint64_t j = 0; j < n; ++j) store_raw<uint16_t>(dst, j, f32_to_f16_select(out[j]));
-        break;
-      case DType::BF16:
-        for (uint64_t j = 0; j < n; ++j) store_raw<uint16_t>(dst, j, f32_to_bf16(out[j]));
-        break;
-      default:
-        for (uint64_t j = 0; j < n; ++j) store_raw<double>(dst, j, static_cast<double>(out[j]));
-        break;
-    }
+    store_any(t.out_dtype, out, n, static_cast<uint8_t*>(t.out) + i0 * dtype_size(t.out_dtype));
   }
 }
 

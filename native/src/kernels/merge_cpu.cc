@@ -8,6 +8,7 @@
 #include "della/philox.h"
 #include "fuse_row.h"
 #include "merge_state.h"
+#include "row_io.h"
 #include "thread_pool.h"
 
 namespace della {
@@ -19,65 +20,18 @@ namespace {
 constexpr uint64_t kItemElements = 1u << 16;  // rows per work item: about this many elements
 constexpr uint64_t kCopyChunkBytes = 8u << 20;
 constexpr uint64_t kTableMax = 1u << 22;      // longest row whose keep table is precomputed
+
 KeyMode key_mode_for(DType base) {
   return base == DType::F16 ? KeyMode::F16 : (base == DType::BF16 ? KeyMode::BF16 : KeyMode::F32);
 }
 
-}  // namespace
-
-namespace detail {
-
-
-}  // namespace detail
-
-namespace {
-
 // ---------------------------------------------------------------- row primitives
 
-
-template <class T, class Conv>
-uint64_t load_loop(const void* p, uint64_t off, uint64_t n, float* dst, Conv conv) {
-  const char* src = static_cast<const char*>(p) + off * sizeof(T);
-  uint64_t bad = 0;
-  for (uint64_t j = 0; j < n; ++j) {
-    T raw;
-    std::memcpy(&raw, src + j * sizeof(T), sizeof(T));
-    const float v = conv(raw);
-    dst[j] = v;
-    bad += !is_finite_f32(v);
-  }
-  return bad;
-}
-
-// Loads n elements from flat offset `off` as fp32; returns how many are not finite.
+// Loads n elements from flat offset `off` of a tensor of dtype t as fp32; returns how
+// many are not finite.
 uint64_t load_row(const void* p, DType t, uint64_t off, uint64_t n, float* dst) {
-  switch (t) {
-    case DType::F32: return load_loop<float>(p, off, n, dst, [](float v) { return v; });
-    case DType::F16: return load_loop<uint16_t>(p, off, n, dst, [](uint16_t v) { return f16_to_f32(v); });
-    case DType::BF16: return load_loop<uint16_t>(p, off, n, dst, [](uint16_t v) { return bf16_to_f32(v); });
-    default: return load_loop<double>(p, off, n, dst, [](double v) { return static_cast<float>(v); });
-  }
+  return load_any(t, static_cast<const uint8_t*>(p) + off * dtype_size(t), n, dst);
 }
-
-template <class T, class Conv>
-void store_loop(void* p, uint64_t off, uint64_t n, const float* v, Conv conv) {
-  char* dst = static_cast<char*>(p) + off * sizeof(T);
-  for (uint64_t j = 0; j < n; ++j) {
-    const T raw = conv(v[j]);
-    std::memcpy(dst + j * sizeof(T), &raw, sizeof(T));
-  }
-}
-
-void store_row(void* p, DType t, uint64_t off, uint64_t n, const float* v) {
-  switch (t) {
-    case DType::F32: store_loop<float>(p, off, n, v, [](float x) { return x; }); break;
-    case DType::F16: store_loop<uint16_t>(p, off, n, v, [](float x) { return f32_to_f16(x); }); break;
-    case DType::BF16: store_loop<uint16_t>(p, off, n, v, [](float x) { return f32_to_bf16(x); }); break;
-    default: store_loop<double>(p, off, n, v, [](float x) { return static_cast<double>(x); }); break;
-  }
-}
-
-
 
 // The Philox uniforms of flat elements [i0, i0 + n) of one expert's stream.
 void uniforms_row(uint64_t seed, uint32_t tensor_id, uint32_t expert, uint64_t i0, uint64_t n, float* x,
@@ -293,7 +247,6 @@ void mask_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t r, S
   }
 }
 
-
 // ---------------------------------------------------------------- passes
 
 // Runs fn(row_begin, row_end, worker) over the rows of one tensor.
@@ -487,7 +440,6 @@ TaskState prepare(const MergeTask& t, unsigned threads, std::vector<Scratch>& sc
   return st;
 }
 
-
 // The final pass of a linear task (no base: the linear method and slerp's second
 // pass) over rows [r0, r1): merged values straight into the output.
 void merge_rows_linear(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s,
@@ -507,7 +459,7 @@ void merge_rows_linear(const MergeTask& t, const TaskState& st, uint64_t r0, uin
       local.kept[k] += n;
     }
     fuse_row(s.vals.data(), w, K, n, fc, nullptr, s.x, s.delta.data());
-    store_row(t.out, t.out_dtype, r * n, n, s.delta.data());
+    store_any(t.out_dtype, s.delta.data(), n, static_cast<uint8_t*>(t.out) + r * n * dtype_size(t.out_dtype));
   }
 }
 

@@ -159,6 +159,26 @@ inline uint32_t nonzero_flags(const uint8_t* flags, uint32_t count, uint16_t* li
   return m;
 }
 
+// Rounds n fp32 values to dtype dt (RNE, SPEC §1) into dst.
+template <DType DT>
+DELLA_ALWAYS_INLINE void store_values(const float* __restrict v, uint64_t n, uint8_t* __restrict dst) {
+  for (uint64_t j = 0; j < n; ++j) {
+    if constexpr (DT == DType::F32) store_raw<float>(dst, j, v[j]);
+    else if constexpr (DT == DType::F16) store_raw<uint16_t>(dst, j, f32_to_f16_select(v[j]));
+    else if constexpr (DT == DType::BF16) store_raw<uint16_t>(dst, j, f32_to_bf16(v[j]));
+    else store_raw<double>(dst, j, static_cast<double>(v[j]));
+  }
+}
+
+DELLA_ALWAYS_INLINE void store_any(DType dt, const float* v, uint64_t n, uint8_t* dst) {
+  switch (dt) {
+    case DType::F32: store_values<DType::F32>(v, n, dst); break;
+    case DType::F16: store_values<DType::F16>(v, n, dst); break;
+    case DType::BF16: store_values<DType::BF16>(v, n, dst); break;
+    default: store_values<DType::F64>(v, n, dst); break;
+  }
+}
+
 template <class T>
 T* grown(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
