@@ -8,16 +8,11 @@ import { cpus } from 'node:os';
 import { parseArgs } from 'node:util';
 import { loadNative } from '../dist/native.js';
 import { METHODS, SIZE, fill, time, mergeTask } from './lib/kernel-timer.js';
+import { OPTIONS, settings } from './lib/options.js';
 
-const { values } = parseArgs({
-  options: { threads: { type: 'string' }, rows: { type: 'string' }, cols: { type: 'string' }, quick: { type: 'boolean' } },
-});
+const { values } = parseArgs({ options: OPTIONS });
 const native = loadNative();
-const threads = Number(values.threads ?? native.hardwareThreads);
-const rows = Number(values.rows ?? 4096), cols = Number(values.cols ?? 4096);
-const numel = rows * cols;
-const quick = Boolean(values.quick);
-const minSeconds = quick ? 0.5 : 1.5;
+const { threads, rows, cols, numel, quick, minSeconds } = settings(values, native);
 
 const DTYPES = quick ? ['BF16'] : ['BF16', 'F16', 'F32'];
 const KS = quick ? [3] : [1, 2, 3, 4];

@@ -13,6 +13,7 @@ export const METHODS = {
 
 export const SIZE = { BF16: 2, F16: 2, F32: 4 };
 
+
 // Deterministic, realistic-looking values of `numel` elements: the base uniform in
 // ±0.02 (seed only), an expert the base plus a uniform delta in ±0.002 (`around` = the
 // base's fp32 values). Returns the stored bytes and the fp32 values.

@@ -14,13 +14,9 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'nod
 import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { OPTIONS, settings } from '../lib/options.js';
 
-const { values } = parseArgs({
-  options: {
-    threads: { type: 'string' }, rows: { type: 'string' }, cols: { type: 'string' }, quick: { type: 'boolean' },
-    python: { type: 'string' },
-  },
-});
+const { values } = parseArgs({ options: { ...OPTIONS, python: { type: 'string' } } });
 
 // Find the interpreter first: without one, nothing else (not even the addon) is needed.
 function probe(python) {
@@ -41,11 +37,7 @@ const { loadNative } = await import('../../dist/native.js');
 const { METHODS, SIZE, fill, time, mergeTask } = await import('../lib/kernel-timer.js');
 
 const native = loadNative();
-const threads = Number(values.threads ?? native.hardwareThreads);
-const rows = Number(values.rows ?? 4096), cols = Number(values.cols ?? 4096);
-const numel = rows * cols;
-const quick = Boolean(values.quick);
-const minSeconds = quick ? 0.5 : 1.5;
+const { threads, rows, cols, numel, quick, minSeconds } = settings(values, native);
 const KS = quick ? [3] : [1, 2, 3, 4];
 const dtype = 'BF16';
 const names = Object.keys(METHODS);
