@@ -56,6 +56,8 @@ export interface NativeAddon {
   mergeBatch(batch: BatchSpec): Promise<MergeTaskStats[]>;
   dotBatch(batch: { threads: number; tasks: DotTaskSpec[] }): Promise<DotStats[]>;
   philoxBlock(c0: number, c1: number, c2: number, c3: number, k0: number, k1: number): number[];
+  /** XXH64 (seed 0) of the bytes, as 16 hex digits: the digest a merge records per tensor. */
+  xxh64(bytes: Uint8Array): string;
   cpuFeatures(): string[];
   /** Loads the CUDA plugin (once) and probes `device`; allocates nothing. */
   cudaInfo(device: number): CudaInfo;

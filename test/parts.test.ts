@@ -1,6 +1,6 @@
 /** A merge split into N parts and assembled is byte-identical to one run. */
 import { spawnSync } from 'node:child_process';
-import { readdirSync, readFileSync } from 'node:fs';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { makeModels, tempDir, writeRecipe } from './helpers/models.js';
@@ -63,6 +63,13 @@ describe(`run --part i/N and assemble (DELLA_TEST_SEED=${seed})`, () => {
     expect(missing.stderr).toMatch(/parts 2\/2 are missing/);
     expect(cli(['assemble', '--out', join(dir, 'x'), join(dir, 'a1'), join(dir, 'a1')]).stderr).toMatch(/part 1\/2 is given twice/);
     expect(cli(['assemble', '--out', join(dir, 'x'), join(dir, 'a1'), join(dir, 'b2')]).stderr).toMatch(/belongs to a different merge/);
+    // A part from a version that recorded SHA-256 digests cannot join one that records XXH64.
+    const partFile = join(dir, 'a2', 'della_merge_part.json');
+    const rec = JSON.parse(readFileSync(partFile, 'utf8'));
+    writeFileSync(partFile, JSON.stringify({ ...rec, xxh64: undefined, sha256: rec.xxh64 }));
+    expect(cli(['assemble', '--out', join(dir, 'x'), join(dir, 'a1'), join(dir, 'a2')]).stderr).toMatch(/a2 was made by a della-merge version that records sha256 digests, .*a1 by one that records xxh64/);
+    writeFileSync(partFile, JSON.stringify({ ...rec, xxh64: undefined }));
+    expect(cli(['assemble', '--out', join(dir, 'x'), join(dir, 'a1'), join(dir, 'a2')]).stderr).toMatch(/della_merge_part\.json records no tensor digests/);
     expect(cli(['run', r1, '--out', join(dir, 'y'), '--part', '3/2']).stderr).toMatch(/part 3\/2 is not valid/);
     expect(cli(['run', r1, '--out', join(dir, 'y'), '--part', 'half']).stderr).toMatch(/--part takes i\/N/);
     expect(readdirSync(dir).filter((f) => f === 'x' || f === 'y' || f.includes('della-tmp'))).toEqual([]);

@@ -9,6 +9,8 @@ import { makeModels, tempDir, writeRecipe } from './helpers/models.js';
 import { rng, testSeed } from './helpers/random.js';
 import { drawBaseAndExperts, tensorBytes } from './helpers/tensors.js';
 import { DTYPE_CODE } from '../lib/merge/task.js';
+import { createHash } from 'node:crypto';
+import { loadNative } from '../lib/native.js';
 
 const root = resolve(import.meta.dirname, '..');
 const seed = testSeed();
@@ -107,5 +109,41 @@ describe(`verify (DELLA_TEST_SEED=${seed})`, () => {
     expect(wrong.code).toBe(1);
     expect(wrong.stdout).toMatch(/FAILED/);
     expect(readdirSync(join(dir, 'o'))).toContain('della_merge_run.json');
+  });
+  it('xxh64 (the recorded digest) gives the reference implementation\'s answers', () => {
+    // From xxhsum -H1 (xxHash 0.8.1) over bytes (i * 131 + 7) mod 256.
+    const known: Array<[number, string]> = [
+      [0, 'ef46db3751d8e999'], [1, 'a96c7f0ce858bbb7'], [3, 'bed43740ee6332bb'], [4, 'fa212ae44b3bb23d'],
+      [7, '2744460dd675d2c0'], [8, '994b676b71ce94dd'], [31, '6711d55e306b5d8f'], [32, '07f7b8e3bc5d6e25'],
+      [33, '09f85eeb4e1cbe9f'], [63, 'b7c9968c066cb6a5'], [64, '50d4159a0411632e'], [100, '9ddada11d3dc2d8f'],
+      [1000, '0bf0bdbcc82eb373'], [1000003, '2b4d5b88880ffcc2'],
+    ];
+    const native = loadNative();
+    for (const [n, want] of known) {
+      const bytes = new Uint8Array(n).map((_, i) => (i * 131 + 7) & 255);
+      expect(native.xxh64(bytes), `length ${n}`).toBe(want);
+    }
+    expect(() => native.xxh64('abc' as unknown as Uint8Array)).toThrow(/xxh64 takes a Uint8Array/);
+  });
+
+  it('reads records of earlier versions, which hold SHA-256 digests', async () => {
+    const dir = tempDir();
+    const m = makeModels(rng(seed + 6), dir, { dtype: 'F16', experts: 2 });
+    const recipe = writeRecipe(join(dir, 'r.yaml'), { merge_method: 'ties', base_model: m.base, models: m.experts.map((model) => ({ model, parameters: { density: 0.5 } })) });
+    const out = join(dir, 'o');
+    await merge(recipe, { out });
+    const file = join(out, 'della_merge_run.json');
+    const record = JSON.parse(readFileSync(file, 'utf8'));
+    expect(Object.values(record.xxh64).every((d) => /^[0-9a-f]{16}$/.test(String(d)))).toBe(true);
+    const c = openCheckpoint(out);
+    const sha256 = Object.fromEntries(c.names.map((name) => [name, createHash('sha256').update(c.bytes(name)).digest('hex')]));
+    c.close();
+    delete record.xxh64;
+    writeFileSync(file, JSON.stringify({ ...record, sha256 }));
+    const parsed = await loadRecipe(recipe);
+    expect((await verifyMerge(out, parsed)).problems).toEqual([]);
+    flip(out, 'model.layers.0.mlp.down_proj.weight', 3);
+    const bad = await verifyMerge(out, parsed);
+    expect(bad.problems.join('\n')).toMatch(/"model\.layers\.0\.mlp\.down_proj\.weight": its bytes changed since the merge wrote them \(SHA-256 [0-9a-f]{12}…/);
   });
 });

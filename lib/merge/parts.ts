@@ -13,7 +13,7 @@ import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, type OutputTensor } from '../checkpoint/writer.js';
 import { loadNative } from '../native.js';
 import type { MergePlan, TensorPlan } from './plan.js';
-import { RUN_FILE, type RunRecord } from './record.js';
+import { recordedDigests, RUN_FILE, type DigestAlgorithm, type RunRecord } from './record.js';
 
 export const PART_FILE = 'della_merge_part.json';
 
@@ -106,13 +106,22 @@ export async function assemble(partDirs: readonly string[], out: string, options
   try {
     const owner = new Map<string, Checkpoint>();
     const digests: Record<string, string> = {};
+    const recorded = records.map((r, i) => {
+      const d = recordedDigests(r);
+      if (!d) throw new DellaError('E_CHECKPOINT', `${join(dirs[i], PART_FILE)} records no tensor digests`);
+      return d;
+    });
+    const algorithm: DigestAlgorithm = recorded[0].algorithm;
+    recorded.forEach((d, i) => {
+      if (d.algorithm !== algorithm) throw new DellaError('E_ARGS', `${dirs[i]} was made by a della-merge version that records ${d.algorithm} digests, ${dirs[0]} by one that records ${algorithm}: rerun the parts with one version`);
+    });
     for (const [i, dir] of dirs.entries()) {
       const c = openCheckpoint(dir);
       parts.push(c);
       for (const name of c.names) {
         if (owner.has(name)) throw new DellaError('E_CHECKPOINT', `tensor "${name}" is in two parts (${owner.get(name)!.path} and ${dir})`);
         owner.set(name, c);
-        digests[name] = records[i].sha256[name];
+        digests[name] = recorded[i].digests[name];
       }
     }
     for (const t of first.planned) {
@@ -147,9 +156,10 @@ export async function assemble(partDirs: readonly string[], out: string, options
       copyFileSync(join(dirs[0], f), target.path(f));
       files.push(f);
     }
-    const run: RunRecord = {
+    // The parts' digest algorithm, so that verify hashes the way they did.
+    const run = {
       tool: 'della-merge', version: first.version, method: first.method, seed: first.seed,
-      sha256: Object.fromEntries(Object.entries(digests).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))),
+      [algorithm]: Object.fromEntries(Object.entries(digests).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))),
     };
     target.writeFile(RUN_FILE, `${JSON.stringify(run, null, 2)}\n`);
     files.push(RUN_FILE);

@@ -3,14 +3,13 @@
  * batches of tensors straight from the input maps to the output maps, with progress,
  * cancellation and cleanup. Memory stays bounded: nothing is copied into JS.
  */
-import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { stringify as yamlStringify } from 'yaml';
 import { DellaError } from '../errors.js';
 import { copyExtras, CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, DEFAULT_SHARD_SIZE, type OutputTensor } from '../checkpoint/writer.js';
 import { checkPart, partTensors, planDigest, PART_FILE, type PartRecord } from './parts.js';
-import { RUN_FILE, type RunRecord } from './record.js';
+import { RUN_FILE, tensorDigest, type RunRecord } from './record.js';
 import { loadNative, packageRoot, type NativeAddon } from '../native.js';
 import type { Recipe } from '../recipe/index.js';
 import { referenceDots, referenceMergeTensor } from '../reference/merge-tensor.js';
@@ -253,7 +252,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     for await (const done of runBatches(ctx, tensors, (t) => dest.get(t.name)!)) {
       for (const t of done) {
         // Recorded for `verify`, which detects any later change to the bytes.
-        digests[t.plan.name] = createHash('sha256').update(dest.get(t.plan.name)!).digest('hex');
+        digests[t.plan.name] = tensorDigest('xxh64', dest.get(t.plan.name)!);
         reports.push(tensorReport(plan, t.plan, t.stats, t.slerp));
         bytesDone += t.plan.inBytes + t.plan.outBytes;
         tensorsDone++;
@@ -278,7 +277,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     out.writeFile(RECIPE_FILE, text);
     out.writeFile('README.md', modelCard(recipe, plan.method, text, packageVersion()));
     files.push(RECIPE_FILE, 'README.md');
-    const run: RunRecord = { tool: 'della-merge', version: packageVersion(), method: plan.method.name, seed, sha256: sortedKeys(digests) };
+    const run: RunRecord = { tool: 'della-merge', version: packageVersion(), method: plan.method.name, seed, xxh64: sortedKeys(digests) };
     if (part) {
       const record: PartRecord = {
         ...run, part: part.index, of: part.count, shardSize,

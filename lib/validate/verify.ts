@@ -4,7 +4,6 @@
  * rows of every merged tensor recomputed by lib/reference equal to the output bit for
  * bit. Along the way it gathers what users look at when a merge goes wrong.
  */
-import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { DellaError } from '../errors.js';
@@ -13,7 +12,7 @@ import type { Recipe } from '../recipe/index.js';
 import { buildMergeTask, planRecipe } from '../merge/build.js';
 import type { TensorPlan } from '../merge/plan.js';
 import { slerpCoefficients } from '../merge/slerp.js';
-import { RUN_FILE, type RunRecord } from '../merge/record.js';
+import { DIGEST_LABEL, recordedDigests, RUN_FILE, tensorDigest, type RunRecord } from '../merge/record.js';
 import { DTYPE_CODE, type FloatDType } from '../merge/task.js';
 import { dataView, dtypeSize, loadF32 } from '../reference/dtypes.js';
 import { referenceDots } from '../reference/merge-tensor.js';
@@ -108,7 +107,8 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
   const record = runRecord(out);
   const recorded = record.seed;
   const seed = options.seed ?? (typeof recorded === 'number' && Number.isSafeInteger(recorded) && recorded >= 0 ? recorded : recipe.seed);
-  const digests = record.sha256 && typeof record.sha256 === 'object' ? record.sha256 : null;
+  const stored = recordedDigests(record);
+  const digests = stored?.digests ?? null;
   const { plan, models } = planRecipe(recipe);
   let merged: Checkpoint | null = null;
   try {
@@ -125,10 +125,10 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
       const check = checkTensor(t, merged, plan.method.kind, models, seed, samples, plan);
       const want = digests?.[t.name];
       if (digests && merged.tensors.has(t.name)) {
-        const have = createHash('sha256').update(merged.bytes(t.name)).digest('hex');
+        const have = tensorDigest(stored!.algorithm, merged.bytes(t.name));
         if (have !== want) {
           check.ok = false;
-          check.problems.push(`tensor "${t.name}": its bytes changed since the merge wrote them (SHA-256 ${have.slice(0, 12)}…, recorded ${String(want).slice(0, 12)}…)`);
+          check.problems.push(`tensor "${t.name}": its bytes changed since the merge wrote them (${DIGEST_LABEL[stored!.algorithm]} ${have.slice(0, 12)}…, recorded ${String(want).slice(0, 12)}…)`);
         }
       }
       rowsChecked += check.rowsChecked;

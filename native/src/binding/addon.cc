@@ -5,6 +5,7 @@
 
 #include "../kernels/thread_pool.h"
 #include "della/philox.h"
+#include "della/xxh64.h"
 #include "cuda_plugin.h"
 #include "mapped_file.h"
 #include "merge_worker.h"
@@ -26,6 +27,21 @@ Napi::Value PhiloxBlock(const Napi::CallbackInfo& info) {
   Napi::Array out = Napi::Array::New(env, 4);
   for (uint32_t i = 0; i < 4; ++i) out.Set(i, Napi::Number::New(env, b.v[i]));
   return out;
+}
+
+// xxh64(bytes) -> 16 hex digits: the digest a merge records for each output tensor.
+// Synchronous: it runs at memory speed, and the caller overlaps it with the next batch.
+Napi::Value Xxh64(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsTypedArray() ||
+      info[0].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
+    throw Napi::TypeError::New(env, "xxh64 takes a Uint8Array");
+  const Napi::Uint8Array bytes = info[0].As<Napi::Uint8Array>();
+  const uint64_t h = della::xxh64(bytes.Data(), bytes.ByteLength());
+  char hex[17];
+  for (int i = 0; i < 16; ++i) hex[i] = "0123456789abcdef"[(h >> (60 - 4 * i)) & 15];
+  hex[16] = 0;
+  return Napi::String::New(env, hex, 16);
 }
 
 // cpuFeatures() -> names of the SIMD extensions this CPU has (for `doctor`).
@@ -56,6 +72,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("mergeBatch", Napi::Function::New(env, MergeBatch, "mergeBatch"));
   exports.Set("dotBatch", Napi::Function::New(env, DotBatch, "dotBatch"));
   exports.Set("philoxBlock", Napi::Function::New(env, PhiloxBlock, "philoxBlock"));
+  exports.Set("xxh64", Napi::Function::New(env, Xxh64, "xxh64"));
   exports.Set("cpuFeatures", Napi::Function::New(env, CpuFeatures, "cpuFeatures"));
   exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo, "cudaInfo"));
   exports.Set("cudaOpen", Napi::Function::New(env, CudaOpen, "cudaOpen"));
