@@ -6,6 +6,7 @@
 // as build-ctest/della_kernel_driver.
 //   della_kernel_driver [method] [threads] [K] [dtype 0=F32 1=F16 2=BF16 3=F64] [dump-file]
 // method: della, della_linear, dare_ties, ties, breadcrumbs_ties, ta (task arithmetic)
+// DELLA_DRIVER_DATA=ulp: few-ulp expert deltas (16-bit dtypes), as in bench/e2e.js.
 #include <chrono>
 #include <ctime>
 #include <cstdio>
@@ -28,9 +29,19 @@ int main(int argc, char** argv) {
   std::vector<float> basef(N);
   std::vector<std::vector<uint8_t>> bufs(K + 2, std::vector<uint8_t>(N * es));
   for (uint64_t i = 0; i < N; ++i) basef[i] = ((rnd() / 4294967296.0) - 0.5) * 0.04;
+  // DELLA_DRIVER_DATA=ulp: experts are the base nudged by a few units in the last place,
+  // like fine-tuned BF16 checkpoints (and bench/e2e.js's models): far fewer distinct keys.
+  const bool ulp = getenv("DELLA_DRIVER_DATA") && std::string(getenv("DELLA_DRIVER_DATA")) == "ulp";
   for (int b = 0; b <= K; ++b)
     for (uint64_t i = 0; i < N; ++i) {
       float v = b == 0 ? basef[i] : basef[i] + ((rnd() / 4294967296.0) - 0.5) * 0.004;
+      if (b > 0 && ulp && es == 2) {
+        uint16_t x;
+        memcpy(&x, bufs[0].data() + 2 * i, 2);
+        x = static_cast<uint16_t>(x + (static_cast<int>(rnd() >> 29) - 4) * b);
+        memcpy(bufs[b].data() + 2 * i, &x, 2);
+        continue;
+      }
       store_f32(bufs[b].data(), dt, i, v);
     }
   MergeTask t;

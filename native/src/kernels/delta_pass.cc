@@ -20,6 +20,7 @@
 #include <immintrin.h>
 // GCC 12 warns inside its own AVX-512 headers (_mm512_undefined_epi32).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 #include "della/philox.h"
@@ -120,6 +121,104 @@ __attribute__((target("avx512f"))) uint64_t mask_by_rank_avx512(float* __restric
 inline bool have_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f");
   return yes;
+}
+
+// The ranking path for CPUs with AVX-512 conflict detection and vector popcount (Ice
+// Lake and later): one histogram table, counted 16 keys per step, and the rank lookup
+// folded into the keep-and-rescale loop.
+#define DELLA_AVX512_CD __attribute__((target("avx512f,avx512cd,avx512vpopcntdq,avx512bw,avx512vl")))
+inline bool have_avx512_cd() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd") &&
+                          __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+
+DELLA_AVX512_CD inline __mmask16 tail_mask(uint64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// The 16-key blocks a row's keys occupy: block 0 (key 0, the unchanged parameters, is
+// common) and blocks [lo, hi], which hold every nonzero key (lo > hi: none). Tracking
+// the range costs two vector ops per step, where marking touched blocks cost a store
+// per element.
+struct KeyRange {
+  uint32_t lo, hi;
+};
+
+// Counts keys[0..n) into hist (2^15 counters, zero on entry) and writes each element's
+// occurrence among the equal keys before it into occ. Per step of 16: vpconflictd
+// marks the equal keys in lower lanes (their number is the lane's occurrence within
+// the step), a gather reads the counts so far, and a scatter writes them back; for a
+// repeated key the highest lane, holding the largest count, is written last.
+DELLA_AVX512_CD KeyRange count_keys15_cd(const uint16_t* __restrict keys, uint64_t n, uint32_t* __restrict hist,
+                                          uint32_t* __restrict occ) {
+  const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
+  __m512i lo = _mm512_set1_epi32(static_cast<int>(kKeys - 1)), hi = zero;
+  for (uint64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512i k = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, keys + j));
+    const __m512i within = _mm512_popcnt_epi32(_mm512_conflict_epi32(k));
+    const __m512i o = _mm512_add_epi32(_mm512_mask_i32gather_epi32(zero, m, k, hist, 4), within);
+    _mm512_mask_storeu_epi32(occ + j, m, o);
+    _mm512_mask_i32scatter_epi32(hist, m, k, _mm512_add_epi32(o, one), 4);
+    lo = _mm512_mask_min_epu32(lo, _mm512_mask_test_epi32_mask(m, k, k), lo, k);
+    hi = _mm512_mask_max_epu32(hi, m, hi, k);
+  }
+  return {_mm512_reduce_min_epu32(lo) >> kBlockBits, _mm512_reduce_max_epu32(hi) >> kBlockBits};
+}
+
+// Replaces the counts of the range's blocks by each key's start (the number of smaller
+// keys in the row): an in-register scan per block of 16 and a running carry.
+DELLA_AVX512_CD inline __m512i scan_block_cd(uint32_t* __restrict p, __m512i carry) {
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i c = _mm512_loadu_si512(p);
+  __m512i x = c;  // inclusive scan across the 16 keys: shifts up by 1, 2, 4, 8 lanes
+  x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 15));
+  x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 14));
+  x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 12));
+  x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 8));
+  _mm512_storeu_si512(p, _mm512_add_epi32(_mm512_sub_epi32(x, c), carry));
+  return _mm512_permutexvar_epi32(_mm512_set1_epi32(15), _mm512_add_epi32(x, carry));
+}
+
+DELLA_AVX512_CD void key_starts_cd(uint32_t* __restrict hist, KeyRange r) {
+  __m512i carry = scan_block_cd(hist, _mm512_setzero_si512());
+  for (uint32_t b = std::max<uint32_t>(r.lo, 1); b <= r.hi; ++b) carry = scan_block_cd(hist + (b << kBlockBits), carry);
+}
+
+void clear_range(uint32_t* hist, KeyRange r) {
+  std::memset(hist, 0, sizeof(uint32_t) << kBlockBits);
+  const uint32_t lo = std::max<uint32_t>(r.lo, 1);
+  if (lo <= r.hi) std::memset(hist + (lo << kBlockBits), 0, (sizeof(uint32_t) << kBlockBits) * (r.hi - lo + 1));
+}
+
+// Keep and inverse rescale by rank (SPEC §4) with the rank found on the way: rank =
+// starts[key] + occurrence, then (q, 1/q) in one 64-bit gather per element from the
+// tensor's table. kept iff x < q; then d * (1/q). Returns how many were kept.
+DELLA_AVX512_CD uint64_t mask_by_key_rank_cd(float* __restrict d, const uint32_t* __restrict words,
+                                              const uint32_t* __restrict occ, const uint16_t* __restrict keys,
+                                              const uint32_t* __restrict starts, const KeepScale* __restrict table,
+                                              uint64_t n) {
+  const __m512 two_m24 = _mm512_set1_ps(5.9604644775390625e-08f);
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  uint64_t kept = 0;
+  for (uint64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512i k = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, keys + j));
+    const __m512i rank = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m, occ + j), _mm512_mask_i32gather_epi32(zero, m, k, starts, 4));
+    const __m512i qs0 = _mm512_mask_i32gather_epi64(zero, static_cast<__mmask8>(m), _mm512_castsi512_si256(rank), table, 8);
+    const __m512i qs1 = _mm512_mask_i32gather_epi64(zero, static_cast<__mmask8>(m >> 8), _mm512_extracti64x4_epi64(rank, 1), table, 8);
+    const __m512 q = _mm512_castsi512_ps(_mm512_permutex2var_epi32(qs0, even, qs1));
+    const __m512 sc = _mm512_castsi512_ps(_mm512_permutex2var_epi32(qs0, odd, qs1));
+    const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_maskz_loadu_epi32(m, words + j), 8)), two_m24);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(m, x, q, _CMP_LT_OQ);
+    _mm512_mask_storeu_ps(d + j, m, _mm512_maskz_mul_ps(keep, _mm512_maskz_loadu_ps(m, d + j), sc));
+    kept += static_cast<uint64_t>(__builtin_popcount(keep));
+  }
+  return kept;
 }
 #endif
 
@@ -282,6 +381,16 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
       // (tf: q and 1/q interleaved), or computed from the rank, or constants.
       const bool per_element = ranked;
       const float* tf = ranked && !es.table.empty() ? &es.table[0].q : nullptr;
+#if defined(DELLA_AVX512_PATHS)
+      if (ranked && keys != 3 && tf && t.rescale == Rescale::Inverse && have_avx512_cd()) {
+        const KeyRange kr = count_keys15_cd(k16, n, hist, ranks);
+        key_starts_cd(hist, kr);
+        const uint32_t* x = philox_row(t.seed, t.tensor_id, k, i0, n, words);
+        local.kept[k] += mask_by_key_rank_cd(d, x, ranks, k16, hist, &es.table[0], n);
+        clear_range(hist, kr);
+        continue;
+      }
+#endif
       if (ranked) {
         if (keys != 3) {
           // ranks[] holds each element's occurrence among equal keys of its segment;
