@@ -4,6 +4,7 @@
 // ctest runs it in the dispatching build and in builds fixed to AVX2 and to baseline
 // x86-64 (DELLA_FIXED_SIMD) and requires the same digests: every SIMD path must give
 // the same bytes. Usage: della_kernel_digest [count] [seed]
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -49,7 +50,10 @@ int main(int argc, char** argv) {
     const double scale = pick(2) ? 0.02 : 1.0;
     std::normal_distribution<double> nd(0.0, scale);
     std::vector<float> basev(numel);
-    for (auto& v : basev) v = static_cast<float>(nd(rng));
+    // Some tensors hold exact zeros, so that experts can differ from the base by
+    // subnormal amounts: keys in the lowest block, beside key 0.
+    const bool zeros = pick(4) == 0;
+    for (auto& v : basev) v = zeros && pick(8) == 0 ? 0.0f : static_cast<float>(nd(rng));
     std::vector<std::vector<uint8_t>> bufs;
     bufs.emplace_back(numel * dtype_size(t.base_dtype));
     for (uint64_t i = 0; i < numel; ++i) store_f32(bufs[0].data(), t.base_dtype, i, basev[i]);
@@ -63,6 +67,10 @@ int main(int argc, char** argv) {
       for (int64_t d : e.shape) en *= static_cast<uint64_t>(d);
       std::vector<uint8_t> buf(en * dtype_size(e.dtype));
       const double spread = uni(0.0005, 0.01) * (scale > 0.5 ? 50 : 1);
+      // Styles: normal deltas; or few-ulp nudges of the base's bits, as fine-tuned 16-bit
+      // checkpoints have (few distinct keys, long runs of equal ones), with subnormal
+      // deltas where the base is zero.
+      const bool ulp = dtype_size(e.dtype) == 2 && pick(3) == 0;
       for (uint64_t i = 0; i < en; ++i) {
         // Expert = base (same position) + a small delta; quantized deltas repeat keys.
         uint64_t bi = i;
@@ -71,6 +79,18 @@ int main(int argc, char** argv) {
           bi = row < static_cast<uint64_t>(t.shape[0]) && col < static_cast<uint64_t>(t.shape[1])
                    ? row * static_cast<uint64_t>(t.shape[1]) + col
                    : 0;
+        }
+        if (ulp) {
+          store_f32(buf.data(), e.dtype, i, basev[bi]);
+          uint16_t x;
+          std::memcpy(&x, buf.data() + 2 * i, 2);
+          // Within the magnitude bits, so that the sign stays and a zero base gets
+          // subnormal neighbours; never into Inf or NaN (inputs are finite).
+          const int mag = (x & 0x7fff) + static_cast<int>(pick(9)) - 4;
+          const uint16_t y = static_cast<uint16_t>((x & 0x8000) | (mag < 0 ? -mag : mag));
+          const uint16_t exp_mask = e.dtype == DType::BF16 ? 0x7f80 : 0x7c00;
+          if ((y & exp_mask) != exp_mask) std::memcpy(buf.data() + 2 * i, &y, 2);
+          continue;
         }
         const double delta = pick(10) == 0 ? 0.0 : std::normal_distribution<double>(0.0, spread)(rng);
         store_f32(buf.data(), e.dtype, i, static_cast<float>(basev[bi] + delta));
