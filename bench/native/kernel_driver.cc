@@ -7,6 +7,7 @@
 //   della_kernel_driver [method] [threads] [K] [dtype 0=F32 1=F16 2=BF16 3=F64] [dump-file]
 // method: della, della_linear, dare_ties, ties, breadcrumbs_ties, ta (task arithmetic)
 // DELLA_DRIVER_DATA=ulp: few-ulp expert deltas (16-bit dtypes), as in bench/e2e.js.
+// DELLA_DRIVER_ROWS=R: a tensor of R x 4096 (default 4096 rows).
 #include <chrono>
 #include <ctime>
 #include <cstdio>
@@ -24,7 +25,8 @@ int main(int argc, char** argv) {
   int K = argc > 3 ? atoi(argv[3]) : 3;
   DType dt = argc > 4 ? (DType)atoi(argv[4]) : DType::BF16;
   const char* dump = argc > 5 ? argv[5] : nullptr;
-  const uint64_t R = 4096, C = 4096, N = R * C;
+  // DELLA_DRIVER_ROWS: rows of the tensor (default 4096; 32768 puts the inputs far beyond the caches).
+  const uint64_t R = getenv("DELLA_DRIVER_ROWS") ? strtoull(getenv("DELLA_DRIVER_ROWS"), nullptr, 10) : 4096, C = 4096, N = R * C;
   unsigned es = dtype_size(dt);
   std::vector<float> basef(N);
   std::vector<std::vector<uint8_t>> bufs(K + 2, std::vector<uint8_t>(N * es));
