@@ -7,7 +7,7 @@
 //   node bench/e2e.js [--params 200e6] [--experts 3] [--method della[,ties,...]] [--threads N] [--keep DIR]
 // Several methods (comma-separated) are timed on the same generated models, each best
 // of two runs.
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -117,6 +117,9 @@ mkdirSync(dir, { recursive: true });
 console.log(`della-merge end-to-end benchmark: ${methods.join(', ')}, K = ${K}, BF16, ${(params / 1e6).toFixed(0)} M parameters per model (${layers} layers), ${cpus().length} cores (${cpus()[0]?.model})`);
 console.log(`models in ${dir}`);
 writeModels();
+// Flush the generated files to disk first: otherwise their writeback (8 GB at 1 B
+// parameters) runs during the timed merges and slows them by a tenth or more.
+spawnSync('sync', [], { stdio: 'ignore' });
 const files = inputFiles();
 readAll(files); // warm the page cache
 const floor = [readAll(files), readAll(files)].sort((a, b) => a.seconds - b.seconds)[0];
@@ -131,7 +134,13 @@ for (const method of methods) {
   writeFileSync(recipe, `merge_method: ${method}\nbase_model: ${join(dir, 'base', 'shards')}\nmodels:\n${models}\nseed: 1\n`);
   readAll(files); // the previous merge's output may have pushed inputs out of the page cache
   const runs = [];
-  for (let i = 0; i < 2; i++) runs.push(await runMerge(recipe, out, values.threads));
+  for (let i = 0; i < 2; i++) {
+    // Untimed: the previous merge's 2 GB of output still being written back to disk
+    // would otherwise slow this one (della-merge itself does not fsync; the operating
+    // system writes the output back after the merge has returned).
+    spawnSync('sync', [], { stdio: 'ignore' });
+    runs.push(await runMerge(recipe, out, values.threads));
+  }
   const best = runs.sort((a, b) => a.seconds - b.seconds)[0];
   const row = {
     date: new Date().toISOString(), cpu: cpus()[0]?.model, cores: cpus().length, method, experts: K, dtype: 'BF16',
