@@ -104,6 +104,18 @@ describe(`native CPU kernels equal lib/reference (DELLA_TEST_SEED=${seed})`, () 
     }
   }
 
+  it('whole-tensor cuts over many work items: the counts of cut keys stop after the cut', async () => {
+    // 520 rows of 1024: work items of 64 rows, so the counting runs in several waves and
+    // stops before the last rows wherever the cut falls earlier.
+    const r = rng(seed ^ 0x5eed);
+    for (const method of ['ties', 'ties_l1', 'breadcrumbs'] as const) {
+      for (let t = 0; t < 2; t++) {
+        const task = drawTask(r, [520, 1024], method);
+        for (const threads of [1, 2]) await compare(task, threads, `${method} [520,1024] threads=${threads}`);
+      }
+    }
+  }, 120_000);
+
   it('embedding sub-blocks read the leading block of a larger expert', async () => {
     const r = rng(seed + 1);
     for (const shape of [[7, 13], [9], [2, 3, 5]]) {

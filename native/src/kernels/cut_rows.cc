@@ -110,7 +110,7 @@ void histogram_rows_impl(const MergeTask& t, const TaskState& st, uint64_t r0, u
 
 DELLA_SIMD_CLONES
 void cut_key_counts_impl(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s,
-                         std::vector<uint64_t>& a_counts, std::vector<uint64_t>& b_counts) {
+                         const uint8_t* active, std::vector<uint64_t>& a_counts, std::vector<uint64_t>& b_counts) {
   const uint64_t n = st.g.n;
   const unsigned K = static_cast<unsigned>(t.experts.size());
   float* base = grown(s.base, n);
@@ -121,7 +121,7 @@ void cut_key_counts_impl(const MergeTask& t, const TaskState& st, uint64_t r0, u
     load_any(t.base_dtype, static_cast<const uint8_t*>(t.base) + r * n * dtype_size(t.base_dtype), n, base);
     for (unsigned k = 0; k < K; ++k) {
       const ExpertState& es = st.ex[k];
-      if (!es.sparse) continue;
+      if (!active[k]) continue;
       row_keys(t, st, k, r, base, d, k16, k32);
       uint64_t a = 0, b = 0;
       const uint32_t ka = es.cut_a.key, kb = es.cut_b.key;
@@ -150,8 +150,8 @@ void histogram_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64
 }
 
 void cut_key_counts(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s,
-                    std::vector<uint64_t>& a_counts, std::vector<uint64_t>& b_counts) {
-  cut_key_counts_impl(t, st, r0, r1, s, a_counts, b_counts);
+                    const uint8_t* active, std::vector<uint64_t>& a_counts, std::vector<uint64_t>& b_counts) {
+  cut_key_counts_impl(t, st, r0, r1, s, active, a_counts, b_counts);
 }
 
 }  // namespace della::detail

@@ -321,20 +321,60 @@ std::vector<Cut> find_cuts(const MergeTask& t, const TaskState& st, unsigned thr
   return cuts;
 }
 
-// Per row, how many earlier elements (in index order) carry each cut's key.
+// Per row, how many earlier elements (in index order) carry each cut's key. Only the
+// rows up to the one where a cut falls need exact counts: every row after it sees at
+// least `take` such elements before it, so none of its cut-key elements is before the
+// cut. The rows are therefore counted in waves, each expert only until the wave in
+// which its cuts have been reached (on average about half the tensor), and the rows
+// after get a count above `take` (take + 1, or the exact count if larger).
 void occurrence_starts(const MergeTask& t, TaskState& st, unsigned threads, std::vector<Scratch>& scratch) {
   const size_t K = t.experts.size();
   const uint64_t rows = st.g.rows;
-  std::vector<uint64_t> a(rows * K, 0), b(rows * K, 0);
-  for_rows(st.g, threads, scratch,
-           [&](uint64_t r0, uint64_t r1, Scratch& s) { cut_key_counts(t, st, r0, r1, s, a, b); });
+  const bool two_cuts = t.sparsifier == Sparsifier::Breadcrumbs;
+  std::vector<uint64_t> a(rows * K, 0), b(rows * K, 0), sum_a(K, 0), sum_b(K, 0);
+  std::vector<uint64_t> counted(K, 0);  // per expert: rows [0, counted) have exact counts
+  std::vector<uint8_t> active(K, 0);
+  const uint64_t per = std::max<uint64_t>(1, kItemElements / std::max<uint64_t>(1, st.g.n));
+  const uint64_t wave = per * std::max(1u, threads) * 4;  // rows: four work items a thread
+  for (uint64_t begin = 0; begin < rows;) {
+    bool any = false;
+    for (size_t k = 0; k < K; ++k) {
+      const ExpertState& es = st.ex[k];
+      active[k] = es.sparse && ((!es.cut_a.all && sum_a[k] < es.cut_a.take) ||
+                                (two_cuts && !es.cut_b.all && sum_b[k] < es.cut_b.take));
+      any = any || active[k];
+    }
+    if (!any) break;
+    const uint64_t end = std::min(rows, begin + wave);
+    const size_t items = static_cast<size_t>((end - begin + per - 1) / per);
+    global_pool().run(items, threads, [&](size_t it, unsigned worker) {
+      const uint64_t r0 = begin + it * per;
+      cut_key_counts(t, st, r0, std::min(end, r0 + per), scratch[worker], active.data(), a, b);
+    });
+    for (size_t k = 0; k < K; ++k) {
+      if (!active[k]) continue;
+      for (uint64_t r = begin; r < end; ++r) {
+        sum_a[k] += a[r * K + k];
+        sum_b[k] += b[r * K + k];
+      }
+      counted[k] = end;
+    }
+    begin = end;
+  }
   for (size_t k = 0; k < K; ++k) {
     ExpertState& es = st.ex[k];
     es.occ_a.assign(rows + 1, 0);
     es.occ_b.assign(rows + 1, 0);
-    for (uint64_t r = 0; r < rows; ++r) {
+    const uint64_t c = counted[k];
+    for (uint64_t r = 0; r < c; ++r) {
       es.occ_a[r + 1] = es.occ_a[r] + a[r * K + k];
       es.occ_b[r + 1] = es.occ_b[r] + b[r * K + k];
+    }
+    const uint64_t past_a = std::max(es.occ_a[c], es.cut_a.take + 1);
+    const uint64_t past_b = std::max(es.occ_b[c], es.cut_b.take + 1);
+    for (uint64_t r = c + 1; r <= rows; ++r) {
+      es.occ_a[r] = past_a;
+      es.occ_b[r] = past_b;
     }
   }
 }

@@ -91,9 +91,9 @@ void merge_rows_delta(const MergeTask& t, const TaskState& st, uint64_t r0, uint
 void histogram_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s, int level,
                     const std::vector<uint32_t>& hi_filter, std::vector<std::vector<uint64_t>>& hists);
 
-// Per row r in [r0, r1) and sparse expert k, how many keys equal the expert's cut
-// keys: into a_counts[r * K + k] and b_counts[r * K + k].
+// Per row r in [r0, r1) and expert k with active[k] set, how many keys equal the
+// expert's cut keys: into a_counts[r * K + k] and b_counts[r * K + k].
 void cut_key_counts(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s,
-                    std::vector<uint64_t>& a_counts, std::vector<uint64_t>& b_counts);
+                    const uint8_t* active, std::vector<uint64_t>& a_counts, std::vector<uint64_t>& b_counts);
 
 }  // namespace della::detail
