@@ -13,7 +13,7 @@ import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, type OutputTensor } from '../checkpoint/writer.js';
 import { loadNative } from '../native.js';
 import type { MergePlan, TensorPlan } from './plan.js';
-import { recordedDigests, RUN_FILE, type DigestAlgorithm, type RunRecord } from './record.js';
+import { recordedDigests, RUN_FILE, sortedDigests, type DigestAlgorithm, type RunRecord } from './record.js';
 
 export const PART_FILE = 'della_merge_part.json';
 
@@ -159,7 +159,7 @@ export async function assemble(partDirs: readonly string[], out: string, options
     // The parts' digest algorithm, so that verify hashes the way they did.
     const run = {
       tool: 'della-merge', version: first.version, method: first.method, seed: first.seed,
-      [algorithm]: Object.fromEntries(Object.entries(digests).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))),
+      [algorithm]: sortedDigests(digests),
     };
     target.writeFile(RUN_FILE, `${JSON.stringify(run, null, 2)}\n`);
     files.push(RUN_FILE);

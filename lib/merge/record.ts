@@ -36,3 +36,8 @@ export function recordedDigests(record: object): { algorithm: DigestAlgorithm; d
 export function tensorDigest(algorithm: DigestAlgorithm, bytes: Uint8Array): string {
   return algorithm === 'xxh64' ? loadNative().xxh64(bytes) : createHash('sha256').update(bytes).digest('hex');
 }
+
+/** Digests by tensor name, in name order (so that records of the same merge are byte-identical). */
+export function sortedDigests(digests: Record<string, string>): Record<string, string> {
+  return Object.fromEntries(Object.entries(digests).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
+}

@@ -9,7 +9,7 @@ import { DellaError } from '../errors.js';
 import { copyExtras, CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, DEFAULT_SHARD_SIZE, type OutputTensor } from '../checkpoint/writer.js';
 import { checkPart, partTensors, planDigest, PART_FILE, type PartRecord } from './parts.js';
-import { RUN_FILE, tensorDigest, type RunRecord } from './record.js';
+import { RUN_FILE, sortedDigests, tensorDigest, type RunRecord } from './record.js';
 import { loadNative, packageRoot, type NativeAddon } from '../native.js';
 import type { Recipe } from '../recipe/index.js';
 import { referenceDots, referenceMergeTensor } from '../reference/merge-tensor.js';
@@ -24,9 +24,6 @@ export { planRecipe, openModels, type OpenedModels } from './build.js';
 
 export const RECIPE_FILE = 'della_merge_recipe.yaml';
 export { RUN_FILE, type RunRecord } from './record.js';
-function sortedKeys(o: Record<string, string>): Record<string, string> {
-  return Object.fromEntries(Object.entries(o).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
-}
 
 export interface ProgressEvent {
   phase: 'merge' | 'finish';
@@ -277,7 +274,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     out.writeFile(RECIPE_FILE, text);
     out.writeFile('README.md', modelCard(recipe, plan.method, text, packageVersion()));
     files.push(RECIPE_FILE, 'README.md');
-    const run: RunRecord = { tool: 'della-merge', version: packageVersion(), method: plan.method.name, seed, xxh64: sortedKeys(digests) };
+    const run: RunRecord = { tool: 'della-merge', version: packageVersion(), method: plan.method.name, seed, xxh64: sortedDigests(digests) };
     if (part) {
       const record: PartRecord = {
         ...run, part: part.index, of: part.count, shardSize,

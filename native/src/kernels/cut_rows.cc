@@ -34,6 +34,17 @@ DELLA_ALWAYS_INLINE void row_keys(const MergeTask& t, const TaskState& st, unsig
   else deltas_any<3>(e.dtype, src, n, base, d, k16, k32);
 }
 
+// The row buffers of both pre-passes, grown to rows of n.
+struct RowBuffers {
+  float* base;
+  float* d;
+  uint16_t* k16;
+  uint32_t* k32;
+};
+RowBuffers row_buffers(Scratch& s, uint64_t n) {
+  return {grown(s.base, n), grown(s.delta, n), grown(s.keys16, n), grown(s.keys, n)};
+}
+
 // Counts 15-bit bins into four tables, one per quarter of the row, so that runs of
 // equal keys do not chain every increment through memory; marks touched blocks.
 __attribute__((noinline)) void count_bins(const uint16_t* __restrict bins, uint64_t n, uint32_t* __restrict tables,
@@ -79,16 +90,13 @@ void histogram_rows_impl(const MergeTask& t, const TaskState& st, uint64_t r0, u
                          const std::vector<uint32_t>& hi_filter, std::vector<std::vector<uint64_t>>& hists) {
   const uint64_t n = st.g.n;
   const unsigned K = static_cast<unsigned>(t.experts.size());
-  float* base = grown(s.base, n);
-  float* d = grown(s.delta, n);
-  uint16_t* k16 = grown(s.keys16, n);
-  uint32_t* k32 = grown(s.keys, n);
+  const auto [base, d, k16, k32] = row_buffers(s, n);
   uint32_t* tables = grown(s.hist15, 4 * kBins);
   s.touched.assign(kBlocks, 0);
   for (unsigned k = 0; k < K; ++k) {
     if (!st.ex[k].sparse) continue;
     for (uint64_t r = r0; r < r1; ++r) {
-      load_any(t.base_dtype, static_cast<const uint8_t*>(t.base) + r * n * dtype_size(t.base_dtype), n, base);
+      load_base_row(t, r, n, base);
       row_keys(t, st, k, r, base, d, k16, k32);
       if (st.mode == KeyMode::F32) {
         if (level == 1) {
@@ -113,12 +121,9 @@ void cut_key_counts_impl(const MergeTask& t, const TaskState& st, uint64_t r0, u
                          const uint8_t* active, std::vector<uint64_t>& a_counts, std::vector<uint64_t>& b_counts) {
   const uint64_t n = st.g.n;
   const unsigned K = static_cast<unsigned>(t.experts.size());
-  float* base = grown(s.base, n);
-  float* d = grown(s.delta, n);
-  uint16_t* k16 = grown(s.keys16, n);
-  uint32_t* k32 = grown(s.keys, n);
+  const auto [base, d, k16, k32] = row_buffers(s, n);
   for (uint64_t r = r0; r < r1; ++r) {
-    load_any(t.base_dtype, static_cast<const uint8_t*>(t.base) + r * n * dtype_size(t.base_dtype), n, base);
+    load_base_row(t, r, n, base);
     for (unsigned k = 0; k < K; ++k) {
       const ExpertState& es = st.ex[k];
       if (!active[k]) continue;

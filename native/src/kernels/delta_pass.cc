@@ -59,6 +59,16 @@ void segment_starts_scalar(uint32_t* __restrict hist, const uint16_t* blocks, ui
 }
 
 #if defined(DELLA_AVX512_PATHS)
+// Inclusive prefix sum across the 16 lanes: adds of the vector shifted up by 1, 2, 4
+// and 8 lanes.
+__attribute__((target("avx512f"))) inline __m512i scan16(__m512i x) {
+  const __m512i zero = _mm512_setzero_si512();
+  x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 15));
+  x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 14));
+  x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 12));
+  return _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 8));
+}
+
 // The same running sum, 16 keys at a time: an in-register scan of the per-key totals.
 __attribute__((target("avx512f"))) void segment_starts_avx512(uint32_t* __restrict hist, const uint16_t* blocks,
                                                               uint32_t m) {
@@ -71,11 +81,7 @@ __attribute__((target("avx512f"))) void segment_starts_avx512(uint32_t* __restri
     const __m512i c2 = _mm512_loadu_si512(p + 2 * kKeys), c3 = _mm512_loadu_si512(p + 3 * kKeys);
     const __m512i c01 = _mm512_add_epi32(c0, c1), c012 = _mm512_add_epi32(c01, c2);
     const __m512i total = _mm512_add_epi32(c012, c3);
-    __m512i x = total;  // inclusive scan across the 16 keys: shifts up by 1, 2, 4, 8 lanes
-    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 15));
-    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 14));
-    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 12));
-    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 8));
+    const __m512i x = scan16(total);
     const __m512i start = _mm512_add_epi32(_mm512_sub_epi32(x, total), carry);
     _mm512_storeu_si512(p, start);
     _mm512_storeu_si512(p + kKeys, _mm512_add_epi32(start, c0));
@@ -128,13 +134,8 @@ inline bool have_avx512() {
 // Replaces the counts of the range's blocks by each key's start (the number of smaller
 // keys in the row): an in-register scan per block of 16 and a running carry.
 DELLA_AVX512_CD inline __m512i scan_block_cd(uint32_t* __restrict p, __m512i carry) {
-  const __m512i zero = _mm512_setzero_si512();
   const __m512i c = _mm512_loadu_si512(p);
-  __m512i x = c;  // inclusive scan across the 16 keys: shifts up by 1, 2, 4, 8 lanes
-  x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 15));
-  x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 14));
-  x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 12));
-  x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 8));
+  const __m512i x = scan16(c);
   _mm512_storeu_si512(p, _mm512_add_epi32(_mm512_sub_epi32(x, c), carry));
   return _mm512_permutexvar_epi32(_mm512_set1_epi32(15), _mm512_add_epi32(x, carry));
 }
@@ -296,8 +297,7 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
 
   for (uint64_t r = r0; r < r1; ++r) {
     const uint64_t i0 = r * n;
-    local.nonfinite[0] += load_any(t.base_dtype, static_cast<const uint8_t*>(t.base) + i0 * dtype_size(t.base_dtype),
-                                   n, base);
+    local.nonfinite[0] += load_base_row(t, r, n, base);
     for (unsigned k = 0; k < K; ++k) {
       const ExpertInput& e = t.experts[k];
       const ExpertState& es = st.ex[k];

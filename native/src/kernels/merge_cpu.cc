@@ -158,8 +158,7 @@ bool norm_rescale(Rescale r) { return r == Rescale::L1 || r == Rescale::L2 || r 
 
 // Loads base row r into s.base.
 uint64_t base_row(const MergeTask& t, const TaskState& st, uint64_t r, Scratch& s) {
-  s.base.resize(st.g.n);
-  return load_row(t.base, t.base_dtype, r * st.g.n, st.g.n, s.base.data());
+  return load_base_row(t, r, st.g.n, grown(s.base, st.g.n));
 }
 
 // Expert k's delta row (n floats) into s.delta; needs s.base. Returns the expert's

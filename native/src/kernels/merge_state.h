@@ -6,6 +6,7 @@
 
 #include "della/tensor_rules.h"
 #include "merge_cpu.h"
+#include "row_io.h"
 
 namespace della::detail {
 
@@ -70,6 +71,12 @@ struct Scratch {
   std::vector<uint16_t> blocks;
   std::vector<KeepScale> ks;
 };
+
+// Base row r (of length n) as fp32 into dst; returns how many values are not finite.
+// Inlined, so that each SIMD build of a caller vectorizes it.
+DELLA_ALWAYS_INLINE uint64_t load_base_row(const MergeTask& t, uint64_t r, uint64_t n, float* dst) {
+  return load_any(t.base_dtype, static_cast<const uint8_t*>(t.base) + r * n * dtype_size(t.base_dtype), n, dst);
+}
 
 // Stable ascending ranks of keys[0..n) (any 32-bit keys).
 void stable_ranks(const uint32_t* keys, uint64_t n, Scratch& s, uint32_t* ranks);
