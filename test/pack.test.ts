@@ -4,18 +4,27 @@
  * the demo and import the API. Runs in a copy of the tree so the build of the suite is
  * left alone. Set DELLA_SKIP_PACK=1 to skip it (it takes a minute).
  */
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { cpSync, mkdirSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { tempDir } from './helpers/models.js';
 
 const root = resolve(import.meta.dirname, '..');
-const npm = (cwd: string, args: string[], env: NodeJS.ProcessEnv = process.env) =>
-  spawnSync('npm', args, { cwd, encoding: 'utf8', env: { ...env, npm_config_yes: 'true' }, timeout: 300_000 });
+// Asynchronous: the prebuild alone can take over a minute, and a worker blocked that long
+// in spawnSync misses vitest's 60 s replies ("Timeout calling onTaskUpdate").
+function npm(cwd: string, args: string[], env: NodeJS.ProcessEnv = process.env): Promise<{ status: number | null; stderr: string }> {
+  return new Promise((done, fail) => {
+    const child = spawn('npm', args, { cwd, env: { ...env, npm_config_yes: 'true' }, timeout: 300_000, stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (d: string) => { stderr += d; });
+    child.on('error', fail);
+    child.on('close', (status) => done({ status, stderr }));
+  });
+}
 
 describe.skipIf(process.env.DELLA_SKIP_PACK === '1')('npm pack with a prebuilt binary', () => {
-  it('installs without a compiler or CMake, runs the demo, and imports', () => {
+  it('installs without a compiler or CMake, runs the demo, and imports', async () => {
     const work = tempDir('della-pack-');
     const src = join(work, 'src');
     const files = execFileSync('git', ['ls-files', '--cached', '--others', '--exclude-standard'], { cwd: root, encoding: 'utf8' })
@@ -25,17 +34,17 @@ describe.skipIf(process.env.DELLA_SKIP_PACK === '1')('npm pack with a prebuilt b
       cpSync(join(root, f), join(src, f));
     }
     symlinkSync(join(root, 'node_modules'), join(src, 'node_modules'));
-    const pre = npm(src, ['run', 'prebuilds']);
+    const pre = await npm(src, ['run', 'prebuilds']);
     expect(pre.status, pre.stderr).toBe(0);
     expect(readdirSync(join(src, 'prebuilds', `${process.platform}-${process.arch}`))).toEqual(['della-merge.glibc.node']);
-    const pack = npm(src, ['pack', '--pack-destination', work]);
+    const pack = await npm(src, ['pack', '--pack-destination', work]);
     expect(pack.status, pack.stderr).toBe(0);
     const tarball = readdirSync(work).find((f) => f.endsWith('.tgz'))!;
 
     const app = join(work, 'app');
     mkdirSync(app);
     writeFileSync(join(app, 'package.json'), '{"name": "app", "version": "1.0.0", "type": "module", "private": true}\n');
-    const install = npm(app, ['install', join(work, tarball), '--no-audit', '--no-fund', '--prefer-offline']);
+    const install = await npm(app, ['install', join(work, tarball), '--no-audit', '--no-fund', '--prefer-offline']);
     expect(install.status, install.stderr).toBe(0);
 
     // A PATH holding node and nothing else: no compiler, no CMake, no make.
