@@ -57,13 +57,12 @@ async function cmdRun(args: string[]): Promise<number> {
 
 async function cmdAssemble(args: string[]): Promise<number> {
   const { values, positionals } = parse('assemble', args, {
-    out: { type: 'string', short: 'o' }, overwrite: { type: 'boolean' }, json: { type: 'boolean' }, threads: { type: 'string', short: 'j' },
+    out: { type: 'string', short: 'o' }, overwrite: { type: 'boolean' }, json: { type: 'boolean' },
   });
   if (values.help) return out(ASSEMBLE_USAGE), 0;
   if (!values.out) throw usageError('assemble needs --out DIR', 'assemble');
   if (positionals.length === 0) throw usageError('assemble needs the part directories', 'assemble');
-  const threads = intOption(values.threads as string | undefined, 'threads', 1, 1024);
-  const r = await assemble(positionals, values.out as string, { overwrite: Boolean(values.overwrite), threads });
+  const r = await assemble(positionals, values.out as string, { overwrite: Boolean(values.overwrite) });
   if (values.json) out(JSON.stringify(r, null, 2));
   else {
     out(`assembled ${r.parts} parts: ${r.tensors} tensors, ${formatBytes(r.bytes)} in ${r.seconds.toFixed(2)} s`);

@@ -10,10 +10,21 @@ import type { BatchSpec, DotStats, DotTaskSpec, MergeTaskStats } from './merge/t
 
 export interface NativeMappedFile {
   readonly size: number;
-  readonly writable: boolean;
   /** A zero-copy view of [offset, offset + length); keeps the map alive. */
   view(offset: number, length: number): Uint8Array;
   advise(offset: number, length: number, how: 'willneed' | 'dontneed' | 'sequential'): void;
+  close(): void;
+}
+
+/** A new file written by byte ranges off the JS thread (O_DIRECT where possible). */
+export interface NativeOutputFile {
+  readonly size: number;
+  /** whether writes go around the page cache (O_DIRECT) */
+  readonly direct: boolean;
+  /** Writes `bytes` at `offset`; `bytes` must stay unchanged until the promise settles.
+   * Every byte of the file is written exactly once, in any order. */
+  write(offset: number, bytes: Uint8Array): Promise<void>;
+  /** After every write has settled; throws if part of the file was never written. */
   close(): void;
 }
 
@@ -50,9 +61,14 @@ export interface NativeAddon {
   MappedFile: {
     /** Maps an existing file read-only. */
     new (path: string): NativeMappedFile;
-    /** Creates a new file of `size` bytes (reserved on disk) and maps it read-write. */
-    new (path: string, size: number): NativeMappedFile;
   };
+  OutputFile: {
+    /** Creates a new file of `size` bytes (reserved on disk; it must not exist). With
+     * `direct` false, writes always go through the page cache. */
+    new (path: string, size: number, direct: boolean): NativeOutputFile;
+  };
+  /** `bytes` of memory aligned to the file block (4096 bytes), freed when collected. */
+  allocStaging(bytes: number): Uint8Array;
   mergeBatch(batch: BatchSpec): Promise<MergeTaskStats[]>;
   dotBatch(batch: { threads: number; tasks: DotTaskSpec[] }): Promise<DotStats[]>;
   philoxBlock(c0: number, c1: number, c2: number, c3: number, k0: number, k1: number): number[];

@@ -62,9 +62,18 @@ const ARRAY_TYPES: Record<string, { new (b: ArrayBufferLike, o: number, n: numbe
 
 interface OpenFile {
   map: NativeMappedFile;
+  /** one view of the whole map, made on first use; tensors are subarrays of it (a new
+   * external buffer per tensor would count gigabytes against the JS heap's GC budget) */
+  whole?: Uint8Array;
   header: SafetensorsHeader;
   size: number;
   mtimeMs: number;
+}
+
+function view(f: OpenFile, offset: number, length: number): Uint8Array {
+  if (length === 0) return new Uint8Array(0);
+  f.whole ??= f.map.view(0, f.map.size);
+  return f.whole.subarray(offset, offset + length);
 }
 
 function checkpointError(message: string): DellaError {
@@ -201,12 +210,12 @@ export function openCheckpoint(path: string): Checkpoint {
     totalBytes,
     bytes(name) {
       const t = get(name);
-      return opened.get(t.file)!.map.view(t.offset, t.byteLength);
+      return view(opened.get(t.file)!, t.offset, t.byteLength);
     },
     array(name) {
       const t = get(name);
       const Ctor = ARRAY_TYPES[t.dtype];
-      let b = opened.get(t.file)!.map.view(t.offset, t.byteLength);
+      let b = view(opened.get(t.file)!, t.offset, t.byteLength);
       if (t.offset % Ctor.BYTES_PER_ELEMENT !== 0) b = b.slice(); // maps are page-aligned
       return new Ctor(b.buffer, b.byteOffset, b.byteLength / Ctor.BYTES_PER_ELEMENT);
     },

@@ -1,15 +1,14 @@
 /**
  * The output side of SPEC §8: lays tensors out in shards, creates the shard files
- * (reserved on disk, memory-mapped) with their headers written, and hands out
- * destination views so kernels write each tensor straight to its final offset. All of
- * it happens in a temporary sibling directory that is renamed into place only when
- * complete; any failure removes it.
+ * (reserved on disk) with their headers, and writes byte ranges of tensors straight to
+ * their final offsets, off the JS thread. All of it happens in a temporary sibling
+ * directory that is renamed into place only when complete; any failure removes it.
  */
 import { existsSync, mkdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join, resolve } from 'node:path';
 import { DellaError } from '../errors.js';
-import { loadNative, type NativeMappedFile } from '../native.js';
+import { loadNative, type NativeOutputFile } from '../native.js';
 import { DTYPE_SIZES, encodeHeader } from './safetensors.js';
 import { INDEX_FILE, SINGLE_FILE } from './model.js';
 
@@ -101,7 +100,7 @@ export class OutputDirectory {
   readonly target: string;
   readonly tmp: string;
   private readonly overwrite: boolean;
-  private maps: NativeMappedFile[] = [];
+  private files: NativeOutputFile[] = [];
   private done = false;
 
   private constructor(target: string, tmp: string, overwrite: boolean) {
@@ -133,23 +132,27 @@ export class OutputDirectory {
     return new OutputDirectory(full, tmp, overwrite);
   }
 
-  /** Creates every shard file with its header; returns the destination view of each tensor. */
-  openShards(layouts: readonly ShardLayout[]): Map<string, Uint8Array> {
+  /**
+   * Creates every shard file (reserved on disk) and starts writing its header; returns
+   * where each tensor goes. Writes use O_DIRECT where the file system allows it, unless
+   * DELLA_DIRECT_IO=0.
+   */
+  createShards(layouts: readonly ShardLayout[]): ShardFiles {
     const native = loadNative();
-    const views = new Map<string, Uint8Array>();
+    const direct = process.env.DELLA_DIRECT_IO !== '0';
+    const files = new ShardFiles();
     for (const layout of layouts) {
-      const file = join(this.tmp, layout.fileName);
-      let map: NativeMappedFile;
+      const name = join(this.tmp, layout.fileName);
+      let file: NativeOutputFile;
       try {
-        map = new native.MappedFile(file, layout.fileSize);
+        file = new native.OutputFile(name, layout.fileSize, direct);
       } catch (e) {
         throw ioError(`cannot create ${layout.fileName} (${layout.fileSize} bytes) in ${this.tmp}`, e);
       }
-      this.maps.push(map);
-      map.view(0, layout.header.length).set(layout.header);
-      for (const t of layout.tensors) views.set(t.name, map.view(layout.header.length + t.begin, t.byteLength));
+      this.files.push(file);
+      files.add(layout, file);
     }
-    return views;
+    return files;
   }
 
   /** Writes a small file (index, model card, recipe) into the temporary directory. */
@@ -167,8 +170,8 @@ export class OutputDirectory {
 
   /** Moves the finished directory into place (replacing the target only with overwrite). */
   commit(): void {
-    for (const m of this.maps) m.close();
-    this.maps = [];
+    for (const f of this.files) f.close();
+    this.files = [];
     checkTarget(this.target, this.overwrite);
     let old: string | null = null;
     try {
@@ -188,11 +191,64 @@ export class OutputDirectory {
 
   /** Removes the temporary directory; safe to call more than once and after commit. */
   abort(): void {
-    for (const m of this.maps) m.close();
-    this.maps = [];
+    for (const f of this.files) {
+      try {
+        f.close();
+      } catch {
+        // an unfinished file: removed with the directory below
+      }
+    }
+    this.files = [];
     if (!this.done) rmSync(this.tmp, { recursive: true, force: true });
     live.delete(this.tmp);
     this.done = true;
+  }
+}
+
+/** Where each tensor of the output goes, and the writes still in flight. */
+export class ShardFiles {
+  private readonly at = new Map<string, { file: NativeOutputFile; offset: number; length: number }>();
+  private readonly inFlight = new Set<Promise<void>>();
+  private failure: unknown = null;
+
+  add(layout: ShardLayout, file: NativeOutputFile): void {
+    for (const t of layout.tensors) {
+      this.at.set(t.name, { file, offset: layout.header.length + t.begin, length: t.byteLength });
+    }
+    this.write(file, 0, layout.header, layout.fileName);
+  }
+
+  /** The file and absolute offset of a tensor. */
+  place(name: string): { file: NativeOutputFile; offset: number; length: number } {
+    const p = this.at.get(name);
+    if (!p) throw new Error(`no output place for tensor "${name}"`);
+    return p;
+  }
+
+  /**
+   * Starts writing `bytes` at `offset` of `file`; `then` runs when it has settled (to
+   * reuse the memory). A failure is thrown by the next check() or finish().
+   */
+  write(file: NativeOutputFile, offset: number, bytes: Uint8Array, what: string, then?: () => void): void {
+    const p = file.write(offset, bytes).then(
+      () => {},
+      (e: unknown) => { this.failure ??= ioError(`cannot write ${what}`, e); },
+    ).finally(() => {
+      this.inFlight.delete(p);
+      then?.();
+    });
+    this.inFlight.add(p);
+  }
+
+  /** Throws the first failed write, if any. */
+  check(): void {
+    if (this.failure) throw this.failure;
+  }
+
+  /** Waits for every write in flight; throws the first failure. */
+  async finish(): Promise<void> {
+    while (this.inFlight.size > 0) await Promise.all([...this.inFlight]);
+    this.check();
   }
 }
 

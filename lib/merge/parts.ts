@@ -10,8 +10,7 @@ import { createHash } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import { DellaError } from '../errors.js';
 import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
-import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, type OutputTensor } from '../checkpoint/writer.js';
-import { loadNative } from '../native.js';
+import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, type OutputTensor, type ShardFiles } from '../checkpoint/writer.js';
 import type { MergePlan, TensorPlan } from './plan.js';
 import { recordedDigests, RUN_FILE, sortedDigests, type DigestAlgorithm, type RunRecord } from './record.js';
 
@@ -84,7 +83,7 @@ export interface AssembleReport {
 }
 
 /** Joins the N part directories of a split merge into `out`, as one run would have written it. */
-export async function assemble(partDirs: readonly string[], out: string, options: { overwrite?: boolean; threads?: number } = {}): Promise<AssembleReport> {
+export async function assemble(partDirs: readonly string[], out: string, options: { overwrite?: boolean } = {}): Promise<AssembleReport> {
   const started = performance.now();
   if (partDirs.length === 0) throw new DellaError('E_ARGS', 'assemble needs the part directories');
   const dirs = partDirs.map((d) => resolve(d));
@@ -103,6 +102,7 @@ export async function assemble(partDirs: readonly string[], out: string, options
 
   const parts: Checkpoint[] = [];
   let target: OutputDirectory | null = null;
+  let shards: ShardFiles | null = null;
   try {
     const owner = new Map<string, Checkpoint>();
     const digests: Record<string, string> = {};
@@ -129,22 +129,20 @@ export async function assemble(partDirs: readonly string[], out: string, options
     }
     target = OutputDirectory.create(out, { overwrite: options.overwrite });
     const layouts = layoutShards(first.planned, first.shardSize);
-    const dest = target.openShards(layouts);
-    const native = loadNative();
-    const threads = options.threads ?? native.hardwareThreads;
-    let batch: Array<{ src: Uint8Array; dst: Uint8Array }> = [];
+    shards = target.createShards(layouts);
     let bytes = 0, pending = 0;
+    // Straight from the parts' maps to the new files, 64 MB in flight at most.
     for (const t of first.planned) {
-      batch.push({ src: owner.get(t.name)!.bytes(t.name), dst: dest.get(t.name)! });
+      const at = shards.place(t.name);
+      shards.write(at.file, at.offset, owner.get(t.name)!.bytes(t.name), `tensor "${t.name}"`);
       pending += t.byteLength;
       bytes += t.byteLength;
       if (pending >= 64 << 20) {
-        await native.mergeBatch({ threads, merges: [], copies: batch });
-        batch = [];
+        await shards.finish();
         pending = 0;
       }
     }
-    await native.mergeBatch({ threads, merges: [], copies: batch });
+    await shards.finish();
     const files = layouts.map((l) => l.fileName);
     if (layouts.length > 1) {
       target.writeFile(INDEX_FILE, indexJson(layouts));
@@ -166,6 +164,7 @@ export async function assemble(partDirs: readonly string[], out: string, options
     target.commit();
     return { out: target.target, parts: dirs.length, tensors: first.planned.length, bytes, files: files.sort(), seconds: (performance.now() - started) / 1000 };
   } catch (e) {
+    await shards?.finish().catch(() => {});
     target?.abort();
     throw e;
   } finally {

@@ -1,13 +1,16 @@
 /**
  * The scheduler: opens the models, plans, lays out the output, and feeds the kernels
- * batches of tensors straight from the input maps to the output maps, with progress,
- * cancellation and cleanup. Memory stays bounded: nothing is copied into JS.
+ * batches of tensors straight from the input maps into reused staging buffers, written
+ * to the output files while the next batch merges, with progress, cancellation and
+ * cleanup. Memory stays bounded by a few batches: nothing is copied into JS.
  */
 import { readFileSync } from 'node:fs';
 import { stringify as yamlStringify } from 'yaml';
 import { DellaError } from '../errors.js';
 import { copyExtras, CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
-import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, DEFAULT_SHARD_SIZE, type OutputTensor } from '../checkpoint/writer.js';
+import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, DEFAULT_SHARD_SIZE, type OutputTensor, type ShardFiles } from '../checkpoint/writer.js';
+import { STAGING_BLOCK, StagingPool } from '../checkpoint/staging.js';
+import { StagedOutput } from './output.js';
 import { checkPart, partTensors, planDigest, PART_FILE, type PartRecord } from './parts.js';
 import { RUN_FILE, sortedDigests, tensorDigest, type RunRecord } from './record.js';
 import { loadNative, packageRoot, type NativeAddon } from '../native.js';
@@ -133,7 +136,7 @@ export function abortError(): DellaError {
   return new DellaError('E_ABORTED', 'the merge was cancelled; nothing was written');
 }
 
-function batches(tensors: readonly TensorPlan[], gpu = false): TensorPlan[][] {
+export function batches(tensors: readonly TensorPlan[], gpu = false): TensorPlan[][] {
   const out: TensorPlan[][] = [];
   let cur: TensorPlan[] = [];
   let bytes = 0;
@@ -236,20 +239,25 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   const part = options.part ? checkPart(options.part) : null;
   const tensors = part ? partTensors(plan.tensors, part.index, part.count) : plan.tensors;
   let out: OutputDirectory | null = null;
+  let shards: ShardFiles | null = null;
   try {
     out = OutputDirectory.create(options.out, { overwrite: options.overwrite });
     const layouts = layoutShards(tensors.map(outputTensor), shardSize);
-    const dest = out.openShards(layouts);
+    shards = out.createShards(layouts);
+    const staged = new StagedOutput(shards, stagingPool(tensors, cuda));
     const reports: TensorReport[] = [];
     const digests: Record<string, string> = {};
     const bytesTotal = tensors.reduce((a, t) => a + t.inBytes + t.outBytes, 0);
     let bytesDone = 0;
     let tensorsDone = 0;
     const ctx: BatchContext = { plan, models, recipe, seed, threads, native, cuda, signal: options.signal, nonfiniteWarnings };
-    for await (const done of runBatches(ctx, tensors, (t) => dest.get(t.name)!)) {
-      for (const t of done) {
+    for await (const done of runBatches(ctx, tensors, (group) => staged.dests(group))) {
+      const bytes = done.map((t) => staged.bytes(t.plan.name));
+      staged.write(done.map((t) => t.plan.name)); // to disk while the next batch computes
+      shards.check();
+      for (const [i, t] of done.entries()) {
         // Recorded for `verify`, which detects any later change to the bytes.
-        digests[t.plan.name] = tensorDigest('xxh64', dest.get(t.plan.name)!);
+        digests[t.plan.name] = tensorDigest('xxh64', bytes[i]);
         reports.push(tensorReport(plan, t.plan, t.stats, t.slerp));
         bytesDone += t.plan.inBytes + t.plan.outBytes;
         tensorsDone++;
@@ -259,6 +267,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
         elapsedSeconds: (performance.now() - started) / 1000, tensor: done[done.length - 1].plan.name,
       });
     }
+    await shards.finish();
     if (options.signal?.aborted) throw abortError();
 
     // Everything beside the weights, then the rename that makes it all visible.
@@ -319,11 +328,22 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
       tensorReports: reports,
     };
   } catch (e) {
+    await shards?.finish().catch(() => {}); // no write may still read a buffer or a file
     out?.abort();
     throw e;
   } finally {
     models.close();
   }
+}
+
+/**
+ * Staging memory for the output: room for two batches, one being written while the
+ * next is merged (a third waits). Bounded by the largest batch, not the model.
+ */
+function stagingPool(tensors: readonly TensorPlan[], cuda: CudaTarget | null): StagingPool {
+  const native = loadNative();
+  const largest = Math.max(0, ...batches(tensors, cuda !== null).map((g) => g.reduce((a, t) => a + t.outBytes + STAGING_BLOCK, 0)));
+  return new StagingPool((n) => native.allocStaging(n), 2 * largest + (8 << 20));
 }
 
 /** Parses options.device and opens a CUDA device (null: the CPU). */
@@ -376,13 +396,14 @@ interface LaunchedBatch {
 }
 
 /**
- * Merges (or copies) `tensors` into the buffers `destFor` gives, a batch per kernel
+ * Merges (or copies) `tensors` into the buffers `destsFor` gives each batch, a batch per kernel
  * call; yields each finished batch. The next batch is already computing while the
  * caller handles the one yielded (hashing, reports), and the one after that is read
  * ahead. Checks cancellation, non-finite inputs and input files changing underneath.
  */
 export async function* runBatches(
-  ctx: BatchContext, tensors: readonly TensorPlan[], destFor: (t: TensorPlan) => Uint8Array,
+  ctx: BatchContext, tensors: readonly TensorPlan[],
+  destsFor: (group: TensorPlan[]) => Map<string, Uint8Array> | Promise<Map<string, Uint8Array>>,
 ): AsyncGenerator<FinishedTensor[]> {
   const { plan, models, recipe, seed, threads, native } = ctx;
   const cuda = ctx.cuda ?? null;
@@ -396,6 +417,8 @@ export async function* runBatches(
   const launch = async (g: number): Promise<LaunchedBatch> => {
     const group = groups[g];
     prefetch(groups[g + 1]); // read ahead while this batch computes
+    const dests = await destsFor(group);
+    const destFor = (t: TensorPlan) => dests.get(t.name)!;
     const merges: MergeTaskSpec[] = [];
     const mergePlans: TensorPlan[] = [];
     const copies: CopyTaskSpec[] = [];

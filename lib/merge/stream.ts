@@ -64,10 +64,9 @@ export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions 
     const buffers = new Map<string, Uint8Array>();
     const bytesTotal = plan.totals.bytesRead + plan.totals.bytesWritten;
     let bytesDone = 0, tensorsDone = 0;
-    const batchesOf = runBatches(ctx, plan.tensors, (t) => {
-      const b = new Uint8Array(t.outBytes);
-      buffers.set(t.name, b);
-      return b;
+    const batchesOf = runBatches(ctx, plan.tensors, (group) => {
+      for (const t of group) buffers.set(t.name, new Uint8Array(t.outBytes));
+      return buffers;
     });
     for await (const done of batchesOf) {
       for (const t of done) {

@@ -9,9 +9,15 @@
 #include "cuda_plugin.h"
 #include "mapped_file.h"
 #include "merge_worker.h"
+#include "output_file.h"
 
 namespace della_binding {
 namespace {
+
+struct Classes {
+  Napi::FunctionReference mapped_file;
+  Napi::FunctionReference output_file;
+};
 
 // philoxBlock(c0, c1, c2, c3, k0, k1) -> [w0, w1, w2, w3]: exposes the kernels'
 // generator so tests can check it against known answers.
@@ -65,10 +71,12 @@ Napi::Value CpuFeatures(const Napi::CallbackInfo& info) {
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   Napi::Function mapped = MappedFile::Define(env);
-  // Per-environment storage keeps the class alive in each worker thread's env.
-  auto* ctor = new Napi::FunctionReference(Napi::Persistent(mapped));
-  env.SetInstanceData<Napi::FunctionReference>(ctor);
+  Napi::Function output = OutputFile::Define(env);
+  // Per-environment storage keeps the classes alive in each worker thread's env.
+  env.SetInstanceData<Classes>(new Classes{Napi::Persistent(mapped), Napi::Persistent(output)});
   exports.Set("MappedFile", mapped);
+  exports.Set("OutputFile", output);
+  exports.Set("allocStaging", Napi::Function::New(env, AllocStaging, "allocStaging"));
   exports.Set("mergeBatch", Napi::Function::New(env, MergeBatch, "mergeBatch"));
   exports.Set("dotBatch", Napi::Function::New(env, DotBatch, "dotBatch"));
   exports.Set("philoxBlock", Napi::Function::New(env, PhiloxBlock, "philoxBlock"));

@@ -15,9 +15,7 @@ Mapping::~Mapping() {
   if (addr != nullptr) munmap(addr, size);
 }
 
-namespace {
-
-Napi::Error system_error(Napi::Env env, const std::string& what, const std::string& path, int err) {
+Napi::Error file_error(Napi::Env env, const std::string& what, const std::string& path, int err) {
   Napi::Error e = Napi::Error::New(env, path + ": " + what + ": " + strerror(err));
   const char* code = err == ENOENT ? "ENOENT" : err == EACCES ? "EACCES" : err == ENOSPC ? "ENOSPC"
                      : err == EEXIST ? "EEXIST" : err == EISDIR ? "EISDIR" : err == ENOMEM ? "ENOMEM"
@@ -27,6 +25,8 @@ Napi::Error system_error(Napi::Env env, const std::string& what, const std::stri
   e.Set("path", Napi::String::New(env, path));
   return e;
 }
+
+namespace {
 
 struct Fd {
   int fd;
@@ -40,56 +40,26 @@ struct Fd {
 Napi::Function MappedFile::Define(Napi::Env env) {
   return DefineClass(env, "MappedFile",
                      {InstanceAccessor<&MappedFile::Size>("size"),
-                      InstanceAccessor<&MappedFile::Writable>("writable"),
                       InstanceMethod<&MappedFile::View>("view"),
                       InstanceMethod<&MappedFile::Advise>("advise"),
                       InstanceMethod<&MappedFile::Close>("close")});
 }
 
-// new MappedFile(path) maps an existing file read-only;
-// new MappedFile(path, size) creates a new file of that size (it must not exist),
-// reserves its blocks so a full disk fails here rather than later, and maps it
-// read-write.
+// new MappedFile(path) maps an existing file read-only.
 MappedFile::MappedFile(const Napi::CallbackInfo& info) : Napi::ObjectWrap<MappedFile>(info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(env, "MappedFile: path must be a string");
   path_ = info[0].As<Napi::String>().Utf8Value();
-  writable_ = info.Length() >= 2 && !info[1].IsUndefined();
   map_ = std::make_shared<Mapping>();
-  if (!writable_) {
-    Fd f{open(path_.c_str(), O_RDONLY | O_CLOEXEC)};
-    if (f.fd < 0) throw system_error(env, "cannot open", path_, errno);
-    struct stat st;
-    if (fstat(f.fd, &st) != 0) throw system_error(env, "cannot stat", path_, errno);
-    if (S_ISDIR(st.st_mode)) throw system_error(env, "cannot map", path_, EISDIR);
-    size_ = static_cast<size_t>(st.st_size);
-    if (size_ > 0) {
-      void* p = mmap(nullptr, size_, PROT_READ, MAP_SHARED, f.fd, 0);
-      if (p == MAP_FAILED) throw system_error(env, "cannot map", path_, errno);
-      map_->addr = p;
-      map_->size = size_;
-    }
-    return;
-  }
-  if (!info[1].IsNumber()) throw Napi::TypeError::New(env, "MappedFile: size must be a number");
-  const double want = info[1].As<Napi::Number>().DoubleValue();
-  if (!(want >= 0 && want <= 9007199254740991.0)) throw Napi::RangeError::New(env, "MappedFile: bad size");
-  size_ = static_cast<size_t>(want);
-  Fd f{open(path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644)};
-  if (f.fd < 0) throw system_error(env, "cannot create", path_, errno);
+  Fd f{open(path_.c_str(), O_RDONLY | O_CLOEXEC)};
+  if (f.fd < 0) throw file_error(env, "cannot open", path_, errno);
+  struct stat st;
+  if (fstat(f.fd, &st) != 0) throw file_error(env, "cannot stat", path_, errno);
+  if (S_ISDIR(st.st_mode)) throw file_error(env, "cannot map", path_, EISDIR);
+  size_ = static_cast<size_t>(st.st_size);
   if (size_ > 0) {
-    int rc = posix_fallocate(f.fd, 0, static_cast<off_t>(size_));
-    if (rc == EOPNOTSUPP || rc == EINVAL) rc = ftruncate(f.fd, static_cast<off_t>(size_)) == 0 ? 0 : errno;
-    if (rc != 0) {
-      unlink(path_.c_str());
-      throw system_error(env, "cannot reserve " + std::to_string(size_) + " bytes for", path_, rc);
-    }
-    void* p = mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_SHARED, f.fd, 0);
-    if (p == MAP_FAILED) {
-      const int err = errno;
-      unlink(path_.c_str());
-      throw system_error(env, "cannot map", path_, err);
-    }
+    void* p = mmap(nullptr, size_, PROT_READ, MAP_SHARED, f.fd, 0);
+    if (p == MAP_FAILED) throw file_error(env, "cannot map", path_, errno);
     map_->addr = p;
     map_->size = size_;
   }
@@ -97,10 +67,6 @@ MappedFile::MappedFile(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Mapped
 
 Napi::Value MappedFile::Size(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(size_));
-}
-
-Napi::Value MappedFile::Writable(const Napi::CallbackInfo& info) {
-  return Napi::Boolean::New(info.Env(), writable_);
 }
 
 // view(offset, length): a Uint8Array over the map. It keeps the map alive.

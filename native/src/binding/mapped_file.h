@@ -1,4 +1,4 @@
-// MappedFile: a read-only or read-write memory map of a whole file, exposed to JS as
+// MappedFile: a read-only memory map of a whole file, exposed to JS as
 // zero-copy Uint8Array views. The map lives until the file is closed and every view
 // made from it has been collected.
 #pragma once
@@ -8,6 +8,10 @@
 #include <string>
 
 namespace della_binding {
+
+// An Error "<path>: <what>: <strerror>" with code (ENOENT, EACCES, ENOSPC, ... or
+// ESYSTEM), errno and path set, as Node's own file errors have.
+Napi::Error file_error(Napi::Env env, const std::string& what, const std::string& path, int err);
 
 struct Mapping {
   void* addr = nullptr;
@@ -22,7 +26,6 @@ class MappedFile : public Napi::ObjectWrap<MappedFile> {
 
  private:
   Napi::Value Size(const Napi::CallbackInfo& info);
-  Napi::Value Writable(const Napi::CallbackInfo& info);
   Napi::Value View(const Napi::CallbackInfo& info);
   Napi::Value Advise(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
@@ -30,7 +33,6 @@ class MappedFile : public Napi::ObjectWrap<MappedFile> {
   std::shared_ptr<Mapping> map_;
   std::string path_;
   size_t size_ = 0;
-  bool writable_ = false;
 };
 
 }  // namespace della_binding

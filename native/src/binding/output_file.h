@@ -1,0 +1,34 @@
+// OutputFile: a new file written by byte ranges, each write a promise that runs off the
+// JS thread (della_io::BlockWriter does the writing, with O_DIRECT where it can).
+// allocStaging: resident, block-aligned memory for the bytes on their way there.
+#pragma once
+#include <napi.h>
+
+#include <memory>
+#include <string>
+
+#include "../io/block_writer.h"
+
+namespace della_binding {
+
+class OutputFile : public Napi::ObjectWrap<OutputFile> {
+ public:
+  static Napi::Function Define(Napi::Env env);
+  explicit OutputFile(const Napi::CallbackInfo& info);
+
+ private:
+  Napi::Value Size(const Napi::CallbackInfo& info);
+  Napi::Value Direct(const Napi::CallbackInfo& info);
+  Napi::Value Write(const Napi::CallbackInfo& info);
+  Napi::Value Close(const Napi::CallbackInfo& info);
+
+  std::shared_ptr<della_io::BlockWriter> writer_;
+  std::string path_;
+  uint64_t size_ = 0;
+};
+
+// allocStaging(bytes) -> a Uint8Array of that many bytes whose first byte is aligned to
+// della_io::BlockWriter::kBlock; freed when collected.
+Napi::Value AllocStaging(const Napi::CallbackInfo& info);
+
+}  // namespace della_binding
