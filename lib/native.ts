@@ -16,6 +16,13 @@ export interface NativeMappedFile {
   close(): void;
 }
 
+/** A tensor's bytes in a MappedFile, handed to the kernels without a JS buffer. */
+export interface NativeSlice {
+  map: NativeMappedFile;
+  offset: number;
+  length: number;
+}
+
 /** A new file written by byte ranges off the JS thread (O_DIRECT where possible). */
 export interface NativeOutputFile {
   readonly size: number;

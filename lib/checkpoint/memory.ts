@@ -47,6 +47,7 @@ export function memoryCheckpoint(label: string, set: TensorSet): Checkpoint {
     metadata: new Map(),
     totalBytes: [...data.values()].reduce((a, b) => a + b.length, 0),
     bytes: get,
+    slice: get,
     array(name): TensorArray {
       const b = get(name);
       return new Uint8Array(b) as TensorArray; // a copy: callers own what they are given

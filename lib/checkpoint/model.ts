@@ -7,7 +7,7 @@
 import { existsSync, readdirSync, readFileSync, realpathSync, statSync } from 'node:fs';
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { DellaError } from '../errors.js';
-import { loadNative, type NativeMappedFile } from '../native.js';
+import { loadNative, type NativeMappedFile, type NativeSlice } from '../native.js';
 import { parseHeader, readHeaderLength, type SafetensorsHeader, type TensorInfo } from './safetensors.js';
 
 export const INDEX_FILE = 'model.safetensors.index.json';
@@ -36,6 +36,9 @@ export interface Checkpoint {
   totalBytes: number;
   /** Zero-copy bytes of a tensor. */
   bytes(name: string): Uint8Array;
+  /** The tensor's bytes for the native kernels: a slice of its file's map (no JS
+   * buffer, see input_field in the binding), or the bytes themselves when in memory. */
+  slice(name: string): Uint8Array | NativeSlice;
   /**
    * The tensor as a typed array of its element type (F16/BF16 as Uint16Array raw bits,
    * F8 types as Uint8Array). Zero-copy when the data is aligned to its element size,
@@ -211,6 +214,10 @@ export function openCheckpoint(path: string): Checkpoint {
     bytes(name) {
       const t = get(name);
       return view(opened.get(t.file)!, t.offset, t.byteLength);
+    },
+    slice(name) {
+      const t = get(name);
+      return { map: opened.get(t.file)!.map, offset: t.offset, length: t.byteLength };
     },
     array(name) {
       const t = get(name);

@@ -41,12 +41,17 @@ export function planRecipe(recipe: Recipe): { plan: MergePlan; models: OpenedMod
   }
 }
 
-/** The kernel task of a merged tensor; slerp needs its coefficients (see slerp.ts). */
+/**
+ * The kernel task of a merged tensor; slerp needs its coefficients (see slerp.ts).
+ * `forNative`: inputs as slices of the files' maps, which only the addon reads.
+ */
 export function buildMergeTask(
   plan: MergePlan, t: TensorPlan, models: OpenedModels, out: Uint8Array, seed: number, slerp: [number, number] | null,
+  forNative = false,
 ): MergeTaskSpec {
   const p = t.params!;
   const { base, experts } = models;
+  const input = (c: Checkpoint) => (forNative ? c.slice(t.name) : c.bytes(t.name));
   const common = {
     name: t.name,
     baseDtype: DTYPE_CODE[t.base.dtype as FloatDType],
@@ -56,7 +61,7 @@ export function buildMergeTask(
     seed,
   };
   const expert = (k: number, weight: number) => ({
-    data: experts[k].bytes(t.name),
+    data: input(experts[k]),
     dtype: DTYPE_CODE[t.experts[k].dtype as FloatDType],
     shape: t.experts[k].shape,
     weight,
@@ -71,12 +76,12 @@ export function buildMergeTask(
   }
   if (plan.method.kind === 'slerp') {
     const [c0, c1] = slerp!;
-    const a = { data: base.bytes(t.name), dtype: common.baseDtype, shape: t.shape, weight: c0, density: 1, epsilon: 0, gamma: 0 };
+    const a = { data: input(base), dtype: common.baseDtype, shape: t.shape, weight: c0, density: 1, epsilon: 0, gamma: 0 };
     return { ...common, ...plain, base: null, normalize: false, experts: [a, expert(0, c1)] };
   }
   return {
     ...common,
-    base: base.bytes(t.name),
+    base: input(base),
     experts: t.experts.map((_, k) => expert(k, p.experts[k].weight)),
     sparsifier: SPARSIFIER_CODE[plan.method.sparsifier],
     rescale: RESCALE_CODE[p.rescale],

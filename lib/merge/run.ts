@@ -114,6 +114,9 @@ export interface MergeReport {
 /** Upper bounds of one kernel call: enough work to spread over threads, little latency. */
 const BATCH_BYTES = 64 << 20;
 const BATCH_TENSORS = 256;
+/** Output staging: a little over two batches, at most 1 GiB where batches allow. */
+const STAGING_SLACK = 8 << 20;
+const STAGING_CAP = 1 << 30;
 /** On a GPU, larger calls keep the transfer pipeline full between calls. */
 const CUDA_BATCH_BYTES = 1 << 30;
 const CUDA_BATCH_TENSORS = 1024;
@@ -161,8 +164,8 @@ async function slerpBatch(
   warnings: string[] | null,
 ): Promise<Map<string, [number, number]>> {
   const tasks: DotTaskSpec[] = plans.map((t) => ({
-    a: models.base.bytes(t.name), aDtype: DTYPE_CODE[t.base.dtype as FloatDType],
-    b: models.experts[0].bytes(t.name), bDtype: DTYPE_CODE[t.experts[0].dtype as FloatDType],
+    a: native ? models.base.slice(t.name) : models.base.bytes(t.name), aDtype: DTYPE_CODE[t.base.dtype as FloatDType],
+    b: native ? models.experts[0].slice(t.name) : models.experts[0].bytes(t.name), bDtype: DTYPE_CODE[t.experts[0].dtype as FloatDType],
     shape: t.shape,
   }));
   const sums = native ? await native.dotBatch({ threads, tasks }) : tasks.map(referenceDots);
@@ -338,12 +341,15 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
 
 /**
  * Staging memory for the output: room for two batches, one being written while the
- * next is merged (a third waits). Bounded by the largest batch, not the model.
+ * next is merged (a third waits), but no more than 1 GiB unless a single batch needs
+ * more (a batch of one huge tensor then waits for the previous write). Bounded by the
+ * largest batch, not by the model.
  */
 function stagingPool(tensors: readonly TensorPlan[], cuda: CudaTarget | null): StagingPool {
   const native = loadNative();
   const largest = Math.max(0, ...batches(tensors, cuda !== null).map((g) => g.reduce((a, t) => a + t.outBytes + STAGING_BLOCK, 0)));
-  return new StagingPool((n) => native.allocStaging(n), 2 * largest + (8 << 20));
+  const budget = Math.min(2 * largest + STAGING_SLACK, Math.max(largest + STAGING_SLACK, STAGING_CAP));
+  return new StagingPool((n) => native.allocStaging(n), budget);
 }
 
 /** Parses options.device and opens a CUDA device (null: the CPU). */
@@ -427,10 +433,10 @@ export async function* runBatches(
       : null;
     for (const t of group) {
       if (t.kind === 'merge') {
-        merges.push(buildMergeTask(plan, t, models, destFor(t), seed, coefficients?.get(t.name) ?? null));
+        merges.push(buildMergeTask(plan, t, models, destFor(t), seed, coefficients?.get(t.name) ?? null, native !== null));
         mergePlans.push(t);
       } else {
-        copies.push({ src: models.base.bytes(t.name), dst: destFor(t) });
+        copies.push({ src: native ? models.base.slice(t.name) : models.base.bytes(t.name), dst: destFor(t) });
       }
     }
     let stats: Promise<MergeTaskStats[]>;

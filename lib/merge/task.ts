@@ -4,6 +4,8 @@
  * and compared. Codes are small integers because the binding passes them straight
  * to the C++ enums in native/include/della.
  */
+import type { NativeSlice } from '../native.js';
+
 export const DTYPE_CODE = { F32: 0, F16: 1, BF16: 2, F64: 3 } as const;
 export type FloatDType = keyof typeof DTYPE_CODE;
 export type DTypeCode = (typeof DTYPE_CODE)[FloatDType];
@@ -12,8 +14,17 @@ export const SPARSIFIER_CODE = { none: 0, magprune: 1, random: 2, magnitude: 3, 
 export const RESCALE_CODE = { none: 0, inverse: 1, l1: 2, l2: 3, linf: 4 } as const;
 export const CONSENSUS_CODE = { none: 0, sum: 1, count: 2 } as const;
 
+/** Input bytes: a typed array, or (native kernels only) a slice of a mapped file. */
+export type InputBytes = ArrayBufferView | NativeSlice;
+
+/** The typed array of an input; slices of mapped files are for the addon only. */
+export function inputView(b: InputBytes): ArrayBufferView {
+  if (!ArrayBuffer.isView(b)) throw new Error('lib/reference reads typed arrays; a mapped-file slice is for the native addon');
+  return b;
+}
+
 export interface ExpertTask {
-  data: ArrayBufferView;
+  data: InputBytes;
   dtype: DTypeCode;
   /** equal to the base's, or larger in every dimension (embedding sub-block rule) */
   shape: number[];
@@ -28,7 +39,7 @@ export interface MergeTaskSpec {
   /** output tensor name: its FNV-1a hash is the Philox tensor id */
   name: string;
   /** null: a plain weighted combination of the experts' values (linear, slerp) */
-  base: ArrayBufferView | null;
+  base: InputBytes | null;
   baseDtype: DTypeCode;
   out: ArrayBufferView;
   outDtype: DTypeCode;
@@ -48,7 +59,7 @@ export interface MergeTaskSpec {
 }
 
 export interface CopyTaskSpec {
-  src: ArrayBufferView;
+  src: InputBytes;
   dst: ArrayBufferView;
 }
 
@@ -61,9 +72,9 @@ export interface MergeTaskStats {
 }
 
 export interface DotTaskSpec {
-  a: ArrayBufferView;
+  a: InputBytes;
   aDtype: DTypeCode;
-  b: ArrayBufferView;
+  b: InputBytes;
   bDtype: DTypeCode;
   shape: number[];
 }

@@ -2,7 +2,7 @@
  * Exact conversions between fp32 and the stored dtypes (SPEC §1), on bit patterns.
  * Every fp32 value here is a JS number that Math.fround leaves unchanged.
  */
-import { DTYPE_CODE, type DTypeCode } from '../merge/task.js';
+import { DTYPE_CODE, inputView, type DTypeCode, type InputBytes } from '../merge/task.js';
 
 const f32 = new Float32Array(1);
 const u32 = new Uint32Array(f32.buffer);
@@ -63,8 +63,9 @@ export function dtypeSize(t: DTypeCode): number {
   return t === DTYPE_CODE.F64 ? 8 : t === DTYPE_CODE.F32 ? 4 : 2;
 }
 
-export function dataView(v: ArrayBufferView): DataView {
-  return new DataView(v.buffer, v.byteOffset, v.byteLength);
+export function dataView(v: InputBytes): DataView {
+  const b = inputView(v);
+  return new DataView(b.buffer, b.byteOffset, b.byteLength);
 }
 
 /** Element i of a little-endian tensor as fp32 (F64 rounds to nearest even). */

@@ -4,7 +4,7 @@
  * (TIES and breadcrumbs cut over the whole tensor; norm rescales sum over it).
  */
 import type { MergeTaskSpec, MergeTaskStats } from '../merge/task.js';
-import { RESCALE_CODE, SPARSIFIER_CODE } from '../merge/task.js';
+import { inputView, RESCALE_CODE, SPARSIFIER_CODE, type InputBytes } from '../merge/task.js';
 import { dtypeSize } from './dtypes.js';
 import { expertRowOffset, referenceMergeTensor, type ElementProbe } from './merge-tensor.js';
 
@@ -21,8 +21,9 @@ export interface RowsResult {
   stats: MergeTaskStats;
 }
 
-function bytesOf(v: ArrayBufferView): Uint8Array {
-  return new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
+function bytesOf(v: InputBytes): Uint8Array {
+  const b = inputView(v);
+  return new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
 }
 
 /** `t.out` is ignored; the probe sees the elements of the requested rows only. */

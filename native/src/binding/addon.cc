@@ -14,10 +14,6 @@
 namespace della_binding {
 namespace {
 
-struct Classes {
-  Napi::FunctionReference mapped_file;
-  Napi::FunctionReference output_file;
-};
 
 // philoxBlock(c0, c1, c2, c3, k0, k1) -> [w0, w1, w2, w3]: exposes the kernels'
 // generator so tests can check it against known answers.
@@ -73,7 +69,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   Napi::Function mapped = MappedFile::Define(env);
   Napi::Function output = OutputFile::Define(env);
   // Per-environment storage keeps the classes alive in each worker thread's env.
-  env.SetInstanceData<Classes>(new Classes{Napi::Persistent(mapped), Napi::Persistent(output)});
+  env.SetInstanceData<AddonClasses>(new AddonClasses{Napi::Persistent(mapped), Napi::Persistent(output)});
   exports.Set("MappedFile", mapped);
   exports.Set("OutputFile", output);
   exports.Set("allocStaging", Napi::Function::New(env, AllocStaging, "allocStaging"));

@@ -106,6 +106,28 @@ Napi::Value MappedFile::Advise(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+ByteSpan input_field(const Napi::Object& o, const char* key, const std::string& where, MapHolds& holds) {
+  Napi::Env env = o.Env();
+  Napi::Value v = field(o, key, where);
+  if (v.IsTypedArray() || v.IsDataView() || !v.IsObject()) return bytes_field(o, key, where);
+  const std::string w = where + "." + key;
+  Napi::Object slice = v.As<Napi::Object>();
+  Napi::Value m = field(slice, "map", w);
+  auto* classes = env.GetInstanceData<AddonClasses>();
+  if (!m.IsObject() || !m.As<Napi::Object>().InstanceOf(classes->mapped_file.Value()))
+    throw Napi::TypeError::New(env, w + " must be a typed array or a { map, offset, length } slice of a MappedFile");
+  MappedFile* f = MappedFile::Unwrap(m.As<Napi::Object>());
+  if (!f->map_) throw Napi::Error::New(env, w + ": " + f->path_ + " is closed");
+  const int64_t off = integer_field(slice, "offset", w, 0, 9007199254740991.0);
+  const int64_t len = integer_field(slice, "length", w, 0, 9007199254740991.0);
+  if (static_cast<uint64_t>(off) + static_cast<uint64_t>(len) > f->size_)
+    throw Napi::RangeError::New(env, w + ": [" + std::to_string(off) + ", +" + std::to_string(len) + ") is outside " +
+                                         f->path_ + " (" + std::to_string(f->size_) + " bytes)");
+  holds.push_back(f->map_);
+  if (len == 0) return {nullptr, 0};
+  return {static_cast<uint8_t*>(f->map_->addr) + off, static_cast<size_t>(len)};
+}
+
 // close(): no new views; the map itself goes when the last view is collected.
 Napi::Value MappedFile::Close(const Napi::CallbackInfo& info) {
   map_.reset();

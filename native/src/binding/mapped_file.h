@@ -6,6 +6,9 @@
 
 #include <memory>
 #include <string>
+#include <vector>
+
+#include "args.h"
 
 namespace della_binding {
 
@@ -19,6 +22,20 @@ struct Mapping {
   ~Mapping();
 };
 
+// The addon's classes, kept per environment (worker threads have their own).
+struct AddonClasses {
+  Napi::FunctionReference mapped_file;
+  Napi::FunctionReference output_file;
+};
+
+using MapHolds = std::vector<std::shared_ptr<Mapping>>;
+
+// An input tensor's bytes: a typed array or Buffer, or a slice { map, offset, length }
+// of a MappedFile. Slices make no JS buffer at all: V8 counts each large external buffer
+// as memory pressure and starts a full GC every 64 MB of them, dozens per merge when
+// every input file had one. `holds` keeps the slices' maps alive while kernels read.
+ByteSpan input_field(const Napi::Object& o, const char* key, const std::string& where, MapHolds& holds);
+
 class MappedFile : public Napi::ObjectWrap<MappedFile> {
  public:
   static Napi::Function Define(Napi::Env env);
@@ -29,6 +46,7 @@ class MappedFile : public Napi::ObjectWrap<MappedFile> {
   Napi::Value View(const Napi::CallbackInfo& info);
   Napi::Value Advise(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
+  friend ByteSpan input_field(const Napi::Object&, const char*, const std::string&, MapHolds&);
 
   std::shared_ptr<Mapping> map_;
   std::string path_;

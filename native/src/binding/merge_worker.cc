@@ -7,6 +7,7 @@
 #include "../kernels/merge_cpu.h"
 #include "args.h"
 #include "cuda_plugin.h"
+#include "mapped_file.h"
 #include "della/philox.h"
 
 namespace della_binding {
@@ -32,7 +33,7 @@ void need_bytes(Napi::Env env, const ByteSpan& b, uint64_t want, const std::stri
                                          std::to_string(want));
 }
 
-MergeTask parse_merge(const Napi::Object& o, const std::string& where) {
+MergeTask parse_merge(const Napi::Object& o, const std::string& where, MapHolds& holds) {
   Napi::Env env = o.Env();
   MergeTask t;
   t.shape = shape_field(o, "shape", where);
@@ -40,7 +41,7 @@ MergeTask parse_merge(const Napi::Object& o, const std::string& where) {
   t.base_dtype = dtype_field(o, "baseDtype", where);
   t.linear = field(o, "base", where).IsNull();  // null: a plain weighted combination
   if (!t.linear) {
-    const ByteSpan base = bytes_field(o, "base", where);
+    const ByteSpan base = input_field(o, "base", where, holds);
     need_bytes(env, base, numel * della::dtype_size(t.base_dtype), where + ".base", true);
     t.base = base.data;
   }
@@ -67,7 +68,7 @@ MergeTask parse_merge(const Napi::Object& o, const std::string& where) {
     della::ExpertInput in;
     in.shape = shape_field(e, "shape", ew);
     in.dtype = dtype_field(e, "dtype", ew);
-    const ByteSpan data = bytes_field(e, "data", ew);
+    const ByteSpan data = input_field(e, "data", ew, holds);
     need_bytes(env, data, numel_of(in.shape) * della::dtype_size(in.dtype), ew + ".data", true);
     in.data = data.data;
     in.weight = static_cast<float>(number_field(e, "weight", ew));
@@ -178,6 +179,7 @@ Napi::Value DotBatch(const Napi::CallbackInfo& info) {
   if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "dotBatch(batch) takes an object");
   Napi::Object batch = info[0].As<Napi::Object>();
   const unsigned threads = static_cast<unsigned>(integer_field(batch, "threads", "batch", 1, 1024));
+  MapHolds holds;
   std::vector<della::DotTask> tasks;
   Napi::Array ts = array_field(batch, "tasks", "batch");
   for (uint32_t i = 0; i < ts.Length(); ++i) {
@@ -190,7 +192,7 @@ Napi::Value DotBatch(const Napi::CallbackInfo& info) {
     const uint64_t numel = numel_of(t.shape);
     t.a_dtype = dtype_field(o, "aDtype", where);
     t.b_dtype = dtype_field(o, "bDtype", where);
-    const ByteSpan a = bytes_field(o, "a", where), b = bytes_field(o, "b", where);
+    const ByteSpan a = input_field(o, "a", where, holds), b = input_field(o, "b", where, holds);
     need_bytes(env, a, numel * della::dtype_size(t.a_dtype), where + ".a", true);
     need_bytes(env, b, numel * della::dtype_size(t.b_dtype), where + ".b", true);
     t.a = a.data;
@@ -199,7 +201,7 @@ Napi::Value DotBatch(const Napi::CallbackInfo& info) {
   }
   return PromiseWorker<std::vector<della::DotStats>>::Start(
       env, "della-merge:dotBatch", batch,
-      [tasks = std::move(tasks), threads] {
+      [tasks = std::move(tasks), threads, holds = std::move(holds)] {
         std::vector<della::DotStats> stats;
         della::run_dots(tasks, threads, stats);
         return stats;
@@ -214,13 +216,14 @@ Napi::Value MergeBatch(const Napi::CallbackInfo& info) {
   if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "mergeBatch(batch) takes an object");
   Napi::Object batch = info[0].As<Napi::Object>();
   const unsigned threads = static_cast<unsigned>(integer_field(batch, "threads", "batch", 1, 1024));
+  MapHolds holds;
   std::vector<MergeTask> merges;
   Napi::Array ms = array_field(batch, "merges", "batch");
   for (uint32_t i = 0; i < ms.Length(); ++i) {
     const std::string where = "merges[" + std::to_string(i) + "]";
     Napi::Value v = ms.Get(i);
     if (!v.IsObject()) throw Napi::TypeError::New(env, where + " must be an object");
-    merges.push_back(parse_merge(v.As<Napi::Object>(), where));
+    merges.push_back(parse_merge(v.As<Napi::Object>(), where, holds));
   }
   std::vector<CopyTask> copies;
   Napi::Array cs = array_field(batch, "copies", "batch");
@@ -228,7 +231,7 @@ Napi::Value MergeBatch(const Napi::CallbackInfo& info) {
     const std::string where = "copies[" + std::to_string(i) + "]";
     Napi::Value v = cs.Get(i);
     if (!v.IsObject()) throw Napi::TypeError::New(env, where + " must be an object");
-    const ByteSpan src = bytes_field(v.As<Napi::Object>(), "src", where);
+    const ByteSpan src = input_field(v.As<Napi::Object>(), "src", where, holds);
     const ByteSpan dst = bytes_field(v.As<Napi::Object>(), "dst", where);
     if (src.length != dst.length) throw Napi::RangeError::New(env, where + ": src and dst lengths differ");
     copies.push_back({src.data, dst.data, src.length});
@@ -242,7 +245,7 @@ Napi::Value MergeBatch(const Napi::CallbackInfo& info) {
   }
   return PromiseWorker<std::vector<MergeStats>>::Start(
       env, "della-merge:mergeBatch", batch,
-      [merges = std::move(merges), copies = std::move(copies), threads, cuda_device, cuda_memory] {
+      [merges = std::move(merges), copies = std::move(copies), threads, cuda_device, cuda_memory, holds = std::move(holds)] {
         std::vector<MergeStats> stats;
         if (cuda_device < 0) {
           della::run_batch(merges, copies, threads, stats);
