@@ -4,12 +4,15 @@
  * densities, epsilons, seeds and methods, for one and several threads. Outputs are
  * poisoned first so unwritten elements show.
  */
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { loadNative } from '../lib/native.js';
 import { CONSENSUS_CODE, DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE, type DTypeCode, type MergeTaskSpec } from '../lib/merge/task.js';
 import { referenceDots, referenceMergeTensor } from '../lib/reference/merge-tensor.js';
 import { dtypeSize } from '../lib/reference/dtypes.js';
 import { drawBaseAndExperts, poisoned, tensorBytes } from './helpers/tensors.js';
+import { tempDir } from './helpers/models.js';
 import { int, pick, rng, testSeed } from './helpers/random.js';
 
 const native = loadNative();
@@ -172,6 +175,35 @@ describe(`native CPU kernels equal lib/reference (DELLA_TEST_SEED=${seed})`, () 
       shape: [4], experts: [], ...METHODS.della, lambda: 1, seed: 0,
     };
     expect(() => native.mergeBatch({ threads: 1, merges: [task], copies: [] })).toThrow(/merges\[0\]\.base has 10 bytes/);
+  });
+
+  it('reads inputs from slices of mapped files as from typed arrays, and refuses bad slices', async () => {
+    const r = rng(seed + 77);
+    const dir = tempDir('della-slice-');
+    const { base, experts } = drawBaseAndExperts(r, 3 * 40, 2);
+    const file = join(dir, 'inputs.bin');
+    const parts = [base, ...experts].map((v) => tensorBytes(v, DTYPE_CODE.BF16));
+    writeFileSync(file, Buffer.concat([Buffer.alloc(100), ...parts.map((p) => Buffer.from(p.buffer, p.byteOffset, p.byteLength))]));
+    const map = new native.MappedFile(file);
+    const slice = (i: number) => ({ map, offset: 100 + i * 240, length: 240 });
+    const task = (b: MergeTaskSpec['base'], e: Array<MergeTaskSpec['base']>, out: Uint8Array): MergeTaskSpec => ({
+      name: 'model.t', base: b, baseDtype: DTYPE_CODE.BF16, out, outDtype: DTYPE_CODE.BF16, shape: [3, 40],
+      experts: e.map((data) => ({ data: data!, dtype: DTYPE_CODE.BF16, shape: [3, 40], weight: 1, density: 0.5, epsilon: 0.1, gamma: 0 })),
+      ...METHODS.della, lambda: 1, seed: 3,
+    });
+    const fromArrays = poisoned(240), fromSlices = poisoned(240);
+    await native.mergeBatch({ threads: 2, merges: [task(parts[0], parts.slice(1), fromArrays)], copies: [] });
+    await native.mergeBatch({ threads: 2, merges: [task(slice(0), [slice(1), slice(2)], fromSlices)], copies: [] });
+    expect(Buffer.compare(Buffer.from(fromArrays), Buffer.from(fromSlices))).toBe(0);
+    const copied = poisoned(240);
+    await native.mergeBatch({ threads: 1, merges: [], copies: [{ src: slice(1), dst: copied }] });
+    expect(Buffer.compare(Buffer.from(copied), Buffer.from(parts[1]))).toBe(0);
+    const run = (b: unknown) => native.mergeBatch({ threads: 1, merges: [task(b as MergeTaskSpec['base'], [slice(1)], poisoned(240))], copies: [] });
+    expect(() => run({ map, offset: 100 + 3 * 240 - 10, length: 240 })).toThrow(/merges\[0\]\.base: \[.*\) is outside .*inputs\.bin/);
+    expect(() => run({ map: {}, offset: 0, length: 240 })).toThrow(/must be a typed array or a \{ map, offset, length \} slice/);
+    expect(() => run({ map, offset: -1, length: 240 })).toThrow(/offset must be an integer/);
+    map.close();
+    expect(() => run(slice(0))).toThrow(/is closed/);
   });
 
   it('copies bytes', async () => {
