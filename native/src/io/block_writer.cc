@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -23,6 +24,28 @@ uint8_t* aligned_block(size_t bytes) {
 }
 
 bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % BlockWriter::kBlock == 0; }
+
+// O_DIRECT only where it is a plain path to a local block device: ext2/3/4, XFS, Btrfs,
+// F2FS. Elsewhere it can be slower than the page cache (each write a synchronous round
+// trip on NFS and other network file systems) or mean nothing (tmpfs).
+bool local_block_fs(int fd) {
+#ifdef __linux__
+  struct statfs sf;
+  if (fstatfs(fd, &sf) != 0) return false;
+  switch (static_cast<unsigned long>(sf.f_type)) {
+    case 0xEF53UL:      // ext2, ext3, ext4
+    case 0x58465342UL:  // XFS
+    case 0x9123683EUL:  // Btrfs
+    case 0xF2F52010UL:  // F2FS
+      return true;
+    default:
+      return false;
+  }
+#else
+  (void)fd;
+  return false;
+#endif
+}
 
 }  // namespace
 
@@ -149,7 +172,7 @@ std::unique_ptr<BlockWriter> create_output(const std::string& path, uint64_t siz
   }
   int direct_fd = -1;
 #ifdef O_DIRECT
-  if (allow_direct) direct_fd = open(path.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
+  if (allow_direct && local_block_fs(fd)) direct_fd = open(path.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
 #else
   (void)allow_direct;
 #endif

@@ -12,8 +12,9 @@
 // memory is not aligned to the file offset); the partial blocks at its ends are copied
 // into per-block buffers and written once their neighbours have filled them. The
 // file's last block, when the file size is not a multiple of the block, goes through
-// the page cache (O_DIRECT cannot write a partial block). Without O_DIRECT (tmpfs, some
-// network file systems, DELLA_DIRECT_IO=0) every range is an ordinary pwrite.
+// the page cache (O_DIRECT cannot write a partial block). O_DIRECT is used on local
+// block-device file systems (ext4, XFS, Btrfs, F2FS); elsewhere (tmpfs, NFS and other
+// network file systems, or with DELLA_DIRECT_IO=0) every range is an ordinary pwrite.
 #pragma once
 #include <atomic>
 #include <bitset>
@@ -70,7 +71,8 @@ class BlockWriter {
 
 // Opens `path` for a BlockWriter: creates it (it must not exist), reserves `size` bytes
 // on disk so that a full disk fails here, and opens a second descriptor with O_DIRECT
-// unless `allow_direct` is false or the file system refuses. Throws std::system_error
+// unless `allow_direct` is false, the file system is not a local block-device one, or
+// it refuses. Throws std::system_error
 // (with errno) naming the step that failed; nothing is left behind on failure.
 std::unique_ptr<BlockWriter> create_output(const std::string& path, uint64_t size, bool allow_direct);
 
