@@ -127,18 +127,24 @@ void cut_key_counts_impl(const MergeTask& t, const TaskState& st, uint64_t r0, u
     for (unsigned k = 0; k < K; ++k) {
       const ExpertState& es = st.ex[k];
       if (!active[k]) continue;
-      row_keys(t, st, k, r, base, d, k16, k32);
       uint64_t a = 0, b = 0;
       const uint32_t ka = es.cut_a.key, kb = es.cut_b.key;
       if (st.mode == KeyMode::F32) {
+        row_keys(t, st, k, r, base, d, k16, k32);
         for (uint64_t j = 0; j < n; ++j) {
           a += k32[j] == ka;
           b += k32[j] == kb;
         }
       } else {
-        for (uint64_t j = 0; j < n; ++j) {
-          a += k16[j] == ka;
-          b += k16[j] == kb;
+        // Half-precision keys: counted in one loop from the inputs, nothing stored.
+        const ExpertInput& e = t.experts[k];
+        const uint8_t* src =
+            static_cast<const uint8_t*>(e.data) + expert_row_offset(t.shape, e.shape, r, n) * dtype_size(e.dtype);
+        switch (e.dtype) {
+          case DType::F32: count_cut_keys_any<DType::F32>(st.mode, src, n, base, ka, kb, a, b); break;
+          case DType::F16: count_cut_keys_any<DType::F16>(st.mode, src, n, base, ka, kb, a, b); break;
+          case DType::BF16: count_cut_keys_any<DType::BF16>(st.mode, src, n, base, ka, kb, a, b); break;
+          default: count_cut_keys_any<DType::F64>(st.mode, src, n, base, ka, kb, a, b); break;
         }
       }
       a_counts[r * K + k] = a;

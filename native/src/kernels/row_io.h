@@ -122,6 +122,29 @@ DELLA_ALWAYS_INLINE uint64_t deltas(const uint8_t* __restrict src, uint64_t n, c
   return bad;
 }
 
+// How many of a row's deltas E - B have half-precision key ka, and how many kb (the
+// cut keys of a whole-tensor magnitude cut), straight from the inputs: nothing stored.
+template <DType DT, int KEYS>  // KEYS: 1 BF16, 2 F16
+DELLA_ALWAYS_INLINE void count_cut_keys(const uint8_t* __restrict src, uint64_t n, const float* __restrict b,
+                                        uint32_t ka, uint32_t kb, uint64_t& a, uint64_t& bb) {
+  uint32_t ca = 0, cb = 0;  // a row is far shorter than 2^32
+  for (uint64_t j = 0; j < n; ++j) {
+    const float dv = load_elem<DT>(src, j) - b[j];
+    const uint32_t key = KEYS == 1 ? bf16_key(dv) : (f32_to_f16_select(dv) & 0x7fffu);
+    ca += key == ka;
+    cb += key == kb;
+  }
+  a = ca;
+  bb = cb;
+}
+
+template <DType DT>
+DELLA_ALWAYS_INLINE void count_cut_keys_any(KeyMode mode, const uint8_t* src, uint64_t n, const float* b, uint32_t ka,
+                                            uint32_t kb, uint64_t& a, uint64_t& bb) {
+  if (mode == KeyMode::BF16) count_cut_keys<DT, 1>(src, n, b, ka, kb, a, bb);
+  else count_cut_keys<DT, 2>(src, n, b, ka, kb, a, bb);
+}
+
 template <int KEYS>
 DELLA_ALWAYS_INLINE uint64_t deltas_any(DType dt, const uint8_t* src, uint64_t n, const float* b, float* d,
                                         uint16_t* k16, uint32_t* k32) {
