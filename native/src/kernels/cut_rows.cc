@@ -2,6 +2,7 @@
 // histograms, from which the cuts are selected, and per-row counts of the cut keys,
 // from which each row learns how many equal keys came before it. Built per SIMD level
 // like the delta pass (see delta_pass.cc).
+#include <algorithm>
 #include <cstring>
 
 #include "merge_state.h"
@@ -11,8 +12,6 @@ namespace della::detail {
 namespace {
 
 constexpr uint32_t kBins = 1u << 15;
-constexpr uint32_t kBlockBits = 4;
-constexpr uint32_t kBlocks = kBins >> kBlockBits;
 
 // The 15-bit level-1 bin of each key: the key itself for half-precision keys, the
 // high half of an fp32 key (its sign bit is clear).
@@ -46,43 +45,47 @@ RowBuffers row_buffers(Scratch& s, uint64_t n) {
 }
 
 // Counts 15-bit bins into four tables, one per quarter of the row, so that runs of
-// equal keys do not chain every increment through memory; marks touched blocks.
-__attribute__((noinline)) void count_bins(const uint16_t* __restrict bins, uint64_t n, uint32_t* __restrict tables,
-                                          uint8_t* __restrict touched) {
+// equal keys do not chain every increment through memory.
+__attribute__((noinline)) void count_bins(const uint16_t* __restrict bins, uint64_t n, uint32_t* __restrict tables) {
   const uint64_t q = n / 4;
   uint32_t* __restrict h0 = tables;
   uint32_t* __restrict h1 = tables + kBins;
   uint32_t* __restrict h2 = tables + 2 * kBins;
   uint32_t* __restrict h3 = tables + 3 * kBins;
   for (uint64_t j = 0; j < q; ++j) {
-    const uint32_t a = bins[j], b = bins[q + j], c = bins[2 * q + j], d = bins[3 * q + j];
-    ++h0[a];
-    ++h1[b];
-    ++h2[c];
-    ++h3[d];
-    touched[a >> kBlockBits] = 1;
-    touched[b >> kBlockBits] = 1;
-    touched[c >> kBlockBits] = 1;
-    touched[d >> kBlockBits] = 1;
+    ++h0[bins[j]];
+    ++h1[bins[q + j]];
+    ++h2[bins[2 * q + j]];
+    ++h3[bins[3 * q + j]];
   }
-  for (uint64_t j = 4 * q; j < n; ++j) {
-    ++h3[bins[j]];
-    touched[bins[j] >> kBlockBits] = 1;
-  }
+  for (uint64_t j = 4 * q; j < n; ++j) ++h3[bins[j]];
 }
 
-// Adds the four tables' touched blocks into `total` and zeroes them again.
-void flush_bins(uint32_t* __restrict tables, uint8_t* __restrict touched, uint64_t* __restrict total) {
-  uint16_t blocks[kBlocks];
-  const uint32_t m = nonzero_flags(touched, kBlocks, blocks);
-  std::memset(touched, 0, kBlocks);
-  for (uint32_t i = 0; i < m; ++i) {
-    const uint32_t b = blocks[i];
-    for (uint32_t i = b << kBlockBits; i < (b + 1) << kBlockBits; ++i) {
-      total[i] += static_cast<uint64_t>(tables[i]) + tables[kBins + i] + tables[2 * kBins + i] + tables[3 * kBins + i];
-      tables[i] = tables[kBins + i] = tables[2 * kBins + i] = tables[3 * kBins + i] = 0;
-    }
+// The nonzero bins of a row lie in [lo, hi] (bin 0, the unchanged parameters, is
+// common and kept apart): a vector min/max pass instead of a touched flag stored per
+// element.
+struct BinRange {
+  uint32_t lo = kBins, hi = 0;
+};
+DELLA_ALWAYS_INLINE void widen(BinRange& r, const uint16_t* __restrict bins, uint64_t n) {
+  uint32_t lo = kBins - 1, hi = 0;
+  for (uint64_t j = 0; j < n; ++j) {
+    const uint32_t b = bins[j];
+    lo = std::min(lo, b == 0 ? kBins - 1 : b);
+    hi = std::max(hi, b);
   }
+  r.lo = std::min(r.lo, lo);
+  r.hi = std::max(r.hi, hi);
+}
+
+// Adds the four tables' bins 0 and [lo, hi] into `total` and zeroes them again.
+void flush_bins(uint32_t* __restrict tables, BinRange r, uint64_t* __restrict total) {
+  auto flush = [&](uint32_t i) {
+    total[i] += static_cast<uint64_t>(tables[i]) + tables[kBins + i] + tables[2 * kBins + i] + tables[3 * kBins + i];
+    tables[i] = tables[kBins + i] = tables[2 * kBins + i] = tables[3 * kBins + i] = 0;
+  };
+  flush(0);
+  for (uint32_t i = std::max<uint32_t>(r.lo, 1); i <= r.hi && i < kBins; ++i) flush(i);
 }
 
 DELLA_SIMD_CLONES
@@ -92,9 +95,9 @@ void histogram_rows_impl(const MergeTask& t, const TaskState& st, uint64_t r0, u
   const unsigned K = static_cast<unsigned>(t.experts.size());
   const auto [base, d, k16, k32] = row_buffers(s, n);
   uint32_t* tables = grown(s.hist15, 4 * kBins);
-  s.touched.assign(kBlocks, 0);
   for (unsigned k = 0; k < K; ++k) {
     if (!st.ex[k].sparse) continue;
+    BinRange range;
     for (uint64_t r = r0; r < r1; ++r) {
       load_base_row(t, r, n, base);
       row_keys(t, st, k, r, base, d, k16, k32);
@@ -109,10 +112,11 @@ void histogram_rows_impl(const MergeTask& t, const TaskState& st, uint64_t r0, u
           continue;
         }
       }
-      count_bins(k16, n, tables, s.touched.data());
+      widen(range, k16, n);
+      count_bins(k16, n, tables);
     }
     // Counts stay below 2^32: a call covers one work item of about 2^16 elements.
-    flush_bins(tables, s.touched.data(), hists[k].data());
+    flush_bins(tables, range, hists[k].data());
   }
 }
 
