@@ -122,6 +122,17 @@ DELLA_ALWAYS_INLINE uint64_t deltas(const uint8_t* __restrict src, uint64_t n, c
   return bad;
 }
 
+// The half-precision keys of a row's deltas E - B, without storing the deltas (for the
+// key histograms of the TIES pre-pass).
+template <DType DT, int KEYS>  // KEYS: 1 BF16, 2 F16
+DELLA_ALWAYS_INLINE void delta_keys(const uint8_t* __restrict src, uint64_t n, const float* __restrict b,
+                                    uint16_t* __restrict k16) {
+  for (uint64_t j = 0; j < n; ++j) {
+    const float dv = load_elem<DT>(src, j) - b[j];
+    k16[j] = static_cast<uint16_t>(KEYS == 1 ? bf16_key(dv) : (f32_to_f16_select(dv) & 0x7fffu));
+  }
+}
+
 // How many of a row's deltas E - B have half-precision key ka, and how many kb (the
 // cut keys of a whole-tensor magnitude cut), straight from the inputs: nothing stored.
 template <DType DT, int KEYS>  // KEYS: 1 BF16, 2 F16
