@@ -341,14 +341,16 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
 
 /**
  * Staging memory for the output: room for two batches, one being written while the
- * next is merged (a third waits), but no more than 1 GiB unless a single batch needs
- * more (a batch of one huge tensor then waits for the previous write). Bounded by the
- * largest batch, not by the model.
+ * next is merged (a third waits), but no more than 1 GiB on the CPU unless a single
+ * batch needs more (a batch of one huge tensor then waits for the previous write).
+ * Bounded by the largest batch, not by the model.
  */
 function stagingPool(tensors: readonly TensorPlan[], cuda: CudaTarget | null): StagingPool {
   const native = loadNative();
   const largest = Math.max(0, ...batches(tensors, cuda !== null).map((g) => g.reduce((a, t) => a + t.outBytes + STAGING_BLOCK, 0)));
-  const budget = Math.min(2 * largest + STAGING_SLACK, Math.max(largest + STAGING_SLACK, STAGING_CAP));
+  // GPU batches are up to 1 GiB: two of them, so that the device never waits for a write.
+  const cap = cuda ? 2 * CUDA_BATCH_BYTES + STAGING_SLACK : STAGING_CAP;
+  const budget = Math.min(2 * largest + STAGING_SLACK, Math.max(largest + STAGING_SLACK, cap));
   return new StagingPool((n) => native.allocStaging(n), budget);
 }
 
