@@ -19,12 +19,6 @@ DELLA_ALWAYS_INLINE void level1_bins(const uint32_t* __restrict k32, uint64_t n,
   for (uint64_t j = 0; j < n; ++j) out[j] = static_cast<uint16_t>(k32[j] >> 16);
 }
 
-// Expert k's row r.
-DELLA_ALWAYS_INLINE const uint8_t* expert_row(const MergeTask& t, unsigned k, uint64_t r, uint64_t n) {
-  const ExpertInput& e = t.experts[k];
-  return static_cast<const uint8_t*>(e.data) + expert_row_offset(t.shape, e.shape, r, n) * dtype_size(e.dtype);
-}
-
 // The keys of expert k's row r: 15-bit keys into k16 (half precision, the deltas not
 // stored), or 32-bit keys into k32 (the deltas go through d). Non-finite inputs are
 // counted by the final pass.
@@ -33,17 +27,9 @@ DELLA_ALWAYS_INLINE void row_keys(const MergeTask& t, const TaskState& st, unsig
   const uint64_t n = st.g.n;
   const DType dt = t.experts[k].dtype;
   const uint8_t* src = expert_row(t, k, r, n);
-  if (st.mode == KeyMode::F32) {
-    deltas_any<3>(dt, src, n, base, d, k16, k32);
-    return;
-  }
-  const bool bf = st.mode == KeyMode::BF16;
-  switch (dt) {
-    case DType::F32: bf ? delta_keys<DType::F32, 1>(src, n, base, k16) : delta_keys<DType::F32, 2>(src, n, base, k16); break;
-    case DType::F16: bf ? delta_keys<DType::F16, 1>(src, n, base, k16) : delta_keys<DType::F16, 2>(src, n, base, k16); break;
-    case DType::BF16: bf ? delta_keys<DType::BF16, 1>(src, n, base, k16) : delta_keys<DType::BF16, 2>(src, n, base, k16); break;
-    default: bf ? delta_keys<DType::F64, 1>(src, n, base, k16) : delta_keys<DType::F64, 2>(src, n, base, k16); break;
-  }
+  if (st.mode == KeyMode::BF16) delta_keys_any<1>(dt, src, n, base, k16);
+  else if (st.mode == KeyMode::F16) delta_keys_any<2>(dt, src, n, base, k16);
+  else deltas_any<3>(dt, src, n, base, d, k16, k32);
 }
 
 // The row buffers of both pre-passes, grown to rows of n.
@@ -155,12 +141,9 @@ void cut_key_counts_impl(const MergeTask& t, const TaskState& st, uint64_t r0, u
       } else {
         // Half-precision keys: counted in one loop from the inputs, nothing stored.
         const uint8_t* src = expert_row(t, k, r, n);
-        switch (t.experts[k].dtype) {
-          case DType::F32: count_cut_keys_any<DType::F32>(st.mode, src, n, base, ka, kb, a, b); break;
-          case DType::F16: count_cut_keys_any<DType::F16>(st.mode, src, n, base, ka, kb, a, b); break;
-          case DType::BF16: count_cut_keys_any<DType::BF16>(st.mode, src, n, base, ka, kb, a, b); break;
-          default: count_cut_keys_any<DType::F64>(st.mode, src, n, base, ka, kb, a, b); break;
-        }
+        const DType dt = t.experts[k].dtype;
+        if (st.mode == KeyMode::BF16) count_cut_keys_any<1>(dt, src, n, base, ka, kb, a, b);
+        else count_cut_keys_any<2>(dt, src, n, base, ka, kb, a, b);
       }
       a_counts[r * K + k] = a;
       b_counts[r * K + k] = b;

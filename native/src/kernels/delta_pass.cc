@@ -301,8 +301,7 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
     for (unsigned k = 0; k < K; ++k) {
       const ExpertInput& e = t.experts[k];
       const ExpertState& es = st.ex[k];
-      const uint8_t* src =
-          static_cast<const uint8_t*>(e.data) + expert_row_offset(t.shape, e.shape, r, n) * dtype_size(e.dtype);
+      const uint8_t* src = expert_row(t, k, r, n);
       float* __restrict d = vals + static_cast<size_t>(k) * n;
       const bool ranked = es.sparse && t.sparsifier == Sparsifier::Magprune;
       const bool cut = es.sparse && (t.sparsifier == Sparsifier::Magnitude || t.sparsifier == Sparsifier::Breadcrumbs);

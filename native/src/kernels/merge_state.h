@@ -67,7 +67,6 @@ struct Scratch {
   // zeroed between rows.
   std::vector<uint16_t> keys16;
   std::vector<uint32_t> hist15;
-  std::vector<uint8_t> touched;
   std::vector<uint16_t> blocks;
   std::vector<KeepScale> ks;
 };
@@ -76,6 +75,12 @@ struct Scratch {
 // Inlined, so that each SIMD build of a caller vectorizes it.
 DELLA_ALWAYS_INLINE uint64_t load_base_row(const MergeTask& t, uint64_t r, uint64_t n, float* dst) {
   return load_any(t.base_dtype, static_cast<const uint8_t*>(t.base) + r * n * dtype_size(t.base_dtype), n, dst);
+}
+
+// The bytes of expert k's row r (rows of n; the embedding sub-block rule applies).
+DELLA_ALWAYS_INLINE const uint8_t* expert_row(const MergeTask& t, unsigned k, uint64_t r, uint64_t n) {
+  const ExpertInput& e = t.experts[k];
+  return static_cast<const uint8_t*>(e.data) + expert_row_offset(t.shape, e.shape, r, n) * dtype_size(e.dtype);
 }
 
 // Stable ascending ranks of keys[0..n) (any 32-bit keys).

@@ -149,11 +149,25 @@ DELLA_ALWAYS_INLINE void count_cut_keys(const uint8_t* __restrict src, uint64_t 
   bb = cb;
 }
 
-template <DType DT>
-DELLA_ALWAYS_INLINE void count_cut_keys_any(KeyMode mode, const uint8_t* src, uint64_t n, const float* b, uint32_t ka,
+template <int KEYS>
+DELLA_ALWAYS_INLINE void delta_keys_any(DType dt, const uint8_t* src, uint64_t n, const float* b, uint16_t* k16) {
+  switch (dt) {
+    case DType::F32: return delta_keys<DType::F32, KEYS>(src, n, b, k16);
+    case DType::F16: return delta_keys<DType::F16, KEYS>(src, n, b, k16);
+    case DType::BF16: return delta_keys<DType::BF16, KEYS>(src, n, b, k16);
+    default: return delta_keys<DType::F64, KEYS>(src, n, b, k16);
+  }
+}
+
+template <int KEYS>
+DELLA_ALWAYS_INLINE void count_cut_keys_any(DType dt, const uint8_t* src, uint64_t n, const float* b, uint32_t ka,
                                             uint32_t kb, uint64_t& a, uint64_t& bb) {
-  if (mode == KeyMode::BF16) count_cut_keys<DT, 1>(src, n, b, ka, kb, a, bb);
-  else count_cut_keys<DT, 2>(src, n, b, ka, kb, a, bb);
+  switch (dt) {
+    case DType::F32: return count_cut_keys<DType::F32, KEYS>(src, n, b, ka, kb, a, bb);
+    case DType::F16: return count_cut_keys<DType::F16, KEYS>(src, n, b, ka, kb, a, bb);
+    case DType::BF16: return count_cut_keys<DType::BF16, KEYS>(src, n, b, ka, kb, a, bb);
+    default: return count_cut_keys<DType::F64, KEYS>(src, n, b, ka, kb, a, bb);
+  }
 }
 
 template <int KEYS>
