@@ -25,8 +25,7 @@ status=0
 
 echo "== della-merge GPU check, $(date -u +%FT%TZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 [ -f .gpu/env.sh ] && . .gpu/env.sh
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed"
-head -15 "$OUT/nvidia-smi.txt"
+nvidia-smi 2>&1 | head -20 || echo "nvidia-smi failed"
 nvcc --version | tail -2
 
 # 1. Plugin, kernel tests, parity tests and benchmark: plain CMake, sm_90 only (the H100).
@@ -57,6 +56,19 @@ timeout 120 build-gpu/della_cuda_parity "$(date +%s%N | cut -c1-15)" 200 >>"$OUT
 rc=$?
 [ $rc -eq 0 ] && note "parity (second seed): $(grep -o 'cuda_parity: [0-9]* tasks.*' "$OUT/ctest.log" | tail -1)" \
   || { note "parity (second seed): FAILED rc=$rc (see ctest.log)"; status=1; }
+
+# 2b. Only when parity failed: the first failing seed again, a few iterations, under
+#     compute-sanitizer's memcheck (out-of-bounds and misaligned accesses, bad API calls),
+#     so that one run on a GPU says where a kernel goes wrong.
+if grep -qE "MISMATCH|GPU FAILED|cuda_parity: FAILED|Exception|Subprocess aborted" "$OUT/ctest.log"; then
+  seed=$(grep -o 'cuda_parity: seed [0-9]*' "$OUT/ctest.log" | head -1 | grep -o '[0-9]*$')
+  if command -v compute-sanitizer >/dev/null 2>&1 && [ -n "$seed" ]; then
+    timeout 150 compute-sanitizer --tool memcheck --print-limit 30 build-gpu/della_cuda_parity "$seed" 4 \
+      >"$OUT/memcheck.log" 2>&1
+    note "memcheck of parity seed $seed (4 iterations): rc=$? $(grep -o 'ERROR SUMMARY: [0-9]* error.*' "$OUT/memcheck.log" | tail -1)"
+    grep -m 12 -E "Invalid|========= +at |Address|MISMATCH|GPU FAILED" "$OUT/memcheck.log"
+  fi
+fi
 
 # 3. Kernel benchmark: K=3 BF16, 4096x4096 and 14336x4096, beside a device-to-device copy.
 if timeout 240 build-gpu/della_cuda_bench --json "$OUT/cuda-bench.json" --reps 12 >"$work/bench.txt" 2>&1; then

@@ -33,6 +33,7 @@ struct Case {
   std::vector<std::vector<uint8_t>> inputs;  // base (when not linear), experts
   std::vector<uint8_t> cpu_out, gpu_out;
   bool nonfinite = false;
+  uint8_t poison = 0;  // the byte the GPU output was filled with before the run
   std::string desc;
 };
 
@@ -199,12 +200,29 @@ bool same(const Case& c, const della::MergeStats& a, const della::MergeStats& b,
   const DType t = c.task.out_dtype;
   const unsigned es = della::dtype_size(t);
   const uint64_t N = c.cpu_out.size() / es;
+  // On a mismatch: how many elements differ, how many still hold the poison, and the
+  // first few, with their row, so that one failing run says where to look.
+  const uint64_t cols = c.task.shape.empty() ? 1 : std::max<int64_t>(1, c.task.shape.back());
+  uint64_t differ = 0, poisoned = 0;
+  std::string first;
   for (uint64_t i = 0; i < N; ++i) {
     if (std::memcmp(c.cpu_out.data() + i * es, c.gpu_out.data() + i * es, es) == 0) continue;
     if (is_nan_at(c.cpu_out, t, i) && is_nan_at(c.gpu_out, t, i)) continue;
-    const float cv = della::load_f32(c.cpu_out.data(), t, i), gv = della::load_f32(c.gpu_out.data(), t, i);
-    std::fprintf(stderr, "MISMATCH [%s] %s\n  element %" PRIu64 " of %" PRIu64 ": cpu %.9g gpu %.9g\n", config,
-                 c.desc.c_str(), i, N, cv, gv);
+    ++differ;
+    bool all_poison = true;
+    for (unsigned b = 0; b < es; ++b) all_poison = all_poison && c.gpu_out[i * es + b] == c.poison;
+    poisoned += all_poison;
+    if (differ <= 6) {
+      const float cv = della::load_f32(c.cpu_out.data(), t, i), gv = della::load_f32(c.gpu_out.data(), t, i);
+      char line[160];
+      std::snprintf(line, sizeof line, "\n  element %" PRIu64 " (row %" PRIu64 ", col %" PRIu64 "): cpu %.9g gpu %.9g%s", i,
+                    i / cols, i % cols, cv, gv, all_poison ? " (poison: never written)" : "");
+      first += line;
+    }
+  }
+  if (differ) {
+    std::fprintf(stderr, "MISMATCH [%s] %s\n  %" PRIu64 " of %" PRIu64 " elements differ, %" PRIu64 " of them unwritten%s\n",
+                 config, c.desc.c_str(), differ, N, poisoned, first.c_str());
     return false;
   }
   if (a.nonfinite != b.nonfinite || a.kept != b.kept || a.numel != b.numel) {
@@ -287,7 +305,8 @@ int main(int argc, char** argv) {
     }
     for (size_t ci = 0; ci < configs.size(); ++ci) {
       for (Case& c : batch) {  // poison: a different byte per config
-        std::memset(c.gpu_out.data(), 0xA5 ^ static_cast<int>(ci * 0x3c), c.gpu_out.size());
+        c.poison = static_cast<uint8_t>(0xA5 ^ static_cast<int>(ci * 0x3c));
+        std::memset(c.gpu_out.data(), c.poison, c.gpu_out.size());
         c.task.out = c.gpu_out.data();
       }
       std::vector<della::MergeStats> gpu_stats;
