@@ -77,8 +77,19 @@ else
   note "kernel benchmark: FAILED (see gpu-check.log)"; status=1
 fi
 cat "$work/bench.txt"
-summary+=("$(grep -E '^(method|della|dare_ties|ties|task_arithmetic|pinned) ' "$work/bench.txt")")
+summary+=("$(grep -E '^(method|della|dare_ties|ties|task_arithmetic|pinned)[ /]' "$work/bench.txt")")
 h2d=$(grep -o '"h2d_pinned_GBps": [0-9.]*' "$OUT/cuda-bench.json" 2>/dev/null | head -1 | grep -o '[0-9.]*$')
+
+# 3b. Nsight Compute's speed-of-light and occupancy of the main kernels, once each
+#     kind (4096x4096, one timed run): where a kernel stands against the memory and SM
+#     ceilings. GPU_CHECK_NCU=0 skips it.
+if [ "${GPU_CHECK_NCU:-1}" = 1 ] && command -v ncu >/dev/null 2>&1; then
+  timeout 150 ncu -k "regex:magprune_match_kernel|magprune_rows_kernel|hist1|fuse_kernel|apply_kernel|cut_flags_kernel" \
+    --launch-count 60 --section SpeedOfLight --section Occupancy --print-summary per-kernel \
+    build-gpu/della_cuda_bench --sizes 4096x4096 --reps 1 >"$OUT/ncu.txt" 2>&1
+  note "ncu: rc=$? ($(elapsed)); per-kernel summary in ncu.txt"
+  grep -E "^ +[a-z_]+.*\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" "$OUT/ncu.txt" | head -60
+fi
 
 # 4. End to end with Node.js (carried in .gpu by /work/shared/tools/gpu-carry.sh).
 if ! command -v node >/dev/null 2>&1; then
@@ -124,24 +135,39 @@ else
     #     breadcrumbs (l2 rescale), each on the CPU (all cores) and on the GPU.
     if timeout 150 node scripts/gpu-e2e-models.mjs "$work/e2e" ${GPU_CHECK_MODEL:-} >"$work/models.json"; then
       cat "$work/models.json"
+      # Each recipe to disk ($work, as a user would) and to memory (/dev/shm, which takes
+      # the disk's write speed out of the numbers), on the CPU and on the GPU.
+      phases() {  # "S s (device a, setup b, merge c, flush d, finish e)" of a report
+        node -e "const r=require('$1'),p=r.phases||{};console.log(r.seconds.toFixed(3)+' s ('+Object.entries(p).map(([k,v])=>k+' '+v.toFixed(3)).join(', ')+')')" 2>/dev/null || echo '?'
+      }
+      mem=/dev/shm/della-gpu-check
       for r in della dare_ties ties breadcrumbs_l2; do
-        timeout 150 "${dm[@]}" run "$work/e2e/$r.json" --out "$work/e2e/cpu-$r" --quiet --report "$work/cpu-$r.json" >/dev/null 2>"$work/err.txt"
-        c=$?
-        timeout 150 "${dm[@]}" run "$work/e2e/$r.json" --out "$work/e2e/gpu-$r" --quiet --device "$gpu" --report "$work/gpu-$r.json" >/dev/null 2>>"$work/err.txt"
-        g=$?
-        if [ $c -eq 0 ] && [ $g -eq 0 ] && same "$work/e2e/cpu-$r" "$work/e2e/gpu-$r"; then eq=true; else eq=false; status=1; cat "$work/err.txt"; fi
-        cs=$(node -p "require('$work/cpu-$r.json').seconds" 2>/dev/null || echo null)
-        gs=$(node -p "require('$work/gpu-$r.json').seconds" 2>/dev/null || echo null)
-        rd=$(node -p "require('$work/gpu-$r.json').bytes.read" 2>/dev/null || echo null)
-        wr=$(node -p "require('$work/gpu-$r.json').bytes.written" 2>/dev/null || echo null)
-        dev=$(node -p "require('$work/gpu-$r.json').device" 2>/dev/null || echo '?')
-        gbs=$(node -p "($rd / $gs / 1e9).toFixed(2)" 2>/dev/null || echo null)
-        floor=$(node -p "($rd / ($h2d * 1e9)).toFixed(3)" 2>/dev/null || echo null)
-        note "e2e $r: equal=$eq; cpu $cs s, gpu $gs s on $dev; read $rd bytes: $gbs GB/s vs pinned H2D ${h2d:-?} GB/s (floor $floor s)"
-        e2e+="$sep\n    {\"recipe\": \"$r\", \"equal\": $eq, \"cpu_seconds\": $cs, \"gpu_seconds\": $gs, \"bytes_read\": $rd, \"bytes_written\": $wr, \"gpu_read_GBps\": $gbs, \"h2d_floor_seconds\": $floor}"
-        sep=","
-        rm -rf "$work/e2e/cpu-$r" "$work/e2e/gpu-$r"
+        for where in disk memory; do
+          if [ $where = disk ]; then dir=$work/e2e; else dir=$mem; rm -rf "$mem"; mkdir -p "$mem" || continue; fi
+          timeout 150 "${dm[@]}" run "$work/e2e/$r.json" --out "$dir/cpu-$r" --quiet --report "$work/cpu-$r.json" >/dev/null 2>"$work/err.txt"
+          c=$?
+          timeout 150 "${dm[@]}" run "$work/e2e/$r.json" --out "$dir/gpu-$r" --quiet --device "$gpu" --report "$work/gpu-$r.json" >/dev/null 2>>"$work/err.txt"
+          g=$?
+          if [ $c -eq 0 ] && [ $g -eq 0 ] && same "$dir/cpu-$r" "$dir/gpu-$r"; then eq=true; else eq=false; status=1; cat "$work/err.txt"; fi
+          cs=$(node -p "require('$work/cpu-$r.json').seconds" 2>/dev/null || echo null)
+          gs=$(node -p "require('$work/gpu-$r.json').seconds" 2>/dev/null || echo null)
+          gm=$(node -p "require('$work/gpu-$r.json').phases.merge" 2>/dev/null || echo null)
+          rd=$(node -p "require('$work/gpu-$r.json').bytes.read" 2>/dev/null || echo null)
+          wr=$(node -p "require('$work/gpu-$r.json').bytes.written" 2>/dev/null || echo null)
+          dev=$(node -p "require('$work/gpu-$r.json').device" 2>/dev/null || echo '?')
+          gbs=$(node -p "($rd / $gs / 1e9).toFixed(2)" 2>/dev/null || echo null)
+          mgbs=$(node -p "($rd / $gm / 1e9).toFixed(2)" 2>/dev/null || echo null)
+          floor=$(node -p "($rd / ($h2d * 1e9)).toFixed(3)" 2>/dev/null || echo null)
+          note "e2e $r to $where: equal=$eq; read $rd bytes: gpu $gbs GB/s overall, $mgbs GB/s in the merge phase, vs pinned H2D ${h2d:-?} GB/s (floor $floor s)"
+          echo "     cpu $(phases "$work/cpu-$r.json")"
+          echo "     gpu $(phases "$work/gpu-$r.json") on $dev"
+          summary+=("     cpu $(phases "$work/cpu-$r.json")" "     gpu $(phases "$work/gpu-$r.json")")
+          e2e+="$sep\n    {\"recipe\": \"$r\", \"output\": \"$where\", \"equal\": $eq, \"cpu_seconds\": $cs, \"gpu_seconds\": $gs, \"gpu_merge_phase_seconds\": $gm, \"bytes_read\": $rd, \"bytes_written\": $wr, \"gpu_read_GBps\": $gbs, \"gpu_merge_phase_read_GBps\": $mgbs, \"h2d_floor_seconds\": $floor, \"cpu_phases\": $(node -p "JSON.stringify(require('$work/cpu-$r.json').phases)" 2>/dev/null || echo null), \"gpu_phases\": $(node -p "JSON.stringify(require('$work/gpu-$r.json').phases)" 2>/dev/null || echo null)}"
+          sep=","
+          rm -rf "$dir/cpu-$r" "$dir/gpu-$r"
+        done
       done
+      rm -rf "$mem"
     else
       note "e2e models: FAILED"; status=1
     fi

@@ -68,6 +68,12 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
     expect(rep.tensors.copied).toBe(1);
     expect(rep.bytes.read).toBeGreaterThan(0);
     expect(rep.seconds).toBeGreaterThan(0);
+    // The phases cover the run: each non-negative, together within a millisecond of it.
+    const phases = Object.values(rep.phases) as number[];
+    expect(Object.keys(rep.phases)).toEqual(['device', 'setup', 'merge', 'flush', 'finish']);
+    expect(phases.every((x) => x >= 0)).toBe(true);
+    expect(rep.phases.merge).toBeGreaterThan(0);
+    expect(Math.abs(phases.reduce((a, b) => a + b, 0) - rep.seconds)).toBeLessThan(1e-3);
     expect(rep.threads).toBe(1);
     expect(rep.tensorReports[0].parameters.density).toEqual([0.5, 0.5, 0.5]);
     expect(Array.isArray(rep.warnings)).toBe(true);

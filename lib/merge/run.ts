@@ -107,6 +107,12 @@ export interface MergeReport {
   parameters: { total: number; merged: number };
   bytes: { read: number; written: number };
   seconds: number;
+  /**
+   * Where the seconds went, in order: opening the device (CUDA only), reading headers
+   * and creating the output files, merging (kernels, and writes that overlapped them),
+   * waiting for the last writes, and the small files and the final rename.
+   */
+  phases: { device: number; setup: number; merge: number; flush: number; finish: number };
   warnings: string[];
   tensorReports: TensorReport[];
 }
@@ -236,6 +242,8 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   // The device first: without a usable GPU nothing is read or written.
   const cuda = selectDevice(options, native);
   if (options.signal?.aborted) throw abortError();
+  const clock = phaseClock(started);
+  clock.mark('device');
 
   const { plan, models } = planRecipe(recipe);
   const nonfiniteWarnings: string[] | null = options.allowNonFinite ? [] : null;
@@ -254,6 +262,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     let bytesDone = 0;
     let tensorsDone = 0;
     const ctx: BatchContext = { plan, models, recipe, seed, threads, native, cuda, signal: options.signal, nonfiniteWarnings };
+    clock.mark('setup');
     for await (const done of runBatches(ctx, tensors, (group) => staged.dests(group))) {
       const bytes = done.map((t) => staged.bytes(t.plan.name));
       staged.write(done.map((t) => t.plan.name)); // to disk while the next batch computes
@@ -270,7 +279,9 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
         elapsedSeconds: (performance.now() - started) / 1000, tensor: done[done.length - 1].plan.name,
       });
     }
+    clock.mark('merge');
     await shards.finish();
+    clock.mark('flush');
     if (options.signal?.aborted) throw abortError();
 
     // Everything beside the weights, then the rename that makes it all visible.
@@ -301,6 +312,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     out.commit();
     reports.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
     const seconds = (performance.now() - started) / 1000;
+    clock.mark('finish');
     options.onProgress?.({
       phase: 'finish', tensorsDone, tensorsTotal: tensors.length, bytesDone, bytesTotal,
       elapsedSeconds: seconds, tensor: null,
@@ -327,6 +339,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
       parameters: { total: tensors.reduce((a, t) => a + t.numel, 0), merged: merged.reduce((a, t) => a + t.numel, 0) },
       bytes: { read: tensors.reduce((a, t) => a + t.inBytes, 0), written: tensors.reduce((a, t) => a + t.outBytes, 0) },
       seconds,
+      phases: clock.phases(),
       warnings,
       tensorReports: reports,
     };
@@ -352,6 +365,22 @@ function stagingPool(tensors: readonly TensorPlan[], cuda: CudaTarget | null): S
   const cap = cuda ? 2 * CUDA_BATCH_BYTES + STAGING_SLACK : STAGING_CAP;
   const budget = Math.min(2 * largest + STAGING_SLACK, Math.max(largest + STAGING_SLACK, cap));
   return new StagingPool((n) => native.allocStaging(n), budget);
+}
+
+type Phase = keyof MergeReport['phases'];
+
+/** Seconds between successive marks, from `started` (a performance.now() value). */
+function phaseClock(started: number): { mark(p: Phase): void; phases(): MergeReport['phases'] } {
+  const at: MergeReport['phases'] = { device: 0, setup: 0, merge: 0, flush: 0, finish: 0 };
+  let last = started;
+  return {
+    mark(p) {
+      const now = performance.now();
+      at[p] = (now - last) / 1000;
+      last = now;
+    },
+    phases: () => ({ ...at }),
+  };
 }
 
 /** Parses options.device and opens a CUDA device (null: the CPU). */

@@ -6,6 +6,7 @@
 #include <napi.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 

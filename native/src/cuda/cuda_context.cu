@@ -5,6 +5,7 @@
 // stream owns budget / streams bytes, allocated once when the context opens.
 #include <algorithm>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 
 #include "../kernels/thread_pool.h"
@@ -351,7 +352,7 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
   for (size_t i = 0; i < tasks.size(); ++i) {
     const MergeTask& t = tasks[i];
     validate_task(t);
-    infos.push_back(task_info(t, m.opt.block_sort_max));
+    infos.push_back(task_info(t, m.opt));
     const TaskInfo& ti = infos.back();
     stats[i].nonfinite.assign(ti.k + 1, 0);
     stats[i].kept.assign(ti.k, 0);
@@ -420,7 +421,7 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
 }
 
 uint64_t device_workspace_bytes(const MergeTask& t, const Options& options) {
-  const TaskInfo ti = task_info(t, options.block_sort_max);
+  const TaskInfo ti = task_info(t, options);
   const uint64_t stats = align_up((2ull * ti.k + 1) * 8);
   return stats + align_up(state_bytes(ti)) + slab_work_bytes(ti, ti.rows);
 }
@@ -428,7 +429,7 @@ uint64_t device_workspace_bytes(const MergeTask& t, const Options& options) {
 void run_device_task(const MergeTask& t, void* workspace, uint64_t workspace_bytes, const Options& options,
                      cudaStream_t stream) {
   validate_task(t);
-  const TaskInfo ti = task_info(t, options.block_sort_max);
+  const TaskInfo ti = task_info(t, options);
   for (const ExpertInput& e : t.experts)
     if (e.shape != t.shape) throw std::invalid_argument("run_device_task: experts must have the base's shape");
   if (workspace_bytes < device_workspace_bytes(t, options)) throw std::invalid_argument("run_device_task: workspace too small");

@@ -77,11 +77,12 @@ __device__ __forceinline__ void count_add(unsigned long long* dst, uint32_t v) {
 }
 
 // One increment of h[bin] per lane (bin == kNoKey: none), aggregated over equal bins.
-__device__ __forceinline__ void hist_add(unsigned long long* h, uint32_t bin) {
+template <class CountT>
+__device__ __forceinline__ void hist_add(CountT* h, uint32_t bin) {
   const unsigned active = __activemask();
   const unsigned peers = __match_any_sync(active, bin);
   const int lane = threadIdx.x & 31;
-  if (bin != kNoKey && lane == __ffs(peers) - 1) atomicAdd(h + bin, static_cast<unsigned long long>(__popc(peers)));
+  if (bin != kNoKey && lane == __ffs(peers) - 1) atomicAdd(h + bin, static_cast<CountT>(__popc(peers)));
 }
 
 __device__ __forceinline__ bool before(const DevCut& c, uint32_t key, uint64_t occ) {
@@ -141,6 +142,40 @@ struct BlockRank {
       sizeof(typename Sort::TempStorage) > kCapacity * 4 ? sizeof(typename Sort::TempStorage) : kCapacity * 4;
 };
 
+// Row r of the slab once its ranks (by index in the row) are in shared memory: keep,
+// rescale and emit per Philox block, THREADS threads of the block.
+template <int THREADS, class RankT>
+__device__ __forceinline__ void keep_row(const SlabParams& p, unsigned k, uint64_t r, const RankT* ranks,
+                                         int final_pass) {
+  const DevExpert& ex = p.ex[k];
+  const uint32_t n = static_cast<uint32_t>(p.n);
+  const uint64_t off = r * p.n;
+  const uint64_t i0 = (p.row0 + r) * p.n;
+  const uint64_t g0 = i0 >> 2, g1 = (i0 + n - 1) >> 2;
+  uint32_t bad = 0, kept = 0;
+  for (uint64_t g = g0 + threadIdx.x; g <= g1; g += THREADS) {
+    const Philox4 w = philox_block(g, p.tensor_id, k, p.seed);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint64_t i = 4 * g + q;
+      if (i < i0 || i >= i0 + n) continue;
+      const uint32_t j = static_cast<uint32_t>(i - i0);
+      float value;
+      const float d = expert_delta(p, ex, off + j, value);
+      const float x = uniform_from_word(w.v[q]);
+      const float qk = magprune_q(ranks[j], n, ex.coef);
+      const bool keep = x < qk;
+      emit(p, k, off + j, keep, d, inverse_scale(qk), final_pass);
+      bad += !is_finite_f32(value);
+      kept += keep;
+    }
+  }
+  if (final_pass) {
+    count_add(&p.stats[1 + k], bad);
+    count_add(&p.stats[1 + p.k + k], kept);
+  }
+}
+
 // One block per row (n <= capacity): stable ascending ranks of the row's keys by a block
 // radix sort of (key << index bits | index), unique, so the sorted order is the stable
 // one; then keep, rescale and emit per Philox block.
@@ -178,30 +213,7 @@ __global__ void __launch_bounds__(THREADS) magprune_rows_kernel(const __grid_con
     if (pos < n) ranks[static_cast<uint32_t>(keys[s] & ((static_cast<KeyT>(1) << IB) - 1))] = pos;
   }
   __syncthreads();
-  const uint64_t i0 = (p.row0 + r) * p.n;
-  const uint64_t g0 = i0 >> 2, g1 = (i0 + n - 1) >> 2;
-  uint32_t bad = 0, kept = 0;
-  for (uint64_t g = g0 + threadIdx.x; g <= g1; g += THREADS) {
-    const Philox4 w = philox_block(g, p.tensor_id, k, p.seed);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint64_t i = 4 * g + q;
-      if (i < i0 || i >= i0 + n) continue;
-      const uint32_t j = static_cast<uint32_t>(i - i0);
-      float value;
-      const float d = expert_delta(p, ex, off + j, value);
-      const float x = uniform_from_word(w.v[q]);
-      const float qk = magprune_q(ranks[j], n, ex.coef);
-      const bool keep = x < qk;
-      emit(p, k, off + j, keep, d, inverse_scale(qk), final_pass);
-      bad += !is_finite_f32(value);
-      kept += keep;
-    }
-  }
-  if (final_pass) {
-    count_add(&p.stats[1 + k], bad);
-    count_add(&p.stats[1 + p.k + k], kept);
-  }
+  keep_row<THREADS>(p, k, r, ranks, final_pass);
 }
 
 using Tier1Half = BlockRank<uint32_t, 512, 8>;
@@ -221,6 +233,113 @@ void launch_rank(const SlabParams& p, unsigned k, int final_pass, cudaStream_t s
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(R::kSmem)),
           "cudaFuncSetAttribute (ranking shared memory)");
   kernel<<<static_cast<unsigned>(p.rows), THREADS, R::kSmem, s>>>(p, k, final_pass);
+}
+
+// Tier 1 by digits: stable ascending ranks of a row of n <= 4096 keys by an LSD radix
+// sort of 8-bit digits (two passes for 15-bit keys, four for 31-bit ones). Warp w owns
+// positions [256w, 256w + 256) of the current order and counts its digits round by round
+// (32 positions a round, in order) with __match_any_sync, so a digit's count in warp w
+// and each element's offset among the equal digits before it are exact without atomics.
+// An exclusive scan of the counters in (digit, warp) order then gives every element its
+// new position; equal digits keep their order, so the last pass's positions are the
+// stable ranks. Padding lanes (positions >= n) take the digit 256 and count nowhere.
+constexpr int kMatchThreads = 512;
+constexpr int kMatchItems = 8;
+constexpr int kMatchWarps = kMatchThreads / 32;
+constexpr int kMatchCapacity = kMatchThreads * kMatchItems;
+constexpr int kDigits = 256;
+constexpr int kCountersPerThread = kDigits * kMatchWarps / kMatchThreads;
+static_assert(kMatchCapacity == 4096 && kDigits * kMatchWarps % kMatchThreads == 0, "match rank layout");
+
+struct MatchRankStorage {
+  uint32_t counters[kDigits * kMatchWarps];  // [digit][warp]
+  uint32_t keys[kMatchCapacity];             // by position
+  uint16_t idx[kMatchCapacity];              // by position: the element's index; after the last pass, by index: its rank
+  typename cub::BlockScan<uint32_t, kMatchThreads>::TempStorage scan;
+};
+
+__global__ void __launch_bounds__(kMatchThreads, 2) magprune_match_kernel(const __grid_constant__ SlabParams p,
+                                                                          unsigned k, int final_pass) {
+  using Scan = cub::BlockScan<uint32_t, kMatchThreads>;
+  __shared__ MatchRankStorage sm;
+  const uint64_t r = blockIdx.x;
+  const uint32_t n = static_cast<uint32_t>(p.n);
+  const uint64_t off = r * p.n;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned lanes_before = (1u << lane) - 1u;
+  const int passes = p.mode == KeyMode::F32 ? 4 : 2;
+  uint32_t key[kMatchItems];
+  uint32_t id[kMatchItems];
+#pragma unroll
+  for (int s = 0; s < kMatchItems; ++s) {  // the first order is the index order
+    const uint32_t j = warp * 32 * kMatchItems + s * 32 + lane;
+    key[s] = 0;
+    id[s] = j;
+    if (j < n) {
+      float value;
+      key[s] = magnitude_key(expert_delta(p, p.ex[k], off + j, value), p.mode);
+    }
+  }
+  for (int pass = 0; pass < passes; ++pass) {
+    const int shift = 8 * pass;
+    for (int i = threadIdx.x; i < kDigits * kMatchWarps; i += kMatchThreads) sm.counters[i] = 0;
+    __syncthreads();
+    uint32_t at[kMatchItems];  // offset among equal digits of this warp, then the new position
+#pragma unroll
+    for (int s = 0; s < kMatchItems; ++s) {
+      const uint32_t pos = warp * 32 * kMatchItems + s * 32 + lane;
+      const bool valid = pos < n;
+      if (pass > 0 && valid) {
+        key[s] = sm.keys[pos];
+        id[s] = sm.idx[pos];
+      }
+      const uint32_t d = valid ? (key[s] >> shift) & 0xffu : static_cast<uint32_t>(kDigits);
+      const unsigned peers = __match_any_sync(0xffffffffu, d);
+      const int leader = __ffs(peers) - 1;
+      uint32_t before = 0;
+      if (lane == leader && valid) {
+        uint32_t* c = &sm.counters[d * kMatchWarps + warp];
+        before = *c;
+        *c = before + static_cast<uint32_t>(__popc(peers));
+      }
+      before = __shfl_sync(0xffffffffu, before, leader);
+      at[s] = before + static_cast<uint32_t>(__popc(peers & lanes_before));
+      __syncwarp();  // the next round's leader may read this round's counter
+    }
+    __syncthreads();
+    // Exclusive scan of the counters in (digit, warp) order: each thread a run of them.
+    uint32_t c[kCountersPerThread];
+    uint32_t sum = 0;
+#pragma unroll
+    for (int i = 0; i < kCountersPerThread; ++i) {
+      c[i] = sm.counters[threadIdx.x * kCountersPerThread + i];
+      sum += c[i];
+    }
+    uint32_t prefix = 0;
+    Scan(sm.scan).ExclusiveSum(sum, prefix);
+#pragma unroll
+    for (int i = 0; i < kCountersPerThread; ++i) {
+      sm.counters[threadIdx.x * kCountersPerThread + i] = prefix;
+      prefix += c[i];
+    }
+    __syncthreads();
+    const bool last = pass + 1 == passes;
+#pragma unroll
+    for (int s = 0; s < kMatchItems; ++s) {
+      const uint32_t pos = warp * 32 * kMatchItems + s * 32 + lane;
+      if (pos >= n) continue;
+      const uint32_t d = (key[s] >> shift) & 0xffu;
+      const uint32_t to = sm.counters[d * kMatchWarps + warp] + at[s];
+      if (last) {  // every read of sm.keys and sm.idx in this pass came before the barriers above
+        sm.idx[id[s]] = static_cast<uint16_t>(to);
+      } else {
+        sm.keys[to] = key[s];
+        sm.idx[to] = static_cast<uint16_t>(id[s]);
+      }
+    }
+    __syncthreads();
+  }
+  keep_row<kMatchThreads>(p, k, r, sm.idx, final_pass);
 }
 
 // ---------------------------------------------------------------- magprune: long rows
@@ -321,6 +440,37 @@ __global__ void hist1_kernel(const __grid_constant__ SlabParams p, unsigned k, u
     }
     hist_add(h, bin);
   }
+}
+
+// The same histogram counted per block in shared memory (32768 32-bit counters, 128 KiB
+// of dynamic shared memory) over a grid-stride share of the slab, then added to `h` bin
+// by nonzero bin: the global atomics no longer pile up on the few bins that most keys
+// share. Counts are integers, so the order of the additions does not matter.
+constexpr int kHistThreads = 1024;
+constexpr uint32_t kHist1Bins = 32768;
+constexpr size_t kHistSmem = kHist1Bins * sizeof(uint32_t);
+
+__global__ void __launch_bounds__(kHistThreads) hist1_shared_kernel(const __grid_constant__ SlabParams p, unsigned k,
+                                                                    unsigned long long* h) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint32_t* local = reinterpret_cast<uint32_t*>(smem);
+  for (uint32_t b = threadIdx.x; b < kHist1Bins; b += kHistThreads) local[b] = 0;
+  __syncthreads();
+  const uint64_t E = p.rows * p.n;
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * kHistThreads;
+  for (uint64_t base = blockIdx.x * static_cast<uint64_t>(kHistThreads); base < E; base += stride) {
+    const uint64_t e = base + threadIdx.x;
+    uint32_t bin = kNoKey;
+    if (e < E) {
+      float value;
+      const uint32_t key = magnitude_key(expert_delta(p, p.ex[k], e, value), p.mode);
+      bin = p.mode == KeyMode::F32 ? key >> 16 : key;
+    }
+    hist_add(local, bin);
+  }
+  __syncthreads();
+  for (uint32_t b = threadIdx.x; b < kHist1Bins; b += kHistThreads)
+    if (local[b] != 0) atomicAdd(h + b, static_cast<unsigned long long>(local[b]));
 }
 
 // Level 2 (F32 keys): low halves of the keys whose high half is the level-1 bin, per cut.
@@ -481,19 +631,33 @@ __global__ void norm_finish_kernel(const __grid_constant__ SlabParams p, uint64_
 
 // ---------------------------------------------------------------- election and fuse
 
+// Calls f(k) for k = 0..K-1 in order: fully unrolled for few experts, so that per-expert
+// arrays indexed by k stay in registers (`#pragma unroll N` with a break left them in
+// local memory: ptxas reported a 96-byte stack frame for KMAX = 4), a plain loop over
+// local memory for many.
+template <int KMAX, class F>
+__device__ __forceinline__ void for_experts(unsigned K, F&& f) {
+  if constexpr (KMAX <= 8) {
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k)
+      if (k < static_cast<int>(K)) f(k);
+  } else {
+#pragma unroll 1
+    for (int k = 0; k < static_cast<int>(K); ++k) f(k);
+  }
+}
+
 // One Philox block of the slab per thread: every expert's sparsified delta (or value),
 // then the CPU's fuse_row, per element, and the store in the output dtype.
+// At most 64 registers (4 blocks of 256 per multiprocessor): no spills for K <= 4.
 template <int KMAX>
-__global__ void __launch_bounds__(kThreads) fuse_kernel(const __grid_constant__ SlabParams p) {
-  // Unrolled (registers) for few experts; a loop over local memory for many.
-  constexpr int UNROLL = KMAX <= 8 ? KMAX : 1;
+__global__ void __launch_bounds__(kThreads, 4) fuse_kernel(const __grid_constant__ SlabParams p) {
   const GroupRange gr = slab_groups(p);
   const unsigned K = p.k;
   const bool linear = p.linear != 0;
   uint32_t bad_base = 0;
   uint32_t bad[KMAX], kept[KMAX];
-#pragma unroll UNROLL
-  for (int k = 0; k < KMAX; ++k) bad[k] = kept[k] = 0;
+  for_experts<KMAX>(KMAX, [&](int k) { bad[k] = kept[k] = 0; });
   for (uint64_t g = gr.g0 + blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; g <= gr.g1;
        g += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
     bool valid[4];
@@ -511,9 +675,7 @@ __global__ void __launch_bounds__(kThreads) fuse_kernel(const __grid_constant__ 
         bad_base += !is_finite_f32(b[q]);
       }
     }
-#pragma unroll UNROLL
-    for (int k = 0; k < KMAX; ++k) {
-      if (k >= static_cast<int>(K)) break;
+    for_experts<KMAX>(K, [&](int k) {
       const DevExpert& ex = p.ex[k];
       Philox4 w{{0, 0, 0, 0}};
       if (ex.mode == kRandomFused) w = philox_block(g, p.tensor_id, k, p.seed);
@@ -536,39 +698,33 @@ __global__ void __launch_bounds__(kThreads) fuse_kernel(const __grid_constant__ 
           v[k][q] = p.rescale == Rescale::Inverse ? keep_or_zero(keep, d * ex.s_random) : keep_or_zero(keep, d);
         }
       }
-    }
+    });
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       if (!valid[q]) continue;
       float m = 0.0f, d = 0.0f;
       if (p.consensus == Consensus::None) {
-#pragma unroll UNROLL
-        for (int k = 0; k < KMAX; ++k) {
-          if (k >= static_cast<int>(K)) break;
+        for_experts<KMAX>(K, [&](int k) {
           const float wk = p.ex[k].weight;
           m = m + wk * v[k][q];
           d = d + wk;
-        }
+        });
         d = fabsf(d) <= 1e-8f ? 1.0f : d;
       } else {
         float sum = 0.0f;
-#pragma unroll UNROLL
-        for (int k = 0; k < KMAX; ++k) {
-          if (k >= static_cast<int>(K)) break;
+        for_experts<KMAX>(K, [&](int k) {
           const float pk = p.ex[k].weight * v[k][q];
           if (p.consensus == Consensus::Sum) sum = sum + pk;
           else sum = sum + static_cast<float>(static_cast<int>(pk > 0.0f) - static_cast<int>(pk < 0.0f));
-        }
+        });
         const bool positive = sum >= 0.0f;
-#pragma unroll UNROLL
-        for (int k = 0; k < KMAX; ++k) {
-          if (k >= static_cast<int>(K)) break;
+        for_experts<KMAX>(K, [&](int k) {
           const float wk = p.ex[k].weight;
           const float pk = wk * v[k][q];
           const bool agree = (positive & (pk > 0.0f)) | (!positive & (pk < 0.0f));
           m = m + keep_or_zero(agree, pk);
           d = d + keep_or_zero(agree, wk);
-        }
+        });
         d = d == 0.0f ? 1.0f : d;
       }
       if (p.normalize) m = m / d;
@@ -578,12 +734,10 @@ __global__ void __launch_bounds__(kThreads) fuse_kernel(const __grid_constant__ 
     }
   }
   if (!linear) count_add(&p.stats[0], bad_base);
-#pragma unroll UNROLL
-  for (int k = 0; k < KMAX; ++k) {
-    if (k >= static_cast<int>(K)) break;
+  for_experts<KMAX>(K, [&](int k) {
     if (p.ex[k].mode != kScratch) count_add(&p.stats[1 + k], bad[k]);
     if (p.ex[k].mode == kRandomFused) count_add(&p.stats[1 + K + k], kept[k]);
-  }
+  });
 }
 
 // ---------------------------------------------------------------- host side
@@ -591,6 +745,17 @@ __global__ void __launch_bounds__(kThreads) fuse_kernel(const __grid_constant__ 
 unsigned grid_for(uint64_t items, unsigned threads = kThreads) {
   const uint64_t blocks = (items + threads - 1) / threads;
   return static_cast<unsigned>(std::max<uint64_t>(1, std::min<uint64_t>(blocks, 1u << 16)));
+}
+
+// Blocks of the shared-memory histogram: one per multiprocessor (each holds 128 KiB),
+// fewer for a small slab.
+unsigned hist_grid(uint64_t E) {
+  int dev = 0, sms = 0;
+  cudaGetDevice(&dev);
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) sms = 1;
+  (void)cudaGetLastError();
+  const uint64_t blocks = (E + kHistThreads - 1) / kHistThreads;
+  return static_cast<unsigned>(std::max<uint64_t>(1, std::min<uint64_t>(blocks, static_cast<uint64_t>(sms))));
 }
 
 bool whole_tensor(Sparsifier s) { return s == Sparsifier::Magnitude || s == Sparsifier::Breadcrumbs; }
@@ -618,7 +783,8 @@ void launched(const char* what) { check(cudaGetLastError(), what); }
 
 }  // namespace
 
-TaskInfo task_info(const MergeTask& t, uint32_t block_sort_max) {
+TaskInfo task_info(const MergeTask& t, const Options& o) {
+  const uint32_t block_sort_max = o.block_sort_max;
   TaskInfo ti;
   ti.numel = 1;
   for (int64_t d : t.shape) ti.numel *= static_cast<uint64_t>(d);
@@ -665,6 +831,14 @@ TaskInfo task_info(const MergeTask& t, uint32_t block_sort_max) {
     }
   }
   ti.block_sort = ti.block_tier != 0;
+  ti.match_rank = ti.block_tier == 1 && o.match_rank;
+  if (ti.need_cuts && o.shared_hist) {
+    int dev = 0, optin = 0;
+    cudaGetDevice(&dev);
+    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) optin = 0;
+    (void)cudaGetLastError();
+    ti.shared_hist = static_cast<size_t>(optin) >= kHistSmem;
+  }
   return ti;
 }
 
@@ -766,7 +940,8 @@ void sparsify(const MergeTask& t, const TaskInfo& ti, const SlabParams& p, unsig
   switch (t.sparsifier) {
     case Sparsifier::Magprune:
       if (ti.block_sort) {
-        if (ti.block_tier == 1 && ti.f32_keys) launch_rank<uint64_t, 512, 8>(p, k, final_pass, s);
+        if (ti.match_rank) magprune_match_kernel<<<static_cast<unsigned>(p.rows), kMatchThreads, 0, s>>>(p, k, final_pass);
+        else if (ti.block_tier == 1 && ti.f32_keys) launch_rank<uint64_t, 512, 8>(p, k, final_pass, s);
         else if (ti.block_tier == 1) launch_rank<uint32_t, 512, 8>(p, k, final_pass, s);
         else if (ti.f32_keys) launch_rank<uint64_t, 1024, 16>(p, k, final_pass, s);
         else launch_rank<uint32_t, 1024, 16>(p, k, final_pass, s);
@@ -874,8 +1049,16 @@ void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigne
   if ((passes & kPassHist1) && ti.need_cuts) {
     for (unsigned k = 0; k < K; ++k) {
       if (!ti.sparse[k]) continue;
-      hist1_kernel<<<grid_for(E), kThreads, 0, s>>>(p, k, p.state.hist1 + k * 32768ull);
-      launched("hist1_kernel");
+      if (ti.shared_hist) {
+        check(cudaFuncSetAttribute(hist1_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(kHistSmem)),
+              "cudaFuncSetAttribute (histogram shared memory)");
+        hist1_shared_kernel<<<hist_grid(E), kHistThreads, kHistSmem, s>>>(p, k, p.state.hist1 + k * 32768ull);
+        launched("hist1_shared_kernel");
+      } else {
+        hist1_kernel<<<grid_for(E), kThreads, 0, s>>>(p, k, p.state.hist1 + k * 32768ull);
+        launched("hist1_kernel");
+      }
     }
   }
   if ((passes & kSelect1) && ti.need_cuts) {

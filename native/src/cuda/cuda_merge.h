@@ -29,6 +29,14 @@ struct Options {
   // in two tiers: 4096 and 16384 keys); longer rows go through a device-wide segmented
   // radix sort. 0 forces the latter.
   uint32_t block_sort_max = 16384;
+  // Rows of up to 4096 elements: ranks by a two- or four-pass radix sort of 8-bit digits
+  // ranked per warp (__match_any_sync); false: cub::BlockRadixSort of (key, index) keys.
+  // Both give the same ranks; the option exists so that one GPU run can compare them.
+  bool match_rank = true;
+  // Level-1 histograms of whole-tensor cuts (ties, breadcrumbs) counted in 128 KiB of
+  // shared memory per block (where the device allows it), then added to the global one;
+  // false: warp-aggregated atomics straight into the global histogram.
+  bool shared_hist = true;
   // Largest slab of rows in elements (tests lower it to exercise multi-slab tensors).
   uint64_t max_slab_elements = 1ull << 28;
 };

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../kernels/merge_cpu.h"
+#include "cuda_merge.h"
 
 namespace della {
 namespace cuda {
@@ -105,12 +106,14 @@ struct TaskInfo {
   bool f32_keys = false;
   bool block_sort = false;  // magprune rows ranked inside one block...
   int block_tier = 0;       // ...of 4096 (1) or 16384 (2) keys; 0: the segmented sort
+  bool match_rank = false;  // tier 1 by the per-warp digit ranking (Options::match_rank)
+  bool shared_hist = false; // level-1 histograms in shared memory (Options::shared_hist)
   bool any_scratch = false;
   std::vector<uint8_t> sparse, mode_k;
   std::vector<uint64_t> pos_a, pos_b;  // cut positions (elements before the cut)
 };
 
-TaskInfo task_info(const MergeTask& t, uint32_t block_sort_max);
+TaskInfo task_info(const MergeTask& t, const Options& o);
 
 // Device bytes of the state that persists across a task's slabs.
 uint64_t state_bytes(const TaskInfo& ti);

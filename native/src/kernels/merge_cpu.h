@@ -1,6 +1,7 @@
 // CPU merge of whole tensors (SPEC §1-5). Plain pointers and structs: no Node here.
 #pragma once
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
