@@ -29,33 +29,48 @@ nvidia-smi 2>&1 | head -20 || echo "nvidia-smi failed"
 nvcc --version | tail -2
 
 # 1. Plugin, kernel tests, parity tests and benchmark: plain CMake, sm_90 only (the H100).
+#    GPU_CHECK_PREBUILT=DIR (scripts/gpu-prebuild.sh, run where the code is edited) skips
+#    the builds and runs the binaries in DIR instead: a minute less of device time.
 arch=${GPU_CHECK_ARCH:-90-real}
 gen=(); command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
-if timeout 300 cmake -S . -B build-gpu "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DDELLA_CUDA_ARCHITECTURES="$arch" \
+prebuilt=${GPU_CHECK_PREBUILT:-}
+bin=build-gpu
+if [ -n "$prebuilt" ]; then
+  bin=$prebuilt
+  note "prebuilt binaries from $bin ($(cat "$bin/commit" 2>/dev/null | tr '\n' ' '))"
+elif timeout 300 cmake -S . -B build-gpu "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DDELLA_CUDA_ARCHITECTURES="$arch" \
      >"$OUT/build.log" 2>&1 && timeout 300 cmake --build build-gpu -j "$jobs" >>"$OUT/build.log" 2>&1; then
   note "build: plugin + tests for $arch in $(elapsed)"
 else
   note "build: FAILED (see build.log)"; tail -30 "$OUT/build.log"; status=1
 fi
-if [ ! -f build-gpu/della_merge_cuda.so ]; then
+if [ ! -f "$bin/della_merge_cuda.so" ]; then
   note "no plugin was built: stopping"; printf '%s\n' "${summary[@]}" >"$OUT/summary.txt"; exit 1
 fi
 
-# 2. ctest: CPU kernel tests, CUDA/CPU parity (random cases, three pipeline settings),
+# 2. ctest: CPU kernel tests, CUDA/CPU parity (random cases, five pipeline settings),
 #    the plugin's C ABI through dlopen. A skip here means no GPU was found: a failure.
-ctest --test-dir build-gpu --output-on-failure --timeout 240 >"$OUT/ctest.log" 2>&1
-rc=$?
-grep -E "Test +#|tests passed|Skipped|seed|cuda_parity:|cuda_plugin:|device:|MISMATCH|FAIL" "$OUT/ctest.log" | head -40
-if [ $rc -ne 0 ] || grep -q "Skipped" "$OUT/ctest.log"; then
-  note "ctest: FAILED or skipped (see ctest.log)"; status=1
+#    Prebuilt: the plugin test and the parity test alone (the CPU tests ran where built).
+if [ -n "$prebuilt" ]; then
+  { "$bin/della_cuda_plugin_test" "$bin/della_merge_cuda.so" && echo "cuda_plugin: passed"; } >"$OUT/ctest.log" 2>&1
+  rc=$?
+  grep -E "cuda_plugin|device" "$OUT/ctest.log" | head -5
+  [ $rc -eq 0 ] && note "plugin test: passed" || { note "plugin test: FAILED rc=$rc (see ctest.log)"; status=1; }
 else
-  note "ctest: $(grep -o '[0-9]*% tests passed.*' "$OUT/ctest.log"); $(grep -o 'cuda_parity: [0-9]* tasks.*' "$OUT/ctest.log")"
+  ctest --test-dir build-gpu --output-on-failure --timeout 240 >"$OUT/ctest.log" 2>&1
+  rc=$?
+  grep -E "Test +#|tests passed|Skipped|seed|cuda_parity:|cuda_plugin:|device:|MISMATCH|FAIL" "$OUT/ctest.log" | head -40
+  if [ $rc -ne 0 ] || grep -q "Skipped" "$OUT/ctest.log"; then
+    note "ctest: FAILED or skipped (see ctest.log)"; status=1
+  else
+    note "ctest: $(grep -o '[0-9]*% tests passed.*' "$OUT/ctest.log")"
+  fi
 fi
 # A second parity run with another seed and more iterations, while there is time.
-timeout 120 build-gpu/della_cuda_parity "$(date +%s%N | cut -c1-15)" 200 >>"$OUT/ctest.log" 2>&1
+timeout 120 "$bin/della_cuda_parity" "$(date +%s%N | cut -c1-15)" "${GPU_CHECK_PARITY_ITERATIONS:-120}" >>"$OUT/ctest.log" 2>&1
 rc=$?
-[ $rc -eq 0 ] && note "parity (second seed): $(grep -o 'cuda_parity: [0-9]* tasks.*' "$OUT/ctest.log" | tail -1)" \
-  || { note "parity (second seed): FAILED rc=$rc (see ctest.log)"; status=1; }
+[ $rc -eq 0 ] && note "parity (own seed): $(grep -o 'cuda_parity: [0-9]* tasks.*' "$OUT/ctest.log" | tail -1)" \
+  || { note "parity (own seed): FAILED rc=$rc (see ctest.log)"; status=1; }
 
 # 2b. Only when parity failed: the first failing seed again, a few iterations, under
 #     compute-sanitizer's memcheck (out-of-bounds and misaligned accesses, bad API calls),
@@ -63,7 +78,7 @@ rc=$?
 if grep -qE "MISMATCH|GPU FAILED|cuda_parity: FAILED|Exception|Subprocess aborted" "$OUT/ctest.log"; then
   seed=$(grep -o 'cuda_parity: seed [0-9]*' "$OUT/ctest.log" | head -1 | grep -o '[0-9]*$')
   if command -v compute-sanitizer >/dev/null 2>&1 && [ -n "$seed" ]; then
-    timeout 150 compute-sanitizer --tool memcheck --print-limit 30 build-gpu/della_cuda_parity "$seed" 4 \
+    timeout 150 compute-sanitizer --tool memcheck --print-limit 30 "$bin/della_cuda_parity" "$seed" 4 \
       >"$OUT/memcheck.log" 2>&1
     note "memcheck of parity seed $seed (4 iterations): rc=$? $(grep -o 'ERROR SUMMARY: [0-9]* error.*' "$OUT/memcheck.log" | tail -1)"
     grep -m 12 -E "Invalid|========= +at |Address|MISMATCH|GPU FAILED" "$OUT/memcheck.log"
@@ -71,7 +86,7 @@ if grep -qE "MISMATCH|GPU FAILED|cuda_parity: FAILED|Exception|Subprocess aborte
 fi
 
 # 3. Kernel benchmark: K=3 BF16, 4096x4096 and 14336x4096, beside a device-to-device copy.
-if timeout 240 build-gpu/della_cuda_bench --json "$OUT/cuda-bench.json" --reps 12 >"$work/bench.txt" 2>&1; then
+if timeout 240 "$bin/della_cuda_bench" --json "$OUT/cuda-bench.json" --reps 12 >"$work/bench.txt" 2>&1; then
   note "kernel benchmark: all results equal to the CPU's ($(elapsed))"
 else
   note "kernel benchmark: FAILED (see gpu-check.log)"; status=1
@@ -80,15 +95,17 @@ cat "$work/bench.txt"
 summary+=("$(grep -E '^(method|della|dare_ties|ties|task_arithmetic|pinned)[ /]' "$work/bench.txt")")
 h2d=$(grep -o '"h2d_pinned_GBps": [0-9.]*' "$OUT/cuda-bench.json" 2>/dev/null | head -1 | grep -o '[0-9.]*$')
 
-# 3b. Nsight Compute's speed-of-light and occupancy of the main kernels, once each
-#     kind (4096x4096, one timed run): where a kernel stands against the memory and SM
-#     ceilings. GPU_CHECK_NCU=0 skips it.
+# 3b. Nsight Compute, every section, on della's kernels (4096x4096, first launch of
+#     each): the three ranking kernels (pairs, composite keys, digits) and the fuse, to
+#     say where della's time goes. GPU_CHECK_NCU=0 skips it.
 if [ "${GPU_CHECK_NCU:-1}" = 1 ] && command -v ncu >/dev/null 2>&1; then
-  timeout 150 ncu -k "regex:magprune_match_kernel|magprune_rows_kernel|hist1|fuse_kernel|apply_kernel|cut_flags_kernel" \
-    --launch-count 60 --section SpeedOfLight --section Occupancy --print-summary per-kernel \
-    build-gpu/della_cuda_bench --sizes 4096x4096 --reps 1 >"$OUT/ncu.txt" 2>&1
-  note "ncu: rc=$? ($(elapsed)); per-kernel summary in ncu.txt"
-  grep -E "^ +[a-z_]+.*\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" "$OUT/ncu.txt" | head -60
+  : >"$OUT/ncu.txt"
+  for k in magprune_pairs_kernel magprune_rows_kernel magprune_match_kernel fuse_kernel; do
+    timeout 60 ncu -k "regex:$k" --launch-count 1 --set full "$bin/della_cuda_bench" --sizes 4096x4096 --reps 1 \
+      --methods della,della/composite,della/digits >>"$OUT/ncu.txt" 2>&1
+  done
+  note "ncu: rc=$? ($(elapsed)); full sections in ncu.txt"
+  grep -E "^ +[a-z_]+.*\(|^ +Duration|^ +Memory Throughput|^ +Compute \(SM\) Throughput|^ +Achieved Occupancy|^ +Executed Ipc Active|^ +Registers Per" "$OUT/ncu.txt" | head -40
 fi
 
 # 4. End to end with Node.js (carried in .gpu by /work/shared/tools/gpu-carry.sh).
@@ -99,7 +116,9 @@ else
   # The addon built here against the carried Node-API headers, CPU only; the plugin of
   # step 1 beside it, where the addon looks. Else the carried build/Release.
   addon=""
-  if timeout 180 cmake -S . -B build-gpu-node "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_JS_VERSION=gpu-check \
+  if [ -n "$prebuilt" ]; then
+    addon=$(cd "$bin" && pwd)/della_merge.node
+  elif timeout 180 cmake -S . -B build-gpu-node "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_JS_VERSION=gpu-check \
        -DCMAKE_JS_INC="$root/node_modules/node-api-headers/include" \
        -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$root/build-gpu-node/Release" -DDELLA_CUDA=OFF -DDELLA_TESTS=OFF \
        >>"$OUT/build.log" 2>&1 && timeout 180 cmake --build build-gpu-node -j "$jobs" >>"$OUT/build.log" 2>&1; then
@@ -141,13 +160,18 @@ else
         node -e "const r=require('$1'),p=r.phases||{};console.log(r.seconds.toFixed(3)+' s ('+Object.entries(p).map(([k,v])=>k+' '+v.toFixed(3)).join(', ')+')')" 2>/dev/null || echo '?'
       }
       mem=/dev/shm/della-gpu-check
-      for r in della dare_ties ties breadcrumbs_l2; do
-        for where in disk memory; do
+      for r in ${GPU_CHECK_RECIPES:-della dare_ties ties breadcrumbs_l2}; do
+        for where in ${GPU_CHECK_OUTPUTS:-disk memory}; do
           if [ $where = disk ]; then dir=$work/e2e; else dir=$mem; rm -rf "$mem"; mkdir -p "$mem" || continue; fi
           timeout 150 "${dm[@]}" run "$work/e2e/$r.json" --out "$dir/cpu-$r" --quiet --report "$work/cpu-$r.json" >/dev/null 2>"$work/err.txt"
           c=$?
-          timeout 150 "${dm[@]}" run "$work/e2e/$r.json" --out "$dir/gpu-$r" --quiet --device "$gpu" --report "$work/gpu-$r.json" >/dev/null 2>>"$work/err.txt"
+          # In memory, the plugin also says where the host's time went (DELLA_CUDA_PROFILE).
+          prof=0; [ $where = memory ] && prof=1
+          DELLA_CUDA_PROFILE=$prof timeout 150 "${dm[@]}" run "$work/e2e/$r.json" --out "$dir/gpu-$r" --quiet --device "$gpu" \
+            --report "$work/gpu-$r.json" >/dev/null 2>>"$work/err.txt"
           g=$?
+          grep "della cuda profile" "$work/err.txt" | sed 's/^/     /'
+          sed -i '/della cuda profile/d' "$work/err.txt"
           if [ $c -eq 0 ] && [ $g -eq 0 ] && same "$dir/cpu-$r" "$dir/gpu-$r"; then eq=true; else eq=false; status=1; cat "$work/err.txt"; fi
           cs=$(node -p "require('$work/cpu-$r.json').seconds" 2>/dev/null || echo null)
           gs=$(node -p "require('$work/gpu-$r.json').seconds" 2>/dev/null || echo null)

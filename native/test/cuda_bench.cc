@@ -5,7 +5,7 @@
 // (pageable host memory in and out, as the addon's memory maps). Every kernel result is
 // also checked bit for bit against della::run_batch. Prints a table; --json FILE writes
 // the numbers.
-//   della_cuda_bench [--json FILE] [--sizes 4096x4096,14336x4096] [--reps N]
+//   della_cuda_bench [--json FILE] [--sizes 4096x4096,14336x4096] [--reps N] [--methods della,ties,...]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -38,18 +38,24 @@ struct Method {
   della::Rescale rs;
   della::Consensus cons;
   bool normalize;
-  bool match_rank = true;   // della::cuda::Options of the variant timed
+  della::cuda::RankAlgo rank = della::cuda::RankAlgo::Pairs;  // della::cuda::Options of the variant
   bool shared_hist = true;
+  bool variant = false;  // not the default options: timed as kernels only
 };
 
-// The methods, and the earlier kernels beside the ones they were replaced with (same
-// bytes, timed in the same run): cub::BlockRadixSort ranks, global-atomic histograms.
+// The methods, and beside them the other kernels kept as options (same bytes, timed in
+// the same run): composite-key and per-warp digit ranks for della, global-atomic
+// histograms for ties.
 const Method kMethods[] = {
     {"della", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true},
-    {"della/cub-sort", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, false, true},
+    {"della/composite", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true,
+     della::cuda::RankAlgo::Composite, true, true},
+    {"della/digits", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true,
+     della::cuda::RankAlgo::Digits, true, true},
     {"dare_ties", della::Sparsifier::Random, della::Rescale::Inverse, della::Consensus::Sum, false},
     {"ties", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true},
-    {"ties/global-hist", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true, true, false},
+    {"ties/global-hist", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true,
+     della::cuda::RankAlgo::Pairs, false, true},
     {"task_arithmetic", della::Sparsifier::None, della::Rescale::None, della::Consensus::None, false},
 };
 
@@ -85,12 +91,13 @@ double time_ms(cudaStream_t s, int reps, Fn fn) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string json, sizes = "4096x4096,14336x4096";
+  std::string json, sizes = "4096x4096,14336x4096", methods;
   int reps = 10;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
     else if (!std::strcmp(argv[i], "--sizes") && i + 1 < argc) sizes = argv[++i];
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--methods") && i + 1 < argc) methods = "," + std::string(argv[++i]) + ",";
   }
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
@@ -114,14 +121,16 @@ int main(int argc, char** argv) {
   {
     const size_t bytes = 1ull << 30;
     void *h = nullptr, *d = nullptr;
+    const auto a0 = std::chrono::steady_clock::now();
     CK(cudaMallocHost(&h, bytes));
+    const double alloc_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - a0).count();
     CK(cudaMalloc(&d, bytes));
     std::memset(h, 1, bytes);
     const double ms = time_ms(s, 5, [&] { CK(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, s)); });
     h2d_gbs = bytes / ms / 1e6;
     CK(cudaFree(d));
     CK(cudaFreeHost(h));
-    std::printf("pinned host-to-device copy: %.1f GB/s\n", h2d_gbs);
+    std::printf("pinned host-to-device copy: %.1f GB/s (cudaMallocHost of 1 GiB: %.1f ms)\n", h2d_gbs, alloc_ms);
   }
 
   size_t pos = 0;
@@ -164,6 +173,7 @@ int main(int argc, char** argv) {
     // The addon's path: default options (16 GiB or 85% of free memory, 3 streams).
     della::cuda::Context pipeline{della::cuda::Options{}};
     for (const Method& m : kMethods) {
+      if (!methods.empty() && methods.find("," + std::string(m.name) + ",") == std::string::npos) continue;
       della::MergeTask t;
       t.base = dev[0];
       t.base_dtype = t.out_dtype = della::DType::BF16;
@@ -186,7 +196,7 @@ int main(int argc, char** argv) {
         t.experts.push_back(e);
       }
       della::cuda::Options o;
-      o.match_rank = m.match_rank;
+      o.rank = m.rank;
       o.shared_hist = m.shared_hist;
       const uint64_t ws_bytes = della::cuda::device_workspace_bytes(t, o);
       void* ws = nullptr;
@@ -214,7 +224,7 @@ int main(int argc, char** argv) {
       della::MergeTask pt = h;
       pt.out = pipe.data();
       double pipe_ms = 0;
-      if (m.match_rank && m.shared_hist) {
+      if (!m.variant) {
         std::vector<della::MergeStats> ps;
         pipeline.run({pt}, ps, threads);  // warm-up: pinned buffers grow here
         std::vector<double> runs;

@@ -4,6 +4,9 @@
 // transfers and kernels of the others. Device memory stays inside the budget: each
 // stream owns budget / streams bytes, allocated once when the context opens.
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -167,11 +170,22 @@ struct Slot {
   SlabLayout layout;
 };
 
+// Where the host's time goes in run(), printed per call to stderr when the environment
+// has DELLA_CUDA_PROFILE=1: what a GPU run's end-to-end numbers need to be understood.
+struct Profile {
+  using Clock = std::chrono::steady_clock;
+  bool on = false;
+  double pinned_alloc = 0, stage = 0, wait = 0, copy_out = 0, enqueue = 0;
+  uint64_t staged_bytes = 0, out_bytes = 0, slabs = 0;
+  static double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+};
+
 struct Context::Impl {
   Options opt;
   DellaCudaDeviceInfo info{};
   std::vector<Slot> slots;
   bool healthy = true;
+  Profile prof;
 
   ~Impl() {
     cudaSetDevice(opt.device);
@@ -227,7 +241,9 @@ void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskI
     s.pinned_bytes = 0;
     const uint64_t want = std::max(L.pin_total, std::min<uint64_t>(opt.pinned_bytes, 2 * L.pin_total));
     void* p = nullptr;
+    const auto t0 = Profile::Clock::now();
     check(cudaMallocHost(&p, want), "cudaMallocHost (pinned staging memory)");
+    prof.pinned_alloc += Profile::since(t0);
     s.pinned = static_cast<char*>(p);
     s.pinned_bytes = want;
   }
@@ -251,7 +267,12 @@ void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskI
                           dst + r * n * es, n * es});
     }
   }
+  const auto t0 = Profile::Clock::now();
   parallel_copy(pieces, threads);
+  prof.stage += Profile::since(t0);
+  prof.staged_bytes += L.in_bytes;
+  ++prof.slabs;
+  const auto t1 = Profile::Clock::now();
 
   char* dev = s.dev;
   unsigned long long* d_stats = reinterpret_cast<unsigned long long*>(dev + L.stats);
@@ -274,6 +295,7 @@ void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskI
   check(cudaMemcpyAsync(s.pinned + L.pin_stats, d_stats, (2ull * ti.k + 1) * 8, cudaMemcpyDeviceToHost, s.stream),
         "cudaMemcpyAsync (from the GPU)");
   check(cudaEventRecord(s.done, s.stream), "cudaEventRecord");
+  prof.enqueue += Profile::since(t1);
   s.busy = true;
   s.task = j.task;
   s.row0 = j.row0;
@@ -285,14 +307,19 @@ void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskI
 void Context::Impl::finish(Slot& s, const std::vector<MergeTask>& tasks, std::vector<MergeStats>& stats,
                            unsigned threads) {
   if (!s.busy) return;
+  const auto t0 = Profile::Clock::now();
   check(cudaEventSynchronize(s.done), "the GPU merge");
+  prof.wait += Profile::since(t0);
   s.busy = false;
   const MergeTask& t = tasks[s.task];
   const unsigned K = static_cast<unsigned>(t.experts.size());
   const uint64_t n = t.shape.size() >= 2 ? static_cast<uint64_t>(t.shape.back()) : stats[s.task].numel;
   if (s.final_pass) {
     const uint64_t os = dtype_size(t.out_dtype);
+    const auto t1 = Profile::Clock::now();
     parallel_copy({{s.pinned + s.layout.pin_out, static_cast<char*>(t.out) + s.row0 * n * os, s.layout.out_bytes}}, threads);
+    prof.copy_out += Profile::since(t1);
+    prof.out_bytes += s.layout.out_bytes;
   }
   uint64_t counts[2 * kMaxExperts + 1];
   std::memcpy(counts, s.pinned + s.layout.pin_stats, (2ull * K + 1) * 8);
@@ -305,7 +332,11 @@ Context::Context(const Options& options) : impl_(new Impl) {
   Impl& m = *impl_;
   m.opt = options;
   m.opt.streams = std::max(1u, options.streams);
+  const char* profile = std::getenv("DELLA_CUDA_PROFILE");
+  m.prof.on = profile && profile[0] == '1';
+  const auto opened = Profile::Clock::now();
   m.info = probe(options.device);
+  const double probe_s = Profile::since(opened);
   const uint64_t free_b = m.info.free_memory;
   uint64_t budget = options.memory_budget;
   if (budget == 0) budget = std::min<uint64_t>(16 * kGiB, free_b / 100 * 85);
@@ -333,6 +364,9 @@ Context::Context(const Options& options) : impl_(new Impl) {
     s.dev = static_cast<char*>(p);
     s.dev_bytes = per;
   }
+  if (m.prof.on)
+    std::fprintf(stderr, "della cuda profile: device open %.3f s (probe and context %.3f s, %u streams of %s)\n",
+                 Profile::since(opened), probe_s, m.opt.streams, human(per).c_str());
 }
 
 Context::~Context() = default;
@@ -345,6 +379,8 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
   if (!m.healthy) throw Error(DELLA_CUDA_ERROR, "the GPU context failed earlier and cannot be used");
   host_threads = std::max(1u, host_threads);
   check(cudaSetDevice(m.opt.device), "cudaSetDevice");
+  const auto run_start = Profile::Clock::now();
+  const Profile before = m.prof;
   stats.assign(tasks.size(), MergeStats{});
   std::vector<TaskInfo> infos;
   infos.reserve(tasks.size());
@@ -417,6 +453,20 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
     for (unsigned k = 0; k < infos[i].k; ++k)
       if (!infos[i].sparse[k]) stats[i].kept[k] = infos[i].numel;  // as the CPU: unsparsified deltas are kept whole
     (void)t;
+  }
+  if (m.prof.on) {
+    const Profile& a = m.prof;
+    const double total = Profile::since(run_start), stage = a.stage - before.stage, out = a.copy_out - before.copy_out;
+    const double gb_in = (a.staged_bytes - before.staged_bytes) / 1e9, gb_out = (a.out_bytes - before.out_bytes) / 1e9;
+    std::fprintf(stderr,
+                 "della cuda profile: %zu tasks, %llu slabs, %.3f s: pinned alloc %.3f s, staging %.3f s (%.2f GB, "
+                 "%.1f GB/s), enqueue %.3f s, waiting for the GPU %.3f s, copy out %.3f s (%.2f GB, %.1f GB/s), "
+                 "other %.3f s\n",
+                 tasks.size(), static_cast<unsigned long long>(a.slabs - before.slabs), total,
+                 a.pinned_alloc - before.pinned_alloc, stage, gb_in, stage > 0 ? gb_in / stage : 0.0,
+                 a.enqueue - before.enqueue, a.wait - before.wait, out, gb_out, out > 0 ? gb_out / out : 0.0,
+                 total - (a.pinned_alloc - before.pinned_alloc) - stage - (a.enqueue - before.enqueue) -
+                     (a.wait - before.wait) - out);
   }
 }
 

@@ -223,16 +223,87 @@ using Tier2F32 = BlockRank<uint64_t, 1024, 16>;
 static_assert(Tier1Half::kCapacity == 4096 && Tier2Half::kCapacity == static_cast<int>(kBlockSortMax), "tiers");
 static_assert(15 + Tier2Half::kIndexBits <= 32 && 31 + Tier2F32::kIndexBits <= 64, "composite keys fit");
 
-// Launches the ranking kernel of a tier, raising its dynamic shared memory limit (an
-// attribute of the current device's context, so set before every launch; it is cheap).
+// The same ranks by a stable sort of the keys alone, the index riding along as a 16-bit
+// value: cub's radix sort is stable (LSD passes of stable ranking in the blocked
+// arrangement), so with thread t holding indices [t * ITEMS, t * ITEMS + ITEMS) equal
+// keys keep their index order, and only the key's 15 (or 31) bits are sorted: three
+// passes of 5-bit digits for half keys where the composite keys took seven of 4 bits.
+// Padding (indices >= n) holds the largest key and the largest indices, so it sorts last.
 template <class KeyT, int THREADS, int ITEMS>
-void launch_rank(const SlabParams& p, unsigned k, int final_pass, cudaStream_t s) {
-  using R = BlockRank<KeyT, THREADS, ITEMS>;
-  auto kernel = magprune_rows_kernel<KeyT, THREADS, ITEMS>;
+struct BlockRankPairs {
+  static constexpr int kCapacity = THREADS * ITEMS;
+  using Sort = cub::BlockRadixSort<KeyT, THREADS, ITEMS, uint16_t, 5>;
+  static constexpr size_t kSmem =
+      sizeof(typename Sort::TempStorage) > kCapacity * 2 ? sizeof(typename Sort::TempStorage) : kCapacity * 2;
+};
+
+template <class KeyT, int THREADS, int ITEMS>
+__global__ void __launch_bounds__(THREADS) magprune_pairs_kernel(const __grid_constant__ SlabParams p, unsigned k,
+                                                                 int final_pass) {
+  using R = BlockRankPairs<KeyT, THREADS, ITEMS>;
+  static_assert(R::kCapacity <= 65536, "indices fit 16 bits");
+  extern __shared__ __align__(16) unsigned char smem[];
+  // The sort's storage, then (after it) the ranks by index, in the same bytes.
+  typename R::Sort::TempStorage& temp = *reinterpret_cast<typename R::Sort::TempStorage*>(smem);
+  uint16_t* ranks = reinterpret_cast<uint16_t*>(smem);
+  const uint64_t r = blockIdx.x;
+  const uint32_t n = static_cast<uint32_t>(p.n);
+  const uint64_t off = r * p.n;
+  const int key_bits = p.mode == KeyMode::F32 ? 31 : 15;
+  KeyT keys[ITEMS];
+  uint16_t idx[ITEMS];
+#pragma unroll
+  for (int s = 0; s < ITEMS; ++s) {  // blocked: the index order is the thread-major order
+    const uint32_t j = threadIdx.x * ITEMS + s;
+    idx[s] = static_cast<uint16_t>(j);
+    keys[s] = static_cast<KeyT>(~static_cast<KeyT>(0));
+    if (j < n) {
+      float value;
+      keys[s] = static_cast<KeyT>(magnitude_key(expert_delta(p, p.ex[k], off + j, value), p.mode));
+    }
+  }
+  typename R::Sort(temp).Sort(keys, idx, 0, key_bits);
+  __syncthreads();
+#pragma unroll
+  for (int s = 0; s < ITEMS; ++s) {
+    const uint32_t pos = threadIdx.x * ITEMS + s;  // blocked arrangement after Sort
+    if (pos < n) ranks[idx[s]] = static_cast<uint16_t>(pos);
+  }
+  __syncthreads();
+  keep_row<THREADS>(p, k, r, ranks, final_pass);
+}
+
+using Tier1HalfPairs = BlockRankPairs<uint16_t, 512, 8>;
+using Tier1F32Pairs = BlockRankPairs<uint32_t, 512, 8>;
+using Tier2HalfPairs = BlockRankPairs<uint16_t, 1024, 16>;
+using Tier2F32Pairs = BlockRankPairs<uint32_t, 1024, 16>;
+
+// Launches a block ranking kernel with R's shared memory, raising the kernel's dynamic
+// shared memory limit (an attribute of the current device's context, so set before
+// every launch; it is cheap).
+template <class R, class Kernel>
+void launch_rank(Kernel kernel, const SlabParams& p, unsigned k, int final_pass, int threads, cudaStream_t s) {
   if (R::kSmem > 48 * 1024)
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(R::kSmem)),
           "cudaFuncSetAttribute (ranking shared memory)");
-  kernel<<<static_cast<unsigned>(p.rows), THREADS, R::kSmem, s>>>(p, k, final_pass);
+  kernel<<<static_cast<unsigned>(p.rows), threads, R::kSmem, s>>>(p, k, final_pass);
+}
+
+// Ranks rows with the pairs sort, or (Options::rank = Composite) the composite keys.
+template <int THREADS, int ITEMS>
+void launch_block_rank(bool f32_keys, bool pairs, const SlabParams& p, unsigned k, int final_pass, cudaStream_t s) {
+  if (pairs && f32_keys)
+    launch_rank<BlockRankPairs<uint32_t, THREADS, ITEMS>>(magprune_pairs_kernel<uint32_t, THREADS, ITEMS>, p, k,
+                                                          final_pass, THREADS, s);
+  else if (pairs)
+    launch_rank<BlockRankPairs<uint16_t, THREADS, ITEMS>>(magprune_pairs_kernel<uint16_t, THREADS, ITEMS>, p, k,
+                                                          final_pass, THREADS, s);
+  else if (f32_keys)
+    launch_rank<BlockRank<uint64_t, THREADS, ITEMS>>(magprune_rows_kernel<uint64_t, THREADS, ITEMS>, p, k, final_pass,
+                                                     THREADS, s);
+  else
+    launch_rank<BlockRank<uint32_t, THREADS, ITEMS>>(magprune_rows_kernel<uint32_t, THREADS, ITEMS>, p, k, final_pass,
+                                                     THREADS, s);
 }
 
 // Tier 1 by digits: stable ascending ranks of a row of n <= 4096 keys by an LSD radix
@@ -826,12 +897,15 @@ TaskInfo task_info(const MergeTask& t, const Options& o) {
       cudaGetDevice(&dev);
       if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) optin = 0;
       (void)cudaGetLastError();
-      const size_t need = ti.f32_keys ? Tier2F32::kSmem : Tier2Half::kSmem;
+      const bool pairs = o.rank != RankAlgo::Composite;
+      const size_t need = ti.f32_keys ? (pairs ? Tier2F32Pairs::kSmem : Tier2F32::kSmem)
+                                      : (pairs ? Tier2HalfPairs::kSmem : Tier2Half::kSmem);
       ti.block_tier = static_cast<size_t>(optin) >= need ? 2 : 0;
     }
   }
   ti.block_sort = ti.block_tier != 0;
-  ti.match_rank = ti.block_tier == 1 && o.match_rank;
+  ti.match_rank = ti.block_tier == 1 && o.rank == RankAlgo::Digits;
+  ti.pairs_rank = o.rank != RankAlgo::Composite;
   if (ti.need_cuts && o.shared_hist) {
     int dev = 0, optin = 0;
     cudaGetDevice(&dev);
@@ -941,10 +1015,8 @@ void sparsify(const MergeTask& t, const TaskInfo& ti, const SlabParams& p, unsig
     case Sparsifier::Magprune:
       if (ti.block_sort) {
         if (ti.match_rank) magprune_match_kernel<<<static_cast<unsigned>(p.rows), kMatchThreads, 0, s>>>(p, k, final_pass);
-        else if (ti.block_tier == 1 && ti.f32_keys) launch_rank<uint64_t, 512, 8>(p, k, final_pass, s);
-        else if (ti.block_tier == 1) launch_rank<uint32_t, 512, 8>(p, k, final_pass, s);
-        else if (ti.f32_keys) launch_rank<uint64_t, 1024, 16>(p, k, final_pass, s);
-        else launch_rank<uint32_t, 1024, 16>(p, k, final_pass, s);
+        else if (ti.block_tier == 1) launch_block_rank<512, 8>(ti.f32_keys, ti.pairs_rank, p, k, final_pass, s);
+        else launch_block_rank<1024, 16>(ti.f32_keys, ti.pairs_rank, p, k, final_pass, s);
         launched("magprune_rows_kernel");
       } else {
         composite_keys_kernel<<<grid_for(E), kThreads, 0, s>>>(p, k, w.comp);

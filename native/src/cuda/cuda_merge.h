@@ -17,6 +17,13 @@
 namespace della {
 namespace cuda {
 
+// How rows of up to 16384 elements are ranked inside one thread block (same ranks):
+// Pairs: cub::BlockRadixSort of the keys with the 16-bit index as the value, stable,
+// three passes of 5-bit digits for half keys; Composite: of (key << index bits | index),
+// seven passes of 4 bits; Digits (rows of up to 4096; else Pairs): an LSD sort of
+// 8-bit digits ranked per warp with __match_any_sync.
+enum class RankAlgo { Pairs, Composite, Digits };
+
 struct Options {
   int device = 0;
   // Device bytes for the streams' work areas. 0: min(16 GiB, 85% of the free memory).
@@ -29,10 +36,7 @@ struct Options {
   // in two tiers: 4096 and 16384 keys); longer rows go through a device-wide segmented
   // radix sort. 0 forces the latter.
   uint32_t block_sort_max = 16384;
-  // Rows of up to 4096 elements: ranks by a two- or four-pass radix sort of 8-bit digits
-  // ranked per warp (__match_any_sync); false: cub::BlockRadixSort of (key, index) keys.
-  // Both give the same ranks; the option exists so that one GPU run can compare them.
-  bool match_rank = true;
+  RankAlgo rank = RankAlgo::Pairs;
   // Level-1 histograms of whole-tensor cuts (ties, breadcrumbs) counted in 128 KiB of
   // shared memory per block (where the device allows it), then added to the global one;
   // false: warp-aggregated atomics straight into the global histogram.

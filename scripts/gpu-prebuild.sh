@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds here, for sm_90 (H100/H200), everything scripts/gpu-check.sh runs on a GPU
+# machine, and puts it in .gpu/prebuilt/ (ignored by git, carried with .gpu): the CUDA
+# plugin, its parity test, plugin test and benchmark, and the CPU-only addon. With
+# GPU_CHECK_PREBUILT=.gpu/prebuilt the check then skips its two builds (about a minute
+# of device time). Needs nvcc and the project's node_modules (npm ci).
+#   bash scripts/gpu-prebuild.sh        then carry .gpu as gpu-check's README says
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+gen=(); command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
+cmake -S . -B build-gpu "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DDELLA_CUDA_ARCHITECTURES=90-real >/dev/null
+cmake --build build-gpu -j "$(nproc)" --target della_merge_cuda della_cuda_parity della_cuda_plugin_test della_cuda_bench
+cmake -S . -B build-gpu-node "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_JS_VERSION=gpu-check \
+  -DCMAKE_JS_INC="$root/node_modules/node-api-headers/include" \
+  -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$root/build-gpu-node/Release" -DDELLA_CUDA=OFF -DDELLA_TESTS=OFF >/dev/null
+cmake --build build-gpu-node -j "$(nproc)"
+out=.gpu/prebuilt
+rm -rf "$out" && mkdir -p "$out"
+cp build-gpu/della_merge_cuda.so build-gpu/della_cuda_parity build-gpu/della_cuda_plugin_test \
+  build-gpu/della_cuda_bench build-gpu-node/Release/della_merge.node "$out/"
+grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
+git rev-parse --short HEAD >"$out/commit"
+git diff --quiet HEAD -- native CMakeLists.txt || echo "(with uncommitted changes under native/)" >>"$out/commit"
+du -sh "$out"
