@@ -86,7 +86,7 @@ if grep -qE "MISMATCH|GPU FAILED|cuda_parity: FAILED|Exception|Subprocess aborte
 fi
 
 # 3. Kernel benchmark: K=3 BF16, 4096x4096 and 14336x4096, beside a device-to-device copy.
-if timeout 240 "$bin/della_cuda_bench" --json "$OUT/cuda-bench.json" --reps 12 >"$work/bench.txt" 2>&1; then
+if timeout 240 "$bin/della_cuda_bench" --json "$OUT/cuda-bench.json" --reps 12 ${GPU_CHECK_BENCH_SIZES:+--sizes "$GPU_CHECK_BENCH_SIZES"} >"$work/bench.txt" 2>&1; then
   note "kernel benchmark: all results equal to the CPU's ($(elapsed))"
 else
   note "kernel benchmark: FAILED (see gpu-check.log)"; status=1
@@ -101,7 +101,7 @@ h2d=$(grep -o '"h2d_pinned_GBps": [0-9.]*' "$OUT/cuda-bench.json" 2>/dev/null | 
 if [ "${GPU_CHECK_NCU:-1}" = 1 ] && command -v ncu >/dev/null 2>&1; then
   : >"$OUT/ncu.txt"
   for k in magprune_pairs_kernel magprune_rows_kernel magprune_match_kernel fuse_kernel; do
-    timeout 60 ncu -k "regex:$k" --launch-count 1 --set full "$bin/della_cuda_bench" --sizes 4096x4096 --reps 1 \
+    timeout 45 ncu -k "regex:$k" --launch-count 1 --set full "$bin/della_cuda_bench" --sizes 4096x4096 --reps 1 \
       --methods della,della/composite,della/digits >>"$OUT/ncu.txt" 2>&1
   done
   note "ncu: rc=$? ($(elapsed)); full sections in ncu.txt"
