@@ -123,8 +123,13 @@ const BATCH_TENSORS = 256;
 /** Output staging: a little over two batches, at most 1 GiB where batches allow. */
 const STAGING_SLACK = 8 << 20;
 const STAGING_CAP = 1 << 30;
-/** On a GPU, larger calls keep the transfer pipeline full between calls. */
-const CUDA_BATCH_BYTES = 1 << 30;
+/**
+ * On a GPU, larger calls keep the transfer pipeline full between calls; but each byte of
+ * a batch's output also needs fresh staging memory, whose first touch cost more than the
+ * drains between smaller calls (DELLA_CUDA_PROFILE on an H100: copying 1 GiB batches'
+ * outputs into new staging ran at 2–6 GB/s).
+ */
+const CUDA_BATCH_BYTES = 256 << 20;
 const CUDA_BATCH_TENSORS = 1024;
 
 let version: string | undefined;
@@ -361,7 +366,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
 function stagingPool(tensors: readonly TensorPlan[], cuda: CudaTarget | null): StagingPool {
   const native = loadNative();
   const largest = Math.max(0, ...batches(tensors, cuda !== null).map((g) => g.reduce((a, t) => a + t.outBytes + STAGING_BLOCK, 0)));
-  // GPU batches are up to 1 GiB: two of them, so that the device never waits for a write.
+  // GPU batches are up to 256 MiB: two of them, so that the device never waits for a write.
   const cap = cuda ? 2 * CUDA_BATCH_BYTES + STAGING_SLACK : STAGING_CAP;
   const budget = Math.min(2 * largest + STAGING_SLACK, Math.max(largest + STAGING_SLACK, cap));
   return new StagingPool((n) => native.allocStaging(n), budget);

@@ -41,6 +41,7 @@ struct Method {
   della::cuda::RankAlgo rank = della::cuda::RankAlgo::Pairs;  // della::cuda::Options of the variant
   bool shared_hist = true;
   bool variant = false;  // not the default options: timed as kernels only
+  bool fused_della = true;
 };
 
 // The methods, and beside them the other kernels kept as options (same bytes, timed in
@@ -48,6 +49,8 @@ struct Method {
 // histograms for ties.
 const Method kMethods[] = {
     {"della", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true},
+    {"della/unfused", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true,
+     della::cuda::RankAlgo::Pairs, true, true, false},
     {"della/composite", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true,
      della::cuda::RankAlgo::Composite, true, true},
     {"della/digits", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true,
@@ -197,6 +200,7 @@ int main(int argc, char** argv) {
       }
       della::cuda::Options o;
       o.rank = m.rank;
+      o.fused_della = m.fused_della;
       o.shared_hist = m.shared_hist;
       const uint64_t ws_bytes = della::cuda::device_workspace_bytes(t, o);
       void* ws = nullptr;

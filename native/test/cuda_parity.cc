@@ -265,12 +265,13 @@ int main(int argc, char** argv) {
   configs[1].o.block_sort_max = 0;
   configs[1].o.pinned_bytes = 96 << 10;
   configs[1].o.max_slab_elements = 20000;
-  configs[2].name = "small slabs, 2 streams, one ranking tier";
+  configs[2].name = "small slabs, 2 streams, one ranking tier, della unfused";
   configs[2].o.block_sort_max = 4096;
   configs[2].o.memory_budget = 512ull << 20;
   configs[2].o.streams = 2;
   configs[2].o.pinned_bytes = 1 << 20;
   configs[2].o.max_slab_elements = 1 << 16;
+  configs[2].o.fused_della = false;  // della's ranking kernels and the fuse kernel, separately
   // The other kernels kept as options: per-warp digit ranks for rows of up to 4096,
   // histograms by global atomics; composite-key ranks.
   configs[3].name = "digit ranks, global histograms";

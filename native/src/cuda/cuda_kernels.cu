@@ -142,11 +142,12 @@ struct BlockRank {
       sizeof(typename Sort::TempStorage) > kCapacity * 4 ? sizeof(typename Sort::TempStorage) : kCapacity * 4;
 };
 
-// Row r of the slab once its ranks (by index in the row) are in shared memory: keep,
-// rescale and emit per Philox block, THREADS threads of the block.
-template <int THREADS, class RankT>
+// Row r of the slab once its ranks (by index in the row) are in shared memory: keep and
+// rescale per Philox block, THREADS threads of the block, each decision going to
+// sink(j, keep, delta, 1/q) for element j of the row; counts the final pass's statistics.
+template <int THREADS, class RankT, class Sink>
 __device__ __forceinline__ void keep_row(const SlabParams& p, unsigned k, uint64_t r, const RankT* ranks,
-                                         int final_pass) {
+                                         int final_pass, Sink&& sink) {
   const DevExpert& ex = p.ex[k];
   const uint32_t n = static_cast<uint32_t>(p.n);
   const uint64_t off = r * p.n;
@@ -165,7 +166,7 @@ __device__ __forceinline__ void keep_row(const SlabParams& p, unsigned k, uint64
       const float x = uniform_from_word(w.v[q]);
       const float qk = magprune_q(ranks[j], n, ex.coef);
       const bool keep = x < qk;
-      emit(p, k, off + j, keep, d, inverse_scale(qk), final_pass);
+      sink(j, keep, d, inverse_scale(qk));
       bad += !is_finite_f32(value);
       kept += keep;
     }
@@ -174,6 +175,15 @@ __device__ __forceinline__ void keep_row(const SlabParams& p, unsigned k, uint64
     count_add(&p.stats[1 + k], bad);
     count_add(&p.stats[1 + p.k + k], kept);
   }
+}
+
+// keep_row emitting to the slab's keep flags (norm pass) or scratch values (final pass).
+template <int THREADS, class RankT>
+__device__ __forceinline__ void keep_row(const SlabParams& p, unsigned k, uint64_t r, const RankT* ranks,
+                                         int final_pass) {
+  const uint64_t off = r * p.n;
+  keep_row<THREADS>(p, k, r, ranks, final_pass,
+                    [&](uint32_t j, bool keep, float d, float fac) { emit(p, k, off + j, keep, d, fac, final_pass); });
 }
 
 // One block per row (n <= capacity): stable ascending ranks of the row's keys by a block
@@ -718,6 +728,42 @@ __device__ __forceinline__ void for_experts(unsigned K, F&& f) {
   }
 }
 
+// The CPU's fuse_row for one element, in its operation order: v[k] is expert k's
+// sparsified delta (or, for linear tasks, its value), b the base's value; returns the
+// merged value before the store.
+template <int KMAX>
+__device__ __forceinline__ float fuse_one(const SlabParams& p, unsigned K, const float (&v)[KMAX], float b) {
+  float m = 0.0f, d = 0.0f;
+  if (p.consensus == Consensus::None) {
+    for_experts<KMAX>(K, [&](int k) {
+      const float wk = p.ex[k].weight;
+      m = m + wk * v[k];
+      d = d + wk;
+    });
+    d = fabsf(d) <= 1e-8f ? 1.0f : d;
+  } else {
+    float sum = 0.0f;
+    for_experts<KMAX>(K, [&](int k) {
+      const float pk = p.ex[k].weight * v[k];
+      if (p.consensus == Consensus::Sum) sum = sum + pk;
+      else sum = sum + static_cast<float>(static_cast<int>(pk > 0.0f) - static_cast<int>(pk < 0.0f));
+    });
+    const bool positive = sum >= 0.0f;
+    for_experts<KMAX>(K, [&](int k) {
+      const float wk = p.ex[k].weight;
+      const float pk = wk * v[k];
+      const bool agree = (positive & (pk > 0.0f)) | (!positive & (pk < 0.0f));
+      m = m + keep_or_zero(agree, pk);
+      d = d + keep_or_zero(agree, wk);
+    });
+    d = d == 0.0f ? 1.0f : d;
+  }
+  if (p.normalize) m = m / d;
+  if (p.apply_lambda) m = m * p.lambda;
+  if (!p.linear) m = b + m;
+  return m;
+}
+
 // One Philox block of the slab per thread: every expert's sparsified delta (or value),
 // then the CPU's fuse_row, per element, and the store in the output dtype.
 // At most 64 registers (4 blocks of 256 per multiprocessor): no spills for K <= 4.
@@ -734,7 +780,7 @@ __global__ void __launch_bounds__(kThreads, 4) fuse_kernel(const __grid_constant
     bool valid[4];
     uint64_t el[4];
     float b[4];
-    float v[KMAX][4];
+    float v[4][KMAX];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const uint64_t i = 4 * g + q;
@@ -752,63 +798,123 @@ __global__ void __launch_bounds__(kThreads, 4) fuse_kernel(const __grid_constant
       if (ex.mode == kRandomFused) w = philox_block(g, p.tensor_id, k, p.seed);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        v[k][q] = 0.0f;
+        v[q][k] = 0.0f;
         if (!valid[q]) continue;
         if (ex.mode == kScratch) {
-          v[k][q] = ex.scratch[el[q]];
+          v[q][k] = ex.scratch[el[q]];
           continue;
         }
         const float value = dload(ex.data, ex.dtype, el[q]);
         bad[k] += !is_finite_f32(value);
         const float d = linear ? value : value - b[q];
         if (ex.mode == kDirect) {
-          v[k][q] = d;
+          v[q][k] = d;
         } else {
           const bool keep = uniform_from_word(w.v[q]) < ex.q_random;
           kept[k] += keep;
-          v[k][q] = p.rescale == Rescale::Inverse ? keep_or_zero(keep, d * ex.s_random) : keep_or_zero(keep, d);
+          v[q][k] = p.rescale == Rescale::Inverse ? keep_or_zero(keep, d * ex.s_random) : keep_or_zero(keep, d);
         }
       }
     });
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      if (!valid[q]) continue;
-      float m = 0.0f, d = 0.0f;
-      if (p.consensus == Consensus::None) {
-        for_experts<KMAX>(K, [&](int k) {
-          const float wk = p.ex[k].weight;
-          m = m + wk * v[k][q];
-          d = d + wk;
-        });
-        d = fabsf(d) <= 1e-8f ? 1.0f : d;
-      } else {
-        float sum = 0.0f;
-        for_experts<KMAX>(K, [&](int k) {
-          const float pk = p.ex[k].weight * v[k][q];
-          if (p.consensus == Consensus::Sum) sum = sum + pk;
-          else sum = sum + static_cast<float>(static_cast<int>(pk > 0.0f) - static_cast<int>(pk < 0.0f));
-        });
-        const bool positive = sum >= 0.0f;
-        for_experts<KMAX>(K, [&](int k) {
-          const float wk = p.ex[k].weight;
-          const float pk = wk * v[k][q];
-          const bool agree = (positive & (pk > 0.0f)) | (!positive & (pk < 0.0f));
-          m = m + keep_or_zero(agree, pk);
-          d = d + keep_or_zero(agree, wk);
-        });
-        d = d == 0.0f ? 1.0f : d;
-      }
-      if (p.normalize) m = m / d;
-      if (p.apply_lambda) m = m * p.lambda;
-      if (!linear) m = b[q] + m;
-      dstore(p.out, p.out_dtype, el[q], m);
-    }
+    for (int q = 0; q < 4; ++q)
+      if (valid[q]) dstore(p.out, p.out_dtype, el[q], fuse_one<KMAX>(p, K, v[q], b[q]));
   }
   if (!linear) count_add(&p.stats[0], bad_base);
   for_experts<KMAX>(K, [&](int k) {
     if (p.ex[k].mode != kScratch) count_add(&p.stats[1 + k], bad[k]);
     if (p.ex[k].mode == kRandomFused) count_add(&p.stats[1 + K + k], kept[k]);
   });
+}
+
+// DELLA in one kernel per row (rows of up to 4096, K <= 4, no norm rescale): for each
+// expert in turn, ranks by the pairs sort, keep and rescale into shared memory (unswept
+// experts: their deltas); then the fuse of every element and the store. The scratch
+// buffers in device memory and the separate fuse pass are skipped: the same operations
+// on the same values, so the same bytes, with less traffic and fewer launches.
+constexpr int kDellaRowsK = 4;
+constexpr int kDellaRowsCap = 4096;
+
+template <class KeyT>
+struct DellaRows {
+  using R = BlockRankPairs<KeyT, 512, 8>;
+  static constexpr size_t kRankBytes = (R::kSmem + 15) / 16 * 16;
+  static constexpr size_t kSmem = kRankBytes + kDellaRowsK * kDellaRowsCap * sizeof(float);
+};
+
+// At most 64 registers, so that two blocks share a multiprocessor (97 uncapped: one).
+template <class KeyT>
+__global__ void __launch_bounds__(512, 2) della_rows_kernel(const __grid_constant__ SlabParams p) {
+  using D = DellaRows<KeyT>;
+  using R = typename D::R;
+  constexpr int THREADS = 512, ITEMS = 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  typename R::Sort::TempStorage& temp = *reinterpret_cast<typename R::Sort::TempStorage*>(smem);
+  uint16_t* ranks = reinterpret_cast<uint16_t*>(smem);  // after each sort, in the same bytes
+  float* vals = reinterpret_cast<float*>(smem + D::kRankBytes);  // [k][kDellaRowsCap]
+  const uint64_t r = blockIdx.x;
+  const uint32_t n = static_cast<uint32_t>(p.n);
+  const uint64_t off = r * p.n;
+  const unsigned K = p.k;
+  const int key_bits = p.mode == KeyMode::F32 ? 31 : 15;
+  for (unsigned k = 0; k < K; ++k) {
+    const DevExpert& ex = p.ex[k];
+    float* vk = vals + k * kDellaRowsCap;
+    if (ex.mode != kScratch) {  // not sparsified: the delta itself, counted here as in fuse_kernel
+      uint32_t bad = 0;
+      for (uint32_t j = threadIdx.x; j < n; j += THREADS) {
+        float value;
+        vk[j] = expert_delta(p, ex, off + j, value);
+        bad += !is_finite_f32(value);
+      }
+      count_add(&p.stats[1 + k], bad);  // the mode is the block's: every lane gets here
+      continue;
+    }
+    KeyT keys[ITEMS];
+    uint16_t idx[ITEMS];
+#pragma unroll
+    for (int s = 0; s < ITEMS; ++s) {
+      const uint32_t j = threadIdx.x * ITEMS + s;
+      idx[s] = static_cast<uint16_t>(j);
+      keys[s] = static_cast<KeyT>(~static_cast<KeyT>(0));
+      if (j < n) {
+        float value;
+        keys[s] = static_cast<KeyT>(magnitude_key(expert_delta(p, ex, off + j, value), p.mode));
+      }
+    }
+    typename R::Sort(temp).Sort(keys, idx, 0, key_bits);
+    __syncthreads();
+#pragma unroll
+    for (int s = 0; s < ITEMS; ++s) {
+      const uint32_t pos = threadIdx.x * ITEMS + s;
+      if (pos < n) ranks[idx[s]] = static_cast<uint16_t>(pos);
+    }
+    __syncthreads();
+    const bool inverse = p.rescale == Rescale::Inverse;
+    keep_row<THREADS>(p, k, r, ranks, 1, [&](uint32_t j, bool keep, float d, float fac) {
+      vk[j] = inverse ? keep_or_zero(keep, d * fac) : keep_or_zero(keep, d);
+    });
+    __syncthreads();  // the next expert's sort reuses the ranks' bytes
+  }
+  __syncthreads();
+  uint32_t bad_base = 0;
+  for (uint32_t j = threadIdx.x; j < n; j += THREADS) {
+    const float b = dload(p.base, p.base_dtype, off + j);
+    bad_base += !is_finite_f32(b);
+    float v[kDellaRowsK];
+    for_experts<kDellaRowsK>(K, [&](int k) { v[k] = vals[k * kDellaRowsCap + j]; });
+    dstore(p.out, p.out_dtype, off + j, fuse_one<kDellaRowsK>(p, K, v, b));
+  }
+  count_add(&p.stats[0], bad_base);
+}
+
+// Launches della_rows_kernel with its shared memory (above 48 KiB: raised first).
+template <class KeyT>
+void launch_della_rows(const SlabParams& p, cudaStream_t s) {
+  check(cudaFuncSetAttribute(della_rows_kernel<KeyT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(DellaRows<KeyT>::kSmem)),
+        "cudaFuncSetAttribute (della rows shared memory)");
+  della_rows_kernel<KeyT><<<static_cast<unsigned>(p.rows), 512, DellaRows<KeyT>::kSmem, s>>>(p);
 }
 
 // ---------------------------------------------------------------- host side
@@ -906,6 +1012,16 @@ TaskInfo task_info(const MergeTask& t, const Options& o) {
   ti.block_sort = ti.block_tier != 0;
   ti.match_rank = ti.block_tier == 1 && o.rank == RankAlgo::Digits;
   ti.pairs_rank = o.rank != RankAlgo::Composite;
+  if (ti.block_tier == 1 && o.rank == RankAlgo::Pairs && o.fused_della && !t.linear &&
+      ti.k <= static_cast<unsigned>(kDellaRowsK) && !ti.need_norm &&
+      (t.rescale == Rescale::Inverse || t.rescale == Rescale::None)) {
+    int dev = 0, optin = 0;
+    cudaGetDevice(&dev);
+    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) optin = 0;
+    (void)cudaGetLastError();
+    const size_t need = ti.f32_keys ? DellaRows<uint32_t>::kSmem : DellaRows<uint16_t>::kSmem;
+    ti.della_rows = static_cast<size_t>(optin) >= need;
+  }
   if (ti.need_cuts && o.shared_hist) {
     int dev = 0, optin = 0;
     cudaGetDevice(&dev);
@@ -1183,12 +1299,18 @@ void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigne
   if (passes & kPassFinal) {
     if ((passes & kResetCarryFinal) && ti.need_cuts)
       check(cudaMemsetAsync(p.state.carry, 0, K * 2ull * 8, s), "cudaMemsetAsync");
-    for (unsigned k = 0; k < K; ++k)
-      if (ti.mode_k[k] == kScratch) sparsify(t, ti, p, k, true, w, s);
-    const uint64_t groups = ((p.row0 * p.n + E - 1) >> 2) - ((p.row0 * p.n) >> 2) + 1;
-    if (K <= 4) fuse_kernel<4><<<grid_for(groups), kThreads, 0, s>>>(p);
-    else fuse_kernel<kMaxExperts><<<grid_for(groups), kThreads, 0, s>>>(p);
-    launched("fuse_kernel");
+    if (ti.della_rows) {
+      if (ti.f32_keys) launch_della_rows<uint32_t>(p, s);
+      else launch_della_rows<uint16_t>(p, s);
+      launched("della_rows_kernel");
+    } else {
+      for (unsigned k = 0; k < K; ++k)
+        if (ti.mode_k[k] == kScratch) sparsify(t, ti, p, k, true, w, s);
+      const uint64_t groups = ((p.row0 * p.n + E - 1) >> 2) - ((p.row0 * p.n) >> 2) + 1;
+      if (K <= 4) fuse_kernel<4><<<grid_for(groups), kThreads, 0, s>>>(p);
+      else fuse_kernel<kMaxExperts><<<grid_for(groups), kThreads, 0, s>>>(p);
+      launched("fuse_kernel");
+    }
   }
 }
 

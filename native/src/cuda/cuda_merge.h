@@ -31,12 +31,16 @@ struct Options {
   unsigned streams = 3;
   // Pinned host bytes per stream (inputs and output of one slab of rows); grows when one
   // row needs more.
-  uint64_t pinned_bytes = 256ull << 20;
+  uint64_t pinned_bytes = 64ull << 20;
   // Rows up to this length are ranked inside one thread block (at most kBlockSortMax,
   // in two tiers: 4096 and 16384 keys); longer rows go through a device-wide segmented
   // radix sort. 0 forces the latter.
   uint32_t block_sort_max = 16384;
   RankAlgo rank = RankAlgo::Pairs;
+  // DELLA's final pass (rows of up to 4096, K <= 4, inverse or no rescale, Pairs ranks)
+  // in one kernel per row: ranks, keep and rescale into shared memory, then the fuse;
+  // false: a ranking kernel per expert writing scratch buffers, then the fuse kernel.
+  bool fused_della = true;
   // Level-1 histograms of whole-tensor cuts (ties, breadcrumbs) counted in 128 KiB of
   // shared memory per block (where the device allows it), then added to the global one;
   // false: warp-aggregated atomics straight into the global histogram.
