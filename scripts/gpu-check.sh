@@ -48,7 +48,7 @@ if [ ! -f "$bin/della_merge_cuda.so" ]; then
   note "no plugin was built: stopping"; printf '%s\n' "${summary[@]}" >"$OUT/summary.txt"; exit 1
 fi
 
-# 2. ctest: CPU kernel tests, CUDA/CPU parity (random cases, five pipeline settings),
+# 2. ctest: CPU kernel tests, CUDA/CPU parity (random cases, four pipeline settings),
 #    the plugin's C ABI through dlopen. A skip here means no GPU was found: a failure.
 #    Prebuilt: the plugin test and the parity test alone (the CPU tests ran where built).
 if [ -n "$prebuilt" ]; then
@@ -95,14 +95,14 @@ cat "$work/bench.txt"
 summary+=("$(grep -E '^(method|della|dare_ties|ties|task_arithmetic|pinned)[ /]' "$work/bench.txt")")
 h2d=$(grep -o '"h2d_pinned_GBps": [0-9.]*' "$OUT/cuda-bench.json" 2>/dev/null | head -1 | grep -o '[0-9.]*$')
 
-# 3b. Nsight Compute, every section, on della's kernels (4096x4096, first launch of
-#     each): the three ranking kernels (pairs, composite keys, digits) and the fuse, to
-#     say where della's time goes. GPU_CHECK_NCU=0 skips it.
+# 3b. Nsight Compute, every section, on the main kernels (4096x4096, first launch of
+#     each): della's ranking kernel and the fuse, ties' histogram, to say where the time
+#     goes. GPU_CHECK_NCU=0 skips it.
 if [ "${GPU_CHECK_NCU:-1}" = 1 ] && command -v ncu >/dev/null 2>&1; then
   : >"$OUT/ncu.txt"
-  for k in magprune_pairs_kernel magprune_rows_kernel magprune_match_kernel fuse_kernel; do
+  for k in magprune_pairs_kernel fuse_kernel hist1_shared_kernel; do
     timeout 45 ncu -k "regex:$k" --launch-count 1 --set full "$bin/della_cuda_bench" --sizes 4096x4096 --reps 1 \
-      --methods della,della/composite,della/digits >>"$OUT/ncu.txt" 2>&1
+      --methods della,ties >>"$OUT/ncu.txt" 2>&1
   done
   note "ncu: rc=$? ($(elapsed)); full sections in ncu.txt"
   grep -E "^ +[a-z_]+.*\(|^ +Duration|^ +Memory Throughput|^ +Compute \(SM\) Throughput|^ +Achieved Occupancy|^ +Executed Ipc Active|^ +Registers Per" "$OUT/ncu.txt" | head -40

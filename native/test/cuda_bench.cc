@@ -38,27 +38,17 @@ struct Method {
   della::Rescale rs;
   della::Consensus cons;
   bool normalize;
-  della::cuda::RankAlgo rank = della::cuda::RankAlgo::Pairs;  // della::cuda::Options of the variant
-  bool shared_hist = true;
-  bool variant = false;  // not the default options: timed as kernels only
-  bool fused_della = true;
+  bool shared_hist = true;  // della::cuda::Options of the variant timed
+  bool variant = false;     // not the default options: timed as kernels only
 };
 
-// The methods, and beside them the other kernels kept as options (same bytes, timed in
-// the same run): composite-key and per-warp digit ranks for della, global-atomic
-// histograms for ties.
+// The methods, and beside ties the fallback kept for devices with less shared memory
+// (global-atomic histograms; same bytes, timed in the same run).
 const Method kMethods[] = {
     {"della", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true},
-    {"della/unfused", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true,
-     della::cuda::RankAlgo::Pairs, true, true, false},
-    {"della/composite", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true,
-     della::cuda::RankAlgo::Composite, true, true},
-    {"della/digits", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true,
-     della::cuda::RankAlgo::Digits, true, true},
     {"dare_ties", della::Sparsifier::Random, della::Rescale::Inverse, della::Consensus::Sum, false},
     {"ties", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true},
-    {"ties/global-hist", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true,
-     della::cuda::RankAlgo::Pairs, false, true},
+    {"ties/global-hist", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true, false, true},
     {"task_arithmetic", della::Sparsifier::None, della::Rescale::None, della::Consensus::None, false},
 };
 
@@ -199,8 +189,6 @@ int main(int argc, char** argv) {
         t.experts.push_back(e);
       }
       della::cuda::Options o;
-      o.rank = m.rank;
-      o.fused_della = m.fused_della;
       o.shared_hist = m.shared_hist;
       const uint64_t ws_bytes = della::cuda::device_workspace_bytes(t, o);
       void* ws = nullptr;

@@ -256,7 +256,7 @@ int main(int argc, char** argv) {
     const char* name;
     della::cuda::Options o;
   };
-  std::vector<Config> configs(5);
+  std::vector<Config> configs(4);
   configs[0].name = "default";
   configs[0].o.memory_budget = 1536ull << 20;
   configs[1].name = "segmented ranks, tiny slabs, 1 stream";
@@ -265,23 +265,17 @@ int main(int argc, char** argv) {
   configs[1].o.block_sort_max = 0;
   configs[1].o.pinned_bytes = 96 << 10;
   configs[1].o.max_slab_elements = 20000;
-  configs[2].name = "small slabs, 2 streams, one ranking tier, della unfused";
+  configs[2].name = "small slabs, 2 streams, one ranking tier";
   configs[2].o.block_sort_max = 4096;
   configs[2].o.memory_budget = 512ull << 20;
   configs[2].o.streams = 2;
   configs[2].o.pinned_bytes = 1 << 20;
   configs[2].o.max_slab_elements = 1 << 16;
-  configs[2].o.fused_della = false;  // della's ranking kernels and the fuse kernel, separately
-  // The other kernels kept as options: per-warp digit ranks for rows of up to 4096,
-  // histograms by global atomics; composite-key ranks.
-  configs[3].name = "digit ranks, global histograms";
+  // The fallback for devices without 128 KiB of shared memory per block.
+  configs[3].name = "global histograms";
   configs[3].o.memory_budget = 512ull << 20;
-  configs[3].o.rank = della::cuda::RankAlgo::Digits;
   configs[3].o.shared_hist = false;
   configs[3].o.max_slab_elements = 1 << 17;
-  configs[4].name = "composite-key ranks";
-  configs[4].o.memory_budget = 512ull << 20;
-  configs[4].o.rank = della::cuda::RankAlgo::Composite;
   std::vector<std::unique_ptr<della::cuda::Context>> ctx;
   try {
     for (const Config& c : configs) ctx.emplace_back(new della::cuda::Context(c.o));

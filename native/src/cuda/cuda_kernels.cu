@@ -129,19 +129,6 @@ __device__ __forceinline__ GroupRange slab_groups(const SlabParams& p) {
 
 // ---------------------------------------------------------------- magprune: block ranking
 
-// Block ranking tiers: rows up to 4096 elements (512 threads x 8 keys) and up to 16384
-// (1024 x 16, in more than 48 KiB of dynamic shared memory where the device allows it).
-constexpr int ilog2(int x) { return x <= 1 ? 0 : 1 + ilog2(x / 2); }
-
-template <class KeyT, int THREADS, int ITEMS>
-struct BlockRank {
-  static constexpr int kCapacity = THREADS * ITEMS;
-  static constexpr int kIndexBits = ilog2(kCapacity) + 1;  // every index of a row, and one more bit
-  using Sort = cub::BlockRadixSort<KeyT, THREADS, ITEMS>;
-  static constexpr size_t kSmem =
-      sizeof(typename Sort::TempStorage) > kCapacity * 4 ? sizeof(typename Sort::TempStorage) : kCapacity * 4;
-};
-
 // Row r of the slab once its ranks (by index in the row) are in shared memory: keep and
 // rescale per Philox block, THREADS threads of the block, each decision going to
 // sink(j, keep, delta, 1/q) for element j of the row; counts the final pass's statistics.
@@ -186,59 +173,17 @@ __device__ __forceinline__ void keep_row(const SlabParams& p, unsigned k, uint64
                     [&](uint32_t j, bool keep, float d, float fac) { emit(p, k, off + j, keep, d, fac, final_pass); });
 }
 
+// Block ranking tiers: rows up to 4096 elements (512 threads x 8 keys) and up to 16384
+// (1024 x 16, in more than 48 KiB of dynamic shared memory where the device allows it).
 // One block per row (n <= capacity): stable ascending ranks of the row's keys by a block
-// radix sort of (key << index bits | index), unique, so the sorted order is the stable
-// one; then keep, rescale and emit per Philox block.
-template <class KeyT, int THREADS, int ITEMS>
-__global__ void __launch_bounds__(THREADS) magprune_rows_kernel(const __grid_constant__ SlabParams p, unsigned k,
-                                                                int final_pass) {
-  using R = BlockRank<KeyT, THREADS, ITEMS>;
-  constexpr int IB = R::kIndexBits;
-  extern __shared__ __align__(16) unsigned char smem[];
-  // The sort's storage, then (after it) the ranks by index, in the same bytes.
-  typename R::Sort::TempStorage& temp = *reinterpret_cast<typename R::Sort::TempStorage*>(smem);
-  uint32_t* ranks = reinterpret_cast<uint32_t*>(smem);
-  const DevExpert& ex = p.ex[k];
-  const uint64_t r = blockIdx.x;
-  const uint32_t n = static_cast<uint32_t>(p.n);
-  const uint64_t off = r * p.n;
-  const int key_bits = p.mode == KeyMode::F32 ? 31 : 15;
-  KeyT keys[ITEMS];
-#pragma unroll
-  for (int s = 0; s < ITEMS; ++s) {
-    const uint32_t j = s * THREADS + threadIdx.x;
-    if (j < n) {
-      float value;
-      const float d = expert_delta(p, ex, off + j, value);
-      keys[s] = (static_cast<KeyT>(magnitude_key(d, p.mode)) << IB) | static_cast<KeyT>(j);
-    } else {
-      keys[s] = ~static_cast<KeyT>(0);  // after every real key in the sorted bits
-    }
-  }
-  typename R::Sort(temp).Sort(keys, 0, key_bits + IB);
-  __syncthreads();
-#pragma unroll
-  for (int s = 0; s < ITEMS; ++s) {
-    const uint32_t pos = threadIdx.x * ITEMS + s;  // blocked arrangement after Sort
-    if (pos < n) ranks[static_cast<uint32_t>(keys[s] & ((static_cast<KeyT>(1) << IB) - 1))] = pos;
-  }
-  __syncthreads();
-  keep_row<THREADS>(p, k, r, ranks, final_pass);
-}
-
-using Tier1Half = BlockRank<uint32_t, 512, 8>;
-using Tier1F32 = BlockRank<uint64_t, 512, 8>;
-using Tier2Half = BlockRank<uint32_t, 1024, 16>;
-using Tier2F32 = BlockRank<uint64_t, 1024, 16>;
-static_assert(Tier1Half::kCapacity == 4096 && Tier2Half::kCapacity == static_cast<int>(kBlockSortMax), "tiers");
-static_assert(15 + Tier2Half::kIndexBits <= 32 && 31 + Tier2F32::kIndexBits <= 64, "composite keys fit");
-
-// The same ranks by a stable sort of the keys alone, the index riding along as a 16-bit
-// value: cub's radix sort is stable (LSD passes of stable ranking in the blocked
-// arrangement), so with thread t holding indices [t * ITEMS, t * ITEMS + ITEMS) equal
-// keys keep their index order, and only the key's 15 (or 31) bits are sorted: three
-// passes of 5-bit digits for half keys where the composite keys took seven of 4 bits.
-// Padding (indices >= n) holds the largest key and the largest indices, so it sorts last.
+// radix sort of the keys alone, the index riding along as a 16-bit value. cub's radix
+// sort is stable (LSD passes of stable ranking in the blocked arrangement), so with
+// thread t holding indices [t * ITEMS, t * ITEMS + ITEMS) equal keys keep their index
+// order, and only the key's 15 (or 31) bits are sorted: three passes of 5-bit digits for
+// half keys. (Sorting unique (key << index bits | index) keys took seven passes of 4 bits
+// and 1.41 ms against 1.03 for della K = 3 on 4096 x 4096 BF16, H100.) Padding (indices
+// >= n) holds the largest key and the largest indices, so it sorts last. Then keep,
+// rescale and emit per Philox block.
 template <class KeyT, int THREADS, int ITEMS>
 struct BlockRankPairs {
   static constexpr int kCapacity = THREADS * ITEMS;
@@ -284,9 +229,10 @@ __global__ void __launch_bounds__(THREADS) magprune_pairs_kernel(const __grid_co
 }
 
 using Tier1HalfPairs = BlockRankPairs<uint16_t, 512, 8>;
-using Tier1F32Pairs = BlockRankPairs<uint32_t, 512, 8>;
 using Tier2HalfPairs = BlockRankPairs<uint16_t, 1024, 16>;
 using Tier2F32Pairs = BlockRankPairs<uint32_t, 1024, 16>;
+static_assert(Tier1HalfPairs::kCapacity == 4096 && Tier2HalfPairs::kCapacity == static_cast<int>(kBlockSortMax),
+              "tiers");
 
 // Launches a block ranking kernel with R's shared memory, raising the kernel's dynamic
 // shared memory limit (an attribute of the current device's context, so set before
@@ -299,128 +245,15 @@ void launch_rank(Kernel kernel, const SlabParams& p, unsigned k, int final_pass,
   kernel<<<static_cast<unsigned>(p.rows), threads, R::kSmem, s>>>(p, k, final_pass);
 }
 
-// Ranks rows with the pairs sort, or (Options::rank = Composite) the composite keys.
+// Ranks the slab's rows with the block tier THREADS x ITEMS.
 template <int THREADS, int ITEMS>
-void launch_block_rank(bool f32_keys, bool pairs, const SlabParams& p, unsigned k, int final_pass, cudaStream_t s) {
-  if (pairs && f32_keys)
+void launch_block_rank(bool f32_keys, const SlabParams& p, unsigned k, int final_pass, cudaStream_t s) {
+  if (f32_keys)
     launch_rank<BlockRankPairs<uint32_t, THREADS, ITEMS>>(magprune_pairs_kernel<uint32_t, THREADS, ITEMS>, p, k,
                                                           final_pass, THREADS, s);
-  else if (pairs)
+  else
     launch_rank<BlockRankPairs<uint16_t, THREADS, ITEMS>>(magprune_pairs_kernel<uint16_t, THREADS, ITEMS>, p, k,
                                                           final_pass, THREADS, s);
-  else if (f32_keys)
-    launch_rank<BlockRank<uint64_t, THREADS, ITEMS>>(magprune_rows_kernel<uint64_t, THREADS, ITEMS>, p, k, final_pass,
-                                                     THREADS, s);
-  else
-    launch_rank<BlockRank<uint32_t, THREADS, ITEMS>>(magprune_rows_kernel<uint32_t, THREADS, ITEMS>, p, k, final_pass,
-                                                     THREADS, s);
-}
-
-// Tier 1 by digits: stable ascending ranks of a row of n <= 4096 keys by an LSD radix
-// sort of 8-bit digits (two passes for 15-bit keys, four for 31-bit ones). Warp w owns
-// positions [256w, 256w + 256) of the current order and counts its digits round by round
-// (32 positions a round, in order) with __match_any_sync, so a digit's count in warp w
-// and each element's offset among the equal digits before it are exact without atomics.
-// An exclusive scan of the counters in (digit, warp) order then gives every element its
-// new position; equal digits keep their order, so the last pass's positions are the
-// stable ranks. Padding lanes (positions >= n) take the digit 256 and count nowhere.
-constexpr int kMatchThreads = 512;
-constexpr int kMatchItems = 8;
-constexpr int kMatchWarps = kMatchThreads / 32;
-constexpr int kMatchCapacity = kMatchThreads * kMatchItems;
-constexpr int kDigits = 256;
-constexpr int kCountersPerThread = kDigits * kMatchWarps / kMatchThreads;
-static_assert(kMatchCapacity == 4096 && kDigits * kMatchWarps % kMatchThreads == 0, "match rank layout");
-
-struct MatchRankStorage {
-  uint32_t counters[kDigits * kMatchWarps];  // [digit][warp]
-  uint32_t keys[kMatchCapacity];             // by position
-  uint16_t idx[kMatchCapacity];              // by position: the element's index; after the last pass, by index: its rank
-  typename cub::BlockScan<uint32_t, kMatchThreads>::TempStorage scan;
-};
-
-__global__ void __launch_bounds__(kMatchThreads, 2) magprune_match_kernel(const __grid_constant__ SlabParams p,
-                                                                          unsigned k, int final_pass) {
-  using Scan = cub::BlockScan<uint32_t, kMatchThreads>;
-  __shared__ MatchRankStorage sm;
-  const uint64_t r = blockIdx.x;
-  const uint32_t n = static_cast<uint32_t>(p.n);
-  const uint64_t off = r * p.n;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const unsigned lanes_before = (1u << lane) - 1u;
-  const int passes = p.mode == KeyMode::F32 ? 4 : 2;
-  uint32_t key[kMatchItems];
-  uint32_t id[kMatchItems];
-#pragma unroll
-  for (int s = 0; s < kMatchItems; ++s) {  // the first order is the index order
-    const uint32_t j = warp * 32 * kMatchItems + s * 32 + lane;
-    key[s] = 0;
-    id[s] = j;
-    if (j < n) {
-      float value;
-      key[s] = magnitude_key(expert_delta(p, p.ex[k], off + j, value), p.mode);
-    }
-  }
-  for (int pass = 0; pass < passes; ++pass) {
-    const int shift = 8 * pass;
-    for (int i = threadIdx.x; i < kDigits * kMatchWarps; i += kMatchThreads) sm.counters[i] = 0;
-    __syncthreads();
-    uint32_t at[kMatchItems];  // offset among equal digits of this warp, then the new position
-#pragma unroll
-    for (int s = 0; s < kMatchItems; ++s) {
-      const uint32_t pos = warp * 32 * kMatchItems + s * 32 + lane;
-      const bool valid = pos < n;
-      if (pass > 0 && valid) {
-        key[s] = sm.keys[pos];
-        id[s] = sm.idx[pos];
-      }
-      const uint32_t d = valid ? (key[s] >> shift) & 0xffu : static_cast<uint32_t>(kDigits);
-      const unsigned peers = __match_any_sync(0xffffffffu, d);
-      const int leader = __ffs(peers) - 1;
-      uint32_t before = 0;
-      if (lane == leader && valid) {
-        uint32_t* c = &sm.counters[d * kMatchWarps + warp];
-        before = *c;
-        *c = before + static_cast<uint32_t>(__popc(peers));
-      }
-      before = __shfl_sync(0xffffffffu, before, leader);
-      at[s] = before + static_cast<uint32_t>(__popc(peers & lanes_before));
-      __syncwarp();  // the next round's leader may read this round's counter
-    }
-    __syncthreads();
-    // Exclusive scan of the counters in (digit, warp) order: each thread a run of them.
-    uint32_t c[kCountersPerThread];
-    uint32_t sum = 0;
-#pragma unroll
-    for (int i = 0; i < kCountersPerThread; ++i) {
-      c[i] = sm.counters[threadIdx.x * kCountersPerThread + i];
-      sum += c[i];
-    }
-    uint32_t prefix = 0;
-    Scan(sm.scan).ExclusiveSum(sum, prefix);
-#pragma unroll
-    for (int i = 0; i < kCountersPerThread; ++i) {
-      sm.counters[threadIdx.x * kCountersPerThread + i] = prefix;
-      prefix += c[i];
-    }
-    __syncthreads();
-    const bool last = pass + 1 == passes;
-#pragma unroll
-    for (int s = 0; s < kMatchItems; ++s) {
-      const uint32_t pos = warp * 32 * kMatchItems + s * 32 + lane;
-      if (pos >= n) continue;
-      const uint32_t d = (key[s] >> shift) & 0xffu;
-      const uint32_t to = sm.counters[d * kMatchWarps + warp] + at[s];
-      if (last) {  // every read of sm.keys and sm.idx in this pass came before the barriers above
-        sm.idx[id[s]] = static_cast<uint16_t>(to);
-      } else {
-        sm.keys[to] = key[s];
-        sm.idx[to] = static_cast<uint16_t>(id[s]);
-      }
-    }
-    __syncthreads();
-  }
-  keep_row<kMatchThreads>(p, k, r, sm.idx, final_pass);
 }
 
 // ---------------------------------------------------------------- magprune: long rows
@@ -827,96 +660,6 @@ __global__ void __launch_bounds__(kThreads, 4) fuse_kernel(const __grid_constant
   });
 }
 
-// DELLA in one kernel per row (rows of up to 4096, K <= 4, no norm rescale): for each
-// expert in turn, ranks by the pairs sort, keep and rescale into shared memory (unswept
-// experts: their deltas); then the fuse of every element and the store. The scratch
-// buffers in device memory and the separate fuse pass are skipped: the same operations
-// on the same values, so the same bytes, with less traffic and fewer launches.
-constexpr int kDellaRowsK = 4;
-constexpr int kDellaRowsCap = 4096;
-
-template <class KeyT>
-struct DellaRows {
-  using R = BlockRankPairs<KeyT, 512, 8>;
-  static constexpr size_t kRankBytes = (R::kSmem + 15) / 16 * 16;
-  static constexpr size_t kSmem = kRankBytes + kDellaRowsK * kDellaRowsCap * sizeof(float);
-};
-
-// At most 64 registers, so that two blocks share a multiprocessor (97 uncapped: one).
-template <class KeyT>
-__global__ void __launch_bounds__(512, 2) della_rows_kernel(const __grid_constant__ SlabParams p) {
-  using D = DellaRows<KeyT>;
-  using R = typename D::R;
-  constexpr int THREADS = 512, ITEMS = 8;
-  extern __shared__ __align__(16) unsigned char smem[];
-  typename R::Sort::TempStorage& temp = *reinterpret_cast<typename R::Sort::TempStorage*>(smem);
-  uint16_t* ranks = reinterpret_cast<uint16_t*>(smem);  // after each sort, in the same bytes
-  float* vals = reinterpret_cast<float*>(smem + D::kRankBytes);  // [k][kDellaRowsCap]
-  const uint64_t r = blockIdx.x;
-  const uint32_t n = static_cast<uint32_t>(p.n);
-  const uint64_t off = r * p.n;
-  const unsigned K = p.k;
-  const int key_bits = p.mode == KeyMode::F32 ? 31 : 15;
-  for (unsigned k = 0; k < K; ++k) {
-    const DevExpert& ex = p.ex[k];
-    float* vk = vals + k * kDellaRowsCap;
-    if (ex.mode != kScratch) {  // not sparsified: the delta itself, counted here as in fuse_kernel
-      uint32_t bad = 0;
-      for (uint32_t j = threadIdx.x; j < n; j += THREADS) {
-        float value;
-        vk[j] = expert_delta(p, ex, off + j, value);
-        bad += !is_finite_f32(value);
-      }
-      count_add(&p.stats[1 + k], bad);  // the mode is the block's: every lane gets here
-      continue;
-    }
-    KeyT keys[ITEMS];
-    uint16_t idx[ITEMS];
-#pragma unroll
-    for (int s = 0; s < ITEMS; ++s) {
-      const uint32_t j = threadIdx.x * ITEMS + s;
-      idx[s] = static_cast<uint16_t>(j);
-      keys[s] = static_cast<KeyT>(~static_cast<KeyT>(0));
-      if (j < n) {
-        float value;
-        keys[s] = static_cast<KeyT>(magnitude_key(expert_delta(p, ex, off + j, value), p.mode));
-      }
-    }
-    typename R::Sort(temp).Sort(keys, idx, 0, key_bits);
-    __syncthreads();
-#pragma unroll
-    for (int s = 0; s < ITEMS; ++s) {
-      const uint32_t pos = threadIdx.x * ITEMS + s;
-      if (pos < n) ranks[idx[s]] = static_cast<uint16_t>(pos);
-    }
-    __syncthreads();
-    const bool inverse = p.rescale == Rescale::Inverse;
-    keep_row<THREADS>(p, k, r, ranks, 1, [&](uint32_t j, bool keep, float d, float fac) {
-      vk[j] = inverse ? keep_or_zero(keep, d * fac) : keep_or_zero(keep, d);
-    });
-    __syncthreads();  // the next expert's sort reuses the ranks' bytes
-  }
-  __syncthreads();
-  uint32_t bad_base = 0;
-  for (uint32_t j = threadIdx.x; j < n; j += THREADS) {
-    const float b = dload(p.base, p.base_dtype, off + j);
-    bad_base += !is_finite_f32(b);
-    float v[kDellaRowsK];
-    for_experts<kDellaRowsK>(K, [&](int k) { v[k] = vals[k * kDellaRowsCap + j]; });
-    dstore(p.out, p.out_dtype, off + j, fuse_one<kDellaRowsK>(p, K, v, b));
-  }
-  count_add(&p.stats[0], bad_base);
-}
-
-// Launches della_rows_kernel with its shared memory (above 48 KiB: raised first).
-template <class KeyT>
-void launch_della_rows(const SlabParams& p, cudaStream_t s) {
-  check(cudaFuncSetAttribute(della_rows_kernel<KeyT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(DellaRows<KeyT>::kSmem)),
-        "cudaFuncSetAttribute (della rows shared memory)");
-  della_rows_kernel<KeyT><<<static_cast<unsigned>(p.rows), 512, DellaRows<KeyT>::kSmem, s>>>(p);
-}
-
 // ---------------------------------------------------------------- host side
 
 unsigned grid_for(uint64_t items, unsigned threads = kThreads) {
@@ -994,7 +737,7 @@ TaskInfo task_info(const MergeTask& t, const Options& o) {
   ti.need_norm = any_sparse && norm_rescale(t.rescale) && ti.numel > 0;
   ti.block_tier = 0;
   if (t.sparsifier == Sparsifier::Magprune && ti.n <= block_sort_max) {
-    if (ti.n <= static_cast<uint64_t>(Tier1Half::kCapacity)) {
+    if (ti.n <= static_cast<uint64_t>(Tier1HalfPairs::kCapacity)) {
       ti.block_tier = 1;
     } else if (ti.n <= kBlockSortMax) {
       // The large tier needs more than 48 KiB of shared memory per block: where the
@@ -1003,25 +746,11 @@ TaskInfo task_info(const MergeTask& t, const Options& o) {
       cudaGetDevice(&dev);
       if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) optin = 0;
       (void)cudaGetLastError();
-      const bool pairs = o.rank != RankAlgo::Composite;
-      const size_t need = ti.f32_keys ? (pairs ? Tier2F32Pairs::kSmem : Tier2F32::kSmem)
-                                      : (pairs ? Tier2HalfPairs::kSmem : Tier2Half::kSmem);
+      const size_t need = ti.f32_keys ? Tier2F32Pairs::kSmem : Tier2HalfPairs::kSmem;
       ti.block_tier = static_cast<size_t>(optin) >= need ? 2 : 0;
     }
   }
   ti.block_sort = ti.block_tier != 0;
-  ti.match_rank = ti.block_tier == 1 && o.rank == RankAlgo::Digits;
-  ti.pairs_rank = o.rank != RankAlgo::Composite;
-  if (ti.block_tier == 1 && o.rank == RankAlgo::Pairs && o.fused_della && !t.linear &&
-      ti.k <= static_cast<unsigned>(kDellaRowsK) && !ti.need_norm &&
-      (t.rescale == Rescale::Inverse || t.rescale == Rescale::None)) {
-    int dev = 0, optin = 0;
-    cudaGetDevice(&dev);
-    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) optin = 0;
-    (void)cudaGetLastError();
-    const size_t need = ti.f32_keys ? DellaRows<uint32_t>::kSmem : DellaRows<uint16_t>::kSmem;
-    ti.della_rows = static_cast<size_t>(optin) >= need;
-  }
   if (ti.need_cuts && o.shared_hist) {
     int dev = 0, optin = 0;
     cudaGetDevice(&dev);
@@ -1130,10 +859,9 @@ void sparsify(const MergeTask& t, const TaskInfo& ti, const SlabParams& p, unsig
   switch (t.sparsifier) {
     case Sparsifier::Magprune:
       if (ti.block_sort) {
-        if (ti.match_rank) magprune_match_kernel<<<static_cast<unsigned>(p.rows), kMatchThreads, 0, s>>>(p, k, final_pass);
-        else if (ti.block_tier == 1) launch_block_rank<512, 8>(ti.f32_keys, ti.pairs_rank, p, k, final_pass, s);
-        else launch_block_rank<1024, 16>(ti.f32_keys, ti.pairs_rank, p, k, final_pass, s);
-        launched("magprune_rows_kernel");
+        if (ti.block_tier == 1) launch_block_rank<512, 8>(ti.f32_keys, p, k, final_pass, s);
+        else launch_block_rank<1024, 16>(ti.f32_keys, p, k, final_pass, s);
+        launched("magprune_pairs_kernel");
       } else {
         composite_keys_kernel<<<grid_for(E), kThreads, 0, s>>>(p, k, w.comp);
         launched("composite_keys_kernel");
@@ -1299,18 +1027,12 @@ void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigne
   if (passes & kPassFinal) {
     if ((passes & kResetCarryFinal) && ti.need_cuts)
       check(cudaMemsetAsync(p.state.carry, 0, K * 2ull * 8, s), "cudaMemsetAsync");
-    if (ti.della_rows) {
-      if (ti.f32_keys) launch_della_rows<uint32_t>(p, s);
-      else launch_della_rows<uint16_t>(p, s);
-      launched("della_rows_kernel");
-    } else {
-      for (unsigned k = 0; k < K; ++k)
-        if (ti.mode_k[k] == kScratch) sparsify(t, ti, p, k, true, w, s);
-      const uint64_t groups = ((p.row0 * p.n + E - 1) >> 2) - ((p.row0 * p.n) >> 2) + 1;
-      if (K <= 4) fuse_kernel<4><<<grid_for(groups), kThreads, 0, s>>>(p);
-      else fuse_kernel<kMaxExperts><<<grid_for(groups), kThreads, 0, s>>>(p);
-      launched("fuse_kernel");
-    }
+    for (unsigned k = 0; k < K; ++k)
+      if (ti.mode_k[k] == kScratch) sparsify(t, ti, p, k, true, w, s);
+    const uint64_t groups = ((p.row0 * p.n + E - 1) >> 2) - ((p.row0 * p.n) >> 2) + 1;
+    if (K <= 4) fuse_kernel<4><<<grid_for(groups), kThreads, 0, s>>>(p);
+    else fuse_kernel<kMaxExperts><<<grid_for(groups), kThreads, 0, s>>>(p);
+    launched("fuse_kernel");
   }
 }
 

@@ -17,13 +17,6 @@
 namespace della {
 namespace cuda {
 
-// How rows of up to 16384 elements are ranked inside one thread block (same ranks):
-// Pairs: cub::BlockRadixSort of the keys with the 16-bit index as the value, stable,
-// three passes of 5-bit digits for half keys; Composite: of (key << index bits | index),
-// seven passes of 4 bits; Digits (rows of up to 4096; else Pairs): an LSD sort of
-// 8-bit digits ranked per warp with __match_any_sync.
-enum class RankAlgo { Pairs, Composite, Digits };
-
 struct Options {
   int device = 0;
   // Device bytes for the streams' work areas. 0: min(16 GiB, 85% of the free memory).
@@ -36,11 +29,6 @@ struct Options {
   // in two tiers: 4096 and 16384 keys); longer rows go through a device-wide segmented
   // radix sort. 0 forces the latter.
   uint32_t block_sort_max = 16384;
-  RankAlgo rank = RankAlgo::Pairs;
-  // DELLA's final pass (rows of up to 4096, K <= 4, inverse or no rescale, Pairs ranks)
-  // in one kernel per row: ranks, keep and rescale into shared memory, then the fuse;
-  // false: a ranking kernel per expert writing scratch buffers, then the fuse kernel.
-  bool fused_della = true;
   // Level-1 histograms of whole-tensor cuts (ties, breadcrumbs) counted in 128 KiB of
   // shared memory per block (where the device allows it), then added to the global one;
   // false: warp-aggregated atomics straight into the global histogram.

@@ -106,9 +106,6 @@ struct TaskInfo {
   bool f32_keys = false;
   bool block_sort = false;  // magprune rows ranked inside one block...
   int block_tier = 0;       // ...of 4096 (1) or 16384 (2) keys; 0: the segmented sort
-  bool match_rank = false;  // tier 1 by the per-warp digit ranking (RankAlgo::Digits)
-  bool pairs_rank = false;  // block tiers by the stable (key, index) pairs sort (RankAlgo::Pairs)
-  bool della_rows = false;  // the final pass in one kernel per row (Options::fused_della)
   bool shared_hist = false; // level-1 histograms in shared memory (Options::shared_hist)
   bool any_scratch = false;
   std::vector<uint8_t> sparse, mode_k;
