@@ -340,10 +340,12 @@ __global__ void apply_kernel(const __grid_constant__ SlabParams p, unsigned k, i
 
 // ---------------------------------------------------------------- whole-tensor cuts
 
-__global__ void hist1_kernel(const __grid_constant__ SlabParams p, unsigned k, unsigned long long* h) {
+// Counts the level-1 bin of each of expert k's keys in the slab into h, grid-stride.
+// Every lane runs the same number of rounds so the warp stays together for hist_add.
+template <class CountT>
+__device__ __forceinline__ void count_level1(const SlabParams& p, unsigned k, CountT* h) {
   const uint64_t E = p.rows * p.n;
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
-  // Every lane runs the same number of rounds so the warp stays together for hist_add.
   for (uint64_t base = blockIdx.x * static_cast<uint64_t>(blockDim.x); base < E; base += stride) {
     const uint64_t e = base + threadIdx.x;
     uint32_t bin = kNoKey;
@@ -354,6 +356,10 @@ __global__ void hist1_kernel(const __grid_constant__ SlabParams p, unsigned k, u
     }
     hist_add(h, bin);
   }
+}
+
+__global__ void hist1_kernel(const __grid_constant__ SlabParams p, unsigned k, unsigned long long* h) {
+  count_level1(p, k, h);
 }
 
 // The same histogram counted per block in shared memory (32768 32-bit counters, 128 KiB
@@ -370,18 +376,7 @@ __global__ void __launch_bounds__(kHistThreads) hist1_shared_kernel(const __grid
   uint32_t* local = reinterpret_cast<uint32_t*>(smem);
   for (uint32_t b = threadIdx.x; b < kHist1Bins; b += kHistThreads) local[b] = 0;
   __syncthreads();
-  const uint64_t E = p.rows * p.n;
-  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * kHistThreads;
-  for (uint64_t base = blockIdx.x * static_cast<uint64_t>(kHistThreads); base < E; base += stride) {
-    const uint64_t e = base + threadIdx.x;
-    uint32_t bin = kNoKey;
-    if (e < E) {
-      float value;
-      const uint32_t key = magnitude_key(expert_delta(p, p.ex[k], e, value), p.mode);
-      bin = p.mode == KeyMode::F32 ? key >> 16 : key;
-    }
-    hist_add(local, bin);
-  }
+  count_level1(p, k, local);
   __syncthreads();
   for (uint32_t b = threadIdx.x; b < kHist1Bins; b += kHistThreads)
     if (local[b] != 0) atomicAdd(h + b, static_cast<unsigned long long>(local[b]));
