@@ -8,20 +8,6 @@ struct Philox4 {
   uint32_t v[4];
 };
 
-// The high and low words of the 64-bit product a * b. On a GPU, __umulhi and a 32-bit
-// multiply: the 64-bit form compiled to 64-bit multiplies and xors there (nvcc 13),
-// several instructions each. The same bits either way.
-DELLA_HD void mul_hi_lo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
-#ifdef __CUDA_ARCH__
-  hi = __umulhi(a, b);
-  lo = a * b;
-#else
-  const uint64_t p = static_cast<uint64_t>(a) * b;
-  hi = static_cast<uint32_t>(p >> 32);
-  lo = static_cast<uint32_t>(p);
-#endif
-}
-
 DELLA_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
                                uint32_t k0, uint32_t k1) {
   for (int round = 0; round < 10; ++round) {
@@ -29,9 +15,10 @@ DELLA_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c
       k0 += 0x9E3779B9u;
       k1 += 0xBB67AE85u;
     }
-    uint32_t hi0, lo0, hi1, lo1;
-    mul_hi_lo(0xD2511F53u, c0, hi0, lo0);
-    mul_hi_lo(0xCD9E8D57u, c2, hi1, lo1);
+    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
     const uint32_t n0 = hi1 ^ c1 ^ k0;
     const uint32_t n2 = hi0 ^ c3 ^ k1;
     c0 = n0;
