@@ -260,7 +260,8 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     out = OutputDirectory.create(options.out, { overwrite: options.overwrite });
     const layouts = layoutShards(tensors.map(outputTensor), shardSize);
     shards = out.createShards(layouts);
-    const staged = new StagedOutput(shards, stagingPool(tensors, cuda));
+    const groups = batches(tensors, cuda !== null);
+    const staged = new StagedOutput(shards, stagingPool(groups, cuda));
     const reports: TensorReport[] = [];
     const digests: Record<string, string> = {};
     const bytesTotal = tensors.reduce((a, t) => a + t.inBytes + t.outBytes, 0);
@@ -268,7 +269,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     let tensorsDone = 0;
     const ctx: BatchContext = { plan, models, recipe, seed, threads, native, cuda, signal: options.signal, nonfiniteWarnings };
     clock.mark('setup');
-    for await (const done of runBatches(ctx, tensors, (group) => staged.dests(group))) {
+    for await (const done of runBatches(ctx, groups, (group) => staged.dests(group))) {
       const bytes = done.map((t) => staged.bytes(t.plan.name));
       staged.write(done.map((t) => t.plan.name)); // to disk while the next batch computes
       shards.check();
@@ -363,9 +364,9 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
  * batch needs more (a batch of one huge tensor then waits for the previous write).
  * Bounded by the largest batch, not by the model.
  */
-function stagingPool(tensors: readonly TensorPlan[], cuda: CudaTarget | null): StagingPool {
+function stagingPool(groups: readonly TensorPlan[][], cuda: CudaTarget | null): StagingPool {
   const native = loadNative();
-  const largest = Math.max(0, ...batches(tensors, cuda !== null).map((g) => g.reduce((a, t) => a + t.outBytes + STAGING_BLOCK, 0)));
+  const largest = Math.max(0, ...groups.map((g) => g.reduce((a, t) => a + t.outBytes + STAGING_BLOCK, 0)));
   // GPU batches are up to 256 MiB: two of them, so that the device never waits for a write.
   const cap = cuda ? 2 * CUDA_BATCH_BYTES + STAGING_SLACK : STAGING_CAP;
   const budget = Math.min(2 * largest + STAGING_SLACK, Math.max(largest + STAGING_SLACK, cap));
@@ -438,18 +439,17 @@ interface LaunchedBatch {
 }
 
 /**
- * Merges (or copies) `tensors` into the buffers `destsFor` gives each batch, a batch per kernel
- * call; yields each finished batch. The next batch is already computing while the
+ * Merges (or copies) the tensors of `groups` (see batches()) into the buffers `destsFor`
+ * gives each group, a group per kernel call; yields each finished batch. The next batch is already computing while the
  * caller handles the one yielded (hashing, reports), and the one after that is read
  * ahead. Checks cancellation, non-finite inputs and input files changing underneath.
  */
 export async function* runBatches(
-  ctx: BatchContext, tensors: readonly TensorPlan[],
+  ctx: BatchContext, groups: readonly TensorPlan[][],
   destsFor: (group: TensorPlan[]) => Map<string, Uint8Array> | Promise<Map<string, Uint8Array>>,
 ): AsyncGenerator<FinishedTensor[]> {
   const { plan, models, recipe, seed, threads, native } = ctx;
   const cuda = ctx.cuda ?? null;
-  const groups = batches(tensors, cuda !== null);
   const prefetch = (group: TensorPlan[] | undefined) => {
     for (const t of group ?? []) {
       models.base.prefetch(t.name);

@@ -8,7 +8,7 @@ import { loadNative } from '../native.js';
 import type { Recipe } from '../recipe/index.js';
 import { openModels, type OpenedModels } from './build.js';
 import { planMerge } from './plan.js';
-import { runBatches, runSettings, tensorReport, type BatchContext, type ProgressEvent, type TensorReport } from './run.js';
+import { batches, runBatches, runSettings, tensorReport, type BatchContext, type ProgressEvent, type TensorReport } from './run.js';
 
 export interface MergedTensor {
   name: string;
@@ -64,7 +64,7 @@ export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions 
     const buffers = new Map<string, Uint8Array>();
     const bytesTotal = plan.totals.bytesRead + plan.totals.bytesWritten;
     let bytesDone = 0, tensorsDone = 0;
-    const batchesOf = runBatches(ctx, plan.tensors, (group) => {
+    const batchesOf = runBatches(ctx, batches(plan.tensors), (group) => {
       for (const t of group) buffers.set(t.name, new Uint8Array(t.outBytes));
       return buffers;
     });
