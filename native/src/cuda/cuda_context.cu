@@ -170,11 +170,10 @@ struct Slot {
   SlabLayout layout;
 };
 
-// Where the host's time goes in run(), printed per call to stderr when the environment
-// has DELLA_CUDA_PROFILE=1: what a GPU run's end-to-end numbers need to be understood.
+// Where the host's time goes in one run(), printed to stderr when the environment has
+// DELLA_CUDA_PROFILE=1: what a GPU run's end-to-end numbers need to be understood.
 struct Profile {
   using Clock = std::chrono::steady_clock;
-  bool on = false;
   double pinned_alloc = 0, stage = 0, wait = 0, copy_out = 0, enqueue = 0;
   uint64_t staged_bytes = 0, out_bytes = 0, slabs = 0;
   static double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
@@ -185,7 +184,8 @@ struct Context::Impl {
   DellaCudaDeviceInfo info{};
   std::vector<Slot> slots;
   bool healthy = true;
-  Profile prof;
+  bool profiling = false;  // DELLA_CUDA_PROFILE=1
+  Profile prof;            // of the run() in progress
 
   ~Impl() {
     cudaSetDevice(opt.device);
@@ -333,7 +333,7 @@ Context::Context(const Options& options) : impl_(new Impl) {
   m.opt = options;
   m.opt.streams = std::max(1u, options.streams);
   const char* profile = std::getenv("DELLA_CUDA_PROFILE");
-  m.prof.on = profile && profile[0] == '1';
+  m.profiling = profile && profile[0] == '1';
   const auto opened = Profile::Clock::now();
   m.info = probe(options.device);
   const double probe_s = Profile::since(opened);
@@ -364,7 +364,7 @@ Context::Context(const Options& options) : impl_(new Impl) {
     s.dev = static_cast<char*>(p);
     s.dev_bytes = per;
   }
-  if (m.prof.on)
+  if (m.profiling)
     std::fprintf(stderr, "della cuda profile: device open %.3f s (probe and context %.3f s, %u streams of %s)\n",
                  Profile::since(opened), probe_s, m.opt.streams, human(per).c_str());
 }
@@ -380,7 +380,7 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
   host_threads = std::max(1u, host_threads);
   check(cudaSetDevice(m.opt.device), "cudaSetDevice");
   const auto run_start = Profile::Clock::now();
-  const Profile before = m.prof;
+  m.prof = Profile{};
   stats.assign(tasks.size(), MergeStats{});
   std::vector<TaskInfo> infos;
   infos.reserve(tasks.size());
@@ -454,19 +454,18 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
       if (!infos[i].sparse[k]) stats[i].kept[k] = infos[i].numel;  // as the CPU: unsparsified deltas are kept whole
     (void)t;
   }
-  if (m.prof.on) {
+  if (m.profiling) {
     const Profile& a = m.prof;
-    const double total = Profile::since(run_start), stage = a.stage - before.stage, out = a.copy_out - before.copy_out;
-    const double gb_in = (a.staged_bytes - before.staged_bytes) / 1e9, gb_out = (a.out_bytes - before.out_bytes) / 1e9;
+    const double total = Profile::since(run_start);
+    const double gb_in = a.staged_bytes / 1e9, gb_out = a.out_bytes / 1e9;
     std::fprintf(stderr,
                  "della cuda profile: %zu tasks, %llu slabs, %.3f s: pinned alloc %.3f s, staging %.3f s (%.2f GB, "
                  "%.1f GB/s), enqueue %.3f s, waiting for the GPU %.3f s, copy out %.3f s (%.2f GB, %.1f GB/s), "
                  "other %.3f s\n",
-                 tasks.size(), static_cast<unsigned long long>(a.slabs - before.slabs), total,
-                 a.pinned_alloc - before.pinned_alloc, stage, gb_in, stage > 0 ? gb_in / stage : 0.0,
-                 a.enqueue - before.enqueue, a.wait - before.wait, out, gb_out, out > 0 ? gb_out / out : 0.0,
-                 total - (a.pinned_alloc - before.pinned_alloc) - stage - (a.enqueue - before.enqueue) -
-                     (a.wait - before.wait) - out);
+                 tasks.size(), static_cast<unsigned long long>(a.slabs), total, a.pinned_alloc, a.stage, gb_in,
+                 a.stage > 0 ? gb_in / a.stage : 0.0, a.enqueue, a.wait, a.copy_out, gb_out,
+                 a.copy_out > 0 ? gb_out / a.copy_out : 0.0,
+                 total - a.pinned_alloc - a.stage - a.enqueue - a.wait - a.copy_out);
   }
 }
 

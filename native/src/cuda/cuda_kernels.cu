@@ -129,12 +129,11 @@ __device__ __forceinline__ GroupRange slab_groups(const SlabParams& p) {
 
 // ---------------------------------------------------------------- magprune: block ranking
 
-// Row r of the slab once its ranks (by index in the row) are in shared memory: keep and
-// rescale per Philox block, THREADS threads of the block, each decision going to
-// sink(j, keep, delta, 1/q) for element j of the row; counts the final pass's statistics.
-template <int THREADS, class RankT, class Sink>
+// Row r of the slab once its ranks (by index in the row) are in shared memory: keep,
+// rescale and emit per Philox block, THREADS threads of the block.
+template <int THREADS, class RankT>
 __device__ __forceinline__ void keep_row(const SlabParams& p, unsigned k, uint64_t r, const RankT* ranks,
-                                         int final_pass, Sink&& sink) {
+                                         int final_pass) {
   const DevExpert& ex = p.ex[k];
   const uint32_t n = static_cast<uint32_t>(p.n);
   const uint64_t off = r * p.n;
@@ -153,7 +152,7 @@ __device__ __forceinline__ void keep_row(const SlabParams& p, unsigned k, uint64
       const float x = uniform_from_word(w.v[q]);
       const float qk = magprune_q(ranks[j], n, ex.coef);
       const bool keep = x < qk;
-      sink(j, keep, d, inverse_scale(qk));
+      emit(p, k, off + j, keep, d, inverse_scale(qk), final_pass);
       bad += !is_finite_f32(value);
       kept += keep;
     }
@@ -162,15 +161,6 @@ __device__ __forceinline__ void keep_row(const SlabParams& p, unsigned k, uint64
     count_add(&p.stats[1 + k], bad);
     count_add(&p.stats[1 + p.k + k], kept);
   }
-}
-
-// keep_row emitting to the slab's keep flags (norm pass) or scratch values (final pass).
-template <int THREADS, class RankT>
-__device__ __forceinline__ void keep_row(const SlabParams& p, unsigned k, uint64_t r, const RankT* ranks,
-                                         int final_pass) {
-  const uint64_t off = r * p.n;
-  keep_row<THREADS>(p, k, r, ranks, final_pass,
-                    [&](uint32_t j, bool keep, float d, float fac) { emit(p, k, off + j, keep, d, fac, final_pass); });
 }
 
 // Block ranking tiers: rows up to 4096 elements (512 threads x 8 keys) and up to 16384
@@ -234,26 +224,16 @@ using Tier2F32Pairs = BlockRankPairs<uint32_t, 1024, 16>;
 static_assert(Tier1HalfPairs::kCapacity == 4096 && Tier2HalfPairs::kCapacity == static_cast<int>(kBlockSortMax),
               "tiers");
 
-// Launches a block ranking kernel with R's shared memory, raising the kernel's dynamic
-// shared memory limit (an attribute of the current device's context, so set before
-// every launch; it is cheap).
-template <class R, class Kernel>
-void launch_rank(Kernel kernel, const SlabParams& p, unsigned k, int final_pass, int threads, cudaStream_t s) {
+// Launches the ranking kernel of a tier, raising its dynamic shared memory limit (an
+// attribute of the current device's context, so set before every launch; it is cheap).
+template <class KeyT, int THREADS, int ITEMS>
+void launch_rank(const SlabParams& p, unsigned k, int final_pass, cudaStream_t s) {
+  using R = BlockRankPairs<KeyT, THREADS, ITEMS>;
+  auto kernel = magprune_pairs_kernel<KeyT, THREADS, ITEMS>;
   if (R::kSmem > 48 * 1024)
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(R::kSmem)),
           "cudaFuncSetAttribute (ranking shared memory)");
-  kernel<<<static_cast<unsigned>(p.rows), threads, R::kSmem, s>>>(p, k, final_pass);
-}
-
-// Ranks the slab's rows with the block tier THREADS x ITEMS.
-template <int THREADS, int ITEMS>
-void launch_block_rank(bool f32_keys, const SlabParams& p, unsigned k, int final_pass, cudaStream_t s) {
-  if (f32_keys)
-    launch_rank<BlockRankPairs<uint32_t, THREADS, ITEMS>>(magprune_pairs_kernel<uint32_t, THREADS, ITEMS>, p, k,
-                                                          final_pass, THREADS, s);
-  else
-    launch_rank<BlockRankPairs<uint16_t, THREADS, ITEMS>>(magprune_pairs_kernel<uint16_t, THREADS, ITEMS>, p, k,
-                                                          final_pass, THREADS, s);
+  kernel<<<static_cast<unsigned>(p.rows), THREADS, R::kSmem, s>>>(p, k, final_pass);
 }
 
 // ---------------------------------------------------------------- magprune: long rows
@@ -673,6 +653,15 @@ unsigned hist_grid(uint64_t E) {
   return static_cast<unsigned>(std::max<uint64_t>(1, std::min<uint64_t>(blocks, static_cast<uint64_t>(sms))));
 }
 
+// Shared memory a block of the current device may opt into (0 where unknown).
+size_t optin_shared_bytes() {
+  int dev = 0, optin = 0;
+  cudaGetDevice(&dev);
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) optin = 0;
+  (void)cudaGetLastError();
+  return static_cast<size_t>(optin);
+}
+
 bool whole_tensor(Sparsifier s) { return s == Sparsifier::Magnitude || s == Sparsifier::Breadcrumbs; }
 bool norm_rescale(Rescale r) { return r == Rescale::L1 || r == Rescale::L2 || r == Rescale::Linf; }
 
@@ -737,22 +726,12 @@ TaskInfo task_info(const MergeTask& t, const Options& o) {
     } else if (ti.n <= kBlockSortMax) {
       // The large tier needs more than 48 KiB of shared memory per block: where the
       // device has less, long rows take the segmented sort.
-      int dev = 0, optin = 0;
-      cudaGetDevice(&dev);
-      if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) optin = 0;
-      (void)cudaGetLastError();
       const size_t need = ti.f32_keys ? Tier2F32Pairs::kSmem : Tier2HalfPairs::kSmem;
-      ti.block_tier = static_cast<size_t>(optin) >= need ? 2 : 0;
+      ti.block_tier = optin_shared_bytes() >= need ? 2 : 0;
     }
   }
   ti.block_sort = ti.block_tier != 0;
-  if (ti.need_cuts && o.shared_hist) {
-    int dev = 0, optin = 0;
-    cudaGetDevice(&dev);
-    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) optin = 0;
-    (void)cudaGetLastError();
-    ti.shared_hist = static_cast<size_t>(optin) >= kHistSmem;
-  }
+  ti.shared_hist = ti.need_cuts && o.shared_hist && optin_shared_bytes() >= kHistSmem;
   return ti;
 }
 
@@ -854,8 +833,10 @@ void sparsify(const MergeTask& t, const TaskInfo& ti, const SlabParams& p, unsig
   switch (t.sparsifier) {
     case Sparsifier::Magprune:
       if (ti.block_sort) {
-        if (ti.block_tier == 1) launch_block_rank<512, 8>(ti.f32_keys, p, k, final_pass, s);
-        else launch_block_rank<1024, 16>(ti.f32_keys, p, k, final_pass, s);
+        if (ti.block_tier == 1 && ti.f32_keys) launch_rank<uint32_t, 512, 8>(p, k, final_pass, s);
+        else if (ti.block_tier == 1) launch_rank<uint16_t, 512, 8>(p, k, final_pass, s);
+        else if (ti.f32_keys) launch_rank<uint32_t, 1024, 16>(p, k, final_pass, s);
+        else launch_rank<uint16_t, 1024, 16>(p, k, final_pass, s);
         launched("magprune_pairs_kernel");
       } else {
         composite_keys_kernel<<<grid_for(E), kThreads, 0, s>>>(p, k, w.comp);
