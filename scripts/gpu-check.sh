@@ -156,9 +156,6 @@ else
       cat "$work/models.json"
       # Each recipe to disk ($work, as a user would) and to memory (/dev/shm, which takes
       # the disk's write speed out of the numbers), on the CPU and on the GPU.
-      phases() {  # "S s (device a, setup b, merge c, flush d, finish e)" of a report
-        node -e "const r=require('$1'),p=r.phases||{};console.log(r.seconds.toFixed(3)+' s ('+Object.entries(p).map(([k,v])=>k+' '+v.toFixed(3)).join(', ')+')')" 2>/dev/null || echo '?'
-      }
       mem=/dev/shm/della-gpu-check
       for r in ${GPU_CHECK_RECIPES:-della dare_ties ties breadcrumbs_l2}; do
         for where in ${GPU_CHECK_OUTPUTS:-disk memory}; do
@@ -173,20 +170,12 @@ else
           grep "della cuda profile" "$work/err.txt" | sed 's/^/     /'
           sed -i '/della cuda profile/d' "$work/err.txt"
           if [ $c -eq 0 ] && [ $g -eq 0 ] && same "$dir/cpu-$r" "$dir/gpu-$r"; then eq=true; else eq=false; status=1; cat "$work/err.txt"; fi
-          cs=$(node -p "require('$work/cpu-$r.json').seconds" 2>/dev/null || echo null)
-          gs=$(node -p "require('$work/gpu-$r.json').seconds" 2>/dev/null || echo null)
-          gm=$(node -p "require('$work/gpu-$r.json').phases.merge" 2>/dev/null || echo null)
-          rd=$(node -p "require('$work/gpu-$r.json').bytes.read" 2>/dev/null || echo null)
-          wr=$(node -p "require('$work/gpu-$r.json').bytes.written" 2>/dev/null || echo null)
-          dev=$(node -p "require('$work/gpu-$r.json').device" 2>/dev/null || echo '?')
-          gbs=$(node -p "($rd / $gs / 1e9).toFixed(2)" 2>/dev/null || echo null)
-          mgbs=$(node -p "($rd / $gm / 1e9).toFixed(2)" 2>/dev/null || echo null)
-          floor=$(node -p "($rd / ($h2d * 1e9)).toFixed(3)" 2>/dev/null || echo null)
-          note "e2e $r to $where: equal=$eq; read $rd bytes: gpu $gbs GB/s overall, $mgbs GB/s in the merge phase, vs pinned H2D ${h2d:-?} GB/s (floor $floor s)"
-          echo "     cpu $(phases "$work/cpu-$r.json")"
-          echo "     gpu $(phases "$work/gpu-$r.json") on $dev"
-          summary+=("     cpu $(phases "$work/cpu-$r.json")" "     gpu $(phases "$work/gpu-$r.json")")
-          e2e+="$sep\n    {\"recipe\": \"$r\", \"output\": \"$where\", \"equal\": $eq, \"cpu_seconds\": $cs, \"gpu_seconds\": $gs, \"gpu_merge_phase_seconds\": $gm, \"bytes_read\": $rd, \"bytes_written\": $wr, \"gpu_read_GBps\": $gbs, \"gpu_merge_phase_read_GBps\": $mgbs, \"h2d_floor_seconds\": $floor, \"cpu_phases\": $(node -p "JSON.stringify(require('$work/cpu-$r.json').phases)" 2>/dev/null || echo null), \"gpu_phases\": $(node -p "JSON.stringify(require('$work/gpu-$r.json').phases)" 2>/dev/null || echo null)}"
+          mapfile -t row < <(node scripts/gpu-e2e-row.mjs "$work/cpu-$r.json" "$work/gpu-$r.json" "$r" "$where" "$eq" "${h2d:-}")
+          note "${row[0]}"
+          echo "${row[1]}"
+          echo "${row[2]} on ${row[4]}"
+          summary+=("${row[1]}" "${row[2]}")
+          e2e+="$sep\n    ${row[3]}"
           sep=","
           rm -rf "$dir/cpu-$r" "$dir/gpu-$r"
         done
