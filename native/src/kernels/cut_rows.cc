@@ -7,6 +7,9 @@
 
 #include "merge_state.h"
 #include "row_io.h"
+#if defined(DELLA_AVX512_PATHS)
+#include <immintrin.h>
+#endif
 
 namespace della::detail {
 namespace {
@@ -151,7 +154,170 @@ void cut_key_counts_impl(const MergeTask& t, const TaskState& st, uint64_t r0, u
   }
 }
 
+// The keys of a row inside a bracket [lo, lo + w), as key - lo, into list (room for n +
+// 32); adds the keys below lo to `below`. Returns how many went to the list.
+DELLA_ALWAYS_INLINE uint32_t bracket_keys_scalar(const uint16_t* __restrict keys, uint64_t n, uint32_t lo, uint32_t w,
+                                                 uint16_t* __restrict list, uint64_t& below) {
+  uint32_t m = 0;
+  uint64_t bl = 0;
+  for (uint64_t j = 0; j < n; ++j) {
+    const uint32_t rel = static_cast<uint32_t>(keys[j]) - lo;  // wraps above w for keys below lo
+    list[m] = static_cast<uint16_t>(rel);
+    m += rel < w;
+    bl += keys[j] < lo;
+  }
+  below += bl;
+  return m;
+}
+
+#if defined(DELLA_AVX512_PATHS)
+#define DELLA_AVX512_VBMI2 __attribute__((target("avx512f,avx512bw,avx512vbmi2")))
+inline bool have_avx512_vbmi2() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vbmi2");
+  return yes;
+}
+
+// The same, 32 keys a step: two compares, a compress of the keys inside (most rows put
+// a few per cent there) and a store at the list's end.
+DELLA_AVX512_VBMI2 uint32_t bracket_keys_avx512(const uint16_t* __restrict keys, uint64_t n, uint32_t lo, uint32_t w,
+                                                uint16_t* __restrict list, uint64_t& below) {
+  const __m512i vlo = _mm512_set1_epi16(static_cast<short>(lo)), vw = _mm512_set1_epi16(static_cast<short>(w));
+  uint32_t m = 0;
+  uint64_t bl = 0;
+  for (uint64_t j = 0; j < n; j += 32) {
+    const uint64_t left = n - j;
+    const __mmask32 tm = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << left) - 1u);
+    const __m512i k = _mm512_maskz_loadu_epi16(tm, keys + j);
+    const __m512i rel = _mm512_sub_epi16(k, vlo);
+    const __mmask32 in = _mm512_mask_cmplt_epu16_mask(tm, rel, vw);
+    bl += static_cast<uint64_t>(__builtin_popcount(_mm512_mask_cmplt_epu16_mask(tm, k, vlo)));
+    _mm512_storeu_si512(list + m, _mm512_maskz_compress_epi16(in, rel));
+    m += static_cast<uint32_t>(__builtin_popcount(in));
+  }
+  below += bl;
+  return m;
+}
+#endif
+
+// Adds list[0..m) (values below w) into eight tables of w counters, element j into
+// table j mod 8: a run of equal keys (common: few-ulp deltas share a handful of keys)
+// then chains an increment through memory only every eighth element.
+__attribute__((noinline)) void count_list(const uint16_t* __restrict list, uint32_t m, uint32_t* __restrict tables,
+                                          uint32_t w) {
+  uint32_t j = 0;
+  for (; j + 8 <= m; j += 8)
+    for (uint32_t c = 0; c < 8; ++c) ++tables[c * w + list[j + c]];
+  for (; j < m; ++j) ++tables[list[j]];
+}
+
+DELLA_SIMD_CLONES
+void bracket_rows_impl(const MergeTask& t, const TaskState& st, uint64_t item, uint64_t r0, uint64_t r1, Scratch& s,
+                       std::vector<BracketCounts>& brackets) {
+  const uint64_t n = st.g.n;
+  const unsigned K = static_cast<unsigned>(t.experts.size());
+  float* base = grown(s.base, n);
+  uint16_t* k16 = grown(s.keys16, n);
+  uint16_t* list = grown(s.bracket_list, n + 32);
+  // Each active bracket's eight tables, side by side; zero between work items.
+  std::vector<size_t> at(brackets.size(), 0);
+  size_t total = 0;
+  for (size_t i = 0; i < brackets.size(); ++i) {
+    at[i] = total;
+    total += 8 * static_cast<size_t>(brackets[i].w);
+  }
+  if (s.bracket_tables.size() < total) s.bracket_tables.assign(total, 0);
+  uint32_t* tables = s.bracket_tables.data();
+  std::vector<uint64_t> below(brackets.size(), 0);
+#if defined(DELLA_AVX512_PATHS)
+  const bool vbmi2 = have_avx512_vbmi2();
+#endif
+  for (uint64_t r = r0; r < r1; ++r) {
+    load_base_row(t, r, n, base);
+    for (unsigned k = 0; k < K; ++k) {
+      if (brackets[2 * k].w == 0 && brackets[2 * k + 1].w == 0) continue;
+      const uint8_t* src = expert_row(t, k, r, n);
+      if (st.mode == KeyMode::BF16) delta_keys_any<1>(t.experts[k].dtype, src, n, base, k16);
+      else delta_keys_any<2>(t.experts[k].dtype, src, n, base, k16);
+      for (unsigned c = 0; c < 2; ++c) {
+        const size_t i = 2 * k + c;
+        const BracketCounts& b = brackets[i];
+        if (b.w == 0) continue;
+        uint32_t m;
+#if defined(DELLA_AVX512_PATHS)
+        if (vbmi2) m = bracket_keys_avx512(k16, n, b.lo, b.w, list, below[i]);
+        else m = bracket_keys_scalar(k16, n, b.lo, b.w, list, below[i]);
+#else
+        m = bracket_keys_scalar(k16, n, b.lo, b.w, list, below[i]);
+#endif
+        count_list(list, m, tables + at[i], b.w);
+      }
+    }
+  }
+  // The item's counts (below 2^32: an item is one row or about 2^16 elements).
+  for (size_t i = 0; i < brackets.size(); ++i) {
+    BracketCounts& b = brackets[i];
+    if (b.w == 0) continue;
+    uint32_t* tab = tables + at[i];
+    uint32_t* out = b.hist.data() + item * b.w;
+    for (uint32_t v = 0; v < b.w; ++v) {
+      uint32_t sum = 0;
+      for (uint32_t c = 0; c < 8; ++c) {
+        sum += tab[c * b.w + v];
+        tab[c * b.w + v] = 0;
+      }
+      out[v] = sum;
+    }
+    b.below[item] = below[i];
+  }
+}
+
 }  // namespace
+
+namespace {
+// Values of a tensor of dtype dt at flat positions pos[0..m) as fp32: one tight loop a
+// dtype, so that the cache misses of the scattered loads overlap.
+void gather_values(DType dt, const uint8_t* p, const uint64_t* pos, uint64_t m, float* out) {
+  switch (dt) {
+    case DType::F32: for (uint64_t s = 0; s < m; ++s) out[s] = load_elem<DType::F32>(p, pos[s]); break;
+    case DType::F16: for (uint64_t s = 0; s < m; ++s) out[s] = load_elem<DType::F16>(p, pos[s]); break;
+    case DType::BF16: for (uint64_t s = 0; s < m; ++s) out[s] = load_elem<DType::BF16>(p, pos[s]); break;
+    default: for (uint64_t s = 0; s < m; ++s) out[s] = load_elem<DType::F64>(p, pos[s]); break;
+  }
+}
+}  // namespace
+
+std::vector<std::vector<uint16_t>> sample_keys(const MergeTask& t, const TaskState& st, uint64_t count) {
+  const uint64_t N = st.g.numel, n = st.g.n;
+  const size_t K = t.experts.size();
+  const uint64_t step = N / count;  // count <= N
+  std::vector<uint64_t> pos(count), epos(count);
+  for (uint64_t s = 0; s < count; ++s) pos[s] = s * step + step / 2;
+  std::vector<float> b(count), v(count);
+  gather_values(t.base_dtype, static_cast<const uint8_t*>(t.base), pos.data(), count, b.data());
+  std::vector<std::vector<uint16_t>> keys(K);
+  for (size_t k = 0; k < K; ++k) {
+    if (!st.ex[k].sparse) continue;
+    const ExpertInput& e = t.experts[k];
+    const uint64_t* at = pos.data();
+    if (e.shape != t.shape) {  // an embedding's leading sub-block
+      for (uint64_t s = 0; s < count; ++s) epos[s] = expert_row_offset(t.shape, e.shape, pos[s] / n, n) + pos[s] % n;
+      at = epos.data();
+    }
+    gather_values(e.dtype, static_cast<const uint8_t*>(e.data), at, count, v.data());
+    keys[k].resize(count);
+    for (uint64_t s = 0; s < count; ++s) {
+      const float d = v[s] - b[s];
+      keys[k][s] = st.mode == KeyMode::BF16 ? bf16_key(d) : static_cast<uint16_t>(f32_to_f16_select(d) & 0x7fffu);
+    }
+  }
+  return keys;
+}
+
+void bracket_rows(const MergeTask& t, const TaskState& st, uint64_t item, uint64_t r0, uint64_t r1, Scratch& s,
+                  std::vector<BracketCounts>& brackets) {
+  bracket_rows_impl(t, st, item, r0, r1, s, brackets);
+}
 
 void histogram_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s, int level,
                     const std::vector<uint32_t>& hi_filter, std::vector<std::vector<uint64_t>>& hists) {

@@ -15,6 +15,7 @@
 // in the same order (no FMA: -ffp-contract=off), so all give the same bytes.
 #include <algorithm>
 #include <cstring>
+#include <stdexcept>
 
 #include "row_io.h"
 #if defined(DELLA_AVX512_PATHS)
@@ -238,41 +239,110 @@ DELLA_ALWAYS_INLINE const uint32_t* philox_row(uint64_t seed, uint32_t tensor_id
   return words + (i0 & 3);
 }
 
-// in[j] = whether element j of row r is before cut c (SPEC §4, see Cut): occ and
-// occ_end count the cut key's elements in the rows before r and up to r's end. Only
-// the row where the cut falls inside its equal keys needs them in index order.
+// Where a row stands against one cut (see Cut): every element with the cut's key is
+// before the cut (EqualIn), none is (Strict), only the first few in index order are
+// (Ordered: the one row where the cut falls among equal keys), or the cut takes all.
+enum class Side { All, EqualIn, Strict, Ordered };
+
+struct RowSide {
+  Side side;
+  uint64_t occ = 0, occ_end = 0;  // Ordered: cut-key elements before the row, and up to its end
+};
+
 template <class Key>
-DELLA_ALWAYS_INLINE void cut_side(const Key* __restrict keys, uint64_t n, const Cut& c, uint64_t occ, uint64_t occ_end,
+DELLA_ALWAYS_INLINE uint64_t count_equal(const Key* __restrict keys, uint64_t n, uint32_t T) {
+  uint64_t c = 0;
+  for (uint64_t j = 0; j < n; ++j) c += keys[j] == T;
+  return c;
+}
+
+// The side of a row of block `block` for cut c, with `run` the cut-key elements before
+// the row when they matter (it is advanced past the row then). Counting the row's
+// equal keys is needed only in the block where the cut falls.
+template <class Key>
+DELLA_ALWAYS_INLINE RowSide row_side(const Cut& c, const std::vector<uint64_t>& occ, uint64_t block, uint64_t& run,
+                                     const Key* keys, uint64_t n) {
+  if (c.all) return {Side::All};
+  if (occ[block + 1] <= c.take) return {Side::EqualIn};
+  if (run >= c.take) return {Side::Strict};
+  const uint64_t end = run + count_equal(keys, n, c.key);
+  const RowSide rs{end <= c.take ? Side::EqualIn : Side::Ordered, run, end};
+  run = end;
+  return rs;
+}
+
+// Ascending "before the cut" is key < threshold; descending it is key >= threshold.
+DELLA_ALWAYS_INLINE uint32_t threshold(const Cut& c, Side side) {
+  if (side == Side::All) return c.descending ? 0u : 0xffffffffu;
+  const bool equal_in = side == Side::EqualIn;
+  return c.descending ? c.key + (equal_in ? 0u : 1u) : c.key + (equal_in ? 1u : 0u);
+}
+
+// in[j] = whether element j is before cut c: by threshold, then, in the Ordered row,
+// the first equal keys in index order.
+template <class Key>
+DELLA_ALWAYS_INLINE void cut_side(const Key* __restrict keys, uint64_t n, const Cut& c, RowSide rs,
                                   uint8_t* __restrict in) {
-  if (c.all) {
-    std::memset(in, 1, n);
-    return;
-  }
-  const uint32_t T = c.key;
-  const bool equal_before = occ_end <= c.take;  // every equal key of this row is before
-  if (c.descending) {
-    if (equal_before) for (uint64_t j = 0; j < n; ++j) in[j] = keys[j] >= T;
-    else for (uint64_t j = 0; j < n; ++j) in[j] = keys[j] > T;
-  } else {
-    if (equal_before) for (uint64_t j = 0; j < n; ++j) in[j] = keys[j] <= T;
-    else for (uint64_t j = 0; j < n; ++j) in[j] = keys[j] < T;
-  }
-  if (equal_before || occ >= c.take) return;
+  const uint32_t T = threshold(c, rs.side == Side::Ordered ? Side::Strict : rs.side);
+  if (c.descending) for (uint64_t j = 0; j < n; ++j) in[j] = keys[j] >= T;
+  else for (uint64_t j = 0; j < n; ++j) in[j] = keys[j] < T;
+  if (rs.side != Side::Ordered) return;
+  uint64_t occ = rs.occ;
   for (uint64_t j = 0; j < n && occ < c.take; ++j) {
-    if (keys[j] != T) continue;
+    if (keys[j] != c.key) continue;
     in[j] = 1;
     ++occ;
   }
 }
 
-// Magnitude keeps what is before its cut; breadcrumbs what is past cut a and before b.
+// Keeps (and scales) the deltas with lo <= key < hi: both cuts of a row in one vector
+// loop when neither falls among the row's equal keys. Returns how many were kept.
 template <class Key>
-DELLA_ALWAYS_INLINE void cut_mask(const Key* keys, uint64_t n, const ExpertState& es, uint64_t r, Sparsifier sp,
-                                  uint8_t* __restrict keep, uint8_t* __restrict in_b) {
-  cut_side(keys, n, es.cut_a, es.occ_a[r], es.occ_a[r + 1], keep);
-  if (sp == Sparsifier::Magnitude) return;
-  cut_side(keys, n, es.cut_b, es.occ_b[r], es.occ_b[r + 1], in_b);
-  for (uint64_t j = 0; j < n; ++j) keep[j] = static_cast<uint8_t>((keep[j] ^ 1u) & in_b[j]);
+DELLA_ALWAYS_INLINE uint64_t keep_between(float* __restrict d, const Key* __restrict keys, uint64_t n, uint32_t lo,
+                                          uint32_t hi, bool scaled, float sc) {
+  uint32_t kept = 0;  // one row: below 2^32
+  if (scaled) {
+    for (uint64_t j = 0; j < n; ++j) {
+      const uint32_t key = keys[j];
+      const bool keep = (key >= lo) & (key < hi);
+      d[j] = keep_or_zero(keep, d[j] * sc);
+      kept += keep;
+    }
+  } else {
+    for (uint64_t j = 0; j < n; ++j) {
+      const uint32_t key = keys[j];
+      const bool keep = (key >= lo) & (key < hi);
+      d[j] = keep_or_zero(keep, d[j]);
+      kept += keep;
+    }
+  }
+  return kept;
+}
+
+// Magnitude keeps what is before its cut; breadcrumbs what is past cut a and before
+// b. run holds both cuts' running occurrences for this expert.
+template <class Key>
+DELLA_ALWAYS_INLINE uint64_t cut_row(float* __restrict d, const Key* keys, uint64_t n, const ExpertState& es,
+                                     uint64_t block, uint64_t* run, Sparsifier sp, bool scaled, float sc,
+                                     uint8_t* __restrict keep, uint8_t* __restrict in_b) {
+  const bool magnitude = sp == Sparsifier::Magnitude;
+  const RowSide a = row_side(es.cut_a, es.occ_a, block, run[0], keys, n);
+  const RowSide b = magnitude ? RowSide{Side::All} : row_side(es.cut_b, es.occ_b, block, run[1], keys, n);
+  if (a.side != Side::Ordered && b.side != Side::Ordered) {
+    if (magnitude) return keep_between(d, keys, n, threshold(es.cut_a, a.side), 0xffffffffu, scaled, sc);
+    return keep_between(d, keys, n, threshold(es.cut_a, a.side), threshold(es.cut_b, b.side), scaled, sc);
+  }
+  cut_side(keys, n, es.cut_a, a, keep);
+  if (!magnitude) {
+    cut_side(keys, n, es.cut_b, b, in_b);
+    for (uint64_t j = 0; j < n; ++j) keep[j] = static_cast<uint8_t>((keep[j] ^ 1u) & in_b[j]);
+  }
+  uint32_t kept = 0;
+  for (uint64_t j = 0; j < n; ++j) {
+    d[j] = keep_or_zero(keep[j], scaled ? d[j] * sc : d[j]);
+    kept += keep[j];
+  }
+  return kept;
 }
 
 DELLA_SIMD_CLONES
@@ -294,6 +364,10 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
   uint32_t* words = grown(s.words, n + 8);
   uint32_t* hist = grown(s.hist15, kSegments * kKeys);
   uint16_t* blocks = grown(s.blocks, kBlocks);
+  // Whole-tensor cuts: per expert, the cut keys' occurrences before the current row
+  // (both cuts). Rows of a block are walked in order from the block's start.
+  if (r0 % st.occ_rows != 0) throw std::logic_error("a work item does not start on an occurrence block");
+  uint64_t occ_run[128] = {};
 
   for (uint64_t r = r0; r < r1; ++r) {
     const uint64_t i0 = r * n;
@@ -320,16 +394,15 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
         // Whole-tensor cuts: a mask, then no rescale or a norm rescale.
         uint8_t* keep = grown(s.keep, n);
         uint8_t* in_b = grown(s.keep_b, n);
-        if (keys == 3) cut_mask(k32, n, es, r, t.sparsifier, keep, in_b);
-        else cut_mask(k16, n, es, r, t.sparsifier, keep, in_b);
-        const bool scaled = t.rescale != Rescale::None;
-        const float sc = es.norm_scale;
-        uint64_t kept = 0;
-        for (uint64_t j = 0; j < n; ++j) {
-          d[j] = keep_or_zero(keep[j], scaled ? d[j] * sc : d[j]);
-          kept += keep[j];
+        const uint64_t block = r / st.occ_rows;
+        uint64_t* run = occ_run + 2 * k;
+        if (r % st.occ_rows == 0) {
+          run[0] = es.occ_a[block];
+          run[1] = es.occ_b.empty() ? 0 : es.occ_b[block];
         }
-        local.kept[k] += kept;
+        const bool scaled = t.rescale != Rescale::None;
+        if (keys == 3) local.kept[k] += cut_row(d, k32, n, es, block, run, t.sparsifier, scaled, es.norm_scale, keep, in_b);
+        else local.kept[k] += cut_row(d, k16, n, es, block, run, t.sparsifier, scaled, es.norm_scale, keep, in_b);
         continue;
       }
 
@@ -378,7 +451,7 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
 
       const uint32_t* x = philox_row(t.seed, t.tensor_id, k, i0, n, words);
       const float q_const = es.q_random, s_const = es.s_random;
-      uint64_t kept = 0;
+      uint32_t kept = 0;  // one row: below 2^32
       if (t.rescale == Rescale::Inverse) {
         if (tf) {
 #if defined(DELLA_AVX512_PATHS)

@@ -17,7 +17,6 @@ using namespace detail;
 
 namespace {
 
-constexpr uint64_t kItemElements = 1u << 16;  // rows per work item: about this many elements
 constexpr uint64_t kCopyChunkBytes = 8u << 20;
 constexpr uint64_t kTableMax = 1u << 22;      // longest row whose keep table is precomputed
 
@@ -175,8 +174,10 @@ uint64_t delta_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t
 }
 
 // Decides which elements of expert k's delta row survive (s.keep) and, for the
-// inverse rescale, each survivor's factor (s.fac). Needs s.delta.
-void mask_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t r, Scratch& s) {
+// inverse rescale, each survivor's factor (s.fac). Needs s.delta. For the whole-tensor
+// cuts, occ holds how many elements with each cut's key came before the row, and is
+// advanced past it.
+void mask_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t r, Scratch& s, uint64_t (&occ)[2]) {
   const uint64_t n = st.g.n, i0 = r * n;
   const ExpertState& es = st.ex[k];
   s.keep.resize(n);
@@ -228,7 +229,7 @@ void mask_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t r, S
       s.keys.resize(n);
       keys_row(s.delta.data(), n, st.mode, s.keys.data());
       const uint32_t* key = s.keys.data();
-      uint64_t occ_a = es.occ_a[r], occ_b = es.occ_b[r];
+      uint64_t occ_a = occ[0], occ_b = occ[1];
       const bool magnitude = t.sparsifier == Sparsifier::Magnitude;
       for (uint64_t j = 0; j < n; ++j) {
         const bool in_a = before(es.cut_a, key[j], occ_a);
@@ -239,6 +240,8 @@ void mask_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t r, S
         occ_b += key[j] == es.cut_b.key;
         fac[j] = 1.0f;
       }
+      occ[0] = occ_a;
+      occ[1] = occ_b;
       break;
     }
     default:
@@ -251,7 +254,7 @@ void mask_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t r, S
 // Runs fn(row_begin, row_end, worker) over the rows of one tensor.
 template <class Fn>
 void for_rows(const Geometry& g, unsigned threads, std::vector<Scratch>& scratch, Fn fn) {
-  const uint64_t per = std::max<uint64_t>(1, kItemElements / std::max<uint64_t>(1, g.n));
+  const uint64_t per = rows_per_item(g.n);
   const size_t items = static_cast<size_t>((g.rows + per - 1) / per);
   global_pool().run(items, threads, [&](size_t it, unsigned worker) {
     const uint64_t r0 = it * per;
@@ -333,7 +336,7 @@ void occurrence_starts(const MergeTask& t, TaskState& st, unsigned threads, std:
   std::vector<uint64_t> a(rows * K, 0), b(rows * K, 0), sum_a(K, 0), sum_b(K, 0);
   std::vector<uint64_t> counted(K, 0);  // per expert: rows [0, counted) have exact counts
   std::vector<uint8_t> active(K, 0);
-  const uint64_t per = std::max<uint64_t>(1, kItemElements / std::max<uint64_t>(1, st.g.n));
+  const uint64_t per = rows_per_item(st.g.n);
   const uint64_t wave = per * std::max(1u, threads) * 4;  // rows: four work items a thread
   for (uint64_t begin = 0; begin < rows;) {
     bool any = false;
@@ -383,13 +386,23 @@ void norm_scales(const MergeTask& t, TaskState& st, unsigned threads, std::vecto
   const size_t K = t.experts.size();
   const uint64_t rows = st.g.rows;
   std::vector<double> full(rows * K, 0.0), kept(rows * K, 0.0);
+  const uint64_t B = st.occ_rows;
   for_rows(st.g, threads, scratch, [&](uint64_t r0, uint64_t r1, Scratch& s) {
+    std::vector<uint64_t> occ(2 * K, 0);  // per expert: the cut keys' occurrences so far
     for (uint64_t r = r0; r < r1; ++r) {
       base_row(t, st, r, s);
       for (unsigned k = 0; k < K; ++k) {
-        if (!st.ex[k].sparse) continue;
+        const ExpertState& es = st.ex[k];
+        if (!es.sparse) continue;
+        if (r % B == 0 && !es.occ_a.empty()) {  // items start on block boundaries (rows_per_item)
+          occ[2 * k] = es.occ_a[r / B];
+          occ[2 * k + 1] = es.occ_b.empty() ? 0 : es.occ_b[r / B];
+        }
         delta_row(t, st, k, r, s);
-        mask_row(t, st, k, r, s);
+        uint64_t row_occ[2] = {occ[2 * k], occ[2 * k + 1]};
+        mask_row(t, st, k, r, s, row_occ);
+        occ[2 * k] = row_occ[0];
+        occ[2 * k + 1] = row_occ[1];
         double f = 0.0, m = 0.0;
         for (uint64_t j = 0; j < st.g.n; ++j) {
           const double v = static_cast<double>(s.delta[j]);
@@ -464,6 +477,11 @@ TaskState prepare(const MergeTask& t, unsigned threads, std::vector<Scratch>& sc
       const CutPositions c = cut_positions(t.sparsifier, e.density, e.gamma, N);
       pa[k] = c.a;
       pb[k] = c.b;
+    }
+    if (st.mode != KeyMode::F32 &&
+        bracketed_cuts(t, st, threads, scratch, pa, t.sparsifier == Sparsifier::Breadcrumbs ? pb : std::vector<uint64_t>{})) {
+      if (norm_rescale(t.rescale)) norm_scales(t, st, threads, scratch);
+      return st;
     }
     const bool descending = t.sparsifier == Sparsifier::Magnitude;
     std::vector<Cut> a = find_cuts(t, st, threads, scratch, pa, descending);
@@ -544,9 +562,8 @@ void run_batch(const std::vector<MergeTask>& merges, const std::vector<CopyTask>
     stats[t].nonfinite.assign(K + 1, 0);
     stats[t].kept.assign(K, 0);
     stats[t].numel = g.numel;
-    const uint64_t rows_per_item = std::max<uint64_t>(1, kItemElements / std::max<uint64_t>(1, g.n));
-    for (uint64_t r = 0; r < g.rows; r += rows_per_item)
-      items.push_back({0, static_cast<uint32_t>(t), r, std::min(g.rows, r + rows_per_item)});
+    const uint64_t per = rows_per_item(g.n);
+    for (uint64_t r = 0; r < g.rows; r += per) items.push_back({0, static_cast<uint32_t>(t), r, std::min(g.rows, r + per)});
   }
   for (size_t c = 0; c < copies.size(); ++c)
     for (uint64_t b = 0; b < copies[c].bytes; b += kCopyChunkBytes)

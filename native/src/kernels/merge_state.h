@@ -1,6 +1,7 @@
 // Internal to the CPU kernels: what a tensor's passes share (geometry, per-expert
 // tables and cuts, per-worker scratch), so each pass can live in its own file.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -11,6 +12,12 @@
 namespace della::detail {
 
 constexpr uint32_t kNoKey = 0xffffffffu;  // above every key (keys are < 2^31)
+constexpr uint64_t kItemElements = 1u << 16;  // rows per work item: about this many elements
+
+// Rows per work item of a tensor with rows of n. The final pass and the whole-tensor
+// pre-passes cut a tensor into the same items, so that per-item counts of a pre-pass
+// line up with the final pass's items.
+inline uint64_t rows_per_item(uint64_t n) { return std::max<uint64_t>(1, kItemElements / std::max<uint64_t>(1, n)); }
 
 struct Geometry {
   uint64_t numel = 1;
@@ -48,13 +55,17 @@ struct ExpertState {
   std::vector<KeepScale> table;  // magprune (q, 1/q) by rank; empty when not tabulated
   float q_random = 0, s_random = 0;
   Cut cut_a, cut_b;
-  std::vector<uint64_t> occ_a, occ_b;  // per row: earlier elements with the cut key
+  // Per block of TaskState::occ_rows rows (and one past the last block): how many
+  // elements with the cut's key come before the block, in index order. Blocks after
+  // the one where a cut falls may hold any count above `take`.
+  std::vector<uint64_t> occ_a, occ_b;
   float norm_scale = 1.0f;
 };
 
 struct TaskState {
   Geometry g;
   KeyMode mode = KeyMode::F32;
+  uint64_t occ_rows = 1;  // rows per block of ExpertState::occ_a / occ_b
   std::vector<ExpertState> ex;
 };
 
@@ -69,6 +80,9 @@ struct Scratch {
   std::vector<uint32_t> hist15;
   std::vector<uint16_t> blocks;
   std::vector<KeepScale> ks;
+  // Bracket pass: the keys inside a bracket, and eight interleaved tables per bracket.
+  std::vector<uint16_t> bracket_list;
+  std::vector<uint32_t> bracket_tables;
 };
 
 // Base row r (of length n) as fp32 into dst; returns how many values are not finite.
@@ -102,6 +116,32 @@ void merge_rows_delta(const MergeTask& t, const TaskState& st, uint64_t r0, uint
 // the fp32 keys whose high half is hi_filter[k].
 void histogram_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s, int level,
                     const std::vector<uint32_t>& hi_filter, std::vector<std::vector<uint64_t>>& hists);
+
+// The whole-tensor cuts of a magnitude or breadcrumbs task with half-precision keys,
+// from a key bracket chosen on a sample and one counting pass (bracket_cuts.cc): sets
+// every sparse expert's cuts and occurrence blocks. Returns false, having set nothing,
+// when the bracket would be too wide or missed a cut; the caller then takes the exact
+// full-histogram path. positions_b is empty unless the task has second cuts.
+bool bracketed_cuts(const MergeTask& t, TaskState& st, unsigned threads, std::vector<Scratch>& scratch,
+                    const std::vector<uint64_t>& positions_a, const std::vector<uint64_t>& positions_b);
+
+// A key bracket [lo, lo + w) of one cut and, per work item, what it counted: the keys
+// below lo, and a histogram of the keys inside (w bins an item).
+struct BracketCounts {
+  uint32_t lo = 0, w = 0;  // w == 0: nothing to count
+  std::vector<uint64_t> below;
+  std::vector<uint32_t> hist;
+};
+
+// Counts work item `item` (rows [r0, r1)) into every active bracket; brackets[2k + c]
+// belongs to expert k's cut c (0: a, 1: b).
+void bracket_rows(const MergeTask& t, const TaskState& st, uint64_t item, uint64_t r0, uint64_t r1, Scratch& s,
+                  std::vector<BracketCounts>& brackets);
+
+// The half-precision magnitude keys of every sparse expert (others: empty) at `count`
+// (<= numel) flat positions spread evenly over the tensor: s * step + step / 2 with
+// step = numel / count.
+std::vector<std::vector<uint16_t>> sample_keys(const MergeTask& t, const TaskState& st, uint64_t count);
 
 // Per row r in [r0, r1) and expert k with active[k] set, how many keys equal the
 // expert's cut keys: into a_counts[r * K + k] and b_counts[r * K + k].

@@ -90,24 +90,31 @@ DELLA_ALWAYS_INLINE uint16_t bf16_key(float v) {
   return static_cast<uint16_t>((x > 0x7f800000u ? nan : rounded) & 0x7fffu);
 }
 
-// Loads n elements as fp32 into dst; returns how many are not finite.
+// Loads n elements as fp32 into dst; returns how many are not finite. (Counts are
+// 32-bit inside, per chunk below 2^32: 64-bit lanes would widen every vector step.)
 template <DType DT>
 DELLA_ALWAYS_INLINE uint64_t load_values(const uint8_t* __restrict src, uint64_t n, float* __restrict dst) {
   uint64_t bad = 0;
-  for (uint64_t j = 0; j < n; ++j) {
-    const float v = load_elem<DT>(src, j);
-    dst[j] = v;
-    bad += !is_finite_f32(v);
+  for (uint64_t j0 = 0; j0 < n; j0 += 1ull << 31) {
+    const uint64_t j1 = n - j0 < (1ull << 31) ? n : j0 + (1ull << 31);
+    uint32_t b = 0;
+    for (uint64_t j = j0; j < j1; ++j) {
+      const float v = load_elem<DT>(src, j);
+      dst[j] = v;
+      b += !is_finite_f32(v);
+    }
+    bad += b;
   }
   return bad;
 }
 
 // d = E - B; keys when asked for (SPEC §4: the half-precision pattern of |d| without
-// its sign bit, which equals the pattern of d rounded, sign cleared).
+// its sign bit, which equals the pattern of d rounded, sign cleared). One row: n is
+// below 2^32 (validate_task), so the count is 32-bit.
 template <DType DT, int KEYS>  // KEYS: 0 none, 1 BF16, 2 F16, 3 F32
 DELLA_ALWAYS_INLINE uint64_t deltas(const uint8_t* __restrict src, uint64_t n, const float* __restrict b,
                                     float* __restrict d, uint16_t* __restrict k16, uint32_t* __restrict k32) {
-  uint64_t bad = 0;
+  uint32_t bad = 0;
   for (uint64_t j = 0; j < n; ++j) {
     const float v = load_elem<DT>(src, j);
     bad += !is_finite_f32(v);
