@@ -25,7 +25,7 @@ namespace {
 
 constexpr uint64_t kSample = 1u << 14;
 constexpr uint32_t kMaxWidth = 4096;              // keys in a bracket
-constexpr uint64_t kMaxItemCounts = 4u << 20;     // per bracket: work items x width (16 MiB)
+constexpr uint64_t kMaxItemCounts = 4u << 20;     // all brackets: work items x width (16 MiB)
 
 // DELLA_CUT_BRACKET=off takes the full-histogram path; =miss shifts every bracket past
 // its cut, so that the fallback runs (for tests).
@@ -103,6 +103,7 @@ bool bracketed_cuts(const MergeTask& t, TaskState& st, unsigned threads, std::ve
   std::vector<BracketCounts> brackets(2 * K);
   std::vector<uint8_t> all(2 * K, 0);
   bool any = false;
+  uint64_t counts = 0;  // per-item counters of all brackets
   const uint64_t S = std::min(kSample, N);
   const std::vector<std::vector<uint16_t>> samples = sample_keys(t, st, S);
   std::vector<uint32_t> cum(0x8000);
@@ -118,7 +119,9 @@ bool bracketed_cuts(const MergeTask& t, TaskState& st, unsigned threads, std::ve
         continue;
       }
       BracketCounts& b = brackets[2 * k + c];
-      if (!choose_bracket(cum, S, N, before, descending, b) || items * b.w > kMaxItemCounts) return false;
+      if (!choose_bracket(cum, S, N, before, descending, b)) return false;
+      counts += items * b.w;
+      if (counts > kMaxItemCounts) return false;
       if (mode == 2) b.lo = b.lo + 2 * b.w <= 0x8000u ? b.lo + b.w : (b.lo >= b.w ? b.lo - b.w : b.lo);  // past the cut
       b.below.assign(items, 0);
       b.hist.assign(items * b.w, 0);
