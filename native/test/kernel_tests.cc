@@ -84,6 +84,54 @@ static void f16_select_matches() {
     check(bits);
 }
 
+// The F16C rows (f16_rows.cc) equal the select code bit for bit: every half pattern
+// (signaling and quiet NaNs included) to fp32 with its non-finite count, and fp32 to
+// halves and to F16 keys around and inside the subnormal range, on a stride through
+// all of fp32 and on the special values. Rows of odd lengths cover the scalar tails.
+static void f16c_rows_match() {
+#if defined(DELLA_F16C_PATHS)
+  if (!della::detail::have_f16c()) {
+    std::printf("f16c_rows_match: no F16C on this CPU, skipped\n");
+    return;
+  }
+  std::vector<uint16_t> halves(0x10001);
+  for (uint32_t h = 0; h < 0x10001; ++h) halves[h] = static_cast<uint16_t>(h * 40503u);  // every pattern, shuffled
+  std::vector<float> got(halves.size());
+  const uint64_t bad = della::detail::f16_to_f32_row(reinterpret_cast<const uint8_t*>(halves.data()), halves.size(), got.data());
+  uint64_t want_bad = 0;
+  for (size_t i = 0; i < halves.size(); ++i) {
+    const float w = della::detail::f16_to_f32_select(halves[i]);
+    want_bad += !della::is_finite_f32(w);
+    if (della::f32_bits(w) != della::f32_bits(got[i])) {
+      CHECK(false, "f16_to_f32_row(%04x) = %08x, select %08x", halves[i], della::f32_bits(got[i]), della::f32_bits(w));
+      return;
+    }
+  }
+  CHECK(bad == want_bad, "f16_to_f32_row non-finite count %llu, want %llu", static_cast<unsigned long long>(bad),
+        static_cast<unsigned long long>(want_bad));
+  std::vector<uint32_t> bits;
+  for (uint32_t sign : {0u, 0x80000000u})
+    for (uint32_t ax = 0x32f00000u; ax <= 0x38900000u; ax += 3) bits.push_back(sign | ax);
+  for (uint64_t b = 0; b <= 0xffffffffull; b += 997) bits.push_back(static_cast<uint32_t>(b));
+  for (uint32_t b : {0x477fefffu, 0x477ff000u, 0x7f800000u, 0xff800000u, 0x7f800001u, 0x7fbfffffu, 0xffc00000u,
+                     0x7fffffffu, 0x387fffffu, 0x38800000u, 0u, 0x80000000u, 1u})
+    bits.push_back(b);
+  bits.resize(bits.size() - bits.size() % 8 + 5);  // a tail of five
+  std::vector<float> v(bits.size());
+  for (size_t i = 0; i < bits.size(); ++i) v[i] = della::bits_f32(bits[i]);
+  std::vector<uint16_t> out(v.size()), keys(v.size());
+  della::detail::f32_to_f16_row(v.data(), v.size(), reinterpret_cast<uint8_t*>(out.data()));
+  della::detail::f16_keys_row(v.data(), v.size(), keys.data());
+  for (size_t i = 0; i < v.size(); ++i) {
+    const uint16_t w = della::detail::f32_to_f16_select(v[i]);
+    if (out[i] != w || keys[i] != (w & 0x7fffu)) {
+      CHECK(false, "f32_to_f16_row(%08x) = %04x key %04x, select %04x", bits[i], out[i], keys[i], w);
+      return;
+    }
+  }
+#endif
+}
+
 static void half_round_trips() {
   for (uint32_t h = 0; h < 0x10000; ++h) {
     const uint16_t x = static_cast<uint16_t>(h);
@@ -154,6 +202,7 @@ int main() {
   philox_blocks_match_scalar();
   half_round_trips();
   f16_select_matches();
+  f16c_rows_match();
   threads_do_not_change_results();
   if (failures) {
     std::fprintf(stderr, "%d failures\n", failures);

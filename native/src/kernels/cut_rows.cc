@@ -30,8 +30,8 @@ DELLA_ALWAYS_INLINE void row_keys(const MergeTask& t, const TaskState& st, unsig
   const uint64_t n = st.g.n;
   const DType dt = t.experts[k].dtype;
   const uint8_t* src = expert_row(t, k, r, n);
-  if (st.mode == KeyMode::BF16) delta_keys_any<1>(dt, src, n, base, k16);
-  else if (st.mode == KeyMode::F16) delta_keys_any<2>(dt, src, n, base, k16);
+  if (st.mode == KeyMode::BF16) delta_keys_any<1>(dt, src, n, base, k16, d);
+  else if (st.mode == KeyMode::F16) delta_keys_any<2>(dt, src, n, base, k16, d);
   else deltas_any<3>(dt, src, n, base, d, k16, k32);
 }
 
@@ -219,6 +219,7 @@ void bracket_rows_impl(const MergeTask& t, const TaskState& st, uint64_t item, u
   float* base = grown(s.base, n);
   uint16_t* k16 = grown(s.keys16, n);
   uint16_t* list = grown(s.bracket_list, n + 32);
+  float* tmp = grown(s.delta, n);
   // Each active bracket's eight tables, side by side; zero between work items.
   std::vector<size_t> at(brackets.size(), 0);
   size_t total = 0;
@@ -237,8 +238,8 @@ void bracket_rows_impl(const MergeTask& t, const TaskState& st, uint64_t item, u
     for (unsigned k = 0; k < K; ++k) {
       if (brackets[2 * k].w == 0 && brackets[2 * k + 1].w == 0) continue;
       const uint8_t* src = expert_row(t, k, r, n);
-      if (st.mode == KeyMode::BF16) delta_keys_any<1>(t.experts[k].dtype, src, n, base, k16);
-      else delta_keys_any<2>(t.experts[k].dtype, src, n, base, k16);
+      if (st.mode == KeyMode::BF16) delta_keys_any<1>(t.experts[k].dtype, src, n, base, k16, tmp);
+      else delta_keys_any<2>(t.experts[k].dtype, src, n, base, k16, tmp);
       for (unsigned c = 0; c < 2; ++c) {
         const size_t i = 2 * k + c;
         const BracketCounts& b = brackets[i];
