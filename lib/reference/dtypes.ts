@@ -31,7 +31,7 @@ export function f32ToF16(v: number): number {
   const x = f32Bits(v);
   const sign = (x >>> 16) & 0x8000;
   const ax = x & 0x7fffffff;
-  if (ax > 0x7f800000) return sign | 0x7e00;
+  if (ax > 0x7f800000) return 0x7e00; // NaN: the canonical quiet NaN, whatever its sign
   if (ax >= 0x477ff000) return sign | 0x7c00;
   if (ax >= 0x38800000) {
     const r = ax - 0x38000000;
@@ -55,7 +55,7 @@ export function bf16ToF32(h: number): number {
 /** fp32 -> bfloat16: upper 16 bits after round to nearest even. */
 export function f32ToBf16(v: number): number {
   const x = f32Bits(v);
-  if ((x & 0x7fffffff) > 0x7f800000) return ((x >>> 16) | 0x40) & 0xffff;
+  if ((x & 0x7fffffff) > 0x7f800000) return 0x7fc0; // NaN: the canonical quiet NaN
   return Math.floor((x + 0x7fff + ((x >>> 16) & 1)) / 65536) & 0xffff;
 }
 
@@ -80,10 +80,18 @@ export function loadF32(dv: DataView, t: DTypeCode, i: number): number {
 
 export function storeF32(dv: DataView, t: DTypeCode, i: number, v: number): void {
   switch (t) {
-    case DTYPE_CODE.F32: dv.setFloat32(4 * i, v, true); break;
+    // NaN is stored as the dtype's canonical quiet NaN (positive, no payload): what a
+    // JavaScript engine or a CPU makes of a NaN's sign and payload is not specified.
+    case DTYPE_CODE.F32:
+      if (Number.isNaN(v)) dv.setUint32(4 * i, 0x7fc00000, true);
+      else dv.setFloat32(4 * i, v, true);
+      break;
     case DTYPE_CODE.F16: dv.setUint16(2 * i, f32ToF16(v), true); break;
     case DTYPE_CODE.BF16: dv.setUint16(2 * i, f32ToBf16(v), true); break;
-    default: dv.setFloat64(8 * i, v, true); break;
+    default:
+      if (Number.isNaN(v)) { dv.setUint32(8 * i, 0, true); dv.setUint32(8 * i + 4, 0x7ff80000, true); }
+      else dv.setFloat64(8 * i, v, true);
+      break;
   }
 }
 
@@ -95,5 +103,5 @@ export function magnitudeKey(v: number, baseDtype: DTypeCode): number {
   const a = Math.abs(v);
   if (baseDtype === DTYPE_CODE.F16) return f32ToF16(a) & 0x7fff;
   if (baseDtype === DTYPE_CODE.BF16) return f32ToBf16(a) & 0x7fff;
-  return f32Bits(a) & 0x7fffffff;
+  return Number.isNaN(a) ? 0x7fc00000 : f32Bits(a) & 0x7fffffff;
 }

@@ -22,11 +22,21 @@ DELLA_HD float f16_to_f32(uint16_t h) {
   return sign ? -v : v;
 }
 
+// NaN results are stored as the dtype's canonical quiet NaN, positive and without a
+// payload (F32 7fc00000, F16 7e00, BF16 7fc0, F64 7ff8000000000000), and every NaN
+// has the same magnitude key: the sign and payload of a NaN depend on the hardware
+// (x86 and CUDA make different ones) and on JavaScript's engine, so they are not
+// allowed to reach the bytes (the output of a --allow-nonfinite merge).
+constexpr uint32_t kCanonicalNan32 = 0x7fc00000u;
+constexpr uint64_t kCanonicalNan64 = 0x7ff8000000000000ull;
+
+DELLA_HD bool is_nan_f32(float v) { return (f32_bits(v) & 0x7fffffffu) > 0x7f800000u; }
+
 DELLA_HD uint16_t f32_to_f16(float f) {
   const uint32_t x = f32_bits(f);
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   const uint32_t ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return sign | 0x7e00u;        // NaN stays a (quiet) NaN
+  if (ax > 0x7f800000u) return 0x7e00u;               // NaN: the canonical quiet NaN
   if (ax >= 0x477ff000u) return sign | 0x7c00u;       // >= 65520 rounds to infinity
   if (ax >= 0x38800000u) {                            // normal half
     const uint32_t r = ax - 0x38000000u;
@@ -48,7 +58,7 @@ DELLA_HD float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h
 
 DELLA_HD uint16_t f32_to_bf16(float f) {
   const uint32_t x = f32_bits(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;  // NaN: the canonical quiet NaN
   return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
@@ -77,10 +87,13 @@ DELLA_HD float load_f32(const void* p, DType t, uint64_t i) {
 
 DELLA_HD void store_f32(void* p, DType t, uint64_t i, float v) {
   switch (t) {
-    case DType::F32: store_raw<float>(p, i, v); break;
+    case DType::F32: store_raw<uint32_t>(p, i, is_nan_f32(v) ? kCanonicalNan32 : f32_bits(v)); break;
     case DType::F16: store_raw<uint16_t>(p, i, f32_to_f16(v)); break;
     case DType::BF16: store_raw<uint16_t>(p, i, f32_to_bf16(v)); break;
-    default: store_raw<double>(p, i, static_cast<double>(v)); break;
+    default:
+      if (is_nan_f32(v)) store_raw<uint64_t>(p, i, kCanonicalNan64);
+      else store_raw<double>(p, i, static_cast<double>(v));
+      break;
   }
 }
 
@@ -94,7 +107,7 @@ DELLA_HD uint32_t magnitude_key(float v, KeyMode m) {
   switch (m) {
     case KeyMode::F16: return f32_to_f16(a) & 0x7fffu;
     case KeyMode::BF16: return f32_to_bf16(a) & 0x7fffu;
-    default: return f32_bits(a);
+    default: return is_nan_f32(a) ? kCanonicalNan32 : f32_bits(a);
   }
 }
 

@@ -26,6 +26,11 @@ DELLA_HD float magprune_q(uint64_t r, uint64_t n, MagpruneCoef c) {
   return c.lo + t;
 }
 
+// The larger of two norms for the linf rescale, NaN when either is NaN (as
+// JavaScript's Math.max and IEEE 754-2019 maximum): a non-finite delta, allowed with
+// --allow-nonfinite, makes the norm NaN instead of being skipped.
+DELLA_HD double max_or_nan(double a, double b) { return (a > b || a != a) ? a : b; }
+
 // Inverse rescale 1/(1-p) = 1/q: one fp32 division, applied with one multiplication.
 DELLA_HD float inverse_scale(float q) { return 1.0f / q; }
 

@@ -53,10 +53,14 @@ __device__ __forceinline__ float dload(const void* p, DType t, uint64_t i) {
 
 __device__ __forceinline__ void dstore(void* p, DType t, uint64_t i, float v) {
   switch (t) {
-    case DType::F32: static_cast<float*>(p)[i] = v; break;
+    // NaN as the canonical quiet NaN (dtype.h): CUDA's own NaNs differ from x86's.
+    case DType::F32: static_cast<uint32_t*>(p)[i] = is_nan_f32(v) ? kCanonicalNan32 : __float_as_uint(v); break;
     case DType::F16: static_cast<uint16_t*>(p)[i] = f32_to_f16(v); break;
     case DType::BF16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
-    default: static_cast<double*>(p)[i] = static_cast<double>(v); break;
+    default:
+      if (is_nan_f32(v)) static_cast<uint64_t*>(p)[i] = kCanonicalNan64;
+      else static_cast<double*>(p)[i] = static_cast<double>(v);
+      break;
   }
 }
 
@@ -474,8 +478,8 @@ __device__ void norm_row(const SlabParams& p, unsigned k, uint64_t r) {
     const double a = l2 ? v * v : fabs(v);
     const bool keep = p.keep[e] != 0;
     if (linf) {
-      f = f < a ? a : f;  // std::max(f, a)
-      if (keep) m = m < a ? a : m;
+      f = max_or_nan(f, a);
+      if (keep) m = max_or_nan(m, a);
     } else {
       f = f + a;
       if (keep) m = m + a;
@@ -504,8 +508,8 @@ __global__ void norm_finish_kernel(const __grid_constant__ SlabParams p, uint64_
   for (uint64_t r = 0; r < rows; ++r) {
     const double a = p.state.norm_full[r * p.k + k], b = p.state.norm_kept[r * p.k + k];
     if (linf) {
-      f = f < a ? a : f;
-      m = m < b ? b : m;
+      f = max_or_nan(f, a);
+      m = max_or_nan(m, b);
     } else {
       f = f + a;
       m = m + b;

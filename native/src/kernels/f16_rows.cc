@@ -2,7 +2,7 @@
 // values a step, instead of the integer selects of row_io.h: the same values bit for
 // bit. Hardware conversion is exact and rounds to nearest even (imm8 0x08, whatever
 // MXCSR says), subnormals included; only NaNs differ (the hardware quiets a signaling
-// half, and keeps a float NaN's payload), so NaN lanes are patched to what SPEC §1 and
+// half, and keeps a float NaN's sign and payload), so NaN lanes are patched to what
 // f16_to_f32_select / f32_to_f16_select give. kernel_tests compares both ways.
 #include "row_io.h"
 
@@ -43,19 +43,16 @@ DELLA_F16C uint64_t f16_to_f32_row(const uint8_t* __restrict src, uint64_t n, fl
   return bad;
 }
 
-// Eight fp32 values to halves (RNE), NaN as sign | 0x7e00, in the low 16 bits of each
-// 32-bit lane's result: returned packed as eight uint16.
+// Eight fp32 values to halves (RNE), NaN as the canonical 0x7e00, packed as eight
+// uint16.
 DELLA_F16C inline __m128i to_f16x8(__m256 v) {
   const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256i x = _mm256_castps_si256(v);
   const __m256i ax = _mm256_and_si256(x, _mm256_set1_epi32(0x7fffffff));
   const __m256i nan = _mm256_cmpgt_epi32(ax, _mm256_set1_epi32(0x7f800000));  // ax < 2^31: signed compare is fine
-  const __m256i canon = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x8000)),
-                                        _mm256_set1_epi32(0x7e00));
-  // The lanes' 16-bit NaN flags and canonical NaNs, packed like h.
+  // The lanes' NaN flags, packed to 16 bits like h.
   const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(nan), _mm256_extracti128_si256(nan, 1));
-  const __m128i canon16 = _mm_packus_epi32(_mm256_castsi256_si128(canon), _mm256_extracti128_si256(canon, 1));
-  return _mm_blendv_epi8(h, canon16, nan16);
+  return _mm_blendv_epi8(h, _mm_set1_epi16(0x7e00), nan16);
 }
 
 DELLA_F16C void f32_to_f16_row(const float* __restrict v, uint64_t n, uint8_t* __restrict dst) {

@@ -408,8 +408,8 @@ void norm_scales(const MergeTask& t, TaskState& st, unsigned threads, std::vecto
           const double v = static_cast<double>(s.delta[j]);
           const double a = t.rescale == Rescale::L2 ? v * v : std::fabs(v);
           if (t.rescale == Rescale::Linf) {
-            f = std::max(f, a);
-            if (s.keep[j]) m = std::max(m, a);
+            f = max_or_nan(f, a);
+            if (s.keep[j]) m = max_or_nan(m, a);
           } else {
             f = f + a;
             if (s.keep[j]) m = m + a;
@@ -426,8 +426,8 @@ void norm_scales(const MergeTask& t, TaskState& st, unsigned threads, std::vecto
     double f = 0.0, m = 0.0;
     for (uint64_t r = 0; r < rows; ++r) {
       if (t.rescale == Rescale::Linf) {
-        f = std::max(f, full[r * K + k]);
-        m = std::max(m, kept[r * K + k]);
+        f = max_or_nan(f, full[r * K + k]);
+        m = max_or_nan(m, kept[r * K + k]);
       } else {
         f = f + full[r * K + k];
         m = m + kept[r * K + k];

@@ -91,16 +91,15 @@ DELLA_ALWAYS_INLINE uint16_t f32_to_f16_select(float f) {
   uint32_t out = select_u32(ax < 0x33000000u, 0u, sub);
   out = select_u32(ax >= 0x38800000u, normal, out);
   out = select_u32(ax >= 0x477ff000u, 0x7c00u, out);
-  out = select_u32(ax > 0x7f800000u, 0x7e00u, out);
-  return static_cast<uint16_t>(sign | out);
+  // NaN: the canonical quiet NaN, without the sign (see dtype.h).
+  return static_cast<uint16_t>(select_u32(ax > 0x7f800000u, 0x7e00u, sign | out));
 }
 
 // The BF16 magnitude key of SPEC §4 with selects only.
 DELLA_ALWAYS_INLINE uint16_t bf16_key(float v) {
   const uint32_t x = f32_bits(v) & 0x7fffffffu;
   const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
-  const uint32_t nan = (x >> 16) | 0x40u;
-  return static_cast<uint16_t>((x > 0x7f800000u ? nan : rounded) & 0x7fffu);
+  return static_cast<uint16_t>((x > 0x7f800000u ? 0x7fc0u : rounded) & 0x7fffu);  // every NaN one key
 }
 
 // Loads n elements as fp32 into dst; returns how many are not finite. (Counts are
@@ -274,10 +273,15 @@ inline uint32_t nonzero_flags(const uint8_t* flags, uint32_t count, uint16_t* li
 template <DType DT>
 DELLA_ALWAYS_INLINE void store_values(const float* __restrict v, uint64_t n, uint8_t* __restrict dst) {
   for (uint64_t j = 0; j < n; ++j) {
-    if constexpr (DT == DType::F32) store_raw<float>(dst, j, v[j]);
+    if constexpr (DT == DType::F32) store_raw<uint32_t>(dst, j, select_u32(is_nan_f32(v[j]), kCanonicalNan32, f32_bits(v[j])));
     else if constexpr (DT == DType::F16) store_raw<uint16_t>(dst, j, f32_to_f16_select(v[j]));
     else if constexpr (DT == DType::BF16) store_raw<uint16_t>(dst, j, f32_to_bf16(v[j]));
-    else store_raw<double>(dst, j, static_cast<double>(v[j]));
+    else {
+      uint64_t bits;
+      const double dv = static_cast<double>(v[j]);
+      std::memcpy(&bits, &dv, 8);
+      store_raw<uint64_t>(dst, j, is_nan_f32(v[j]) ? kCanonicalNan64 : bits);
+    }
   }
 }
 
