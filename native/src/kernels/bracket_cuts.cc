@@ -2,9 +2,10 @@
 // counting pass instead of two: full key histograms (a scalar increment per element)
 // and then per-row counts of the cut keys.
 //
-// A sample of each expert's keys (kSample elements at evenly spaced positions) puts
-// each cut inside a narrow key bracket [lo, lo + w), with a margin of five standard
-// deviations of the sample's rank error. The pass then counts, per work item, the keys
+// A sample of each expert's keys (kSample elements, one in each of kSample equal
+// stretches of the tensor, at hashed offsets) puts each cut inside a narrow key
+// bracket [lo, lo + w), with a margin of five standard deviations of the sample's
+// rank error. The pass then counts, per work item, the keys
 // below lo (a vector compare) and a histogram of the keys inside the bracket (a few per
 // cent of the elements, compressed out of the row). The totals give the cut key and
 // its `take`; the per-item counts of the cut key give how many come before each work

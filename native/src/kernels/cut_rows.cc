@@ -293,7 +293,11 @@ std::vector<std::vector<uint16_t>> sample_keys(const MergeTask& t, const TaskSta
   const size_t K = t.experts.size();
   const uint64_t step = N / count;  // count <= N
   std::vector<uint64_t> pos(count), epos(count);
-  for (uint64_t s = 0; s < count; ++s) pos[s] = s * step + step / 2;
+  // One position in each stretch of `step` elements, at a hashed offset: evenly spaced
+  // positions would see only a few columns when step divides the row length (a 4096 x
+  // 4096 tensor: columns 512, 1536, 2560 and 3584), and columns of a weight matrix can
+  // differ in scale.
+  for (uint64_t s = 0; s < count; ++s) pos[s] = s * step + ((s + 1) * 0x9E3779B97F4A7C15ull >> 32) % step;
   std::vector<float> b(count), v(count);
   gather_values(t.base_dtype, static_cast<const uint8_t*>(t.base), pos.data(), count, b.data());
   std::vector<std::vector<uint16_t>> keys(K);

@@ -139,8 +139,8 @@ void bracket_rows(const MergeTask& t, const TaskState& st, uint64_t item, uint64
                   std::vector<BracketCounts>& brackets);
 
 // The half-precision magnitude keys of every sparse expert (others: empty) at `count`
-// (<= numel) flat positions spread evenly over the tensor: s * step + step / 2 with
-// step = numel / count.
+// (<= numel) flat positions spread over the tensor: one in each stretch of
+// step = numel / count elements, at an offset hashed from s.
 std::vector<std::vector<uint16_t>> sample_keys(const MergeTask& t, const TaskState& st, uint64_t count);
 
 // Per row r in [r0, r1) and expert k with active[k] set, how many keys equal the
