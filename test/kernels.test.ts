@@ -202,7 +202,7 @@ describe(`native CPU kernels equal lib/reference (DELLA_TEST_SEED=${seed})`, () 
     // (and on the JavaScript engine), so a stored NaN is always the dtype's canonical
     // quiet NaN, and all NaNs share one magnitude key.
     const r = rng(seed ^ 0x7a7a);
-    const nanBits: Record<DTypeCode, number[]> = {
+    const nonFiniteBits: Record<DTypeCode, number[]> = {
       [DTYPE_CODE.F32]: [0x7fc00000, 0xffc00000, 0x7f800001, 0xff812345, 0x7f800000, 0xff800000],
       [DTYPE_CODE.F16]: [0x7e00, 0xfe00, 0x7c01, 0xfd55, 0x7c00, 0xfc00],
       [DTYPE_CODE.BF16]: [0x7fc0, 0xffc0, 0x7f81, 0xffa5, 0x7f80, 0xff80],
@@ -214,8 +214,8 @@ describe(`native CPU kernels equal lib/reference (DELLA_TEST_SEED=${seed})`, () 
       for (let i = 0; i < bytes.length / size; i++) {
         if (r() > 0.05) continue;
         if (dtype === DTYPE_CODE.F64) dv.setFloat64(8 * i, pick(r, [NaN, Infinity, -Infinity]), true);
-        else if (size === 4) dv.setUint32(4 * i, pick(r, nanBits[dtype]), true);
-        else dv.setUint16(2 * i, pick(r, nanBits[dtype]), true);
+        else if (size === 4) dv.setUint32(4 * i, pick(r, nonFiniteBits[dtype]), true);
+        else dv.setUint16(2 * i, pick(r, nonFiniteBits[dtype]), true);
       }
     };
     for (const method of Object.keys(METHODS) as Array<keyof typeof METHODS>) {

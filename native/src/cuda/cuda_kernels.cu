@@ -54,13 +54,10 @@ __device__ __forceinline__ float dload(const void* p, DType t, uint64_t i) {
 __device__ __forceinline__ void dstore(void* p, DType t, uint64_t i, float v) {
   switch (t) {
     // NaN as the canonical quiet NaN (dtype.h): CUDA's own NaNs differ from x86's.
-    case DType::F32: static_cast<uint32_t*>(p)[i] = is_nan_f32(v) ? kCanonicalNan32 : __float_as_uint(v); break;
+    case DType::F32: static_cast<uint32_t*>(p)[i] = f32_out_bits(v); break;
     case DType::F16: static_cast<uint16_t*>(p)[i] = f32_to_f16(v); break;
     case DType::BF16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
-    default:
-      if (is_nan_f32(v)) static_cast<uint64_t*>(p)[i] = kCanonicalNan64;
-      else static_cast<double*>(p)[i] = static_cast<double>(v);
-      break;
+    default: static_cast<uint64_t*>(p)[i] = f64_out_bits(v); break;
   }
 }
 

@@ -5,12 +5,12 @@
 // A sample of each expert's keys (kSample elements, one in each of kSample equal
 // stretches of the tensor, at hashed offsets) puts each cut inside a narrow key
 // bracket [lo, lo + w), with a margin of five standard deviations of the sample's
-// rank error. The pass then counts, per work item, the keys
-// below lo (a vector compare) and a histogram of the keys inside the bracket (a few per
-// cent of the elements, compressed out of the row). The totals give the cut key and
-// its `take`; the per-item counts of the cut key give how many come before each work
-// item, which is all the final pass needs: it counts equal keys itself in the one
-// item where the cut falls. If the totals show a cut outside its bracket (a sample
+// rank error. The pass then counts, per work item, the keys below lo (a vector
+// compare) and a histogram of the keys inside the bracket (a few per cent of the
+// elements, compressed out of the row). The totals give the cut key and its `take`;
+// the per-item counts of the cut key give how many come before each work item, which
+// is all the final pass needs: it counts equal keys itself in the one item where the
+// cut falls. If the totals show a cut outside its bracket (a sample
 // that misled) or a bracket would be too wide, nothing is set and the caller runs the
 // exact full-histogram path: the sample decides the speed, never the bytes.
 #include <algorithm>

@@ -244,12 +244,11 @@ void bracket_rows_impl(const MergeTask& t, const TaskState& st, uint64_t item, u
         const size_t i = 2 * k + c;
         const BracketCounts& b = brackets[i];
         if (b.w == 0) continue;
-        uint32_t m;
 #if defined(DELLA_AVX512_PATHS)
-        if (vbmi2) m = bracket_keys_avx512(k16, n, b.lo, b.w, list, below[i]);
-        else m = bracket_keys_scalar(k16, n, b.lo, b.w, list, below[i]);
+        const uint32_t m = vbmi2 ? bracket_keys_avx512(k16, n, b.lo, b.w, list, below[i])
+                                 : bracket_keys_scalar(k16, n, b.lo, b.w, list, below[i]);
 #else
-        m = bracket_keys_scalar(k16, n, b.lo, b.w, list, below[i]);
+        const uint32_t m = bracket_keys_scalar(k16, n, b.lo, b.w, list, below[i]);
 #endif
         count_list(list, m, tables + at[i], b.w);
       }
@@ -273,9 +272,6 @@ void bracket_rows_impl(const MergeTask& t, const TaskState& st, uint64_t item, u
   }
 }
 
-}  // namespace
-
-namespace {
 // Values of a tensor of dtype dt at flat positions pos[0..m) as fp32: one tight loop a
 // dtype, so that the cache misses of the scattered loads overlap.
 void gather_values(DType dt, const uint8_t* p, const uint64_t* pos, uint64_t m, float* out) {
@@ -286,6 +282,7 @@ void gather_values(DType dt, const uint8_t* p, const uint64_t* pos, uint64_t m, 
     default: for (uint64_t s = 0; s < m; ++s) out[s] = load_elem<DType::F64>(p, pos[s]); break;
   }
 }
+
 }  // namespace
 
 std::vector<std::vector<uint16_t>> sample_keys(const MergeTask& t, const TaskState& st, uint64_t count) {
@@ -313,7 +310,7 @@ std::vector<std::vector<uint16_t>> sample_keys(const MergeTask& t, const TaskSta
     keys[k].resize(count);
     for (uint64_t s = 0; s < count; ++s) {
       const float d = v[s] - b[s];
-      keys[k][s] = st.mode == KeyMode::BF16 ? bf16_key(d) : static_cast<uint16_t>(f32_to_f16_select(d) & 0x7fffu);
+      keys[k][s] = static_cast<uint16_t>(magnitude_key(d, st.mode));
     }
   }
   return keys;

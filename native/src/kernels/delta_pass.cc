@@ -396,10 +396,7 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
         uint8_t* in_b = grown(s.keep_b, n);
         const uint64_t block = r / st.occ_rows;
         uint64_t* run = occ_run + 2 * k;
-        if (r % st.occ_rows == 0) {
-          run[0] = es.occ_a[block];
-          run[1] = es.occ_b.empty() ? 0 : es.occ_b[block];
-        }
+        occ_block_start(st, es, r, run);
         const bool scaled = t.rescale != Rescale::None;
         if (keys == 3) local.kept[k] += cut_row(d, k32, n, es, block, run, t.sparsifier, scaled, es.norm_scale, keep, in_b);
         else local.kept[k] += cut_row(d, k16, n, es, block, run, t.sparsifier, scaled, es.norm_scale, keep, in_b);

@@ -177,7 +177,7 @@ uint64_t delta_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t
 // inverse rescale, each survivor's factor (s.fac). Needs s.delta. For the whole-tensor
 // cuts, occ holds how many elements with each cut's key came before the row, and is
 // advanced past it.
-void mask_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t r, Scratch& s, uint64_t (&occ)[2]) {
+void mask_row(const MergeTask& t, const TaskState& st, unsigned k, uint64_t r, Scratch& s, uint64_t* occ) {
   const uint64_t n = st.g.n, i0 = r * n;
   const ExpertState& es = st.ex[k];
   s.keep.resize(n);
@@ -386,7 +386,6 @@ void norm_scales(const MergeTask& t, TaskState& st, unsigned threads, std::vecto
   const size_t K = t.experts.size();
   const uint64_t rows = st.g.rows;
   std::vector<double> full(rows * K, 0.0), kept(rows * K, 0.0);
-  const uint64_t B = st.occ_rows;
   for_rows(st.g, threads, scratch, [&](uint64_t r0, uint64_t r1, Scratch& s) {
     std::vector<uint64_t> occ(2 * K, 0);  // per expert: the cut keys' occurrences so far
     for (uint64_t r = r0; r < r1; ++r) {
@@ -394,15 +393,9 @@ void norm_scales(const MergeTask& t, TaskState& st, unsigned threads, std::vecto
       for (unsigned k = 0; k < K; ++k) {
         const ExpertState& es = st.ex[k];
         if (!es.sparse) continue;
-        if (r % B == 0 && !es.occ_a.empty()) {  // items start on block boundaries (rows_per_item)
-          occ[2 * k] = es.occ_a[r / B];
-          occ[2 * k + 1] = es.occ_b.empty() ? 0 : es.occ_b[r / B];
-        }
+        occ_block_start(st, es, r, &occ[2 * k]);
         delta_row(t, st, k, r, s);
-        uint64_t row_occ[2] = {occ[2 * k], occ[2 * k + 1]};
-        mask_row(t, st, k, r, s, row_occ);
-        occ[2 * k] = row_occ[0];
-        occ[2 * k + 1] = row_occ[1];
+        mask_row(t, st, k, r, s, &occ[2 * k]);
         double f = 0.0, m = 0.0;
         for (uint64_t j = 0; j < st.g.n; ++j) {
           const double v = static_cast<double>(s.delta[j]);

@@ -69,6 +69,15 @@ struct TaskState {
   std::vector<ExpertState> ex;
 };
 
+// At the first row of an occurrence block, sets run[0] and run[1] to the elements with
+// cut a's and cut b's key before it; rows inside a block keep the running counts their
+// predecessors left (work items start on block boundaries: rows_per_item).
+inline void occ_block_start(const TaskState& st, const ExpertState& es, uint64_t r, uint64_t* run) {
+  if (r % st.occ_rows != 0 || es.occ_a.empty()) return;
+  run[0] = es.occ_a[r / st.occ_rows];
+  run[1] = es.occ_b.empty() ? 0 : es.occ_b[r / st.occ_rows];
+}
+
 // Per-worker buffers, grown on demand and reused across rows and tensors.
 struct Scratch {
   std::vector<float> base, delta, x, fac, vals;

@@ -34,7 +34,7 @@ namespace della::detail {
 bool have_f16c();
 // Halves to fp32; returns how many are not finite.
 uint64_t f16_to_f32_row(const uint8_t* src, uint64_t n, float* dst);
-// fp32 to halves (RNE, NaN as sign | 0x7e00).
+// fp32 to halves (RNE, NaN as the canonical 0x7e00).
 void f32_to_f16_row(const float* v, uint64_t n, uint8_t* dst);
 // The F16 magnitude keys of SPEC §4: the half pattern of each value without its sign.
 void f16_keys_row(const float* d, uint64_t n, uint16_t* k16);
@@ -168,7 +168,6 @@ DELLA_ALWAYS_INLINE void count_cut_keys(const uint8_t* __restrict src, uint64_t 
   bb = cb;
 }
 
-
 template <int KEYS>
 DELLA_ALWAYS_INLINE void count_cut_keys_any(DType dt, const uint8_t* src, uint64_t n, const float* b, uint32_t ka,
                                             uint32_t kb, uint64_t& a, uint64_t& bb) {
@@ -273,15 +272,10 @@ inline uint32_t nonzero_flags(const uint8_t* flags, uint32_t count, uint16_t* li
 template <DType DT>
 DELLA_ALWAYS_INLINE void store_values(const float* __restrict v, uint64_t n, uint8_t* __restrict dst) {
   for (uint64_t j = 0; j < n; ++j) {
-    if constexpr (DT == DType::F32) store_raw<uint32_t>(dst, j, select_u32(is_nan_f32(v[j]), kCanonicalNan32, f32_bits(v[j])));
+    if constexpr (DT == DType::F32) store_raw<uint32_t>(dst, j, f32_out_bits(v[j]));
     else if constexpr (DT == DType::F16) store_raw<uint16_t>(dst, j, f32_to_f16_select(v[j]));
     else if constexpr (DT == DType::BF16) store_raw<uint16_t>(dst, j, f32_to_bf16(v[j]));
-    else {
-      uint64_t bits;
-      const double dv = static_cast<double>(v[j]);
-      std::memcpy(&bits, &dv, 8);
-      store_raw<uint64_t>(dst, j, is_nan_f32(v[j]) ? kCanonicalNan64 : bits);
-    }
+    else store_raw<uint64_t>(dst, j, f64_out_bits(v[j]));
   }
 }
 
