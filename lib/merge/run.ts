@@ -274,8 +274,10 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
       staged.write(done.map((t) => t.plan.name)); // to disk while the next batch computes
       shards.check();
       for (const [i, t] of done.entries()) {
-        // Recorded for `verify`, which detects any later change to the bytes.
-        digests[t.plan.name] = tensorDigest('xxh64', bytes[i]);
+        // Recorded for `verify`, which detects any later change to the bytes. The CPU
+        // kernels hashed these very bytes (their output was this staging view) as they
+        // wrote them; copies and GPU outputs are hashed here.
+        digests[t.plan.name] = t.stats?.xxh64 ?? tensorDigest('xxh64', bytes[i]);
         reports.push(tensorReport(plan, t.plan, t.stats, t.slerp));
         bytesDone += t.plan.inBytes + t.plan.outBytes;
         tensorsDone++;

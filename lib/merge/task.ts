@@ -69,6 +69,8 @@ export interface MergeTaskStats {
   /** per expert: elements of its delta that survived sparsification */
   kept: number[];
   numel: number;
+  /** XXH64 of the output bytes, as 16 hex digits, when the batch asked for digests */
+  xxh64?: string;
 }
 
 export interface DotTaskSpec {
@@ -93,4 +95,6 @@ export interface BatchSpec {
   copies: CopyTaskSpec[];
   /** run the merges on this CUDA device (opened with cudaOpen), with this memory budget in bytes */
   cuda?: { device: number; memory: number } | null;
+  /** CPU merges only: also hash each merge's output as it is written (stats' xxh64) */
+  digests?: boolean;
 }

@@ -1,5 +1,6 @@
 // C++ checks of the shared math that need no Node: Philox known answers, dtype
 // round trips, and thread-count independence of the CPU kernels.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -10,6 +11,7 @@
 #include "../src/kernels/merge_state.h"
 #include "../src/kernels/row_io.h"
 #include "della/philox.h"
+#include "della/xxh64.h"
 
 static int failures = 0;
 #define CHECK(cond, ...)                         \
@@ -197,6 +199,28 @@ static void threads_do_not_change_results() {
   CHECK(frac > 0.35 && frac < 0.45, "kept fraction %f", frac);
 }
 
+// XXH64 fed in pieces of every size (0, under a stripe, across stripes) equals the
+// one-shot digest, which verify.test.ts checks against xxhsum's answers.
+static void xxh64_pieces_match_whole() {
+  std::mt19937_64 rng(777);
+  std::vector<uint8_t> bytes(5000);
+  for (auto& b : bytes) b = static_cast<uint8_t>(rng());
+  for (size_t len : {0ul, 1ul, 31ul, 32ul, 33ul, 100ul, 4099ul, 5000ul}) {
+    const uint64_t whole = della::xxh64(bytes.data(), len);
+    for (int trial = 0; trial < 50; ++trial) {
+      della::Xxh64Stream s;
+      size_t at = 0;
+      while (at < len) {
+        const size_t piece = std::min<size_t>(len - at, rng() % (trial % 2 ? 70 : 3000));
+        s.update(bytes.data() + at, piece);
+        at += piece;
+      }
+      CHECK(s.digest() == whole, "length %zu trial %d: pieces give %016llx, whole %016llx", len, trial,
+            static_cast<unsigned long long>(s.digest()), static_cast<unsigned long long>(whole));
+    }
+  }
+}
+
 int main() {
   philox_known_answers();
   philox_blocks_match_scalar();
@@ -204,6 +228,7 @@ int main() {
   f16_select_matches();
   f16c_rows_match();
   threads_do_not_change_results();
+  xxh64_pieces_match_whole();
   if (failures) {
     std::fprintf(stderr, "%d failures\n", failures);
     return 1;

@@ -28,42 +28,89 @@ inline uint64_t round(uint64_t acc, uint64_t input) { return rotl(acc + input * 
 inline uint64_t merge(uint64_t acc, uint64_t v) { return (acc ^ round(0, v)) * P1 + P4; }
 }  // namespace xxh64_detail
 
-inline uint64_t xxh64(const void* data, size_t len, uint64_t seed = 0) {
-  using namespace xxh64_detail;
-  const uint8_t* p = static_cast<const uint8_t*>(data);
-  const uint8_t* const end = p + len;
-  uint64_t h;
-  if (len >= 32) {
-    uint64_t v1 = seed + P1 + P2, v2 = seed + P2, v3 = seed, v4 = seed - P1;
-    const uint8_t* const limit = end - 32;
-    do {  // four independent lanes: the multiplies of one stripe overlap
+// XXH64 fed in pieces: the same digest as over the concatenated bytes, so that a
+// merge can hash each part of a tensor's output as soon as it is written.
+class Xxh64Stream {
+ public:
+  explicit Xxh64Stream(uint64_t seed = 0)
+      : v_{seed + xxh64_detail::P1 + xxh64_detail::P2, seed + xxh64_detail::P2, seed, seed - xxh64_detail::P1},
+        seed_(seed) {}
+
+  void update(const void* data, size_t len) {
+    using namespace xxh64_detail;
+    const uint8_t* p = static_cast<const uint8_t*>(data);
+    const uint8_t* const end = p + len;
+    total_ += len;
+    if (buffered_ + len < 32) {
+      if (len > 0) std::memcpy(buf_ + buffered_, p, len);
+      buffered_ += len;
+      return;
+    }
+    if (buffered_ > 0) {  // complete the stripe begun by an earlier piece
+      const size_t fill = 32 - buffered_;
+      std::memcpy(buf_ + buffered_, p, fill);
+      stripe(buf_);
+      p += fill;
+      buffered_ = 0;
+    }
+    uint64_t v1 = v_[0], v2 = v_[1], v3 = v_[2], v4 = v_[3];
+    for (; p + 32 <= end; p += 32) {  // four independent lanes: the multiplies of one stripe overlap
       v1 = round(v1, read64(p));
       v2 = round(v2, read64(p + 8));
       v3 = round(v3, read64(p + 16));
       v4 = round(v4, read64(p + 24));
-      p += 32;
-    } while (p <= limit);
-    h = rotl(v1, 1) + rotl(v2, 7) + rotl(v3, 12) + rotl(v4, 18);
-    h = merge(h, v1);
-    h = merge(h, v2);
-    h = merge(h, v3);
-    h = merge(h, v4);
-  } else {
-    h = seed + P5;
+    }
+    v_[0] = v1, v_[1] = v2, v_[2] = v3, v_[3] = v4;
+    buffered_ = static_cast<size_t>(end - p);
+    if (buffered_ > 0) std::memcpy(buf_, p, buffered_);
   }
-  h += static_cast<uint64_t>(len);
-  for (; p + 8 <= end; p += 8) h = rotl(h ^ round(0, read64(p)), 27) * P1 + P4;
-  if (p + 4 <= end) {
-    h = rotl(h ^ (static_cast<uint64_t>(read32(p)) * P1), 23) * P2 + P3;
-    p += 4;
+
+  uint64_t digest() const {
+    using namespace xxh64_detail;
+    uint64_t h;
+    if (total_ >= 32) {
+      h = rotl(v_[0], 1) + rotl(v_[1], 7) + rotl(v_[2], 12) + rotl(v_[3], 18);
+      for (uint64_t v : v_) h = merge(h, v);
+    } else {
+      h = seed_ + P5;
+    }
+    h += total_;
+    const uint8_t* p = buf_;
+    const uint8_t* const end = buf_ + buffered_;
+    for (; p + 8 <= end; p += 8) h = rotl(h ^ round(0, read64(p)), 27) * P1 + P4;
+    if (p + 4 <= end) {
+      h = rotl(h ^ (static_cast<uint64_t>(read32(p)) * P1), 23) * P2 + P3;
+      p += 4;
+    }
+    for (; p < end; ++p) h = rotl(h ^ (*p * P5), 11) * P1;
+    h ^= h >> 33;
+    h *= P2;
+    h ^= h >> 29;
+    h *= P3;
+    h ^= h >> 32;
+    return h;
   }
-  for (; p < end; ++p) h = rotl(h ^ (*p * P5), 11) * P1;
-  h ^= h >> 33;
-  h *= P2;
-  h ^= h >> 29;
-  h *= P3;
-  h ^= h >> 32;
-  return h;
+
+ private:
+  void stripe(const uint8_t* p) {
+    using namespace xxh64_detail;
+    v_[0] = round(v_[0], read64(p));
+    v_[1] = round(v_[1], read64(p + 8));
+    v_[2] = round(v_[2], read64(p + 16));
+    v_[3] = round(v_[3], read64(p + 24));
+  }
+
+  uint64_t v_[4];
+  uint64_t seed_;
+  uint64_t total_ = 0;
+  uint8_t buf_[32];
+  size_t buffered_ = 0;  // bytes of an unfinished stripe in buf_
+};
+
+inline uint64_t xxh64(const void* data, size_t len, uint64_t seed = 0) {
+  Xxh64Stream s(seed);
+  s.update(data, len);
+  return s.digest();
 }
 
 }  // namespace della

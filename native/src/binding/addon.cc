@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "../kernels/thread_pool.h"
+#include "args.h"
 #include "della/philox.h"
 #include "della/xxh64.h"
 #include "cuda_plugin.h"
@@ -39,11 +40,7 @@ Napi::Value Xxh64(const Napi::CallbackInfo& info) {
       info[0].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
     throw Napi::TypeError::New(env, "xxh64 takes a Uint8Array");
   const Napi::Uint8Array bytes = info[0].As<Napi::Uint8Array>();
-  const uint64_t h = della::xxh64(bytes.Data(), bytes.ByteLength());
-  char hex[17];
-  for (int i = 0; i < 16; ++i) hex[i] = "0123456789abcdef"[(h >> (60 - 4 * i)) & 15];
-  hex[16] = 0;
-  return Napi::String::New(env, hex, 16);
+  return hex64(env, della::xxh64(bytes.Data(), bytes.ByteLength()));
 }
 
 // cpuFeatures() -> names of the SIMD extensions this CPU has (for `doctor`).

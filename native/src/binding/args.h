@@ -35,6 +35,13 @@ inline bool bool_field(const Napi::Object& o, const char* key, const std::string
   return v.As<Napi::Boolean>().Value();
 }
 
+// A 64-bit digest as 16 lowercase hex digits, as `verify` reads them.
+inline Napi::String hex64(Napi::Env env, uint64_t h) {
+  char hex[16];
+  for (int i = 0; i < 16; ++i) hex[i] = "0123456789abcdef"[(h >> (60 - 4 * i)) & 15];
+  return Napi::String::New(env, hex, 16);
+}
+
 inline Napi::Object object_field(const Napi::Object& o, const char* key, const std::string& where) {
   Napi::Value v = field(o, key, where);
   if (!v.IsObject()) throw Napi::TypeError::New(o.Env(), where + "." + key + " must be an object");

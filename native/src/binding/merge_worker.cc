@@ -153,6 +153,7 @@ Napi::Value merge_stats_to_js(Napi::Env env, const std::vector<MergeStats>& stat
     s.Set("nonfinite", numbers(env, stats[i].nonfinite));
     s.Set("kept", numbers(env, stats[i].kept));
     s.Set("numel", Napi::Number::New(env, static_cast<double>(stats[i].numel)));
+    if (stats[i].has_digest) s.Set("xxh64", hex64(env, stats[i].digest));
     out.Set(i, s);
   }
   return out;
@@ -209,8 +210,10 @@ Napi::Value DotBatch(const Napi::CallbackInfo& info) {
       dot_stats_to_js);
 }
 
-// mergeBatch({ threads, merges: [...], copies: [{ src, dst }], cuda?: { device, memory } }) -> Promise<stats[]>
-// With `cuda` the merges run in the CUDA plugin (copies stay on the CPU threads).
+// mergeBatch({ threads, merges: [...], copies: [{ src, dst }], cuda?: { device, memory }, digests?: bool })
+//   -> Promise<stats[]>
+// With `cuda` the merges run in the CUDA plugin (copies stay on the CPU threads). With
+// `digests` the CPU kernels also hash each merge's output (stats[i].xxh64).
 Napi::Value MergeBatch(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "mergeBatch(batch) takes an object");
@@ -225,6 +228,8 @@ Napi::Value MergeBatch(const Napi::CallbackInfo& info) {
     if (!v.IsObject()) throw Napi::TypeError::New(env, where + " must be an object");
     merges.push_back(parse_merge(v.As<Napi::Object>(), where, holds));
   }
+  if (batch.Has("digests") && !batch.Get("digests").IsUndefined() && bool_field(batch, "digests", "batch"))
+    for (MergeTask& t : merges) t.digest = true;
   std::vector<CopyTask> copies;
   Napi::Array cs = array_field(batch, "copies", "batch");
   for (uint32_t i = 0; i < cs.Length(); ++i) {

@@ -3,9 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 
 #include "della/philox.h"
+#include "della/xxh64.h"
 #include "fuse_row.h"
 #include "merge_state.h"
 #include "row_io.h"
@@ -519,6 +522,46 @@ struct WorkItem {
   uint64_t begin, end;  // rows, or bytes for a copy
 };
 
+// XXH64 of a task's output, fed its work items' bytes in order as they finish: the
+// thread that finishes the next item in order hashes it (and any later ones already
+// done) while the rows are still in its cache, instead of a sweep over the whole
+// output from memory afterwards. Items finish in about the order they are claimed.
+class OrderedDigest {
+ public:
+  // The task's items are items[first, first + count), rows of row_bytes output bytes.
+  OrderedDigest(const uint8_t* out, uint64_t row_bytes, const std::vector<WorkItem>& items, size_t first, size_t count)
+      : out_(out), row_bytes_(row_bytes), items_(items), first_(first), done_(count, 0) {}
+
+  void finished(size_t idx) {
+    std::unique_lock<std::mutex> lock(m_);
+    done_[idx - first_] = 1;
+    if (busy_) return;  // the thread hashing now takes this item when it gets to it
+    busy_ = true;
+    while (next_ < done_.size() && done_[next_]) {
+      const WorkItem& it = items_[first_ + next_];
+      lock.unlock();
+      hash_.update(out_ + it.begin * row_bytes_, (it.end - it.begin) * row_bytes_);
+      lock.lock();
+      ++next_;
+    }
+    busy_ = false;
+  }
+
+  // After every item has finished.
+  uint64_t digest() const { return hash_.digest(); }
+
+ private:
+  const uint8_t* out_;
+  uint64_t row_bytes_;
+  const std::vector<WorkItem>& items_;
+  size_t first_;
+  std::mutex m_;
+  std::vector<uint8_t> done_;
+  size_t next_ = 0;
+  bool busy_ = false;
+  Xxh64Stream hash_;
+};
+
 }  // namespace
 
 void validate_task(const MergeTask& t) {
@@ -547,6 +590,7 @@ void run_batch(const std::vector<MergeTask>& merges, const std::vector<CopyTask>
   std::vector<TaskState> states;
   states.reserve(merges.size());
   std::vector<WorkItem> items;
+  std::vector<std::unique_ptr<OrderedDigest>> digests(merges.size());
   for (size_t t = 0; t < merges.size(); ++t) {
     validate_task(merges[t]);
     states.push_back(prepare(merges[t], threads, scratch));
@@ -556,7 +600,11 @@ void run_batch(const std::vector<MergeTask>& merges, const std::vector<CopyTask>
     stats[t].kept.assign(K, 0);
     stats[t].numel = g.numel;
     const uint64_t per = rows_per_item(g.n);
+    const uint64_t first = items.size();
     for (uint64_t r = 0; r < g.rows; r += per) items.push_back({0, static_cast<uint32_t>(t), r, std::min(g.rows, r + per)});
+    if (merges[t].digest)
+      digests[t] = std::make_unique<OrderedDigest>(static_cast<const uint8_t*>(merges[t].out),
+                                                   g.n * dtype_size(merges[t].out_dtype), items, first, items.size() - first);
   }
   for (size_t c = 0; c < copies.size(); ++c)
     for (uint64_t b = 0; b < copies[c].bytes; b += kCopyChunkBytes)
@@ -577,7 +625,13 @@ void run_batch(const std::vector<MergeTask>& merges, const std::vector<CopyTask>
     local.kept.assign(t.experts.size(), 0);
     if (t.linear) merge_rows_linear(t, states[it.task], it.begin, it.end, scratch[worker], local);
     else merge_rows_delta(t, states[it.task], it.begin, it.end, scratch[worker], local);
+    if (digests[it.task]) digests[it.task]->finished(idx);
   });
+  for (size_t t = 0; t < merges.size(); ++t) {
+    if (!digests[t]) continue;
+    stats[t].has_digest = true;
+    stats[t].digest = digests[t]->digest();
+  }
   for (size_t idx = 0; idx < items.size(); ++idx) {
     if (items[idx].kind != 0) continue;
     MergeStats& dst = stats[items[idx].task];

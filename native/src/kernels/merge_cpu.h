@@ -37,6 +37,9 @@ struct MergeTask {
   double lambda = 1.0;
   uint32_t tensor_id = 0;
   uint64_t seed = 0;
+  // Also hash the output (XXH64, seed 0) while its rows are still in cache: into
+  // MergeStats::digest.
+  bool digest = false;
 };
 
 struct CopyTask {
@@ -49,6 +52,8 @@ struct MergeStats {
   std::vector<uint64_t> nonfinite;  // [base, expert 0, ...]
   std::vector<uint64_t> kept;       // per expert: elements whose delta survived
   uint64_t numel = 0;
+  bool has_digest = false;  // MergeTask::digest was set: digest is the output's XXH64
+  uint64_t digest = 0;
 };
 
 // Sums over two tensors of the same shape for slerp, in binary64 with row partial
