@@ -97,18 +97,22 @@ function runMerge(recipe, out, threads) {
     const args = [join(root, 'bin/della-merge.js'), 'run', recipe, '--out', out, '--json', ...(threads ? ['--threads', threads] : [])];
     const t = performance.now();
     const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
-    let stdout = '', peakAnon = 0;
+    let stdout = '', peakAnon = 0, peakRss = 0;
     child.stdout.on('data', (d) => { stdout += d; });
     const poll = setInterval(() => {
       try {
-        const m = /RssAnon:\s+(\d+) kB/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'));
+        const status = readFileSync(`/proc/${child.pid}/status`, 'utf8');
+        const m = /RssAnon:\s+(\d+) kB/.exec(status);
         if (m) peakAnon = Math.max(peakAnon, Number(m[1]) * 1024);
+        // All resident pages, the mapped input files' included.
+        const h = /VmHWM:\s+(\d+) kB/.exec(status);
+        if (h) peakRss = Math.max(peakRss, Number(h[1]) * 1024);
       } catch { /* exited */ }
     }, 20);
     child.on('exit', (code) => {
       clearInterval(poll);
       if (code !== 0) return reject(new Error(`merge exited ${code}`));
-      resolve({ seconds: (performance.now() - t) / 1000, peakAnon, report: JSON.parse(stdout) });
+      resolve({ seconds: (performance.now() - t) / 1000, peakAnon, peakRss, report: JSON.parse(stdout) });
     });
   });
 }
@@ -125,7 +129,7 @@ readAll(files); // warm the page cache
 const floor = [readAll(files), readAll(files)].sort((a, b) => a.seconds - b.seconds)[0];
 const out = join(dir, 'merged');
 const rows = [];
-console.log('method            read inputs once   merge (best of 2)   ratio   M params/s   peak private memory');
+console.log('method            read inputs once   merge (best of 2)   ratio   M params/s   peak private memory   peak RSS');
 for (const method of methods) {
   const recipe = join(dir, `recipe-${method}.yaml`);
   const params_ = method === 'task_arithmetic' ? '{ weight: 1.0 }'
@@ -148,10 +152,11 @@ for (const method of methods) {
     date: new Date().toISOString(), cpu: cpus()[0]?.model, cores: cpus().length, method, experts: K, dtype: 'BF16',
     parametersPerModel: params, inputBytes: floor.bytes, readOnceSeconds: floor.seconds,
     mergeSeconds: best.seconds, mergeSecondsAll: runs.map((r) => r.seconds), ratioToReadOnce: best.seconds / floor.seconds,
-    mParamsPerSecond: params / best.seconds / 1e6, peakAnonBytes: Math.max(...runs.map((r) => r.peakAnon)), threads: best.report.threads,
+    mParamsPerSecond: params / best.seconds / 1e6, peakAnonBytes: Math.max(...runs.map((r) => r.peakAnon)),
+    peakRssBytes: Math.max(...runs.map((r) => r.peakRss)), threads: best.report.threads,
   };
   rows.push(row);
-  console.log(`${method.padEnd(17)} ${floor.seconds.toFixed(2).padStart(8)} s   ${best.seconds.toFixed(2).padStart(12)} s   ${row.ratioToReadOnce.toFixed(1).padStart(6)}x   ${row.mParamsPerSecond.toFixed(1).padStart(9)}   ${(row.peakAnonBytes / 2 ** 20).toFixed(0).padStart(8)} MiB`);
+  console.log(`${method.padEnd(17)} ${floor.seconds.toFixed(2).padStart(8)} s   ${best.seconds.toFixed(2).padStart(12)} s   ${row.ratioToReadOnce.toFixed(1).padStart(6)}x   ${row.mParamsPerSecond.toFixed(1).padStart(9)}   ${(row.peakAnonBytes / 2 ** 20).toFixed(0).padStart(8)} MiB   ${(row.peakRssBytes / 2 ** 20).toFixed(0).padStart(13)} MiB`);
 }
 mkdirSync(new URL('./out/', import.meta.url), { recursive: true });
 writeFileSync(new URL('./out/e2e.json', import.meta.url), `${JSON.stringify(rows.length === 1 ? rows[0] : rows, null, 2)}\n`);

@@ -45,10 +45,10 @@ for (const f of ['e2e-1b.json', 'e2e.json']) {
   if (!e) continue;
   e = Array.isArray(e) ? e : [e];
   console.log(`### End to end (${f}): ${f1(e[0].parametersPerModel / 1e6)} M parameters per model, K = ${e[0].experts}, ${e[0].dtype}, ${e[0].threads} threads, ${e[0].date}\n`);
-  console.log('| method | input | read inputs once | merge (best of 2) | ratio to the floor | M parameters/s | peak private memory |');
-  console.log('|---|---|---|---|---|---|---|');
+  console.log('| method | input | read inputs once | merge (best of 2) | ratio to the floor | M parameters/s | peak private memory | peak RSS |');
+  console.log('|---|---|---|---|---|---|---|---|');
   for (const r of e) {
-    console.log(`| ${r.method} | ${(r.inputBytes / 1e9).toFixed(2)} GB | ${r.readOnceSeconds.toFixed(2)} s | ${r.mergeSeconds.toFixed(2)} s | ${f1(r.ratioToReadOnce)}× | ${f1(r.mParamsPerSecond)} | ${(r.peakAnonBytes / 2 ** 20).toFixed(0)} MiB |`);
+    console.log(`| ${r.method} | ${(r.inputBytes / 1e9).toFixed(2)} GB | ${r.readOnceSeconds.toFixed(2)} s | ${r.mergeSeconds.toFixed(2)} s | ${f1(r.ratioToReadOnce)}× | ${f1(r.mParamsPerSecond)} | ${(r.peakAnonBytes / 2 ** 20).toFixed(0)} MiB | ${r.peakRssBytes === undefined ? 'not measured' : `${(r.peakRssBytes / 2 ** 20).toFixed(0)} MiB`} |`);
   }
   console.log();
 }

@@ -53,6 +53,7 @@ export function memoryCheckpoint(label: string, set: TensorSet): Checkpoint {
       return new Uint8Array(b) as TensorArray; // a copy: callers own what they are given
     },
     prefetch() {},
+    release() {},
     close() {},
     changed: () => null,
   };

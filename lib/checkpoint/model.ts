@@ -47,6 +47,13 @@ export interface Checkpoint {
   array(name: string): TensorArray;
   /** Hints the kernel to read a tensor ahead of use. */
   prefetch(name: string): void;
+  /**
+   * Drops this process's page mappings of a tensor that is no longer needed (the page
+   * cache keeps the bytes; a later read maps them again). A merge releases each batch's
+   * inputs, so its resident memory does not grow to the models' size and the mappings
+   * are not all torn down at once when the maps close.
+   */
+  release(name: string): void;
   /** Releases the maps once every view handed out is collected. */
   close(): void;
   /** A description of the first file whose size or modification time changed since it was opened, else null. */
@@ -229,6 +236,10 @@ export function openCheckpoint(path: string): Checkpoint {
     prefetch(name) {
       const t = get(name);
       if (t.byteLength > 0) opened.get(t.file)!.map.advise(t.offset, t.byteLength, 'willneed');
+    },
+    release(name) {
+      const t = get(name);
+      if (t.byteLength > 0) opened.get(t.file)!.map.advise(t.offset, t.byteLength, 'dontneed');
     },
     close() {
       for (const f of opened.values()) f.map.close();

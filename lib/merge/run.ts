@@ -452,11 +452,9 @@ export async function* runBatches(
 ): AsyncGenerator<FinishedTensor[]> {
   const { plan, models, recipe, seed, threads, native } = ctx;
   const cuda = ctx.cuda ?? null;
+  const inputs = (t: TensorPlan) => (t.kind === 'merge' ? [models.base, ...models.experts] : [models.base]);
   const prefetch = (group: TensorPlan[] | undefined) => {
-    for (const t of group ?? []) {
-      models.base.prefetch(t.name);
-      if (t.kind === 'merge') models.experts.forEach((e) => e.prefetch(t.name));
-    }
+    for (const t of group ?? []) for (const m of inputs(t)) m.prefetch(t.name);
   };
   const launch = async (g: number): Promise<LaunchedBatch> => {
     const group = groups[g];
@@ -482,7 +480,8 @@ export async function* runBatches(
       stats = native.mergeBatch({ threads, merges, copies, cuda: { device: cuda.device, memory: cuda.memory } })
         .catch((e: unknown) => { throw cudaError(e, cuda.device, true); });
     } else if (native) {
-      stats = native.mergeBatch({ threads, merges, copies });
+      // The kernels hash each output while it is still in cache (see runMerge's digests).
+      stats = native.mergeBatch({ threads, merges, copies, digests: true });
     } else {
       stats = Promise.resolve(merges.map((m) => referenceMergeTensor(m)));
       for (const c of copies) (c.dst as Uint8Array).set(c.src as Uint8Array);
@@ -499,6 +498,7 @@ export async function* runBatches(
       const current = await (pending ?? launch(g));
       pending = null;
       const stats = await current.stats;
+      for (const t of current.group) for (const m of inputs(t)) m.release(t.name);
       // Start the next batch before this one is checked and handed out.
       if (g + 1 < groups.length && !ctx.signal?.aborted) {
         pending = launch(g + 1);
