@@ -1,5 +1,7 @@
 #include "output_file.h"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <system_error>
 
@@ -120,10 +122,15 @@ Napi::Value AllocStaging(const Napi::CallbackInfo& info) {
   const double want = info[0].As<Napi::Number>().DoubleValue();
   if (!(want > 0 && want <= 9007199254740991.0) || want != static_cast<uint64_t>(want))
     throw Napi::RangeError::New(env, "allocStaging: bytes must be a positive integer");
-  const size_t k = della_io::BlockWriter::kBlock;
-  const size_t bytes = static_cast<size_t>(want), rounded = (bytes + k - 1) / k * k;
+  // Buffers of 2 MiB and more in transparent huge pages where the kernel has them: the
+  // O_DIRECT writes pin every page of a buffer, and the kernels write each byte once.
+  const size_t huge = size_t{2} << 20;
+  const size_t bytes = static_cast<size_t>(want);
+  const size_t k = bytes >= huge ? huge : della_io::BlockWriter::kBlock;
+  const size_t rounded = (bytes + k - 1) / k * k;
   void* p = std::aligned_alloc(k, rounded);
   if (p == nullptr) throw Napi::Error::New(env, "allocStaging: out of memory for " + std::to_string(bytes) + " bytes");
+  if (k == huge) madvise(p, rounded, MADV_HUGEPAGE);  // a hint: refused quietly where THP is off
   Napi::MemoryManagement::AdjustExternalMemory(env, static_cast<int64_t>(rounded));
   Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(
       env, p, bytes,
