@@ -130,7 +130,10 @@ bool bracketed_cuts(const MergeTask& t, TaskState& st, unsigned threads, std::ve
     }
   }
   if (any)
-    global_pool().run(static_cast<size_t>(items), threads, [&](size_t it, unsigned worker) {
+    // Last item first: the final pass starts at the first rows, which this pass then
+    // read last, so that a tensor's leading rows may still be in the last-level cache.
+    global_pool().run(static_cast<size_t>(items), threads, [&](size_t i, unsigned worker) {
+      const size_t it = items - 1 - i;
       const uint64_t r0 = it * per;
       bracket_rows(t, st, it, r0, std::min(st.g.rows, r0 + per), scratch[worker], brackets);
     });
