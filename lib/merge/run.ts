@@ -498,12 +498,18 @@ export async function* runBatches(
       const current = await (pending ?? launch(g));
       pending = null;
       const stats = await current.stats;
-      for (const t of current.group) for (const m of inputs(t)) m.release(t.name);
       // Start the next batch before this one is checked and handed out.
       if (g + 1 < groups.length && !ctx.signal?.aborted) {
         pending = launch(g + 1);
         pending.catch(() => {});
       }
+      // Then drop this batch's input mappings (a few ms of page-table work a batch),
+      // once the next batch is with the kernels: done before, it kept them idle.
+      const release = () => {
+        for (const t of current.group) for (const m of inputs(t)) m.release(t.name);
+      };
+      if (pending) void pending.then(release, release);
+      else release();
       const byName = new Map<string, MergeTaskStats>();
       current.mergePlans.forEach((t, i) => {
         checkFinite(t, stats[i], recipe, ctx.nonfiniteWarnings);
