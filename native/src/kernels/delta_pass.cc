@@ -30,6 +30,7 @@
 #include "merge_state.h"
 #include "keys_avx512.h"
 
+
 namespace della::detail {
 namespace {
 
@@ -409,9 +410,13 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
       const float* tf = ranked && !es.table.empty() ? &es.table[0].q : nullptr;
 #if defined(DELLA_AVX512_PATHS)
       if (ranked && keys != 3 && tf && t.rescale == Rescale::Inverse && have_avx512_cd()) {
-        const KeyRange kr = count_keys15_cd(k16, n, hist, ranks);
+        // The row's Philox words are made inside the counting loop (see count_keys15_cd).
+        const uint64_t g0 = i0 >> 2;
+        const PhiloxRun ph{g0, ((i0 + n - 1) >> 2) - g0 + 1, t.tensor_id, k, static_cast<uint32_t>(t.seed),
+                           static_cast<uint32_t>(t.seed >> 32), words};
+        const KeyRange kr = count_keys15_cd(k16, n, hist, ranks, ph);
         key_starts_cd(hist, kr);
-        const uint32_t* x = philox_row(t.seed, t.tensor_id, k, i0, n, words);
+        const uint32_t* x = words + (i0 & 3);
         local.kept[k] += mask_by_key_rank_cd(d, x, ranks, k16, hist, &es.table[0], n);
         clear_range(hist, kr);
         continue;

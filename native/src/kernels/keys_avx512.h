@@ -5,6 +5,8 @@
 #pragma once
 #include <cstdint>
 
+#include "della/philox.h"
+#include "philox_avx512.h"
 #include "row_io.h"
 
 #if defined(DELLA_AVX512_PATHS)
@@ -36,16 +38,36 @@ struct KeyRange {
   uint32_t lo, hi;
 };
 
+// Philox blocks g0 .. g0 + blocks - 1 of one stream (SPEC §3), made by the counting
+// loop below.
+struct PhiloxRun {
+  uint64_t g0, blocks;
+  uint32_t c2, c3, k0, k1;
+  uint32_t* words;  // 4 * blocks
+};
+
 // Counts keys[0..n) into hist (2^15 counters, zero on entry) and writes each element's
 // occurrence among the equal keys before it into occ. Per step of 16: vpconflictd
 // marks the equal keys in lower lanes (their number is the lane's occurrence within
 // the step), a gather reads the counts so far, and a scatter writes them back; for a
 // repeated key the highest lane, holding the largest count, is written last.
-DELLA_AVX512_CD inline KeyRange count_keys15_cd(const uint16_t* __restrict keys, uint64_t n,
-                                                uint32_t* __restrict hist, uint32_t* __restrict occ) {
+//
+// The same loop makes the row's Philox blocks, 32 every eight steps: the counting waits
+// on gathers, scatters and the microcoded vpconflictd, Philox on vector multiplies, and
+// in one loop the core overlaps the two (2-5% faster della than the two loops one after
+// the other; one vector of 8 blocks every two steps gained nothing).
+DELLA_AVX512_CD inline KeyRange count_keys15_cd(const uint16_t* __restrict keys, uint64_t n, uint32_t* __restrict hist,
+                                                uint32_t* __restrict occ, const PhiloxRun& ph) {
+  constexpr int kVecs = 4;                      // Philox vectors of 8 blocks a turn
+  constexpr uint64_t kTurn = 2 * 16 * kVecs;    // elements counted a turn: 8 steps for 32 blocks
   const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
   __m512i lo = _mm512_set1_epi32(static_cast<int>(keys15::kKeys - 1)), hi = zero;
+  uint64_t b = 0;  // Philox blocks made
   for (uint64_t j = 0; j < n; j += 16) {
+    if (j % kTurn == 0 && b + 8 * kVecs <= ph.blocks) {
+      philox_vectors_avx512<kVecs>(ph.g0 + b, ph.c2, ph.c3, ph.k0, ph.k1, ph.words + 4 * b);
+      b += 8 * kVecs;
+    }
     const __mmask16 m = tail_mask(n - j);
     const __m512i k = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, keys + j));
     const __m512i within = _mm512_popcnt_epi32(_mm512_conflict_epi32(k));
@@ -54,6 +76,12 @@ DELLA_AVX512_CD inline KeyRange count_keys15_cd(const uint16_t* __restrict keys,
     _mm512_mask_i32scatter_epi32(hist, m, k, _mm512_add_epi32(o, one), 4);
     lo = _mm512_mask_min_epu32(lo, _mm512_mask_test_epi32_mask(m, k, k), lo, k);
     hi = _mm512_mask_max_epu32(hi, m, hi, k);
+  }
+  for (; b + 8 <= ph.blocks; b += 8) philox_vectors_avx512<1>(ph.g0 + b, ph.c2, ph.c3, ph.k0, ph.k1, ph.words + 4 * b);
+  for (; b < ph.blocks; ++b) {
+    const uint64_t g = ph.g0 + b;
+    const Philox4 w = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), ph.c2, ph.c3, ph.k0, ph.k1);
+    for (int i = 0; i < 4; ++i) ph.words[4 * b + i] = w.v[i];
   }
   return {_mm512_reduce_min_epu32(lo) >> keys15::kBlockBits, _mm512_reduce_max_epu32(hi) >> keys15::kBlockBits};
 }
