@@ -30,7 +30,6 @@
 #include "merge_state.h"
 #include "keys_avx512.h"
 
-
 namespace della::detail {
 namespace {
 
