@@ -252,6 +252,8 @@ describe(`native CPU kernels equal lib/reference (DELLA_TEST_SEED=${seed})`, () 
       shape: [4], experts: [], ...METHODS.della, lambda: 1, seed: 0,
     };
     expect(() => native.mergeBatch({ threads: 1, merges: [task], copies: [] })).toThrow(/merges\[0\]\.base has 10 bytes/);
+    const fine = { ...task, base: new Uint8Array(16), experts: [{ data: new Uint8Array(16), dtype: DTYPE_CODE.F32, shape: [4], weight: 1, density: 1, epsilon: 0, gamma: 0 }] };
+    expect(() => native.mergeBatch({ threads: 1, merges: [fine], copies: [], digests: 'yes' as unknown as boolean })).toThrow(/batch\.digests must be a boolean/);
   });
 
   it('reads inputs from slices of mapped files as from typed arrays, and refuses bad slices', async () => {
