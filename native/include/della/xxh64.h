@@ -46,21 +46,17 @@ class Xxh64Stream {
       buffered_ += len;
       return;
     }
+    // The lanes in a local array: the input bytes may alias the members, not it.
+    uint64_t v[4] = {v_[0], v_[1], v_[2], v_[3]};
     if (buffered_ > 0) {  // complete the stripe begun by an earlier piece
       const size_t fill = 32 - buffered_;
       std::memcpy(buf_ + buffered_, p, fill);
-      stripe(buf_);
+      stripe(v, buf_);
       p += fill;
       buffered_ = 0;
     }
-    uint64_t v1 = v_[0], v2 = v_[1], v3 = v_[2], v4 = v_[3];
-    for (; p + 32 <= end; p += 32) {  // four independent lanes: the multiplies of one stripe overlap
-      v1 = round(v1, read64(p));
-      v2 = round(v2, read64(p + 8));
-      v3 = round(v3, read64(p + 16));
-      v4 = round(v4, read64(p + 24));
-    }
-    v_[0] = v1, v_[1] = v2, v_[2] = v3, v_[3] = v4;
+    for (; p + 32 <= end; p += 32) stripe(v, p);
+    for (int i = 0; i < 4; ++i) v_[i] = v[i];
     buffered_ = static_cast<size_t>(end - p);
     if (buffered_ > 0) std::memcpy(buf_, p, buffered_);
   }
@@ -92,12 +88,13 @@ class Xxh64Stream {
   }
 
  private:
-  void stripe(const uint8_t* p) {
+  // One 32-byte stripe: four independent lanes, so the multiplies overlap.
+  static void stripe(uint64_t (&v)[4], const uint8_t* p) {
     using namespace xxh64_detail;
-    v_[0] = round(v_[0], read64(p));
-    v_[1] = round(v_[1], read64(p + 8));
-    v_[2] = round(v_[2], read64(p + 16));
-    v_[3] = round(v_[3], read64(p + 24));
+    v[0] = round(v[0], read64(p));
+    v[1] = round(v[1], read64(p + 8));
+    v[2] = round(v[2], read64(p + 16));
+    v[3] = round(v[3], read64(p + 24));
   }
 
   uint64_t v_[4];

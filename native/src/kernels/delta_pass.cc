@@ -234,8 +234,8 @@ void clear_blocks(uint32_t* __restrict hist, const uint16_t* blocks, uint32_t m)
 // into `words`; returns a pointer to element i0's word.
 DELLA_ALWAYS_INLINE const uint32_t* philox_row(uint64_t seed, uint32_t tensor_id, uint32_t expert, uint64_t i0,
                                                uint64_t n, uint32_t* __restrict words) {
-  const uint64_t g0 = i0 >> 2, count = ((i0 + n - 1) >> 2) - g0 + 1;
-  philox_blocks(g0, count, tensor_id, expert, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), words);
+  const PhiloxRun ph = philox_run(seed, tensor_id, expert, i0, n, words);
+  philox_blocks(ph.g0, ph.blocks, ph.c2, ph.c3, ph.k0, ph.k1, words);
   return words + (i0 & 3);
 }
 
@@ -410,10 +410,7 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
 #if defined(DELLA_AVX512_PATHS)
       if (ranked && keys != 3 && tf && t.rescale == Rescale::Inverse && have_avx512_cd()) {
         // The row's Philox words are made inside the counting loop (see count_keys15_cd).
-        const uint64_t g0 = i0 >> 2;
-        const PhiloxRun ph{g0, ((i0 + n - 1) >> 2) - g0 + 1, t.tensor_id, k, static_cast<uint32_t>(t.seed),
-                           static_cast<uint32_t>(t.seed >> 32), words};
-        const KeyRange kr = count_keys15_cd(k16, n, hist, ranks, ph);
+        const KeyRange kr = count_keys15_cd(k16, n, hist, ranks, philox_run(t.seed, t.tensor_id, k, i0, n, words));
         key_starts_cd(hist, kr);
         const uint32_t* x = words + (i0 & 3);
         local.kept[k] += mask_by_key_rank_cd(d, x, ranks, k16, hist, &es.table[0], n);

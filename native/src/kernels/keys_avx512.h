@@ -5,7 +5,7 @@
 #pragma once
 #include <cstdint>
 
-#include "della/philox.h"
+#include "merge_state.h"
 #include "philox_avx512.h"
 #include "row_io.h"
 
@@ -38,13 +38,6 @@ struct KeyRange {
   uint32_t lo, hi;
 };
 
-// Philox blocks g0 .. g0 + blocks - 1 of one stream (SPEC §3), made by the counting
-// loop below.
-struct PhiloxRun {
-  uint64_t g0, blocks;
-  uint32_t c2, c3, k0, k1;
-  uint32_t* words;  // 4 * blocks
-};
 
 // Counts keys[0..n) into hist (2^15 counters, zero on entry) and writes each element's
 // occurrence among the equal keys before it into occ. Per step of 16: vpconflictd
@@ -77,12 +70,7 @@ DELLA_AVX512_CD inline KeyRange count_keys15_cd(const uint16_t* __restrict keys,
     lo = _mm512_mask_min_epu32(lo, _mm512_mask_test_epi32_mask(m, k, k), lo, k);
     hi = _mm512_mask_max_epu32(hi, m, hi, k);
   }
-  for (; b + 8 <= ph.blocks; b += 8) philox_vectors_avx512<1>(ph.g0 + b, ph.c2, ph.c3, ph.k0, ph.k1, ph.words + 4 * b);
-  for (; b < ph.blocks; ++b) {
-    const uint64_t g = ph.g0 + b;
-    const Philox4 w = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), ph.c2, ph.c3, ph.k0, ph.k1);
-    for (int i = 0; i < 4; ++i) ph.words[4 * b + i] = w.v[i];
-  }
+  if (b < ph.blocks) philox_blocks(ph.g0 + b, ph.blocks - b, ph.c2, ph.c3, ph.k0, ph.k1, ph.words + 4 * b);
   return {_mm512_reduce_min_epu32(lo) >> keys15::kBlockBits, _mm512_reduce_max_epu32(hi) >> keys15::kBlockBits};
 }
 

@@ -39,10 +39,9 @@ uint64_t load_row(const void* p, DType t, uint64_t off, uint64_t n, float* dst) 
 void uniforms_row(uint64_t seed, uint32_t tensor_id, uint32_t expert, uint64_t i0, uint64_t n, float* x,
                   std::vector<uint32_t>& words) {
   if (n == 0) return;
-  const uint64_t g0 = i0 >> 2, g1 = (i0 + n - 1) >> 2;
-  words.resize(4 * (g1 - g0 + 1));
-  philox_blocks(g0, g1 - g0 + 1, tensor_id, expert, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
-                words.data());
+  const PhiloxRun ph = philox_run(seed, tensor_id, expert, i0, n, nullptr);
+  words.resize(4 * ph.blocks);
+  philox_blocks(ph.g0, ph.blocks, ph.c2, ph.c3, ph.k0, ph.k1, words.data());
   const uint32_t* w = words.data() + (i0 & 3);
   for (uint64_t j = 0; j < n; ++j) x[j] = uniform_from_word(w[j]);
 }

@@ -113,6 +113,22 @@ void stable_ranks(const uint32_t* keys, uint64_t n, Scratch& s, uint32_t* ranks)
 void philox_blocks(uint64_t g0, uint64_t count, uint32_t tensor_id, uint32_t expert, uint32_t k0, uint32_t k1,
                    uint32_t* out);
 
+// The Philox blocks that cover flat elements [i0, i0 + n) of expert k's stream (SPEC
+// §3), to be made into `words` (4 * blocks of room); element i0's word is then
+// words[i0 & 3].
+struct PhiloxRun {
+  uint64_t g0, blocks;
+  uint32_t c2, c3, k0, k1;  // tensor id, expert, seed low and high
+  uint32_t* words;
+};
+
+inline PhiloxRun philox_run(uint64_t seed, uint32_t tensor_id, uint32_t expert, uint64_t i0, uint64_t n,
+                            uint32_t* words) {
+  const uint64_t g0 = i0 >> 2;
+  return {g0, ((i0 + n - 1) >> 2) - g0 + 1, tensor_id, expert, static_cast<uint32_t>(seed),
+          static_cast<uint32_t>(seed >> 32), words};
+}
+
 // The final pass of a delta merge (every method but linear and slerp) over rows
 // [r0, r1), one fused sweep per row: merged values straight into the output. Adds
 // non-finite and kept counts to `local`. Needs the task's pre-passes (cuts, norm

@@ -26,6 +26,7 @@ __attribute__((target("avx512f"))) void philox_blocks_avx512(uint64_t g0, uint64
                                                              uint32_t k0, uint32_t k1, uint32_t* __restrict out) {
   uint64_t b = 0;
   for (; b + 8 * kVecs <= count; b += 8 * kVecs) philox_vectors_avx512<kVecs>(g0 + b, c2, c3, k0, k1, out + 4 * b);
+  for (; b + 8 <= count; b += 8) philox_vectors_avx512<1>(g0 + b, c2, c3, k0, k1, out + 4 * b);
   for (; b < count; ++b) {
     const uint64_t g = g0 + b;
     const Philox4 w = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), c2, c3, k0, k1);
