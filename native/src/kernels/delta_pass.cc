@@ -4,10 +4,10 @@
 // Per row and expert: deltas and their 15-bit keys in one vector loop; for magprune,
 // exact stable ranks by counting (histograms over all 2^15 keys that stay zeroed
 // between rows, so a row pays only for the 16-key blocks it touches; with AVX-512
-// conflict detection, 16 keys a step, see keys_avx512.h), then keep probability and
-// rescale looked up by rank; for random, constants; for magnitude and
-// breadcrumbs, the whole-tensor cuts found by the pre-passes (cut_rows.cc). Philox,
-// keep, rescale and weight in one vector loop; then the election and fuse over the
+// conflict detection, 16 keys a step, and the row's Philox words made in the same
+// loop, see keys_avx512.h), then keep probability and rescale looked up by rank; for
+// random, constants; for magnitude and breadcrumbs, the whole-tensor cuts found by the
+// pre-passes (cut_rows.cc). Keep, rescale and weight in one vector loop; then the election and fuse over the
 // row (one pass for up to four experts) and one rounding store.
 //
 // The hot function is built three times (AVX-512, AVX2, baseline x86-64) and the
