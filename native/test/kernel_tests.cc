@@ -221,6 +221,42 @@ static void xxh64_pieces_match_whole() {
   }
 }
 
+// Magprune's arithmetic (q, 1/q) is used only where it equals the table at every rank:
+// on an AVX-512 CD machine it is chosen for common rows, and one wrong table entry
+// (any rank, q or 1/q) turns it off.
+static void magprune_arith_checked() {
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512cd") ||
+      !__builtin_cpu_supports("avx512vpopcntdq") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512vl")) {
+    std::printf("magprune arithmetic: no AVX-512 CD here, table path only\n");
+    return;
+  }
+  std::mt19937_64 rng(4242);
+  int chosen = 0, rows = 0;
+  for (uint64_t n : {2ul, 3ul, 17ul, 1031ul, 4096ul, 11008ul}) {
+    for (double d : {0.2, 0.5, 0.8}) {
+      della::detail::ExpertState es;
+      es.coef = della::magprune_coef(d, 0.1);
+      es.table.resize(n);
+      for (uint64_t r = 0; r < n; ++r) {
+        const float q = della::magprune_q(r, n, es.coef);
+        es.table[r] = della::detail::KeepScale{q, della::inverse_scale(q)};
+      }
+      ++rows;
+      if (!della::detail::magprune_arith_matches(es, n)) continue;
+      ++chosen;
+      for (int trial = 0; trial < 4; ++trial) {
+        della::detail::ExpertState bad = es;
+        float& f = trial % 2 ? bad.table[rng() % n].s : bad.table[rng() % n].q;
+        f = std::nextafter(f, f * 2.0f);  // one unit in the last place up
+        CHECK(!della::detail::magprune_arith_matches(bad, n), "n %llu density %g: a changed table entry still matches",
+              static_cast<unsigned long long>(n), d);
+      }
+    }
+  }
+  CHECK(chosen == rows, "arithmetic chosen for %d of %d rows", chosen, rows);
+}
+
 int main() {
   philox_known_answers();
   philox_blocks_match_scalar();
@@ -229,6 +265,7 @@ int main() {
   f16c_rows_match();
   threads_do_not_change_results();
   xxh64_pieces_match_whole();
+  magprune_arith_checked();
   if (failures) {
     std::fprintf(stderr, "%d failures\n", failures);
     return 1;

@@ -457,6 +457,7 @@ TaskState prepare(const MergeTask& t, unsigned threads, std::vector<Scratch>& sc
           const float q = magprune_q(r, st.g.n, es.coef);
           es.table[r] = KeepScale{q, inverse_scale(q)};
         }
+        es.arith = magprune_arith_matches(es, st.g.n);
       }
     } else if (t.sparsifier == Sparsifier::Random) {
       es.q_random = static_cast<float>(e.density);

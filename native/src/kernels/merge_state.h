@@ -53,6 +53,7 @@ struct ExpertState {
   bool sparse = false;  // false: the delta is left unchanged
   MagpruneCoef coef{};
   std::vector<KeepScale> table;  // magprune (q, 1/q) by rank; empty when not tabulated
+  bool arith = false;            // the AVX-512 path computes the table's values from the rank
   float q_random = 0, s_random = 0;
   Cut cut_a, cut_b;
   // Per block of TaskState::occ_rows rows (and one past the last block): how many
@@ -135,6 +136,10 @@ inline PhiloxRun philox_run(uint64_t seed, uint32_t tensor_id, uint32_t expert, 
 // scales) done.
 void merge_rows_delta(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s,
                       MergeStats& local);
+
+// Whether the AVX-512 magprune path's arithmetic (q, 1/q) equals es.table at every
+// rank of a row of n (checked once per tensor and expert).
+bool magprune_arith_matches(const ExpertState& es, uint64_t n);
 
 // Adds the key histograms of rows [r0, r1) to hists[k] for every sparse expert k:
 // level 1 bins 15-bit keys (the high half of fp32 keys); level 2 bins the low half of
