@@ -5,7 +5,8 @@
 // exact stable ranks by counting (histograms over all 2^15 keys that stay zeroed
 // between rows, so a row pays only for the 16-key blocks it touches; with AVX-512
 // conflict detection, 16 keys a step, and the row's Philox words made in the same
-// loop, see keys_avx512.h), then keep probability and rescale looked up by rank; for
+// loop, see keys_avx512.h), then keep probability and rescale by rank, looked up in
+// the tensor's table or, where prepare() found the two equal, computed; for
 // random, constants; for magnitude and breadcrumbs, the whole-tensor cuts found by the
 // pre-passes (cut_rows.cc). Keep, rescale and weight in one vector loop; then the election and fuse over the
 // row (one pass for up to four experts) and one rounding store.
@@ -182,8 +183,8 @@ DELLA_AVX512_CD uint64_t mask_by_key_rank_cd(float* __restrict d, const uint32_t
 
 // (q, 1/q) of 16 ranks computed instead of looked up: u = r / (n - 1) as a product with
 // one FMA correction, q = lo + span * u as SPEC §4 writes it, and 1/q from the 14-bit
-// reciprocal estimate with two FMA Newton steps. Ten vector operations in place of two
-// 64-bit gathers (della 4-5% faster, bench/RESULTS.md step 44). Not every step is
+// reciprocal estimate with two FMA Newton steps. About ten vector operations in place
+// of two 64-bit gathers (della about 4% faster, bench/RESULTS.md step 44). Not every step is
 // correctly rounded for every input, so a tensor uses it only where prepare() found it
 // equal to the table at every rank of its rows (magprune_arith_matches).
 DELLA_AVX512_CD inline void keep_scale_arith(__m512i rank, const MagpruneCoef& c, float nm1, float inv, __m512& q,
