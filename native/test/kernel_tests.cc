@@ -7,6 +7,7 @@
 #include <random>
 #include <vector>
 
+#include "../src/kernels/keys_avx512.h"
 #include "../src/kernels/merge_cpu.h"
 #include "../src/kernels/merge_state.h"
 #include "../src/kernels/row_io.h"
@@ -224,11 +225,17 @@ static void xxh64_pieces_match_whole() {
 // Magprune's arithmetic (q, 1/q) is used only where it equals the table at every rank:
 // on an AVX-512 CD machine it is chosen for common rows, and one wrong table entry
 // (any rank, q or 1/q) turns it off.
+static bool avx512_cd_path() {
+#if defined(DELLA_AVX512_PATHS)
+  return della::detail::have_avx512_cd();
+#else
+  return false;
+#endif
+}
+
 static void magprune_arith_checked() {
-  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512cd") ||
-      !__builtin_cpu_supports("avx512vpopcntdq") || !__builtin_cpu_supports("avx512bw") ||
-      !__builtin_cpu_supports("avx512vl")) {
-    std::printf("magprune arithmetic: no AVX-512 CD here, table path only\n");
+  if (!avx512_cd_path()) {
+    std::printf("magprune arithmetic: no AVX-512 CD path here, table path only\n");
     return;
   }
   std::mt19937_64 rng(4242);

@@ -153,33 +153,19 @@ void clear_range(uint32_t* hist, KeyRange r) {
   if (lo <= r.hi) std::memset(hist + (lo << kBlockBits), 0, (sizeof(uint32_t) << kBlockBits) * (r.hi - lo + 1));
 }
 
-// Keep and inverse rescale by rank (SPEC §4) with the rank found on the way: rank =
-// starts[key] + occurrence, then (q, 1/q) in one 64-bit gather per element from the
-// tensor's table. kept iff x < q; then d * (1/q). Returns how many were kept.
-DELLA_AVX512_CD uint64_t mask_by_key_rank_cd(float* __restrict d, const uint32_t* __restrict words,
-                                              const uint32_t* __restrict occ, const uint16_t* __restrict keys,
-                                              const uint32_t* __restrict starts, const KeepScale* __restrict table,
-                                              uint64_t n) {
-  const __m512 two_m24 = _mm512_set1_ps(5.9604644775390625e-08f);
-  const __m512i zero = _mm512_setzero_si512();
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  uint64_t kept = 0;
-  for (uint64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = tail_mask(n - j);
-    const __m512i k = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, keys + j));
-    const __m512i rank = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m, occ + j), _mm512_mask_i32gather_epi32(zero, m, k, starts, 4));
+// (q, 1/q) of 16 ranks from the tensor's table: one 64-bit gather per element.
+struct KeepScaleGather {
+  const KeepScale* table;
+  DELLA_AVX512_CD void operator()(__m512i rank, __mmask16 m, __m512& q, __m512& s) const {
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     const __m512i qs0 = _mm512_mask_i32gather_epi64(zero, static_cast<__mmask8>(m), _mm512_castsi512_si256(rank), table, 8);
     const __m512i qs1 = _mm512_mask_i32gather_epi64(zero, static_cast<__mmask8>(m >> 8), _mm512_extracti64x4_epi64(rank, 1), table, 8);
-    const __m512 q = _mm512_castsi512_ps(_mm512_permutex2var_epi32(qs0, even, qs1));
-    const __m512 sc = _mm512_castsi512_ps(_mm512_permutex2var_epi32(qs0, odd, qs1));
-    const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_maskz_loadu_epi32(m, words + j), 8)), two_m24);
-    const __mmask16 keep = _mm512_mask_cmp_ps_mask(m, x, q, _CMP_LT_OQ);
-    _mm512_mask_storeu_ps(d + j, m, _mm512_maskz_mul_ps(keep, _mm512_maskz_loadu_ps(m, d + j), sc));
-    kept += static_cast<uint64_t>(__builtin_popcount(keep));
+    q = _mm512_castsi512_ps(_mm512_permutex2var_epi32(qs0, even, qs1));
+    s = _mm512_castsi512_ps(_mm512_permutex2var_epi32(qs0, odd, qs1));
   }
-  return kept;
-}
+};
 
 // (q, 1/q) of 16 ranks computed instead of looked up: u = r / (n - 1) as a product with
 // one FMA correction, q = lo + span * u as SPEC §4 writes it, and 1/q from the 14-bit
@@ -187,35 +173,43 @@ DELLA_AVX512_CD uint64_t mask_by_key_rank_cd(float* __restrict d, const uint32_t
 // of two 64-bit gathers (della about 4% faster, bench/RESULTS.md step 44). Not every step is
 // correctly rounded for every input, so a tensor uses it only where prepare() found it
 // equal to the table at every rank of its rows (magprune_arith_matches).
-DELLA_AVX512_CD inline void keep_scale_arith(__m512i rank, const MagpruneCoef& c, float nm1, float inv, __m512& q,
-                                             __m512& s) {
-  const __m512 one = _mm512_set1_ps(1.0f), vn = _mm512_set1_ps(nm1), vinv = _mm512_set1_ps(inv);
-  const __m512 r = _mm512_cvtepu32_ps(rank);
-  const __m512 u0 = _mm512_mul_ps(r, vinv);
-  const __m512 u = _mm512_fmadd_ps(_mm512_fnmadd_ps(u0, vn, r), vinv, u0);
-  q = _mm512_add_ps(_mm512_set1_ps(c.lo), _mm512_mul_ps(_mm512_set1_ps(c.span), u));
-  const __m512 y0 = _mm512_rcp14_ps(q);
-  const __m512 y1 = _mm512_fmadd_ps(y0, _mm512_fnmadd_ps(q, y0, one), y0);
-  s = _mm512_fmadd_ps(y1, _mm512_fnmadd_ps(q, y1, one), y1);
-}
+struct KeepScaleArith {
+  MagpruneCoef c;
+  float nm1, inv;  // f32(n - 1) and f32(1 / f32(n - 1))
+  explicit KeepScaleArith(const MagpruneCoef& coef, uint64_t n)
+      : c(coef), nm1(static_cast<float>(n - 1)), inv(1.0f / static_cast<float>(n - 1)) {}
+  DELLA_AVX512_CD void operator()(__m512i rank, __mmask16, __m512& q, __m512& s) const {
+    const __m512 one = _mm512_set1_ps(1.0f), vn = _mm512_set1_ps(nm1), vinv = _mm512_set1_ps(inv);
+    const __m512 r = _mm512_cvtepu32_ps(rank);
+    const __m512 u0 = _mm512_mul_ps(r, vinv);
+    const __m512 u = _mm512_fmadd_ps(_mm512_fnmadd_ps(u0, vn, r), vinv, u0);
+    q = _mm512_add_ps(_mm512_set1_ps(c.lo), _mm512_mul_ps(_mm512_set1_ps(c.span), u));
+    const __m512 y0 = _mm512_rcp14_ps(q);
+    const __m512 y1 = _mm512_fmadd_ps(y0, _mm512_fnmadd_ps(q, y0, one), y0);
+    s = _mm512_fmadd_ps(y1, _mm512_fnmadd_ps(q, y1, one), y1);
+  }
+};
 
-// mask_by_key_rank_cd with (q, 1/q) from keep_scale_arith.
-DELLA_AVX512_CD uint64_t mask_by_key_arith_cd(float* __restrict d, const uint32_t* __restrict words,
+// Keep and inverse rescale by rank (SPEC §4) with the rank found on the way: rank =
+// starts[key] + occurrence, then (q, 1/q) from keep_scale (KeepScaleGather or
+// KeepScaleArith). kept iff x < q; then d * (1/q). Returns how many were kept.
+template <class KeepScaleOf>
+DELLA_AVX512_CD uint64_t mask_by_key_rank_cd(float* __restrict d, const uint32_t* __restrict words,
                                               const uint32_t* __restrict occ, const uint16_t* __restrict keys,
-                                              const uint32_t* __restrict starts, const MagpruneCoef& c, uint64_t n) {
+                                              const uint32_t* __restrict starts, const KeepScaleOf& keep_scale,
+                                              uint64_t n) {
   const __m512 two_m24 = _mm512_set1_ps(5.9604644775390625e-08f);
   const __m512i zero = _mm512_setzero_si512();
-  const float nm1 = static_cast<float>(n - 1), inv = 1.0f / nm1;
   uint64_t kept = 0;
   for (uint64_t j = 0; j < n; j += 16) {
     // A tail mask in every step, not a constant: with an all-lanes constant GCC drops
-    // the gather's zeroed source and gathers into a register still holding the previous
+    // a gather's zeroed source and gathers into a register still holding the previous
     // step's result, which chains each step to the one before (measured twice as slow).
     const __mmask16 m = tail_mask(n - j);
     const __m512i k = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, keys + j));
     const __m512i rank = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m, occ + j), _mm512_mask_i32gather_epi32(zero, m, k, starts, 4));
     __m512 q, sc;
-    keep_scale_arith(rank, c, nm1, inv, q, sc);
+    keep_scale(rank, m, q, sc);
     const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_maskz_loadu_epi32(m, words + j), 8)), two_m24);
     const __mmask16 keep = _mm512_mask_cmp_ps_mask(m, x, q, _CMP_LT_OQ);
     _mm512_mask_storeu_ps(d + j, m, _mm512_maskz_mul_ps(keep, _mm512_maskz_loadu_ps(m, d + j), sc));
@@ -224,13 +218,13 @@ DELLA_AVX512_CD uint64_t mask_by_key_arith_cd(float* __restrict d, const uint32_
   return kept;
 }
 
-// Whether keep_scale_arith gives table[r] bit for bit at every rank r < n.
+// Whether KeepScaleArith gives table[r] bit for bit at every rank r < n.
 DELLA_AVX512_CD bool arith_matches_cd(const KeepScale* table, uint64_t n, const MagpruneCoef& c) {
-  const float nm1 = static_cast<float>(n - 1), inv = 1.0f / nm1;
+  const KeepScaleArith arith(c, n);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (uint64_t r = 0; r < n; r += 16) {
     __m512 q, s;
-    keep_scale_arith(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(r)), lane), c, nm1, inv, q, s);
+    arith(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(r)), lane), tail_mask(n - r), q, s);
     alignas(64) float qa[16], sa[16];
     _mm512_store_ps(qa, q);
     _mm512_store_ps(sa, s);
@@ -473,8 +467,8 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
         const KeyRange kr = count_keys15_cd(k16, n, hist, ranks, philox_run(t.seed, t.tensor_id, k, i0, n, words));
         key_starts_cd(hist, kr);
         const uint32_t* x = words + (i0 & 3);
-        if (es.arith) local.kept[k] += mask_by_key_arith_cd(d, x, ranks, k16, hist, es.coef, n);
-        else local.kept[k] += mask_by_key_rank_cd(d, x, ranks, k16, hist, &es.table[0], n);
+        if (es.arith) local.kept[k] += mask_by_key_rank_cd(d, x, ranks, k16, hist, KeepScaleArith(es.coef, n), n);
+        else local.kept[k] += mask_by_key_rank_cd(d, x, ranks, k16, hist, KeepScaleGather{&es.table[0]}, n);
         clear_range(hist, kr);
         continue;
       }
