@@ -96,13 +96,14 @@ summary+=("$(grep -E '^(method|della|dare_ties|ties|task_arithmetic|pinned)[ /]'
 h2d=$(grep -o '"h2d_pinned_GBps": [0-9.]*' "$OUT/cuda-bench.json" 2>/dev/null | head -1 | grep -o '[0-9.]*$')
 
 # 3b. Nsight Compute, every section, on the main kernels (4096x4096, first launch of
-#     each): della's ranking kernel and the fuse, ties' histogram, to say where the time
-#     goes. GPU_CHECK_NCU=0 skips it.
+#     each): della's 16-bit ranking kernel and fuse by default (GPU_CHECK_NCU_KERNELS and
+#     GPU_CHECK_NCU_METHODS choose others), to say where the time goes. GPU_CHECK_NCU=0
+#     skips it.
 if [ "${GPU_CHECK_NCU:-1}" = 1 ] && command -v ncu >/dev/null 2>&1; then
   : >"$OUT/ncu.txt"
-  for k in magprune_pairs_kernel fuse_kernel hist1_shared_kernel; do
+  for k in ${GPU_CHECK_NCU_KERNELS:-magprune_half_kernel fuse_half_kernel}; do
     timeout 45 ncu -k "regex:$k" --launch-count 1 --set full "$bin/della_cuda_bench" --sizes 4096x4096 --reps 1 \
-      --methods della,ties >>"$OUT/ncu.txt" 2>&1
+      --methods ${GPU_CHECK_NCU_METHODS:-della} >>"$OUT/ncu.txt" 2>&1
   done
   note "ncu: rc=$? ($(elapsed)); full sections in ncu.txt"
   grep -E "^ +[a-z_]+.*\(|^ +Duration|^ +Memory Throughput|^ +Compute \(SM\) Throughput|^ +Achieved Occupancy|^ +Executed Ipc Active|^ +Registers Per" "$OUT/ncu.txt" | head -40
@@ -160,15 +161,17 @@ else
       for r in ${GPU_CHECK_RECIPES:-della dare_ties ties breadcrumbs_l2}; do
         for where in ${GPU_CHECK_OUTPUTS:-disk memory}; do
           if [ $where = disk ]; then dir=$work/e2e; else dir=$mem; rm -rf "$mem"; mkdir -p "$mem" || continue; fi
-          timeout 150 "${dm[@]}" run "$work/e2e/$r.json" --out "$dir/cpu-$r" --quiet --report "$work/cpu-$r.json" >/dev/null 2>"$work/err.txt"
+          # DELLA_PROFILE: where each run's main thread spent the merge phase.
+          DELLA_PROFILE=1 timeout 150 "${dm[@]}" run "$work/e2e/$r.json" --out "$dir/cpu-$r" --quiet \
+            --report "$work/cpu-$r.json" >/dev/null 2>"$work/err.txt"
           c=$?
           # In memory, the plugin also says where the host's time went (DELLA_CUDA_PROFILE).
           prof=0; [ $where = memory ] && prof=1
-          DELLA_CUDA_PROFILE=$prof timeout 150 "${dm[@]}" run "$work/e2e/$r.json" --out "$dir/gpu-$r" --quiet --device "$gpu" \
-            --report "$work/gpu-$r.json" >/dev/null 2>>"$work/err.txt"
+          DELLA_PROFILE=1 DELLA_CUDA_PROFILE=$prof timeout 150 "${dm[@]}" run "$work/e2e/$r.json" --out "$dir/gpu-$r" \
+            --quiet --device "$gpu" --report "$work/gpu-$r.json" >/dev/null 2>>"$work/err.txt"
           g=$?
-          grep "della cuda profile" "$work/err.txt" | sed 's/^/     /'
-          sed -i '/della cuda profile/d' "$work/err.txt"
+          grep -E "della (cuda )?profile" "$work/err.txt" | sed 's/^/     /'
+          sed -i -E '/della (cuda )?profile/d' "$work/err.txt"
           if [ $c -eq 0 ] && [ $g -eq 0 ] && same "$dir/cpu-$r" "$dir/gpu-$r"; then eq=true; else eq=false; status=1; cat "$work/err.txt"; fi
           mapfile -t row < <(node scripts/gpu-e2e-row.mjs "$work/cpu-$r.json" "$work/gpu-$r.json" "$r" "$where" "$eq" "${h2d:-}")
           note "${row[0]}"

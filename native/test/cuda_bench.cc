@@ -40,7 +40,10 @@ struct Method {
   bool normalize;
   bool shared_hist = true;  // della::cuda::Options of the variant timed
   bool variant = false;     // not the default options: timed as kernels only
+  unsigned fast_paths = della::cuda::Options{}.fast_paths;
 };
+
+constexpr unsigned kAllFast = della::cuda::Options{}.fast_paths;
 
 // The methods, and beside ties the fallback kept for devices with less shared memory
 // (global-atomic histograms; same bytes, timed in the same run).
@@ -50,6 +53,21 @@ const Method kMethods[] = {
     {"ties", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true},
     {"ties/global-hist", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true, false, true},
     {"task_arithmetic", della::Sparsifier::None, della::Rescale::None, della::Consensus::None, false},
+    // The generic kernels (Options::fast_paths = 0), della with only the fuse's, and della
+    // without each of the ranking kernel's default choices in turn.
+    {"della/generic", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true, 0},
+    {"della/fast-fuse", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true,
+     della::cuda::kFastFuse},
+    {"della/cub-sort", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true,
+     kAllFast & ~della::cuda::kRankDirect},
+    {"della/512x8", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true,
+     kAllFast & ~della::cuda::kRank256},
+    {"della/1024x16", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true,
+     kAllFast & ~della::cuda::kTier2Wide},
+    {"dare_ties/generic", della::Sparsifier::Random, della::Rescale::Inverse, della::Consensus::Sum, false, true, true, 0},
+    {"ties/generic", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true, true, true, 0},
+    {"task_arithmetic/generic", della::Sparsifier::None, della::Rescale::None, della::Consensus::None, false, true, true,
+     0},
 };
 
 double median(std::vector<double> v) {
@@ -106,7 +124,7 @@ int main(int argc, char** argv) {
   std::string out = "{\n  \"device\": \"" + std::string(prop.name) + "\",\n  \"results\": [\n";
   bool first_row = true, all_equal = true;
   std::printf("device %s; K=3 BF16 experts, BF16 base and output; median of %d runs\n", prop.name, reps);
-  std::printf("%-17s %-11s %10s %10s %12s %12s %10s  %s\n", "method", "shape", "ms", "GB/s", "Gparams/s",
+  std::printf("%-23s %-11s %10s %10s %12s %12s %10s  %s\n", "method", "shape", "ms", "GB/s", "Gparams/s",
               "memcpy GB/s", "of memcpy", "equal to CPU");
 
   // Pinned host-to-device bandwidth, the ceiling of an end-to-end GPU merge.
@@ -190,6 +208,7 @@ int main(int argc, char** argv) {
       }
       della::cuda::Options o;
       o.shared_hist = m.shared_hist;
+      o.fast_paths = m.fast_paths;
       const uint64_t ws_bytes = della::cuda::device_workspace_bytes(t, o);
       void* ws = nullptr;
       CK(cudaMalloc(&ws, std::max<uint64_t>(ws_bytes, 256)));
@@ -237,7 +256,7 @@ int main(int argc, char** argv) {
       if (pipe_ms > 0)
         std::snprintf(pipe_text, sizeof pipe_text, "pipeline %.1f ms = %.1f GB/s in+out, %s", pipe_ms, pipe_gbs,
                       pipe_equal ? "equal" : "DIFFERS");
-      std::printf("%-17s %-11s %10.3f %10.1f %12.2f %12.1f %9.0f%%  %s (CPU %.0f ms; %s)\n", m.name, sz.c_str(), ms,
+      std::printf("%-23s %-11s %10.3f %10.1f %12.2f %12.1f %9.0f%%  %s (CPU %.0f ms; %s)\n", m.name, sz.c_str(), ms,
                   gbs, gps, copy_gbs, 100.0 * gbs / copy_gbs, equal ? "yes" : "NO", cpu_ms, pipe_text);
       char pipe_json[160] = "\"pipeline_ms\": null, \"pipeline_GBps\": null, \"pipeline_equal_to_cpu\": null";
       if (pipe_ms > 0)

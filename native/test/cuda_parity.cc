@@ -109,6 +109,9 @@ Case make_case(Gen& g, int index) {
   const DType dts[] = {DType::F32, DType::F16, DType::BF16, DType::F64};
   t.base_dtype = dts[g.u(4)];
   t.out_dtype = g.coin(0.6) ? t.base_dtype : dts[g.u(4)];
+  // Often one 16-bit dtype throughout, the common case, which takes the vector kernels.
+  const bool one_half = g.coin(0.35);
+  if (one_half) t.base_dtype = t.out_dtype = g.coin() ? DType::BF16 : DType::F16;
   const unsigned K = static_cast<unsigned>(g.coin(0.1) ? 5 + g.u(2) : 1 + g.u(4));
   t.linear = g.coin(0.1);
   t.sparsifier = t.linear ? della::Sparsifier::None
@@ -139,7 +142,7 @@ Case make_case(Gen& g, int index) {
   c.nonfinite = g.coin(0.08);
   for (unsigned k = 0; k < K; ++k) {
     della::ExpertInput e;
-    e.dtype = g.coin(0.7) ? t.base_dtype : dts[g.u(4)];
+    e.dtype = one_half || g.coin(0.7) ? t.base_dtype : dts[g.u(4)];
     e.shape = t.shape;
     if (embed)
       for (auto& d : e.shape) d += static_cast<int64_t>(1 + g.u(3));
@@ -265,16 +268,19 @@ int main(int argc, char** argv) {
   configs[1].o.block_sort_max = 0;
   configs[1].o.pinned_bytes = 96 << 10;
   configs[1].o.max_slab_elements = 20000;
-  configs[2].name = "small slabs, 2 streams, one ranking tier";
+  configs[2].name = "small slabs, 2 streams, one ranking tier, 512 x 8 ranks by cub's sort";
   configs[2].o.block_sort_max = 4096;
   configs[2].o.memory_budget = 512ull << 20;
   configs[2].o.streams = 2;
   configs[2].o.pinned_bytes = 1 << 20;
   configs[2].o.max_slab_elements = 1 << 16;
-  // The fallback for devices without 128 KiB of shared memory per block.
-  configs[3].name = "global histograms";
+  configs[2].o.fast_paths = della::cuda::kFastFuse | della::cuda::kFastRank;  // 512 x 8, cub's sort
+  // The fallback for devices without 128 KiB of shared memory per block, and the generic
+  // kernels in place of the 16-bit ones.
+  configs[3].name = "global histograms, generic kernels";
   configs[3].o.memory_budget = 512ull << 20;
   configs[3].o.shared_hist = false;
+  configs[3].o.fast_paths = 0;
   configs[3].o.max_slab_elements = 1 << 17;
   std::vector<std::unique_ptr<della::cuda::Context>> ctx;
   try {

@@ -19,12 +19,17 @@ DELLA_HD MagpruneCoef magprune_coef(double density, double epsilon) {
   return MagpruneCoef{static_cast<float>(density - epsilon), static_cast<float>(2.0 * epsilon)};
 }
 
-// Keep probability of the element of stable ascending rank r in a row of n.
-DELLA_HD float magprune_q(uint64_t r, uint64_t n, MagpruneCoef c) {
+// Keep probability of the element of stable ascending rank r in a row of n. U is the
+// integer type of r and n: a GPU converts 32-bit integers faster than 64-bit ones, and
+// both convert a value below 2^32 to the same float.
+template <class U>
+DELLA_HD float magprune_q_of(U r, U n, MagpruneCoef c) {
   const float u = n >= 2 ? static_cast<float>(r) / static_cast<float>(n - 1) : 0.5f;
   const float t = c.span * u;
   return c.lo + t;
 }
+
+DELLA_HD float magprune_q(uint64_t r, uint64_t n, MagpruneCoef c) { return magprune_q_of<uint64_t>(r, n, c); }
 
 // The larger of two norms for the linf rescale, NaN when either is NaN (as
 // JavaScript's Math.max and IEEE 754-2019 maximum): a non-finite delta, allowed with

@@ -3,6 +3,8 @@
 // the build uses -fmad=false --prec-div=true --prec-sqrt=true and no fast math, so the
 // results are the same bits. Integer statistics are summed with atomics (order-free);
 // binary64 norm sums run sequentially per row, then over rows, as on the CPU.
+#include <cub/block/block_exchange.cuh>
+#include <cub/block/block_radix_rank.cuh>
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_scan.cuh>
@@ -235,6 +237,189 @@ void launch_rank(const SlabParams& p, unsigned k, int final_pass, cudaStream_t s
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(R::kSmem)),
           "cudaFuncSetAttribute (ranking shared memory)");
   kernel<<<static_cast<unsigned>(p.rows), THREADS, R::kSmem, s>>>(p, k, final_pass);
+}
+
+// ---------------------------------------------------------------- 16-bit fast paths
+
+// Slabs whose inputs and output share one 16-bit dtype D (BF16 or F16, nearly every
+// merge) take these kernels where the rows are whole Philox blocks (TaskInfo::fast_*):
+// a Philox block's four elements come as one 8-byte load (a ranking thread's eight as
+// 16 bytes), indices are 32-bit within a row or slab, and D is a template parameter
+// instead of a switch per element. The arithmetic is the generic kernels', in the same
+// order, so the bytes are the same.
+template <DType D>
+__device__ __forceinline__ float half_to_f32(uint32_t h) {
+  if constexpr (D == DType::BF16) return bf16_to_f32(static_cast<uint16_t>(h));
+  else return f16_to_f32(static_cast<uint16_t>(h));
+}
+
+template <DType D>
+__device__ __forceinline__ uint32_t f32_to_half(float v) {
+  if constexpr (D == DType::BF16) return f32_to_bf16(v);
+  else return f32_to_f16(v);
+}
+
+// Four elements from 8 bytes, the lower half of each word first (little-endian).
+template <DType D>
+__device__ __forceinline__ void unpack4(uint2 raw, float (&v)[4]) {
+  v[0] = half_to_f32<D>(raw.x & 0xffffu);
+  v[1] = half_to_f32<D>(raw.x >> 16);
+  v[2] = half_to_f32<D>(raw.y & 0xffffu);
+  v[3] = half_to_f32<D>(raw.y >> 16);
+}
+
+// keep_row for a row of D with n % 4 == 0: thread t takes the row's Philox blocks t,
+// t + THREADS, ...; ranks[j] as in keep_row.
+template <DType D, int THREADS>
+__device__ __forceinline__ void keep_row_half(const SlabParams& p, unsigned k, uint32_t r, const uint16_t* ranks,
+                                              int final_pass) {
+  const DevExpert& ex = p.ex[k];
+  const uint32_t n = static_cast<uint32_t>(p.n);
+  const uint64_t off = static_cast<uint64_t>(r) * n;
+  const uint64_t g0 = ((p.row0 + r) * p.n) >> 2;  // the row starts a Philox block
+  const uint2* xe = reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(ex.data) + off);
+  const uint2* xb = reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p.base) + off);
+  const uint2* rk = reinterpret_cast<const uint2*>(ranks);
+  uint32_t bad = 0, kept = 0;
+  for (uint32_t gi = threadIdx.x; gi < n / 4; gi += THREADS) {
+    const Philox4 w = philox_block(g0 + gi, p.tensor_id, k, p.seed);
+    float value[4], base[4];
+    unpack4<D>(xe[gi], value);
+    unpack4<D>(xb[gi], base);
+    const uint2 rr = rk[gi];
+    const uint32_t rank[4] = {rr.x & 0xffffu, rr.x >> 16, rr.y & 0xffffu, rr.y >> 16};
+    float v[4];
+    uint32_t flags = 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float d = value[q] - base[q];
+      const float qk = magprune_q_of<uint32_t>(rank[q], n, ex.coef);
+      const bool keep = uniform_from_word(w.v[q]) < qk;
+      if (p.rescale == Rescale::Inverse) v[q] = keep_or_zero(keep, d * inverse_scale(qk));
+      else if (p.rescale == Rescale::L1 || p.rescale == Rescale::L2 || p.rescale == Rescale::Linf)
+        v[q] = keep_or_zero(keep, d * p.state.norm_scale[k]);
+      else v[q] = keep_or_zero(keep, d);
+      flags |= static_cast<uint32_t>(keep) << (8 * q);
+      bad += !is_finite_f32(value[q]);
+      kept += keep;
+    }
+    if (final_pass) reinterpret_cast<float4*>(ex.scratch + off)[gi] = make_float4(v[0], v[1], v[2], v[3]);
+    else reinterpret_cast<uint32_t*>(p.keep + off)[gi] = flags;
+  }
+  if (final_pass) {
+    count_add(&p.stats[1 + k], bad);
+    count_add(&p.stats[1 + p.k + k], kept);
+  }
+}
+
+// magprune_pairs_kernel for a row of D with n % 8 == 0: the key and the index packed in
+// one 32-bit word (key << 16 | index), of which the sort orders the key's 15 bits only.
+// One exchange per radix pass instead of two (keys and values), and half the registers.
+// The sort is stable and the words start in index order, so the ranks are the same;
+// padding (key 0xffff, indices >= n) sorts after every key of the row.
+// DIRECT: the passes are written out (cub's BlockRadixRank and BlockExchange, as cub's
+// BlockRadixSort does them) so that the last pass's rank of each word, which is its
+// stable position, goes straight to ranks[index], without the last exchange.
+template <int THREADS, int ITEMS>
+struct BlockRankPacked {
+  static constexpr int kCapacity = THREADS * ITEMS;
+  using Sort = cub::BlockRadixSort<uint32_t, THREADS, ITEMS, cub::NullType, 5>;
+  using Rank = cub::BlockRadixRank<THREADS, 5, false>;
+  using Exchange = cub::BlockExchange<uint32_t, THREADS, ITEMS>;
+  union Passes {
+    typename Rank::TempStorage rank;
+    typename Exchange::TempStorage exchange;
+  };
+  static constexpr size_t kTemp =
+      sizeof(typename Sort::TempStorage) > sizeof(Passes) ? sizeof(typename Sort::TempStorage) : sizeof(Passes);
+  static constexpr size_t kSmem = kTemp > kCapacity * 2 ? kTemp : kCapacity * 2;
+};
+
+// Registers: the 4096 tier as 512 x 8 fits 64 (two blocks per multiprocessor; F16's key
+// had taken 71), as 256 x 16 takes 80 (three blocks); 1024 x 16 spills at 64, 512 x 32
+// has up to 128 (one block).
+template <int THREADS, int ITEMS>
+constexpr int rank_min_blocks() {
+  return THREADS == 256 ? 3 : (THREADS == 512 && ITEMS == 32 ? 1 : 1024 / THREADS);
+}
+
+template <DType D, int THREADS, int ITEMS, bool DIRECT>
+__global__ void __launch_bounds__(THREADS, rank_min_blocks<THREADS, ITEMS>())
+    magprune_half_kernel(const __grid_constant__ SlabParams p, unsigned k, int final_pass) {
+  using R = BlockRankPacked<THREADS, ITEMS>;
+  static_assert(R::kCapacity <= 65536 && ITEMS % 8 == 0, "indices fit 16 bits; 16-byte loads");
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint16_t* ranks = reinterpret_cast<uint16_t*>(smem);  // after the sort, in the same bytes
+  constexpr KeyMode mode = D == DType::BF16 ? KeyMode::BF16 : KeyMode::F16;
+  const uint32_t n = static_cast<uint32_t>(p.n);
+  const uint64_t off = static_cast<uint64_t>(blockIdx.x) * n;
+  const uint4* xe = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.ex[k].data) + off);
+  const uint4* xb = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.base) + off);
+  uint32_t words[ITEMS];
+#pragma unroll
+  for (int c = 0; c < ITEMS / 8; ++c) {
+    const uint32_t j = threadIdx.x * ITEMS + 8 * c;  // blocked: index order is thread-major
+    const bool in = j < n;                          // n % 8 == 0: all eight or none
+    const uint4 re = in ? xe[j / 8] : make_uint4(0, 0, 0, 0);
+    const uint4 rb = in ? xb[j / 8] : make_uint4(0, 0, 0, 0);
+    const uint32_t we[4] = {re.x, re.y, re.z, re.w}, wb[4] = {rb.x, rb.y, rb.z, rb.w};
+#pragma unroll
+    for (int h = 0; h < 8; ++h) {
+      const float d = half_to_f32<D>((we[h / 2] >> (16 * (h & 1))) & 0xffffu) -
+                      half_to_f32<D>((wb[h / 2] >> (16 * (h & 1))) & 0xffffu);
+      const uint32_t key = in ? magnitude_key(d, mode) : 0xffffu;
+      words[8 * c + h] = key << 16 | (j + h);
+    }
+  }
+  if constexpr (DIRECT) {
+    typename R::Passes& temp = *reinterpret_cast<typename R::Passes*>(smem);
+    for (int bit = 16;; bit += 5) {  // bits 16..30: three passes of 5
+      int pos[ITEMS];
+      typename R::Rank(temp.rank).RankKeys(words, pos, cub::BFEDigitExtractor<uint32_t>(bit, 5));
+      __syncthreads();
+      if (bit + 5 >= 31) {
+#pragma unroll
+        for (int s = 0; s < ITEMS; ++s)
+          if (pos[s] < static_cast<int>(n)) ranks[words[s] & 0xffffu] = static_cast<uint16_t>(pos[s]);
+        break;
+      }
+      typename R::Exchange(temp.exchange).ScatterToBlocked(words, pos);
+      __syncthreads();
+    }
+  } else {
+    typename R::Sort::TempStorage& temp = *reinterpret_cast<typename R::Sort::TempStorage*>(smem);
+    typename R::Sort(temp).Sort(words, 16, 31);
+    __syncthreads();
+#pragma unroll
+    for (int s = 0; s < ITEMS; ++s) {
+      const uint32_t pos = threadIdx.x * ITEMS + s;  // blocked arrangement after Sort
+      if (pos < n) ranks[words[s] & 0xffffu] = static_cast<uint16_t>(pos);
+    }
+  }
+  __syncthreads();
+  keep_row_half<D, THREADS>(p, k, blockIdx.x, ranks, final_pass);
+}
+
+using Tier2Packed = BlockRankPacked<1024, 16>;
+using Tier2Wide = BlockRankPacked<512, 32>;
+
+template <DType D, int THREADS, int ITEMS, bool DIRECT>
+void launch_rank_half(const SlabParams& p, unsigned k, int final_pass, cudaStream_t s) {
+  using R = BlockRankPacked<THREADS, ITEMS>;
+  auto kernel = magprune_half_kernel<D, THREADS, ITEMS, DIRECT>;
+  if (R::kSmem > 48 * 1024)
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(R::kSmem)),
+          "cudaFuncSetAttribute (ranking shared memory)");
+  kernel<<<static_cast<unsigned>(p.rows), THREADS, R::kSmem, s>>>(p, k, final_pass);
+}
+
+// The 16-bit ranking kernel of a row's tier and the chosen layout (Options::fast_paths).
+template <DType D, bool DIRECT>
+void launch_rank_half_tier(const TaskInfo& ti, const SlabParams& p, unsigned k, int final_pass, cudaStream_t s) {
+  if (ti.block_tier == 1 && ti.rank256) launch_rank_half<D, 256, 16, DIRECT>(p, k, final_pass, s);
+  else if (ti.block_tier == 1) launch_rank_half<D, 512, 8, DIRECT>(p, k, final_pass, s);
+  else if (ti.tier2_wide) launch_rank_half<D, 512, 32, DIRECT>(p, k, final_pass, s);
+  else launch_rank_half<D, 1024, 16, DIRECT>(p, k, final_pass, s);
 }
 
 // ---------------------------------------------------------------- magprune: long rows
@@ -573,6 +758,17 @@ __device__ __forceinline__ float fuse_one(const SlabParams& p, unsigned K, const
   return m;
 }
 
+// What a kDirect or kRandomFused expert gives the fuse for its delta d (for linear tasks
+// its value): d itself, or DARE's keep decision on Philox word `word`, rescaled, with the
+// kept element counted.
+__device__ __forceinline__ float loaded_contribution(const SlabParams& p, const DevExpert& ex, float d, uint32_t word,
+                                                     uint32_t& kept) {
+  if (ex.mode == kDirect) return d;
+  const bool keep = uniform_from_word(word) < ex.q_random;
+  kept += keep;
+  return p.rescale == Rescale::Inverse ? keep_or_zero(keep, d * ex.s_random) : keep_or_zero(keep, d);
+}
+
 // One Philox block of the slab per thread: every expert's sparsified delta (or value),
 // then the CPU's fuse_row, per element, and the store in the output dtype.
 // At most 64 registers (4 blocks of 256 per multiprocessor): no spills for K <= 4.
@@ -615,19 +811,65 @@ __global__ void __launch_bounds__(kThreads, 4) fuse_kernel(const __grid_constant
         }
         const float value = dload(ex.data, ex.dtype, el[q]);
         bad[k] += !is_finite_f32(value);
-        const float d = linear ? value : value - b[q];
-        if (ex.mode == kDirect) {
-          v[q][k] = d;
-        } else {
-          const bool keep = uniform_from_word(w.v[q]) < ex.q_random;
-          kept[k] += keep;
-          v[q][k] = p.rescale == Rescale::Inverse ? keep_or_zero(keep, d * ex.s_random) : keep_or_zero(keep, d);
-        }
+        v[q][k] = loaded_contribution(p, ex, linear ? value : value - b[q], w.v[q], kept[k]);
       }
     });
 #pragma unroll
     for (int q = 0; q < 4; ++q)
       if (valid[q]) dstore(p.out, p.out_dtype, el[q], fuse_one<KMAX>(p, K, v[q], b[q]));
+  }
+  if (!linear) count_add(&p.stats[0], bad_base);
+  for_experts<KMAX>(K, [&](int k) {
+    if (p.ex[k].mode != kScratch) count_add(&p.stats[1 + k], bad[k]);
+    if (p.ex[k].mode == kRandomFused) count_add(&p.stats[1 + K + k], kept[k]);
+  });
+}
+
+// fuse_kernel for a slab of D whose length and start are multiples of 4 (K <= 4): one
+// Philox block per thread, each input's four elements as one 8-byte load (scratch as
+// 16 bytes), the output as one 8-byte store.
+template <DType D>
+__global__ void __launch_bounds__(kThreads, 4) fuse_half_kernel(const __grid_constant__ SlabParams p) {
+  constexpr int KMAX = 4;
+  const uint32_t G = static_cast<uint32_t>((p.rows * p.n) >> 2);
+  const uint64_t g0 = (p.row0 * p.n) >> 2;
+  const unsigned K = p.k;
+  const bool linear = p.linear != 0;
+  uint32_t bad_base = 0;
+  uint32_t bad[KMAX], kept[KMAX];
+  for_experts<KMAX>(KMAX, [&](int k) { bad[k] = kept[k] = 0; });
+  for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < G; t += gridDim.x * blockDim.x) {
+    float b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (!linear) {
+      unpack4<D>(static_cast<const uint2*>(p.base)[t], b);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) bad_base += !is_finite_f32(b[q]);
+    }
+    float v[4][KMAX];
+    for_experts<KMAX>(K, [&](int k) {
+      const DevExpert& ex = p.ex[k];
+      if (ex.mode == kScratch) {
+        const float4 sv = reinterpret_cast<const float4*>(ex.scratch)[t];
+        v[0][k] = sv.x;
+        v[1][k] = sv.y;
+        v[2][k] = sv.z;
+        v[3][k] = sv.w;
+        return;
+      }
+      float value[4];
+      unpack4<D>(static_cast<const uint2*>(ex.data)[t], value);
+      Philox4 w{{0, 0, 0, 0}};
+      if (ex.mode == kRandomFused) w = philox_block(g0 + t, p.tensor_id, k, p.seed);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        bad[k] += !is_finite_f32(value[q]);
+        v[q][k] = loaded_contribution(p, ex, linear ? value[q] : value[q] - b[q], w.v[q], kept[k]);
+      }
+    });
+    uint32_t o[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) o[q] = f32_to_half<D>(fuse_one<KMAX>(p, K, v[q], b[q]));
+    static_cast<uint2*>(p.out)[t] = make_uint2(o[0] | o[1] << 16, o[2] | o[3] << 16);
   }
   if (!linear) count_add(&p.stats[0], bad_base);
   for_experts<KMAX>(K, [&](int k) {
@@ -686,6 +928,16 @@ uint64_t scan_temp(uint64_t E) {
 
 void launched(const char* what) { check(cudaGetLastError(), what); }
 
+// The vector kernels' loads and stores need the slab's buffers aligned to `bytes` (slab
+// buffers are 256-byte aligned; run_device_task takes the caller's pointers).
+bool aligned_slab(const SlabParams& p, uintptr_t bytes) {
+  auto ok = [&](const void* q) { return q == nullptr || reinterpret_cast<uintptr_t>(q) % bytes == 0; };
+  bool all = ok(p.base) && ok(p.out) && ok(p.keep);
+  for (unsigned k = 0; k < p.k; ++k)
+    all = all && ok(p.ex[k].data) && (p.ex[k].scratch == nullptr || reinterpret_cast<uintptr_t>(p.ex[k].scratch) % 16 == 0);
+  return all;
+}
+
 }  // namespace
 
 TaskInfo task_info(const MergeTask& t, const Options& o) {
@@ -733,6 +985,17 @@ TaskInfo task_info(const MergeTask& t, const Options& o) {
   }
   ti.block_sort = ti.block_tier != 0;
   ti.shared_hist = ti.need_cuts && o.shared_hist && optin_shared_bytes() >= kHistSmem;
+  // One 16-bit dtype throughout: the vector kernels' precondition (with the row length).
+  bool half = t.out_dtype == DType::BF16 || t.out_dtype == DType::F16;
+  half = half && (t.linear || t.base_dtype == t.out_dtype);
+  for (const ExpertInput& e : t.experts) half = half && e.dtype == t.out_dtype;
+  ti.half = half ? t.out_dtype : DType::F32;
+  ti.fast_fuse = half && (o.fast_paths & kFastFuse) && ti.k <= 4 && ti.n % 4 == 0;
+  ti.fast_rank = half && (o.fast_paths & kFastRank) && ti.block_sort && ti.n % 8 == 0 &&
+                 (ti.block_tier == 1 || optin_shared_bytes() >= Tier2Packed::kSmem);
+  ti.rank256 = (o.fast_paths & kRank256) != 0;
+  ti.rank_direct = (o.fast_paths & kRankDirect) != 0;
+  ti.tier2_wide = (o.fast_paths & kTier2Wide) != 0 && optin_shared_bytes() >= Tier2Wide::kSmem;
   return ti;
 }
 
@@ -833,7 +1096,13 @@ void sparsify(const MergeTask& t, const TaskInfo& ti, const SlabParams& p, unsig
   const uint64_t groups = ((p.row0 * p.n + E - 1) >> 2) - ((p.row0 * p.n) >> 2) + 1;
   switch (t.sparsifier) {
     case Sparsifier::Magprune:
-      if (ti.block_sort) {
+      if (ti.fast_rank && aligned_slab(p, 16)) {
+        if (ti.half == DType::BF16 && ti.rank_direct) launch_rank_half_tier<DType::BF16, true>(ti, p, k, final_pass, s);
+        else if (ti.half == DType::BF16) launch_rank_half_tier<DType::BF16, false>(ti, p, k, final_pass, s);
+        else if (ti.rank_direct) launch_rank_half_tier<DType::F16, true>(ti, p, k, final_pass, s);
+        else launch_rank_half_tier<DType::F16, false>(ti, p, k, final_pass, s);
+        launched("magprune_half_kernel");
+      } else if (ti.block_sort) {
         if (ti.block_tier == 1 && ti.f32_keys) launch_rank<uint32_t, 512, 8>(p, k, final_pass, s);
         else if (ti.block_tier == 1) launch_rank<uint16_t, 512, 8>(p, k, final_pass, s);
         else if (ti.f32_keys) launch_rank<uint32_t, 1024, 16>(p, k, final_pass, s);
@@ -1007,7 +1276,10 @@ void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigne
     for (unsigned k = 0; k < K; ++k)
       if (ti.mode_k[k] == kScratch) sparsify(t, ti, p, k, true, w, s);
     const uint64_t groups = ((p.row0 * p.n + E - 1) >> 2) - ((p.row0 * p.n) >> 2) + 1;
-    if (K <= 4) fuse_kernel<4><<<grid_for(groups), kThreads, 0, s>>>(p);
+    if (ti.fast_fuse && E < (1ull << 33) && aligned_slab(p, 8)) {
+      if (ti.half == DType::BF16) fuse_half_kernel<DType::BF16><<<grid_for(groups), kThreads, 0, s>>>(p);
+      else fuse_half_kernel<DType::F16><<<grid_for(groups), kThreads, 0, s>>>(p);
+    } else if (K <= 4) fuse_kernel<4><<<grid_for(groups), kThreads, 0, s>>>(p);
     else fuse_kernel<kMaxExperts><<<grid_for(groups), kThreads, 0, s>>>(p);
     launched("fuse_kernel");
   }

@@ -35,7 +35,19 @@ struct Options {
   bool shared_hist = true;
   // Largest slab of rows in elements (tests lower it to exercise multi-slab tensors).
   uint64_t max_slab_elements = 1ull << 28;
+  // Kernels specialised for slabs whose inputs and output share one 16-bit dtype (BF16 or
+  // F16) and whose rows are a multiple of 4 (fuse) or 8 (ranking) long: vector loads,
+  // 32-bit indices, the dtype a template parameter; and the ranking's layout choices.
+  // Bits below, all on by default. Same bytes either way; the parity tests and the
+  // benchmark run the generic kernels and the alternatives beside the default.
+  unsigned fast_paths = 31;
 };
+
+constexpr unsigned kFastFuse = 1;    // the fuse kernel (every method)
+constexpr unsigned kFastRank = 2;    // magprune's block ranking, keep and rescale; with it:
+constexpr unsigned kRank256 = 4;     //   rows up to 4096 as 256 threads x 16 keys, not 512 x 8
+constexpr unsigned kRankDirect = 8;  //   radix passes written out, the last one's ranks used directly
+constexpr unsigned kTier2Wide = 16;  //   rows up to 16384 as 512 threads x 32 keys, not 1024 x 16
 
 constexpr uint32_t kBlockSortMax = 16384;
 

@@ -107,6 +107,14 @@ struct TaskInfo {
   bool block_sort = false;  // magprune rows ranked inside one block...
   int block_tier = 0;       // ...of 4096 (1) or 16384 (2) keys; 0: the segmented sort
   bool shared_hist = false; // level-1 histograms in shared memory (Options::shared_hist)
+  // The 16-bit kernels (Options::fast_paths) where the dtypes and row length allow; the
+  // slab's pointers are checked for alignment when it is enqueued.
+  DType half = DType::F32;  // the one 16-bit dtype of every input and the output, else F32
+  bool fast_fuse = false;
+  bool fast_rank = false;
+  bool rank256 = false;     // Options::fast_paths & kRank256
+  bool rank_direct = false; // & kRankDirect
+  bool tier2_wide = false;  // & kTier2Wide, where the device has the shared memory
   bool any_scratch = false;
   std::vector<uint8_t> sparse, mode_k;
   std::vector<uint64_t> pos_a, pos_b;  // cut positions (elements before the cut)
