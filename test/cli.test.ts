@@ -10,8 +10,10 @@ import { rng, testSeed } from './helpers/random.js';
 const root = resolve(import.meta.dirname, '..');
 const seed = testSeed();
 
-function cli(args: string[], cwd = root) {
-  const r = spawnSync(process.execPath, [join(root, 'bin/della-merge.js'), ...args], { cwd, encoding: 'utf8', env: { ...process.env, NO_COLOR: '1' } });
+function cli(args: string[], cwd = root, env: Record<string, string> = {}) {
+  const r = spawnSync(process.execPath, [join(root, 'bin/della-merge.js'), ...args], {
+    cwd, encoding: 'utf8', env: { ...process.env, NO_COLOR: '1', ...env },
+  });
   return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
@@ -42,6 +44,24 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
     expect(refused.code).toBe(1);
     expect(refused.stderr).toMatch(/is not an earlier demo's directory/);
     expect(readdirSync(mine)).toEqual(['notes.txt']);
+  });
+
+  it('DELLA_PROFILE=1 says where the main thread spent the merge phase, and changes no byte', () => {
+    const dir = tempDir();
+    const models = makeModels(rng(seed + 7), dir, { dtype: 'BF16', experts: 2 });
+    const recipe = writeRecipe(join(dir, 'recipe.yaml'), dellaRecipe(models));
+    const plain = cli(['run', recipe, '--out', join(dir, 'plain'), '--quiet']);
+    expect(plain.code, plain.stderr).toBe(0);
+    expect(plain.stderr).not.toMatch(/della profile/);
+    const profiled = cli(['run', recipe, '--out', join(dir, 'profiled'), '--quiet'], root, { DELLA_PROFILE: '1' });
+    expect(profiled.code, profiled.stderr).toBe(0);
+    const line = profiled.stderr.split('\n').find((l) => l.startsWith('della profile: cpu, '));
+    expect(line, profiled.stderr).toBeDefined();
+    expect(line).toMatch(/^della profile: cpu, [1-9]\d* batches, \d+\.\d{3} s on the main thread: .*waiting for the kernels \d+\.\d{3} s.*, other \d+\.\d{3} s$/);
+    for (const f of readdirSync(join(dir, 'plain'))) {
+      if (!f.endsWith('.safetensors')) continue;
+      expect(readFileSync(join(dir, 'profiled', f)).equals(readFileSync(join(dir, 'plain', f))), f).toBe(true);
+    }
   });
 
   it('run writes files equal to the reference backend\'s, and the same bytes for 1 and 2 threads', async () => {

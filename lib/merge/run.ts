@@ -21,6 +21,7 @@ import { modelCard } from './card.js';
 import type { MergePlan, TensorPlan } from './plan.js';
 import { buildMergeTask, planRecipe, type OpenedModels } from './build.js';
 import { cudaError, describeDevice, openDevice, parseDevice, type CudaTarget } from './device.js';
+import { MainThreadProfile } from './profile.js';
 import { DTYPE_CODE, type CopyTaskSpec, type DotTaskSpec, type FloatDType, type MergeTaskSpec, type MergeTaskStats } from './task.js';
 
 export { planRecipe, openModels, type OpenedModels } from './build.js';
@@ -267,17 +268,20 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     const bytesTotal = tensors.reduce((a, t) => a + t.inBytes + t.outBytes, 0);
     let bytesDone = 0;
     let tensorsDone = 0;
-    const ctx: BatchContext = { plan, models, recipe, seed, threads, native, cuda, signal: options.signal, nonfiniteWarnings };
+    const profile = MainThreadProfile.fromEnv();
+    const ctx: BatchContext = {
+      plan, models, recipe, seed, threads, native, cuda, signal: options.signal, nonfiniteWarnings, profile,
+    };
     clock.mark('setup');
     for await (const done of runBatches(ctx, groups, (group) => staged.dests(group))) {
       const bytes = done.map((t) => staged.bytes(t.plan.name));
-      staged.write(done.map((t) => t.plan.name)); // to disk while the next batch computes
+      profile.time('writes', () => staged.write(done.map((t) => t.plan.name))); // to disk while the next batch computes
       shards.check();
       for (const [i, t] of done.entries()) {
         // Recorded for `verify`, which detects any later change to the bytes. The CPU
         // kernels hashed these very bytes (their output was this staging view) as they
         // wrote them; copies and GPU outputs are hashed here.
-        digests[t.plan.name] = t.stats?.xxh64 ?? tensorDigest('xxh64', bytes[i]);
+        digests[t.plan.name] = t.stats?.xxh64 ?? profile.time('digests', () => tensorDigest('xxh64', bytes[i]));
         reports.push(tensorReport(plan, t.plan, t.stats, t.slerp));
         bytesDone += t.plan.inBytes + t.plan.outBytes;
         tensorsDone++;
@@ -288,6 +292,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
       });
     }
     clock.mark('merge');
+    if (profile.enabled) process.stderr.write(`${profile.summary(cuda ? `cuda:${cuda.device}` : 'cpu')}\n`);
     await shards.finish();
     clock.mark('flush');
     if (options.signal?.aborted) throw abortError();
@@ -425,6 +430,8 @@ export interface BatchContext {
   signal?: AbortSignal;
   /** null: non-finite inputs are errors; else they are collected here as warnings */
   nonfiniteWarnings: string[] | null;
+  /** DELLA_PROFILE: where the main thread's time goes */
+  profile?: MainThreadProfile;
 }
 
 export interface FinishedTensor {
@@ -452,14 +459,16 @@ export async function* runBatches(
 ): AsyncGenerator<FinishedTensor[]> {
   const { plan, models, recipe, seed, threads, native } = ctx;
   const cuda = ctx.cuda ?? null;
+  const profile = ctx.profile ?? new MainThreadProfile(false);
   const inputs = (t: TensorPlan) => (t.kind === 'merge' ? [models.base, ...models.experts] : [models.base]);
-  const prefetch = (group: TensorPlan[] | undefined) => {
+  const prefetch = (group: TensorPlan[] | undefined) => profile.time('read-ahead advice', () => {
     for (const t of group ?? []) for (const m of inputs(t)) m.prefetch(t.name);
-  };
+  });
   const launch = async (g: number): Promise<LaunchedBatch> => {
     const group = groups[g];
     prefetch(groups[g + 1]); // read ahead while this batch computes
-    const dests = await destsFor(group);
+    const dests = await profile.wait('waiting for output staging', destsFor(group));
+    const t0 = performance.now();
     const destFor = (t: TensorPlan) => dests.get(t.name)!;
     const merges: MergeTaskSpec[] = [];
     const mergePlans: TensorPlan[] = [];
@@ -487,6 +496,8 @@ export async function* runBatches(
       for (const c of copies) (c.dst as Uint8Array).set(c.src as Uint8Array);
     }
     stats.catch(() => {}); // awaited below; never an unhandled rejection meanwhile
+    profile.add('building tasks', performance.now() - t0);
+    profile.batches++;
     return { group, mergePlans, coefficients, stats };
   };
 
@@ -497,7 +508,7 @@ export async function* runBatches(
       if (ctx.signal?.aborted) throw abortError();
       const current = await (pending ?? launch(g));
       pending = null;
-      const stats = await current.stats;
+      const stats = await profile.wait('waiting for the kernels', current.stats);
       // Start the next batch before this one is checked and handed out.
       if (g + 1 < groups.length && !ctx.signal?.aborted) {
         pending = launch(g + 1);
@@ -508,8 +519,8 @@ export async function* runBatches(
       const release = () => {
         for (const t of current.group) for (const m of inputs(t)) m.release(t.name);
       };
-      if (pending) void pending.then(release, release);
-      else release();
+      if (pending) void pending.then(() => profile.time('dropping input maps', release), release);
+      else profile.time('dropping input maps', release);
       const byName = new Map<string, MergeTaskStats>();
       current.mergePlans.forEach((t, i) => {
         checkFinite(t, stats[i], recipe, ctx.nonfiniteWarnings);
