@@ -136,9 +136,12 @@ else
     dm=(node "$root/bin/della-merge.js")
     gpu=${GPU_CHECK_DEVICE:-cuda}  # GPU_CHECK_DEVICE=cpu dry-runs this part on a machine without a GPU
     "${dm[@]}" doctor | tee "$work/doctor.txt"
-    same() {  # same bytes in every .safetensors of two output directories
+    same() {  # same bytes in every .safetensors of two output directories, and the same recorded digests
       local a=$1 b=$2 f ok=0
       for f in "$a"/*.safetensors; do cmp -s "$f" "$b/$(basename "$f")" || { echo "DIFFERS: $(basename "$f")"; ok=1; }; done
+      # The CPU kernels and the CUDA plugin each hash their outputs for della_merge_run.json.
+      node -e 'const r = (d) => JSON.stringify(JSON.parse(require("fs").readFileSync(d + "/della_merge_run.json", "utf8")).xxh64);
+        if (r(process.argv[1]) !== r(process.argv[2])) { console.log("DIGESTS DIFFER"); process.exit(1); }' "$a" "$b" || ok=1
       return $ok
     }
     e2e="{\n  \"h2d_pinned_GBps\": ${h2d:-null},\n  \"runs\": ["

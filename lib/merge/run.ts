@@ -280,7 +280,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
       for (const [i, t] of done.entries()) {
         // Recorded for `verify`, which detects any later change to the bytes. The CPU
         // kernels hashed these very bytes (their output was this staging view) as they
-        // wrote them; copies and GPU outputs are hashed here.
+        // wrote them, the CUDA plugin as it copied them in; copies are hashed here.
         digests[t.plan.name] = t.stats?.xxh64 ?? profile.time('digests', () => tensorDigest('xxh64', bytes[i]));
         reports.push(tensorReport(plan, t.plan, t.stats, t.slerp));
         bytesDone += t.plan.inBytes + t.plan.outBytes;
@@ -486,7 +486,8 @@ export async function* runBatches(
     }
     let stats: Promise<MergeTaskStats[]>;
     if (native && cuda) {
-      stats = native.mergeBatch({ threads, merges, copies, cuda: { device: cuda.device, memory: cuda.memory } })
+      // The plugin hashes each output as its slabs come back, while the GPU works on.
+      stats = native.mergeBatch({ threads, merges, copies, digests: true, cuda: { device: cuda.device, memory: cuda.memory } })
         .catch((e: unknown) => { throw cudaError(e, cuda.device, true); });
     } else if (native) {
       // The kernels hash each output while it is still in cache (see runMerge's digests).

@@ -21,6 +21,7 @@
 
 #include "../src/kernels/merge_cpu.h"
 #include "cuda_merge.h"
+#include "della/xxh64.h"
 
 using della::DType;
 
@@ -125,6 +126,7 @@ Case make_case(Gen& g, int index) {
   t.normalize = g.coin();
   t.lambda = g.coin(0.7) ? 1.0 : 0.25 + 1.5 * g.uni();
   t.tensor_id = static_cast<uint32_t>(g.rng());
+  t.digest = g.coin();
   t.seed = g.rng() & ((1ull << 53) - 1);
 
   // Values: small deltas around a base, sometimes quantized (many equal keys), sometimes
@@ -226,6 +228,12 @@ bool same(const Case& c, const della::MergeStats& a, const della::MergeStats& b,
   if (differ) {
     std::fprintf(stderr, "MISMATCH [%s] %s\n  %" PRIu64 " of %" PRIu64 " elements differ, %" PRIu64 " of them unwritten%s\n",
                  config, c.desc.c_str(), differ, N, poisoned, first.c_str());
+    return false;
+  }
+  // The digest the plugin streams over the slabs it copies out, against its own output.
+  if (c.task.digest && (!b.has_digest || b.digest != della::xxh64(c.gpu_out.data(), c.gpu_out.size()))) {
+    std::fprintf(stderr, "DIGEST MISMATCH [%s] %s\n  has_digest %d, gpu %016" PRIx64 ", xxh64 of its output %016" PRIx64 "\n",
+                 config, c.desc.c_str(), b.has_digest, b.digest, della::xxh64(c.gpu_out.data(), c.gpu_out.size()));
     return false;
   }
   if (a.nonfinite != b.nonfinite || a.kept != b.kept || a.numel != b.numel) {

@@ -173,6 +173,7 @@ std::vector<della::MergeStats> cuda_run_batch(int device, uint64_t memory, const
     c.lambda = t.lambda;
     c.tensor_id = t.tensor_id;
     c.seed = t.seed;
+    c.digest = t.digest;
     stats[i].nonfinite.assign(t.experts.size() + 1, 0);
     stats[i].kept.assign(t.experts.size(), 0);
     cstats[i].nonfinite = stats[i].nonfinite.data();
@@ -186,7 +187,11 @@ std::vector<della::MergeStats> cuda_run_batch(int device, uint64_t memory, const
     g_ctx = nullptr;
     throw CudaFailure(rc, err[0] ? err : "the GPU merge failed");
   }
-  for (size_t i = 0; i < tasks.size(); ++i) stats[i].numel = cstats[i].numel;
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    stats[i].numel = cstats[i].numel;
+    stats[i].has_digest = cstats[i].has_digest != 0;
+    stats[i].digest = cstats[i].digest;
+  }
   return stats;
 }
 

@@ -8,10 +8,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <stdexcept>
 #include <string>
 
 #include "../kernels/thread_pool.h"
+#include "della/xxh64.h"
 #include "cuda_merge.h"
 #include "cuda_slab.h"
 #include "della/tensor_rules.h"
@@ -179,9 +181,19 @@ struct Slot {
 // DELLA_CUDA_PROFILE=1: what a GPU run's end-to-end numbers need to be understood.
 struct Profile {
   using Clock = std::chrono::steady_clock;
-  double pinned_alloc = 0, stage = 0, wait = 0, copy_out = 0, enqueue = 0;
+  double pinned_alloc = 0, stage = 0, wait = 0, copy_out = 0, enqueue = 0, hash = 0;
   uint64_t staged_bytes = 0, out_bytes = 0, slabs = 0;
   static double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+};
+
+// XXH64 of a task's output (MergeTask::digest), fed its slabs in row order as they
+// come back, while the GPU works on the next ones (the caller's main thread had hashed
+// whole outputs after the batch). Slabs that come back early wait here until the rows
+// before them are in.
+struct OutputHash {
+  Xxh64Stream stream;
+  uint64_t next_row = 0;
+  std::map<uint64_t, uint64_t> waiting;  // row0 -> rows, copied out, not yet hashed
 };
 
 struct Context::Impl {
@@ -191,6 +203,7 @@ struct Context::Impl {
   bool healthy = true;
   bool profiling = false;  // DELLA_CUDA_PROFILE=1
   Profile prof;            // of the run() in progress
+  std::vector<OutputHash> hashes;  // of the run() in progress, by task
 
   ~Impl() {
     cudaSetDevice(opt.device);
@@ -325,6 +338,18 @@ void Context::Impl::finish(Slot& s, const std::vector<MergeTask>& tasks, std::ve
     parallel_copy({{s.pinned + s.layout.pin_out, static_cast<char*>(t.out) + s.row0 * n * os, s.layout.out_bytes}}, threads);
     prof.copy_out += Profile::since(t1);
     prof.out_bytes += s.layout.out_bytes;
+    if (t.digest) {
+      const auto t2 = Profile::Clock::now();
+      OutputHash& h = hashes[s.task];
+      h.waiting[s.row0] = s.rows;
+      while (!h.waiting.empty() && h.waiting.begin()->first == h.next_row) {
+        const uint64_t rows = h.waiting.begin()->second;
+        h.stream.update(static_cast<const char*>(t.out) + h.next_row * n * os, rows * n * os);
+        h.next_row += rows;
+        h.waiting.erase(h.waiting.begin());
+      }
+      prof.hash += Profile::since(t2);
+    }
   }
   uint64_t counts[2 * kMaxExperts + 1];
   std::memcpy(counts, s.pinned + s.layout.pin_stats, (2ull * K + 1) * 8);
@@ -386,6 +411,7 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
   check(cudaSetDevice(m.opt.device), "cudaSetDevice");
   const auto run_start = Profile::Clock::now();
   m.prof = Profile{};
+  m.hashes.assign(tasks.size(), OutputHash{});
   stats.assign(tasks.size(), MergeStats{});
   std::vector<TaskInfo> infos;
   infos.reserve(tasks.size());
@@ -457,7 +483,13 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
     const MergeTask& t = tasks[i];
     for (unsigned k = 0; k < infos[i].k; ++k)
       if (!infos[i].sparse[k]) stats[i].kept[k] = infos[i].numel;  // as the CPU: unsparsified deltas are kept whole
-    (void)t;
+    if (t.digest) {
+      if (m.hashes[i].next_row != infos[i].rows)
+        throw Error(DELLA_CUDA_ERROR, "internal: output rows missing from the digest of a tensor of shape " +
+                                          shape_text(t.shape));
+      stats[i].has_digest = true;
+      stats[i].digest = m.hashes[i].stream.digest();
+    }
   }
   if (m.profiling) {
     const Profile& a = m.prof;
@@ -466,11 +498,11 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
     std::fprintf(stderr,
                  "della cuda profile: %zu tasks, %llu slabs, %.3f s: pinned alloc %.3f s, staging %.3f s (%.2f GB, "
                  "%.1f GB/s), enqueue %.3f s, waiting for the GPU %.3f s, copy out %.3f s (%.2f GB, %.1f GB/s), "
-                 "other %.3f s\n",
+                 "hashing outputs %.3f s, other %.3f s\n",
                  tasks.size(), static_cast<unsigned long long>(a.slabs), total, a.pinned_alloc, a.stage, gb_in,
                  a.stage > 0 ? gb_in / a.stage : 0.0, a.enqueue, a.wait, a.copy_out, gb_out,
-                 a.copy_out > 0 ? gb_out / a.copy_out : 0.0,
-                 total - a.pinned_alloc - a.stage - a.enqueue - a.wait - a.copy_out);
+                 a.copy_out > 0 ? gb_out / a.copy_out : 0.0, a.hash,
+                 total - a.pinned_alloc - a.stage - a.enqueue - a.wait - a.copy_out - a.hash);
   }
 }
 

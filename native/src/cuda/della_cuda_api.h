@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define DELLA_CUDA_ABI_VERSION 1
+#define DELLA_CUDA_ABI_VERSION 2
 
 /* Return codes of the plugin's functions. */
 #define DELLA_CUDA_OK 0
@@ -55,12 +55,15 @@ typedef struct DellaCudaTask {
   double lambda;
   uint32_t tensor_id;
   uint64_t seed;
+  int digest;               /* 1: also return the output's XXH64 (DellaCudaStats.digest) */
 } DellaCudaTask;
 
 typedef struct DellaCudaStats {
   uint64_t* nonfinite;      /* num_experts + 1 entries, filled by the plugin */
   uint64_t* kept;           /* num_experts entries */
   uint64_t numel;
+  int has_digest;           /* the task asked for its digest: */
+  uint64_t digest;          /* XXH64 (seed 0) of the output tensor's bytes */
 } DellaCudaStats;
 
 typedef struct DellaCudaOptions {

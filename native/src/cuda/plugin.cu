@@ -68,6 +68,7 @@ della::MergeTask to_task(const DellaCudaTask& c) {
   t.lambda = c.lambda;
   t.tensor_id = c.tensor_id;
   t.seed = c.seed;
+  t.digest = c.digest != 0;
   return t;
 }
 
@@ -110,6 +111,8 @@ DELLA_EXPORT int della_cuda_run(DellaCudaContext* ctx, const DellaCudaTask* task
       std::memcpy(stats[i].nonfinite, st[i].nonfinite.data(), st[i].nonfinite.size() * sizeof(uint64_t));
       std::memcpy(stats[i].kept, st[i].kept.data(), st[i].kept.size() * sizeof(uint64_t));
       stats[i].numel = st[i].numel;
+      stats[i].has_digest = st[i].has_digest;
+      stats[i].digest = st[i].digest;
     }
   });
 }
