@@ -175,6 +175,9 @@ struct Slot {
   uint64_t row0 = 0, rows = 0;
   bool final_pass = false;
   SlabLayout layout;
+  // DELLA_CUDA_PROFILE: the stream's progress through the slab (before the upload, after
+  // it, after the kernels, after the download).
+  cudaEvent_t marks[4] = {nullptr, nullptr, nullptr, nullptr};
 };
 
 // Where the host's time goes in one run(), printed to stderr when the environment has
@@ -182,6 +185,7 @@ struct Slot {
 struct Profile {
   using Clock = std::chrono::steady_clock;
   double pinned_alloc = 0, stage = 0, wait = 0, copy_out = 0, enqueue = 0, hash = 0;
+  double gpu_up = 0, gpu_kernels = 0, gpu_down = 0;  // stream time of the slabs' stages, summed
   uint64_t staged_bytes = 0, out_bytes = 0, slabs = 0;
   static double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 };
@@ -210,6 +214,8 @@ struct Context::Impl {
     for (Slot& s : slots) {
       if (s.stream) cudaStreamSynchronize(s.stream);
       if (s.done) cudaEventDestroy(s.done);
+      for (cudaEvent_t e : s.marks)
+        if (e) cudaEventDestroy(e);
       if (s.stream) cudaStreamDestroy(s.stream);
       if (s.dev) cudaFree(s.dev);
       if (s.pinned) cudaFreeHost(s.pinned);
@@ -294,8 +300,10 @@ void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskI
 
   char* dev = s.dev;
   unsigned long long* d_stats = reinterpret_cast<unsigned long long*>(dev + L.stats);
+  if (s.marks[0]) check(cudaEventRecord(s.marks[0], s.stream), "cudaEventRecord");
   check(cudaMemsetAsync(d_stats, 0, (2ull * ti.k + 1) * 8, s.stream), "cudaMemsetAsync");
   check(cudaMemcpyAsync(dev + L.in, s.pinned, L.in_bytes, cudaMemcpyHostToDevice, s.stream), "cudaMemcpyAsync (to the GPU)");
+  if (s.marks[1]) check(cudaEventRecord(s.marks[1], s.stream), "cudaEventRecord");
   SlabParams p;
   fill_params(t, ti, p);
   p.base = t.linear ? nullptr : dev + L.in + L.base_rel;
@@ -306,12 +314,14 @@ void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskI
   p.row0 = j.row0;
   if (ti.need_cuts || ti.need_norm) p.state = state_layout(ti, dev + L.state);
   enqueue_slab(t, ti, p, j.passes, dev + L.scratch, dev + L.work, L.work_bytes, s.stream);
+  if (s.marks[2]) check(cudaEventRecord(s.marks[2], s.stream), "cudaEventRecord");
   const bool final_pass = (j.passes & kPassFinal) != 0;
   if (final_pass)
     check(cudaMemcpyAsync(s.pinned + L.pin_out, dev + L.out_dev, L.out_bytes, cudaMemcpyDeviceToHost, s.stream),
           "cudaMemcpyAsync (from the GPU)");
   check(cudaMemcpyAsync(s.pinned + L.pin_stats, d_stats, (2ull * ti.k + 1) * 8, cudaMemcpyDeviceToHost, s.stream),
         "cudaMemcpyAsync (from the GPU)");
+  if (s.marks[3]) check(cudaEventRecord(s.marks[3], s.stream), "cudaEventRecord");
   check(cudaEventRecord(s.done, s.stream), "cudaEventRecord");
   prof.enqueue += Profile::since(t1);
   s.busy = true;
@@ -329,6 +339,15 @@ void Context::Impl::finish(Slot& s, const std::vector<MergeTask>& tasks, std::ve
   check(cudaEventSynchronize(s.done), "the GPU merge");
   prof.wait += Profile::since(t0);
   s.busy = false;
+  if (s.marks[0]) {
+    float up = 0, kernels = 0, down = 0;
+    check(cudaEventElapsedTime(&up, s.marks[0], s.marks[1]), "cudaEventElapsedTime");
+    check(cudaEventElapsedTime(&kernels, s.marks[1], s.marks[2]), "cudaEventElapsedTime");
+    check(cudaEventElapsedTime(&down, s.marks[2], s.marks[3]), "cudaEventElapsedTime");
+    prof.gpu_up += up / 1e3;
+    prof.gpu_kernels += kernels / 1e3;
+    prof.gpu_down += down / 1e3;
+  }
   const MergeTask& t = tasks[s.task];
   const unsigned K = static_cast<unsigned>(t.experts.size());
   const uint64_t n = t.shape.size() >= 2 ? static_cast<uint64_t>(t.shape.back()) : stats[s.task].numel;
@@ -383,6 +402,8 @@ Context::Context(const Options& options) : impl_(new Impl) {
   for (Slot& s : m.slots) {
     check(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking), "cudaStreamCreate");
     check(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "cudaEventCreate");
+    if (m.profiling)
+      for (cudaEvent_t& e : s.marks) check(cudaEventCreate(&e), "cudaEventCreate");
     void* p = nullptr;
     const cudaError_t e = cudaMalloc(&p, per);
     if (e != cudaSuccess) {
@@ -498,11 +519,13 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
     std::fprintf(stderr,
                  "della cuda profile: %zu tasks, %llu slabs, %.3f s: pinned alloc %.3f s, staging %.3f s (%.2f GB, "
                  "%.1f GB/s), enqueue %.3f s, waiting for the GPU %.3f s, copy out %.3f s (%.2f GB, %.1f GB/s), "
-                 "hashing outputs %.3f s, other %.3f s\n",
+                 "hashing outputs %.3f s, other %.3f s; on the streams, summed over slabs: upload %.3f s, kernels %.3f s, "
+                 "download %.3f s\n",
                  tasks.size(), static_cast<unsigned long long>(a.slabs), total, a.pinned_alloc, a.stage, gb_in,
                  a.stage > 0 ? gb_in / a.stage : 0.0, a.enqueue, a.wait, a.copy_out, gb_out,
                  a.copy_out > 0 ? gb_out / a.copy_out : 0.0, a.hash,
-                 total - a.pinned_alloc - a.stage - a.enqueue - a.wait - a.copy_out - a.hash);
+                 total - a.pinned_alloc - a.stage - a.enqueue - a.wait - a.copy_out - a.hash, a.gpu_up, a.gpu_kernels,
+                 a.gpu_down);
   }
 }
 
