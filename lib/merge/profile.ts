@@ -2,7 +2,9 @@
  * Where a merge's main thread spends the merge phase, for DELLA_PROFILE=1 (or
  * DELLA_CUDA_PROFILE=1, which also turns on the CUDA plugin's own lines): printed to
  * stderr when the merge ends. The kernels run on other threads (or the GPU); this says
- * what the main thread did between them, and how long it waited for them.
+ * what the main thread did between them, and how long it waited for them. Waits can
+ * overlap (the next batch waits for its output staging while this one is handed out),
+ * so the parts can add up to more than the whole; `other` is then 0.
  */
 export class MainThreadProfile {
   private readonly totals = new Map<string, number>();
