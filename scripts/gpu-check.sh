@@ -109,6 +109,17 @@ if [ "${GPU_CHECK_NCU:-1}" = 1 ] && command -v ncu >/dev/null 2>&1; then
   grep -E "^ +[a-z_]+.*\(|^ +Duration|^ +Memory Throughput|^ +Compute \(SM\) Throughput|^ +Achieved Occupancy|^ +Executed Ipc Active|^ +Registers Per" "$OUT/ncu.txt" | head -40
 fi
 
+# 3c. SASS of della's two 16-bit kernels (BF16) to sass.txt, for reading their instruction
+#     mix without device time (cuobjdump is on the GPU machine, not the development one).
+if command -v cuobjdump >/dev/null 2>&1 && command -v strings >/dev/null 2>&1; then
+  for f in $(strings "$bin/della_merge_cuda.so" |
+             grep -E '^_ZN5della4cuda6detail.*(16fuse_half_kernelILNS_5DTypeE2E|20magprune_half_kernelILNS_5DTypeE2ELi256ELi16ELb1E)' |
+             grep -vE 'L(16|20)(fuse|magprune)|[.]cold$' | sort -u); do
+    timeout 30 cuobjdump -sass -fun "$f" "$bin/della_merge_cuda.so" 2>&1 | head -30000
+  done >"$OUT/sass.txt"
+  note "sass: $(grep -cE '^ +/\*[0-9a-f]{4}\*/' "$OUT/sass.txt") instructions of della's 16-bit kernels in sass.txt"
+fi
+
 # 4. End to end with Node.js (carried in .gpu by /work/shared/tools/gpu-carry.sh).
 if ! command -v node >/dev/null 2>&1; then
   note "end to end: SKIPPED (no node: carry .gpu and start the command with '. .gpu/env.sh;')"; status=1
