@@ -100,6 +100,15 @@ __device__ __forceinline__ float expert_delta(const SlabParams& p, const DevExpe
   return value - dload(p.base, p.base_dtype, e);
 }
 
+// Expert k's sparsified delta for a decided element: the survivor rescaled by fac (the
+// inverse rescale) or by the norm scale, else +0.
+__device__ __forceinline__ float sparsified(const SlabParams& p, unsigned k, bool keep, float d, float fac) {
+  if (p.rescale == Rescale::Inverse) return keep_or_zero(keep, d * fac);
+  if (p.rescale == Rescale::L1 || p.rescale == Rescale::L2 || p.rescale == Rescale::Linf)
+    return keep_or_zero(keep, d * p.state.norm_scale[k]);
+  return keep_or_zero(keep, d);
+}
+
 // What a sparsify kernel writes for a decided element: in the norm pass the keep flag,
 // in the final pass the rescaled survivor (or +0).
 __device__ __forceinline__ void emit(const SlabParams& p, unsigned k, uint64_t e, bool keep, float d, float fac,
@@ -108,12 +117,7 @@ __device__ __forceinline__ void emit(const SlabParams& p, unsigned k, uint64_t e
     p.keep[e] = keep;
     return;
   }
-  float v;
-  if (p.rescale == Rescale::Inverse) v = keep_or_zero(keep, d * fac);
-  else if (p.rescale == Rescale::L1 || p.rescale == Rescale::L2 || p.rescale == Rescale::Linf)
-    v = keep_or_zero(keep, d * p.state.norm_scale[k]);
-  else v = keep_or_zero(keep, d);
-  p.ex[k].scratch[e] = v;
+  p.ex[k].scratch[e] = sparsified(p, k, keep, d, fac);
 }
 
 struct GroupRange {
@@ -295,10 +299,7 @@ __device__ __forceinline__ void keep_row_half(const SlabParams& p, unsigned k, u
       const float d = value[q] - base[q];
       const float qk = magprune_q_of<uint32_t>(rank[q], n, ex.coef);
       const bool keep = uniform_from_word(w.v[q]) < qk;
-      if (p.rescale == Rescale::Inverse) v[q] = keep_or_zero(keep, d * inverse_scale(qk));
-      else if (p.rescale == Rescale::L1 || p.rescale == Rescale::L2 || p.rescale == Rescale::Linf)
-        v[q] = keep_or_zero(keep, d * p.state.norm_scale[k]);
-      else v[q] = keep_or_zero(keep, d);
+      v[q] = sparsified(p, k, keep, d, inverse_scale(qk));
       flags |= static_cast<uint32_t>(keep) << (8 * q);
       bad += !is_finite_f32(value[q]);
       kept += keep;
@@ -769,6 +770,19 @@ __device__ __forceinline__ float loaded_contribution(const SlabParams& p, const 
   return p.rescale == Rescale::Inverse ? keep_or_zero(keep, d * ex.s_random) : keep_or_zero(keep, d);
 }
 
+// A fuse kernel's per-thread counts into the slab's statistics: the base's non-finite
+// values, and the loaded experts' non-finite values and DARE's kept elements (scratch
+// experts were counted by their sparsify kernel). Every thread of the block calls it.
+template <int KMAX>
+__device__ __forceinline__ void add_fuse_counts(const SlabParams& p, unsigned K, bool linear, uint32_t bad_base,
+                                                const uint32_t (&bad)[KMAX], const uint32_t (&kept)[KMAX]) {
+  if (!linear) count_add(&p.stats[0], bad_base);
+  for_experts<KMAX>(K, [&](int k) {
+    if (p.ex[k].mode != kScratch) count_add(&p.stats[1 + k], bad[k]);
+    if (p.ex[k].mode == kRandomFused) count_add(&p.stats[1 + K + k], kept[k]);
+  });
+}
+
 // One Philox block of the slab per thread: every expert's sparsified delta (or value),
 // then the CPU's fuse_row, per element, and the store in the output dtype.
 // At most 64 registers (4 blocks of 256 per multiprocessor): no spills for K <= 4.
@@ -818,11 +832,7 @@ __global__ void __launch_bounds__(kThreads, 4) fuse_kernel(const __grid_constant
     for (int q = 0; q < 4; ++q)
       if (valid[q]) dstore(p.out, p.out_dtype, el[q], fuse_one<KMAX>(p, K, v[q], b[q]));
   }
-  if (!linear) count_add(&p.stats[0], bad_base);
-  for_experts<KMAX>(K, [&](int k) {
-    if (p.ex[k].mode != kScratch) count_add(&p.stats[1 + k], bad[k]);
-    if (p.ex[k].mode == kRandomFused) count_add(&p.stats[1 + K + k], kept[k]);
-  });
+  add_fuse_counts<KMAX>(p, K, linear, bad_base, bad, kept);
 }
 
 // fuse_kernel for a slab of D whose length and start are multiples of 4 (K <= 4): one
@@ -871,11 +881,7 @@ __global__ void __launch_bounds__(kThreads, 4) fuse_half_kernel(const __grid_con
     for (int q = 0; q < 4; ++q) o[q] = f32_to_half<D>(fuse_one<KMAX>(p, K, v[q], b[q]));
     static_cast<uint2*>(p.out)[t] = make_uint2(o[0] | o[1] << 16, o[2] | o[3] << 16);
   }
-  if (!linear) count_add(&p.stats[0], bad_base);
-  for_experts<KMAX>(K, [&](int k) {
-    if (p.ex[k].mode != kScratch) count_add(&p.stats[1 + k], bad[k]);
-    if (p.ex[k].mode == kRandomFused) count_add(&p.stats[1 + K + k], kept[k]);
-  });
+  add_fuse_counts<KMAX>(p, K, linear, bad_base, bad, kept);
 }
 
 // ---------------------------------------------------------------- host side
