@@ -1,5 +1,5 @@
 /** Random model directories on disk for end-to-end tests. */
-import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { stringify } from 'yaml';
@@ -8,8 +8,23 @@ import { DTYPE_CODE, type FloatDType } from '../../lib/merge/task.js';
 import { drawBaseAndExperts, tensorBytes } from './tensors.js';
 import { int } from './random.js';
 
+const madeDirs: string[] = [];
+
+/** A fresh directory under the OS temp dir, removed after the test file (test/setup.ts). */
 export function tempDir(prefix = 'della-test-'): string {
-  return mkdtempSync(join(tmpdir(), prefix));
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  madeDirs.push(dir);
+  return dir;
+}
+
+/**
+ * Removes every directory tempDir() made in this test file; DELLA_KEEP_TEST_DIRS=1 keeps
+ * them for a look after a failure. Without this, each full test run left about 250 MB in
+ * the temp dir.
+ */
+export function removeTempDirs(): void {
+  if (process.env.DELLA_KEEP_TEST_DIRS === '1') return;
+  for (const dir of madeDirs.splice(0)) rmSync(dir, { recursive: true, force: true });
 }
 
 export interface ModelSet {
