@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -16,6 +17,7 @@
 #include "della/xxh64.h"
 #include "cuda_merge.h"
 #include "cuda_slab.h"
+#include "ordered_digests.h"
 #include "della/tensor_rules.h"
 
 namespace della {
@@ -184,21 +186,15 @@ struct Slot {
 // DELLA_CUDA_PROFILE=1: what a GPU run's end-to-end numbers need to be understood.
 struct Profile {
   using Clock = std::chrono::steady_clock;
-  double pinned_alloc = 0, stage = 0, wait = 0, copy_out = 0, enqueue = 0, hash = 0;
+  double pinned_alloc = 0, stage = 0, wait = 0, copy_out = 0, enqueue = 0, hash = 0, hash_wait = 0;
   double gpu_up = 0, gpu_kernels = 0, gpu_down = 0;  // stream time of the slabs' stages, summed
   uint64_t staged_bytes = 0, out_bytes = 0, slabs = 0;
   static double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 };
 
-// XXH64 of a task's output (MergeTask::digest), fed its slabs in row order as they
-// come back, while the GPU works on the next ones (the caller's main thread had hashed
-// whole outputs after the batch). Slabs that come back early wait here until the rows
-// before them are in.
-struct OutputHash {
-  Xxh64Stream stream;
-  uint64_t next_row = 0;
-  std::map<uint64_t, uint64_t> waiting;  // row0 -> rows, copied out, not yet hashed
-};
+// Threads that hash the outputs (MergeTask::digest) as their slabs come back, in row
+// order (OrderedDigests), while this thread stages the next slabs: two, or one a task.
+constexpr unsigned kHashThreads = 2;
 
 struct Context::Impl {
   Options opt;
@@ -207,7 +203,7 @@ struct Context::Impl {
   bool healthy = true;
   bool profiling = false;  // DELLA_CUDA_PROFILE=1
   Profile prof;            // of the run() in progress
-  std::vector<OutputHash> hashes;  // of the run() in progress, by task
+  std::unique_ptr<OrderedDigests> digests;  // of the run() in progress, where a task asks for one
 
   ~Impl() {
     cudaSetDevice(opt.device);
@@ -359,14 +355,7 @@ void Context::Impl::finish(Slot& s, const std::vector<MergeTask>& tasks, std::ve
     prof.out_bytes += s.layout.out_bytes;
     if (t.digest) {
       const auto t2 = Profile::Clock::now();
-      OutputHash& h = hashes[s.task];
-      h.waiting[s.row0] = s.rows;
-      while (!h.waiting.empty() && h.waiting.begin()->first == h.next_row) {
-        const uint64_t rows = h.waiting.begin()->second;
-        h.stream.update(static_cast<const char*>(t.out) + h.next_row * n * os, rows * n * os);
-        h.next_row += rows;
-        h.waiting.erase(h.waiting.begin());
-      }
+      digests->add(s.task, s.row0, s.rows, static_cast<const char*>(t.out), n * os);
       prof.hash += Profile::since(t2);
     }
   }
@@ -432,7 +421,10 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
   check(cudaSetDevice(m.opt.device), "cudaSetDevice");
   const auto run_start = Profile::Clock::now();
   m.prof = Profile{};
-  m.hashes.assign(tasks.size(), OutputHash{});
+  size_t digest_tasks = 0;
+  for (const MergeTask& t : tasks) digest_tasks += t.digest ? 1 : 0;
+  m.digests.reset(digest_tasks == 0 ? nullptr
+                                    : new OrderedDigests(tasks.size(), static_cast<unsigned>(std::min<size_t>(kHashThreads, digest_tasks))));
   stats.assign(tasks.size(), MergeStats{});
   std::vector<TaskInfo> infos;
   infos.reserve(tasks.size());
@@ -491,7 +483,13 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
       m.start(s, j, tasks[j.task], infos[j.task], host_threads);
     }
     for (Slot& s : m.slots) m.finish(s, tasks, stats, host_threads);
+    if (m.digests) {
+      const auto t0 = Profile::Clock::now();
+      m.digests->wait();
+      m.prof.hash_wait += Profile::since(t0);
+    }
   } catch (...) {
+    m.digests.reset();  // joins its threads, which may still read the caller's outputs
     for (Slot& s : m.slots) {
       const cudaError_t e = cudaStreamSynchronize(s.stream);
       if (e != cudaSuccess) m.healthy = false;  // a failed kernel leaves the context unusable
@@ -505,11 +503,11 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
     for (unsigned k = 0; k < infos[i].k; ++k)
       if (!infos[i].sparse[k]) stats[i].kept[k] = infos[i].numel;  // as the CPU: unsparsified deltas are kept whole
     if (t.digest) {
-      if (m.hashes[i].next_row != infos[i].rows)
+      if (m.digests->rows_in(i) != infos[i].rows)
         throw Error(DELLA_CUDA_ERROR, "internal: output rows missing from the digest of a tensor of shape " +
                                           shape_text(t.shape));
       stats[i].has_digest = true;
-      stats[i].digest = m.hashes[i].stream.digest();
+      stats[i].digest = m.digests->digest(i);
     }
   }
   if (m.profiling) {
@@ -519,13 +517,13 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
     std::fprintf(stderr,
                  "della cuda profile: %zu tasks, %llu slabs, %.3f s: pinned alloc %.3f s, staging %.3f s (%.2f GB, "
                  "%.1f GB/s), enqueue %.3f s, waiting for the GPU %.3f s, copy out %.3f s (%.2f GB, %.1f GB/s), "
-                 "hashing outputs %.3f s, other %.3f s; on the streams, summed over slabs: upload %.3f s, kernels %.3f s, "
-                 "download %.3f s\n",
+                 "handing outputs to the hash threads %.3f s, waiting for them at the end %.3f s, other %.3f s; "
+                 "on the streams, summed over slabs: upload %.3f s, kernels %.3f s, download %.3f s\n",
                  tasks.size(), static_cast<unsigned long long>(a.slabs), total, a.pinned_alloc, a.stage, gb_in,
                  a.stage > 0 ? gb_in / a.stage : 0.0, a.enqueue, a.wait, a.copy_out, gb_out,
-                 a.copy_out > 0 ? gb_out / a.copy_out : 0.0, a.hash,
-                 total - a.pinned_alloc - a.stage - a.enqueue - a.wait - a.copy_out - a.hash, a.gpu_up, a.gpu_kernels,
-                 a.gpu_down);
+                 a.copy_out > 0 ? gb_out / a.copy_out : 0.0, a.hash, a.hash_wait,
+                 total - a.pinned_alloc - a.stage - a.enqueue - a.wait - a.copy_out - a.hash - a.hash_wait, a.gpu_up,
+                 a.gpu_kernels, a.gpu_down);
   }
 }
 
