@@ -464,7 +464,19 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
 #if defined(DELLA_AVX512_PATHS)
       if (ranked && keys != 3 && tf && t.rescale == Rescale::Inverse && have_avx512_cd()) {
         // The row's Philox words are made inside the counting loop (see count_keys15_cd).
-        const KeyRange kr = count_keys15_cd(k16, n, hist, ranks, philox_run(t.seed, t.tensor_id, k, i0, n, words));
+        // and the next inputs fetched: the next expert's row, or after the last expert
+        // the next row's base and first expert.
+        RowPrefetch pf;
+        if (k + 1 < K) {
+          pf.a = reinterpret_cast<const char*>(expert_row(t, k + 1, r, n));
+          pf.a_lines = (n * dtype_size(t.experts[k + 1].dtype) + 63) / 64;
+        } else if (r + 1 < r1) {
+          pf.a = static_cast<const char*>(t.base) + (r + 1) * n * dtype_size(t.base_dtype);
+          pf.a_lines = (n * dtype_size(t.base_dtype) + 63) / 64;
+          pf.b = reinterpret_cast<const char*>(expert_row(t, 0, r + 1, n));
+          pf.b_lines = (n * dtype_size(t.experts[0].dtype) + 63) / 64;
+        }
+        const KeyRange kr = count_keys15_cd(k16, n, hist, ranks, philox_run(t.seed, t.tensor_id, k, i0, n, words), pf);
         key_starts_cd(hist, kr);
         const uint32_t* x = words + (i0 & 3);
         if (es.arith) local.kept[k] += mask_by_key_rank_cd(d, x, ranks, k16, hist, KeepScaleArith(es.coef, n), n);
