@@ -233,13 +233,23 @@ void bracket_rows_impl(const MergeTask& t, const TaskState& st, uint64_t item, u
 #if defined(DELLA_AVX512_PATHS)
   const bool vbmi2 = have_avx512_vbmi2();
 #endif
+  const uint64_t bsz = dtype_size(t.base_dtype);
   for (uint64_t r = r0; r < r1; ++r) {
-    load_base_row(t, r, n, base);
+    // Each input's next row is fetched while this one is read (see with_next_row).
+    const bool more = r + 1 < r1;
+    const uint8_t* bsrc = static_cast<const uint8_t*>(t.base) + r * n * bsz;
+    with_next_row(more ? bsrc + n * bsz : nullptr, bsz, n, [&](uint64_t j0, uint64_t j1) DELLA_INLINE_LAMBDA {
+      load_any(t.base_dtype, bsrc + j0 * bsz, j1 - j0, base + j0);
+    });
     for (unsigned k = 0; k < K; ++k) {
       if (brackets[2 * k].w == 0 && brackets[2 * k + 1].w == 0) continue;
       const uint8_t* src = expert_row(t, k, r, n);
-      if (st.mode == KeyMode::BF16) delta_keys_any<1>(t.experts[k].dtype, src, n, base, k16, tmp);
-      else delta_keys_any<2>(t.experts[k].dtype, src, n, base, k16, tmp);
+      const DType dt = t.experts[k].dtype;
+      const uint64_t esz = dtype_size(dt);
+      with_next_row(more ? expert_row(t, k, r + 1, n) : nullptr, esz, n, [&](uint64_t j0, uint64_t j1) DELLA_INLINE_LAMBDA {
+        if (st.mode == KeyMode::BF16) delta_keys_any<1>(dt, src + j0 * esz, j1 - j0, base + j0, k16 + j0, tmp + j0);
+        else delta_keys_any<2>(dt, src + j0 * esz, j1 - j0, base + j0, k16 + j0, tmp + j0);
+      });
       for (unsigned c = 0; c < 2; ++c) {
         const size_t i = 2 * k + c;
         const BracketCounts& b = brackets[i];

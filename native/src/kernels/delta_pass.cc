@@ -422,10 +422,30 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
   // (both cuts). Rows of a block are walked in order from the block's start.
   if (r0 % st.occ_rows != 0) throw std::logic_error("a work item does not start on an occurrence block");
   uint64_t occ_run[128] = {};
+  // Whether expert k's ranks are counted by count_keys15_cd, which also fetches the next
+  // input rows; the other inputs' next rows are fetched while this row's are read.
+  auto counted_cd = [&](unsigned k) {
+#if defined(DELLA_AVX512_PATHS)
+    return st.ex[k].sparse && t.sparsifier == Sparsifier::Magprune && keys != 3 && !st.ex[k].table.empty() &&
+           t.rescale == Rescale::Inverse && have_avx512_cd();
+#else
+    (void)k;
+    return false;
+#endif
+  };
+  const uint64_t bsz = dtype_size(t.base_dtype);
 
   for (uint64_t r = r0; r < r1; ++r) {
     const uint64_t i0 = r * n;
-    local.nonfinite[0] += load_base_row(t, r, n, base);
+    const bool more = r + 1 < r1;
+    {
+      const uint8_t* bsrc = static_cast<const uint8_t*>(t.base) + r * n * bsz;
+      uint64_t bad = 0;
+      with_next_row(more && !counted_cd(K - 1) ? bsrc + n * bsz : nullptr, bsz, n, [&](uint64_t j0, uint64_t j1) DELLA_INLINE_LAMBDA {
+        bad += load_any(t.base_dtype, bsrc + j0 * bsz, j1 - j0, base + j0);
+      });
+      local.nonfinite[0] += bad;
+    }
     for (unsigned k = 0; k < K; ++k) {
       const ExpertInput& e = t.experts[k];
       const ExpertState& es = st.ex[k];
@@ -433,11 +453,17 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
       float* __restrict d = vals + static_cast<size_t>(k) * n;
       const bool ranked = es.sparse && t.sparsifier == Sparsifier::Magprune;
       const bool cut = es.sparse && (t.sparsifier == Sparsifier::Magnitude || t.sparsifier == Sparsifier::Breadcrumbs);
-      uint64_t bad;
-      if (!ranked && !cut) bad = deltas_any<0>(e.dtype, src, n, base, d, k16, k32);
-      else if (keys == 1) bad = deltas_any<1>(e.dtype, src, n, base, d, k16, k32);
-      else if (keys == 2) bad = deltas_any<2>(e.dtype, src, n, base, d, k16, k32);
-      else bad = deltas_any<3>(e.dtype, src, n, base, d, k16, k32);
+      const uint64_t esz = dtype_size(e.dtype);
+      const bool fetched = counted_cd(k == 0 ? K - 1 : k - 1);
+      uint64_t bad = 0;
+      with_next_row(more && !fetched ? expert_row(t, k, r + 1, n) : nullptr, esz, n, [&](uint64_t j0, uint64_t j1) DELLA_INLINE_LAMBDA {
+        const uint8_t* p = src + j0 * esz;
+        const uint64_t m = j1 - j0;
+        if (!ranked && !cut) bad += deltas_any<0>(e.dtype, p, m, base + j0, d + j0, k16 + j0, k32 + j0);
+        else if (keys == 1) bad += deltas_any<1>(e.dtype, p, m, base + j0, d + j0, k16 + j0, k32 + j0);
+        else if (keys == 2) bad += deltas_any<2>(e.dtype, p, m, base + j0, d + j0, k16 + j0, k32 + j0);
+        else bad += deltas_any<3>(e.dtype, p, m, base + j0, d + j0, k16 + j0, k32 + j0);
+      });
       local.nonfinite[k + 1] += bad;
       if (!es.sparse) {
         local.kept[k] += n;
