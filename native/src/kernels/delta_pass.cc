@@ -134,12 +134,14 @@ inline bool have_avx512() {
 }
 
 // Replaces the counts of the range's blocks by each key's start (the number of smaller
-// keys in the row): an in-register scan per block of 16 and a running carry.
+// keys in the row): an in-register scan per block of 16 and a running carry. The
+// block's total is broadcast from its own scan, so the carry chain from block to block
+// is one add (it was an add and a permute, whose latency bounded this loop).
 DELLA_AVX512_CD inline __m512i scan_block_cd(uint32_t* __restrict p, __m512i carry) {
   const __m512i c = _mm512_loadu_si512(p);
   const __m512i x = scan16(c);
   _mm512_storeu_si512(p, _mm512_add_epi32(_mm512_sub_epi32(x, c), carry));
-  return _mm512_permutexvar_epi32(_mm512_set1_epi32(15), _mm512_add_epi32(x, carry));
+  return _mm512_add_epi32(carry, _mm512_permutexvar_epi32(_mm512_set1_epi32(15), x));
 }
 
 DELLA_AVX512_CD void key_starts_cd(uint32_t* __restrict hist, KeyRange r) {
@@ -444,8 +446,9 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
   // (both cuts). Rows of a block are walked in order from the block's start.
   if (r0 % st.occ_rows != 0) throw std::logic_error("a work item does not start on an occurrence block");
   uint64_t occ_run[128] = {};
-  // Whether expert k's ranks are counted by count_keys15_cd, which also fetches the next
-  // input rows; the other inputs' next rows are fetched while this row's are read.
+  // Whether expert k's ranks are counted by count_keys15_cd (the path below), which also
+  // fetches the next input rows; other inputs' next rows are fetched while this row's
+  // are read (with_next_row).
   auto counted_cd = [&](unsigned k) {
 #if defined(DELLA_AVX512_PATHS)
     return st.ex[k].sparse && t.sparsifier == Sparsifier::Magprune && keys != 3 && !st.ex[k].table.empty() &&
@@ -510,8 +513,8 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
       const bool per_element = ranked;
       const float* tf = ranked && !es.table.empty() ? &es.table[0].q : nullptr;
 #if defined(DELLA_AVX512_PATHS)
-      if (ranked && keys != 3 && tf && t.rescale == Rescale::Inverse && have_avx512_cd()) {
-        // The row's Philox words are made inside the counting loop (see count_keys15_cd).
+      if (counted_cd(k)) {
+        // The row's Philox words are made inside the counting loop (see count_keys15_cd),
         // and the next inputs fetched: the next expert's row, or after the last expert
         // the next row's base and first expert.
         RowPrefetch pf;
