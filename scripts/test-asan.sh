@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the C++ tests, the kernel fuzz harness and the vitest suite against
-# AddressSanitizer + UBSan builds. For the addon, the sanitizer runtimes are preloaded
+# AddressSanitizer + UBSan builds (and the CUDA plugin's hash threads under TSan). For the addon, the sanitizer runtimes are preloaded
 # into node; leaks at exit are node's own, so leak checking is off. Any sanitizer
 # report aborts the process and fails the run.
 set -euo pipefail
@@ -9,6 +9,11 @@ npx cmake-js compile --out build-asan --CDDELLA_SANITIZE=ON
 cmake -S . -B build-asan-ctest -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDELLA_SANITIZE=ON >/dev/null
 cmake --build build-asan-ctest -j
 ctest --test-dir build-asan-ctest --output-on-failure
+# The CUDA plugin's hash threads (host code) under ThreadSanitizer, which cannot share a
+# build with ASan.
+g++ -std=c++17 -O1 -g -fsanitize=thread -pthread -Inative/include -Inative/src/cuda \
+  native/test/ordered_digests_test.cc -o build-asan-ctest/della_ordered_digests_tsan
+TSAN_OPTIONS=halt_on_error=1 build-asan-ctest/della_ordered_digests_tsan
 npx tsc -p tsconfig.json
 export DELLA_NATIVE_PATH="$PWD/build-asan/Release/della_merge.node"
 export LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libubsan.so)"
