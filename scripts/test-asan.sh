@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the C++ tests, the kernel fuzz harness and the vitest suite against
-# AddressSanitizer + UBSan builds (and the CUDA plugin's hash threads under TSan). For the addon, the sanitizer runtimes are preloaded
-# into node; leaks at exit are node's own, so leak checking is off. Any sanitizer
-# report aborts the process and fails the run.
+# AddressSanitizer + UBSan builds, and the CUDA plugin's hash threads under TSan. For
+# the addon, the sanitizer runtimes are preloaded into node; leaks at exit are node's
+# own, so leak checking is off. Any sanitizer report aborts the process and fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 npx cmake-js compile --out build-asan --CDDELLA_SANITIZE=ON

@@ -8,13 +8,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
 
 #include "../kernels/thread_pool.h"
-#include "della/xxh64.h"
 #include "cuda_merge.h"
 #include "cuda_slab.h"
 #include "ordered_digests.h"

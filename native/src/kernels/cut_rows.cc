@@ -233,14 +233,10 @@ void bracket_rows_impl(const MergeTask& t, const TaskState& st, uint64_t item, u
 #if defined(DELLA_AVX512_PATHS)
   const bool vbmi2 = have_avx512_vbmi2();
 #endif
-  const uint64_t bsz = dtype_size(t.base_dtype);
   for (uint64_t r = r0; r < r1; ++r) {
     // Each input's next row is fetched while this one is read (see with_next_row).
     const bool more = r + 1 < r1;
-    const uint8_t* bsrc = static_cast<const uint8_t*>(t.base) + r * n * bsz;
-    with_next_row(more ? bsrc + n * bsz : nullptr, bsz, n, [&](uint64_t j0, uint64_t j1) DELLA_INLINE_LAMBDA {
-      load_any(t.base_dtype, bsrc + j0 * bsz, j1 - j0, base + j0);
-    });
+    load_base_row(t, r, n, base, more);
     for (unsigned k = 0; k < K; ++k) {
       if (brackets[2 * k].w == 0 && brackets[2 * k + 1].w == 0) continue;
       const uint8_t* src = expert_row(t, k, r, n);

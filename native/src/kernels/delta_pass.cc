@@ -458,19 +458,11 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
     return false;
 #endif
   };
-  const uint64_t bsz = dtype_size(t.base_dtype);
 
   for (uint64_t r = r0; r < r1; ++r) {
     const uint64_t i0 = r * n;
     const bool more = r + 1 < r1;
-    {
-      const uint8_t* bsrc = static_cast<const uint8_t*>(t.base) + r * n * bsz;
-      uint64_t bad = 0;
-      with_next_row(more && !counted_cd(K - 1) ? bsrc + n * bsz : nullptr, bsz, n, [&](uint64_t j0, uint64_t j1) DELLA_INLINE_LAMBDA {
-        bad += load_any(t.base_dtype, bsrc + j0 * bsz, j1 - j0, base + j0);
-      });
-      local.nonfinite[0] += bad;
-    }
+    local.nonfinite[0] += load_base_row(t, r, n, base, more && !counted_cd(K - 1));
     for (unsigned k = 0; k < K; ++k) {
       const ExpertInput& e = t.experts[k];
       const ExpertState& es = st.ex[k];

@@ -96,9 +96,17 @@ struct Scratch {
 };
 
 // Base row r (of length n) as fp32 into dst; returns how many values are not finite.
-// Inlined, so that each SIMD build of a caller vectorizes it.
-DELLA_ALWAYS_INLINE uint64_t load_base_row(const MergeTask& t, uint64_t r, uint64_t n, float* dst) {
-  return load_any(t.base_dtype, static_cast<const uint8_t*>(t.base) + r * n * dtype_size(t.base_dtype), n, dst);
+// fetch_next: row r + 1 is prefetched meanwhile (with_next_row). Inlined, so that each
+// SIMD build of a caller vectorizes it.
+DELLA_ALWAYS_INLINE uint64_t load_base_row(const MergeTask& t, uint64_t r, uint64_t n, float* dst,
+                                           bool fetch_next = false) {
+  const uint64_t bs = dtype_size(t.base_dtype);
+  const uint8_t* src = static_cast<const uint8_t*>(t.base) + r * n * bs;
+  uint64_t bad = 0;
+  with_next_row(fetch_next ? src + n * bs : nullptr, bs, n, [&](uint64_t j0, uint64_t j1) DELLA_INLINE_LAMBDA {
+    bad += load_any(t.base_dtype, src + j0 * bs, j1 - j0, dst + j0);
+  });
+  return bad;
 }
 
 // The bytes of expert k's row r (rows of n; the embedding sub-block rule applies).
