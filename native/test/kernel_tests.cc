@@ -135,6 +135,75 @@ static void f16c_rows_match() {
 #endif
 }
 
+// The AVX-512 BF16 rows (bf16_rows.cc) equal the scalar code bit for bit: deltas of
+// every BF16 pattern against assorted bases (tiny ones, so that many deltas are
+// subnormal, where the instruction would read zero), their keys and non-finite count,
+// and fp32 to BF16 on a stride through all of fp32 and the special values. Lengths of
+// 32k + 5 cover the scalar tails.
+static void bf16_rows_match() {
+#if defined(DELLA_AVX512_PATHS)
+  if (!della::detail::have_avx512_bf16()) {
+    std::printf("bf16_rows_match: no AVX-512 BF16 on this CPU, skipped\n");
+    return;
+  }
+  std::mt19937 rng(7);
+  std::vector<uint16_t> e;
+  std::vector<float> b;
+  for (uint32_t h = 0; h < 0x10000; ++h) {  // every pattern, against a random fp32 and a near one
+    e.push_back(static_cast<uint16_t>(h * 40503u));
+    b.push_back(della::bits_f32(rng()));
+    e.push_back(static_cast<uint16_t>(h));
+    b.push_back(della::bf16_to_f32(static_cast<uint16_t>(h ^ (rng() & 0x3))));
+  }
+  for (uint32_t t = 0; t < 8192; ++t) {  // tiny values: subnormal deltas
+    e.push_back(static_cast<uint16_t>((t & 0x1ff) | (t & 0x1000 ? 0x8000 : 0)));
+    b.push_back(della::bf16_to_f32(static_cast<uint16_t>((t * 13) & 0x1ff)));
+  }
+  e.resize(e.size() - e.size() % 32 + 5);
+  b.resize(e.size());
+  const uint64_t n = e.size();
+  std::vector<float> d(n);
+  std::vector<uint16_t> k(n), k2(n);
+  const auto* src = reinterpret_cast<const uint8_t*>(e.data());
+  const uint64_t bad = della::detail::bf16_deltas_keys_row(src, n, b.data(), d.data(), k.data());
+  della::detail::bf16_delta_keys_row(src, n, b.data(), k2.data());
+  uint64_t want_bad = 0, subnormal = 0;
+  for (uint64_t i = 0; i < n; ++i) {
+    const float v = della::bf16_to_f32(e[i]);
+    want_bad += !della::is_finite_f32(v);
+    const float wd = v - b[i];
+    subnormal += std::fpclassify(wd) == FP_SUBNORMAL;
+    const uint16_t wk = della::detail::bf16_key(wd);
+    if (della::f32_bits(d[i]) != della::f32_bits(wd) || k[i] != wk || k2[i] != wk) {
+      CHECK(false, "bf16 deltas of %04x - %08x: %08x keys %04x %04x, scalar %08x key %04x", e[i], della::f32_bits(b[i]),
+            della::f32_bits(d[i]), k[i], k2[i], della::f32_bits(wd), wk);
+      return;
+    }
+  }
+  CHECK(bad == want_bad, "bf16_deltas_keys_row non-finite count %llu, want %llu", static_cast<unsigned long long>(bad),
+        static_cast<unsigned long long>(want_bad));
+  CHECK(subnormal > 1000, "only %llu subnormal deltas tested", static_cast<unsigned long long>(subnormal));
+  std::vector<uint32_t> bits;
+  for (uint32_t sign : {0u, 0x80000000u})
+    for (uint32_t ax = 0; ax <= 0x00900000u; ax += 37) bits.push_back(sign | ax);  // subnormal and the smallest normals
+  for (uint64_t x = 0; x <= 0xffffffffull; x += 997) bits.push_back(static_cast<uint32_t>(x));
+  for (uint32_t x : {0x7f7fffffu, 0x7f7f8000u, 0x7f7f7fffu, 0x7f800000u, 0xff800000u, 0x7f800001u, 0x7fbfffffu,
+                     0xffc00000u, 0x7fffffffu, 0x007fffffu, 0x00800000u, 0x0000ffffu, 0x00008000u, 0u, 0x80000000u, 1u})
+    bits.push_back(x);
+  bits.resize(bits.size() - bits.size() % 32 + 5);
+  std::vector<float> v(bits.size());
+  for (size_t i = 0; i < bits.size(); ++i) v[i] = della::bits_f32(bits[i]);
+  std::vector<uint16_t> out(v.size());
+  della::detail::f32_to_bf16_row(v.data(), v.size(), reinterpret_cast<uint8_t*>(out.data()));
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (out[i] != della::f32_to_bf16(v[i])) {
+      CHECK(false, "f32_to_bf16_row(%08x) = %04x, scalar %04x", bits[i], out[i], della::f32_to_bf16(v[i]));
+      return;
+    }
+  }
+#endif
+}
+
 static void half_round_trips() {
   for (uint32_t h = 0; h < 0x10000; ++h) {
     const uint16_t x = static_cast<uint16_t>(h);
@@ -268,6 +337,7 @@ int main() {
   philox_known_answers();
   philox_blocks_match_scalar();
   half_round_trips();
+  bf16_rows_match();
   f16_select_matches();
   f16c_rows_match();
   threads_do_not_change_results();

@@ -40,6 +40,18 @@ void f32_to_f16_row(const float* v, uint64_t n, uint8_t* dst);
 void f16_keys_row(const float* d, uint64_t n, uint16_t* k16);
 #endif
 
+#if defined(DELLA_AVX512_PATHS)
+// BF16 rows through AVX-512 BF16 when the CPU has it (bf16_rows.cc): the same bits as
+// bf16_key and f32_to_bf16, a third of the instructions.
+bool have_avx512_bf16();
+// d = E - B and the BF16 keys of d for a BF16 expert row; returns how many E are not finite.
+uint64_t bf16_deltas_keys_row(const uint8_t* src, uint64_t n, const float* b, float* d, uint16_t* k16);
+// The same keys without storing the deltas.
+void bf16_delta_keys_row(const uint8_t* src, uint64_t n, const float* b, uint16_t* k16);
+// fp32 to BF16 (RNE, NaN as the canonical 0x7fc0).
+void f32_to_bf16_row(const float* v, uint64_t n, uint8_t* dst);
+#endif
+
 // Picks a where c, else b, by a bit mask: plain ?: on computed values can keep control
 // flow that stops GCC vectorizing the loop around it.
 DELLA_ALWAYS_INLINE uint32_t select_u32(bool c, uint32_t a, uint32_t b) {
@@ -211,6 +223,9 @@ DELLA_ALWAYS_INLINE uint64_t deltas_any(DType dt, const uint8_t* src, uint64_t n
 #if defined(DELLA_F16C_PATHS)
   if ((dt == DType::F16 || KEYS == 2) && have_f16c()) return deltas_f16c<KEYS>(dt, src, n, b, d, k16, k32);
 #endif
+#if defined(DELLA_AVX512_PATHS)
+  if (KEYS == 1 && dt == DType::BF16 && have_avx512_bf16()) return bf16_deltas_keys_row(src, n, b, d, k16);
+#endif
   switch (dt) {
     case DType::F32: return deltas<DType::F32, KEYS>(src, n, b, d, k16, k32);
     case DType::F16: return deltas<DType::F16, KEYS>(src, n, b, d, k16, k32);
@@ -253,6 +268,9 @@ DELLA_ALWAYS_INLINE void delta_keys_any(DType dt, const uint8_t* src, uint64_t n
   }
 #else
   (void)tmp;
+#endif
+#if defined(DELLA_AVX512_PATHS)
+  if (KEYS == 1 && dt == DType::BF16 && have_avx512_bf16()) return bf16_delta_keys_row(src, n, b, k16);
 #endif
   switch (dt) {
     case DType::F32: return delta_keys<DType::F32, KEYS>(src, n, b, k16);
@@ -305,6 +323,9 @@ DELLA_ALWAYS_INLINE void store_values(const float* __restrict v, uint64_t n, uin
 DELLA_ALWAYS_INLINE void store_any(DType dt, const float* v, uint64_t n, uint8_t* dst) {
 #if defined(DELLA_F16C_PATHS)
   if (dt == DType::F16 && have_f16c()) return f32_to_f16_row(v, n, dst);
+#endif
+#if defined(DELLA_AVX512_PATHS)
+  if (dt == DType::BF16 && have_avx512_bf16()) return f32_to_bf16_row(v, n, dst);
 #endif
   switch (dt) {
     case DType::F32: store_values<DType::F32>(v, n, dst); break;
