@@ -82,6 +82,8 @@ export interface NativeAddon {
   /** XXH64 (seed 0) of the bytes, as 16 hex digits: the digest a merge records per tensor. */
   xxh64(bytes: Uint8Array): string;
   cpuFeatures(): string[];
+  /** The CPU kernel paths this machine selects at run time, in words. */
+  kernelPaths(): string[];
   /** Loads the CUDA plugin (once) and probes `device`; allocates nothing. */
   cudaInfo(device: number): CudaInfo;
   /** Opens `device` with a device memory budget in bytes (0: the plugin's default) and

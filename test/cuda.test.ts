@@ -163,6 +163,15 @@ describe(`CUDA plugin, host side (DELLA_TEST_SEED=${seed})`, () => {
     expect(m.cuda.note).toMatch(/could not be loaded: \/nonexistent\/della_merge_cuda\.so: cannot open shared object file/);
   });
 
+  it('doctor names the CPU kernel paths this machine selects', () => {
+    const doc = JSON.parse(cli(['doctor', '--json']).stdout);
+    const features: string[] = doc.cpu.features;
+    expect(doc.cpu.kernels).toMatch(/row functions/);
+    // The row functions' clone follows the CPU: AVX-512 (x86-64-v4) where it has AVX-512BW.
+    if (process.arch === 'x64') expect(doc.cpu.kernels).toMatch(features.includes('avx512bw') ? /x86-64-v4/ : /x86-64-v3|baseline/);
+    expect(cli(['doctor']).stdout).toMatch(/^cpu .*; kernels: .*row functions/m);
+  });
+
   it.skipIf(!gpu)('on a GPU: run --device cuda writes the same bytes as the CPU', () => {
     const dir = tempDir('della-cuda-');
     const recipe = recipeIn(dir);

@@ -36,13 +36,14 @@ export function doctor(version: string): DoctorReport {
   const glibc = report.header?.glibcVersionRuntime ?? null;
   const loc = nativeLocation();
   const kind = process.env.DELLA_NATIVE_PATH ? 'explicit' : !loc.path ? 'none' : loc.path.includes(`${join('prebuilds')}`) ? 'prebuilt' : 'local build';
-  let loads = false, error = loc.error, threads: number | null = null, features: string[] = [];
+  let loads = false, error = loc.error, threads: number | null = null, features: string[] = [], kernels: string[] = [];
   let native: NativeAddon | null = null;
   try {
     native = loadNative();
     loads = true;
     threads = native.hardwareThreads;
     features = native.cpuFeatures();
+    kernels = native.kernelPaths();
   } catch (e) {
     error = (e as Error).message;
   }
@@ -82,7 +83,7 @@ export function doctor(version: string): DoctorReport {
     cpu: {
       threads,
       features,
-      kernels: 'portable x86-64 C++ (no run-time SIMD dispatch yet)',
+      kernels: kernels.join(', ') || 'unknown (the binary does not load)',
     },
     cuda: {
       plugin,

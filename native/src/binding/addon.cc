@@ -3,6 +3,7 @@
 
 #include <thread>
 
+#include "../kernels/merge_cpu.h"
 #include "../kernels/thread_pool.h"
 #include "args.h"
 #include "della/philox.h"
@@ -62,6 +63,15 @@ Napi::Value CpuFeatures(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// kernelPaths() -> the CPU kernel paths this machine selects (for `doctor`).
+Napi::Value KernelPaths(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Array out = Napi::Array::New(env);
+  uint32_t i = 0;
+  for (const std::string& p : della::cpu_kernel_paths()) out.Set(i++, p);
+  return out;
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   Napi::Function mapped = MappedFile::Define(env);
   Napi::Function output = OutputFile::Define(env);
@@ -69,6 +79,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData<AddonClasses>(new AddonClasses{Napi::Persistent(mapped), Napi::Persistent(output)});
   exports.Set("MappedFile", mapped);
   exports.Set("OutputFile", output);
+  exports.Set("kernelPaths", Napi::Function::New(env, KernelPaths, "kernelPaths"));
   exports.Set("allocStaging", Napi::Function::New(env, AllocStaging, "allocStaging"));
   exports.Set("mergeBatch", Napi::Function::New(env, MergeBatch, "mergeBatch"));
   exports.Set("dotBatch", Napi::Function::New(env, DotBatch, "dotBatch"));

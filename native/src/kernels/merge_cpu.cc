@@ -10,6 +10,7 @@
 #include "della/philox.h"
 #include "della/xxh64.h"
 #include "fuse_row.h"
+#include "keys_avx512.h"
 #include "merge_state.h"
 #include "row_io.h"
 #include "thread_pool.h"
@@ -679,6 +680,28 @@ void run_dots(const std::vector<DotTask>& tasks, unsigned threads, std::vector<D
       st.nonfinite_b += bad_b[r];
     }
   }
+}
+
+std::vector<std::string> cpu_kernel_paths() {
+  std::vector<std::string> paths;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__) && \
+    !defined(DELLA_FIXED_SIMD)
+  // The order target_clones picks in (DELLA_SIMD_CLONES).
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) paths.push_back("x86-64-v4 (AVX-512) row functions");
+  else if (__builtin_cpu_supports("x86-64-v3")) paths.push_back("x86-64-v3 (AVX2) row functions");
+  else paths.push_back("baseline x86-64 row functions");
+#else
+  paths.push_back("row functions built for this build's own flags (no run-time dispatch)");
+#endif
+#if defined(DELLA_AVX512_PATHS)
+  if (detail::have_avx512_cd()) paths.push_back("AVX-512 CD magprune ranks");
+  if (detail::have_avx512_bf16()) paths.push_back("AVX-512 BF16 conversions");
+#endif
+#if defined(DELLA_F16C_PATHS)
+  if (detail::have_f16c()) paths.push_back("F16C conversions");
+#endif
+  return paths;
 }
 
 }  // namespace della

@@ -82,4 +82,8 @@ void run_batch(const std::vector<MergeTask>& merges, const std::vector<CopyTask>
 
 void run_dots(const std::vector<DotTask>& tasks, unsigned threads, std::vector<DotStats>& stats);
 
+// The CPU code paths this machine selects at run time (the row functions' build and
+// the hand-written AVX-512 and F16C paths), in words, for `della-merge doctor`.
+std::vector<std::string> cpu_kernel_paths();
+
 }  // namespace della
