@@ -142,8 +142,8 @@ static void f16c_rows_match() {
 // 32k + 5 cover the scalar tails.
 static void bf16_rows_match() {
 #if defined(DELLA_AVX512_PATHS)
-  if (!della::detail::have_avx512_bf16()) {
-    std::printf("bf16_rows_match: no AVX-512 BF16 on this CPU, skipped\n");
+  if (!della::detail::have_avx512_bw()) {
+    std::printf("bf16_rows_match: no AVX-512BW on this CPU, skipped\n");
     return;
   }
   std::mt19937 rng(7);
@@ -165,12 +165,32 @@ static void bf16_rows_match() {
   std::vector<float> d(n);
   std::vector<uint16_t> k(n), k2(n);
   const auto* src = reinterpret_cast<const uint8_t*>(e.data());
-  const uint64_t bad = della::detail::bf16_deltas_keys_row(src, n, b.data(), d.data(), k.data());
-  della::detail::bf16_delta_keys_row(src, n, b.data(), k2.data());
-  uint64_t want_bad = 0, subnormal = 0;
+  std::vector<float> loaded(n), d0(n);
+  const uint64_t bad_loaded = della::detail::bf16_to_f32_row(src, n, loaded.data());
+  const uint64_t bad_d0 = della::detail::bf16_deltas_row(src, n, b.data(), d0.data());
+  uint64_t want_bad = 0;
   for (uint64_t i = 0; i < n; ++i) {
     const float v = della::bf16_to_f32(e[i]);
     want_bad += !della::is_finite_f32(v);
+    if (della::f32_bits(loaded[i]) != della::f32_bits(v) || della::f32_bits(d0[i]) != della::f32_bits(v - b[i])) {
+      CHECK(false, "bf16_to_f32_row / bf16_deltas_row of %04x - %08x: %08x %08x", e[i], della::f32_bits(b[i]),
+            della::f32_bits(loaded[i]), della::f32_bits(d0[i]));
+      return;
+    }
+  }
+  CHECK(bad_loaded == want_bad && bad_d0 == want_bad, "bf16 rows non-finite counts %llu %llu, want %llu",
+        static_cast<unsigned long long>(bad_loaded), static_cast<unsigned long long>(bad_d0),
+        static_cast<unsigned long long>(want_bad));
+  if (!della::detail::have_avx512_bf16()) {
+    std::printf("bf16_rows_match: no AVX-512 BF16 on this CPU, keys and stores skipped\n");
+    return;
+  }
+  const uint64_t bad = della::detail::bf16_deltas_row(src, n, b.data(), d.data());
+  della::detail::bf16_keys_row(d.data(), n, k.data());
+  della::detail::bf16_delta_keys_row(src, n, b.data(), k2.data());
+  uint64_t subnormal = 0;
+  for (uint64_t i = 0; i < n; ++i) {
+    const float v = della::bf16_to_f32(e[i]);
     const float wd = v - b[i];
     subnormal += std::fpclassify(wd) == FP_SUBNORMAL;
     const uint16_t wk = della::detail::bf16_key(wd);
@@ -180,7 +200,7 @@ static void bf16_rows_match() {
       return;
     }
   }
-  CHECK(bad == want_bad, "bf16_deltas_keys_row non-finite count %llu, want %llu", static_cast<unsigned long long>(bad),
+  CHECK(bad == want_bad, "bf16_deltas_row non-finite count %llu, want %llu", static_cast<unsigned long long>(bad),
         static_cast<unsigned long long>(want_bad));
   CHECK(subnormal > 1000, "only %llu subnormal deltas tested", static_cast<unsigned long long>(subnormal));
   std::vector<uint32_t> bits;

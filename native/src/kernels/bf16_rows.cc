@@ -1,6 +1,8 @@
-// BF16 rows through AVX-512 BF16's vcvtne2ps2bf16 (Cooper Lake, Sapphire Rapids, Zen 4
-// and later), 32 values a step, instead of the integer rounding of row_io.h: the same
-// bits. The instruction rounds to nearest even whatever MXCSR says, like f32_to_bf16,
+// BF16 rows with AVX-512, 32 values a step, in functions of their own (inside the big
+// row functions the compiler ran short of registers and reloaded pointers in these
+// loops). Loads and deltas need AVX-512BW; keys and stores use AVX-512 BF16's
+// vcvtne2ps2bf16 (Cooper Lake, Sapphire Rapids, Zen 4 and later) instead of the integer
+// rounding of row_io.h: the same bits. The instruction rounds to nearest even whatever MXCSR says, like f32_to_bf16,
 // but it reads subnormal inputs as zero and keeps a NaN's payload, so a step holding a
 // subnormal or NaN lane is patched from the scalar code (rare: a delta or an output is
 // subnormal only below 2^-126). kernel_tests compares both over crafted and random
@@ -16,6 +18,12 @@
 namespace della::detail {
 
 #define DELLA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+#define DELLA_AVX512_BW __attribute__((target("avx512f,avx512bw")))
+
+bool have_avx512_bw() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return yes;
+}
 
 bool have_avx512_bf16() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
@@ -30,7 +38,7 @@ constexpr int kNanOrSubnormal = 0x01 | 0x20 | 0x80;
 
 // 32 bf16 values from p as fp32 (exact: the pattern shifted up 16 bits), and how many of
 // them are Inf or NaN.
-DELLA_AVX512_BF16 inline void load32(const uint8_t* p, __m512& lo, __m512& hi, uint32_t& bad) {
+DELLA_AVX512_BW inline void load32(const uint8_t* p, __m512& lo, __m512& hi, uint32_t& bad) {
   const __m512i w = _mm512_loadu_si512(p);
   const __m512i exp = _mm512_set1_epi16(0x7f80);
   bad += static_cast<uint32_t>(__builtin_popcount(_mm512_cmpeq_epi16_mask(_mm512_and_si512(w, exp), exp)));
@@ -39,7 +47,7 @@ DELLA_AVX512_BF16 inline void load32(const uint8_t* p, __m512& lo, __m512& hi, u
 }
 
 // 32 deltas E - B: E from the bf16 values at src, B from b.
-DELLA_AVX512_BF16 inline void deltas32(const uint8_t* src, const float* b, __m512& lo, __m512& hi, uint32_t& bad) {
+DELLA_AVX512_BW inline void deltas32(const uint8_t* src, const float* b, __m512& lo, __m512& hi, uint32_t& bad) {
   load32(src, lo, hi, bad);
   lo = _mm512_sub_ps(lo, _mm512_loadu_ps(b));
   hi = _mm512_sub_ps(hi, _mm512_loadu_ps(b + 16));
@@ -63,8 +71,24 @@ DELLA_AVX512_BF16 inline void store_keys(uint16_t* k16, __m512i h, __mmask32 odd
 
 }  // namespace
 
-DELLA_AVX512_BF16 uint64_t bf16_deltas_keys_row(const uint8_t* __restrict src, uint64_t n, const float* __restrict b,
-                                                float* __restrict d, uint16_t* __restrict k16) {
+DELLA_AVX512_BW uint64_t bf16_to_f32_row(const uint8_t* __restrict src, uint64_t n, float* __restrict dst) {
+  uint32_t bad = 0;  // n is below 2^32 (load_any sends longer loads elsewhere)
+  uint64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    __m512 lo, hi;
+    load32(src + 2 * j, lo, hi, bad);
+    _mm512_storeu_ps(dst + j, lo);
+    _mm512_storeu_ps(dst + j + 16, hi);
+  }
+  for (; j < n; ++j) {
+    dst[j] = load_elem<DType::BF16>(src, j);
+    bad += !is_finite_f32(dst[j]);
+  }
+  return bad;
+}
+
+DELLA_AVX512_BW uint64_t bf16_deltas_row(const uint8_t* __restrict src, uint64_t n, const float* __restrict b,
+                                         float* __restrict d) {
   uint32_t bad = 0;  // one row: n is below 2^32
   uint64_t j = 0;
   for (; j + 32 <= n; j += 32) {
@@ -72,17 +96,23 @@ DELLA_AVX512_BF16 uint64_t bf16_deltas_keys_row(const uint8_t* __restrict src, u
     deltas32(src + 2 * j, b + j, lo, hi, bad);
     _mm512_storeu_ps(d + j, lo);
     _mm512_storeu_ps(d + j + 16, hi);
-    __mmask32 odd;
-    const __m512i h = round32(lo, hi, odd);
-    store_keys(k16 + j, h, odd, d + j);
   }
   for (; j < n; ++j) {
     const float v = load_elem<DType::BF16>(src, j);
     bad += !is_finite_f32(v);
     d[j] = v - b[j];
-    k16[j] = bf16_key(d[j]);
   }
   return bad;
+}
+
+DELLA_AVX512_BF16 void bf16_keys_row(const float* __restrict d, uint64_t n, uint16_t* __restrict k16) {
+  uint64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    __mmask32 odd;
+    const __m512i h = round32(_mm512_loadu_ps(d + j), _mm512_loadu_ps(d + j + 16), odd);
+    store_keys(k16 + j, h, odd, d + j);
+  }
+  for (; j < n; ++j) k16[j] = bf16_key(d[j]);
 }
 
 DELLA_AVX512_BF16 void bf16_delta_keys_row(const uint8_t* __restrict src, uint64_t n, const float* __restrict b,

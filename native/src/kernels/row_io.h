@@ -41,11 +41,17 @@ void f16_keys_row(const float* d, uint64_t n, uint16_t* k16);
 #endif
 
 #if defined(DELLA_AVX512_PATHS)
-// BF16 rows through AVX-512 BF16 when the CPU has it (bf16_rows.cc): the same bits as
-// bf16_key and f32_to_bf16, a third of the instructions.
+// BF16 rows with AVX-512BW, and with AVX-512 BF16 for keys and stores, when the CPU has
+// them (bf16_rows.cc): the same bits as the code below (bf16_key, f32_to_bf16), a third
+// of the instructions.
+bool have_avx512_bw();
 bool have_avx512_bf16();
-// d = E - B and the BF16 keys of d for a BF16 expert row; returns how many E are not finite.
-uint64_t bf16_deltas_keys_row(const uint8_t* src, uint64_t n, const float* b, float* d, uint16_t* k16);
+// BF16 values to fp32; returns how many are not finite. n below 2^32.
+uint64_t bf16_to_f32_row(const uint8_t* src, uint64_t n, float* dst);
+// d = E - B for a BF16 expert row; returns how many E are not finite.
+uint64_t bf16_deltas_row(const uint8_t* src, uint64_t n, const float* b, float* d);
+// The BF16 keys of fp32 values.
+void bf16_keys_row(const float* d, uint64_t n, uint16_t* k16);
 // The same keys without storing the deltas.
 void bf16_delta_keys_row(const uint8_t* src, uint64_t n, const float* b, uint16_t* k16);
 // fp32 to BF16 (RNE, NaN as the canonical 0x7fc0).
@@ -220,11 +226,21 @@ DELLA_ALWAYS_INLINE uint64_t deltas_f16c(DType dt, const uint8_t* src, uint64_t 
 template <int KEYS>
 DELLA_ALWAYS_INLINE uint64_t deltas_any(DType dt, const uint8_t* src, uint64_t n, const float* b, float* d,
                                         uint16_t* k16, uint32_t* k32) {
+#if defined(DELLA_AVX512_PATHS)
+  // BF16 keys in a second loop over d, which is still in L1 (callers pass chunks of 256).
+  if constexpr (KEYS == 1) {
+    if (have_avx512_bf16()) {
+      const uint64_t bad = deltas_any<0>(dt, src, n, b, d, k16, k32);
+      bf16_keys_row(d, n, k16);
+      return bad;
+    }
+  }
+#endif
 #if defined(DELLA_F16C_PATHS)
   if ((dt == DType::F16 || KEYS == 2) && have_f16c()) return deltas_f16c<KEYS>(dt, src, n, b, d, k16, k32);
 #endif
 #if defined(DELLA_AVX512_PATHS)
-  if (KEYS == 1 && dt == DType::BF16 && have_avx512_bf16()) return bf16_deltas_keys_row(src, n, b, d, k16);
+  if (KEYS == 0 && dt == DType::BF16 && have_avx512_bw()) return bf16_deltas_row(src, n, b, d);
 #endif
   switch (dt) {
     case DType::F32: return deltas<DType::F32, KEYS>(src, n, b, d, k16, k32);
@@ -283,6 +299,9 @@ DELLA_ALWAYS_INLINE void delta_keys_any(DType dt, const uint8_t* src, uint64_t n
 DELLA_ALWAYS_INLINE uint64_t load_any(DType dt, const uint8_t* src, uint64_t n, float* dst) {
 #if defined(DELLA_F16C_PATHS)
   if (dt == DType::F16 && have_f16c()) return f16_to_f32_row(src, n, dst);
+#endif
+#if defined(DELLA_AVX512_PATHS)
+  if (dt == DType::BF16 && n < (1ull << 32) && have_avx512_bw()) return bf16_to_f32_row(src, n, dst);
 #endif
   switch (dt) {
     case DType::F32: return load_values<DType::F32>(src, n, dst);
