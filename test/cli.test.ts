@@ -1,6 +1,6 @@
 /** The della-merge command as a user runs it: exit codes, messages, files. */
 import { spawnSync } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync, writeFileSync, truncateSync, copyFileSync, mkdirSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, writeFileSync, truncateSync, copyFileSync, mkdirSync, statSync, utimesSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { merge } from '../lib/index.js';
@@ -30,6 +30,28 @@ function dellaRecipe(models: { base: string; experts: string[] }, extra: Record<
 }
 
 describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
+  it('the launcher runs the bundled CLI while it is current, else dist/cli.js', () => {
+    const dir = tempDir();
+    mkdirSync(join(dir, 'bin'));
+    mkdirSync(join(dir, 'dist'));
+    copyFileSync(join(root, 'bin/della-merge.js'), join(dir, 'bin/della-merge.js'));
+    const stub = (name: string) => writeFileSync(join(dir, 'dist', name), `export async function main() { console.log('${name}'); return 0; }\n`);
+    const run = () => spawnSync(process.execPath, [join(dir, 'bin/della-merge.js')], { encoding: 'utf8' }).stdout.trim();
+    stub('cli.js');
+    expect(run()).toBe('cli.js'); // no bundle
+    stub('cli.bundle.js');
+    utimesSync(join(dir, 'dist/cli.js'), 1000, 1000);
+    utimesSync(join(dir, 'dist/cli.bundle.js'), 2000, 2000);
+    expect(run()).toBe('cli.bundle.js');
+    utimesSync(join(dir, 'dist/cli.js'), 3000, 3000); // TypeScript rebuilt without a new bundle
+    expect(run()).toBe('cli.js');
+    // This checkout's bundle is current (npm test builds it) and runs on its own.
+    expect(statSync(join(root, 'dist/cli.bundle.js')).mtimeMs).toBeGreaterThanOrEqual(statSync(join(root, 'dist/cli.js')).mtimeMs);
+    const version = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).version;
+    const bundled = spawnSync(process.execPath, ['--input-type=module', '-e', `const { main } = await import(${JSON.stringify(join(root, 'dist/cli.bundle.js'))}); process.exitCode = await main(['--version']);`], { encoding: 'utf8' });
+    expect(bundled.stdout.trim(), bundled.stderr).toBe(version);
+  });
+
   it('demo builds three experts, merges them with DELLA and explains the result', () => {
     const dir = tempDir();
     const r = cli(['demo', '--out', dir]);
