@@ -59,29 +59,45 @@ struct RowPrefetch {
   uint64_t a_lines = 0, b_lines = 0;
 };
 
+// One counting step of 16 keys from j (lanes m). Full: all 16 lanes, so plain loads and
+// stores and no mask arithmetic; the gather and scatter still take m, which must not be
+// a compile-time constant (see mask_by_key_rank_cd in delta_pass.cc).
+template <bool Full>
+DELLA_AVX512_CD inline void count_step(const uint16_t* __restrict keys, uint64_t j, __mmask16 m, uint32_t* __restrict hist,
+                                       uint32_t* __restrict occ, __m512i& lo, __m512i& hi) {
+  const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
+  const __m512i k = _mm512_cvtepu16_epi32(Full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j))
+                                               : _mm256_maskz_loadu_epi16(m, keys + j));
+  const __m512i within = _mm512_popcnt_epi32(_mm512_conflict_epi32(k));
+  const __m512i o = _mm512_add_epi32(_mm512_mask_i32gather_epi32(zero, m, k, hist, 4), within);
+  if constexpr (Full) _mm512_storeu_si512(occ + j, o);
+  else _mm512_mask_storeu_epi32(occ + j, m, o);
+  _mm512_mask_i32scatter_epi32(hist, m, k, _mm512_add_epi32(o, one), 4);
+  lo = _mm512_mask_min_epu32(lo, Full ? _mm512_test_epi32_mask(k, k) : _mm512_mask_test_epi32_mask(m, k, k), lo, k);
+  hi = Full ? _mm512_max_epu32(hi, k) : _mm512_mask_max_epu32(hi, m, hi, k);
+}
+
 DELLA_AVX512_CD inline KeyRange count_keys15_cd(const uint16_t* __restrict keys, uint64_t n, uint32_t* __restrict hist,
                                                 uint32_t* __restrict occ, const PhiloxRun& ph, const RowPrefetch& pf) {
   constexpr int kVecs = 4;                      // Philox vectors of 8 blocks a turn
   constexpr uint64_t kTurn = 2 * 16 * kVecs;    // elements counted a turn: 8 steps for 32 blocks
-  const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
-  __m512i lo = _mm512_set1_epi32(static_cast<int>(keys15::kKeys - 1)), hi = zero;
+  __m512i lo = _mm512_set1_epi32(static_cast<int>(keys15::kKeys - 1)), hi = _mm512_setzero_si512();
   uint64_t b = 0;  // Philox blocks made
-  for (uint64_t j = 0, step = 0; j < n; j += 16, ++step) {
+  uint64_t j = 0, step = 0;
+  for (; j + 16 <= n; j += 16, ++step) {
     if (step < pf.a_lines) _mm_prefetch(pf.a + 64 * step, _MM_HINT_T0);
     if (step < pf.b_lines) _mm_prefetch(pf.b + 64 * step, _MM_HINT_T0);
     if (j % kTurn == 0 && b + 8 * kVecs <= ph.blocks) {
       philox_vectors_avx512<kVecs>(ph.g0 + b, ph.c2, ph.c3, ph.k0, ph.k1, ph.words + 4 * b);
       b += 8 * kVecs;
     }
-    const __mmask16 m = tail_mask(n - j);
-    const __m512i k = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, keys + j));
-    const __m512i within = _mm512_popcnt_epi32(_mm512_conflict_epi32(k));
-    const __m512i o = _mm512_add_epi32(_mm512_mask_i32gather_epi32(zero, m, k, hist, 4), within);
-    _mm512_mask_storeu_epi32(occ + j, m, o);
-    _mm512_mask_i32scatter_epi32(hist, m, k, _mm512_add_epi32(o, one), 4);
-    lo = _mm512_mask_min_epu32(lo, _mm512_mask_test_epi32_mask(m, k, k), lo, k);
-    hi = _mm512_mask_max_epu32(hi, m, hi, k);
+    __mmask16 all = 0xffff;
+#if defined(__GNUC__)
+    __asm__("" : "+Yk"(all));
+#endif
+    count_step<true>(keys, j, all, hist, occ, lo, hi);
   }
+  if (j < n) count_step<false>(keys, j, tail_mask(n - j), hist, occ, lo, hi);  // Philox's rest is made below
   if (b < ph.blocks) philox_blocks(ph.g0 + b, ph.blocks - b, ph.c2, ph.c3, ph.k0, ph.k1, ph.words + 4 * b);
   return {_mm512_reduce_min_epu32(lo) >> keys15::kBlockBits, _mm512_reduce_max_epu32(hi) >> keys15::kBlockBits};
 }
