@@ -14,7 +14,7 @@ ctest --test-dir build-asan-ctest --output-on-failure
 g++ -std=c++17 -O1 -g -fsanitize=thread -pthread -Inative/include -Inative/src/cuda \
   native/test/ordered_digests_test.cc -o build-asan-ctest/della_ordered_digests_tsan
 TSAN_OPTIONS=halt_on_error=1 build-asan-ctest/della_ordered_digests_tsan
-npx tsc -p tsconfig.json
+npx tsc -p tsconfig.json && node scripts/bundle-cli.mjs
 export DELLA_NATIVE_PATH="$PWD/build-asan/Release/della_merge.node"
 export LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libubsan.so)"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
