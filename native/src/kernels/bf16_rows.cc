@@ -2,11 +2,11 @@
 // row functions the compiler ran short of registers and reloaded pointers in these
 // loops). Loads and deltas need AVX-512BW; keys and stores use AVX-512 BF16's
 // vcvtne2ps2bf16 (Cooper Lake, Sapphire Rapids, Zen 4 and later) instead of the integer
-// rounding of row_io.h: the same bits. The instruction rounds to nearest even whatever MXCSR says, like f32_to_bf16,
-// but it reads subnormal inputs as zero and keeps a NaN's payload, so a step holding a
-// subnormal or NaN lane is patched from the scalar code (rare: a delta or an output is
-// subnormal only below 2^-126). kernel_tests compares both over crafted and random
-// values.
+// rounding of row_io.h: the same bits. The instruction rounds to nearest even whatever
+// MXCSR says, like f32_to_bf16, but it reads subnormal inputs as zero and keeps a NaN's
+// payload, so a step holding a subnormal or NaN lane is patched from the scalar code
+// (rare: a delta or an output is subnormal only below 2^-126). kernel_tests compares
+// both over crafted and random values.
 #include "row_io.h"
 
 #if defined(DELLA_AVX512_PATHS)
@@ -26,7 +26,7 @@ bool have_avx512_bw() {
 }
 
 bool have_avx512_bf16() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+  static const bool yes = have_avx512_bw() && __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
   return yes;
 }
@@ -61,8 +61,14 @@ DELLA_AVX512_BF16 inline __m512i round32(__m512 lo, __m512 hi, __mmask32& odd) {
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
 }
 
-DELLA_AVX512_BF16 inline void store_keys(uint16_t* k16, __m512i h, __mmask32 odd, const float* d) {
-  _mm512_storeu_si512(k16, _mm512_and_si512(h, _mm512_set1_epi16(0x7fff)));
+// The BF16 keys of 32 fp32 values (lo: the first 16) into k16.
+DELLA_AVX512_BF16 inline void keys32(uint16_t* k16, __m512 lo, __m512 hi) {
+  __mmask32 odd;
+  _mm512_storeu_si512(k16, _mm512_and_si512(round32(lo, hi, odd), _mm512_set1_epi16(0x7fff)));
+  if (odd == 0) return;
+  alignas(64) float d[32];
+  _mm512_store_ps(d, lo);
+  _mm512_store_ps(d + 16, hi);
   for (uint32_t m = odd; m != 0; m &= m - 1) {
     const int i = __builtin_ctz(m);
     k16[i] = bf16_key(d[i]);
@@ -107,11 +113,7 @@ DELLA_AVX512_BW uint64_t bf16_deltas_row(const uint8_t* __restrict src, uint64_t
 
 DELLA_AVX512_BF16 void bf16_keys_row(const float* __restrict d, uint64_t n, uint16_t* __restrict k16) {
   uint64_t j = 0;
-  for (; j + 32 <= n; j += 32) {
-    __mmask32 odd;
-    const __m512i h = round32(_mm512_loadu_ps(d + j), _mm512_loadu_ps(d + j + 16), odd);
-    store_keys(k16 + j, h, odd, d + j);
-  }
+  for (; j + 32 <= n; j += 32) keys32(k16 + j, _mm512_loadu_ps(d + j), _mm512_loadu_ps(d + j + 16));
   for (; j < n; ++j) k16[j] = bf16_key(d[j]);
 }
 
@@ -122,16 +124,7 @@ DELLA_AVX512_BF16 void bf16_delta_keys_row(const uint8_t* __restrict src, uint64
   for (; j + 32 <= n; j += 32) {
     __m512 lo, hi;
     deltas32(src + 2 * j, b + j, lo, hi, bad);
-    __mmask32 odd;
-    const __m512i h = round32(lo, hi, odd);
-    if (odd == 0) {
-      _mm512_storeu_si512(k16 + j, _mm512_and_si512(h, _mm512_set1_epi16(0x7fff)));
-    } else {
-      alignas(64) float dv[32];
-      _mm512_store_ps(dv, lo);
-      _mm512_store_ps(dv + 16, hi);
-      store_keys(k16 + j, h, odd, dv);
-    }
+    keys32(k16 + j, lo, hi);
   }
   for (; j < n; ++j) k16[j] = bf16_key(load_elem<DType::BF16>(src, j) - b[j]);
 }

@@ -194,7 +194,7 @@ struct KeepScaleArith {
 
 // One step of mask_by_key_rank_cd: 16 elements from j, lanes m. Full: all 16 lanes, so
 // plain loads and stores (the masked ones made the loop about 13% slower); the
-// gathers still take m, which must not be a compile-time constant (see below).
+// gathers still take m (opaque_all_lanes).
 template <bool Full, class KeepScaleOf>
 DELLA_AVX512_CD inline __mmask16 key_rank_step(float* __restrict d, const uint32_t* __restrict words,
                                                const uint32_t* __restrict occ, const uint16_t* __restrict keys,
@@ -225,17 +225,9 @@ DELLA_AVX512_CD uint64_t mask_by_key_rank_cd(float* __restrict d, const uint32_t
                                               const uint32_t* __restrict starts, const KeepScaleOf& keep_scale,
                                               uint64_t n) {
   uint64_t kept = 0, j = 0;
-  for (; j + 16 <= n; j += 16) {
-    // The gathers' mask must not be a compile-time constant: with an all-lanes constant
-    // GCC drops a gather's zeroed source and gathers into a register still holding the
-    // previous step's result, which chains each step to the one before (measured twice
-    // as slow). The empty asm hides the constant.
-    __mmask16 all = 0xffff;
-#if defined(__GNUC__)
-    __asm__("" : "+Yk"(all));
-#endif
-    kept += static_cast<uint64_t>(__builtin_popcount(key_rank_step<true>(d, words, occ, keys, starts, keep_scale, j, all)));
-  }
+  for (; j + 16 <= n; j += 16)
+    kept += static_cast<uint64_t>(
+        __builtin_popcount(key_rank_step<true>(d, words, occ, keys, starts, keep_scale, j, opaque_all_lanes())));
   if (j < n)
     kept += static_cast<uint64_t>(
         __builtin_popcount(key_rank_step<false>(d, words, occ, keys, starts, keep_scale, j, tail_mask(n - j))));

@@ -684,8 +684,7 @@ void run_dots(const std::vector<DotTask>& tasks, unsigned threads, std::vector<D
 
 std::vector<std::string> cpu_kernel_paths() {
   std::vector<std::string> paths;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__) && \
-    !defined(DELLA_FIXED_SIMD)
+#if defined(DELLA_HAS_SIMD_CLONES)
   // The order target_clones picks in (DELLA_SIMD_CLONES).
   __builtin_cpu_init();
   if (__builtin_cpu_supports("x86-64-v4")) paths.push_back("x86-64-v4 (AVX-512) row functions");

@@ -16,6 +16,7 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__) && \
     !defined(DELLA_FIXED_SIMD)
 #define DELLA_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define DELLA_HAS_SIMD_CLONES 1
 #else
 #define DELLA_SIMD_CLONES
 #endif
@@ -227,7 +228,8 @@ template <int KEYS>
 DELLA_ALWAYS_INLINE uint64_t deltas_any(DType dt, const uint8_t* src, uint64_t n, const float* b, float* d,
                                         uint16_t* k16, uint32_t* k32) {
 #if defined(DELLA_AVX512_PATHS)
-  // BF16 keys in a second loop over d, which is still in L1 (callers pass chunks of 256).
+  // BF16 keys in a second loop over d, still in the cache (delta_pass.cc passes chunks of
+  // 256 values where it prefetches the next row).
   if constexpr (KEYS == 1) {
     if (have_avx512_bf16()) {
       const uint64_t bad = deltas_any<0>(dt, src, n, b, d, k16, k32);
