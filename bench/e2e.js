@@ -13,6 +13,7 @@ import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { saveModel } from '../dist/index.js';
+import { provenance } from './lib/provenance.js';
 
 const { values } = parseArgs({ options: {
   params: { type: 'string' }, experts: { type: 'string' }, method: { type: 'string' }, threads: { type: 'string' }, keep: { type: 'string' },
@@ -149,7 +150,7 @@ for (const method of methods) {
   }
   const best = runs.sort((a, b) => a.seconds - b.seconds)[0];
   const row = {
-    date: new Date().toISOString(), cpu: cpus()[0]?.model, cores: cpus().length, method, experts: K, dtype: 'BF16',
+    ...provenance(), method, experts: K, dtype: 'BF16',
     parametersPerModel: params, inputBytes: floor.bytes, readOnceSeconds: floor.seconds,
     mergeSeconds: best.seconds, mergeSecondsAll: runs.map((r) => r.seconds), ratioToReadOnce: best.seconds / floor.seconds,
     mParamsPerSecond: params / best.seconds / 1e6, peakAnonBytes: Math.max(...runs.map((r) => r.peakAnon)),

@@ -9,6 +9,7 @@ import { parseArgs } from 'node:util';
 import { loadNative } from '../dist/native.js';
 import { METHODS, SIZE, fill, time, mergeTask } from './lib/kernel-timer.js';
 import { OPTIONS, settings } from './lib/options.js';
+import { provenance } from './lib/provenance.js';
 
 const { values } = parseArgs({ options: OPTIONS });
 const native = loadNative();
@@ -44,5 +45,5 @@ for (const dtype of DTYPES) {
 mkdirSync(new URL('./out/', import.meta.url), { recursive: true });
 // The full default table is kernels.json; quick or thread-limited runs get their own file.
 const file = new URL(quick || values.threads ? `./out/kernels${quick ? '-quick' : ''}-t${threads}.json` : './out/kernels.json', import.meta.url);
-writeFileSync(file, `${JSON.stringify({ date: new Date().toISOString(), cpu: cpus()[0]?.model, cores: cpus().length, threads, rows, cols, results }, null, 2)}\n`);
+writeFileSync(file, `${JSON.stringify({ ...provenance(), threads, rows, cols, results }, null, 2)}\n`);
 console.log(`wrote ${file.pathname}`);

@@ -2,7 +2,7 @@
 // Prints the markdown tables of bench/RESULTS.md from the JSON the benchmarks wrote, so
 // that no figure is copied by hand:
 //   node bench/tables.js [dir]     (default bench/results)
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 
 const dir = process.argv[2] ?? new URL('./results/', import.meta.url).pathname;
@@ -60,6 +60,47 @@ if (peer) {
   console.log('|---|---|---|---|---|');
   for (const r of peer.results) {
     console.log(`| ${r.method} | ${r.K} | ${r.peerMparamsPerSecond.toFixed(2)} | ${f1(r.oursMparamsPerSecond)} | ${f1(r.speedup)}× |`);
+  }
+  console.log();
+}
+
+// Every end-to-end run from a fresh clone (bench/results/fresh-clone-<commit>/e2e-1b*.json),
+// oldest first, and per method how many met the CPU speed issue's target.
+const cloneDirs = existsSync(dir) ? readdirSync(dir).filter((d) => /^fresh-clone-[0-9a-f]+$/.test(d)) : [];
+const runs = [];
+for (const d of cloneDirs) {
+  for (const f of readdirSync(join(dir, d)).filter((x) => /^e2e-1b.*\.json$/.test(x))) {
+    const e = JSON.parse(readFileSync(join(dir, d, f), 'utf8'));
+    const rows = Array.isArray(e) ? e : [e];
+    runs.push({ commit: rows[0].commit ?? d.slice('fresh-clone-'.length), date: rows[0].date, rows });
+  }
+}
+if (runs.length) {
+  runs.sort((a, b) => a.date.localeCompare(b.date));
+  const TARGETS = { della: 200, ties: 300, dare_ties: 300 };
+  const RUN_METHODS = ['della', 'ties', 'dare_ties', 'task_arithmetic'];
+  console.log('### End to end from fresh clones, 1 B parameters per model, K = 3 BF16 (M parameters/s; task arithmetic as its ratio to reading the inputs once)\n');
+  console.log(`| date (UTC) | commit | read inputs once | ${RUN_METHODS.join(' | ')} | peak private memory |`);
+  console.log(`|---|---|---|${RUN_METHODS.map(() => '---').join('|')}|---|`);
+  for (const run of runs) {
+    const cell = (m) => {
+      const r = run.rows.find((x) => x.method === m);
+      if (!r) return '–';
+      return m === 'task_arithmetic' ? `${f1(r.ratioToReadOnce)}×` : f1(r.mParamsPerSecond);
+    };
+    const peak = Math.max(...run.rows.map((r) => r.peakAnonBytes)) / 2 ** 20;
+    console.log(`| ${run.date.slice(0, 16).replace('T', ' ')} | \`${run.commit}\` | ${run.rows[0].readOnceSeconds.toFixed(2)} s | ${RUN_METHODS.map(cell).join(' | ')} | ${peak.toFixed(0)} MiB |`);
+  }
+  console.log();
+  const median = (xs) => { const s = [...xs].sort((a, b) => a - b); const h = s.length >> 1; return s.length % 2 ? s[h] : (s[h - 1] + s[h]) / 2; };
+  for (const m of RUN_METHODS) {
+    const got = runs.map((run) => run.rows.find((x) => x.method === m)).filter(Boolean);
+    if (!got.length) continue;
+    const v = got.map((r) => (m === 'task_arithmetic' ? r.ratioToReadOnce : r.mParamsPerSecond));
+    const met = m === 'task_arithmetic' ? v.filter((x) => x <= 2).length : v.filter((x) => x >= TARGETS[m]).length;
+    const unit = m === 'task_arithmetic' ? '×' : ' M/s';
+    const target = m === 'task_arithmetic' ? '≤ 2× the read' : `≥ ${TARGETS[m]} M/s`;
+    console.log(`- ${m}: ${got.length} run${got.length === 1 ? "" : "s"}, ${f1(Math.min(...v))}–${f1(Math.max(...v))}${unit}, median ${f1(median(v))}${unit}; ${target} in ${met} of ${got.length}`);
   }
   console.log();
 }

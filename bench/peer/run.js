@@ -15,6 +15,7 @@ import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { OPTIONS, settings } from '../lib/options.js';
+import { provenance } from '../lib/provenance.js';
 
 const { values } = parseArgs({ options: { ...OPTIONS, python: { type: 'string' } } });
 
@@ -90,7 +91,7 @@ for (const K of KS) {
 mkdirSync(new URL('../out/', import.meta.url), { recursive: true });
 const file = new URL('../out/peer.json', import.meta.url);
 writeFileSync(file, `${JSON.stringify({
-  date: new Date().toISOString(), cpu: cpus()[0]?.model, cores: cpus().length, threads, rows, cols, dtype,
+  ...provenance(), threads, rows, cols, dtype,
   peer: { ...peerReport, results: undefined }, results,
 }, null, 2)}\n`);
 console.log(`wrote ${file.pathname}`);
