@@ -82,7 +82,8 @@ inline void occ_block_start(const TaskState& st, const ExpertState& es, uint64_t
 // Per-worker buffers, grown on demand and reused across rows and tensors.
 struct Scratch {
   std::vector<float> base, delta, x, fac, vals;
-  std::vector<uint32_t> keys, ranks, hist, tmp_keys, tmp_idx, idx, cur_keys, words;
+  std::vector<uint32_t> keys, ranks, hist, words;
+  std::vector<uint64_t> items, items_tmp;  // stable_ranks: key << 32 | index
   std::vector<uint8_t> keep, keep_b;
   // Row-local pass: half-precision keys and a histogram over all 2^15 keys, kept
   // zeroed between rows.
