@@ -8,11 +8,12 @@ import { join } from 'node:path';
 const dir = process.argv[2] ?? new URL('./results/', import.meta.url).pathname;
 const load = (f) => (existsSync(join(dir, f)) ? JSON.parse(readFileSync(join(dir, f), 'utf8')) : null);
 const f1 = (x) => x.toFixed(1);
+const at = (r) => `${r.date}${r.commit ? `, commit \`${r.commit}\`` : ''}`;
 const METHODS = ['della', 'della_linear', 'dare_ties', 'ties', 'task_arithmetic'];
 
 const kernels = load('kernels.json');
 if (kernels) {
-  console.log(`### Kernels: ${kernels.rows} × ${kernels.cols}, ${kernels.threads} threads, ${kernels.date}\n`);
+  console.log(`### Kernels: ${kernels.rows} × ${kernels.cols}, ${kernels.threads} threads, ${at(kernels)}\n`);
   console.log(`| dtype | K | ${METHODS.map((m) => `${m} M/s (×memcpy)`).join(' | ')} | memcpy GB/s |`);
   console.log(`|---|---|${METHODS.map(() => '---').join('|')}|---|`);
   const keys = [...new Set(kernels.results.map((r) => `${r.dtype}|${r.K}`))];
@@ -44,7 +45,7 @@ for (const f of ['e2e-1b.json', 'e2e.json']) {
   let e = load(f);
   if (!e) continue;
   e = Array.isArray(e) ? e : [e];
-  console.log(`### End to end (${f}): ${f1(e[0].parametersPerModel / 1e6)} M parameters per model, K = ${e[0].experts}, ${e[0].dtype}, ${e[0].threads} threads, ${e[0].date}\n`);
+  console.log(`### End to end (${f}): ${f1(e[0].parametersPerModel / 1e6)} M parameters per model, K = ${e[0].experts}, ${e[0].dtype}, ${e[0].threads} threads, ${at(e[0])}\n`);
   console.log('| method | input | read inputs once | merge (best of 2) | ratio to the floor | M parameters/s | peak private memory | peak RSS |');
   console.log('|---|---|---|---|---|---|---|---|');
   for (const r of e) {
@@ -55,7 +56,7 @@ for (const f of ['e2e-1b.json', 'e2e.json']) {
 
 const peer = load('peer.json');
 if (peer) {
-  console.log(`### Against the PyTorch peer: ${peer.rows} × ${peer.cols} ${peer.dtype}, ${peer.threads} threads, torch ${peer.peer.torch}, ${peer.date}\n`);
+  console.log(`### Against the PyTorch peer: ${peer.rows} × ${peer.cols} ${peer.dtype}, ${peer.threads} threads, torch ${peer.peer.torch}, ${at(peer)}\n`);
   console.log('| method | K | peer M/s | ours M/s | speedup |');
   console.log('|---|---|---|---|---|');
   for (const r of peer.results) {
