@@ -278,6 +278,42 @@ void bracket_rows_impl(const MergeTask& t, const TaskState& st, uint64_t item, u
   }
 }
 
+DELLA_SIMD_CLONES
+void bracket_rows32_impl(const MergeTask& t, const TaskState& st, uint64_t item, uint64_t r0, uint64_t r1, Scratch& s,
+                         std::vector<BracketList>& brackets) {
+  const uint64_t n = st.g.n;
+  const unsigned K = static_cast<unsigned>(t.experts.size());
+  const auto [base, d, k16, k32] = row_buffers(s, n);
+  uint32_t* __restrict in_row = grown(s.ranks, n);  // a row's keys inside a bracket
+  for (uint64_t r = r0; r < r1; ++r) {
+    load_base_row(t, r, n, base, r + 1 < r1);
+    for (unsigned k = 0; k < K; ++k) {
+      if (!brackets[2 * k].active && !brackets[2 * k + 1].active) continue;
+      row_keys(t, st, k, r, base, d, k16, k32);
+      for (unsigned c = 0; c < 2; ++c) {
+        BracketList& b = brackets[2 * k + c];
+        if (!b.active || b.overfull[item]) continue;
+        const uint32_t lo = b.lo, w = b.hi - b.lo;
+        uint64_t below = 0, in = 0;
+        for (uint64_t j = 0; j < n; ++j) {
+          const uint32_t key = k32[j];
+          in_row[in] = key;
+          in += key - lo <= w;  // wraps above w for keys below lo
+          below += key < lo;
+        }
+        b.below[item] += below;
+        std::vector<uint32_t>& list = b.inside[item];
+        if (list.size() + in > b.cap) {  // a sample that misled: stop collecting, give up the bracket
+          b.overfull[item] = 1;
+          std::vector<uint32_t>().swap(list);
+          continue;
+        }
+        list.insert(list.end(), in_row, in_row + in);
+      }
+    }
+  }
+}
+
 // Values of a tensor of dtype dt at flat positions pos[0..m) as fp32: one tight loop a
 // dtype, so that the cache misses of the scattered loads overlap.
 void gather_values(DType dt, const uint8_t* p, const uint64_t* pos, uint64_t m, float* out) {
@@ -291,7 +327,7 @@ void gather_values(DType dt, const uint8_t* p, const uint64_t* pos, uint64_t m, 
 
 }  // namespace
 
-std::vector<std::vector<uint16_t>> sample_keys(const MergeTask& t, const TaskState& st, uint64_t count) {
+std::vector<std::vector<uint32_t>> sample_keys(const MergeTask& t, const TaskState& st, uint64_t count) {
   const uint64_t N = st.g.numel, n = st.g.n;
   const size_t K = t.experts.size();
   const uint64_t step = N / count;  // count <= N
@@ -303,7 +339,7 @@ std::vector<std::vector<uint16_t>> sample_keys(const MergeTask& t, const TaskSta
   for (uint64_t s = 0; s < count; ++s) pos[s] = s * step + ((s + 1) * 0x9E3779B97F4A7C15ull >> 32) % step;
   std::vector<float> b(count), v(count);
   gather_values(t.base_dtype, static_cast<const uint8_t*>(t.base), pos.data(), count, b.data());
-  std::vector<std::vector<uint16_t>> keys(K);
+  std::vector<std::vector<uint32_t>> keys(K);
   for (size_t k = 0; k < K; ++k) {
     if (!st.ex[k].sparse) continue;
     const ExpertInput& e = t.experts[k];
@@ -316,7 +352,7 @@ std::vector<std::vector<uint16_t>> sample_keys(const MergeTask& t, const TaskSta
     keys[k].resize(count);
     for (uint64_t s = 0; s < count; ++s) {
       const float d = v[s] - b[s];
-      keys[k][s] = static_cast<uint16_t>(magnitude_key(d, st.mode));
+      keys[k][s] = magnitude_key(d, st.mode);
     }
   }
   return keys;
@@ -325,6 +361,11 @@ std::vector<std::vector<uint16_t>> sample_keys(const MergeTask& t, const TaskSta
 void bracket_rows(const MergeTask& t, const TaskState& st, uint64_t item, uint64_t r0, uint64_t r1, Scratch& s,
                   std::vector<BracketCounts>& brackets) {
   bracket_rows_impl(t, st, item, r0, r1, s, brackets);
+}
+
+void bracket_rows32(const MergeTask& t, const TaskState& st, uint64_t item, uint64_t r0, uint64_t r1, Scratch& s,
+                    std::vector<BracketList>& brackets) {
+  bracket_rows32_impl(t, st, item, r0, r1, s, brackets);
 }
 
 void histogram_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s, int level,

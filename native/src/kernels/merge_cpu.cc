@@ -406,8 +406,7 @@ TaskState prepare(const MergeTask& t, unsigned threads, std::vector<Scratch>& sc
       pa[k] = c.a;
       pb[k] = c.b;
     }
-    if (st.mode != KeyMode::F32 &&
-        bracketed_cuts(t, st, threads, scratch, pa, t.sparsifier == Sparsifier::Breadcrumbs ? pb : std::vector<uint64_t>{})) {
+    if (bracketed_cuts(t, st, threads, scratch, pa, t.sparsifier == Sparsifier::Breadcrumbs ? pb : std::vector<uint64_t>{})) {
       if (norm_rescale(t.rescale)) norm_scales(t, st, threads, scratch);
       return st;
     }

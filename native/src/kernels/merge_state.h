@@ -94,6 +94,7 @@ struct Scratch {
   // Bracket pass: the keys inside a bracket, and eight interleaved tables per bracket.
   std::vector<uint16_t> bracket_list;
   std::vector<uint32_t> bracket_tables;
+  std::vector<uint32_t> bracket_keys;  // fp32 brackets: every list of one cut, for its selection
 };
 
 // Base row r (of length n) as fp32 into dst; returns how many values are not finite.
@@ -156,11 +157,11 @@ bool magprune_arith_matches(const ExpertState& es, uint64_t n);
 void histogram_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r1, Scratch& s, int level,
                     const std::vector<uint32_t>& hi_filter, std::vector<std::vector<uint64_t>>& hists);
 
-// The whole-tensor cuts of a magnitude or breadcrumbs task with half-precision keys,
-// from a key bracket chosen on a sample and one counting pass (bracket_cuts.cc): sets
-// every sparse expert's cuts and occurrence blocks. Returns false, having set nothing,
-// when the bracket would be too wide or missed a cut; the caller then takes the exact
-// full-histogram path. positions_b is empty unless the task has second cuts.
+// The whole-tensor cuts of a magnitude or breadcrumbs task, from a key bracket chosen
+// on a sample and one pass over the tensor (bracket_cuts.cc): sets every sparse
+// expert's cuts and occurrence blocks. Returns false, having set nothing, when a
+// bracket would be too wide or too full, or missed its cut; the caller then takes the
+// exact full-histogram path. positions_b is empty unless the task has second cuts.
 bool bracketed_cuts(const MergeTask& t, TaskState& st, unsigned threads, std::vector<Scratch>& scratch,
                     const std::vector<uint64_t>& positions_a, const std::vector<uint64_t>& positions_b);
 
@@ -177,10 +178,27 @@ struct BracketCounts {
 void bracket_rows(const MergeTask& t, const TaskState& st, uint64_t item, uint64_t r0, uint64_t r1, Scratch& s,
                   std::vector<BracketCounts>& brackets);
 
-// The half-precision magnitude keys of every sparse expert (others: empty) at `count`
-// (<= numel) flat positions spread over the tensor: one in each stretch of
-// step = numel / count elements, at an offset hashed from s.
-std::vector<std::vector<uint16_t>> sample_keys(const MergeTask& t, const TaskState& st, uint64_t count);
+// A key bracket [lo, hi] of one cut among fp32 keys and, per work item, the keys below
+// lo and the keys inside, in index order. An item whose list would pass `cap` keys is
+// marked in `overfull` and its list dropped: the bracket is then abandoned.
+struct BracketList {
+  uint32_t lo = 0, hi = 0;
+  bool active = false;
+  uint64_t cap = 0;
+  std::vector<uint64_t> below;
+  std::vector<std::vector<uint32_t>> inside;
+  std::vector<uint8_t> overfull;
+};
+
+// The same pass for fp32 keys: lists instead of histograms, since a narrow share of a
+// tensor still spans millions of distinct 31-bit keys.
+void bracket_rows32(const MergeTask& t, const TaskState& st, uint64_t item, uint64_t r0, uint64_t r1, Scratch& s,
+                    std::vector<BracketList>& brackets);
+
+// The magnitude keys (15 bits for half-precision bases, 31 for fp32) of every sparse
+// expert (others: empty) at `count` (<= numel) flat positions spread over the tensor:
+// one in each stretch of step = numel / count elements, at an offset hashed from s.
+std::vector<std::vector<uint32_t>> sample_keys(const MergeTask& t, const TaskState& st, uint64_t count);
 
 // Per row r in [r0, r1) and expert k with active[k] set, how many keys equal the
 // expert's cut keys: into a_counts[r * K + k] and b_counts[r * K + k].
