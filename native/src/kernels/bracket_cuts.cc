@@ -165,9 +165,12 @@ bool cut_from_lists(BracketList& b, uint64_t N, uint64_t before, bool descending
   return true;
 }
 
-// The brackets' share of the tensor that may be listed, all cuts together: 32 MiB of
-// keys at a 4096 x 4096 tensor, and the same share of larger ones.
+// What the fp32 brackets may list, all cuts together, as the sample expects it: at most
+// half the tensor, and at most 128 MiB of keys (an item's list may reach twice its
+// expectation before the bracket is given up). Past either, the full histograms run:
+// slower, but their memory does not grow with the tensor.
 constexpr double kMaxListShare = 0.5;
+constexpr double kMaxListBytes = 128.0 * (1u << 20);
 
 // What both kinds of bracket share: per sparse expert, its sample prepared once, then
 // per cut a bracket chosen on it (or the cut marked `all`); one pass over the work
@@ -241,7 +244,7 @@ bool bracketed_cuts(const MergeTask& t, TaskState& st, unsigned threads, std::ve
             BracketList& b) {
           const double f = choose_bracket32(sorted, N, before, descending, b);
           share += f;
-          if (share > kMaxListShare) return false;
+          if (share > kMaxListShare || share * static_cast<double>(N) * sizeof(uint32_t) > kMaxListBytes) return false;
           if (mode == 2) {  // past the cut
             const uint32_t w = b.hi - b.lo;
             if (b.hi < 0xffffffffu - w) {
