@@ -47,17 +47,27 @@ int bracket_mode() {
   return 0;
 }
 
-// The bracket of a cut with `before` elements before it in its order, from the
-// cumulative counts of the expert's sample keys (cum[key] = sample keys <= key);
-// false when it would be too wide.
-bool choose_bracket(const std::vector<uint32_t>& cum, uint64_t S, uint64_t N, uint64_t before, bool descending,
-                    BracketCounts& b) {
+// The sorted sample positions that bound a bracket: the cut's expected place in a
+// sample of S keys, minus and plus five standard deviations of its rank error (and 16).
+// lo_at below 0 or hi_at at S or above: the bracket runs to that end of the key range.
+struct SamplePlaces {
+  double lo_at, hi_at;
+};
+SamplePlaces sample_places(uint64_t S, uint64_t N, uint64_t before, bool descending) {
   // The cut element's ascending position: the key there is the cut key.
   const uint64_t a = descending ? N - 1 - before : before;
   const double f = (static_cast<double>(a) + 0.5) / static_cast<double>(N);
   const double center = f * static_cast<double>(S);
   const double margin = 5.0 * std::sqrt(static_cast<double>(S) * f * (1.0 - f)) + 16.0;
-  const double lo_at = std::floor(center - margin), hi_at = std::ceil(center + margin);
+  return {std::floor(center - margin), std::ceil(center + margin)};
+}
+
+// The bracket of a cut with `before` elements before it in its order, from the
+// cumulative counts of the expert's sample keys (cum[key] = sample keys <= key);
+// false when it would be too wide.
+bool choose_bracket(const std::vector<uint32_t>& cum, uint64_t S, uint64_t N, uint64_t before, bool descending,
+                    BracketCounts& b) {
+  const auto [lo_at, hi_at] = sample_places(S, N, before, descending);
   // The sample's key at sorted position p: the first key with more than p at or below.
   auto key_at = [&](uint64_t p) {
     return static_cast<uint32_t>(std::upper_bound(cum.begin(), cum.end(), static_cast<uint32_t>(p)) - cum.begin());
@@ -116,16 +126,12 @@ void set_cuts(TaskState& st, uint64_t per, bool two, std::vector<Cut>& cuts, std
 }
 
 // The fp32-key bracket of a cut from the expert's sorted sample: the sample keys at
-// the same positions as choose_bracket's, center -/+ margin. Returns the share of the
-// sample inside [lo, hi], ties at either end included.
+// sample_places. Returns the share of the sample inside [lo, hi], ties at either end
+// included.
 double choose_bracket32(const std::vector<uint32_t>& sorted, uint64_t N, uint64_t before, bool descending,
                         BracketList& b) {
   const uint64_t S = sorted.size();
-  const uint64_t a = descending ? N - 1 - before : before;
-  const double f = (static_cast<double>(a) + 0.5) / static_cast<double>(N);
-  const double center = f * static_cast<double>(S);
-  const double margin = 5.0 * std::sqrt(static_cast<double>(S) * f * (1.0 - f)) + 16.0;
-  const double lo_at = std::floor(center - margin), hi_at = std::ceil(center + margin);
+  const auto [lo_at, hi_at] = sample_places(S, N, before, descending);
   b.lo = lo_at < 0 ? 0u : sorted[static_cast<uint64_t>(lo_at)];
   b.hi = hi_at >= static_cast<double>(S) ? 0xffffffffu : sorted[static_cast<uint64_t>(hi_at)];
   const auto first = std::lower_bound(sorted.begin(), sorted.end(), b.lo);

@@ -73,7 +73,6 @@ struct RowPrefetch {
 
 // One counting step of 16 keys from j (lanes m). Full: all 16 lanes, so plain loads and
 // stores and no mask arithmetic; the gather and scatter still take m (opaque_all_lanes).
-
 template <bool Full>
 DELLA_AVX512_CD inline void count_step(const uint16_t* __restrict keys, uint64_t j, __mmask16 m, uint32_t* __restrict hist,
                                        uint32_t* __restrict occ, __m512i& lo, __m512i& hi) {

@@ -16,9 +16,8 @@ namespace {
 // Keys in [lo, lo + 2^width), width 16 to 32: LSD radix over those width bits, in as few
 // passes of at most 11 bits as cover them (a 2^11 histogram stays in L1). One read of
 // the keys fills every pass's histogram; each element travels as one 64-bit item, its
-// key above its index; a pass whose digit is the same for every key is skipped.
-// Spans of 16 to 32 bits take two or three passes: a template argument, so that the
-// histogram loop is unrolled.
+// key above its index; a pass whose digit is the same for every key is skipped. The
+// pass count (two or three) is a template argument, so that the histogram loop unrolls.
 template <unsigned passes>
 void wide_ranks(const uint32_t* __restrict keys, uint64_t n, uint32_t lo, unsigned width, Scratch& s,
                 uint32_t* __restrict ranks) {
