@@ -101,7 +101,7 @@ h2d=$(grep -o '"h2d_pinned_GBps": [0-9.]*' "$OUT/cuda-bench.json" 2>/dev/null | 
 #     skips it.
 if [ "${GPU_CHECK_NCU:-1}" = 1 ] && command -v ncu >/dev/null 2>&1; then
   : >"$OUT/ncu.txt"
-  for k in ${GPU_CHECK_NCU_KERNELS:-magprune_half_kernel fuse_half_kernel}; do
+  for k in ${GPU_CHECK_NCU_KERNELS:-magprune_half_kernel fuse_fixed_kernel}; do
     timeout 45 ncu -k "regex:$k" --launch-count 1 --set full "$bin/della_cuda_bench" --sizes 4096x4096 --reps 1 \
       --methods ${GPU_CHECK_NCU_METHODS:-della} >>"$OUT/ncu.txt" 2>&1
   done
@@ -113,8 +113,8 @@ fi
 #     mix without device time (cuobjdump is on the GPU machine, not the development one).
 if command -v cuobjdump >/dev/null 2>&1 && command -v strings >/dev/null 2>&1; then
   for f in $(strings "$bin/della_merge_cuda.so" |
-             grep -E '^_ZN5della4cuda6detail.*(16fuse_half_kernelILNS_5DTypeE2E|20magprune_half_kernelILNS_5DTypeE2ELi256ELi16ELb1E)' |
-             grep -vE 'L(16|20)(fuse|magprune)|[.]cold$' | sort -u); do
+             grep -E '^_ZN5della4cuda6detail.*(17fuse_fixed_kernelILNS_5DTypeE2ELi3ELNS_9ConsensusE1E|20magprune_half_kernelILNS_5DTypeE2ELi256ELi16ELb1ELb1E)' |
+             grep -vE 'L(17|20)(fuse|magprune)|[.]cold$' | sort -u); do
     timeout 30 cuobjdump -sass -fun "$f" "$bin/della_merge_cuda.so" 2>&1 | head -30000
   done >"$OUT/sass.txt"
   note "sass: $(grep -cE '^ +/\*[0-9a-f]{4}\*/' "$OUT/sass.txt") instructions of della's 16-bit kernels in sass.txt"

@@ -7,6 +7,9 @@
 // the numbers.
 //   della_cuda_bench [--json FILE] [--sizes 4096x4096,14336x4096] [--reps N] [--methods della,ties,...]
 #include <cuda_runtime.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -64,6 +67,22 @@ const Method kMethods[] = {
      kAllFast & ~della::cuda::kRank256},
     {"della/1024x16", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true,
      kAllFast & ~della::cuda::kTier2Wide},
+    // The kernels of 2026-11-27 (before kFuseFixed and kRankLean), and without each of the two.
+    {"della/prev", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true,
+     kAllFast & ~(della::cuda::kFuseFixed | della::cuda::kRankLean)},
+    {"della/plain-fuse", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true,
+     kAllFast & ~della::cuda::kFuseFixed},
+    {"della/plain-rank", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true,
+     kAllFast & ~della::cuda::kRankLean},
+    // Not on by default: della's final pass in one kernel for rows up to 4096.
+    {"della/fused-row", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true,
+     kAllFast | della::cuda::kFusedRow},
+    {"dare_ties/prev", della::Sparsifier::Random, della::Rescale::Inverse, della::Consensus::Sum, false, true, true,
+     kAllFast & ~della::cuda::kFuseFixed},
+    {"ties/prev", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true, true, true,
+     kAllFast & ~della::cuda::kFuseFixed},
+    {"task_arithmetic/prev", della::Sparsifier::None, della::Rescale::None, della::Consensus::None, false, true, true,
+     kAllFast & ~della::cuda::kFuseFixed},
     {"dare_ties/generic", della::Sparsifier::Random, della::Rescale::Inverse, della::Consensus::Sum, false, true, true, 0},
     {"ties/generic", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true, true, true, 0},
     {"task_arithmetic/generic", della::Sparsifier::None, della::Rescale::None, della::Consensus::None, false, true, true,
@@ -99,6 +118,69 @@ double time_ms(cudaStream_t s, int reps, Fn fn) {
   return median(ms);
 }
 
+// Pinning memory the host already holds instead of staging through a pinned buffer: the
+// cost of cudaHostRegister on 1 GiB of a page-cached file mapped read-only (as a merge
+// maps its inputs) and on 1 GiB of touched anonymous memory, and the device's read rate
+// from each. It tells whether a merge could copy straight from its input maps. A refusal
+// by the driver is reported, not an error. Returns the JSON object.
+std::string register_probe(cudaStream_t s) {
+  const size_t bytes = 1ull << 30;
+  void* d = nullptr;
+  CK(cudaMalloc(&d, bytes));
+  auto ms_since = [](std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  };
+  // One source: register it, time copies from it, unregister. ms values < 0: refused.
+  auto probe = [&](void* h, unsigned flags, const char* what, double& reg_ms, double& gbs, double& unreg_ms) {
+    reg_ms = gbs = unreg_ms = -1;
+    const auto r0 = std::chrono::steady_clock::now();
+    const cudaError_t e = cudaHostRegister(h, bytes, flags);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      std::printf("pinned in place, %s: cudaHostRegister refused: %s\n", what, cudaGetErrorString(e));
+      return;
+    }
+    reg_ms = ms_since(r0);
+    gbs = bytes / time_ms(s, 5, [&] { CK(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, s)); }) / 1e6;
+    const auto u0 = std::chrono::steady_clock::now();
+    CK(cudaHostUnregister(h));
+    unreg_ms = ms_since(u0);
+    std::printf("pinned in place, %s: cudaHostRegister of 1 GiB %.1f ms, host-to-device %.1f GB/s, unregister %.1f ms\n",
+                what, reg_ms, gbs, unreg_ms);
+  };
+  double file_reg = -1, file_gbs = -1, file_unreg = -1, anon_reg = -1, anon_gbs = -1, anon_unreg = -1;
+  const char* dir = std::getenv("TMPDIR");
+  std::string path = std::string(dir && *dir ? dir : "/tmp") + "/della_register_probe_XXXXXX";
+  const int fd = mkstemp(path.data());
+  if (fd >= 0) {
+    unlink(path.c_str());
+    std::vector<char> chunk(8 << 20, 1);
+    size_t written = 0;
+    while (written < bytes) {
+      const ssize_t w = write(fd, chunk.data(), chunk.size());
+      if (w <= 0) break;
+      written += static_cast<size_t>(w);
+    }
+    void* map = written >= bytes ? mmap(nullptr, bytes, PROT_READ, MAP_SHARED, fd, 0) : MAP_FAILED;
+    if (map != MAP_FAILED) {
+      probe(map, cudaHostRegisterReadOnly, "page-cached file, read-only map", file_reg, file_gbs, file_unreg);
+      munmap(map, bytes);
+    } else {
+      std::printf("pinned in place: could not write and map a 1 GiB file in %s\n", dir && *dir ? dir : "/tmp");
+    }
+    close(fd);
+  }
+  std::vector<char> anon(bytes, 1);
+  probe(anon.data(), cudaHostRegisterDefault, "touched anonymous memory", anon_reg, anon_gbs, anon_unreg);
+  CK(cudaFree(d));
+  char json[512];
+  std::snprintf(json, sizeof json,
+                "{\"bytes\": %zu, \"file_register_ms\": %.1f, \"file_h2d_GBps\": %.2f, \"file_unregister_ms\": %.1f, "
+                "\"anon_register_ms\": %.1f, \"anon_h2d_GBps\": %.2f, \"anon_unregister_ms\": %.1f}",
+                bytes, file_reg, file_gbs, file_unreg, anon_reg, anon_gbs, anon_unreg);
+  return json;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -121,7 +203,7 @@ int main(int argc, char** argv) {
   cudaStream_t s;
   CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
-  std::string out = "{\n  \"device\": \"" + std::string(prop.name) + "\",\n  \"results\": [\n";
+
   bool first_row = true, all_equal = true;
   std::printf("device %s; K=3 BF16 experts, BF16 base and output; median of %d runs\n", prop.name, reps);
   std::printf("%-23s %-11s %10s %10s %12s %12s %10s  %s\n", "method", "shape", "ms", "GB/s", "Gparams/s",
@@ -143,6 +225,9 @@ int main(int argc, char** argv) {
     CK(cudaFreeHost(h));
     std::printf("pinned host-to-device copy: %.1f GB/s (cudaMallocHost of 1 GiB: %.1f ms)\n", h2d_gbs, alloc_ms);
   }
+  const std::string registered = register_probe(s);
+  std::string out = "{\n  \"device\": \"" + std::string(prop.name) + "\",\n  \"host_register\": " + registered +
+                    ",\n  \"results\": [\n";
 
   size_t pos = 0;
   while (pos < sizes.size()) {

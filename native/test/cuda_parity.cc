@@ -270,7 +270,7 @@ int main(int argc, char** argv) {
     const char* name;
     della::cuda::Options o;
   };
-  std::vector<Config> configs(4);
+  std::vector<Config> configs(5);
   configs[0].name = "default";
   configs[0].o.memory_budget = 1536ull << 20;
   configs[1].name = "segmented ranks, tiny slabs, 1 stream";
@@ -293,6 +293,10 @@ int main(int argc, char** argv) {
   configs[3].o.shared_hist = false;
   configs[3].o.fast_paths = 0;
   configs[3].o.max_slab_elements = 1 << 17;
+  // The kernels not on by default (Options::fast_paths bits beyond the default ones).
+  configs[4].name = "default with della rows fused";
+  configs[4].o.memory_budget = 1536ull << 20;
+  configs[4].o.fast_paths = della::cuda::Options{}.fast_paths | della::cuda::kFusedRow;
   std::vector<std::unique_ptr<della::cuda::Context>> ctx;
   try {
     for (const Config& c : configs) ctx.emplace_back(new della::cuda::Context(c.o));

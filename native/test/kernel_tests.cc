@@ -396,6 +396,105 @@ static void stable_ranks_match_sort() {
   std::printf("stable ranks: %d key sets match a stable sort (seed %u)\n", cases, seed);
 }
 
+// The GPU's shortcuts for two divisions (merge_math.h) against the IEEE division: the
+// rank ratio of magprune for every row length the block ranking takes, and a zero
+// dividend in the fuse on special and random operands.
+static void division_shortcuts_match() {
+  uint64_t pairs = 0, uncorrected_off = 0;
+  for (uint32_t m = 1; m < della::kSmallRatioMax; ++m) {
+    const float fm = static_cast<float>(m), inv = 1.0f / fm;
+    for (uint32_t r = 0; r <= m; ++r) {
+      const float want = static_cast<float>(r) / fm;
+      const float got = della::small_ratio(r, fm, inv);
+      ++pairs;
+      uncorrected_off += della::f32_bits(static_cast<float>(r) * inv) != della::f32_bits(want);
+      if (della::f32_bits(got) != della::f32_bits(want)) {
+        CHECK(false, "small_ratio(%u, %u) = %a, division %a", r, m, got, want);
+        if (failures > 10) return;
+      }
+    }
+  }
+  // Without its correction the product is often off: the check above can fail.
+  CHECK(uncorrected_off > pairs / 100, "the uncorrected product was off for only %llu of %llu pairs",
+        static_cast<unsigned long long>(uncorrected_off), static_cast<unsigned long long>(pairs));
+  const della::MagpruneCoef coefs[] = {della::magprune_coef(0.4, 0.15), della::magprune_coef(0.9, 0.1),
+                                       della::magprune_coef(0.05, 0.049)};
+  for (uint32_t n : {1u, 2u, 3u, 8u, 4096u, 11008u, 14336u, 16384u})
+    for (const della::MagpruneCoef& c : coefs) {
+      const float fm = static_cast<float>(n - 1), inv = 1.0f / fm;
+      for (uint32_t r = 0; r < n; ++r) {
+        const float want = della::magprune_q_of<uint32_t>(r, n, c), got = della::magprune_q_small(r, n, fm, inv, c);
+        if (della::f32_bits(got) != della::f32_bits(want)) {
+          CHECK(false, "magprune_q_small(%u, %u) = %a, magprune_q_of %a", r, n, got, want);
+          return;
+        }
+      }
+    }
+  const float inf = INFINITY, nan = NAN;
+  std::vector<float> vals = {0.0f, -0.0f, 1.0f, -1.0f, 3.0f, -2.5f, 1e-8f, 9e-9f, 1e-45f, -1e-45f, 1e-40f, 3e38f,
+                             -3e38f, inf, -inf, nan, -nan, 0.1f, 1.17549435e-38f};
+  std::mt19937 rng(20261128);
+  std::uniform_int_distribution<uint32_t> bits;
+  for (int i = 0; i < 2000; ++i) vals.push_back(della::bits_f32(bits(rng)));
+  uint64_t zeros = 0;
+  for (float m : vals)
+    for (float d : vals) {
+      const float want = m / d, got = della::divide_zero_fast(m, d);
+      const bool same = della::f32_bits(got) == della::f32_bits(want) || (want != want && got != got);
+      zeros += m == 0.0f;
+      if (!same) {
+        CHECK(false, "divide_zero_fast(%a, %a) = %a, division %a", m, d, got, want);
+        return;
+      }
+    }
+  CHECK(zeros > 0, "no zero dividend tested");
+  std::printf("division shortcuts: %llu rank ratios and %zu divisions match\n", static_cast<unsigned long long>(pairs),
+              vals.size() * vals.size());
+}
+
+// fuse_element_fixed (the GPU's fuse for K <= 4) against fuse_element on random weighted
+// deltas: zeros (dropped experts), both signs, a non-finite value now and then, weights
+// of both signs, some summing to zero.
+template <int K, della::Consensus C>
+static void fixed_fuse_case(std::mt19937& rng, uint64_t& cases) {
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> pick(0, 99);
+  for (int it = 0; it < 20000; ++it) {
+    float p[K], w[K];
+    for (int k = 0; k < K; ++k) {
+      const int c = pick(rng);
+      p[k] = c < 30 ? 0.0f : c < 32 ? -0.0f : c == 32 ? NAN : c == 33 ? -INFINITY : u(rng) * 1e-2f;
+      w[k] = pick(rng) < 10 ? -0.5f : 0.25f + 0.25f * k;
+    }
+    if (K >= 2 && pick(rng) < 10) w[K - 1] = -w[0];  // weights that cancel
+    const bool normalize = pick(rng) < 70, apply_lambda = pick(rng) < 30;
+    const float lambda = 1.5f;
+    const della::FuseConfig cfg{K, C, normalize, apply_lambda, lambda};
+    const float want = della::fuse_element(p, w, cfg);
+    const float got = della::fuse_element_fixed<K, C>(p, w, normalize, apply_lambda, lambda);
+    ++cases;
+    if (della::f32_bits(got) != della::f32_bits(want) && !(got != got && want != want)) {
+      CHECK(false, "fuse_element_fixed<%d, %d> = %a, fuse_element %a (p[0] %a, w[0] %a)", K, static_cast<int>(C), got,
+            want, p[0], w[0]);
+      return;
+    }
+  }
+}
+
+static void fixed_fuse_matches() {
+  std::mt19937 rng(1128);
+  uint64_t cases = 0;
+  fixed_fuse_case<1, della::Consensus::Sum>(rng, cases);
+  fixed_fuse_case<2, della::Consensus::Sum>(rng, cases);
+  fixed_fuse_case<3, della::Consensus::Sum>(rng, cases);
+  fixed_fuse_case<4, della::Consensus::Sum>(rng, cases);
+  fixed_fuse_case<1, della::Consensus::None>(rng, cases);
+  fixed_fuse_case<2, della::Consensus::None>(rng, cases);
+  fixed_fuse_case<3, della::Consensus::None>(rng, cases);
+  fixed_fuse_case<4, della::Consensus::None>(rng, cases);
+  std::printf("fixed fuse: %llu elements match fuse_element\n", static_cast<unsigned long long>(cases));
+}
+
 int main() {
   philox_known_answers();
   philox_blocks_match_scalar();
@@ -407,6 +506,8 @@ int main() {
   xxh64_pieces_match_whole();
   magprune_arith_checked();
   stable_ranks_match_sort();
+  division_shortcuts_match();
+  fixed_fuse_matches();
   if (failures) {
     std::fprintf(stderr, "%d failures\n", failures);
     return 1;

@@ -274,9 +274,16 @@ __device__ __forceinline__ void unpack4(uint2 raw, float (&v)[4]) {
 
 // keep_row for a row of D with n % 4 == 0: thread t takes the row's Philox blocks t,
 // t + THREADS, ...; ranks[j] as in keep_row.
-template <DType D, int THREADS>
+// LEAN (Options::fast_paths & kRankLean): the rank ratio r / (n - 1) by small_ratio from
+// one reciprocal per row (the division re-derived the reciprocal and tested its range
+// per element), and the rescale's kind and norm scale read once per row instead of being
+// tested and loaded per element. Same values: kernel_tests checks small_ratio against
+// the division for every row length this kernel takes.
+// dst: where the final pass writes the row's sparsified values (the expert's scratch row
+// in device memory, or shared memory in della_row_kernel).
+template <DType D, int THREADS, bool LEAN>
 __device__ __forceinline__ void keep_row_half(const SlabParams& p, unsigned k, uint32_t r, const uint16_t* ranks,
-                                              int final_pass) {
+                                              int final_pass, float* dst) {
   const DevExpert& ex = p.ex[k];
   const uint32_t n = static_cast<uint32_t>(p.n);
   const uint64_t off = static_cast<uint64_t>(r) * n;
@@ -284,6 +291,10 @@ __device__ __forceinline__ void keep_row_half(const SlabParams& p, unsigned k, u
   const uint2* xe = reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(ex.data) + off);
   const uint2* xb = reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p.base) + off);
   const uint2* rk = reinterpret_cast<const uint2*>(ranks);
+  const float fm = static_cast<float>(n - 1), inv = 1.0f / fm;  // LEAN; n >= 8 here
+  const bool inverse = p.rescale == Rescale::Inverse;
+  const bool by_norm = final_pass && (p.rescale == Rescale::L1 || p.rescale == Rescale::L2 || p.rescale == Rescale::Linf);
+  const float norm_scale = LEAN && by_norm ? p.state.norm_scale[k] : 1.0f;
   uint32_t bad = 0, kept = 0;
   for (uint32_t gi = threadIdx.x; gi < n / 4; gi += THREADS) {
     const Philox4 w = philox_block(g0 + gi, p.tensor_id, k, p.seed);
@@ -297,14 +308,17 @@ __device__ __forceinline__ void keep_row_half(const SlabParams& p, unsigned k, u
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const float d = value[q] - base[q];
-      const float qk = magprune_q_of<uint32_t>(rank[q], n, ex.coef);
+      const float qk = LEAN ? magprune_q_small(rank[q], n, fm, inv, ex.coef) : magprune_q_of<uint32_t>(rank[q], n, ex.coef);
       const bool keep = uniform_from_word(w.v[q]) < qk;
-      v[q] = sparsified(p, k, keep, d, inverse_scale(qk));
+      if constexpr (LEAN)
+        v[q] = keep_or_zero(keep, inverse ? d * inverse_scale(qk) : (by_norm ? d * norm_scale : d));
+      else
+        v[q] = sparsified(p, k, keep, d, inverse_scale(qk));
       flags |= static_cast<uint32_t>(keep) << (8 * q);
       bad += !is_finite_f32(value[q]);
       kept += keep;
     }
-    if (final_pass) reinterpret_cast<float4*>(ex.scratch + off)[gi] = make_float4(v[0], v[1], v[2], v[3]);
+    if (final_pass) reinterpret_cast<float4*>(dst)[gi] = make_float4(v[0], v[1], v[2], v[3]);
     else reinterpret_cast<uint32_t*>(p.keep + off)[gi] = flags;
   }
   if (final_pass) {
@@ -344,16 +358,26 @@ constexpr int rank_min_blocks() {
   return THREADS == 256 ? 3 : (THREADS == 512 && ITEMS == 32 ? 1 : 1024 / THREADS);
 }
 
-template <DType D, int THREADS, int ITEMS, bool DIRECT>
-__global__ void __launch_bounds__(THREADS, rank_min_blocks<THREADS, ITEMS>())
-    magprune_half_kernel(const __grid_constant__ SlabParams p, unsigned k, int final_pass) {
+// The key of a BF16 row's delta without branches (LEAN): magnitude_key's RNE to BF16 of
+// |d|, a NaN's the canonical 0x7fc0; the compiler had made magnitude_key's NaN test a
+// branch around every key.
+__device__ __forceinline__ uint32_t bf16_key_lean(float d) {
+  const uint32_t ax = __float_as_uint(d) & 0x7fffffffu;
+  const uint32_t rounded = (ax + 0x7fffu + ((ax >> 16) & 1u)) >> 16;
+  return ax > 0x7f800000u ? 0x7fc0u : rounded;
+}
+
+// The stable ranks of expert k's keys in row r of the slab, by index, into `ranks` (in
+// the first R::kSmem bytes of shared memory at `smem`, which the sort uses first). Every
+// thread of the block calls it; the ranks are ready when it returns.
+template <DType D, int THREADS, int ITEMS, bool DIRECT, bool LEAN>
+__device__ __forceinline__ void rank_row_half(const SlabParams& p, unsigned k, uint32_t r, unsigned char* smem) {
   using R = BlockRankPacked<THREADS, ITEMS>;
   static_assert(R::kCapacity <= 65536 && ITEMS % 8 == 0, "indices fit 16 bits; 16-byte loads");
-  extern __shared__ __align__(16) unsigned char smem[];
   uint16_t* ranks = reinterpret_cast<uint16_t*>(smem);  // after the sort, in the same bytes
   constexpr KeyMode mode = D == DType::BF16 ? KeyMode::BF16 : KeyMode::F16;
   const uint32_t n = static_cast<uint32_t>(p.n);
-  const uint64_t off = static_cast<uint64_t>(blockIdx.x) * n;
+  const uint64_t off = static_cast<uint64_t>(r) * n;
   const uint4* xe = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.ex[k].data) + off);
   const uint4* xb = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.base) + off);
   uint32_t words[ITEMS];
@@ -368,7 +392,9 @@ __global__ void __launch_bounds__(THREADS, rank_min_blocks<THREADS, ITEMS>())
     for (int h = 0; h < 8; ++h) {
       const float d = half_to_f32<D>((we[h / 2] >> (16 * (h & 1))) & 0xffffu) -
                       half_to_f32<D>((wb[h / 2] >> (16 * (h & 1))) & 0xffffu);
-      const uint32_t key = in ? magnitude_key(d, mode) : 0xffffu;
+      uint32_t key;
+      if constexpr (LEAN && D == DType::BF16) key = bf16_key_lean(d) | (in ? 0u : 0xffffu);  // padding: 0 | 0xffff
+      else key = in ? magnitude_key(d, mode) : 0xffffu;
       words[8 * c + h] = key << 16 | (j + h);
     }
   }
@@ -398,16 +424,24 @@ __global__ void __launch_bounds__(THREADS, rank_min_blocks<THREADS, ITEMS>())
     }
   }
   __syncthreads();
-  keep_row_half<D, THREADS>(p, k, blockIdx.x, ranks, final_pass);
+}
+
+template <DType D, int THREADS, int ITEMS, bool DIRECT, bool LEAN>
+__global__ void __launch_bounds__(THREADS, rank_min_blocks<THREADS, ITEMS>())
+    magprune_half_kernel(const __grid_constant__ SlabParams p, unsigned k, int final_pass) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  rank_row_half<D, THREADS, ITEMS, DIRECT, LEAN>(p, k, blockIdx.x, smem);
+  keep_row_half<D, THREADS, LEAN>(p, k, blockIdx.x, reinterpret_cast<const uint16_t*>(smem), final_pass,
+                                  p.ex[k].scratch + static_cast<uint64_t>(blockIdx.x) * p.n);
 }
 
 using Tier2Packed = BlockRankPacked<1024, 16>;
 using Tier2Wide = BlockRankPacked<512, 32>;
 
-template <DType D, int THREADS, int ITEMS, bool DIRECT>
+template <DType D, int THREADS, int ITEMS, bool DIRECT, bool LEAN>
 void launch_rank_half(const SlabParams& p, unsigned k, int final_pass, cudaStream_t s) {
   using R = BlockRankPacked<THREADS, ITEMS>;
-  auto kernel = magprune_half_kernel<D, THREADS, ITEMS, DIRECT>;
+  auto kernel = magprune_half_kernel<D, THREADS, ITEMS, DIRECT, LEAN>;
   if (R::kSmem > 48 * 1024)
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(R::kSmem)),
           "cudaFuncSetAttribute (ranking shared memory)");
@@ -415,12 +449,12 @@ void launch_rank_half(const SlabParams& p, unsigned k, int final_pass, cudaStrea
 }
 
 // The 16-bit ranking kernel of a row's tier and the chosen layout (Options::fast_paths).
-template <DType D, bool DIRECT>
+template <DType D, bool DIRECT, bool LEAN>
 void launch_rank_half_tier(const TaskInfo& ti, const SlabParams& p, unsigned k, int final_pass, cudaStream_t s) {
-  if (ti.block_tier == 1 && ti.rank256) launch_rank_half<D, 256, 16, DIRECT>(p, k, final_pass, s);
-  else if (ti.block_tier == 1) launch_rank_half<D, 512, 8, DIRECT>(p, k, final_pass, s);
-  else if (ti.tier2_wide) launch_rank_half<D, 512, 32, DIRECT>(p, k, final_pass, s);
-  else launch_rank_half<D, 1024, 16, DIRECT>(p, k, final_pass, s);
+  if (ti.block_tier == 1 && ti.rank256) launch_rank_half<D, 256, 16, DIRECT, LEAN>(p, k, final_pass, s);
+  else if (ti.block_tier == 1) launch_rank_half<D, 512, 8, DIRECT, LEAN>(p, k, final_pass, s);
+  else if (ti.tier2_wide) launch_rank_half<D, 512, 32, DIRECT, LEAN>(p, k, final_pass, s);
+  else launch_rank_half<D, 1024, 16, DIRECT, LEAN>(p, k, final_pass, s);
 }
 
 // ---------------------------------------------------------------- magprune: long rows
@@ -726,7 +760,8 @@ __device__ __forceinline__ void for_experts(unsigned K, F&& f) {
 // The CPU's fuse_row for one element, in its operation order: v[k] is expert k's
 // sparsified delta (or, for linear tasks, its value), b the base's value; returns the
 // merged value before the store.
-template <int KMAX>
+// ZERO_FAST: the normalizing division by divide_zero_fast (same value; see fuse_fixed).
+template <int KMAX, bool ZERO_FAST>
 __device__ __forceinline__ float fuse_one(const SlabParams& p, unsigned K, const float (&v)[KMAX], float b) {
   float m = 0.0f, d = 0.0f;
   if (p.consensus == Consensus::None) {
@@ -753,7 +788,7 @@ __device__ __forceinline__ float fuse_one(const SlabParams& p, unsigned K, const
     });
     d = d == 0.0f ? 1.0f : d;
   }
-  if (p.normalize) m = m / d;
+  if (p.normalize) m = ZERO_FAST ? divide_zero_fast(m, d) : m / d;
   if (p.apply_lambda) m = m * p.lambda;
   if (!p.linear) m = b + m;
   return m;
@@ -830,9 +865,35 @@ __global__ void __launch_bounds__(kThreads, 4) fuse_kernel(const __grid_constant
     });
 #pragma unroll
     for (int q = 0; q < 4; ++q)
-      if (valid[q]) dstore(p.out, p.out_dtype, el[q], fuse_one<KMAX>(p, K, v[q], b[q]));
+      if (valid[q]) dstore(p.out, p.out_dtype, el[q], fuse_one<KMAX, true>(p, K, v[q], b[q]));
   }
   add_fuse_counts<KMAX>(p, K, linear, bad_base, bad, kept);
+}
+
+// Expert k's four values of the slab's Philox block t for a 16-bit fuse, into v[0..3][k]:
+// its scratch values (one 16-byte load), or its loaded values, as deltas from the base b
+// unless linear, through loaded_contribution; bad and kept count as in fuse_kernel.
+template <DType D, int KMAX>
+__device__ __forceinline__ void expert_quad(const SlabParams& p, int k, uint32_t t, uint64_t g0, const float (&b)[4],
+                                            bool linear, float (&v)[4][KMAX], uint32_t& bad, uint32_t& kept) {
+  const DevExpert& ex = p.ex[k];
+  if (ex.mode == kScratch) {
+    const float4 sv = reinterpret_cast<const float4*>(ex.scratch)[t];
+    v[0][k] = sv.x;
+    v[1][k] = sv.y;
+    v[2][k] = sv.z;
+    v[3][k] = sv.w;
+    return;
+  }
+  float value[4];
+  unpack4<D>(static_cast<const uint2*>(ex.data)[t], value);
+  Philox4 w{{0, 0, 0, 0}};
+  if (ex.mode == kRandomFused) w = philox_block(g0 + t, p.tensor_id, k, p.seed);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    bad += !is_finite_f32(value[q]);
+    v[q][k] = loaded_contribution(p, ex, linear ? value[q] : value[q] - b[q], w.v[q], kept);
+  }
 }
 
 // fuse_kernel for a slab of D whose length and start are multiples of 4 (K <= 4): one
@@ -856,32 +917,160 @@ __global__ void __launch_bounds__(kThreads, 4) fuse_half_kernel(const __grid_con
       for (int q = 0; q < 4; ++q) bad_base += !is_finite_f32(b[q]);
     }
     float v[4][KMAX];
-    for_experts<KMAX>(K, [&](int k) {
-      const DevExpert& ex = p.ex[k];
-      if (ex.mode == kScratch) {
-        const float4 sv = reinterpret_cast<const float4*>(ex.scratch)[t];
-        v[0][k] = sv.x;
-        v[1][k] = sv.y;
-        v[2][k] = sv.z;
-        v[3][k] = sv.w;
-        return;
-      }
-      float value[4];
-      unpack4<D>(static_cast<const uint2*>(ex.data)[t], value);
-      Philox4 w{{0, 0, 0, 0}};
-      if (ex.mode == kRandomFused) w = philox_block(g0 + t, p.tensor_id, k, p.seed);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        bad[k] += !is_finite_f32(value[q]);
-        v[q][k] = loaded_contribution(p, ex, linear ? value[q] : value[q] - b[q], w.v[q], kept[k]);
-      }
-    });
+    for_experts<KMAX>(K, [&](int k) { expert_quad<D>(p, k, t, g0, b, linear, v, bad[k], kept[k]); });
     uint32_t o[4];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) o[q] = f32_to_half<D>(fuse_one<KMAX>(p, K, v[q], b[q]));
+    for (int q = 0; q < 4; ++q) o[q] = f32_to_half<D>(fuse_one<KMAX, false>(p, K, v[q], b[q]));
     static_cast<uint2*>(p.out)[t] = make_uint2(o[0] | o[1] << 16, o[2] | o[3] << 16);
   }
   add_fuse_counts<KMAX>(p, K, linear, bad_base, bad, kept);
+}
+
+// fuse_one with the expert count K and the consensus C (sum or none) fixed at compile
+// time, for a task that is not linear: fuse_element_fixed (merge_math.h), the same
+// operations in the same order without fuse_one's per-element tests of k < K and of the
+// consensus kind (about 30 of its 150 instructions an element were branches; Nsight
+// Compute, 2026-11-27), and with the normalizing division's zero dividends answered by
+// divide_zero_fast: CUDA's division sends them to a slow subroutine, and in a della merge
+// a fifth of the elements have m = 0 (every expert dropped), so nearly every warp took
+// it, four times an iteration.
+template <int K, Consensus C>
+__device__ __forceinline__ float fuse_fixed(const SlabParams& p, const float (&v)[K], float b) {
+  float pk[K], w[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    w[k] = p.ex[k].weight;
+    pk[k] = w[k] * v[k];
+  }
+  return b + fuse_element_fixed<K, C>(pk, w, p.normalize != 0, p.apply_lambda != 0, p.lambda);
+}
+
+// fuse_half_kernel for K experts and the consensus C (Options::fast_paths & kFuseFixed).
+template <DType D, int K, Consensus C>
+__global__ void __launch_bounds__(kThreads, 4) fuse_fixed_kernel(const __grid_constant__ SlabParams p) {
+  const uint32_t G = static_cast<uint32_t>((p.rows * p.n) >> 2);
+  const uint64_t g0 = (p.row0 * p.n) >> 2;
+  uint32_t bad_base = 0, bad[K], kept[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) bad[k] = kept[k] = 0;
+  for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < G; t += gridDim.x * blockDim.x) {
+    float b[4];
+    unpack4<D>(static_cast<const uint2*>(p.base)[t], b);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) bad_base += !is_finite_f32(b[q]);
+    float v[4][K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) expert_quad<D>(p, k, t, g0, b, false, v, bad[k], kept[k]);
+    uint32_t o[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) o[q] = f32_to_half<D>(fuse_fixed<K, C>(p, v[q], b[q]));
+    static_cast<uint2*>(p.out)[t] = make_uint2(o[0] | o[1] << 16, o[2] | o[3] << 16);
+  }
+  count_add(&p.stats[0], bad_base);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (p.ex[k].mode != kScratch) count_add(&p.stats[1 + k], bad[k]);
+    if (p.ex[k].mode == kRandomFused) count_add(&p.stats[1 + K + k], kept[k]);
+  }
+}
+
+template <DType D, Consensus C>
+void launch_fuse_fixed_k(const SlabParams& p, unsigned grid, cudaStream_t s) {
+  switch (p.k) {
+    case 1: fuse_fixed_kernel<D, 1, C><<<grid, kThreads, 0, s>>>(p); break;
+    case 2: fuse_fixed_kernel<D, 2, C><<<grid, kThreads, 0, s>>>(p); break;
+    case 3: fuse_fixed_kernel<D, 3, C><<<grid, kThreads, 0, s>>>(p); break;
+    default: fuse_fixed_kernel<D, 4, C><<<grid, kThreads, 0, s>>>(p); break;
+  }
+}
+
+template <DType D>
+void launch_fuse_fixed(const SlabParams& p, unsigned grid, cudaStream_t s) {
+  if (p.consensus == Consensus::Sum) launch_fuse_fixed_k<D, Consensus::Sum>(p, grid, s);
+  else launch_fuse_fixed_k<D, Consensus::None>(p, grid, s);
+}
+
+// ---------------------------------------------------------------- della: one block a row
+
+// della's whole final pass for a row of n <= 4096 in one block (Options::fast_paths &
+// kFusedRow; K <= 4 experts, every one sparsified by magprune with the inverse or no
+// rescale): each expert's ranks, keep and rescale in turn (rank_row_half, keep_row_half)
+// into K rows of floats in shared memory, then the fuse of the row from there
+// (fuse_fixed). No scratch rows in device memory (at K = 3, 24 of the 40 bytes an
+// element that della moves: 12 written, then read again) and no separate fuse kernel. The
+// arithmetic is the separate kernels', so the bytes are the same. Shared memory: the
+// ranking's R::kSmem, then K x 4096 floats (64 KiB at K = 4).
+using RowRank = BlockRankPacked<256, 16>;
+constexpr size_t kRowSortBytes = (RowRank::kSmem + 15) / 16 * 16;
+
+template <int K>
+constexpr size_t della_row_smem() {
+  return kRowSortBytes + static_cast<size_t>(K) * RowRank::kCapacity * sizeof(float);
+}
+
+template <DType D, int K, Consensus C>
+__global__ void __launch_bounds__(256, 3) della_row_kernel(const __grid_constant__ SlabParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* vals = reinterpret_cast<float*>(smem + kRowSortBytes);  // [K][n]
+  const uint32_t r = blockIdx.x;
+  const uint32_t n = static_cast<uint32_t>(p.n);
+#pragma unroll 1
+  for (int k = 0; k < K; ++k) {
+    rank_row_half<D, 256, 16, true, true>(p, k, r, smem);
+    keep_row_half<D, 256, true>(p, k, r, reinterpret_cast<const uint16_t*>(smem), 1, vals + k * n);
+    __syncthreads();  // the next expert's sort reuses the ranks' bytes
+  }
+  const uint64_t off = static_cast<uint64_t>(r) * n;
+  const uint2* xb = reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p.base) + off);
+  uint2* out = reinterpret_cast<uint2*>(static_cast<uint16_t*>(p.out) + off);
+  uint32_t bad_base = 0;
+  for (uint32_t gi = threadIdx.x; gi < n / 4; gi += 256) {
+    float b[4];
+    unpack4<D>(xb[gi], b);
+    float v[4][K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const float4 sv = reinterpret_cast<const float4*>(vals + k * n)[gi];
+      v[0][k] = sv.x;
+      v[1][k] = sv.y;
+      v[2][k] = sv.z;
+      v[3][k] = sv.w;
+    }
+    uint32_t o[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      bad_base += !is_finite_f32(b[q]);
+      o[q] = f32_to_half<D>(fuse_fixed<K, C>(p, v[q], b[q]));
+    }
+    out[gi] = make_uint2(o[0] | o[1] << 16, o[2] | o[3] << 16);
+  }
+  count_add(&p.stats[0], bad_base);
+}
+
+template <DType D, int K, Consensus C>
+void launch_della_row_kc(const SlabParams& p, cudaStream_t s) {
+  auto kernel = della_row_kernel<D, K, C>;
+  constexpr size_t smem = della_row_smem<K>();
+  if (smem > 48 * 1024)
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+          "cudaFuncSetAttribute (della row shared memory)");
+  kernel<<<static_cast<unsigned>(p.rows), 256, smem, s>>>(p);
+}
+
+template <DType D, Consensus C>
+void launch_della_row_c(const SlabParams& p, cudaStream_t s) {
+  switch (p.k) {
+    case 1: launch_della_row_kc<D, 1, C>(p, s); break;
+    case 2: launch_della_row_kc<D, 2, C>(p, s); break;
+    case 3: launch_della_row_kc<D, 3, C>(p, s); break;
+    default: launch_della_row_kc<D, 4, C>(p, s); break;
+  }
+}
+
+template <DType D>
+void launch_della_row(const SlabParams& p, cudaStream_t s) {
+  if (p.consensus == Consensus::Sum) launch_della_row_c<D, Consensus::Sum>(p, s);
+  else launch_della_row_c<D, Consensus::None>(p, s);
 }
 
 // ---------------------------------------------------------------- host side
@@ -997,10 +1186,21 @@ TaskInfo task_info(const MergeTask& t, const Options& o) {
   for (const ExpertInput& e : t.experts) half = half && e.dtype == t.out_dtype;
   ti.half = half ? t.out_dtype : DType::F32;
   ti.fast_fuse = half && (o.fast_paths & kFastFuse) && ti.k <= 4 && ti.n % 4 == 0;
+  ti.fuse_fixed = ti.fast_fuse && (o.fast_paths & kFuseFixed) && ti.k >= 1 && !t.linear &&
+                  (t.consensus == Consensus::Sum || t.consensus == Consensus::None);
   ti.fast_rank = half && (o.fast_paths & kFastRank) && ti.block_sort && ti.n % 8 == 0 &&
                  (ti.block_tier == 1 || optin_shared_bytes() >= Tier2Packed::kSmem);
   ti.rank256 = (o.fast_paths & kRank256) != 0;
   ti.rank_direct = (o.fast_paths & kRankDirect) != 0;
+  ti.rank_lean = ti.rank_direct && (o.fast_paths & kRankLean) != 0;
+  // della_row_kernel: every expert ranked in the 4096 tier as 256 x 16 with the lean keep
+  // step, rescaled by 1/q or not at all, and fused by fuse_fixed.
+  bool all_scratch = ti.k >= 1;
+  for (unsigned k = 0; k < ti.k; ++k) all_scratch = all_scratch && ti.mode_k[k] == kScratch;
+  ti.fused_row = (o.fast_paths & kFusedRow) && all_scratch && t.sparsifier == Sparsifier::Magprune &&
+                 (t.rescale == Rescale::Inverse || t.rescale == Rescale::None) && ti.fast_rank && ti.rank_lean &&
+                 ti.rank256 && ti.block_tier == 1 && ti.fuse_fixed &&
+                 optin_shared_bytes() >= della_row_smem<4>();
   ti.tier2_wide = (o.fast_paths & kTier2Wide) != 0 && optin_shared_bytes() >= Tier2Wide::kSmem;
   return ti;
 }
@@ -1103,10 +1303,13 @@ void sparsify(const MergeTask& t, const TaskInfo& ti, const SlabParams& p, unsig
   switch (t.sparsifier) {
     case Sparsifier::Magprune:
       if (ti.fast_rank && aligned_slab(p, 16)) {
-        if (ti.half == DType::BF16 && ti.rank_direct) launch_rank_half_tier<DType::BF16, true>(ti, p, k, final_pass, s);
-        else if (ti.half == DType::BF16) launch_rank_half_tier<DType::BF16, false>(ti, p, k, final_pass, s);
-        else if (ti.rank_direct) launch_rank_half_tier<DType::F16, true>(ti, p, k, final_pass, s);
-        else launch_rank_half_tier<DType::F16, false>(ti, p, k, final_pass, s);
+        const bool bf16 = ti.half == DType::BF16;
+        if (bf16 && ti.rank_lean) launch_rank_half_tier<DType::BF16, true, true>(ti, p, k, final_pass, s);
+        else if (bf16 && ti.rank_direct) launch_rank_half_tier<DType::BF16, true, false>(ti, p, k, final_pass, s);
+        else if (bf16) launch_rank_half_tier<DType::BF16, false, false>(ti, p, k, final_pass, s);
+        else if (ti.rank_lean) launch_rank_half_tier<DType::F16, true, true>(ti, p, k, final_pass, s);
+        else if (ti.rank_direct) launch_rank_half_tier<DType::F16, true, false>(ti, p, k, final_pass, s);
+        else launch_rank_half_tier<DType::F16, false, false>(ti, p, k, final_pass, s);
         launched("magprune_half_kernel");
       } else if (ti.block_sort) {
         if (ti.block_tier == 1 && ti.f32_keys) launch_rank<uint32_t, 512, 8>(p, k, final_pass, s);
@@ -1279,10 +1482,19 @@ void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigne
   if (passes & kPassFinal) {
     if ((passes & kResetCarryFinal) && ti.need_cuts)
       check(cudaMemsetAsync(p.state.carry, 0, K * 2ull * 8, s), "cudaMemsetAsync");
+    if (ti.fused_row && aligned_slab(p, 16)) {
+      if (ti.half == DType::BF16) launch_della_row<DType::BF16>(p, s);
+      else launch_della_row<DType::F16>(p, s);
+      launched("della_row_kernel");
+      return;
+    }
     for (unsigned k = 0; k < K; ++k)
       if (ti.mode_k[k] == kScratch) sparsify(t, ti, p, k, true, w, s);
     const uint64_t groups = ((p.row0 * p.n + E - 1) >> 2) - ((p.row0 * p.n) >> 2) + 1;
-    if (ti.fast_fuse && E < (1ull << 33) && aligned_slab(p, 8)) {
+    if (ti.fuse_fixed && E < (1ull << 33) && aligned_slab(p, 8)) {
+      if (ti.half == DType::BF16) launch_fuse_fixed<DType::BF16>(p, grid_for(groups), s);
+      else launch_fuse_fixed<DType::F16>(p, grid_for(groups), s);
+    } else if (ti.fast_fuse && E < (1ull << 33) && aligned_slab(p, 8)) {
       if (ti.half == DType::BF16) fuse_half_kernel<DType::BF16><<<grid_for(groups), kThreads, 0, s>>>(p);
       else fuse_half_kernel<DType::F16><<<grid_for(groups), kThreads, 0, s>>>(p);
     } else if (K <= 4) fuse_kernel<4><<<grid_for(groups), kThreads, 0, s>>>(p);

@@ -40,14 +40,19 @@ struct Options {
   // 32-bit indices, the dtype a template parameter; and the ranking's layout choices.
   // Bits below, all on by default. Same bytes either way; the parity tests and the
   // benchmark run the generic kernels and the alternatives beside the default.
-  unsigned fast_paths = 31;
+  unsigned fast_paths = 127;
 };
 
-constexpr unsigned kFastFuse = 1;    // the fuse kernel (every method)
+constexpr unsigned kFastFuse = 1;    // the fuse kernel (every method); with it:
+constexpr unsigned kFuseFixed = 32;  //   K <= 4 and the consensus fixed at compile time, zero dividends not divided
 constexpr unsigned kFastRank = 2;    // magprune's block ranking, keep and rescale; with it:
 constexpr unsigned kRank256 = 4;     //   rows up to 4096 as 256 threads x 16 keys, not 512 x 8
-constexpr unsigned kRankDirect = 8;  //   radix passes written out, the last one's ranks used directly
+constexpr unsigned kRankDirect = 8;  //   radix passes written out, the last one's ranks used directly; with it:
+constexpr unsigned kRankLean = 64;   //     the rank ratio without a division, BF16 keys and the rescale without branches
 constexpr unsigned kTier2Wide = 16;  //   rows up to 16384 as 512 threads x 32 keys, not 1024 x 16
+// Not on by default (not yet timed on a GPU): della's final pass for rows up to 4096 in
+// one kernel, each expert's sparsified row kept in shared memory for the fuse.
+constexpr unsigned kFusedRow = 128;
 
 constexpr uint32_t kBlockSortMax = 16384;
 

@@ -111,9 +111,12 @@ struct TaskInfo {
   // slab's pointers are checked for alignment when it is enqueued.
   DType half = DType::F32;  // the one 16-bit dtype of every input and the output, else F32
   bool fast_fuse = false;
+  bool fuse_fixed = false;  // & kFuseFixed, for K <= 4, the sum or no consensus, not linear
   bool fast_rank = false;
   bool rank256 = false;     // Options::fast_paths & kRank256
   bool rank_direct = false; // & kRankDirect
+  bool rank_lean = false;   // & kRankLean (with kRankDirect)
+  bool fused_row = false;   // & kFusedRow: della_row_kernel does the final pass
   bool tier2_wide = false;  // & kTier2Wide, where the device has the shared memory
   bool any_scratch = false;
   std::vector<uint8_t> sparse, mode_k;
