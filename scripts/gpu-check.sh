@@ -48,7 +48,7 @@ if [ ! -f "$bin/della_merge_cuda.so" ]; then
   note "no plugin was built: stopping"; printf '%s\n' "${summary[@]}" >"$OUT/summary.txt"; exit 1
 fi
 
-# 2. ctest: CPU kernel tests, CUDA/CPU parity (random cases, four pipeline settings),
+# 2. ctest: CPU kernel tests, CUDA/CPU parity (random cases, five pipeline settings),
 #    the plugin's C ABI through dlopen. A skip here means no GPU was found: a failure.
 #    Prebuilt: the plugin test and the parity test alone (the CPU tests ran where built).
 if [ -n "$prebuilt" ]; then
@@ -93,6 +93,23 @@ else
 fi
 cat "$work/bench.txt"
 summary+=("$(grep -E '^(method|della|dare_ties|ties|task_arithmetic|pinned)[ /]' "$work/bench.txt")")
+# Each method's default kernels against its /prev row (the kernels before 2026-11-28's
+# steps 64-67) and della against the opt-in /fused-row, per shape: speedups above 1 are
+# the new kernels' gains.
+summary+=("$(awk '$2 ~ /^[0-9]+x[0-9]+$/ { ms[$1 " " $2] = $3; shapes[$2] = 1 }
+  END {
+    for (sh in shapes) {
+      line = "speedups at " sh ":"
+      split("della dare_ties ties task_arithmetic", m, " ")
+      for (i = 1; i <= 4; i++) {
+        a = ms[m[i] " " sh]; b = ms[m[i] "/prev " sh]
+        if (a > 0 && b > 0) line = line sprintf(" %s %.2fx (%.3f ms, prev %.3f);", m[i], b / a, a, b)
+      }
+      f = ms["della/fused-row " sh]; a = ms["della " sh]
+      if (a > 0 && f > 0) line = line sprintf(" della/fused-row %.2fx over della (%.3f ms)", a / f, f)
+      print line
+    }
+  }' "$work/bench.txt")")
 h2d=$(grep -o '"h2d_pinned_GBps": [0-9.]*' "$OUT/cuda-bench.json" 2>/dev/null | head -1 | grep -o '[0-9.]*$')
 
 # 3b. Nsight Compute, every section, on the main kernels (4096x4096, first launch of
