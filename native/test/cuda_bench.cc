@@ -6,6 +6,7 @@
 // also checked bit for bit against della::run_batch. Prints a table; --json FILE writes
 // the numbers.
 //   della_cuda_bench [--json FILE] [--sizes 4096x4096,14336x4096] [--reps N] [--methods della,ties,...]
+//                    [--exclude della/fused-row,...] [--no-register-probe]
 #include <cuda_runtime.h>
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -74,9 +75,6 @@ const Method kMethods[] = {
      kAllFast & ~della::cuda::kFuseFixed},
     {"della/plain-rank", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true,
      kAllFast & ~della::cuda::kRankLean},
-    // Not on by default: della's final pass in one kernel for rows up to 4096.
-    {"della/fused-row", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true,
-     kAllFast | della::cuda::kFusedRow},
     {"dare_ties/prev", della::Sparsifier::Random, della::Rescale::Inverse, della::Consensus::Sum, false, true, true,
      kAllFast & ~della::cuda::kFuseFixed},
     {"ties/prev", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true, true, true,
@@ -87,6 +85,10 @@ const Method kMethods[] = {
     {"ties/generic", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true, true, true, 0},
     {"task_arithmetic/generic", della::Sparsifier::None, della::Rescale::None, della::Consensus::None, false, true, true,
      0},
+    // Not on by default: della's final pass in one kernel for rows up to 4096 (kFusedRow).
+    // gpu-check.sh times it in a run of its own, so that a fault in it costs no other row.
+    {"della/fused-row", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true,
+     kAllFast | della::cuda::kFusedRow},
 };
 
 double median(std::vector<double> v) {
@@ -184,13 +186,16 @@ std::string register_probe(cudaStream_t s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string json, sizes = "4096x4096,14336x4096", methods;
+  std::string json, sizes = "4096x4096,14336x4096", methods, exclude;
+  bool probe_register = true;
   int reps = 10;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
     else if (!std::strcmp(argv[i], "--sizes") && i + 1 < argc) sizes = argv[++i];
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--methods") && i + 1 < argc) methods = "," + std::string(argv[++i]) + ",";
+    else if (!std::strcmp(argv[i], "--exclude") && i + 1 < argc) exclude = "," + std::string(argv[++i]) + ",";
+    else if (!std::strcmp(argv[i], "--no-register-probe")) probe_register = false;
   }
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
@@ -225,7 +230,7 @@ int main(int argc, char** argv) {
     CK(cudaFreeHost(h));
     std::printf("pinned host-to-device copy: %.1f GB/s (cudaMallocHost of 1 GiB: %.1f ms)\n", h2d_gbs, alloc_ms);
   }
-  const std::string registered = register_probe(s);
+  const std::string registered = probe_register ? register_probe(s) : "null";
   std::string out = "{\n  \"device\": \"" + std::string(prop.name) + "\",\n  \"host_register\": " + registered +
                     ",\n  \"results\": [\n";
 
@@ -270,6 +275,7 @@ int main(int argc, char** argv) {
     della::cuda::Context pipeline{della::cuda::Options{}};
     for (const Method& m : kMethods) {
       if (!methods.empty() && methods.find("," + std::string(m.name) + ",") == std::string::npos) continue;
+      if (exclude.find("," + std::string(m.name) + ",") != std::string::npos) continue;
       della::MergeTask t;
       t.base = dev[0];
       t.base_dtype = t.out_dtype = della::DType::BF16;
