@@ -48,7 +48,7 @@ if [ ! -f "$bin/della_merge_cuda.so" ]; then
   note "no plugin was built: stopping"; printf '%s\n' "${summary[@]}" >"$OUT/summary.txt"; exit 1
 fi
 
-# 2. ctest: CPU kernel tests, CUDA/CPU parity (random cases, five pipeline settings),
+# 2. ctest: CPU kernel tests, CUDA/CPU parity (random cases, four pipeline settings),
 #    the plugin's C ABI through dlopen. A skip here means no GPU was found: a failure.
 #    Prebuilt: the plugin test and the parity test alone (the CPU tests ran where built).
 if [ -n "$prebuilt" ]; then
@@ -71,6 +71,12 @@ timeout 120 "$bin/della_cuda_parity" "$(date +%s%N | cut -c1-15)" "${GPU_CHECK_P
 rc=$?
 [ $rc -eq 0 ] && note "parity (own seed): $(grep -o 'cuda_parity: [0-9]* tasks.*' "$OUT/ctest.log" | tail -1)" \
   || { note "parity (own seed): FAILED rc=$rc (see ctest.log)"; status=1; }
+# The kernels not on by default (della's fused rows), in a process of their own.
+timeout 120 "$bin/della_cuda_parity" "$(date +%s%N | cut -c2-15)" "${GPU_CHECK_PARITY_ITERATIONS:-120}" optin \
+  >"$OUT/parity-optin.log" 2>&1
+rc=$?
+[ $rc -eq 0 ] && note "parity of the opt-in kernels: $(grep -o 'cuda_parity: [0-9]* tasks.*' "$OUT/parity-optin.log" | tail -1)" \
+  || { note "parity of the opt-in kernels: FAILED rc=$rc (see parity-optin.log)"; status=1; }
 
 # 2b. Only when parity failed: the first failing seed again, a few iterations, under
 #     compute-sanitizer's memcheck (out-of-bounds and misaligned accesses, bad API calls),
