@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "cuda_merge.h"
 #include "cuda_slab.h"
@@ -870,6 +871,16 @@ __global__ void __launch_bounds__(kThreads, 4) fuse_kernel(const __grid_constant
   add_fuse_counts<KMAX>(p, K, linear, bad_base, bad, kept);
 }
 
+// Expert k's four sparsified values of a Philox block, as one 16-byte load gives them,
+// into v[0..3][k].
+template <int KMAX>
+__device__ __forceinline__ void spread4(float4 sv, float (&v)[4][KMAX], int k) {
+  v[0][k] = sv.x;
+  v[1][k] = sv.y;
+  v[2][k] = sv.z;
+  v[3][k] = sv.w;
+}
+
 // Expert k's four values of the slab's Philox block t for a 16-bit fuse, into v[0..3][k]:
 // its scratch values (one 16-byte load), or its loaded values, as deltas from the base b
 // unless linear, through loaded_contribution; bad and kept count as in fuse_kernel.
@@ -878,11 +889,7 @@ __device__ __forceinline__ void expert_quad(const SlabParams& p, int k, uint32_t
                                             bool linear, float (&v)[4][KMAX], uint32_t& bad, uint32_t& kept) {
   const DevExpert& ex = p.ex[k];
   if (ex.mode == kScratch) {
-    const float4 sv = reinterpret_cast<const float4*>(ex.scratch)[t];
-    v[0][k] = sv.x;
-    v[1][k] = sv.y;
-    v[2][k] = sv.z;
-    v[3][k] = sv.w;
+    spread4(reinterpret_cast<const float4*>(ex.scratch)[t], v, k);
     return;
   }
   float value[4];
@@ -974,20 +981,25 @@ __global__ void __launch_bounds__(kThreads, 4) fuse_fixed_kernel(const __grid_co
   }
 }
 
-template <DType D, Consensus C>
-void launch_fuse_fixed_k(const SlabParams& p, unsigned grid, cudaStream_t s) {
-  switch (p.k) {
-    case 1: fuse_fixed_kernel<D, 1, C><<<grid, kThreads, 0, s>>>(p); break;
-    case 2: fuse_fixed_kernel<D, 2, C><<<grid, kThreads, 0, s>>>(p); break;
-    case 3: fuse_fixed_kernel<D, 3, C><<<grid, kThreads, 0, s>>>(p); break;
-    default: fuse_fixed_kernel<D, 4, C><<<grid, kThreads, 0, s>>>(p); break;
-  }
+// Calls f(K, C) with the slab's expert count (1 to 4) and consensus (sum or none) as
+// compile-time constants: the instantiations of the fixed kernels.
+template <class F>
+void with_fixed_k_consensus(const SlabParams& p, F&& f) {
+  auto with_k = [&](auto c) {
+    switch (p.k) {
+      case 1: f(std::integral_constant<int, 1>{}, c); break;
+      case 2: f(std::integral_constant<int, 2>{}, c); break;
+      case 3: f(std::integral_constant<int, 3>{}, c); break;
+      default: f(std::integral_constant<int, 4>{}, c); break;
+    }
+  };
+  if (p.consensus == Consensus::Sum) with_k(std::integral_constant<Consensus, Consensus::Sum>{});
+  else with_k(std::integral_constant<Consensus, Consensus::None>{});
 }
 
 template <DType D>
 void launch_fuse_fixed(const SlabParams& p, unsigned grid, cudaStream_t s) {
-  if (p.consensus == Consensus::Sum) launch_fuse_fixed_k<D, Consensus::Sum>(p, grid, s);
-  else launch_fuse_fixed_k<D, Consensus::None>(p, grid, s);
+  with_fixed_k_consensus(p, [&](auto K, auto C) { fuse_fixed_kernel<D, K(), C()><<<grid, kThreads, 0, s>>>(p); });
 }
 
 // ---------------------------------------------------------------- della: one block a row
@@ -1029,13 +1041,7 @@ __global__ void __launch_bounds__(256, 3) della_row_kernel(const __grid_constant
     unpack4<D>(xb[gi], b);
     float v[4][K];
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const float4 sv = reinterpret_cast<const float4*>(vals + k * n)[gi];
-      v[0][k] = sv.x;
-      v[1][k] = sv.y;
-      v[2][k] = sv.z;
-      v[3][k] = sv.w;
-    }
+    for (int k = 0; k < K; ++k) spread4(reinterpret_cast<const float4*>(vals + k * n)[gi], v, k);
     uint32_t o[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -1047,30 +1053,16 @@ __global__ void __launch_bounds__(256, 3) della_row_kernel(const __grid_constant
   count_add(&p.stats[0], bad_base);
 }
 
-template <DType D, int K, Consensus C>
-void launch_della_row_kc(const SlabParams& p, cudaStream_t s) {
-  auto kernel = della_row_kernel<D, K, C>;
-  constexpr size_t smem = della_row_smem<K>();
-  if (smem > 48 * 1024)
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-          "cudaFuncSetAttribute (della row shared memory)");
-  kernel<<<static_cast<unsigned>(p.rows), 256, smem, s>>>(p);
-}
-
-template <DType D, Consensus C>
-void launch_della_row_c(const SlabParams& p, cudaStream_t s) {
-  switch (p.k) {
-    case 1: launch_della_row_kc<D, 1, C>(p, s); break;
-    case 2: launch_della_row_kc<D, 2, C>(p, s); break;
-    case 3: launch_della_row_kc<D, 3, C>(p, s); break;
-    default: launch_della_row_kc<D, 4, C>(p, s); break;
-  }
-}
-
 template <DType D>
 void launch_della_row(const SlabParams& p, cudaStream_t s) {
-  if (p.consensus == Consensus::Sum) launch_della_row_c<D, Consensus::Sum>(p, s);
-  else launch_della_row_c<D, Consensus::None>(p, s);
+  with_fixed_k_consensus(p, [&](auto K, auto C) {
+    auto kernel = della_row_kernel<D, K(), C()>;
+    constexpr size_t smem = della_row_smem<K()>();
+    if (smem > 48 * 1024)
+      check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+            "cudaFuncSetAttribute (della row shared memory)");
+    kernel<<<static_cast<unsigned>(p.rows), 256, smem, s>>>(p);
+  });
 }
 
 // ---------------------------------------------------------------- host side
