@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(THREADS) magprune_pairs_kernel(const __grid_co
                                                                  int final_pass) {
   using R = BlockRankPairs<KeyT, THREADS, ITEMS>;
   static_assert(R::kCapacity <= 65536, "indices fit 16 bits");
-  extern __shared__ __align__(16) unsigned char smem[];
+  DELLA_DYNAMIC_SHARED(smem);
   // The sort's storage, then (after it) the ranks by index, in the same bytes.
   typename R::Sort::TempStorage& temp = *reinterpret_cast<typename R::Sort::TempStorage*>(smem);
   uint16_t* ranks = reinterpret_cast<uint16_t*>(smem);
@@ -241,7 +241,7 @@ void launch_rank(const SlabParams& p, unsigned k, int final_pass, cudaStream_t s
   if (R::kSmem > 48 * 1024)
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(R::kSmem)),
           "cudaFuncSetAttribute (ranking shared memory)");
-  kernel<<<static_cast<unsigned>(p.rows), THREADS, R::kSmem, s>>>(p, k, final_pass);
+  DELLA_LAUNCH(static_cast<unsigned>(p.rows), THREADS, R::kSmem, s, kernel)(p, k, final_pass);
 }
 
 // ---------------------------------------------------------------- 16-bit fast paths
@@ -430,7 +430,7 @@ __device__ __forceinline__ void rank_row_half(const SlabParams& p, unsigned k, u
 template <DType D, int THREADS, int ITEMS, bool DIRECT, bool LEAN>
 __global__ void __launch_bounds__(THREADS, rank_min_blocks<THREADS, ITEMS>())
     magprune_half_kernel(const __grid_constant__ SlabParams p, unsigned k, int final_pass) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  DELLA_DYNAMIC_SHARED(smem);
   rank_row_half<D, THREADS, ITEMS, DIRECT, LEAN>(p, k, blockIdx.x, smem);
   keep_row_half<D, THREADS, LEAN>(p, k, blockIdx.x, reinterpret_cast<const uint16_t*>(smem), final_pass,
                                   p.ex[k].scratch + static_cast<uint64_t>(blockIdx.x) * p.n);
@@ -446,7 +446,7 @@ void launch_rank_half(const SlabParams& p, unsigned k, int final_pass, cudaStrea
   if (R::kSmem > 48 * 1024)
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(R::kSmem)),
           "cudaFuncSetAttribute (ranking shared memory)");
-  kernel<<<static_cast<unsigned>(p.rows), THREADS, R::kSmem, s>>>(p, k, final_pass);
+  DELLA_LAUNCH(static_cast<unsigned>(p.rows), THREADS, R::kSmem, s, kernel)(p, k, final_pass);
 }
 
 // The 16-bit ranking kernel of a row's tier and the chosen layout (Options::fast_paths).
@@ -574,7 +574,7 @@ constexpr size_t kHistSmem = kHist1Bins * sizeof(uint32_t);
 
 __global__ void __launch_bounds__(kHistThreads) hist1_shared_kernel(const __grid_constant__ SlabParams p, unsigned k,
                                                                     unsigned long long* h) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  DELLA_DYNAMIC_SHARED(smem);
   uint32_t* local = reinterpret_cast<uint32_t*>(smem);
   for (uint32_t b = threadIdx.x; b < kHist1Bins; b += kHistThreads) local[b] = 0;
   __syncthreads();
@@ -999,7 +999,7 @@ void with_fixed_k_consensus(const SlabParams& p, F&& f) {
 
 template <DType D>
 void launch_fuse_fixed(const SlabParams& p, unsigned grid, cudaStream_t s) {
-  with_fixed_k_consensus(p, [&](auto K, auto C) { fuse_fixed_kernel<D, K(), C()><<<grid, kThreads, 0, s>>>(p); });
+  with_fixed_k_consensus(p, [&](auto K, auto C) { DELLA_LAUNCH(grid, kThreads, 0, s, fuse_fixed_kernel<D, K(), C()>)(p); });
 }
 
 // ---------------------------------------------------------------- della: one block a row
@@ -1022,7 +1022,7 @@ constexpr size_t della_row_smem() {
 
 template <DType D, int K, Consensus C>
 __global__ void __launch_bounds__(256, 3) della_row_kernel(const __grid_constant__ SlabParams p) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  DELLA_DYNAMIC_SHARED(smem);
   float* vals = reinterpret_cast<float*>(smem + kRowSortBytes);  // [K][n]
   const uint32_t r = blockIdx.x;
   const uint32_t n = static_cast<uint32_t>(p.n);
@@ -1061,7 +1061,7 @@ void launch_della_row(const SlabParams& p, cudaStream_t s) {
     if (smem > 48 * 1024)
       check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
             "cudaFuncSetAttribute (della row shared memory)");
-    kernel<<<static_cast<unsigned>(p.rows), 256, smem, s>>>(p);
+    DELLA_LAUNCH(static_cast<unsigned>(p.rows), 256, smem, s, kernel)(p);
   });
 }
 
@@ -1310,9 +1310,9 @@ void sparsify(const MergeTask& t, const TaskInfo& ti, const SlabParams& p, unsig
         else launch_rank<uint16_t, 1024, 16>(p, k, final_pass, s);
         launched("magprune_pairs_kernel");
       } else {
-        composite_keys_kernel<<<grid_for(E), kThreads, 0, s>>>(p, k, w.comp);
+        DELLA_LAUNCH(grid_for(E), kThreads, 0, s, composite_keys_kernel)(p, k, w.comp);
         launched("composite_keys_kernel");
-        segment_offsets_kernel<<<grid_for(p.rows + 1), kThreads, 0, s>>>(w.offsets, p.rows, p.n);
+        DELLA_LAUNCH(grid_for(p.rows + 1), kThreads, 0, s, segment_offsets_kernel)(w.offsets, p.rows, p.n);
         launched("segment_offsets_kernel");
         size_t temp = w.temp_bytes;
         check(cub::DeviceSegmentedRadixSort::SortKeys(w.temp, temp, w.comp, w.sorted, static_cast<int>(E),
@@ -1320,26 +1320,26 @@ void sparsify(const MergeTask& t, const TaskInfo& ti, const SlabParams& p, unsig
                                                         32 + (ti.f32_keys ? 31 : 15), s),
               "cub::DeviceSegmentedRadixSort::SortKeys");
         uint32_t* ranks = reinterpret_cast<uint32_t*>(w.comp);  // the unsorted keys are no longer needed
-        ranks_from_sorted_kernel<<<grid_for(E), kThreads, 0, s>>>(w.sorted, ranks, E, p.n);
+        DELLA_LAUNCH(grid_for(E), kThreads, 0, s, ranks_from_sorted_kernel)(w.sorted, ranks, E, p.n);
         launched("ranks_from_sorted_kernel");
-        apply_kernel<<<grid_for(groups), kThreads, 0, s>>>(p, k, kApplyRank, ranks, nullptr, final_pass);
+        DELLA_LAUNCH(grid_for(groups), kThreads, 0, s, apply_kernel)(p, k, kApplyRank, ranks, nullptr, final_pass);
         launched("apply_kernel");
       }
       break;
     case Sparsifier::Random:
-      apply_kernel<<<grid_for(groups), kThreads, 0, s>>>(p, k, kApplyRandom, nullptr, nullptr, final_pass);
+      DELLA_LAUNCH(grid_for(groups), kThreads, 0, s, apply_kernel)(p, k, kApplyRandom, nullptr, nullptr, final_pass);
       launched("apply_kernel");
       break;
     case Sparsifier::Magnitude:
     case Sparsifier::Breadcrumbs: {
-      cut_flags_kernel<<<grid_for(E), kThreads, 0, s>>>(p, k, w.flags);
+      DELLA_LAUNCH(grid_for(E), kThreads, 0, s, cut_flags_kernel)(p, k, w.flags);
       launched("cut_flags_kernel");
       size_t temp = w.temp_bytes;
       check(cub::DeviceScan::ExclusiveSum(w.temp, temp, w.flags, w.occ, static_cast<int64_t>(E), s),
             "cub::DeviceScan::ExclusiveSum");
-      apply_kernel<<<grid_for(groups), kThreads, 0, s>>>(p, k, kApplyCut, nullptr, w.occ, final_pass);
+      DELLA_LAUNCH(grid_for(groups), kThreads, 0, s, apply_kernel)(p, k, kApplyCut, nullptr, w.occ, final_pass);
       launched("apply_kernel");
-      carry_kernel<<<1, 1, 0, s>>>(w.flags, w.occ, E, p.state.carry + 2 * k);
+      DELLA_LAUNCH(1, 1, 0, s, carry_kernel)(w.flags, w.occ, E, p.state.carry + 2 * k);
       launched("carry_kernel");
       break;
     }
@@ -1416,22 +1416,22 @@ void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigne
         check(cudaFuncSetAttribute(hist1_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    static_cast<int>(kHistSmem)),
               "cudaFuncSetAttribute (histogram shared memory)");
-        hist1_shared_kernel<<<hist_grid(E), kHistThreads, kHistSmem, s>>>(p, k, p.state.hist1 + k * 32768ull);
+        DELLA_LAUNCH(hist_grid(E), kHistThreads, kHistSmem, s, hist1_shared_kernel)(p, k, p.state.hist1 + k * 32768ull);
         launched("hist1_shared_kernel");
       } else {
-        hist1_kernel<<<grid_for(E), kThreads, 0, s>>>(p, k, p.state.hist1 + k * 32768ull);
+        DELLA_LAUNCH(grid_for(E), kThreads, 0, s, hist1_kernel)(p, k, p.state.hist1 + k * 32768ull);
         launched("hist1_kernel");
       }
     }
   }
   if ((passes & kSelect1) && ti.need_cuts) {
-    init_cuts_kernel<<<grid_for(2 * K), kThreads, 0, s>>>(p.state.cuts, K, t.sparsifier == Sparsifier::Magnitude);
+    DELLA_LAUNCH(grid_for(2 * K), kThreads, 0, s, init_cuts_kernel)(p.state.cuts, K, t.sparsifier == Sparsifier::Magnitude);
     launched("init_cuts_kernel");
     for (unsigned k = 0; k < K; ++k) {
       if (!ti.sparse[k]) continue;
       for (int c = 0; c < cuts; ++c) {
         const bool desc = c == 0 && t.sparsifier == Sparsifier::Magnitude;
-        select_kernel<<<1, kSelectThreads, 0, s>>>(p.state.hist1 + k * 32768ull, 32768, c == 0 ? ti.pos_a[k] : ti.pos_b[k],
+        DELLA_LAUNCH(1, kSelectThreads, 0, s, select_kernel)(p.state.hist1 + k * 32768ull, 32768, c == 0 ? ti.pos_a[k] : ti.pos_b[k],
                                                    desc, 1, !ti.f32_keys, p.state.cuts + 2 * k + c,
                                                    p.state.hi + 2 * k + c, p.state.remaining + 2 * k + c);
         launched("select_kernel");
@@ -1441,7 +1441,7 @@ void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigne
   if ((passes & kPassHist2) && ti.need_cuts && ti.f32_keys) {
     for (unsigned k = 0; k < K; ++k) {
       if (!ti.sparse[k]) continue;
-      hist2_kernel<<<grid_for(E), kThreads, 0, s>>>(p, k, cuts, p.state.hist2 + k * 2ull * 65536);
+      DELLA_LAUNCH(grid_for(E), kThreads, 0, s, hist2_kernel)(p, k, cuts, p.state.hist2 + k * 2ull * 65536);
       launched("hist2_kernel");
     }
   }
@@ -1450,7 +1450,7 @@ void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigne
       if (!ti.sparse[k]) continue;
       for (int c = 0; c < cuts; ++c) {
         const bool desc = c == 0 && t.sparsifier == Sparsifier::Magnitude;
-        select_kernel<<<1, kSelectThreads, 0, s>>>(p.state.hist2 + (k * 2ull + c) * 65536, 65536, 0, desc, 2, 0,
+        DELLA_LAUNCH(1, kSelectThreads, 0, s, select_kernel)(p.state.hist2 + (k * 2ull + c) * 65536, 65536, 0, desc, 2, 0,
                                                    p.state.cuts + 2 * k + c, p.state.hi + 2 * k + c,
                                                    p.state.remaining + 2 * k + c);
         launched("select_kernel");
@@ -1463,12 +1463,12 @@ void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigne
     for (unsigned k = 0; k < K; ++k) {
       if (!ti.sparse[k]) continue;
       sparsify(t, ti, p, k, false, w, s);
-      norm_rows_kernel<<<grid_for(p.rows, 128), 128, 0, s>>>(p, k);
+      DELLA_LAUNCH(grid_for(p.rows, 128), 128, 0, s, norm_rows_kernel)(p, k);
       launched("norm_rows_kernel");
     }
   }
   if ((passes & kNormFinish) && ti.need_norm) {
-    norm_finish_kernel<<<1, kMaxExperts, 0, s>>>(p, ti.rows);
+    DELLA_LAUNCH(1, kMaxExperts, 0, s, norm_finish_kernel)(p, ti.rows);
     launched("norm_finish_kernel");
   }
   if (passes & kPassFinal) {
@@ -1487,10 +1487,10 @@ void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigne
       if (ti.half == DType::BF16) launch_fuse_fixed<DType::BF16>(p, grid_for(groups), s);
       else launch_fuse_fixed<DType::F16>(p, grid_for(groups), s);
     } else if (ti.fast_fuse && E < (1ull << 33) && aligned_slab(p, 8)) {
-      if (ti.half == DType::BF16) fuse_half_kernel<DType::BF16><<<grid_for(groups), kThreads, 0, s>>>(p);
-      else fuse_half_kernel<DType::F16><<<grid_for(groups), kThreads, 0, s>>>(p);
-    } else if (K <= 4) fuse_kernel<4><<<grid_for(groups), kThreads, 0, s>>>(p);
-    else fuse_kernel<kMaxExperts><<<grid_for(groups), kThreads, 0, s>>>(p);
+      if (ti.half == DType::BF16) DELLA_LAUNCH(grid_for(groups), kThreads, 0, s, fuse_half_kernel<DType::BF16>)(p);
+      else DELLA_LAUNCH(grid_for(groups), kThreads, 0, s, fuse_half_kernel<DType::F16>)(p);
+    } else if (K <= 4) DELLA_LAUNCH(grid_for(groups), kThreads, 0, s, fuse_kernel<4>)(p);
+    else DELLA_LAUNCH(grid_for(groups), kThreads, 0, s, fuse_kernel<kMaxExperts>)(p);
     launched("fuse_kernel");
   }
 }

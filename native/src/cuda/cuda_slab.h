@@ -10,6 +10,17 @@
 #include "../kernels/merge_cpu.h"
 #include "cuda_merge.h"
 
+// Kernel launches and dynamic shared memory, spelled so that the emulated device
+// (native/test/cuda_emu, which runs the kernels on the CPU) compiles them as C++ too:
+// DELLA_LAUNCH(grid, block, shared bytes, stream, kernel)(arguments).
+#ifdef DELLA_CUDA_EMU
+#define DELLA_LAUNCH(grid, block, smem, stream, ...) ::della_emu::launcher(__VA_ARGS__, grid, block, smem, stream)
+#define DELLA_DYNAMIC_SHARED(name) unsigned char* const name = ::della_emu::dynamic_smem()
+#else
+#define DELLA_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define DELLA_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 namespace della {
 namespace cuda {
 namespace detail {
