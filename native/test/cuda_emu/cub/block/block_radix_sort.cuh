@@ -1,0 +1,3 @@
+// Emulated CUB (see ../../cub_emu.h).
+#pragma once
+#include "../../cub_emu.h"
