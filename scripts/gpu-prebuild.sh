@@ -3,7 +3,8 @@
 # machine, and puts it in .gpu/prebuilt/ (ignored by git, carried with .gpu): the CUDA
 # plugin, its parity test, plugin test and benchmark, and the CPU-only addon. With
 # GPU_CHECK_PREBUILT=.gpu/prebuilt the check then skips its two builds (about a minute
-# of device time). Needs nvcc and the project's node_modules (npm ci).
+# of device time). Needs nvcc and the project's node_modules (npm ci). Runs the parity
+# test on the emulated device first and stops if it fails.
 #   bash scripts/gpu-prebuild.sh        then carry .gpu as gpu-check's README says
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,12 @@ cmake -S . -B build-gpu-node "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_JS_V
   -DCMAKE_JS_INC="$root/node_modules/node-api-headers/include" \
   -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$root/build-gpu-node/Release" -DDELLA_CUDA=OFF -DDELLA_TESTS=OFF >/dev/null
 cmake --build build-gpu-node -j "$(nproc)"
+# The same sources on the emulated device first (native/test/cuda_emu): a kernel or
+# pipeline that differs from the CPU there would waste the GPU's minutes.
+cmake -S . -B build-ctest -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build-ctest -j "$(nproc)" --target della_cuda_emu_parity
+build-ctest/della_cuda_emu_parity random 60
+build-ctest/della_cuda_emu_parity random 40 optin
 out=.gpu/prebuilt
 rm -rf "$out" && mkdir -p "$out"
 cp build-gpu/della_merge_cuda.so build-gpu/della_cuda_parity build-gpu/della_cuda_plugin_test \

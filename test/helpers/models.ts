@@ -36,11 +36,16 @@ export interface ModelSet {
 /**
  * A base and K experts sharing random Llama-like tensor names and shapes, in `dtype`,
  * the base sharded at `shardSize`, experts as single files or shards. Includes an I64
- * tensor (copied) and shapes with rows of length 1 and 1-D tensors.
+ * tensor (copied) and shapes with rows of length 1 and 1-D tensors; `shapes` names the
+ * floating-point tensors instead.
  */
-export function makeModels(r: () => number, dir: string, options: { dtype: FloatDType; experts: number; layers?: number; shardSize?: number }): ModelSet {
-  const layers = options.layers ?? 3;
-  const specs: Array<[string, number[]]> = [['model.embed_tokens.weight', [int(r, 8, 40), int(r, 4, 24)]]];
+export function makeModels(
+  r: () => number,
+  dir: string,
+  options: { dtype: FloatDType; experts: number; layers?: number; shardSize?: number; shapes?: Array<[string, number[]]> },
+): ModelSet {
+  const layers = options.shapes ? 0 : (options.layers ?? 3);
+  const specs: Array<[string, number[]]> = options.shapes ?? [['model.embed_tokens.weight', [int(r, 8, 40), int(r, 4, 24)]]];
   for (let l = 0; l < layers; l++) {
     specs.push(
       [`model.layers.${l}.self_attn.q_proj.weight`, [int(r, 1, 24), int(r, 1, 40)]],
@@ -49,7 +54,7 @@ export function makeModels(r: () => number, dir: string, options: { dtype: Float
       [`model.layers.${l}.mlp.gate.bias`, [int(r, 1, 9), 1]],
     );
   }
-  specs.push(['model.norm.weight', [int(r, 1, 30)]], ['lm_head.weight', [int(r, 8, 40), int(r, 4, 24)]]);
+  if (!options.shapes) specs.push(['model.norm.weight', [int(r, 1, 30)]], ['lm_head.weight', [int(r, 8, 40), int(r, 4, 24)]]);
   const K = options.experts;
   const models: InMemoryTensor[][] = Array.from({ length: K + 1 }, () => []);
   for (const [name, shape] of specs) {

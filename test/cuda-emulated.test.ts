@@ -1,0 +1,105 @@
+/**
+ * `della-merge run --device cuda` end to end on the emulated CUDA device: the CUDA
+ * plugin's kernels and pipeline compiled as plain C++ and run on the CPU
+ * (native/test/cuda_emu), loaded through DELLA_CUDA_PLUGIN exactly as the real plugin
+ * is. The outputs and the run records' digests must equal the CPU's, byte for byte;
+ * the device's errors (no GPU, a budget larger than its memory) must be one clear
+ * message with nothing left behind. `npm run test:native` builds the emulated plugin
+ * (build-ctest/della_merge_cuda_emu.so); without it these tests are skipped.
+ */
+import { spawnSync } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { makeModels, tempDir, writeRecipe } from './helpers/models.js';
+import { rng, testSeed } from './helpers/random.js';
+
+const root = resolve(import.meta.dirname, '..');
+const seed = testSeed();
+const plugin = process.env.DELLA_CUDA_EMU_PLUGIN ?? join(root, 'build-ctest', 'della_merge_cuda_emu.so');
+const havePlugin = existsSync(plugin);
+
+function cli(args: string[], env: NodeJS.ProcessEnv = {}) {
+  const r = spawnSync(process.execPath, [join(root, 'bin/della-merge.js'), ...args], {
+    cwd: root, encoding: 'utf8', env: { ...process.env, NO_COLOR: '1', DELLA_CUDA_PLUGIN: plugin, ...env },
+  });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+// Rows that take the 16-bit fast kernels (multiples of 8, up to 4096 and past it) and rows
+// that take the generic ones, in BF16.
+const shapes: Array<[string, number[]]> = [
+  ['model.embed_tokens.weight', [24, 512]],
+  ['model.layers.0.self_attn.q_proj.weight', [16, 4096]],
+  ['model.layers.0.mlp.down_proj.weight', [3, 5000]],
+  ['model.layers.0.mlp.up_proj.weight', [40, 72]],
+  ['model.layers.0.input_layernorm.weight', [512]],
+  ['model.layers.0.mlp.gate.bias', [7, 1]],
+  ['lm_head.weight', [9, 30]],
+];
+
+const recipes: Record<string, (experts: Array<{ model: string; weight: number }>) => unknown> = {
+  della: (e) => ({ merge_method: 'della', models: e.map((m) => ({ model: m.model, parameters: { weight: m.weight, density: 0.4, epsilon: 0.15 } })) }),
+  dare_ties: (e) => ({ merge_method: 'dare_ties', models: e.map((m) => ({ model: m.model, parameters: { weight: m.weight, density: 0.5 } })) }),
+  ties: (e) => ({ merge_method: 'ties', models: e.map((m) => ({ model: m.model, parameters: { weight: m.weight, density: 0.3 } })) }),
+  breadcrumbs_l2: (e) => ({ merge_method: 'breadcrumbs', models: e.map((m) => ({ model: m.model, parameters: { weight: m.weight, density: 0.6, gamma: 0.01 } })), parameters: { rescale: 'l2' } }),
+  task_arithmetic: (e) => ({ merge_method: 'task_arithmetic', models: e.map((m) => ({ model: m.model, parameters: { weight: m.weight } })) }),
+};
+
+function digests(dir: string): unknown {
+  return JSON.parse(readFileSync(join(dir, 'della_merge_run.json'), 'utf8')).xxh64;
+}
+
+describe.skipIf(!havePlugin)(`--device cuda on the emulated device (DELLA_TEST_SEED=${seed})`, () => {
+  it('doctor finds the emulated device through DELLA_CUDA_PLUGIN', () => {
+    const doc = JSON.parse(cli(['doctor', '--json']).stdout);
+    expect(doc.cuda.plugin).toBe(plugin);
+    expect(doc.cuda.available).toBe(true);
+    expect(JSON.stringify(doc.cuda)).toMatch(/emulated CUDA device/);
+  });
+
+  it('della, dare_ties, ties, breadcrumbs and task arithmetic give the CPU\'s bytes and digests', () => {
+    const dir = tempDir('della-cuda-emu-');
+    const models = makeModels(rng(seed), dir, { dtype: 'BF16', experts: 3, shapes });
+    const experts = models.experts.map((m, k) => ({ model: m, weight: 1 - 0.25 * k }));
+    for (const [name, make] of Object.entries(recipes)) {
+      const recipe = writeRecipe(join(dir, `${name}.yaml`), { ...(make(experts) as object), base_model: models.base, dtype: 'bfloat16', seed: 11 });
+      const cpu = cli(['run', recipe, '--out', join(dir, `cpu-${name}`), '--quiet']);
+      expect(cpu.code, cpu.stderr).toBe(0);
+      // Small slabs and two streams: tensors span several slabs, as large models do.
+      const gpu = cli(['run', recipe, '--out', join(dir, `gpu-${name}`), '--quiet', '--device', 'cuda', '--gpu-memory', '64MiB']);
+      expect(gpu.code, `${name}: ${gpu.stderr}`).toBe(0);
+      const files = readdirSync(join(dir, `cpu-${name}`)).filter((f) => f.endsWith('.safetensors'));
+      expect(files.length).toBeGreaterThan(0);
+      for (const f of files) {
+        expect(readFileSync(join(dir, `gpu-${name}`, f)).equals(readFileSync(join(dir, `cpu-${name}`, f))), `${name}: ${f}`).toBe(true);
+      }
+      expect(digests(join(dir, `gpu-${name}`)), name).toEqual(digests(join(dir, `cpu-${name}`)));
+    }
+  }, 120_000);
+
+  it('a device without a GPU, or a budget past its memory, is one clear error and leaves nothing behind', () => {
+    const dir = tempDir('della-cuda-emu-');
+    const models = makeModels(rng(seed + 1), dir, { dtype: 'BF16', experts: 2, layers: 1 });
+    const recipe = writeRecipe(join(dir, 'recipe.yaml'), {
+      ...(recipes.della(models.experts.map((m) => ({ model: m, weight: 0.5 }))) as object), base_model: models.base, dtype: 'bfloat16',
+    });
+    const before = readdirSync(dir).sort();
+
+    const none = cli(['run', recipe, '--out', join(dir, 'a'), '--device', 'cuda'], { DELLA_CUDA_EMU_DEVICES: '0' });
+    expect(none.code).toBe(1);
+    expect(none.stderr.trim().split('\n')).toHaveLength(1);
+    expect(none.stderr).toMatch(/^della-merge: --device cuda:0 is unavailable: .*no CUDA-capable device.*\(cudaErrorNoDevice\)/);
+
+    const big = cli(['run', recipe, '--out', join(dir, 'b'), '--device', 'cuda', '--gpu-memory', '2GiB'], { DELLA_CUDA_EMU_MEMORY: String(1 << 30) });
+    expect(big.code).toBe(1);
+    expect(big.stderr.trim().split('\n')).toHaveLength(1);
+    expect(big.stderr).toMatch(/GPU memory budget \(--gpu-memory\) of 2\.00 GiB is more than the 1\.00 GiB free on cuda:0/);
+
+    const small = cli(['run', recipe, '--out', join(dir, 'c'), '--device', 'cuda', '--gpu-memory', '8MiB']);
+    expect(small.code).toBe(1);
+    expect(small.stderr).toMatch(/is too small: give at least 16\.0 MiB per stream/);
+
+    expect(readdirSync(dir).sort()).toEqual(before);
+  }, 60_000);
+});
