@@ -98,8 +98,8 @@ Case make_case(Gen& g, int index) {
   Case c;
   della::MergeTask& t = c.task;
   // A third of the cases are merges as users run them, which take the fast kernels: one
-  // 16-bit dtype, matrices with rows of a multiple of 8, K <= 4, della (mostly), DARE or
-  // TIES with their usual rescale and consensus. The rest range over everything.
+  // 16-bit dtype, matrices with rows of a multiple of 8, K <= 4, della (mostly), DARE,
+  // TIES or breadcrumbs with their usual rescale and consensus. The rest range over everything.
   const bool typical = g.coin(1.0 / 3);
   // Shape: rank 0..3; row lengths around the block ranking capacity (4096) and beyond.
   const int rank = typical ? 2 : static_cast<int>(g.pick({0, 1, 1, 2, 2, 2, 2, 3}));
@@ -123,7 +123,7 @@ Case make_case(Gen& g, int index) {
   const unsigned K = static_cast<unsigned>(!typical && g.coin(0.1) ? 5 + g.u(2) : 1 + g.u(4));
   t.linear = !typical && g.coin(0.1);
   t.sparsifier = t.linear ? della::Sparsifier::None
-                          : static_cast<della::Sparsifier>(typical ? g.pick({1, 1, 1, 2, 3})
+                          : static_cast<della::Sparsifier>(typical ? g.pick({1, 1, 1, 2, 3, 4})
                                                                    : g.pick({0, 1, 1, 2, 2, 3, 3, 4, 4}));
   const bool whole = t.sparsifier == della::Sparsifier::Magnitude || t.sparsifier == della::Sparsifier::Breadcrumbs;
   if (t.linear || t.sparsifier == della::Sparsifier::None) t.rescale = della::Rescale::None;

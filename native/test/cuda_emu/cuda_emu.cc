@@ -209,14 +209,14 @@ std::string where(const Block& b, const Fiber& f) {
 // drift as far apart as the barriers allow, and the order (first warp first, or last
 // first, alternating) changes at every barrier: a missing barrier shows whichever side
 // of it the code gets wrong. False when no barrier can be passed.
-bool run_block(Block& b, uint64_t block_index) {
+bool run_block(Block& b, uint64_t block_index, uint64_t launch_index) {
   const size_t n = b.fibers.size();
   for (size_t i = 0; i < n; ++i) init_fiber(b.fibers[i], tl_stacks.get(i));
   for (Warp& w : b.warps) w = Warp{};
   b.collectives = 0;
   const size_t warps = b.warps.size();
   for (uint64_t round = 0;; ++round) {
-    const bool backwards = ((round + block_index) & 1) != 0;
+    const bool backwards = ((round + block_index + launch_index) & 1) != 0;
     for (size_t j = 0; j < warps; ++j) {
       const size_t wi = backwards ? warps - 1 - j : j;
       Warp& w = b.warps[wi];
@@ -364,6 +364,10 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
   b.fibers.resize(static_cast<size_t>(block.x) * block.y * block.z);
   b.warps.resize((b.fibers.size() + 31) / 32);
   b.body = &body;
+  // Alternates the threads' order between launches too, so that a one-block kernel sees
+  // both orders at each of its barriers.
+  static std::atomic<uint64_t> launches_run{0};
+  const uint64_t launch_index = launches_run.fetch_add(1);
   constexpr size_t kGuard = 64;  // bytes past the block's shared memory, checked after each block
   std::vector<unsigned char> shared(smem + 16 + kGuard);
   unsigned char* aligned = shared.data() + (16 - reinterpret_cast<uintptr_t>(shared.data()) % 16) % 16;
@@ -381,7 +385,7 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
           for (unsigned ty = 0; ty < block.y; ++ty)
             for (unsigned tx = 0; tx < block.x; ++tx, ++i)
               b.fibers[i].pos = ThreadPos{dim3(tx, ty, tz), dim3(bx, by, bz), block, grid};
-        bool ok = run_block(b, index);
+        bool ok = run_block(b, index, launch_index);
         for (size_t g = 0; ok && g < kGuard; ++g)
           if (aligned[smem + g] != 0xA7) {
             b.problem = "a write past the block's " + std::to_string(smem) + " bytes of dynamic shared memory";
