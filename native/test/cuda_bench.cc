@@ -68,7 +68,8 @@ const Method kMethods[] = {
      kAllFast & ~della::cuda::kRank256},
     {"della/1024x16", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true,
      kAllFast & ~della::cuda::kTier2Wide},
-    // The kernels of 2026-11-27 (before kFuseFixed and kRankLean), and without each of the two.
+    // The kernels of 2026-11-27 (before kFuseFixed, kRankLean and kCutFused), and without
+    // each of the first two.
     {"della/prev", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true,
      kAllFast & ~(della::cuda::kFuseFixed | della::cuda::kRankLean)},
     {"della/plain-fuse", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true,
@@ -79,6 +80,10 @@ const Method kMethods[] = {
      kAllFast & ~della::cuda::kFuseFixed},
     {"ties/prev", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true, true, true,
      kAllFast & ~della::cuda::kFuseFixed},
+    // Ties with the fixed fuse but its cut decided by the occurrence scan and a sparsify
+    // kernel, as before kCutFused.
+    {"ties/scan", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true, true, true,
+     kAllFast & ~della::cuda::kCutFused},
     {"task_arithmetic/prev", della::Sparsifier::None, della::Rescale::None, della::Consensus::None, false, true, true,
      kAllFast & ~della::cuda::kFuseFixed},
     {"dare_ties/generic", della::Sparsifier::Random, della::Rescale::Inverse, della::Consensus::Sum, false, true, true, 0},

@@ -1002,6 +1002,189 @@ void launch_fuse_fixed(const SlabParams& p, unsigned grid, cudaStream_t s) {
   with_fixed_k_consensus(p, [&](auto K, auto C) { DELLA_LAUNCH(grid, kThreads, 0, s, fuse_fixed_kernel<D, K(), C()>)(p); });
 }
 
+// ---------------------------------------------------------------- ties and breadcrumbs in the fuse
+
+// Whole-tensor cuts (ties, breadcrumbs) without a rescale, decided inside the fuse
+// (Options::fast_paths & kCutFused): an element is kept by where its key falls against
+// the cut, and an element whose key equals the cut's key by its occurrence among those
+// in index order (DevCut::take). The occurrence came from flags for every element and a
+// device-wide scan (16 bytes an element written, 24 read, per expert, plus the scratch
+// row and the sparsify kernel). Here the slab is cut into tiles of 1024 elements (one
+// fuse block's 256 Philox blocks): a count kernel counts each tile's cut keys, one block
+// turns the counts into each tile's first occurrence, and the fuse block adds its own
+// threads' counts before it (a block scan) and the thread's before each element.
+void launched(const char* what);
+
+// (matches of cut a's key) << 16 | (matches of cut b's key) among expert k's four elements
+// of Philox block t; their keys and deltas (the base's values b given) into key and d.
+template <DType D>
+__device__ __forceinline__ uint32_t cut_matches4(const SlabParams& p, unsigned k, uint32_t t, const float (&b)[4],
+                                                 uint32_t ka, uint32_t kb, float (&value)[4], float (&d)[4],
+                                                 uint32_t (&key)[4]) {
+  constexpr KeyMode mode = D == DType::BF16 ? KeyMode::BF16 : KeyMode::F16;
+  unpack4<D>(static_cast<const uint2*>(p.ex[k].data)[t], value);
+  uint32_t m = 0;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    d[q] = value[q] - b[q];
+    key[q] = magnitude_key(d[q], mode);
+    m += (static_cast<uint32_t>(key[q] == ka) << 16) + static_cast<uint32_t>(key[q] == kb);
+  }
+  return m;
+}
+
+// counts[tile] = cut_matches4 summed over the tile (zeroed before), for expert k.
+template <DType D>
+__global__ void __launch_bounds__(kThreads) cut_tile_counts_kernel(const __grid_constant__ SlabParams p, unsigned k,
+                                                                   uint32_t* counts) {
+  const uint32_t G = static_cast<uint32_t>((p.rows * p.n) >> 2);
+  const uint32_t ka = p.state.cuts[2 * k].key, kb = p.state.cuts[2 * k + 1].key;
+  // Whole blocks per round, so that every lane of a warp takes part in the sum.
+  for (uint32_t base = blockIdx.x * kThreads; base < G; base += gridDim.x * kThreads) {
+    const uint32_t t = base + threadIdx.x;
+    uint32_t m = 0;
+    if (t < G) {
+      float b[4], value[4], d[4];
+      uint32_t key[4];
+      unpack4<D>(static_cast<const uint2*>(p.base)[t], b);
+      m = cut_matches4<D>(p, k, t, b, ka, kb, value, d, key);
+    }
+    for (int o = 16; o > 0; o >>= 1) m += __shfl_down_sync(0xffffffffu, m, o);
+    if ((threadIdx.x & 31) == 0 && m != 0) atomicAdd(counts + base / kThreads, m);
+  }
+}
+
+// One block per expert: each tile's first occurrences of cut a's and cut b's keys (the
+// occurrences in earlier slabs, `carry`, included), then carry += the slab's.
+__global__ void __launch_bounds__(kSelectThreads) cut_tile_offsets_kernel(const uint32_t* counts, uint32_t tiles,
+                                                                          unsigned long long* carry,
+                                                                          unsigned long long* first_a,
+                                                                          unsigned long long* first_b) {
+  using Scan = cub::BlockScan<unsigned long long, kSelectThreads>;
+  __shared__ typename Scan::TempStorage ts;
+  const uint32_t chunk = (tiles + kSelectThreads - 1) / kSelectThreads;
+  const uint32_t t0 = threadIdx.x * chunk < tiles ? threadIdx.x * chunk : tiles;
+  const uint32_t t1 = t0 + chunk < tiles ? t0 + chunk : tiles;
+  unsigned long long sa = 0, sb = 0;
+  for (uint32_t t = t0; t < t1; ++t) {
+    sa += counts[t] >> 16;
+    sb += counts[t] & 0xffffu;
+  }
+  unsigned long long pa, ta, pb, tb;
+  Scan(ts).ExclusiveSum(sa, pa, ta);
+  __syncthreads();
+  Scan(ts).ExclusiveSum(sb, pb, tb);
+  unsigned long long oa = carry[0] + pa, ob = carry[1] + pb;
+  for (uint32_t t = t0; t < t1; ++t) {
+    first_a[t] = oa;
+    first_b[t] = ob;
+    oa += counts[t] >> 16;
+    ob += counts[t] & 0xffffu;
+  }
+  __syncthreads();  // every thread has read the carry
+  if (threadIdx.x == 0) {
+    carry[0] += ta;
+    carry[1] += tb;
+  }
+}
+
+// fuse_fixed_kernel with its kCutFused experts decided here: per expert, the keys of the
+// block's 1024 elements, a block scan of their cut matches, and each element's
+// occurrence = the tile's first + the threads' before it + its own before it. Its other
+// experts (not sparsified) are loaded as there. first_a/first_b: [K][tiles]. Registers:
+// K = 4 spilled about 120 bytes at 64 (four blocks of 256 a multiprocessor), so it takes
+// three blocks' 80.
+template <DType D, int K, Consensus C>
+__global__ void __launch_bounds__(kThreads, K >= 4 ? 3 : 4) cut_fuse_kernel(const __grid_constant__ SlabParams p,
+                                                               const unsigned long long* first_a,
+                                                               const unsigned long long* first_b, uint32_t tiles) {
+  using Scan = cub::BlockScan<uint32_t, kThreads>;
+  __shared__ typename Scan::TempStorage ts;
+  const uint32_t G = static_cast<uint32_t>((p.rows * p.n) >> 2);
+  const uint64_t g0 = (p.row0 * p.n) >> 2;
+  const bool magnitude = p.sparsifier == Sparsifier::Magnitude;
+  uint32_t bad_base = 0, bad[K], kept[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) bad[k] = kept[k] = 0;
+  for (uint32_t base = blockIdx.x * kThreads; base < G; base += gridDim.x * kThreads) {
+    const uint32_t t = base + threadIdx.x, tile = base / kThreads;
+    const bool in = t < G;
+    float b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (in) {
+      unpack4<D>(static_cast<const uint2*>(p.base)[t], b);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) bad_base += !is_finite_f32(b[q]);
+    }
+    float v[4][K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (p.ex[k].mode != kCutFused) {  // the same for every thread: the scan below is not skipped by some
+        if (in) expert_quad<D>(p, k, t, g0, b, false, v, bad[k], kept[k]);
+        continue;
+      }
+      const DevCut ca = p.state.cuts[2 * k], cb = p.state.cuts[2 * k + 1];
+      float value[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      uint32_t key[4] = {kNoKey, kNoKey, kNoKey, kNoKey};
+      const uint32_t m = in ? cut_matches4<D>(p, k, t, b, ca.key, cb.key, value, d, key) : 0u;
+      uint32_t before_me, total;
+      Scan(ts).ExclusiveSum(m, before_me, total);
+      __syncthreads();  // the next expert's scan reuses ts
+      unsigned long long oa = first_a[k * tiles + tile] + (before_me >> 16);
+      unsigned long long ob = first_b[k * tiles + tile] + (before_me & 0xffffu);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const bool in_a = before(ca, key[q], oa), in_b = before(cb, key[q], ob);
+        oa += key[q] == ca.key;
+        ob += key[q] == cb.key;
+        const bool keep = magnitude ? in_a : (!in_a && in_b);
+        v[q][k] = keep_or_zero(keep, d[q]);
+        if (in) {
+          kept[k] += keep;
+          bad[k] += !is_finite_f32(value[q]);
+        }
+      }
+    }
+    if (in) {
+      uint32_t o[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) o[q] = f32_to_half<D>(fuse_fixed<K, C>(p, v[q], b[q]));
+      static_cast<uint2*>(p.out)[t] = make_uint2(o[0] | o[1] << 16, o[2] | o[3] << 16);
+    }
+  }
+  count_add(&p.stats[0], bad_base);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (p.ex[k].mode != kScratch) count_add(&p.stats[1 + k], bad[k]);
+    if (p.ex[k].mode == kRandomFused || p.ex[k].mode == kCutFused) count_add(&p.stats[1 + K + k], kept[k]);
+  }
+}
+
+// The tiles of a slab of E elements (E % 4 == 0 where kCutFused applies).
+uint32_t cut_tiles(uint64_t E) { return static_cast<uint32_t>((E / 4 + kThreads - 1) / kThreads); }
+
+// The final pass of a kCutFused slab: counts, first occurrences, then the fuse.
+template <DType D>
+void launch_cut_fuse(const TaskInfo& ti, const SlabParams& p, uint32_t* counts, unsigned long long* first_a,
+                     unsigned long long* first_b, unsigned grid, cudaStream_t s) {
+  const uint64_t E = p.rows * p.n;
+  const uint32_t tiles = cut_tiles(E);
+  check(cudaMemsetAsync(counts, 0, static_cast<size_t>(ti.k) * tiles * 4, s), "cudaMemsetAsync");
+  for (unsigned k = 0; k < ti.k; ++k) {
+    if (ti.mode_k[k] != kCutFused) continue;
+    DELLA_LAUNCH(grid, kThreads, 0, s, cut_tile_counts_kernel<D>)(p, k, counts + static_cast<size_t>(k) * tiles);
+    launched("cut_tile_counts_kernel");
+    DELLA_LAUNCH(1, kSelectThreads, 0, s, cut_tile_offsets_kernel)(counts + static_cast<size_t>(k) * tiles, tiles,
+                                                                    p.state.carry + 2 * k,
+                                                                    first_a + static_cast<size_t>(k) * tiles,
+                                                                    first_b + static_cast<size_t>(k) * tiles);
+    launched("cut_tile_offsets_kernel");
+  }
+  with_fixed_k_consensus(p, [&](auto K, auto C) {
+    DELLA_LAUNCH(grid, kThreads, 0, s, cut_fuse_kernel<D, K(), C()>)(p, first_a, first_b, tiles);
+  });
+  launched("cut_fuse_kernel");
+}
+
 // ---------------------------------------------------------------- della: one block a row
 
 // della's whole final pass for a row of n <= 4096 in one block (Options::fast_paths &
@@ -1180,6 +1363,14 @@ TaskInfo task_info(const MergeTask& t, const Options& o) {
   ti.fast_fuse = half && (o.fast_paths & kFastFuse) && ti.k <= 4 && ti.n % 4 == 0;
   ti.fuse_fixed = ti.fast_fuse && (o.fast_paths & kFuseFixed) && ti.k >= 1 && !t.linear &&
                   (t.consensus == Consensus::Sum || t.consensus == Consensus::None);
+  // Ties and breadcrumbs without a rescale: the cuts decided inside the fuse.
+  ti.cut_fused = ti.fuse_fixed && (o.fast_paths & kCutFused) && ti.need_cuts && !ti.need_norm && !ti.f32_keys &&
+                 t.rescale == Rescale::None && ti.numel < (1ull << 33);
+  if (ti.cut_fused) {
+    ti.any_scratch = false;
+    for (unsigned k = 0; k < ti.k; ++k)
+      if (ti.mode_k[k] == kScratch) ti.mode_k[k] = kCutFused;
+  }
   ti.fast_rank = half && (o.fast_paths & kFastRank) && ti.block_sort && ti.n % 8 == 0 &&
                  (ti.block_tier == 1 || optin_shared_bytes() >= Tier2Packed::kSmem);
   ti.rank256 = (o.fast_paths & kRank256) != 0;
@@ -1251,6 +1442,9 @@ struct WorkLayout {
   uint64_t* occ = nullptr;
   void* temp = nullptr;
   uint64_t temp_bytes = 0;
+  uint32_t* counts = nullptr;  // kCutFused: [K][tiles] cut-key matches per tile
+  unsigned long long* first_a = nullptr;  // [K][tiles] first occurrences
+  unsigned long long* first_b = nullptr;
   uint64_t total = 0;
 };
 
@@ -1264,7 +1458,9 @@ WorkLayout work_layout(const TaskInfo& ti, uint64_t rows, char* work) {
     sort_temp = seg_sort_temp(E, rows);
     sort_bytes = 2 * align_up(E * 8) + align_up((rows + 1) * 4) + align_up(sort_temp);
   }
-  if (ti.need_cuts) {
+  const uint64_t tiles = cut_tiles(E);
+  if (ti.cut_fused) cut_bytes = align_up(ti.k * tiles * 4) + 2 * align_up(ti.k * tiles * 8);
+  else if (ti.need_cuts) {
     cut_temp = scan_temp(E);
     cut_bytes = 2 * align_up(E * 8) + align_up(cut_temp);
   }
@@ -1278,7 +1474,11 @@ WorkLayout work_layout(const TaskInfo& ti, uint64_t rows, char* work) {
     w.temp = p + 2 * align_up(E * 8) + align_up((rows + 1) * 4);
     w.temp_bytes = sort_temp;
   }
-  if (ti.need_cuts) {
+  if (ti.cut_fused) {
+    w.counts = reinterpret_cast<uint32_t*>(p);
+    w.first_a = reinterpret_cast<unsigned long long*>(p + align_up(ti.k * tiles * 4));
+    w.first_b = reinterpret_cast<unsigned long long*>(p + align_up(ti.k * tiles * 4) + align_up(ti.k * tiles * 8));
+  } else if (ti.need_cuts) {
     w.flags = reinterpret_cast<uint64_t*>(p);
     w.occ = reinterpret_cast<uint64_t*>(p + align_up(E * 8));
     w.temp = p + 2 * align_up(E * 8);
@@ -1483,6 +1683,13 @@ void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigne
     for (unsigned k = 0; k < K; ++k)
       if (ti.mode_k[k] == kScratch) sparsify(t, ti, p, k, true, w, s);
     const uint64_t groups = ((p.row0 * p.n + E - 1) >> 2) - ((p.row0 * p.n) >> 2) + 1;
+    if (ti.cut_fused) {  // task_info's conditions; the pointers are checked here
+      if (E >= (1ull << 33) || !aligned_slab(p, 8))
+        throw Error(DELLA_CUDA_ERROR, "internal: a slab for the fused cut kernels is not 8-byte aligned");
+      if (ti.half == DType::BF16) launch_cut_fuse<DType::BF16>(ti, p, w.counts, w.first_a, w.first_b, grid_for(groups), s);
+      else launch_cut_fuse<DType::F16>(ti, p, w.counts, w.first_a, w.first_b, grid_for(groups), s);
+      return;
+    }
     if (ti.fuse_fixed && E < (1ull << 33) && aligned_slab(p, 8)) {
       if (ti.half == DType::BF16) launch_fuse_fixed<DType::BF16>(p, grid_for(groups), s);
       else launch_fuse_fixed<DType::F16>(p, grid_for(groups), s);

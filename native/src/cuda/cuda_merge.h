@@ -38,13 +38,14 @@ struct Options {
   // Kernels specialised for slabs whose inputs and output share one 16-bit dtype (BF16 or
   // F16) and whose rows are a multiple of 4 (fuse) or 8 (ranking) long: vector loads,
   // 32-bit indices, the dtype a template parameter; and the ranking's layout choices.
-  // Bits below, all on by default. Same bytes either way; the parity tests and the
-  // benchmark run the generic kernels and the alternatives beside the default.
-  unsigned fast_paths = 127;
+  // Bits below, all on by default but kFusedRow. Same bytes either way; the parity tests
+  // and the benchmark run the generic kernels and the alternatives beside the default.
+  unsigned fast_paths = 127 | 256;
 };
 
 constexpr unsigned kFastFuse = 1;    // the fuse kernel (every method); with it:
-constexpr unsigned kFuseFixed = 32;  //   K <= 4 and the consensus fixed at compile time, zero dividends not divided
+constexpr unsigned kFuseFixed = 32;  //   K <= 4 and the consensus fixed at compile time, zero dividends not divided; with it:
+constexpr unsigned kCutFused = 256;  //     ties' and breadcrumbs' keep decisions inside the fuse (occurrences by tiles)
 constexpr unsigned kFastRank = 2;    // magprune's block ranking, keep and rescale; with it:
 constexpr unsigned kRank256 = 4;     //   rows up to 4096 as 256 threads x 16 keys, not 512 x 8
 constexpr unsigned kRankDirect = 8;  //   radix passes written out, the last one's ranks used directly; with it:

@@ -33,6 +33,7 @@ enum ExpertMode : uint8_t {
   kDirect = 0,       // not sparsified: the delta (or, for linear tasks, the value) itself
   kRandomFused = 1,  // DARE mask with the inverse or no rescale, computed inside the fuse kernel
   kScratch = 2,      // written to a float scratch buffer by a sparsify kernel first
+  kCutFused = 3,     // whole-tensor cut (ties, breadcrumbs) without rescale, decided inside the fuse kernel
 };
 
 struct DevExpert {
@@ -128,6 +129,7 @@ struct TaskInfo {
   bool rank_direct = false; // & kRankDirect
   bool rank_lean = false;   // & kRankLean (with kRankDirect)
   bool fused_row = false;   // & kFusedRow: della_row_kernel does the final pass
+  bool cut_fused = false;   // & kCutFused: the sparse experts are kCutFused (cut_fuse_kernel)
   bool tier2_wide = false;  // & kTier2Wide, where the device has the shared memory
   bool any_scratch = false;
   std::vector<uint8_t> sparse, mode_k;
