@@ -3,8 +3,8 @@
  * plugin's kernels and pipeline compiled as plain C++ and run on the CPU
  * (native/test/cuda_emu), loaded through DELLA_CUDA_PLUGIN exactly as the real plugin
  * is. The outputs and the run records' digests must equal the CPU's, byte for byte;
- * the device's errors (no GPU, a budget larger than its memory) must be one clear
- * message with nothing left behind. `npm run test:native` builds the emulated plugin
+ * the device's errors (no GPU, a budget larger than its memory, a row larger than the
+ * budget) must be one clear message with nothing left behind. `npm run test:native` builds the emulated plugin
  * (build-ctest/della_merge_cuda_emu.so); without it these tests are skipped.
  */
 import { spawnSync } from 'node:child_process';
@@ -102,4 +102,28 @@ describe.skipIf(!havePlugin)(`--device cuda on the emulated device (DELLA_TEST_S
 
     expect(readdirSync(dir).sort()).toEqual(before);
   }, 60_000);
+
+  it('a tensor whose row does not fit the memory budget stops the merge with one clear error and leaves nothing behind', () => {
+    const dir = tempDir('della-cuda-emu-');
+    // One small matrix, then a 1-D tensor of 4 M elements: one "row", which needs more
+    // device memory at K = 3 than the 16 MiB each of three streams gets of 48 MiB.
+    const models = makeModels(rng(seed + 2), dir, {
+      dtype: 'BF16', experts: 3, shapes: [['model.a.weight', [16, 512]], ['model.z.weight', [4_000_000]]],
+    });
+    const recipe = writeRecipe(join(dir, 'recipe.yaml'), {
+      ...(recipes.della(models.experts.map((m) => ({ model: m, weight: 0.5 }))) as object), base_model: models.base, dtype: 'bfloat16',
+    });
+    const before = readdirSync(dir).sort();
+    const r = cli(['run', recipe, '--out', join(dir, 'merged'), '--device', 'cuda', '--gpu-memory', '48MiB']);
+    expect(r.code).toBe(1);
+    const lines = r.stderr.trim().split('\n');
+    expect(lines, r.stderr).toHaveLength(1);
+    expect(lines[0]).toMatch(/^della-merge: .*a tensor of shape \[4000000\] needs [0-9.]+ MiB of device memory for one row, more than the 16\.0 MiB per stream that the device memory budget allows: raise --gpu-memory/);
+    expect(readdirSync(dir).sort()).toEqual(before); // no output, no temporary directory
+    const ok = cli(['run', recipe, '--out', join(dir, 'merged'), '--device', 'cuda', '--gpu-memory', '512MiB', '--quiet']);
+    expect(ok.code, ok.stderr).toBe(0);
+    const cpu = cli(['run', recipe, '--out', join(dir, 'cpu'), '--quiet']);
+    expect(cpu.code, cpu.stderr).toBe(0);
+    expect(digests(join(dir, 'merged'))).toEqual(digests(join(dir, 'cpu')));
+  }, 120_000);
 });
