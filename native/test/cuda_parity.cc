@@ -304,9 +304,10 @@ int main(int argc, char** argv) {
   configs[2].o.fast_paths = della::cuda::kFastFuse | della::cuda::kFastRank;  // 512 x 8, cub's sort
   // The fallback for devices without 128 KiB of shared memory per block, and the generic
   // kernels in place of the 16-bit ones.
-  configs[3].name = "global histograms, generic kernels";
+  configs[3].name = "global histograms, generic kernels, multi-pass slabs by the pinned buffer";
   configs[3].o.memory_budget = 512ull << 20;
   configs[3].o.shared_hist = false;
+  configs[3].o.resident_passes = false;  // multi-pass tasks staged once per pass, as before
   configs[3].o.fast_paths = 0;
   configs[3].o.max_slab_elements = 1 << 17;
   if (optin) {  // the kernels not on by default (Options::fast_paths bits beyond the default ones)

@@ -173,11 +173,14 @@ struct Slot {
   bool busy = false;
   size_t task = 0;
   uint64_t row0 = 0, rows = 0;
+  uint64_t chunk = 0;  // rows staged through the pinned buffer at a time (0: the whole slab)
   bool final_pass = false;
   SlabLayout layout;
   // DELLA_CUDA_PROFILE: the stream's progress through the slab (before the upload, after
   // it, after the kernels, after the download).
   cudaEvent_t marks[4] = {nullptr, nullptr, nullptr, nullptr};
+  // Chunked staging: the last copy to the device from each half of the pinned buffer.
+  cudaEvent_t half_copied[2] = {nullptr, nullptr};
 };
 
 // Where the host's time goes in one run(), printed to stderr when the environment has
@@ -210,6 +213,8 @@ struct Context::Impl {
       if (s.done) cudaEventDestroy(s.done);
       for (cudaEvent_t e : s.marks)
         if (e) cudaEventDestroy(e);
+      for (cudaEvent_t e : s.half_copied)
+        if (e) cudaEventDestroy(e);
       if (s.stream) cudaStreamDestroy(s.stream);
       if (s.dev) cudaFree(s.dev);
       if (s.pinned) cudaFreeHost(s.pinned);
@@ -222,20 +227,27 @@ struct Context::Impl {
     unsigned passes;
     bool bound;        // one of several slabs of a task whose state spans them: one stream
     bool first_bound;  // the first such job of its task
+    uint64_t chunk = 0;  // rows staged at a time when the slab is larger than the pinned buffer
   };
 
-  uint64_t plan_rows(const MergeTask& t, const TaskInfo& ti) const;
+  uint64_t plan_rows(const MergeTask& t, const TaskInfo& ti, bool by_pinned = true) const;
+  uint64_t chunk_rows(const MergeTask& t, const TaskInfo& ti) const;
+  void stage_chunks(Slot& s, const Job& j, const MergeTask& t, const TaskInfo& ti, const SlabLayout& L, unsigned threads);
+  void copy_out_chunks(Slot& s, const MergeTask& t, uint64_t n, unsigned threads);
   void finish(Slot& s, const std::vector<MergeTask>& tasks, std::vector<MergeStats>& stats, unsigned threads);
   void start(Slot& s, const Job& j, const MergeTask& t, const TaskInfo& ti, unsigned threads);
 };
 
-uint64_t Context::Impl::plan_rows(const MergeTask& t, const TaskInfo& ti) const {
+// Rows of a slab: as many as the pinned staging buffer holds (by_pinned), or, for a task
+// whose passes span its slabs, as many as the stream's device memory holds: its inputs
+// then stay on the device for every pass and are staged once, in chunks (stage_chunks).
+uint64_t Context::Impl::plan_rows(const MergeTask& t, const TaskInfo& ti, bool by_pinned) const {
   if (ti.n > kMaxSlabElements)
     throw Error(DELLA_CUDA_ERROR, "a tensor of shape " + shape_text(t.shape) + " has rows of " + std::to_string(ti.n) +
                                       " elements; the CUDA backend takes rows of at most 2^30 (use --device cpu)");
   const SlabLayout one = slab_layout(t, ti, 1, false);
   const uint64_t per_row_pinned = std::max<uint64_t>(1, one.in_bytes + one.out_bytes);
-  uint64_t rows = std::min<uint64_t>(ti.rows, std::max<uint64_t>(1, opt.pinned_bytes / per_row_pinned));
+  uint64_t rows = by_pinned ? std::min<uint64_t>(ti.rows, std::max<uint64_t>(1, opt.pinned_bytes / per_row_pinned)) : ti.rows;
   rows = std::min<uint64_t>(rows, std::max<uint64_t>(1, std::min(opt.max_slab_elements, kMaxSlabElements) / ti.n));
   const uint64_t cap = slots.front().dev_bytes;
   while (true) {
@@ -250,14 +262,114 @@ uint64_t Context::Impl::plan_rows(const MergeTask& t, const TaskInfo& ti) const 
   }
 }
 
+// Rows of a staging chunk: two chunks of inputs (one filled while the other is copied to
+// the device) and one of output in the pinned buffer.
+uint64_t Context::Impl::chunk_rows(const MergeTask& t, const TaskInfo& ti) const {
+  const SlabLayout one = slab_layout(t, ti, 1, false);
+  return std::max<uint64_t>(1, opt.pinned_bytes / std::max<uint64_t>(1, 2 * one.in_bytes + one.out_bytes));
+}
+
+// Where a chunk's pieces sit in the pinned buffer: inputs in two alternating halves,
+// then the output, then the statistics.
+struct ChunkLayout {
+  SlabLayout c;  // of one chunk (relative offsets of the inputs)
+  uint64_t half = 0, out = 0, stats = 0, total = 0;
+};
+ChunkLayout chunk_layout(const MergeTask& t, const TaskInfo& ti, uint64_t chunk) {
+  ChunkLayout C;
+  C.c = slab_layout(t, ti, chunk, false);
+  C.half = align_up(C.c.in_bytes);
+  C.out = 2 * C.half;
+  C.stats = C.out + align_up(C.c.out_bytes);
+  C.total = C.stats + align_up((2ull * ti.k + 1) * 8);
+  return C;
+}
+
+// Stages the slab's inputs chunk by chunk: rows into one half of the pinned buffer while
+// the other half's copy to the device runs, each input to its place in the slab.
+void Context::Impl::stage_chunks(Slot& s, const Job& j, const MergeTask& t, const TaskInfo& ti, const SlabLayout& L,
+                                 unsigned threads) {
+  const ChunkLayout C = chunk_layout(t, ti, j.chunk);
+  const uint64_t n = ti.n;
+  for (uint64_t c = 0, i = 0; c < j.rows; c += j.chunk, ++i) {
+    const uint64_t rows = std::min(j.chunk, j.rows - c), r0 = j.row0 + c;
+    cudaEvent_t& copied = s.half_copied[i % 2];
+    if (i >= 2) check(cudaEventSynchronize(copied), "the GPU merge (staging)");  // this half's last copy is done
+    char* half = s.pinned + (i % 2) * C.half;
+    std::vector<Piece> pieces;
+    if (!t.linear) {
+      const uint64_t bs = dtype_size(t.base_dtype);
+      pieces.push_back({static_cast<const char*>(t.base) + r0 * n * bs, half + C.c.base_rel, rows * n * bs});
+    }
+    for (unsigned k = 0; k < ti.k; ++k) {
+      const ExpertInput& e = t.experts[k];
+      const uint64_t es = dtype_size(e.dtype);
+      char* dst = half + C.c.ex_rel[k];
+      if (e.shape == t.shape) {
+        pieces.push_back({static_cast<const char*>(e.data) + r0 * n * es, dst, rows * n * es});
+      } else {
+        for (uint64_t r = 0; r < rows; ++r)
+          pieces.push_back({static_cast<const char*>(e.data) + expert_row_offset(t.shape, e.shape, r0 + r, n) * es,
+                            dst + r * n * es, n * es});
+      }
+    }
+    const auto t0 = Profile::Clock::now();
+    parallel_copy(pieces, threads);
+    prof.stage += Profile::since(t0);
+    // Each input's rows to their place in the device slab (laid out for j.rows rows).
+    char* dev = s.dev + L.in;
+    if (!t.linear) {
+      const uint64_t bs = dtype_size(t.base_dtype);
+      check(cudaMemcpyAsync(dev + L.base_rel + c * n * bs, half + C.c.base_rel, rows * n * bs, cudaMemcpyHostToDevice,
+                            s.stream),
+            "cudaMemcpyAsync (to the GPU)");
+    }
+    for (unsigned k = 0; k < ti.k; ++k) {
+      const uint64_t es = dtype_size(t.experts[k].dtype);
+      check(cudaMemcpyAsync(dev + L.ex_rel[k] + c * n * es, half + C.c.ex_rel[k], rows * n * es, cudaMemcpyHostToDevice,
+                            s.stream),
+            "cudaMemcpyAsync (to the GPU)");
+    }
+    check(cudaEventRecord(copied, s.stream), "cudaEventRecord");
+  }
+}
+
+// The slab's output back chunk by chunk through the pinned buffer, in row order (the
+// digest threads take them in that order).
+void Context::Impl::copy_out_chunks(Slot& s, const MergeTask& t, uint64_t n, unsigned threads) {
+  const uint64_t os = dtype_size(t.out_dtype);
+  char* const pin_out = s.pinned + s.layout.pin_out;
+  for (uint64_t c = 0; c < s.rows; c += s.chunk) {
+    const uint64_t rows = std::min(s.chunk, s.rows - c);
+    check(cudaMemcpyAsync(pin_out, s.dev + s.layout.out_dev + c * n * os, rows * n * os, cudaMemcpyDeviceToHost, s.stream),
+          "cudaMemcpyAsync (from the GPU)");
+    check(cudaStreamSynchronize(s.stream), "the GPU merge (copy out)");
+    const auto t1 = Profile::Clock::now();
+    parallel_copy({{pin_out, static_cast<char*>(t.out) + (s.row0 + c) * n * os, rows * n * os}}, threads);
+    prof.copy_out += Profile::since(t1);
+    prof.out_bytes += rows * n * os;
+    if (t.digest) {
+      const auto t2 = Profile::Clock::now();
+      digests->add(s.task, s.row0 + c, rows, static_cast<const char*>(t.out), n * os);
+      prof.hash += Profile::since(t2);
+    }
+  }
+}
+
 void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskInfo& ti, unsigned threads) {
   const SlabLayout L = slab_layout(t, ti, j.rows);
   if (L.dev_total > s.dev_bytes) throw Error(DELLA_CUDA_ERROR, "internal: slab larger than the stream's device memory");
-  if (s.pinned_bytes < L.pin_total) {
+  // A slab larger than the pinned buffer (a multi-pass task kept on the device) is staged
+  // in chunks; else in one piece.
+  const bool chunked = j.chunk != 0 && j.chunk < j.rows;
+  const ChunkLayout C = chunked ? chunk_layout(t, ti, j.chunk) : ChunkLayout{};
+  const uint64_t pin_need = chunked ? C.total : L.pin_total;
+  const uint64_t pin_out = chunked ? C.out : L.pin_out, pin_stats = chunked ? C.stats : L.pin_stats;
+  if (s.pinned_bytes < pin_need) {
     if (s.pinned) check(cudaFreeHost(s.pinned), "cudaFreeHost");
     s.pinned = nullptr;
     s.pinned_bytes = 0;
-    const uint64_t want = std::max(L.pin_total, std::min<uint64_t>(opt.pinned_bytes, 2 * L.pin_total));
+    const uint64_t want = std::max(pin_need, std::min<uint64_t>(opt.pinned_bytes, 2 * pin_need));
     void* p = nullptr;
     const auto t0 = Profile::Clock::now();
     check(cudaMallocHost(&p, want), "cudaMallocHost (pinned staging memory)");
@@ -269,6 +381,7 @@ void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskI
   // latter gathered row by row when it is larger than the base (embedding sub-block).
   const uint64_t n = ti.n, E = j.rows * n;
   std::vector<Piece> pieces;
+  if (!chunked) {
   if (!t.linear) {
     const uint64_t bs = dtype_size(t.base_dtype);
     pieces.push_back({static_cast<const char*>(t.base) + j.row0 * n * bs, s.pinned + L.base_rel, E * bs});
@@ -288,15 +401,18 @@ void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskI
   const auto t0 = Profile::Clock::now();
   parallel_copy(pieces, threads);
   prof.stage += Profile::since(t0);
+  }
   prof.staged_bytes += L.in_bytes;
   ++prof.slabs;
   const auto t1 = Profile::Clock::now();
+  const double staged_before = prof.stage;
 
   char* dev = s.dev;
   unsigned long long* d_stats = reinterpret_cast<unsigned long long*>(dev + L.stats);
   if (s.marks[0]) check(cudaEventRecord(s.marks[0], s.stream), "cudaEventRecord");
   check(cudaMemsetAsync(d_stats, 0, (2ull * ti.k + 1) * 8, s.stream), "cudaMemsetAsync");
-  check(cudaMemcpyAsync(dev + L.in, s.pinned, L.in_bytes, cudaMemcpyHostToDevice, s.stream), "cudaMemcpyAsync (to the GPU)");
+  if (chunked) stage_chunks(s, j, t, ti, L, threads);
+  else check(cudaMemcpyAsync(dev + L.in, s.pinned, L.in_bytes, cudaMemcpyHostToDevice, s.stream), "cudaMemcpyAsync (to the GPU)");
   if (s.marks[1]) check(cudaEventRecord(s.marks[1], s.stream), "cudaEventRecord");
   SlabParams p;
   fill_params(t, ti, p);
@@ -310,20 +426,23 @@ void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskI
   enqueue_slab(t, ti, p, j.passes, dev + L.scratch, dev + L.work, L.work_bytes, s.stream);
   if (s.marks[2]) check(cudaEventRecord(s.marks[2], s.stream), "cudaEventRecord");
   const bool final_pass = (j.passes & kPassFinal) != 0;
-  if (final_pass)
-    check(cudaMemcpyAsync(s.pinned + L.pin_out, dev + L.out_dev, L.out_bytes, cudaMemcpyDeviceToHost, s.stream),
+  if (final_pass && !chunked)  // chunked: copy_out_chunks, once the slab is done
+    check(cudaMemcpyAsync(s.pinned + pin_out, dev + L.out_dev, L.out_bytes, cudaMemcpyDeviceToHost, s.stream),
           "cudaMemcpyAsync (from the GPU)");
-  check(cudaMemcpyAsync(s.pinned + L.pin_stats, d_stats, (2ull * ti.k + 1) * 8, cudaMemcpyDeviceToHost, s.stream),
+  check(cudaMemcpyAsync(s.pinned + pin_stats, d_stats, (2ull * ti.k + 1) * 8, cudaMemcpyDeviceToHost, s.stream),
         "cudaMemcpyAsync (from the GPU)");
   if (s.marks[3]) check(cudaEventRecord(s.marks[3], s.stream), "cudaEventRecord");
   check(cudaEventRecord(s.done, s.stream), "cudaEventRecord");
-  prof.enqueue += Profile::since(t1);
+  prof.enqueue += Profile::since(t1) - (prof.stage - staged_before);
   s.busy = true;
   s.task = j.task;
   s.row0 = j.row0;
   s.rows = j.rows;
+  s.chunk = chunked ? j.chunk : 0;
   s.final_pass = final_pass;
   s.layout = L;
+  s.layout.pin_out = pin_out;
+  s.layout.pin_stats = pin_stats;
 }
 
 void Context::Impl::finish(Slot& s, const std::vector<MergeTask>& tasks, std::vector<MergeStats>& stats,
@@ -345,7 +464,9 @@ void Context::Impl::finish(Slot& s, const std::vector<MergeTask>& tasks, std::ve
   const MergeTask& t = tasks[s.task];
   const unsigned K = static_cast<unsigned>(t.experts.size());
   const uint64_t n = t.shape.size() >= 2 ? static_cast<uint64_t>(t.shape.back()) : stats[s.task].numel;
-  if (s.final_pass) {
+  if (s.final_pass && s.chunk) {
+    copy_out_chunks(s, t, n, threads);
+  } else if (s.final_pass) {
     const uint64_t os = dtype_size(t.out_dtype);
     const auto t1 = Profile::Clock::now();
     parallel_copy({{s.pinned + s.layout.pin_out, static_cast<char*>(t.out) + s.row0 * n * os, s.layout.out_bytes}}, threads);
@@ -389,6 +510,7 @@ Context::Context(const Options& options) : impl_(new Impl) {
   for (Slot& s : m.slots) {
     check(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking), "cudaStreamCreate");
     check(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "cudaEventCreate");
+    for (cudaEvent_t& e : s.half_copied) check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
     if (m.profiling)
       for (cudaEvent_t& e : s.marks) check(cudaEventCreate(&e), "cudaEventCreate");
     void* p = nullptr;
@@ -436,11 +558,22 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
     stats[i].kept.assign(ti.k, 0);
     stats[i].numel = ti.numel;
     if (ti.numel == 0 || ti.rows == 0) continue;
-    const uint64_t per = m.plan_rows(t, ti);
-    const uint64_t slabs = (ti.rows + per - 1) / per;
+    uint64_t per = m.plan_rows(t, ti);
+    uint64_t slabs = (ti.rows + per - 1) / per;
+    // A task whose passes span its slabs (cuts, norms) would stage every slab once per
+    // pass: instead its slabs are as large as device memory allows, so its inputs stay on
+    // the device for all passes (usually one slab for the whole tensor), staged once, in
+    // chunks through the pinned buffer (Options::resident_passes).
+    uint64_t chunk = 0;
+    if (slabs > 1 && (ti.need_cuts || ti.need_norm) && m.opt.resident_passes) {
+      chunk = std::min(per, m.chunk_rows(t, ti));
+      per = m.plan_rows(t, ti, false);
+      slabs = (ti.rows + per - 1) / per;
+      if (chunk >= per) chunk = 0;
+    }
     auto slab = [&](uint64_t s) { return std::make_pair(s * per, std::min(per, ti.rows - s * per)); };
     if (slabs == 1) {
-      jobs.push_back({i, 0, ti.rows, single_slab_passes(ti), false, false});
+      jobs.push_back({i, 0, ti.rows, single_slab_passes(ti), false, false, chunk});
     } else if (ti.need_cuts || ti.need_norm) {
       bool first = true;
       auto pass = [&](unsigned main, unsigned at_first, unsigned at_last) {
@@ -449,7 +582,7 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
           unsigned p = main;
           if (s == 0) p |= at_first;
           if (s + 1 == slabs) p |= at_last;
-          jobs.push_back({i, r0, rows, p, true, first});
+          jobs.push_back({i, r0, rows, p, true, first, chunk});
           first = false;
         }
       };

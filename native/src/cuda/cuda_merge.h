@@ -33,6 +33,10 @@ struct Options {
   // shared memory per block (where the device allows it), then added to the global one;
   // false: warp-aggregated atomics straight into the global histogram.
   bool shared_hist = true;
+  // Tasks whose passes span slabs (ties, breadcrumbs, norm rescales) take slabs as large
+  // as device memory allows, staged once in chunks through the pinned buffer, instead of
+  // slabs the size of the pinned buffer staged once per pass.
+  bool resident_passes = true;
   // Largest slab of rows in elements (tests lower it to exercise multi-slab tensors).
   uint64_t max_slab_elements = 1ull << 28;
   // Kernels specialised for slabs whose inputs and output share one 16-bit dtype (BF16 or
