@@ -289,18 +289,20 @@ int main(int argc, char** argv) {
   std::vector<Config> configs(4);
   configs[0].name = "default";
   configs[0].o.memory_budget = 1536ull << 20;
-  configs[1].name = "segmented ranks, tiny slabs, 1 stream";
+  configs[1].name = "segmented ranks, tiny slabs, 1 stream, grids of 2 blocks";
   configs[1].o.memory_budget = 512ull << 20;
   configs[1].o.streams = 1;
   configs[1].o.block_sort_max = 0;
   configs[1].o.pinned_bytes = 96 << 10;
   configs[1].o.max_slab_elements = 20000;
-  configs[2].name = "small slabs, 2 streams, one ranking tier, 512 x 8 ranks by cub's sort";
+  configs[1].o.max_grid_blocks = 2;
+  configs[2].name = "small slabs, 2 streams, one ranking tier, 512 x 8 ranks by cub's sort, grids of 3 blocks";
   configs[2].o.block_sort_max = 4096;
   configs[2].o.memory_budget = 512ull << 20;
   configs[2].o.streams = 2;
   configs[2].o.pinned_bytes = 1 << 20;
   configs[2].o.max_slab_elements = 1 << 16;
+  configs[2].o.max_grid_blocks = 3;  // the grid-stride kernels' threads take several rounds
   configs[2].o.fast_paths = della::cuda::kFastFuse | della::cuda::kFastRank;  // 512 x 8, cub's sort
   // The fallback for devices without 128 KiB of shared memory per block, and the generic
   // kernels in place of the 16-bit ones.
@@ -319,6 +321,7 @@ int main(int argc, char** argv) {
     configs[1].o.memory_budget = 512ull << 20;
     configs[1].o.streams = 2;
     configs[1].o.max_slab_elements = 1 << 16;
+    configs[1].o.max_grid_blocks = 5;
     configs[1].o.fast_paths = della::cuda::Options{}.fast_paths | della::cuda::kFusedRow;
   }
   std::vector<std::unique_ptr<della::cuda::Context>> ctx;

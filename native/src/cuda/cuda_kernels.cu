@@ -1162,23 +1162,77 @@ __global__ void __launch_bounds__(kThreads, K >= 4 ? 3 : 4) cut_fuse_kernel(cons
 // The tiles of a slab of E elements (E % 4 == 0 where kCutFused applies).
 uint32_t cut_tiles(uint64_t E) { return static_cast<uint32_t>((E / 4 + kThreads - 1) / kThreads); }
 
+// Expert k's tile counts and first occurrences (its [tiles] parts of the work arrays),
+// and the carry moved past this slab.
+template <DType D>
+void cut_tile_firsts(const SlabParams& p, unsigned k, uint32_t* counts, unsigned long long* first_a,
+                     unsigned long long* first_b, unsigned grid, cudaStream_t s) {
+  const size_t tiles = cut_tiles(p.rows * p.n), at = static_cast<size_t>(k) * tiles;
+  check(cudaMemsetAsync(counts + at, 0, tiles * 4, s), "cudaMemsetAsync");
+  DELLA_LAUNCH(grid, kThreads, 0, s, cut_tile_counts_kernel<D>)(p, k, counts + at);
+  launched("cut_tile_counts_kernel");
+  DELLA_LAUNCH(1, kSelectThreads, 0, s, cut_tile_offsets_kernel)(counts + at, static_cast<uint32_t>(tiles),
+                                                                  p.state.carry + 2 * k, first_a + at, first_b + at);
+  launched("cut_tile_offsets_kernel");
+}
+
+// apply_kernel's cut decision for expert k of a 16-bit slab (TaskInfo::cut_tiles: the
+// cuts outside the fuse, with a norm rescale or where the fixed fuse does not apply), by
+// tiles as in cut_fuse_kernel: the keep flags (norm pass) or the sparsified values, with
+// the norm scale, into scratch (final pass).
+template <DType D>
+__global__ void __launch_bounds__(kThreads) cut_apply_kernel(const __grid_constant__ SlabParams p, unsigned k,
+                                                             const unsigned long long* first_a,
+                                                             const unsigned long long* first_b, int final_pass) {
+  using Scan = cub::BlockScan<uint32_t, kThreads>;
+  __shared__ typename Scan::TempStorage ts;
+  const uint32_t G = static_cast<uint32_t>((p.rows * p.n) >> 2);
+  const bool magnitude = p.sparsifier == Sparsifier::Magnitude;
+  const DevCut ca = p.state.cuts[2 * k], cb = p.state.cuts[2 * k + 1];
+  uint32_t bad = 0, kept = 0;
+  for (uint32_t base = blockIdx.x * kThreads; base < G; base += gridDim.x * kThreads) {
+    const uint32_t t = base + threadIdx.x, tile = base / kThreads;
+    const bool in = t < G;
+    float b[4] = {0.0f, 0.0f, 0.0f, 0.0f}, value[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    uint32_t key[4] = {kNoKey, kNoKey, kNoKey, kNoKey}, m = 0;
+    if (in) {
+      unpack4<D>(static_cast<const uint2*>(p.base)[t], b);
+      m = cut_matches4<D>(p, k, t, b, ca.key, cb.key, value, d, key);
+    }
+    uint32_t before_me, total;
+    Scan(ts).ExclusiveSum(m, before_me, total);
+    __syncthreads();  // the next round's scan reuses ts
+    if (!in) continue;
+    unsigned long long oa = first_a[tile] + (before_me >> 16), ob = first_b[tile] + (before_me & 0xffffu);
+    float v[4];
+    uint32_t flags = 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const bool in_a = before(ca, key[q], oa), in_b = before(cb, key[q], ob);
+      oa += key[q] == ca.key;
+      ob += key[q] == cb.key;
+      const bool keep = magnitude ? in_a : (!in_a && in_b);
+      v[q] = sparsified(p, k, keep, d[q], 1.0f);
+      flags |= static_cast<uint32_t>(keep) << (8 * q);
+      bad += !is_finite_f32(value[q]);
+      kept += keep;
+    }
+    if (final_pass) reinterpret_cast<float4*>(p.ex[k].scratch)[t] = make_float4(v[0], v[1], v[2], v[3]);
+    else reinterpret_cast<uint32_t*>(p.keep)[t] = flags;
+  }
+  if (final_pass) {
+    count_add(&p.stats[1 + k], bad);
+    count_add(&p.stats[1 + p.k + k], kept);
+  }
+}
+
 // The final pass of a kCutFused slab: counts, first occurrences, then the fuse.
 template <DType D>
 void launch_cut_fuse(const TaskInfo& ti, const SlabParams& p, uint32_t* counts, unsigned long long* first_a,
                      unsigned long long* first_b, unsigned grid, cudaStream_t s) {
-  const uint64_t E = p.rows * p.n;
-  const uint32_t tiles = cut_tiles(E);
-  check(cudaMemsetAsync(counts, 0, static_cast<size_t>(ti.k) * tiles * 4, s), "cudaMemsetAsync");
-  for (unsigned k = 0; k < ti.k; ++k) {
-    if (ti.mode_k[k] != kCutFused) continue;
-    DELLA_LAUNCH(grid, kThreads, 0, s, cut_tile_counts_kernel<D>)(p, k, counts + static_cast<size_t>(k) * tiles);
-    launched("cut_tile_counts_kernel");
-    DELLA_LAUNCH(1, kSelectThreads, 0, s, cut_tile_offsets_kernel)(counts + static_cast<size_t>(k) * tiles, tiles,
-                                                                    p.state.carry + 2 * k,
-                                                                    first_a + static_cast<size_t>(k) * tiles,
-                                                                    first_b + static_cast<size_t>(k) * tiles);
-    launched("cut_tile_offsets_kernel");
-  }
+  const uint32_t tiles = cut_tiles(p.rows * p.n);
+  for (unsigned k = 0; k < ti.k; ++k)
+    if (ti.mode_k[k] == kCutFused) cut_tile_firsts<D>(p, k, counts, first_a, first_b, grid, s);
   with_fixed_k_consensus(p, [&](auto K, auto C) {
     DELLA_LAUNCH(grid, kThreads, 0, s, cut_fuse_kernel<D, K(), C()>)(p, first_a, first_b, tiles);
   });
@@ -1250,9 +1304,11 @@ void launch_della_row(const SlabParams& p, cudaStream_t s) {
 
 // ---------------------------------------------------------------- host side
 
-unsigned grid_for(uint64_t items, unsigned threads = kThreads) {
+// Blocks of a grid-stride kernel over `items`: one per `threads` items, at most `cap`
+// (Options::max_grid_blocks; beyond it each thread takes several).
+unsigned grid_for(uint64_t items, unsigned cap, unsigned threads = kThreads) {
   const uint64_t blocks = (items + threads - 1) / threads;
-  return static_cast<unsigned>(std::max<uint64_t>(1, std::min<uint64_t>(blocks, 1u << 16)));
+  return static_cast<unsigned>(std::max<uint64_t>(1, std::min<uint64_t>(blocks, std::max(1u, cap))));
 }
 
 // Blocks of the shared-memory histogram: one per multiprocessor (each holds 128 KiB),
@@ -1366,6 +1422,10 @@ TaskInfo task_info(const MergeTask& t, const Options& o) {
   // Ties and breadcrumbs without a rescale: the cuts decided inside the fuse.
   ti.cut_fused = ti.fuse_fixed && (o.fast_paths & kCutFused) && ti.need_cuts && !ti.need_norm && !ti.f32_keys &&
                  t.rescale == Rescale::None && ti.numel < (1ull << 33);
+  // The other 16-bit cuts (a norm rescale, more than four experts, the count consensus):
+  // their sparsify kernel by tiles too.
+  ti.cut_tiles = !ti.cut_fused && (o.fast_paths & kCutFused) && ti.need_cuts && !ti.f32_keys && half &&
+                 ti.n % 4 == 0 && ti.numel < (1ull << 33);
   if (ti.cut_fused) {
     ti.any_scratch = false;
     for (unsigned k = 0; k < ti.k; ++k)
@@ -1384,6 +1444,7 @@ TaskInfo task_info(const MergeTask& t, const Options& o) {
                  (t.rescale == Rescale::Inverse || t.rescale == Rescale::None) && ti.fast_rank && ti.rank_lean &&
                  ti.rank256 && ti.block_tier == 1 && ti.fuse_fixed &&
                  optin_shared_bytes() >= della_row_smem<4>();
+  ti.max_grid = o.max_grid_blocks;
   ti.tier2_wide = (o.fast_paths & kTier2Wide) != 0 && optin_shared_bytes() >= Tier2Wide::kSmem;
   return ti;
 }
@@ -1459,7 +1520,7 @@ WorkLayout work_layout(const TaskInfo& ti, uint64_t rows, char* work) {
     sort_bytes = 2 * align_up(E * 8) + align_up((rows + 1) * 4) + align_up(sort_temp);
   }
   const uint64_t tiles = cut_tiles(E);
-  if (ti.cut_fused) cut_bytes = align_up(ti.k * tiles * 4) + 2 * align_up(ti.k * tiles * 8);
+  if (ti.cut_fused || ti.cut_tiles) cut_bytes = align_up(ti.k * tiles * 4) + 2 * align_up(ti.k * tiles * 8);
   else if (ti.need_cuts) {
     cut_temp = scan_temp(E);
     cut_bytes = 2 * align_up(E * 8) + align_up(cut_temp);
@@ -1474,7 +1535,7 @@ WorkLayout work_layout(const TaskInfo& ti, uint64_t rows, char* work) {
     w.temp = p + 2 * align_up(E * 8) + align_up((rows + 1) * 4);
     w.temp_bytes = sort_temp;
   }
-  if (ti.cut_fused) {
+  if (ti.cut_fused || ti.cut_tiles) {
     w.counts = reinterpret_cast<uint32_t*>(p);
     w.first_a = reinterpret_cast<unsigned long long*>(p + align_up(ti.k * tiles * 4));
     w.first_b = reinterpret_cast<unsigned long long*>(p + align_up(ti.k * tiles * 4) + align_up(ti.k * tiles * 8));
@@ -1510,9 +1571,9 @@ void sparsify(const MergeTask& t, const TaskInfo& ti, const SlabParams& p, unsig
         else launch_rank<uint16_t, 1024, 16>(p, k, final_pass, s);
         launched("magprune_pairs_kernel");
       } else {
-        DELLA_LAUNCH(grid_for(E), kThreads, 0, s, composite_keys_kernel)(p, k, w.comp);
+        DELLA_LAUNCH(grid_for(E, ti.max_grid), kThreads, 0, s, composite_keys_kernel)(p, k, w.comp);
         launched("composite_keys_kernel");
-        DELLA_LAUNCH(grid_for(p.rows + 1), kThreads, 0, s, segment_offsets_kernel)(w.offsets, p.rows, p.n);
+        DELLA_LAUNCH(grid_for(p.rows + 1, ti.max_grid), kThreads, 0, s, segment_offsets_kernel)(w.offsets, p.rows, p.n);
         launched("segment_offsets_kernel");
         size_t temp = w.temp_bytes;
         check(cub::DeviceSegmentedRadixSort::SortKeys(w.temp, temp, w.comp, w.sorted, static_cast<int>(E),
@@ -1520,24 +1581,40 @@ void sparsify(const MergeTask& t, const TaskInfo& ti, const SlabParams& p, unsig
                                                         32 + (ti.f32_keys ? 31 : 15), s),
               "cub::DeviceSegmentedRadixSort::SortKeys");
         uint32_t* ranks = reinterpret_cast<uint32_t*>(w.comp);  // the unsorted keys are no longer needed
-        DELLA_LAUNCH(grid_for(E), kThreads, 0, s, ranks_from_sorted_kernel)(w.sorted, ranks, E, p.n);
+        DELLA_LAUNCH(grid_for(E, ti.max_grid), kThreads, 0, s, ranks_from_sorted_kernel)(w.sorted, ranks, E, p.n);
         launched("ranks_from_sorted_kernel");
-        DELLA_LAUNCH(grid_for(groups), kThreads, 0, s, apply_kernel)(p, k, kApplyRank, ranks, nullptr, final_pass);
+        DELLA_LAUNCH(grid_for(groups, ti.max_grid), kThreads, 0, s, apply_kernel)(p, k, kApplyRank, ranks, nullptr, final_pass);
         launched("apply_kernel");
       }
       break;
     case Sparsifier::Random:
-      DELLA_LAUNCH(grid_for(groups), kThreads, 0, s, apply_kernel)(p, k, kApplyRandom, nullptr, nullptr, final_pass);
+      DELLA_LAUNCH(grid_for(groups, ti.max_grid), kThreads, 0, s, apply_kernel)(p, k, kApplyRandom, nullptr, nullptr, final_pass);
       launched("apply_kernel");
       break;
     case Sparsifier::Magnitude:
     case Sparsifier::Breadcrumbs: {
-      DELLA_LAUNCH(grid_for(E), kThreads, 0, s, cut_flags_kernel)(p, k, w.flags);
+      if (ti.cut_tiles) {  // task_info's conditions; the pointers are checked here
+        if (E >= (1ull << 33) || !aligned_slab(p, 16))
+          throw Error(DELLA_CUDA_ERROR, "internal: a slab for the tiled cut kernels is not 16-byte aligned");
+        const size_t at = static_cast<size_t>(k) * cut_tiles(E);
+        if (ti.half == DType::BF16) {
+          cut_tile_firsts<DType::BF16>(p, k, w.counts, w.first_a, w.first_b, grid_for(groups, ti.max_grid), s);
+          DELLA_LAUNCH(grid_for(groups, ti.max_grid), kThreads, 0, s, cut_apply_kernel<DType::BF16>)(p, k, w.first_a + at, w.first_b + at,
+                                                                                        final_pass);
+        } else {
+          cut_tile_firsts<DType::F16>(p, k, w.counts, w.first_a, w.first_b, grid_for(groups, ti.max_grid), s);
+          DELLA_LAUNCH(grid_for(groups, ti.max_grid), kThreads, 0, s, cut_apply_kernel<DType::F16>)(p, k, w.first_a + at, w.first_b + at,
+                                                                                       final_pass);
+        }
+        launched("cut_apply_kernel");
+        break;
+      }
+      DELLA_LAUNCH(grid_for(E, ti.max_grid), kThreads, 0, s, cut_flags_kernel)(p, k, w.flags);
       launched("cut_flags_kernel");
       size_t temp = w.temp_bytes;
       check(cub::DeviceScan::ExclusiveSum(w.temp, temp, w.flags, w.occ, static_cast<int64_t>(E), s),
             "cub::DeviceScan::ExclusiveSum");
-      DELLA_LAUNCH(grid_for(groups), kThreads, 0, s, apply_kernel)(p, k, kApplyCut, nullptr, w.occ, final_pass);
+      DELLA_LAUNCH(grid_for(groups, ti.max_grid), kThreads, 0, s, apply_kernel)(p, k, kApplyCut, nullptr, w.occ, final_pass);
       launched("apply_kernel");
       DELLA_LAUNCH(1, 1, 0, s, carry_kernel)(w.flags, w.occ, E, p.state.carry + 2 * k);
       launched("carry_kernel");
@@ -1619,13 +1696,13 @@ void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigne
         DELLA_LAUNCH(hist_grid(E), kHistThreads, kHistSmem, s, hist1_shared_kernel)(p, k, p.state.hist1 + k * 32768ull);
         launched("hist1_shared_kernel");
       } else {
-        DELLA_LAUNCH(grid_for(E), kThreads, 0, s, hist1_kernel)(p, k, p.state.hist1 + k * 32768ull);
+        DELLA_LAUNCH(grid_for(E, ti.max_grid), kThreads, 0, s, hist1_kernel)(p, k, p.state.hist1 + k * 32768ull);
         launched("hist1_kernel");
       }
     }
   }
   if ((passes & kSelect1) && ti.need_cuts) {
-    DELLA_LAUNCH(grid_for(2 * K), kThreads, 0, s, init_cuts_kernel)(p.state.cuts, K, t.sparsifier == Sparsifier::Magnitude);
+    DELLA_LAUNCH(grid_for(2 * K, ti.max_grid), kThreads, 0, s, init_cuts_kernel)(p.state.cuts, K, t.sparsifier == Sparsifier::Magnitude);
     launched("init_cuts_kernel");
     for (unsigned k = 0; k < K; ++k) {
       if (!ti.sparse[k]) continue;
@@ -1641,7 +1718,7 @@ void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigne
   if ((passes & kPassHist2) && ti.need_cuts && ti.f32_keys) {
     for (unsigned k = 0; k < K; ++k) {
       if (!ti.sparse[k]) continue;
-      DELLA_LAUNCH(grid_for(E), kThreads, 0, s, hist2_kernel)(p, k, cuts, p.state.hist2 + k * 2ull * 65536);
+      DELLA_LAUNCH(grid_for(E, ti.max_grid), kThreads, 0, s, hist2_kernel)(p, k, cuts, p.state.hist2 + k * 2ull * 65536);
       launched("hist2_kernel");
     }
   }
@@ -1663,7 +1740,7 @@ void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigne
     for (unsigned k = 0; k < K; ++k) {
       if (!ti.sparse[k]) continue;
       sparsify(t, ti, p, k, false, w, s);
-      DELLA_LAUNCH(grid_for(p.rows, 128), 128, 0, s, norm_rows_kernel)(p, k);
+      DELLA_LAUNCH(grid_for(p.rows, ti.max_grid, 128), 128, 0, s, norm_rows_kernel)(p, k);
       launched("norm_rows_kernel");
     }
   }
@@ -1686,18 +1763,18 @@ void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigne
     if (ti.cut_fused) {  // task_info's conditions; the pointers are checked here
       if (E >= (1ull << 33) || !aligned_slab(p, 8))
         throw Error(DELLA_CUDA_ERROR, "internal: a slab for the fused cut kernels is not 8-byte aligned");
-      if (ti.half == DType::BF16) launch_cut_fuse<DType::BF16>(ti, p, w.counts, w.first_a, w.first_b, grid_for(groups), s);
-      else launch_cut_fuse<DType::F16>(ti, p, w.counts, w.first_a, w.first_b, grid_for(groups), s);
+      if (ti.half == DType::BF16) launch_cut_fuse<DType::BF16>(ti, p, w.counts, w.first_a, w.first_b, grid_for(groups, ti.max_grid), s);
+      else launch_cut_fuse<DType::F16>(ti, p, w.counts, w.first_a, w.first_b, grid_for(groups, ti.max_grid), s);
       return;
     }
     if (ti.fuse_fixed && E < (1ull << 33) && aligned_slab(p, 8)) {
-      if (ti.half == DType::BF16) launch_fuse_fixed<DType::BF16>(p, grid_for(groups), s);
-      else launch_fuse_fixed<DType::F16>(p, grid_for(groups), s);
+      if (ti.half == DType::BF16) launch_fuse_fixed<DType::BF16>(p, grid_for(groups, ti.max_grid), s);
+      else launch_fuse_fixed<DType::F16>(p, grid_for(groups, ti.max_grid), s);
     } else if (ti.fast_fuse && E < (1ull << 33) && aligned_slab(p, 8)) {
-      if (ti.half == DType::BF16) DELLA_LAUNCH(grid_for(groups), kThreads, 0, s, fuse_half_kernel<DType::BF16>)(p);
-      else DELLA_LAUNCH(grid_for(groups), kThreads, 0, s, fuse_half_kernel<DType::F16>)(p);
-    } else if (K <= 4) DELLA_LAUNCH(grid_for(groups), kThreads, 0, s, fuse_kernel<4>)(p);
-    else DELLA_LAUNCH(grid_for(groups), kThreads, 0, s, fuse_kernel<kMaxExperts>)(p);
+      if (ti.half == DType::BF16) DELLA_LAUNCH(grid_for(groups, ti.max_grid), kThreads, 0, s, fuse_half_kernel<DType::BF16>)(p);
+      else DELLA_LAUNCH(grid_for(groups, ti.max_grid), kThreads, 0, s, fuse_half_kernel<DType::F16>)(p);
+    } else if (K <= 4) DELLA_LAUNCH(grid_for(groups, ti.max_grid), kThreads, 0, s, fuse_kernel<4>)(p);
+    else DELLA_LAUNCH(grid_for(groups, ti.max_grid), kThreads, 0, s, fuse_kernel<kMaxExperts>)(p);
     launched("fuse_kernel");
   }
 }

@@ -37,6 +37,9 @@ struct Options {
   // as device memory allows, staged once in chunks through the pinned buffer, instead of
   // slabs the size of the pinned buffer staged once per pass.
   bool resident_passes = true;
+  // Most blocks of a grid-stride kernel (tests lower it, so that threads take several
+  // rounds on small inputs too).
+  unsigned max_grid_blocks = 1u << 16;
   // Largest slab of rows in elements (tests lower it to exercise multi-slab tensors).
   uint64_t max_slab_elements = 1ull << 28;
   // Kernels specialised for slabs whose inputs and output share one 16-bit dtype (BF16 or

@@ -130,8 +130,10 @@ struct TaskInfo {
   bool rank_lean = false;   // & kRankLean (with kRankDirect)
   bool fused_row = false;   // & kFusedRow: della_row_kernel does the final pass
   bool cut_fused = false;   // & kCutFused: the sparse experts are kCutFused (cut_fuse_kernel)
+  bool cut_tiles = false;   // & kCutFused, other 16-bit cuts: their sparsify kernel by tiles (cut_apply_kernel)
   bool tier2_wide = false;  // & kTier2Wide, where the device has the shared memory
   bool any_scratch = false;
+  unsigned max_grid = 1u << 16;  // Options::max_grid_blocks
   std::vector<uint8_t> sparse, mode_k;
   std::vector<uint64_t> pos_a, pos_b;  // cut positions (elements before the cut)
 };
