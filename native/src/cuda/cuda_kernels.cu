@@ -952,6 +952,29 @@ __device__ __forceinline__ float fuse_fixed(const SlabParams& p, const float (&v
   return b + fuse_element_fixed<K, C>(pk, w, p.normalize != 0, p.apply_lambda != 0, p.lambda);
 }
 
+// The four merged values of the slab's Philox block t by fuse_fixed, stored as one 8-byte
+// word.
+template <DType D, int K, Consensus C>
+__device__ __forceinline__ void fuse_store4(const SlabParams& p, uint32_t t, const float (&v)[4][K], const float (&b)[4]) {
+  uint32_t o[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) o[q] = f32_to_half<D>(fuse_fixed<K, C>(p, v[q], b[q]));
+  static_cast<uint2*>(p.out)[t] = make_uint2(o[0] | o[1] << 16, o[2] | o[3] << 16);
+}
+
+// A fixed fuse kernel's counts into the slab's statistics, as add_fuse_counts (the
+// experts decided in the fuse count their kept elements). Every thread calls it.
+template <int K>
+__device__ __forceinline__ void add_fixed_counts(const SlabParams& p, uint32_t bad_base, const uint32_t (&bad)[K],
+                                                 const uint32_t (&kept)[K]) {
+  count_add(&p.stats[0], bad_base);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (p.ex[k].mode != kScratch) count_add(&p.stats[1 + k], bad[k]);
+    if (p.ex[k].mode == kRandomFused || p.ex[k].mode == kCutFused) count_add(&p.stats[1 + K + k], kept[k]);
+  }
+}
+
 // fuse_half_kernel for K experts and the consensus C (Options::fast_paths & kFuseFixed).
 template <DType D, int K, Consensus C>
 __global__ void __launch_bounds__(kThreads, 4) fuse_fixed_kernel(const __grid_constant__ SlabParams p) {
@@ -968,17 +991,9 @@ __global__ void __launch_bounds__(kThreads, 4) fuse_fixed_kernel(const __grid_co
     float v[4][K];
 #pragma unroll
     for (int k = 0; k < K; ++k) expert_quad<D>(p, k, t, g0, b, false, v, bad[k], kept[k]);
-    uint32_t o[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) o[q] = f32_to_half<D>(fuse_fixed<K, C>(p, v[q], b[q]));
-    static_cast<uint2*>(p.out)[t] = make_uint2(o[0] | o[1] << 16, o[2] | o[3] << 16);
+    fuse_store4<D, K, C>(p, t, v, b);
   }
-  count_add(&p.stats[0], bad_base);
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    if (p.ex[k].mode != kScratch) count_add(&p.stats[1 + k], bad[k]);
-    if (p.ex[k].mode == kRandomFused) count_add(&p.stats[1 + K + k], kept[k]);
-  }
+  add_fixed_counts<K>(p, bad_base, bad, kept);
 }
 
 // Calls f(K, C) with the slab's expert count (1 to 4) and consensus (sum or none) as
@@ -1031,6 +1046,20 @@ __device__ __forceinline__ uint32_t cut_matches4(const SlabParams& p, unsigned k
     m += (static_cast<uint32_t>(key[q] == ka) << 16) + static_cast<uint32_t>(key[q] == kb);
   }
   return m;
+}
+
+// The cut decisions of a thread's four elements (keys `key`), given the occurrences of
+// cut a's and cut b's keys before the first of them: ties keep what comes before cut a
+// in its order, breadcrumbs what lies between the cuts (as apply_kernel).
+__device__ __forceinline__ void cut_keep4(const DevCut& ca, const DevCut& cb, bool magnitude, const uint32_t (&key)[4],
+                                          unsigned long long oa, unsigned long long ob, bool (&keep)[4]) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const bool in_a = before(ca, key[q], oa), in_b = before(cb, key[q], ob);
+    oa += key[q] == ca.key;
+    ob += key[q] == cb.key;
+    keep[q] = magnitude ? in_a : (!in_a && in_b);
+  }
 }
 
 // counts[tile] = cut_matches4 summed over the tile (zeroed before), for expert k.
@@ -1129,34 +1158,21 @@ __global__ void __launch_bounds__(kThreads, K >= 4 ? 3 : 4) cut_fuse_kernel(cons
       uint32_t before_me, total;
       Scan(ts).ExclusiveSum(m, before_me, total);
       __syncthreads();  // the next expert's scan reuses ts
-      unsigned long long oa = first_a[k * tiles + tile] + (before_me >> 16);
-      unsigned long long ob = first_b[k * tiles + tile] + (before_me & 0xffffu);
+      bool keep[4];
+      cut_keep4(ca, cb, magnitude, key, first_a[k * tiles + tile] + (before_me >> 16),
+                first_b[k * tiles + tile] + (before_me & 0xffffu), keep);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        const bool in_a = before(ca, key[q], oa), in_b = before(cb, key[q], ob);
-        oa += key[q] == ca.key;
-        ob += key[q] == cb.key;
-        const bool keep = magnitude ? in_a : (!in_a && in_b);
-        v[q][k] = keep_or_zero(keep, d[q]);
+        v[q][k] = keep_or_zero(keep[q], d[q]);
         if (in) {
-          kept[k] += keep;
+          kept[k] += keep[q];
           bad[k] += !is_finite_f32(value[q]);
         }
       }
     }
-    if (in) {
-      uint32_t o[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) o[q] = f32_to_half<D>(fuse_fixed<K, C>(p, v[q], b[q]));
-      static_cast<uint2*>(p.out)[t] = make_uint2(o[0] | o[1] << 16, o[2] | o[3] << 16);
-    }
+    if (in) fuse_store4<D, K, C>(p, t, v, b);
   }
-  count_add(&p.stats[0], bad_base);
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    if (p.ex[k].mode != kScratch) count_add(&p.stats[1 + k], bad[k]);
-    if (p.ex[k].mode == kRandomFused || p.ex[k].mode == kCutFused) count_add(&p.stats[1 + K + k], kept[k]);
-  }
+  add_fixed_counts<K>(p, bad_base, bad, kept);
 }
 
 // The tiles of a slab of E elements (E % 4 == 0 where kCutFused applies).
@@ -1203,19 +1219,16 @@ __global__ void __launch_bounds__(kThreads) cut_apply_kernel(const __grid_consta
     Scan(ts).ExclusiveSum(m, before_me, total);
     __syncthreads();  // the next round's scan reuses ts
     if (!in) continue;
-    unsigned long long oa = first_a[tile] + (before_me >> 16), ob = first_b[tile] + (before_me & 0xffffu);
+    bool keep[4];
+    cut_keep4(ca, cb, magnitude, key, first_a[tile] + (before_me >> 16), first_b[tile] + (before_me & 0xffffu), keep);
     float v[4];
     uint32_t flags = 0;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const bool in_a = before(ca, key[q], oa), in_b = before(cb, key[q], ob);
-      oa += key[q] == ca.key;
-      ob += key[q] == cb.key;
-      const bool keep = magnitude ? in_a : (!in_a && in_b);
-      v[q] = sparsified(p, k, keep, d[q], 1.0f);
-      flags |= static_cast<uint32_t>(keep) << (8 * q);
+      v[q] = sparsified(p, k, keep[q], d[q], 1.0f);
+      flags |= static_cast<uint32_t>(keep[q]) << (8 * q);
       bad += !is_finite_f32(value[q]);
-      kept += keep;
+      kept += keep[q];
     }
     if (final_pass) reinterpret_cast<float4*>(p.ex[k].scratch)[t] = make_float4(v[0], v[1], v[2], v[3]);
     else reinterpret_cast<uint32_t*>(p.keep)[t] = flags;
