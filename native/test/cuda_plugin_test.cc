@@ -123,7 +123,7 @@ int main(int argc, char** argv) {
     ct.tensor_id = t.tensor_id;
     ct.seed = t.seed;
     uint64_t nonfinite[3], kept[2];
-    DellaCudaStats cs{nonfinite, kept, 0};
+    DellaCudaStats cs{nonfinite, kept, 0, 0, 0};
     if (run(ctx, &ct, 1, &cs, 2, err, sizeof err) != DELLA_CUDA_OK) {
       std::fprintf(stderr, "FAIL: run: %s\n", err);
       ++failures;
