@@ -75,9 +75,10 @@ __device__ __forceinline__ Philox4 philox_block(uint64_t g, uint32_t tensor_id, 
 }
 
 // Adds each lane's count to *dst: one atomic per warp. Every lane of the warp must call it.
-__device__ __forceinline__ void count_add(unsigned long long* dst, uint32_t v) {
+template <class T>
+__device__ __forceinline__ void count_add(T* dst, uint32_t v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  if ((threadIdx.x & 31) == 0 && v != 0) atomicAdd(dst, static_cast<unsigned long long>(v));
+  if ((threadIdx.x & 31) == 0 && v != 0) atomicAdd(dst, static_cast<T>(v));
 }
 
 // One increment of h[bin] per lane (bin == kNoKey: none), aggregated over equal bins.
@@ -271,6 +272,14 @@ __device__ __forceinline__ void unpack4(uint2 raw, float (&v)[4]) {
   v[1] = half_to_f32<D>(raw.x >> 16);
   v[2] = half_to_f32<D>(raw.y & 0xffffu);
   v[3] = half_to_f32<D>(raw.y >> 16);
+}
+
+// The base's four values of the slab's Philox block t of D, its non-finite ones counted.
+template <DType D>
+__device__ __forceinline__ void base_quad(const SlabParams& p, uint32_t t, float (&b)[4], uint32_t& bad_base) {
+  unpack4<D>(static_cast<const uint2*>(p.base)[t], b);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) bad_base += !is_finite_f32(b[q]);
 }
 
 // keep_row for a row of D with n % 4 == 0: thread t takes the row's Philox blocks t,
@@ -918,11 +927,7 @@ __global__ void __launch_bounds__(kThreads, 4) fuse_half_kernel(const __grid_con
   for_experts<KMAX>(KMAX, [&](int k) { bad[k] = kept[k] = 0; });
   for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < G; t += gridDim.x * blockDim.x) {
     float b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (!linear) {
-      unpack4<D>(static_cast<const uint2*>(p.base)[t], b);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) bad_base += !is_finite_f32(b[q]);
-    }
+    if (!linear) base_quad<D>(p, t, b, bad_base);
     float v[4][KMAX];
     for_experts<KMAX>(K, [&](int k) { expert_quad<D>(p, k, t, g0, b, linear, v, bad[k], kept[k]); });
     uint32_t o[4];
@@ -985,9 +990,7 @@ __global__ void __launch_bounds__(kThreads, 4) fuse_fixed_kernel(const __grid_co
   for (int k = 0; k < K; ++k) bad[k] = kept[k] = 0;
   for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < G; t += gridDim.x * blockDim.x) {
     float b[4];
-    unpack4<D>(static_cast<const uint2*>(p.base)[t], b);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) bad_base += !is_finite_f32(b[q]);
+    base_quad<D>(p, t, b, bad_base);
     float v[4][K];
 #pragma unroll
     for (int k = 0; k < K; ++k) expert_quad<D>(p, k, t, g0, b, false, v, bad[k], kept[k]);
@@ -1078,8 +1081,7 @@ __global__ void __launch_bounds__(kThreads) cut_tile_counts_kernel(const __grid_
       unpack4<D>(static_cast<const uint2*>(p.base)[t], b);
       m = cut_matches4<D>(p, k, t, b, ka, kb, value, d, key);
     }
-    for (int o = 16; o > 0; o >>= 1) m += __shfl_down_sync(0xffffffffu, m, o);
-    if ((threadIdx.x & 31) == 0 && m != 0) atomicAdd(counts + base / kThreads, m);
+    count_add(counts + base / kThreads, m);
   }
 }
 
@@ -1139,11 +1141,7 @@ __global__ void __launch_bounds__(kThreads, K >= 4 ? 3 : 4) cut_fuse_kernel(cons
     const uint32_t t = base + threadIdx.x, tile = base / kThreads;
     const bool in = t < G;
     float b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (in) {
-      unpack4<D>(static_cast<const uint2*>(p.base)[t], b);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) bad_base += !is_finite_f32(b[q]);
-    }
+    if (in) base_quad<D>(p, t, b, bad_base);
     float v[4][K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -1282,23 +1280,15 @@ __global__ void __launch_bounds__(256, 3) della_row_kernel(const __grid_constant
     keep_row_half<D, 256, true>(p, k, r, reinterpret_cast<const uint16_t*>(smem), 1, vals + k * n);
     __syncthreads();  // the next expert's sort reuses the ranks' bytes
   }
-  const uint64_t off = static_cast<uint64_t>(r) * n;
-  const uint2* xb = reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p.base) + off);
-  uint2* out = reinterpret_cast<uint2*>(static_cast<uint16_t*>(p.out) + off);
+  const uint32_t t0 = r * (n / 4);  // the row's first Philox block in the slab (n % 8 == 0)
   uint32_t bad_base = 0;
   for (uint32_t gi = threadIdx.x; gi < n / 4; gi += 256) {
     float b[4];
-    unpack4<D>(xb[gi], b);
+    base_quad<D>(p, t0 + gi, b, bad_base);
     float v[4][K];
 #pragma unroll
     for (int k = 0; k < K; ++k) spread4(reinterpret_cast<const float4*>(vals + k * n)[gi], v, k);
-    uint32_t o[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      bad_base += !is_finite_f32(b[q]);
-      o[q] = f32_to_half<D>(fuse_fixed<K, C>(p, v[q], b[q]));
-    }
-    out[gi] = make_uint2(o[0] | o[1] << 16, o[2] | o[3] << 16);
+    fuse_store4<D, K, C>(p, t0 + gi, v, b);
   }
   count_add(&p.stats[0], bad_base);
 }
