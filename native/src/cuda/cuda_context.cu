@@ -123,6 +123,32 @@ SlabLayout slab_layout(const MergeTask& t, const TaskInfo& ti, uint64_t rows, bo
   return L;
 }
 
+// The copies that stage rows [row0, row0 + rows) of the base and of each expert into
+// `dst` laid out as L (a slab or a chunk of `rows` rows); an expert larger than the base
+// (embedding sub-block) is gathered row by row.
+std::vector<Piece> stage_pieces(const MergeTask& t, const TaskInfo& ti, uint64_t row0, uint64_t rows,
+                                const SlabLayout& L, char* dst) {
+  const uint64_t n = ti.n;
+  std::vector<Piece> pieces;
+  if (!t.linear) {
+    const uint64_t bs = dtype_size(t.base_dtype);
+    pieces.push_back({static_cast<const char*>(t.base) + row0 * n * bs, dst + L.base_rel, rows * n * bs});
+  }
+  for (unsigned k = 0; k < ti.k; ++k) {
+    const ExpertInput& e = t.experts[k];
+    const uint64_t es = dtype_size(e.dtype);
+    char* to = dst + L.ex_rel[k];
+    if (e.shape == t.shape) {
+      pieces.push_back({static_cast<const char*>(e.data) + row0 * n * es, to, rows * n * es});
+    } else {
+      for (uint64_t r = 0; r < rows; ++r)
+        pieces.push_back({static_cast<const char*>(e.data) + expert_row_offset(t.shape, e.shape, row0 + r, n) * es,
+                          to + r * n * es, n * es});
+    }
+  }
+  return pieces;
+}
+
 }  // namespace
 
 DellaCudaDeviceInfo probe(int device) {
@@ -296,25 +322,8 @@ void Context::Impl::stage_chunks(Slot& s, const Job& j, const MergeTask& t, cons
     cudaEvent_t& copied = s.half_copied[i % 2];
     if (i >= 2) check(cudaEventSynchronize(copied), "the GPU merge (staging)");  // this half's last copy is done
     char* half = s.pinned + (i % 2) * C.half;
-    std::vector<Piece> pieces;
-    if (!t.linear) {
-      const uint64_t bs = dtype_size(t.base_dtype);
-      pieces.push_back({static_cast<const char*>(t.base) + r0 * n * bs, half + C.c.base_rel, rows * n * bs});
-    }
-    for (unsigned k = 0; k < ti.k; ++k) {
-      const ExpertInput& e = t.experts[k];
-      const uint64_t es = dtype_size(e.dtype);
-      char* dst = half + C.c.ex_rel[k];
-      if (e.shape == t.shape) {
-        pieces.push_back({static_cast<const char*>(e.data) + r0 * n * es, dst, rows * n * es});
-      } else {
-        for (uint64_t r = 0; r < rows; ++r)
-          pieces.push_back({static_cast<const char*>(e.data) + expert_row_offset(t.shape, e.shape, r0 + r, n) * es,
-                            dst + r * n * es, n * es});
-      }
-    }
     const auto t0 = Profile::Clock::now();
-    parallel_copy(pieces, threads);
+    parallel_copy(stage_pieces(t, ti, r0, rows, C.c, half), threads);
     prof.stage += Profile::since(t0);
     // Each input's rows to their place in the device slab (laid out for j.rows rows).
     char* dev = s.dev + L.in;
@@ -377,30 +386,11 @@ void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskI
     s.pinned = static_cast<char*>(p);
     s.pinned_bytes = want;
   }
-  // Stage the inputs: rows [row0, row0 + rows) of the base and of each expert, the
-  // latter gathered row by row when it is larger than the base (embedding sub-block).
-  const uint64_t n = ti.n, E = j.rows * n;
-  std::vector<Piece> pieces;
+  // Stage the inputs in one piece (a chunked slab: below, as its chunks' copies go).
   if (!chunked) {
-  if (!t.linear) {
-    const uint64_t bs = dtype_size(t.base_dtype);
-    pieces.push_back({static_cast<const char*>(t.base) + j.row0 * n * bs, s.pinned + L.base_rel, E * bs});
-  }
-  for (unsigned k = 0; k < ti.k; ++k) {
-    const ExpertInput& e = t.experts[k];
-    const uint64_t es = dtype_size(e.dtype);
-    char* dst = s.pinned + L.ex_rel[k];
-    if (e.shape == t.shape) {
-      pieces.push_back({static_cast<const char*>(e.data) + j.row0 * n * es, dst, E * es});
-    } else {
-      for (uint64_t r = 0; r < j.rows; ++r)
-        pieces.push_back({static_cast<const char*>(e.data) + expert_row_offset(t.shape, e.shape, j.row0 + r, n) * es,
-                          dst + r * n * es, n * es});
-    }
-  }
-  const auto t0 = Profile::Clock::now();
-  parallel_copy(pieces, threads);
-  prof.stage += Profile::since(t0);
+    const auto t0 = Profile::Clock::now();
+    parallel_copy(stage_pieces(t, ti, j.row0, j.rows, L, s.pinned), threads);
+    prof.stage += Profile::since(t0);
   }
   prof.staged_bytes += L.in_bytes;
   ++prof.slabs;
