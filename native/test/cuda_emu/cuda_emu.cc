@@ -195,11 +195,10 @@ void resume(Block& b, Fiber& f) {
 #endif
 }
 
-std::string where(const Block& b, const Fiber& f) {
+std::string where(const Fiber& f) {
   char buf[96];
   std::snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u)", f.pos.block.x, f.pos.block.y, f.pos.block.z,
                 f.pos.thread.x, f.pos.thread.y, f.pos.thread.z);
-  (void)b;
   return buf;
 }
 
@@ -250,7 +249,7 @@ bool run_block(Block& b, uint64_t block_index, uint64_t launch_index) {
     int shown = 0;
     for (const Fiber& f : b.fibers) {
       if (f.state == kDone || shown >= 4) continue;
-      waits += "\n  " + where(b, f) + (f.state == kBlockWait ? " waits at __syncthreads()" : " waits at a warp exchange");
+      waits += "\n  " + where(f) + (f.state == kBlockWait ? " waits at __syncthreads()" : " waits at a warp exchange");
       ++shown;
     }
     b.problem = "no thread can go on (" + std::to_string(done) + " of " + std::to_string(n) + " ended, " +
@@ -319,7 +318,7 @@ void collective_enter(void* storage, size_t bytes) {
 
 void kernel_fault(const char* what) {
   const Fiber& f = *tl_block->cur;
-  std::fprintf(stderr, "della cuda emulation: kernel fault in %s: %s\n", where(*tl_block, f).c_str(), what);
+  std::fprintf(stderr, "della cuda emulation: kernel fault in %s: %s\n", where(f).c_str(), what);
   std::abort();
 }
 
