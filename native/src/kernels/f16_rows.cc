@@ -7,14 +7,20 @@
 #include "row_io.h"
 
 #if defined(DELLA_F16C_PATHS)
+#include <cpuid.h>
 #include <immintrin.h>
 
 namespace della::detail {
 
 #define DELLA_F16C __attribute__((target("avx2,f16c")))
 
+// F16C from CPUID leaf 1 (GCC 10's __builtin_cpu_supports has no "f16c"); "avx2" also
+// says that the OS saves the YMM registers.
 bool have_f16c() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static const bool yes = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __builtin_cpu_supports("avx2") && __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+  }();
   return yes;
 }
 

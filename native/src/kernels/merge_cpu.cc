@@ -617,8 +617,8 @@ std::vector<std::string> cpu_kernel_paths() {
 #if defined(DELLA_HAS_SIMD_CLONES)
   // The order target_clones picks in (DELLA_SIMD_CLONES).
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) paths.push_back("x86-64-v4 (AVX-512) row functions");
-  else if (__builtin_cpu_supports("x86-64-v3")) paths.push_back("x86-64-v3 (AVX2) row functions");
+  if (__builtin_cpu_supports(DELLA_SIMD_CLONE_HIGH)) paths.push_back(DELLA_SIMD_CLONE_HIGH " (AVX-512) row functions");
+  else if (__builtin_cpu_supports(DELLA_SIMD_CLONE_MID)) paths.push_back(DELLA_SIMD_CLONE_MID " (AVX2) row functions");
   else paths.push_back("baseline x86-64 row functions");
 #else
   paths.push_back("row functions built for this build's own flags (no run-time dispatch)");

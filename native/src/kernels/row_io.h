@@ -13,9 +13,20 @@
 // in the same order (no FMA: -ffp-contract=off), so all give the same bytes.
 // DELLA_FIXED_SIMD (a test build: see CMakeLists.txt) turns the dispatch off, so that
 // the code compiled for the build's own flags runs, whatever the CPU.
+// GCC 12 names the x86-64 levels; GCC 10 and 11 (Debian 11, where the release binary is
+// built, and Ubuntu 22.04) cannot dispatch on them, nor on AVX-512BW, so their clones
+// are AVX-512F and AVX2.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__) && \
     !defined(DELLA_FIXED_SIMD)
+#if __GNUC__ >= 12
 #define DELLA_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define DELLA_SIMD_CLONE_HIGH "x86-64-v4"
+#define DELLA_SIMD_CLONE_MID "x86-64-v3"
+#else
+#define DELLA_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define DELLA_SIMD_CLONE_HIGH "avx512f"
+#define DELLA_SIMD_CLONE_MID "avx2"
+#endif
 #define DELLA_HAS_SIMD_CLONES 1
 #else
 #define DELLA_SIMD_CLONES
