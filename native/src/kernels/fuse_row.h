@@ -25,12 +25,20 @@ DELLA_ALWAYS_INLINE float keep_or_zero(bool keep, float v) {
   return bits_f32(f32_bits(v) & (0u - static_cast<uint32_t>(keep)));
 }
 
+// d where d != 0, else 1, as a bitwise select: GCC 10 turned the plain conditional
+// followed by m / d into a branch around the division, which kept the whole fuse loop
+// scalar (the release binary is built with GCC 10; GCC 12 vectorized it either way).
+DELLA_ALWAYS_INLINE float one_if_zero(float d) {
+  const uint32_t zero = 0u - static_cast<uint32_t>(d == 0.0f);
+  return bits_f32((f32_bits(d) & ~zero) | (f32_bits(1.0f) & zero));
+}
+
 // The same election and fuse in one pass for a fixed number of experts: the K weighted
 // deltas stay in registers, so each element costs K + 1 loads and one store instead of
 // a sweep over the row per step. The operations and their order are fuse_row's.
-template <int K, Consensus C, bool Normalize, bool Lambda>
-DELLA_ALWAYS_INLINE void fuse_row_fixed(const float* __restrict vals, const float* w, uint64_t n, float lambda,
-                                        const float* __restrict base, float* __restrict out) {
+template <int K, Consensus C, bool Normalize, bool Lambda, bool Base>
+DELLA_ALWAYS_INLINE void fuse_row_fixed_loop(const float* __restrict vals, const float* w, uint64_t n, float lambda,
+                                             const float* __restrict base, float* __restrict out) {
   float wk[K];
   for (int k = 0; k < K; ++k) wk[k] = w[k];
   for (uint64_t j = 0; j < n; ++j) {
@@ -55,12 +63,21 @@ DELLA_ALWAYS_INLINE void fuse_row_fixed(const float* __restrict vals, const floa
         m = m + keep_or_zero(agree, p[k]);
         d = d + keep_or_zero(agree, wk[k]);
       }
-      d = d == 0.0f ? 1.0f : d;
+      d = one_if_zero(d);
     }
     if constexpr (Normalize) m = m / d;
     if constexpr (Lambda) m = m * lambda;
-    out[j] = base ? base[j] + m : m;
+    if constexpr (Base) out[j] = base[j] + m;
+    else out[j] = m;
   }
+}
+
+// The test for a base outside the loop: GCC 10 left it inside, and the loop scalar.
+template <int K, Consensus C, bool Normalize, bool Lambda>
+DELLA_ALWAYS_INLINE void fuse_row_fixed(const float* __restrict vals, const float* w, uint64_t n, float lambda,
+                                        const float* __restrict base, float* __restrict out) {
+  if (base) fuse_row_fixed_loop<K, C, Normalize, Lambda, true>(vals, w, n, lambda, base, out);
+  else fuse_row_fixed_loop<K, C, Normalize, Lambda, false>(vals, w, n, lambda, base, out);
 }
 
 template <int K, Consensus C>
