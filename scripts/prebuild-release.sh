@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Builds the release binary in prebuilds/linux-x64/ against an old glibc: a Debian 11
+# Builds the release binaries in prebuilds/linux-x64/ against an old glibc: a Debian 11
 # (glibc 2.31) root made with debootstrap holds the compiler, this machine's Node.js
 # runs there, and prebuildify (through scripts/prebuild-shim.js and cmake-js) builds
-# with the C++ runtime linked statically. The binary then needs only glibc >= 2.14 —
+# with the C++ runtime linked statically. The addon then needs only glibc >= 2.14 —
 # older than Node.js 20 itself needs. Needs root, debootstrap and the Debian mirror.
+# When this machine has a CUDA toolkit (nvcc >= 12; $CUDA_HOME, else /usr/local/cuda),
+# it is bind-mounted into the root and the CUDA plugin (della_merge_cuda.so: sm_80,
+# sm_90 and PTX, the CUDA runtime linked statically) is built there too, with Debian
+# 11's g++ 10 as nvcc's host compiler, and put beside the addon. DELLA_RELEASE_CUDA=0
+# leaves it out.
 #   bash scripts/prebuild-release.sh [ROOT_DIR]   (default: /var/tmp/della-bullseye)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,14 +26,38 @@ git ls-files --cached --others --exclude-standard | grep -v '^test/' | while rea
 done
 mkdir -p "$work/node_modules"
 mountpoint -q "$work/node_modules" || mount --bind "$repo/node_modules" "$work/node_modules"
-trap 'umount "$work/node_modules" 2>/dev/null || true' EXIT
-chroot "$root" /usr/bin/env PATH=/usr/local/bin:/usr/bin:/bin HOME=/tmp \
+mounts=("$work/node_modules")
+trap 'for m in "${mounts[@]}"; do umount "$m" 2>/dev/null || true; done' EXIT
+# The host's CUDA toolkit, if any, for the plugin.
+cuda=0
+cuda_home=$(readlink -f "${CUDA_HOME:-/usr/local/cuda}" 2>/dev/null || true)
+if [ "${DELLA_RELEASE_CUDA:-1}" != 0 ] && [ -n "$cuda_home" ] && [ -x "$cuda_home/bin/nvcc" ]; then
+  nvcc_major=$("$cuda_home/bin/nvcc" --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
+  if [ "${nvcc_major:-0}" -ge 12 ]; then
+    cuda=1
+    mkdir -p "$root/usr/local/cuda"
+    mountpoint -q "$root/usr/local/cuda" || mount --bind "$cuda_home" "$root/usr/local/cuda"
+    mounts+=("$root/usr/local/cuda")
+    echo "prebuild-release: CUDA plugin with nvcc $nvcc_major from $cuda_home"
+  else
+    echo "prebuild-release: nvcc in $cuda_home is older than 12: no CUDA plugin"
+  fi
+else
+  echo "prebuild-release: no CUDA toolkit (or DELLA_RELEASE_CUDA=0): no CUDA plugin"
+fi
+chroot "$root" /usr/bin/env PATH=/usr/local/cuda/bin:/usr/local/bin:/usr/bin:/bin HOME=/tmp DELLA_PREBUILD_CUDA=$cuda \
   /bin/bash -c 'cd /build/della-merge && node node_modules/prebuildify/bin.js --napi --strip --tag-libc --node-gyp scripts/prebuild-shim.js'
 mkdir -p prebuilds/linux-x64
+rm -f prebuilds/linux-x64/della_merge_cuda.so
 cp "$work/prebuilds/linux-x64/"*.node prebuilds/linux-x64/
-# The CUDA plugin is not part of this build (the Debian root has no CUDA toolkit). To ship
-# one, build it on a machine with nvcc >= 12 and an old enough glibc with
-#   DELLA_PREBUILD_CUDA=1 npm run prebuilds
-# which also copies della_merge_cuda.so into prebuilds/linux-x64/ beside the .node.
-need=$(objdump -T prebuilds/linux-x64/*.node | grep -o 'GLIBC_[0-9.]*' | sort -t. -k2,2n -k3,3n -u | tail -1)
-echo "prebuilds/linux-x64: $(ls prebuilds/linux-x64) needs at most $need"
+if [ "$cuda" = 1 ]; then cp "$work/prebuilds/linux-x64/della_merge_cuda.so" prebuilds/linux-x64/; fi
+# Every binary's newest glibc symbol version; the plugin's exports, which must be the
+# C ABI alone (della_cuda_*), nothing of the CUDA runtime or the C++ library.
+for f in prebuilds/linux-x64/*; do
+  need=$(objdump -T "$f" | grep -o 'GLIBC_[0-9.]*' | sort -t. -k2,2n -k3,3n -u | tail -1)
+  echo "$f ($(du -h "$f" | cut -f1)) needs at most $need"
+done
+if [ "$cuda" = 1 ]; then
+  other=$(nm -D --defined-only prebuilds/linux-x64/della_merge_cuda.so | awk '{print $3}' | grep -v '^della_cuda_' || true)
+  [ -z "$other" ] || { echo "prebuild-release: the plugin exports more than della_cuda_*: $other" >&2; exit 1; }
+fi
