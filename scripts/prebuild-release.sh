@@ -2,7 +2,7 @@
 # Builds the release binaries in prebuilds/linux-x64/ against an old glibc: a Debian 11
 # (glibc 2.31) root made with debootstrap holds the compiler, this machine's Node.js
 # runs there, and prebuildify (through scripts/prebuild-shim.js and cmake-js) builds
-# with the C++ runtime linked statically. The addon then needs only glibc >= 2.14 —
+# with the C++ runtime linked statically. The addon then needs only glibc >= 2.18 —
 # older than Node.js 20 itself needs. Needs root, debootstrap and the Debian mirror.
 # When this machine has a CUDA toolkit (nvcc >= 12; $CUDA_HOME, else /usr/local/cuda),
 # it is bind-mounted into the root and the CUDA plugin (della_merge_cuda.so: sm_80,
