@@ -160,7 +160,7 @@ DELLA_ALWAYS_INLINE void fuse_row(const float* __restrict vals, const float* w, 
         d[j] = d[j] + keep_or_zero(agree, wk);
       }
     }
-    for (uint64_t j = 0; j < n; ++j) d[j] = d[j] == 0.0f ? 1.0f : d[j];
+    for (uint64_t j = 0; j < n; ++j) d[j] = one_if_zero(d[j]);
   }
   if (c.normalize)
     for (uint64_t j = 0; j < n; ++j) m[j] = m[j] / d[j];
