@@ -200,41 +200,67 @@ else
     else
       note "demo: FAILED"; tail -20 "$work/demo.txt"; status=1
     fi
-    # 4b. A 0.54 B-parameter BF16 model and three experts: della, dare_ties, ties,
-    #     breadcrumbs (l2 rescale), each on the CPU (all cores) and on the GPU.
+    # One recipe on the CPU (all cores) and with --device $gpu into DIR, compared byte for
+    # byte and timed: the summary's rows and a record of e2e.json.
+    #   e2e_pair MODELS RECIPE OUTPUT(disk|memory) DIR LABEL
+    e2e_pair() {
+      local models=$1 r=$2 where=$3 dir=$4 label=$5 c g prof eq
+      # DELLA_PROFILE: where each run's main thread spent the merge phase.
+      DELLA_PROFILE=1 timeout 300 "${dm[@]}" run "$models/$r.json" --out "$dir/cpu-$r" --quiet \
+        --report "$work/cpu-$r.json" >/dev/null 2>"$work/err.txt"
+      c=$?
+      # In memory, the plugin also says where the host's time went (DELLA_CUDA_PROFILE).
+      prof=0; [ "$where" = memory ] && prof=1
+      DELLA_PROFILE=1 DELLA_CUDA_PROFILE=$prof timeout 300 "${dm[@]}" run "$models/$r.json" --out "$dir/gpu-$r" \
+        --quiet --device "$gpu" --report "$work/gpu-$r.json" >/dev/null 2>>"$work/err.txt"
+      g=$?
+      grep -E "della (cuda )?profile" "$work/err.txt" | sed 's/^/     /'
+      sed -i -E '/della (cuda )?profile/d' "$work/err.txt"
+      if [ $c -eq 0 ] && [ $g -eq 0 ] && same "$dir/cpu-$r" "$dir/gpu-$r"; then eq=true; else eq=false; status=1; cat "$work/err.txt"; fi
+      mapfile -t row < <(node scripts/gpu-e2e-row.mjs "$work/cpu-$r.json" "$work/gpu-$r.json" "$label" "$where" "$eq" "${h2d:-}")
+      note "${row[0]}"
+      echo "${row[1]}"
+      echo "${row[2]} on ${row[4]}"
+      summary+=("${row[1]}" "${row[2]}")
+      e2e+="$sep\n    ${row[3]}"
+      sep=","
+      rm -rf "$dir/cpu-$r" "$dir/gpu-$r"
+    }
+    mem=/dev/shm/della-gpu-check
+    # 4b. A 0.49 B-parameter BF16 model and three experts: della, dare_ties, ties,
+    #     breadcrumbs (l2 rescale), each to disk ($work, as a user would) and to memory
+    #     (/dev/shm, which takes the disk's write speed out of the numbers).
     if timeout 150 node scripts/gpu-e2e-models.mjs "$work/e2e" ${GPU_CHECK_MODEL:-} >"$work/models.json"; then
       cat "$work/models.json"
-      # Each recipe to disk ($work, as a user would) and to memory (/dev/shm, which takes
-      # the disk's write speed out of the numbers), on the CPU and on the GPU.
-      mem=/dev/shm/della-gpu-check
       for r in ${GPU_CHECK_RECIPES:-della dare_ties ties breadcrumbs_l2}; do
         for where in ${GPU_CHECK_OUTPUTS:-disk memory}; do
           if [ $where = disk ]; then dir=$work/e2e; else dir=$mem; rm -rf "$mem"; mkdir -p "$mem" || continue; fi
-          # DELLA_PROFILE: where each run's main thread spent the merge phase.
-          DELLA_PROFILE=1 timeout 150 "${dm[@]}" run "$work/e2e/$r.json" --out "$dir/cpu-$r" --quiet \
-            --report "$work/cpu-$r.json" >/dev/null 2>"$work/err.txt"
-          c=$?
-          # In memory, the plugin also says where the host's time went (DELLA_CUDA_PROFILE).
-          prof=0; [ $where = memory ] && prof=1
-          DELLA_PROFILE=1 DELLA_CUDA_PROFILE=$prof timeout 150 "${dm[@]}" run "$work/e2e/$r.json" --out "$dir/gpu-$r" \
-            --quiet --device "$gpu" --report "$work/gpu-$r.json" >/dev/null 2>>"$work/err.txt"
-          g=$?
-          grep -E "della (cuda )?profile" "$work/err.txt" | sed 's/^/     /'
-          sed -i -E '/della (cuda )?profile/d' "$work/err.txt"
-          if [ $c -eq 0 ] && [ $g -eq 0 ] && same "$dir/cpu-$r" "$dir/gpu-$r"; then eq=true; else eq=false; status=1; cat "$work/err.txt"; fi
-          mapfile -t row < <(node scripts/gpu-e2e-row.mjs "$work/cpu-$r.json" "$work/gpu-$r.json" "$r" "$where" "$eq" "${h2d:-}")
-          note "${row[0]}"
-          echo "${row[1]}"
-          echo "${row[2]} on ${row[4]}"
-          summary+=("${row[1]}" "${row[2]}")
-          e2e+="$sep\n    ${row[3]}"
-          sep=","
-          rm -rf "$dir/cpu-$r" "$dir/gpu-$r"
+          e2e_pair "$work/e2e" "$r" "$where" "$dir" "$r"
         done
       done
       rm -rf "$mem"
     else
       note "e2e models: FAILED"; status=1
+    fi
+    rm -rf "$work/e2e"
+    # 4c. At scale: a model about three times larger (1.56 B parameters a model, 12.5 GB
+    #     of inputs), to memory, where opening the device (about 0.3 s) no longer outweighs
+    #     the merge: the run against the end-to-end target (70% of the pinned
+    #     host-to-device bandwidth). GPU_CHECK_LARGE sets the generator's arguments
+    #     ("0" skips it), GPU_CHECK_LARGE_RECIPES the recipes.
+    large=${GPU_CHECK_LARGE:---layers 32}
+    if [ "$large" != 0 ]; then
+      if timeout 240 node scripts/gpu-e2e-models.mjs "$work/e2e-large" $large >"$work/models-large.json"; then
+        cat "$work/models-large.json"
+        for r in ${GPU_CHECK_LARGE_RECIPES:-della dare_ties}; do
+          rm -rf "$mem"; mkdir -p "$mem" || break
+          e2e_pair "$work/e2e-large" "$r" memory "$mem" "$r/large"
+        done
+        rm -rf "$mem"
+      else
+        note "e2e large models: FAILED (timed out or out of space?)"; status=1
+      fi
+      rm -rf "$work/e2e-large"
     fi
     printf "%b\n  ]\n}\n" "$e2e" >"$OUT/e2e.json"
   fi
