@@ -93,6 +93,10 @@ describe('hostile checkpoints', () => {
     expect(r.code).toBe(1);
     expect(r.stderr).toMatch(/tensor "w" of .*nan holds 2 non-finite value\(s\)/);
     expect(existsSync(f('nan-out'))).toBe(false);
+    // Parents that --out made are removed with the unfinished output.
+    const nested = cli(['run', recipe, '--out', f('nan-parent/deeper/nan-out')]);
+    expect(nested.code).toBe(1);
+    expect(existsSync(f('nan-parent'))).toBe(false);
     const ok = cli(['run', recipe, '--out', f('nan-out'), '--allow-nonfinite']);
     expect(ok.code, ok.stderr).toBe(0);
     expect(ok.stdout).toMatch(/warning +tensor "w" .* merged anyway/);

@@ -4,7 +4,7 @@
  * their final offsets, off the JS thread. All of it happens in a temporary sibling
  * directory that is renamed into place only when complete; any failure removes it.
  */
-import { existsSync, mkdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join, resolve } from 'node:path';
 import { DellaError } from '../errors.js';
@@ -103,10 +103,14 @@ export class OutputDirectory {
   private files: NativeOutputFile[] = [];
   private done = false;
 
-  private constructor(target: string, tmp: string, overwrite: boolean) {
+  /** the outermost parent directory create() made, removed again (if empty) by abort() */
+  private readonly madeParent: string | undefined;
+
+  private constructor(target: string, tmp: string, overwrite: boolean, madeParent: string | undefined) {
     this.target = target;
     this.tmp = tmp;
     this.overwrite = overwrite;
+    this.madeParent = madeParent;
   }
 
   /** Checks the target and makes the temporary sibling directory. */
@@ -115,9 +119,10 @@ export class OutputDirectory {
     const overwrite = options.overwrite ?? false;
     checkTarget(full, overwrite);
     const parent = dirname(full);
+    let madeParent: string | undefined;
     if (!existsSync(parent)) {
       try {
-        mkdirSync(parent, { recursive: true });
+        madeParent = mkdirSync(parent, { recursive: true });
       } catch (e) {
         throw ioError(`cannot create ${parent}`, e);
       }
@@ -126,10 +131,11 @@ export class OutputDirectory {
     try {
       mkdirSync(tmp);
     } catch (e) {
+      if (madeParent) removeEmptyDirs(parent, madeParent);
       throw ioError(`cannot create a temporary output directory in ${parent}`, e);
     }
     track(tmp);
-    return new OutputDirectory(full, tmp, overwrite);
+    return new OutputDirectory(full, tmp, overwrite, madeParent);
   }
 
   /**
@@ -199,9 +205,24 @@ export class OutputDirectory {
       }
     }
     this.files = [];
-    if (!this.done) rmSync(this.tmp, { recursive: true, force: true });
+    if (!this.done) {
+      rmSync(this.tmp, { recursive: true, force: true });
+      if (this.madeParent) removeEmptyDirs(dirname(this.tmp), this.madeParent);
+    }
     live.delete(this.tmp);
     this.done = true;
+  }
+}
+
+/** Removes `dir` and its parents up to `outermost`, while they are empty. */
+function removeEmptyDirs(dir: string, outermost: string): void {
+  for (let d = dir; d === outermost || d.startsWith(`${outermost}/`); d = dirname(d)) {
+    try {
+      rmdirSync(d);
+    } catch {
+      return; // not empty (something else was put there), or gone already
+    }
+    if (d === outermost) return;
   }
 }
 
