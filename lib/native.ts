@@ -89,6 +89,8 @@ export interface NativeAddon {
   /** Opens `device` with a device memory budget in bytes (0: the plugin's default) and
    * keeps it open for mergeBatch; throws an Error with `cudaCode` when it cannot. */
   cudaOpen(options: { device: number; memory: number }): CudaDevice;
+  /** cudaOpen on a worker thread (absent from addons built before it). */
+  cudaOpenAsync?(options: { device: number; memory: number }): Promise<CudaDevice>;
   hardwareThreads: number;
   abiVersion: number;
 }

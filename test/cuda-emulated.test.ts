@@ -78,6 +78,49 @@ describe.skipIf(!havePlugin)(`--device cuda on the emulated device (DELLA_TEST_S
     }
   }, 120_000);
 
+  it('the device opens on a worker thread (cudaOpenAsync) while the run sets up, and its errors keep their code', () => {
+    // The emulated context takes 400 ms to create, as a real one takes about 300: the JS
+    // thread's timers must keep running meanwhile.
+    const script = `
+      import { loadNative } from ${JSON.stringify(join(root, 'dist', 'native.js'))};
+      const native = loadNative();
+      let ticks = 0;
+      const timer = setInterval(() => ticks++, 10);
+      const t0 = performance.now();
+      const result = await native.cudaOpenAsync({ device: 0, memory: 0 }).then((d) => d.name, (e) => 'failed: ' + e.cudaCode + ': ' + e.message);
+      clearInterval(timer);
+      console.log(JSON.stringify({ ms: performance.now() - t0, ticks, result }));`;
+    const probe = (env: NodeJS.ProcessEnv) => {
+      const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], {
+        cwd: root, encoding: 'utf8', env: { ...process.env, DELLA_CUDA_PLUGIN: plugin, ...env },
+      });
+      expect(r.status, r.stderr).toBe(0);
+      return JSON.parse(r.stdout) as { ms: number; ticks: number; result: string };
+    };
+    const slow = probe({ DELLA_CUDA_EMU_OPEN_MS: '400' });
+    expect(slow.result).toMatch(/emulated CUDA device/);
+    expect(slow.ms).toBeGreaterThanOrEqual(390);
+    expect(slow.ticks).toBeGreaterThanOrEqual(5); // a blocking open lets none run
+    const none = probe({ DELLA_CUDA_EMU_DEVICES: '0' });
+    expect(none.result).toMatch(/^failed: E_NO_DEVICE: .*no CUDA-capable device/);
+
+    // A whole run: its report counts the wait for the device (the part that its setup,
+    // a few milliseconds here, did not cover) and the output equals the CPU's.
+    const dir = tempDir('della-cuda-emu-');
+    const models = makeModels(rng(seed + 3), dir, { dtype: 'BF16', experts: 2, layers: 1 });
+    const recipe = writeRecipe(join(dir, 'recipe.yaml'), {
+      ...(recipes.della(models.experts.map((m) => ({ model: m, weight: 0.5 }))) as object), base_model: models.base, dtype: 'bfloat16',
+    });
+    const run = cli(['run', recipe, '--out', join(dir, 'gpu'), '--device', 'cuda', '--quiet', '--report', join(dir, 'r.json')],
+      { DELLA_CUDA_EMU_OPEN_MS: '400' });
+    expect(run.code, run.stderr).toBe(0);
+    const { phases } = JSON.parse(readFileSync(join(dir, 'r.json'), 'utf8'));
+    expect(phases.setup + phases.device).toBeGreaterThanOrEqual(0.39);
+    const cpu = cli(['run', recipe, '--out', join(dir, 'cpu'), '--quiet']);
+    expect(cpu.code, cpu.stderr).toBe(0);
+    expect(digests(join(dir, 'gpu'))).toEqual(digests(join(dir, 'cpu')));
+  }, 60_000);
+
   it('a device without a GPU, or a budget past its memory, is one clear error and leaves nothing behind', () => {
     const dir = tempDir('della-cuda-emu-');
     const models = makeModels(rng(seed + 1), dir, { dtype: 'BF16', experts: 2, layers: 1 });

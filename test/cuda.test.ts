@@ -107,7 +107,7 @@ describe(`CUDA plugin, host side (DELLA_TEST_SEED=${seed})`, () => {
     const dir = tempDir('della-cuda-');
     const recipe = recipeIn(dir);
     const missing = join(dir, 'no-such-dir', 'della_merge_cuda.so');
-    const r = cli(['run', recipe, '--out', join(dir, 'new-parent', 'merged'), '--device', 'cuda'], { DELLA_CUDA_PLUGIN: missing });
+    const r = cli(['run', recipe, '--out', join(dir, 'new-parent', 'deeper', 'merged'), '--device', 'cuda'], { DELLA_CUDA_PLUGIN: missing });
     expect(r.code).toBe(1);
     const lines = r.stderr.trim().split('\n');
     expect(lines).toHaveLength(1);

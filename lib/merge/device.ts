@@ -1,8 +1,8 @@
 /**
  * Where the kernels run: `cpu` (the default) or `cuda[:N]`, through the CUDA plugin the
- * addon loads on request. The device is opened before anything is written, so a
- * machine without the plugin, a driver or a GPU fails with one message and leaves
- * nothing behind.
+ * addon loads on request. A merge opens the device while it sets up (openDeviceAsync)
+ * and waits for it before merging anything, so a machine without the plugin, a driver
+ * or a GPU fails with one message, and the output it had begun is removed.
  */
 import { DellaError } from '../errors.js';
 import type { CudaDevice, NativeAddon } from '../native.js';
@@ -29,11 +29,8 @@ export interface CudaTarget {
   info: CudaDevice;
 }
 
-/**
- * Opens the device of `spec` (a no-op for the CPU). Throws DellaError E_CUDA with the
- * loader's or the CUDA runtime's reason when it cannot be used.
- */
-export function openDevice(native: NativeAddon, spec: DeviceSpec, gpuMemory: number | undefined): CudaTarget | null {
+/** Checks the device arguments; null for the CPU, else what cudaOpen takes. */
+function openRequest(native: NativeAddon, spec: DeviceSpec, gpuMemory: number | undefined): { device: number; memory: number } | null {
   if (spec.kind === 'cpu') {
     if (gpuMemory !== undefined) throw new DellaError('E_ARGS', 'a GPU memory budget needs a CUDA device (--device cuda)');
     return null;
@@ -44,12 +41,38 @@ export function openDevice(native: NativeAddon, spec: DeviceSpec, gpuMemory: num
   if (typeof native.cudaOpen !== 'function') {
     throw new DellaError('E_CUDA', `--device ${deviceName(spec)}: this native addon has no CUDA support; rebuild it ("npm rebuild della-merge")`);
   }
+  return { device: spec.index, memory: gpuMemory ?? 0 };
+}
+
+/**
+ * Opens the device of `spec` (a no-op for the CPU). Throws DellaError E_CUDA with the
+ * loader's or the CUDA runtime's reason when it cannot be used.
+ */
+export function openDevice(native: NativeAddon, spec: DeviceSpec, gpuMemory: number | undefined): CudaTarget | null {
+  const request = openRequest(native, spec, gpuMemory);
+  if (!request) return null;
   try {
-    const info = native.cudaOpen({ device: spec.index, memory: gpuMemory ?? 0 });
-    return { device: spec.index, memory: gpuMemory ?? 0, info };
+    return { ...request, info: native.cudaOpen(request) };
   } catch (e) {
     throw cudaError(e, spec);
   }
+}
+
+/**
+ * Opens the device of `spec` on a worker thread, so that the caller can set up the rest
+ * of its work meanwhile (CUDA's context takes about 0.3 s). Bad arguments throw at once;
+ * a device that cannot be used rejects the promise with E_CUDA, as openDevice throws.
+ */
+export function openDeviceAsync(native: NativeAddon, spec: DeviceSpec, gpuMemory: number | undefined): Promise<CudaTarget | null> {
+  const request = openRequest(native, spec, gpuMemory);
+  if (!request) return Promise.resolve(null);
+  if (typeof native.cudaOpenAsync !== 'function') return Promise.resolve().then(() => openDevice(native, spec, gpuMemory));
+  return native.cudaOpenAsync(request).then(
+    (info) => ({ ...request, info }),
+    (e: unknown) => {
+      throw cudaError(e, spec);
+    },
+  );
 }
 
 /**

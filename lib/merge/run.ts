@@ -20,7 +20,9 @@ import { slerpCoefficients } from './slerp.js';
 import { modelCard } from './card.js';
 import type { MergePlan, TensorPlan } from './plan.js';
 import { buildMergeTask, planRecipe, type OpenedModels } from './build.js';
-import { cudaError, describeDevice, openDevice, parseDevice, type CudaTarget } from './device.js';
+import {
+  cudaError, describeDevice, openDevice, openDeviceAsync, parseDevice, type CudaTarget, type DeviceSpec,
+} from './device.js';
 import { MainThreadProfile } from './profile.js';
 import { DTYPE_CODE, type CopyTaskSpec, type DotTaskSpec, type FloatDType, type MergeTaskSpec, type MergeTaskStats } from './task.js';
 
@@ -60,7 +62,8 @@ export interface MergeOptions {
   part?: { index: number; count: number };
   /**
    * where the kernels run: 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA plugin; same
-   * bytes as the CPU). The device is opened before anything is written.
+   * bytes as the CPU). The device opens while the merge sets up; one that cannot be
+   * used fails the merge before anything is merged, and leaves no output behind.
    */
   device?: string;
   /** GPU memory budget in bytes (default: min(16 GiB, 85% of the free memory)) */
@@ -109,9 +112,11 @@ export interface MergeReport {
   bytes: { read: number; written: number };
   seconds: number;
   /**
-   * Where the seconds went, in order: opening the device (CUDA only), reading headers
-   * and creating the output files, merging (kernels, and writes that overlapped them),
-   * waiting for the last writes, and the small files and the final rename.
+   * Where the seconds went, in order: reading headers and creating the output files
+   * (while a GPU opens on another thread), waiting for the GPU to finish opening
+   * (`device`, CUDA only: what the setup did not cover), merging (kernels, and writes
+   * that overlapped them), waiting for the last writes, and the small files and the
+   * final rename.
    */
   phases: { device: number; setup: number; merge: number; flush: number; finish: number };
   warnings: string[];
@@ -245,34 +250,47 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   if (!(Number.isSafeInteger(shardSize) && shardSize > 0)) {
     throw new DellaError('E_ARGS', `shard size must be a positive number of bytes, got ${shardSize}`);
   }
-  // The device first: without a usable GPU nothing is read or written.
-  const cuda = selectDevice(options, native);
-  if (options.signal?.aborted) throw abortError();
+  // The GPU opens on a worker thread while the recipe is planned and the output set up
+  // (CUDA's context takes about 0.3 s on an H100). A device that cannot be used fails
+  // the run before anything is merged, and the output directory is removed.
+  const spec = deviceSpec(options, native);
+  const opening = openDeviceAsync(native as NativeAddon, spec, options.gpuMemory);
+  const opened = opening.then(() => undefined, () => undefined); // never leave the open running behind an error
   const clock = phaseClock(started);
-  clock.mark('device');
-
-  const { plan, models } = planRecipe(recipe);
+  let planned: ReturnType<typeof planRecipe>;
+  try {
+    if (options.signal?.aborted) throw abortError();
+    planned = planRecipe(recipe);
+  } catch (e) {
+    await opened;
+    throw e;
+  }
+  const { plan, models } = planned;
   const nonfiniteWarnings: string[] | null = options.allowNonFinite ? [] : null;
-  const part = options.part ? checkPart(options.part) : null;
-  const tensors = part ? partTensors(plan.tensors, part.index, part.count) : plan.tensors;
+  let cuda: CudaTarget | null = null;
   let out: OutputDirectory | null = null;
   let shards: ShardFiles | null = null;
   try {
+    const part = options.part ? checkPart(options.part) : null;
+    const tensors = part ? partTensors(plan.tensors, part.index, part.count) : plan.tensors;
     out = OutputDirectory.create(options.out, { overwrite: options.overwrite });
     const layouts = layoutShards(tensors.map(outputTensor), shardSize);
     shards = out.createShards(layouts);
-    const groups = batches(tensors, cuda !== null);
-    const staged = new StagedOutput(shards, stagingPool(groups, cuda));
+    const groups = batches(tensors, spec.kind === 'cuda');
+    const staged = new StagedOutput(shards, stagingPool(groups, spec.kind === 'cuda'));
     const reports: TensorReport[] = [];
     const digests: Record<string, string> = {};
     const bytesTotal = tensors.reduce((a, t) => a + t.inBytes + t.outBytes, 0);
     let bytesDone = 0;
     let tensorsDone = 0;
     const profile = MainThreadProfile.fromEnv();
+    clock.mark('setup');
+    cuda = await opening;
+    if (options.signal?.aborted) throw abortError();
+    clock.mark('device');
     const ctx: BatchContext = {
       plan, models, recipe, seed, threads, native, cuda, signal: options.signal, nonfiniteWarnings, profile,
     };
-    clock.mark('setup');
     for await (const done of runBatches(ctx, groups, (group) => staged.dests(group))) {
       const bytes = done.map((t) => staged.bytes(t.plan.name));
       profile.time('writes', () => staged.write(done.map((t) => t.plan.name))); // to disk while the next batch computes
@@ -359,6 +377,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   } catch (e) {
     await shards?.finish().catch(() => {}); // no write may still read a buffer or a file
     out?.abort();
+    await opened;
     throw e;
   } finally {
     models.close();
@@ -371,7 +390,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
  * batch needs more (a batch of one huge tensor then waits for the previous write).
  * Bounded by the largest batch, not by the model.
  */
-function stagingPool(groups: readonly TensorPlan[][], cuda: CudaTarget | null): StagingPool {
+function stagingPool(groups: readonly TensorPlan[][], cuda: boolean): StagingPool {
   const native = loadNative();
   const largest = Math.max(0, ...groups.map((g) => g.reduce((a, t) => a + t.outBytes + STAGING_BLOCK, 0)));
   // GPU batches are up to 256 MiB: two of them, so that the device never waits for a write.
@@ -396,13 +415,18 @@ function phaseClock(started: number): { mark(p: Phase): void; phases(): MergeRep
   };
 }
 
-/** Parses options.device and opens a CUDA device (null: the CPU). */
-export function selectDevice(options: { device?: string; gpuMemory?: number }, native: NativeAddon | null): CudaTarget | null {
+/** Parses options.device; a GPU needs the native backend. */
+function deviceSpec(options: { device?: string }, native: NativeAddon | null): DeviceSpec {
   const spec = parseDevice(options.device);
   if (spec.kind === 'cuda' && !native) {
     throw new DellaError('E_ARGS', `the reference backend runs on the CPU only; leave out device "${options.device}"`);
   }
-  return openDevice(native as NativeAddon, spec, options.gpuMemory);
+  return spec;
+}
+
+/** Parses options.device and opens a CUDA device (null: the CPU). */
+export function selectDevice(options: { device?: string; gpuMemory?: number }, native: NativeAddon | null): CudaTarget | null {
+  return openDevice(native as NativeAddon, deviceSpec(options, native), options.gpuMemory);
 }
 
 /** Threads (default: all cores) and seed (default: the recipe's), checked. */

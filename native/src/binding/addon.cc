@@ -88,6 +88,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("cpuFeatures", Napi::Function::New(env, CpuFeatures, "cpuFeatures"));
   exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo, "cudaInfo"));
   exports.Set("cudaOpen", Napi::Function::New(env, CudaOpen, "cudaOpen"));
+  exports.Set("cudaOpenAsync", Napi::Function::New(env, CudaOpenAsync, "cudaOpenAsync"));
   exports.Set("hardwareThreads", Napi::Number::New(env, della::ThreadPool::hardware_threads()));
   exports.Set("abiVersion", Napi::Number::New(env, 1));
   return exports;

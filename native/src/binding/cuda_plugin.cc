@@ -7,6 +7,7 @@
 #include <mutex>
 
 #include "../cuda/della_cuda_api.h"
+#include "promise_worker.h"
 
 namespace della_binding {
 namespace {
@@ -84,15 +85,6 @@ Plugin& plugin_locked() {
   return p;
 }
 
-const char* code_name(int code) {
-  switch (code) {
-    case -1: return "E_NO_PLUGIN";
-    case DELLA_CUDA_NO_DEVICE: return "E_NO_DEVICE";
-    case DELLA_CUDA_OUT_OF_MEMORY: return "E_OUT_OF_MEMORY";
-    default: return "E_CUDA";
-  }
-}
-
 Napi::Object device_to_js(Napi::Env env, const DellaCudaDeviceInfo& d) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("index", d.index);
@@ -132,6 +124,15 @@ DellaCudaContext* context_locked(int device, uint64_t memory) {
 }
 
 }  // namespace
+
+const char* cuda_code_name(int code) {
+  switch (code) {
+    case -1: return "E_NO_PLUGIN";
+    case DELLA_CUDA_NO_DEVICE: return "E_NO_DEVICE";
+    case DELLA_CUDA_OUT_OF_MEMORY: return "E_OUT_OF_MEMORY";
+    default: return "E_CUDA";
+  }
+}
 
 std::vector<della::MergeStats> cuda_run_batch(int device, uint64_t memory, const std::vector<della::MergeTask>& tasks,
                                               unsigned threads) {
@@ -207,7 +208,7 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
   o.Set("device", env.Null());
   if (!p.handle) {
     o.Set("ok", false);
-    o.Set("code", code_name(-1));
+    o.Set("code", cuda_code_name(-1));
     o.Set("error", p.error);
     return o;
   }
@@ -222,29 +223,58 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
   char err[1024] = {0};
   const int rc = p.probe(device, &d, err, sizeof err);
   o.Set("ok", rc == DELLA_CUDA_OK);
-  o.Set("code", rc == DELLA_CUDA_OK ? env.Null() : Napi::Value(Napi::String::New(env, code_name(rc))));
+  o.Set("code", rc == DELLA_CUDA_OK ? env.Null() : Napi::Value(Napi::String::New(env, cuda_code_name(rc))));
   o.Set("error", rc == DELLA_CUDA_OK ? env.Null() : Napi::Value(Napi::String::New(env, err)));
   if (rc == DELLA_CUDA_OK) o.Set("device", device_to_js(env, d));
   return o;
 }
 
-Napi::Value CudaOpen(const Napi::CallbackInfo& info) {
+namespace {
+
+struct OpenRequest {
+  int device;
+  uint64_t memory;
+};
+
+OpenRequest open_request(const Napi::CallbackInfo& info, const char* name) {
   Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "cudaOpen({ device, memory }) takes an object");
+  if (info.Length() < 1 || !info[0].IsObject())
+    throw Napi::TypeError::New(env, std::string(name) + "({ device, memory }) takes an object");
   Napi::Object o = info[0].As<Napi::Object>();
   const Napi::Value dv = o.Get("device"), mv = o.Get("memory");
   const int device = dv.IsNumber() ? dv.As<Napi::Number>().Int32Value() : 0;
   const double memory = mv.IsNumber() ? mv.As<Napi::Number>().DoubleValue() : 0;
-  if (device < 0 || !(memory >= 0)) throw Napi::RangeError::New(env, "cudaOpen: bad device or memory");
+  if (device < 0 || !(memory >= 0)) throw Napi::RangeError::New(env, std::string(name) + ": bad device or memory");
+  return {device, static_cast<uint64_t>(memory)};
+}
+
+// Opens (or finds open) the context; returns its description. Throws CudaFailure.
+DellaCudaDeviceInfo open_device(const OpenRequest& r) {
   std::lock_guard<std::mutex> lock(g_mutex);
+  context_locked(r.device, r.memory);
+  return g_ctx_info;
+}
+
+Napi::Value device_value(Napi::Env env, const DellaCudaDeviceInfo& d) { return device_to_js(env, d); }
+
+}  // namespace
+
+Napi::Value CudaOpen(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const OpenRequest r = open_request(info, "cudaOpen");
   try {
-    context_locked(device, static_cast<uint64_t>(memory));
+    return device_to_js(env, open_device(r));
   } catch (const CudaFailure& f) {
     Napi::Error e = Napi::Error::New(env, f.what());
-    e.Set("cudaCode", code_name(f.code));
+    e.Set("cudaCode", cuda_code_name(f.code));
     throw e;
   }
-  return device_to_js(env, g_ctx_info);
+}
+
+Napi::Value CudaOpenAsync(const Napi::CallbackInfo& info) {
+  const OpenRequest r = open_request(info, "cudaOpenAsync");
+  return PromiseWorker<DellaCudaDeviceInfo>::Start(info.Env(), "della-merge:cudaOpen", info[0].As<Napi::Object>(),
+                                                   [r] { return open_device(r); }, device_value);
 }
 
 }  // namespace della_binding

@@ -31,5 +31,12 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info);
 // cudaOpen({ device, memory }) -> device description; throws an Error with `cudaCode`
 // ('E_NO_PLUGIN', 'E_NO_DEVICE', 'E_OUT_OF_MEMORY', 'E_CUDA') when the device cannot be used.
 Napi::Value CudaOpen(const Napi::CallbackInfo& info);
+// cudaOpenAsync({ device, memory }) -> Promise of the same, opened on a worker thread, so
+// that the caller can set up the rest of a merge while CUDA creates its context
+// (a third of a second on an H100); rejects as cudaOpen throws.
+Napi::Value CudaOpenAsync(const Napi::CallbackInfo& info);
+
+// The JS name of a CudaFailure code: 'E_NO_PLUGIN', 'E_NO_DEVICE', 'E_OUT_OF_MEMORY', 'E_CUDA'.
+const char* cuda_code_name(int code);
 
 }  // namespace della_binding

@@ -1,6 +1,5 @@
 #include "merge_worker.h"
 
-#include <functional>
 #include <string>
 #include <vector>
 
@@ -8,6 +7,7 @@
 #include "args.h"
 #include "cuda_plugin.h"
 #include "mapped_file.h"
+#include "promise_worker.h"
 #include "della/philox.h"
 
 namespace della_binding {
@@ -84,61 +84,6 @@ MergeTask parse_merge(const Napi::Object& o, const std::string& where, MapHolds&
   }
   return t;
 }
-
-// Runs `run` on a libuv worker thread and settles a promise with `to_js(result)`.
-// `keep` holds the caller's batch object, so its buffers outlive the work.
-template <class Result>
-class PromiseWorker : public Napi::AsyncWorker {
- public:
-  using Run = std::function<Result()>;
-  using ToJs = Napi::Value (*)(Napi::Env, const Result&);
-
-  PromiseWorker(Napi::Env env, const char* name, Napi::Object keep, Run run, ToJs to_js)
-      : Napi::AsyncWorker(env, name),
-        deferred_(Napi::Promise::Deferred::New(env)),
-        keep_alive_(Napi::Persistent(keep)),
-        run_(std::move(run)),
-        to_js_(to_js) {}
-
-  static Napi::Promise Start(Napi::Env env, const char* name, Napi::Object keep, Run run, ToJs to_js) {
-    auto* w = new PromiseWorker(env, name, keep, std::move(run), to_js);
-    Napi::Promise p = w->deferred_.Promise();
-    w->Queue();
-    return p;
-  }
-
-  void Execute() override {
-    try {
-      result_ = run_();
-    } catch (const CudaFailure& e) {
-      cuda_code_ = e.code;
-      SetError(e.what());
-    } catch (const std::exception& e) {
-      SetError(e.what());
-    }
-  }
-
-  void OnOK() override {
-    keep_alive_.Reset();
-    deferred_.Resolve(to_js_(Env(), result_));
-  }
-
-  void OnError(const Napi::Error& e) override {
-    keep_alive_.Reset();
-    Napi::Object err = e.Value();
-    if (cuda_code_ != 0) err.Set("cudaCode", cuda_code_ == -1 ? "E_NO_PLUGIN" : cuda_code_ == 2 ? "E_OUT_OF_MEMORY"
-                                                               : cuda_code_ == 3 ? "E_NO_DEVICE" : "E_CUDA");
-    deferred_.Reject(err);
-  }
-
- private:
-  Napi::Promise::Deferred deferred_;
-  Napi::ObjectReference keep_alive_;
-  Run run_;
-  ToJs to_js_;
-  Result result_;
-  int cuda_code_ = 0;
-};
 
 Napi::Array numbers(Napi::Env env, const std::vector<uint64_t>& xs) {
   Napi::Array a = Napi::Array::New(env, xs.size());

@@ -14,6 +14,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #if !defined(__x86_64__)
@@ -523,6 +524,13 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
 
 cudaError_t cudaSetDevice(int device) {
   if (no_device() || device != 0) return fail(cudaErrorInvalidDevice);
+  // DELLA_CUDA_EMU_OPEN_MS: the first call takes that long, as a real context's creation
+  // does (about 0.3 s on an H100), so that tests can see what waits for it.
+  static std::once_flag context;
+  std::call_once(context, [] {
+    const char* e = std::getenv("DELLA_CUDA_EMU_OPEN_MS");
+    if (e && *e) std::this_thread::sleep_for(std::chrono::milliseconds(std::strtoul(e, nullptr, 10)));
+  });
   return sticky();
 }
 cudaError_t cudaGetDevice(int* device) {

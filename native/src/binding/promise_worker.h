@@ -1,0 +1,69 @@
+// A promise settled by work on a libuv worker thread, for the binding's calls that run
+// long (merges, dot products, opening a GPU). CudaFailure's code reaches JS as the
+// error's cudaCode.
+#pragma once
+#include <napi.h>
+
+#include <exception>
+#include <functional>
+#include <utility>
+
+#include "cuda_plugin.h"
+
+namespace della_binding {
+
+// Runs `run` on a libuv worker thread and settles a promise with `to_js(result)`.
+// `keep` holds the caller's batch object, so its buffers outlive the work.
+template <class Result>
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  using Run = std::function<Result()>;
+  using ToJs = Napi::Value (*)(Napi::Env, const Result&);
+
+  PromiseWorker(Napi::Env env, const char* name, Napi::Object keep, Run run, ToJs to_js)
+      : Napi::AsyncWorker(env, name),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        keep_alive_(Napi::Persistent(keep)),
+        run_(std::move(run)),
+        to_js_(to_js) {}
+
+  static Napi::Promise Start(Napi::Env env, const char* name, Napi::Object keep, Run run, ToJs to_js) {
+    auto* w = new PromiseWorker(env, name, keep, std::move(run), to_js);
+    Napi::Promise p = w->deferred_.Promise();
+    w->Queue();
+    return p;
+  }
+
+  void Execute() override {
+    try {
+      result_ = run_();
+    } catch (const CudaFailure& e) {
+      cuda_code_ = e.code;
+      SetError(e.what());
+    } catch (const std::exception& e) {
+      SetError(e.what());
+    }
+  }
+
+  void OnOK() override {
+    keep_alive_.Reset();
+    deferred_.Resolve(to_js_(Env(), result_));
+  }
+
+  void OnError(const Napi::Error& e) override {
+    keep_alive_.Reset();
+    Napi::Object err = e.Value();
+    if (cuda_code_ != 0) err.Set("cudaCode", cuda_code_name(cuda_code_));
+    deferred_.Reject(err);
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  Napi::ObjectReference keep_alive_;
+  Run run_;
+  ToJs to_js_;
+  Result result_;
+  int cuda_code_ = 0;
+};
+
+}  // namespace della_binding
