@@ -5,8 +5,12 @@
 // merge process's peak private (anonymous) memory from /proc. Prints a table and writes
 // bench/out/e2e.json.
 //   node bench/e2e.js [--params 200e6] [--experts 3] [--method della[,ties,...]] [--threads N] [--keep DIR]
+//                     [--device cuda[:N]] [--gpu-memory BYTES] [--out DIR]
 // Several methods (comma-separated) are timed on the same generated models, each best
-// of two runs.
+// of two runs. --device runs the merges on a GPU (the rows then also give the run's
+// phases: opening the device is part of the time); --out DIR writes the merged model
+// into a new directory under DIR (removed afterwards) instead of beside the models,
+// e.g. --out /dev/shm to leave the disk's write speed out.
 import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
@@ -17,7 +21,9 @@ import { provenance } from './lib/provenance.js';
 
 const { values } = parseArgs({ options: {
   params: { type: 'string' }, experts: { type: 'string' }, method: { type: 'string' }, threads: { type: 'string' }, keep: { type: 'string' },
+  device: { type: 'string' }, 'gpu-memory': { type: 'string' }, out: { type: 'string' },
 } });
+const device = values.device ?? 'cpu';
 const target = Number(values.params ?? 200e6);
 const K = Number(values.experts ?? 3);
 const methods = (values.method ?? 'della').split(',').map((m) => m.trim()).filter(Boolean);
@@ -95,7 +101,8 @@ function readAll(files) {
 
 function runMerge(recipe, out, threads) {
   return new Promise((resolve, reject) => {
-    const args = [join(root, 'bin/della-merge.js'), 'run', recipe, '--out', out, '--json', ...(threads ? ['--threads', threads] : [])];
+    const args = [join(root, 'bin/della-merge.js'), 'run', recipe, '--out', out, '--json', ...(threads ? ['--threads', threads] : []),
+      ...(values.device ? ['--device', values.device] : []), ...(values['gpu-memory'] ? ['--gpu-memory', values['gpu-memory']] : [])];
     const t = performance.now();
     const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
     let stdout = '', peakAnon = 0, peakRss = 0;
@@ -119,7 +126,7 @@ function runMerge(recipe, out, threads) {
 }
 
 mkdirSync(dir, { recursive: true });
-console.log(`della-merge end-to-end benchmark: ${methods.join(', ')}, K = ${K}, BF16, ${(params / 1e6).toFixed(0)} M parameters per model (${layers} layers), ${cpus().length} cores (${cpus()[0]?.model})`);
+console.log(`della-merge end-to-end benchmark: ${methods.join(', ')}, K = ${K}, BF16, ${(params / 1e6).toFixed(0)} M parameters per model (${layers} layers), ${cpus().length} cores (${cpus()[0]?.model}), device ${device}`);
 console.log(`models in ${dir}`);
 writeModels();
 // Flush the generated files to disk first: otherwise their writeback (8 GB at 1 B
@@ -128,7 +135,8 @@ spawnSync('sync', [], { stdio: 'ignore' });
 const files = inputFiles();
 readAll(files); // warm the page cache
 const floor = [readAll(files), readAll(files)].sort((a, b) => a.seconds - b.seconds)[0];
-const out = join(dir, 'merged');
+const outParent = values.out ? mkdtempSync(join(values.out, 'della-e2e-')) : null;
+const out = outParent ? join(outParent, 'merged') : join(dir, 'merged');
 const rows = [];
 console.log('method            read inputs once   merge (best of 2)   ratio   M params/s   peak private memory   peak RSS');
 for (const method of methods) {
@@ -155,10 +163,16 @@ for (const method of methods) {
     mergeSeconds: best.seconds, mergeSecondsAll: runs.map((r) => r.seconds), ratioToReadOnce: best.seconds / floor.seconds,
     mParamsPerSecond: params / best.seconds / 1e6, peakAnonBytes: Math.max(...runs.map((r) => r.peakAnon)),
     peakRssBytes: Math.max(...runs.map((r) => r.peakRss)), threads: best.report.threads,
+    device: best.report.device, phases: best.report.phases, outputDir: out,
   };
   rows.push(row);
   console.log(`${method.padEnd(17)} ${floor.seconds.toFixed(2).padStart(8)} s   ${best.seconds.toFixed(2).padStart(12)} s   ${row.ratioToReadOnce.toFixed(1).padStart(6)}x   ${row.mParamsPerSecond.toFixed(1).padStart(9)}   ${(row.peakAnonBytes / 2 ** 20).toFixed(0).padStart(8)} MiB   ${(row.peakRssBytes / 2 ** 20).toFixed(0).padStart(13)} MiB`);
+  if (device !== 'cpu') {
+    const p = best.report.phases;
+    console.log(`${''.padEnd(17)} on ${best.report.device}: device ${p.device.toFixed(2)} s, setup ${p.setup.toFixed(2)} s, merge ${p.merge.toFixed(2)} s (${(floor.bytes / p.merge / 1e9).toFixed(1)} GB/s of inputs), flush ${p.flush.toFixed(2)} s`);
+  }
 }
+if (outParent) rmSync(outParent, { recursive: true, force: true });
 mkdirSync(new URL('./out/', import.meta.url), { recursive: true });
 writeFileSync(new URL('./out/e2e.json', import.meta.url), `${JSON.stringify(rows.length === 1 ? rows[0] : rows, null, 2)}\n`);
 if (!values.keep) rmSync(dir, { recursive: true, force: true });
