@@ -205,7 +205,8 @@ struct Slot {
   // DELLA_CUDA_PROFILE: the stream's progress through the slab (before the upload, after
   // it, after the kernels, after the download).
   cudaEvent_t marks[4] = {nullptr, nullptr, nullptr, nullptr};
-  // Chunked staging: the last copy to the device from each half of the pinned buffer.
+  // Chunked staging: the last copy to the device from each half of the pinned buffer;
+  // copying a chunked slab out: the last copy from the device into each of its two buffers.
   cudaEvent_t half_copied[2] = {nullptr, nullptr};
 };
 
@@ -344,24 +345,37 @@ void Context::Impl::stage_chunks(Slot& s, const Job& j, const MergeTask& t, cons
 }
 
 // The slab's output back chunk by chunk through the pinned buffer, in row order (the
-// digest threads take them in that order).
+// digest threads take them in that order). Two pinned buffers take turns, the output's
+// own space and the first input half (free once the slab is done) when a chunk fits it:
+// the next chunk's copy from the device runs while this thread copies the last one out.
 void Context::Impl::copy_out_chunks(Slot& s, const MergeTask& t, uint64_t n, unsigned threads) {
-  const uint64_t os = dtype_size(t.out_dtype);
-  char* const pin_out = s.pinned + s.layout.pin_out;
-  for (uint64_t c = 0; c < s.rows; c += s.chunk) {
+  const uint64_t row_bytes = n * dtype_size(t.out_dtype);
+  const uint64_t half = s.layout.pin_out / 2;  // chunk_layout: the output follows two input halves
+  char* const bufs[2] = {s.pinned + s.layout.pin_out, s.chunk * row_bytes <= half ? s.pinned : nullptr};
+  const unsigned nbuf = bufs[1] ? 2 : 1;
+  auto fetch = [&](uint64_t c, unsigned b) {
     const uint64_t rows = std::min(s.chunk, s.rows - c);
-    check(cudaMemcpyAsync(pin_out, s.dev + s.layout.out_dev + c * n * os, rows * n * os, cudaMemcpyDeviceToHost, s.stream),
+    check(cudaMemcpyAsync(bufs[b], s.dev + s.layout.out_dev + c * row_bytes, rows * row_bytes, cudaMemcpyDeviceToHost,
+                          s.stream),
           "cudaMemcpyAsync (from the GPU)");
-    check(cudaStreamSynchronize(s.stream), "the GPU merge (copy out)");
+    check(cudaEventRecord(s.half_copied[b], s.stream), "cudaEventRecord");
+  };
+  fetch(0, 0);
+  for (uint64_t c = 0, i = 0; c < s.rows; c += s.chunk, ++i) {
+    const uint64_t rows = std::min(s.chunk, s.rows - c), next = c + s.chunk;
+    const unsigned b = static_cast<unsigned>(i % nbuf);
+    if (nbuf == 2 && next < s.rows) fetch(next, 1 - b);  // into the buffer copied out last round
+    check(cudaEventSynchronize(s.half_copied[b]), "the GPU merge (copy out)");
     const auto t1 = Profile::Clock::now();
-    parallel_copy({{pin_out, static_cast<char*>(t.out) + (s.row0 + c) * n * os, rows * n * os}}, threads);
+    parallel_copy({{bufs[b], static_cast<char*>(t.out) + (s.row0 + c) * row_bytes, rows * row_bytes}}, threads);
     prof.copy_out += Profile::since(t1);
-    prof.out_bytes += rows * n * os;
+    prof.out_bytes += rows * row_bytes;
     if (t.digest) {
       const auto t2 = Profile::Clock::now();
-      digests->add(s.task, s.row0 + c, rows, static_cast<const char*>(t.out), n * os);
+      digests->add(s.task, s.row0 + c, rows, static_cast<const char*>(t.out), row_bytes);
       prof.hash += Profile::since(t2);
     }
+    if (nbuf == 1 && next < s.rows) fetch(next, 0);
   }
 }
 
