@@ -91,7 +91,9 @@ if grep -qE "MISMATCH|GPU FAILED|cuda_parity: FAILED|Exception|Subprocess aborte
   fi
 fi
 
-# 3. Kernel benchmark: K=3 BF16, 4096x4096 and 14336x4096, beside a device-to-device copy.
+# 3. Kernel benchmark: K=3 BF16, 4096x4096 and 14336x4096, beside a device-to-device copy
+#    (della, dare_ties, ties, task_arithmetic, breadcrumbs with the l2 rescale, and the
+#    alternatives of Options::fast_paths).
 if timeout 240 "$bin/della_cuda_bench" --json "$OUT/cuda-bench.json" --reps 12 --exclude della/fused-row \
      ${GPU_CHECK_BENCH_SIZES:+--sizes "$GPU_CHECK_BENCH_SIZES"} >"$work/bench.txt" 2>&1; then
   note "kernel benchmark: all results equal to the CPU's ($(elapsed))"
@@ -108,18 +110,18 @@ else
   note "opt-in kernels (della/fused-row): FAILED (see gpu-check.log)"; status=1
 fi
 cat "$work/bench-optin.txt"
-summary+=("$(grep -E '^(method|della|dare_ties|ties|task_arithmetic|pinned)[ /]' "$work/bench.txt")")
+summary+=("$(grep -E '^(method|della|dare_ties|ties|task_arithmetic|breadcrumbs_l2|pinned)[ /]' "$work/bench.txt")")
 summary+=("$(grep -E '^della/fused-row ' "$work/bench-optin.txt")")
 # Each method's default kernels against its /prev row (the kernels before 2026-11-28's
-# steps 64-67), and della/fused-row against della timed in its own run, per shape:
-# speedups above 1 are the new kernels' gains.
+# steps 64-67; for breadcrumbs_l2, the norm sums before step 77), and della/fused-row
+# against della timed in its own run, per shape: speedups above 1 are the new kernels' gains.
 summary+=("$(awk 'FNR == 1 { run++ }
   $2 ~ /^[0-9]+x[0-9]+$/ { if (run == 1) ms[$1 " " $2] = $3; else opt[$1 " " $2] = $3; shapes[$2] = 1 }
   END {
     for (sh in shapes) {
       line = "speedups at " sh ":"
-      split("della dare_ties ties task_arithmetic", m, " ")
-      for (i = 1; i <= 4; i++) {
+      split("della dare_ties ties task_arithmetic breadcrumbs_l2", m, " ")
+      for (i = 1; i <= 5; i++) {
         a = ms[m[i] " " sh]; b = ms[m[i] "/prev " sh]
         if (a > 0 && b > 0) line = line sprintf(" %s %.2fx (%.3f ms, prev %.3f);", m[i], b / a, a, b)
       }

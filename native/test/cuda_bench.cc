@@ -57,6 +57,11 @@ const Method kMethods[] = {
     {"ties", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true},
     {"ties/global-hist", della::Sparsifier::Magnitude, della::Rescale::None, della::Consensus::Sum, true, false, true},
     {"task_arithmetic", della::Sparsifier::None, della::Rescale::None, della::Consensus::None, false},
+    // Breadcrumbs (gamma 0.01) with the l2 rescale: the norm pass, then the final pass;
+    // /prev sums the norms an element at a time (without kNormLoads).
+    {"breadcrumbs_l2", della::Sparsifier::Breadcrumbs, della::Rescale::L2, della::Consensus::Sum, false},
+    {"breadcrumbs_l2/prev", della::Sparsifier::Breadcrumbs, della::Rescale::L2, della::Consensus::Sum, false, true, true,
+     kAllFast & ~della::cuda::kNormLoads},
     // The generic kernels (Options::fast_paths = 0), della with only the fuse's, and della
     // without each of the ranking kernel's default choices in turn.
     {"della/generic", della::Sparsifier::Magprune, della::Rescale::Inverse, della::Consensus::Sum, true, true, true, 0},
@@ -300,6 +305,7 @@ int main(int argc, char** argv) {
         e.weight = 0.5f + 0.25f * k;
         e.density = m.sp == della::Sparsifier::None ? 1.0 : 0.4;
         e.epsilon = m.sp == della::Sparsifier::Magprune ? 0.15 : 0.0;
+        e.gamma = m.sp == della::Sparsifier::Breadcrumbs ? 0.01 : 0.0;
         t.experts.push_back(e);
       }
       della::cuda::Options o;

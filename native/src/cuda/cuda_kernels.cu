@@ -694,8 +694,72 @@ __global__ void carry_kernel(const uint64_t* flags, const uint64_t* occ, uint64_
 
 // ---------------------------------------------------------------- norm rescales
 
-// Row partial sums in binary64, in index order, one thread per row (as the CPU).
-__device__ void norm_row(const SlabParams& p, unsigned k, uint64_t r) {
+// Row partial sums in binary64, in index order, one thread per row (as the CPU). The
+// sums are chains of dependent additions, so the row's elements are loaded kNormBatch at
+// a time ahead of their additions, one dtype switch a batch: the loads' latencies
+// overlap instead of adding up (with dload per element, each load sat in its own branch
+// of the switch, its value used at once).
+constexpr unsigned kNormBatch = 8;
+
+// Elements i .. i + n - 1 (n <= kNormBatch; the rest 0) of a slab buffer, as dload gives them.
+__device__ __forceinline__ void dload_batch(const void* p, DType t, uint64_t i, uint64_t n, float (&v)[kNormBatch]) {
+  switch (t) {
+    case DType::F32: {
+      const float* q = static_cast<const float*>(p) + i;
+#pragma unroll
+      for (unsigned j = 0; j < kNormBatch; ++j) v[j] = j < n ? q[j] : 0.0f;
+      break;
+    }
+    case DType::F16:
+    case DType::BF16: {
+      const uint16_t* q = static_cast<const uint16_t*>(p) + i;
+      uint16_t raw[kNormBatch];
+#pragma unroll
+      for (unsigned j = 0; j < kNormBatch; ++j) raw[j] = j < n ? q[j] : 0;
+#pragma unroll
+      for (unsigned j = 0; j < kNormBatch; ++j) v[j] = t == DType::F16 ? f16_to_f32(raw[j]) : bf16_to_f32(raw[j]);
+      break;
+    }
+    default: {
+      const double* q = static_cast<const double*>(p) + i;
+#pragma unroll
+      for (unsigned j = 0; j < kNormBatch; ++j) v[j] = j < n ? static_cast<float>(q[j]) : 0.0f;  // RNE
+    }
+  }
+}
+
+__device__ void norm_row_batched(const SlabParams& p, unsigned k, uint64_t r) {
+  const bool linf = p.rescale == Rescale::Linf, l2 = p.rescale == Rescale::L2;
+  double f = 0.0, m = 0.0;
+  const uint64_t row = r * p.n;
+  for (uint64_t j0 = 0; j0 < p.n; j0 += kNormBatch) {
+    const uint64_t e0 = row + j0, left = p.n - j0;
+    float ev[kNormBatch], bv[kNormBatch];
+    uint8_t keep[kNormBatch];
+    dload_batch(p.ex[k].data, p.ex[k].dtype, e0, left, ev);
+    dload_batch(p.base, p.base_dtype, e0, left, bv);
+#pragma unroll
+    for (unsigned i = 0; i < kNormBatch; ++i) keep[i] = i < left ? p.keep[e0 + i] : 0;
+#pragma unroll
+    for (unsigned i = 0; i < kNormBatch; ++i) {
+      if (i >= left) break;
+      const double v = static_cast<double>(ev[i] - bv[i]);  // expert_delta
+      const double a = l2 ? v * v : fabs(v);
+      if (linf) {
+        f = max_or_nan(f, a);
+        if (keep[i]) m = max_or_nan(m, a);
+      } else {
+        f = f + a;
+        if (keep[i]) m = m + a;
+      }
+    }
+  }
+  p.state.norm_full[(p.row0 + r) * p.k + k] = f;
+  p.state.norm_kept[(p.row0 + r) * p.k + k] = m;
+}
+
+// The same sums an element at a time (before kNormLoads; the generic kernels' way).
+__device__ void norm_row_plain(const SlabParams& p, unsigned k, uint64_t r) {
   const bool linf = p.rescale == Rescale::Linf, l2 = p.rescale == Rescale::L2;
   double f = 0.0, m = 0.0;
   for (uint64_t j = 0; j < p.n; ++j) {
@@ -716,10 +780,13 @@ __device__ void norm_row(const SlabParams& p, unsigned k, uint64_t r) {
   p.state.norm_kept[(p.row0 + r) * p.k + k] = m;
 }
 
+template <bool Batched>
 __global__ void norm_rows_kernel(const __grid_constant__ SlabParams p, unsigned k) {
   for (uint64_t r = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; r < p.rows;
-       r += static_cast<uint64_t>(gridDim.x) * blockDim.x)
-    norm_row(p, k, r);
+       r += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+    if constexpr (Batched) norm_row_batched(p, k, r);
+    else norm_row_plain(p, k, r);
+  }
 }
 
 // Rows in order, per expert: s = |delta| / |delta * mask| (binary64), or 1.
@@ -1449,6 +1516,7 @@ TaskInfo task_info(const MergeTask& t, const Options& o) {
                  optin_shared_bytes() >= della_row_smem<4>();
   ti.max_grid = o.max_grid_blocks;
   ti.tier2_wide = (o.fast_paths & kTier2Wide) != 0 && optin_shared_bytes() >= Tier2Wide::kSmem;
+  ti.norm_loads = (o.fast_paths & kNormLoads) != 0;
   return ti;
 }
 
@@ -1743,7 +1811,10 @@ void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigne
     for (unsigned k = 0; k < K; ++k) {
       if (!ti.sparse[k]) continue;
       sparsify(t, ti, p, k, false, w, s);
-      DELLA_LAUNCH(grid_for(p.rows, ti.max_grid, 128), 128, 0, s, norm_rows_kernel)(p, k);
+      // A thread a row and, batched, a warp a block: rows are few (4096 for a 4096 x 4096
+      // slab), and blocks of 128 put them on a quarter of an H100's multiprocessors.
+      if (ti.norm_loads) DELLA_LAUNCH(grid_for(p.rows, ti.max_grid, 32), 32, 0, s, norm_rows_kernel<true>)(p, k);
+      else DELLA_LAUNCH(grid_for(p.rows, ti.max_grid, 128), 128, 0, s, norm_rows_kernel<false>)(p, k);
       launched("norm_rows_kernel");
     }
   }

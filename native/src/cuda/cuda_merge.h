@@ -47,7 +47,7 @@ struct Options {
   // 32-bit indices, the dtype a template parameter; and the ranking's layout choices.
   // Bits below, all on by default but kFusedRow. Same bytes either way; the parity tests
   // and the benchmark run the generic kernels and the alternatives beside the default.
-  unsigned fast_paths = 127 | 256;
+  unsigned fast_paths = 127 | 256 | 512;
 };
 
 constexpr unsigned kFastFuse = 1;    // the fuse kernel (every method); with it:
@@ -58,6 +58,7 @@ constexpr unsigned kRank256 = 4;     //   rows up to 4096 as 256 threads x 16 ke
 constexpr unsigned kRankDirect = 8;  //   radix passes written out, the last one's ranks used directly; with it:
 constexpr unsigned kRankLean = 64;   //     the rank ratio without a division, BF16 keys and the rescale without branches
 constexpr unsigned kTier2Wide = 16;  //   rows up to 16384 as 512 threads x 32 keys, not 1024 x 16
+constexpr unsigned kNormLoads = 512; // norm rescales' row sums (any dtype): loads batched ahead of the additions, a warp a block
 // Not on by default (not yet timed on a GPU): della's final pass for rows up to 4096 in
 // one kernel, each expert's sparsified row kept in shared memory for the fuse.
 constexpr unsigned kFusedRow = 128;

@@ -132,6 +132,7 @@ struct TaskInfo {
   bool cut_fused = false;   // & kCutFused: the sparse experts are kCutFused (cut_fuse_kernel)
   bool cut_tiles = false;   // & kCutFused, other 16-bit cuts: their sparsify kernel by tiles (cut_apply_kernel)
   bool tier2_wide = false;  // & kTier2Wide, where the device has the shared memory
+  bool norm_loads = false;  // & kNormLoads: norm_rows_kernel<true>
   bool any_scratch = false;
   unsigned max_grid = 1u << 16;  // Options::max_grid_blocks
   std::vector<uint8_t> sparse, mode_k;
