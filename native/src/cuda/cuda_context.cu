@@ -3,6 +3,8 @@
 // copied back on one of several streams, so that the staging of one slab overlaps the
 // transfers and kernels of the others. Device memory stays inside the budget: each
 // stream owns budget / streams bytes, allocated once when the context opens.
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -195,6 +197,8 @@ struct Slot {
   uint64_t dev_bytes = 0;
   char* pinned = nullptr;
   uint64_t pinned_bytes = 0;
+  void* pinned_map = nullptr;  // Options::pinned_huge: the mapping registered (else cudaMallocHost's)
+  uint64_t pinned_map_bytes = 0;
   // the job in flight
   bool busy = false;
   size_t task = 0;
@@ -244,8 +248,51 @@ struct Context::Impl {
         if (e) cudaEventDestroy(e);
       if (s.stream) cudaStreamDestroy(s.stream);
       if (s.dev) cudaFree(s.dev);
-      if (s.pinned) cudaFreeHost(s.pinned);
+      unpin(s);
     }
+  }
+
+  // Pinned staging memory of `bytes` for slot s, its old buffer freed first.
+  void pin(Slot& s, uint64_t bytes) {
+    if (s.pinned) check(unpin(s), "freeing pinned staging memory");
+    void* p = nullptr;
+    if (opt.pinned_huge) {
+      // 2 MiB-aligned, so that the transparent huge pages the kernel gives cover it whole.
+      constexpr uint64_t kHuge = 2ull << 20;
+      const uint64_t size = (bytes + kHuge - 1) / kHuge * kHuge, map_bytes = size + kHuge;
+      void* map = mmap(nullptr, map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (map != MAP_FAILED) {
+        char* h = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(map) + kHuge - 1) & ~(kHuge - 1));
+        (void)madvise(h, size, MADV_HUGEPAGE);  // a hint: without it the pages are 4 KiB
+        if (cudaHostRegister(h, size, cudaHostRegisterDefault) == cudaSuccess) {
+          s.pinned = h;
+          s.pinned_bytes = size;
+          s.pinned_map = map;
+          s.pinned_map_bytes = map_bytes;
+          return;
+        }
+        (void)cudaGetLastError();
+        munmap(map, map_bytes);
+      }
+    }
+    check(cudaMallocHost(&p, bytes), "cudaMallocHost (pinned staging memory)");
+    s.pinned = static_cast<char*>(p);
+    s.pinned_bytes = bytes;
+  }
+
+  static cudaError_t unpin(Slot& s) {
+    cudaError_t e = cudaSuccess;
+    if (s.pinned_map) {
+      e = cudaHostUnregister(s.pinned);
+      munmap(s.pinned_map, s.pinned_map_bytes);
+    } else if (s.pinned) {
+      e = cudaFreeHost(s.pinned);
+    }
+    s.pinned = nullptr;
+    s.pinned_bytes = 0;
+    s.pinned_map = nullptr;
+    s.pinned_map_bytes = 0;
+    return e;
   }
 
   struct Job {
@@ -389,16 +436,9 @@ void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskI
   const uint64_t pin_need = chunked ? C.total : L.pin_total;
   const uint64_t pin_out = chunked ? C.out : L.pin_out, pin_stats = chunked ? C.stats : L.pin_stats;
   if (s.pinned_bytes < pin_need) {
-    if (s.pinned) check(cudaFreeHost(s.pinned), "cudaFreeHost");
-    s.pinned = nullptr;
-    s.pinned_bytes = 0;
-    const uint64_t want = std::max(pin_need, std::min<uint64_t>(opt.pinned_bytes, 2 * pin_need));
-    void* p = nullptr;
     const auto t0 = Profile::Clock::now();
-    check(cudaMallocHost(&p, want), "cudaMallocHost (pinned staging memory)");
+    pin(s, std::max(pin_need, std::min<uint64_t>(opt.pinned_bytes, 2 * pin_need)));
     prof.pinned_alloc += Profile::since(t0);
-    s.pinned = static_cast<char*>(p);
-    s.pinned_bytes = want;
   }
   // Stage the inputs in one piece (a chunked slab: below, as its chunks' copies go).
   if (!chunked) {
@@ -495,6 +535,8 @@ Context::Context(const Options& options) : impl_(new Impl) {
   m.opt.streams = std::max(1u, options.streams);
   const char* profile = std::getenv("DELLA_CUDA_PROFILE");
   m.profiling = profile && profile[0] == '1';
+  if (const char* pinned = std::getenv("DELLA_CUDA_PINNED"); pinned && std::strcmp(pinned, "huge") == 0)
+    m.opt.pinned_huge = true;
   const auto opened = Profile::Clock::now();
   m.info = probe(options.device);
   const double probe_s = Profile::since(opened);

@@ -25,6 +25,11 @@ struct Options {
   // Pinned host bytes per stream (inputs and output of one slab of rows); grows when one
   // row needs more.
   uint64_t pinned_bytes = 64ull << 20;
+  // The pinned buffers as anonymous memory on transparent huge pages, pinned with
+  // cudaHostRegister, instead of cudaMallocHost (which took 0.45-0.58 s a GiB on the
+  // H100 machine, 4 KiB page by page); cudaMallocHost where that is refused. Opt-in
+  // (DELLA_CUDA_PINNED=huge) until a GPU run times it.
+  bool pinned_huge = false;
   // Rows up to this length are ranked inside one thread block (at most kBlockSortMax,
   // in two tiers: 4096 and 16384 keys); longer rows go through a device-wide segmented
   // radix sort. 0 forces the latter.
