@@ -9,10 +9,7 @@
 #include "row_io.h"
 
 #if defined(DELLA_AVX512_PATHS)
-#include <immintrin.h>
-// GCC 12 warns inside its own AVX-512 headers (_mm512_undefined_epi32).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
+#include "avx512_intrin.h"
 #define DELLA_PHILOX_AVX512 1
 #endif
 

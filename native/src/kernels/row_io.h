@@ -16,8 +16,20 @@
 // GCC 12 names the x86-64 levels; GCC 10 and 11 (Debian 11, where the release binary is
 // built, and Ubuntu 22.04) cannot dispatch on them, nor on AVX-512BW, so their clones
 // are AVX-512F and AVX2.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__) && \
-    !defined(DELLA_FIXED_SIMD)
+// Clang names no x86-64 levels in target_clones either; it has AVX-512F and AVX2 clones
+// from clang 14 (older: one baseline build, correct but several times slower).
+// AddressSanitizer builds have no clones (their resolvers would run before ASan starts).
+#if defined(__SANITIZE_ADDRESS__)
+#define DELLA_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define DELLA_ASAN 1
+#endif
+#endif
+#if defined(__x86_64__) && defined(__GNUC__) && (!defined(__clang__) || __clang_major__ >= 14)
+#define DELLA_X86_DISPATCH 1
+#endif
+#if defined(DELLA_X86_DISPATCH) && !defined(DELLA_ASAN) && !defined(DELLA_FIXED_SIMD)
 #if __GNUC__ >= 12
 #define DELLA_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define DELLA_SIMD_CLONE_HIGH "x86-64-v4"
@@ -33,7 +45,7 @@
 #endif
 
 // Hand-written AVX-512 paths, taken when the CPU has AVX-512F (and not in a fixed build).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(DELLA_FIXED_SIMD)
+#if defined(DELLA_X86_DISPATCH) && !defined(DELLA_FIXED_SIMD)
 #define DELLA_AVX512_PATHS 1
 #endif
 
@@ -41,7 +53,7 @@ namespace della::detail {
 
 // F16 rows through the F16C instructions when the CPU has them (f16_rows.cc): the same
 // bits as the select code below, about an order of magnitude fewer instructions.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(DELLA_FIXED_SIMD)
+#if defined(DELLA_X86_DISPATCH) && !defined(DELLA_FIXED_SIMD)
 #define DELLA_F16C_PATHS 1
 bool have_f16c();
 // Halves to fp32; returns how many are not finite.
