@@ -264,6 +264,7 @@ struct Context::Impl {
       if (map != MAP_FAILED) {
         char* h = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(map) + kHuge - 1) & ~(kHuge - 1));
         (void)madvise(h, size, MADV_HUGEPAGE);  // a hint: without it the pages are 4 KiB
+        (void)madvise(h, size, MADV_DONTFORK);  // a child process must not share pinned pages
         if (cudaHostRegister(h, size, cudaHostRegisterDefault) == cudaSuccess) {
           s.pinned = h;
           s.pinned_bytes = size;
