@@ -206,14 +206,14 @@ else
     # byte and timed: the summary's rows and a record of e2e.json.
     #   e2e_pair MODELS RECIPE OUTPUT(disk|memory) DIR LABEL [VAR=VALUE for the GPU run]
     e2e_pair() {
-      local models=$1 r=$2 where=$3 dir=$4 label=$5 extra=${6:-DELLA_CHECK=1} c g prof eq
+      local models=$1 r=$2 where=$3 dir=$4 label=$5 extra=${6:-} c g prof eq
       # DELLA_PROFILE: where each run's main thread spent the merge phase.
       DELLA_PROFILE=1 timeout 300 "${dm[@]}" run "$models/$r.json" --out "$dir/cpu-$r" --quiet \
         --report "$work/cpu-$r.json" >/dev/null 2>"$work/err.txt"
       c=$?
       # In memory, the plugin also says where the host's time went (DELLA_CUDA_PROFILE).
       prof=0; [ "$where" = memory ] && prof=1
-      env "$extra" DELLA_PROFILE=1 DELLA_CUDA_PROFILE=$prof timeout 300 "${dm[@]}" run "$models/$r.json" --out "$dir/gpu-$r" \
+      env ${extra:+"$extra"} DELLA_PROFILE=1 DELLA_CUDA_PROFILE=$prof timeout 300 "${dm[@]}" run "$models/$r.json" --out "$dir/gpu-$r" \
         --quiet --device "$gpu" --report "$work/gpu-$r.json" >/dev/null 2>>"$work/err.txt"
       g=$?
       grep -E "della (cuda )?profile" "$work/err.txt" | sed 's/^/     /'

@@ -85,7 +85,7 @@ Plugin& plugin_locked() {
   return p;
 }
 
-Napi::Object device_to_js(Napi::Env env, const DellaCudaDeviceInfo& d) {
+Napi::Value device_to_js(Napi::Env env, const DellaCudaDeviceInfo& d) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("index", d.index);
   o.Set("name", std::string(d.name));
@@ -255,8 +255,6 @@ DellaCudaDeviceInfo open_device(const OpenRequest& r) {
   return g_ctx_info;
 }
 
-Napi::Value device_value(Napi::Env env, const DellaCudaDeviceInfo& d) { return device_to_js(env, d); }
-
 }  // namespace
 
 Napi::Value CudaOpen(const Napi::CallbackInfo& info) {
@@ -274,7 +272,7 @@ Napi::Value CudaOpen(const Napi::CallbackInfo& info) {
 Napi::Value CudaOpenAsync(const Napi::CallbackInfo& info) {
   const OpenRequest r = open_request(info, "cudaOpenAsync");
   return PromiseWorker<DellaCudaDeviceInfo>::Start(info.Env(), "della-merge:cudaOpen", info[0].As<Napi::Object>(),
-                                                   [r] { return open_device(r); }, device_value);
+                                                   [r] { return open_device(r); }, device_to_js);
 }
 
 }  // namespace della_binding

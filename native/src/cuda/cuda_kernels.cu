@@ -728,8 +728,19 @@ __device__ __forceinline__ void dload_batch(const void* p, DType t, uint64_t i, 
   }
 }
 
+// One element's delta v added to its row's sums, full and kept (for linf, their maxima).
+__device__ __forceinline__ void norm_add(const SlabParams& p, double v, bool keep, double& f, double& m) {
+  const double a = p.rescale == Rescale::L2 ? v * v : fabs(v);
+  if (p.rescale == Rescale::Linf) {
+    f = max_or_nan(f, a);
+    if (keep) m = max_or_nan(m, a);
+  } else {
+    f = f + a;
+    if (keep) m = m + a;
+  }
+}
+
 __device__ void norm_row_batched(const SlabParams& p, unsigned k, uint64_t r) {
-  const bool linf = p.rescale == Rescale::Linf, l2 = p.rescale == Rescale::L2;
   double f = 0.0, m = 0.0;
   const uint64_t row = r * p.n;
   for (uint64_t j0 = 0; j0 < p.n; j0 += kNormBatch) {
@@ -743,15 +754,7 @@ __device__ void norm_row_batched(const SlabParams& p, unsigned k, uint64_t r) {
 #pragma unroll
     for (unsigned i = 0; i < kNormBatch; ++i) {
       if (i >= left) break;
-      const double v = static_cast<double>(ev[i] - bv[i]);  // expert_delta
-      const double a = l2 ? v * v : fabs(v);
-      if (linf) {
-        f = max_or_nan(f, a);
-        if (keep[i]) m = max_or_nan(m, a);
-      } else {
-        f = f + a;
-        if (keep[i]) m = m + a;
-      }
+      norm_add(p, static_cast<double>(ev[i] - bv[i]), keep[i] != 0, f, m);  // ev - bv: expert_delta
     }
   }
   p.state.norm_full[(p.row0 + r) * p.k + k] = f;
@@ -760,21 +763,11 @@ __device__ void norm_row_batched(const SlabParams& p, unsigned k, uint64_t r) {
 
 // The same sums an element at a time (before kNormLoads; the generic kernels' way).
 __device__ void norm_row_plain(const SlabParams& p, unsigned k, uint64_t r) {
-  const bool linf = p.rescale == Rescale::Linf, l2 = p.rescale == Rescale::L2;
   double f = 0.0, m = 0.0;
   for (uint64_t j = 0; j < p.n; ++j) {
     const uint64_t e = r * p.n + j;
     float value;
-    const double v = static_cast<double>(expert_delta(p, p.ex[k], e, value));
-    const double a = l2 ? v * v : fabs(v);
-    const bool keep = p.keep[e] != 0;
-    if (linf) {
-      f = max_or_nan(f, a);
-      if (keep) m = max_or_nan(m, a);
-    } else {
-      f = f + a;
-      if (keep) m = m + a;
-    }
+    norm_add(p, static_cast<double>(expert_delta(p, p.ex[k], e, value)), p.keep[e] != 0, f, m);
   }
   p.state.norm_full[(p.row0 + r) * p.k + k] = f;
   p.state.norm_kept[(p.row0 + r) * p.k + k] = m;
