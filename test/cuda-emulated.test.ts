@@ -134,6 +134,17 @@ describe.skipIf(!havePlugin)(`--device cuda on the emulated device (DELLA_TEST_S
     expect(none.stderr.trim().split('\n')).toHaveLength(1);
     expect(none.stderr).toMatch(/^della-merge: --device cuda:0 is unavailable: .*no CUDA-capable device.*\(cudaErrorNoDevice\)/);
 
+    // No driver, and a driver older than the plugin's runtime: the runtime says the same
+    // for both; the message tells them apart and says what to install.
+    const noDriver = cli(['run', recipe, '--out', join(dir, 'a'), '--device', 'cuda'], { DELLA_CUDA_EMU_DRIVER: 'none' });
+    expect(noDriver.code).toBe(1);
+    expect(noDriver.stderr.trim().split('\n')).toHaveLength(1);
+    expect(noDriver.stderr).toMatch(/^della-merge: --device cuda:0 is unavailable: no NVIDIA driver found \(the CUDA runtime could not load libcuda\.so\.1\): .*\(cudaErrorInsufficientDriver\)\n$/);
+    const oldDriver = cli(['run', recipe, '--out', join(dir, 'a'), '--device', 'cuda:0'], { DELLA_CUDA_EMU_DRIVER: '12040' });
+    expect(oldDriver.code).toBe(1);
+    expect(oldDriver.stderr.trim().split('\n')).toHaveLength(1);
+    expect(oldDriver.stderr).toMatch(/^della-merge: --device cuda:0 is unavailable: the NVIDIA driver supports CUDA 12\.4 and this plugin needs CUDA 13\.0 or newer \(Linux driver 580\.65\.06 or newer\): update the driver, or build the plugin with a CUDA toolkit the driver supports: .*\(cudaErrorInsufficientDriver\)\n$/);
+
     const big = cli(['run', recipe, '--out', join(dir, 'b'), '--device', 'cuda', '--gpu-memory', '2GiB'], { DELLA_CUDA_EMU_MEMORY: String(1 << 30) });
     expect(big.code).toBe(1);
     expect(big.stderr.trim().split('\n')).toHaveLength(1);

@@ -151,6 +151,30 @@ std::vector<Piece> stage_pieces(const MergeTask& t, const TaskInfo& ti, uint64_t
   return pieces;
 }
 
+// 12040 -> "12.4"
+std::string cuda_version_text(int v) { return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10); }
+
+// The oldest Linux driver that runs a CUDA runtime of this major version (NVIDIA's CUDA
+// release notes: 12.x from 525.60.13 by minor version compatibility, 13.x from 580.65.06).
+std::string minimum_driver_text(int major) {
+  if (major == 12) return " (Linux driver 525.60.13 or newer)";
+  if (major == 13) return " (Linux driver 580.65.06 or newer)";
+  return std::string();
+}
+
+// The runtime's own words for a missing or old driver ("CUDA driver version is
+// insufficient for CUDA runtime version") say neither which, nor what to do.
+std::string no_device_reason(cudaError_t e, int driver_version, int runtime_version) {
+  const std::string runtime_words = std::string(cudaGetErrorString(e)) + " (" + cudaGetErrorName(e) + ")";
+  if (e == cudaErrorInsufficientDriver && driver_version == 0)
+    return "no NVIDIA driver found (the CUDA runtime could not load libcuda.so.1): " + runtime_words;
+  if (e == cudaErrorInsufficientDriver && driver_version > 0)
+    return "the NVIDIA driver supports CUDA " + cuda_version_text(driver_version) + " and this plugin needs CUDA " +
+           std::to_string(runtime_version / 1000) + ".0 or newer" + minimum_driver_text(runtime_version / 1000) +
+           ": update the driver, or build the plugin with a CUDA toolkit the driver supports: " + runtime_words;
+  return "no usable CUDA driver or GPU: " + runtime_words;
+}
+
 }  // namespace
 
 DellaCudaDeviceInfo probe(int device) {
@@ -163,8 +187,7 @@ DellaCudaDeviceInfo probe(int device) {
   const cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess) {
     (void)cudaGetLastError();
-    throw Error(DELLA_CUDA_NO_DEVICE, std::string("no usable CUDA driver or GPU: ") + cudaGetErrorString(e) + " (" +
-                                          cudaGetErrorName(e) + ")");
+    throw Error(DELLA_CUDA_NO_DEVICE, no_device_reason(e, info.driver_version, info.runtime_version));
   }
   info.count = count;
   if (count == 0) throw Error(DELLA_CUDA_NO_DEVICE, "the CUDA driver reports no GPU");

@@ -447,6 +447,17 @@ bool no_device() {
   const char* e = std::getenv("DELLA_CUDA_EMU_DEVICES");
   return e && std::strcmp(e, "0") == 0;
 }
+
+// DELLA_CUDA_EMU_DRIVER: "none" as on a machine without the NVIDIA driver (no
+// libcuda.so.1), or the CUDA version the driver supports, e.g. 12040 (a driver older
+// than the runtime's 13000 fails as a real one does); unset, a 13.0 driver.
+int driver_version() {
+  const char* e = std::getenv("DELLA_CUDA_EMU_DRIVER");
+  if (!e || !*e) return 13000;
+  if (std::strcmp(e, "none") == 0) return 0;
+  return static_cast<int>(std::strtol(e, nullptr, 10));
+}
+bool driver_too_old() { return driver_version() < 13000; }
 }  // namespace
 
 // A stream's work waits in its queue until the host waits for it (drain).
@@ -502,6 +513,10 @@ void della_emu::enqueue(cudaStream_t s, std::function<void()> f) {
 }
 
 cudaError_t cudaGetDeviceCount(int* count) {
+  if (driver_too_old()) {
+    *count = 0;
+    return fail(cudaErrorInsufficientDriver);
+  }
   if (no_device()) {
     *count = 0;
     return fail(cudaErrorNoDevice);
@@ -556,7 +571,7 @@ cudaError_t cudaRuntimeGetVersion(int* v) {
   return cudaSuccess;
 }
 cudaError_t cudaDriverGetVersion(int* v) {
-  *v = no_device() ? 0 : 13000;
+  *v = driver_version();
   return cudaSuccess;
 }
 cudaError_t cudaGetLastError() {
@@ -592,6 +607,7 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInsufficientDriver: return "CUDA driver version is insufficient for CUDA runtime version";
     case cudaErrorNoDevice: return "no CUDA-capable device is detected (emulated: DELLA_CUDA_EMU_DEVICES=0)";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
     case cudaErrorLaunchFailure: return "unspecified launch failure (emulated kernel: see stderr)";
