@@ -168,7 +168,9 @@ std::string no_device_reason(cudaError_t e, int driver_version, int runtime_vers
   const std::string runtime_words = std::string(cudaGetErrorString(e)) + " (" + cudaGetErrorName(e) + ")";
   if (e == cudaErrorInsufficientDriver && driver_version == 0)
     return "no NVIDIA driver found (the CUDA runtime could not load libcuda.so.1): " + runtime_words;
-  if (e == cudaErrorInsufficientDriver && driver_version > 0)
+  // Within a major version a newer runtime runs on an older driver (minor version
+  // compatibility), so only an older major version is the driver's age.
+  if (e == cudaErrorInsufficientDriver && driver_version > 0 && driver_version / 1000 < runtime_version / 1000)
     return "the NVIDIA driver supports CUDA " + cuda_version_text(driver_version) + " and this plugin needs CUDA " +
            std::to_string(runtime_version / 1000) + ".0 or newer" + minimum_driver_text(runtime_version / 1000) +
            ": update the driver, or build the plugin with a CUDA toolkit the driver supports: " + runtime_words;
