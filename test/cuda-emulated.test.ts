@@ -56,6 +56,9 @@ describe.skipIf(!havePlugin)(`--device cuda on the emulated device (DELLA_TEST_S
     expect(doc.cuda.plugin).toBe(plugin);
     expect(doc.cuda.available).toBe(true);
     expect(JSON.stringify(doc.cuda)).toMatch(/emulated CUDA device/);
+    expect(doc.cuda.device).toMatchObject({ runtime: '13.0', driverCuda: '13.0' });
+    // The versions are in the text, for bug reports; a newer driver is fine.
+    expect(cli(['doctor'], { DELLA_CUDA_EMU_DRIVER: '13020' }).stdout).toMatch(/^cuda .*; CUDA runtime 13\.0, driver for CUDA 13\.2$/m);
   });
 
   it('della, dare_ties, ties, breadcrumbs and task arithmetic give the CPU\'s bytes and digests', () => {

@@ -23,11 +23,20 @@ export interface DoctorReport {
     /** the NVIDIA driver, from /proc/driver/nvidia/version */
     driver: string | null;
     /** device 0, when available */
-    device: { name: string; computeCapability: string; totalMemory: number; freeMemory: number; count: number } | null;
+    device: {
+      name: string; computeCapability: string; totalMemory: number; freeMemory: number; count: number;
+      /** the plugin's CUDA runtime and the CUDA version the driver supports, e.g. "13.0" */
+      runtime: string; driverCuda: string;
+    } | null;
     /** why CUDA cannot be used (the loader's or the CUDA runtime's reason), or what it found */
     note: string;
   };
   advice: string[];
+}
+
+/** 13000 -> "13.0", as CUDA numbers its versions (1000 major + 10 minor). */
+function cudaVersion(v: number): string {
+  return `${Math.floor(v / 1000)}.${Math.floor((v % 1000) / 10)}`;
 }
 
 export function doctor(version: string): DoctorReport {
@@ -70,7 +79,8 @@ export function doctor(version: string): DoctorReport {
   const cudaNote = !info
     ? 'this binary has no CUDA support: merges run on the CPU'
     : info.ok && d
-      ? `--device cuda can use ${d.count} GPU(s); cuda:0 is ${d.name} (compute ${d.computeCapability}, ${formatBytes(d.totalMemory)}, ${formatBytes(d.freeMemory)} free)`
+      ? `--device cuda can use ${d.count} GPU(s); cuda:0 is ${d.name} (compute ${d.computeCapability}, ${formatBytes(d.totalMemory)}, ${formatBytes(d.freeMemory)} free); ` +
+        `CUDA runtime ${cudaVersion(d.runtimeVersion)}, driver for CUDA ${cudaVersion(d.driverVersion)}`
       : `--device cuda is unavailable: ${info.error ?? 'unknown reason'}; merges run on the CPU`;
   return {
     ok: loads,
@@ -90,7 +100,12 @@ export function doctor(version: string): DoctorReport {
       pluginPath: info?.plugin ?? null,
       available: Boolean(info?.ok),
       driver,
-      device: d ? { name: d.name, computeCapability: d.computeCapability, totalMemory: d.totalMemory, freeMemory: d.freeMemory, count: d.count } : null,
+      device: d
+        ? {
+          name: d.name, computeCapability: d.computeCapability, totalMemory: d.totalMemory, freeMemory: d.freeMemory, count: d.count,
+          runtime: cudaVersion(d.runtimeVersion), driverCuda: cudaVersion(d.driverVersion),
+        }
+        : null,
       note: cudaNote,
     },
     advice,
