@@ -20,6 +20,11 @@ cp build-ctest/della_cuda_emu_parity "$bin/della_cuda_parity"
 cp build-ctest/della_cuda_emu_bench "$bin/della_cuda_bench"
 cp build/Release/della_merge.node "$bin/"
 cp build-ctest/della_cuda_plugin_test "$bin/"
+# The same stand in for the CUDA 12 build, so that its steps run too.
+mkdir -p "$bin/cuda12"
+cp build-ctest/della_merge_cuda_emu.so "$bin/cuda12/della_merge_cuda.so"
+cp build-ctest/della_cuda_emu_parity "$bin/cuda12/della_cuda_parity"
+echo "emulated, standing in for CUDA 12" >"$bin/cuda12/nvcc-version"
 echo "emulated device, $(git rev-parse --short HEAD)" >"$bin/commit"
 OUT=${OUT:-$PWD/gpu-check-emulated-out} GPU_CHECK_PREBUILT=$bin GPU_CHECK_NCU=0 \
   GPU_CHECK_BENCH_SIZES=${GPU_CHECK_BENCH_SIZES:-16x512,4x4104} GPU_CHECK_PARITY_ITERATIONS=${GPU_CHECK_PARITY_ITERATIONS:-10} \

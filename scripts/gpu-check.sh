@@ -77,6 +77,14 @@ timeout 120 "$bin/della_cuda_parity" "$(date +%s%N | cut -c2-15)" "${GPU_CHECK_P
 rc=$?
 [ $rc -eq 0 ] && note "parity of the opt-in kernels: $(grep -o 'cuda_parity: [0-9]* tasks.*' "$OUT/parity-optin.log" | tail -1)" \
   || { note "parity of the opt-in kernels: FAILED rc=$rc (see parity-optin.log)"; status=1; }
+# The plugin built with CUDA 12 (scripts/gpu-prebuild.sh, where a CUDA 12 toolkit was):
+# what drivers older than 580 can load. Its own parity run; end to end below.
+if [ -x "$bin/cuda12/della_cuda_parity" ]; then
+  timeout 90 "$bin/cuda12/della_cuda_parity" "$(date +%s%N | cut -c3-15)" 60 >"$OUT/parity-cuda12.log" 2>&1
+  rc=$?
+  [ $rc -eq 0 ] && note "parity of the CUDA 12 build ($(cat "$bin/cuda12/nvcc-version" 2>/dev/null)): $(grep -o 'cuda_parity: [0-9]* tasks.*' "$OUT/parity-cuda12.log" | tail -1)" \
+    || { note "parity of the CUDA 12 build: FAILED rc=$rc (see parity-cuda12.log)"; status=1; }
+fi
 
 # 2b. Only when parity failed: the first failing seed again, a few iterations, under
 #     compute-sanitizer's memcheck (out-of-bounds and misaligned accesses, bad API calls),
@@ -244,6 +252,11 @@ else
       # (Options::pinned_huge, opt-in): the plugin's profile line gives their allocation
       # time beside the default's in "della to memory" above.
       rm -rf "$mem"; mkdir -p "$mem" && e2e_pair "$work/e2e" della memory "$mem" della/huge-pinned DELLA_CUDA_PINNED=huge
+      # The CUDA 12 build of the plugin, loaded by the same addon.
+      if [ -f "$bin/cuda12/della_merge_cuda.so" ]; then
+        rm -rf "$mem"; mkdir -p "$mem" && e2e_pair "$work/e2e" della memory "$mem" della/cuda12 \
+          "DELLA_CUDA_PLUGIN=$(realpath "$bin/cuda12/della_merge_cuda.so")"
+      fi
       rm -rf "$mem"
     else
       note "e2e models: FAILED"; status=1

@@ -27,6 +27,19 @@ rm -rf "$out" && mkdir -p "$out"
 cp build-gpu/della_merge_cuda.so build-gpu/della_cuda_parity build-gpu/della_cuda_plugin_test \
   build-gpu/della_cuda_bench build-gpu-node/Release/della_merge.node "$out/"
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
+# The plugin and its parity test built with CUDA 12 as well, where a CUDA 12 toolkit is
+# here (scripts/cuda12-toolkit.sh; CUDA12_HOME, default /opt/cuda-12.4): the check runs
+# them on the GPU beside the CUDA 13 build, since a CUDA 12 plugin is what drivers older
+# than 580 can load. GPU_PREBUILD_CUDA12=0 leaves them out.
+cuda12=${CUDA12_HOME:-/opt/cuda-12.4}
+if [ "${GPU_PREBUILD_CUDA12:-1}" != 0 ] && [ -x "$cuda12/bin/nvcc" ]; then
+  cmake -S . -B build-gpu-cuda12 "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DDELLA_CUDA_ARCHITECTURES=90-real \
+    -DCMAKE_CUDA_COMPILER="$cuda12/bin/nvcc" >/dev/null
+  cmake --build build-gpu-cuda12 -j "$(nproc)" --target della_merge_cuda della_cuda_parity
+  mkdir -p "$out/cuda12"
+  cp build-gpu-cuda12/della_merge_cuda.so build-gpu-cuda12/della_cuda_parity "$out/cuda12/"
+  "$cuda12/bin/nvcc" --version | grep -o 'release [0-9.]*, V[0-9.]*' >"$out/cuda12/nvcc-version"
+fi
 git rev-parse --short HEAD >"$out/commit"
 git diff --quiet HEAD -- native CMakeLists.txt || echo "(with uncommitted changes under native/)" >>"$out/commit"
 du -sh "$out"

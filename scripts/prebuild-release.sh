@@ -8,7 +8,9 @@
 # it is bind-mounted into the root and the CUDA plugin (della_merge_cuda.so: sm_80,
 # sm_90 and PTX, the CUDA runtime linked statically) is built there too, with Debian
 # 11's g++ 10 as nvcc's host compiler, and put beside the addon. DELLA_RELEASE_CUDA=0
-# leaves it out.
+# leaves it out. The plugin loads with NVIDIA drivers for its toolkit's CUDA major
+# version: CUDA_HOME=/opt/cuda-12.4 (made by scripts/cuda12-toolkit.sh) builds one that
+# drivers from 525.60.13 load, where this machine's CUDA 13 needs 580.65.06.
 #   bash scripts/prebuild-release.sh [ROOT_DIR]   (default: /var/tmp/della-bullseye)
 set -euo pipefail
 cd "$(dirname "$0")/.."
