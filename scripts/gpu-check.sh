@@ -252,6 +252,9 @@ else
       # (Options::pinned_huge, opt-in): the plugin's profile line gives their allocation
       # time beside the default's in "della to memory" above.
       rm -rf "$mem"; mkdir -p "$mem" && e2e_pair "$work/e2e" della memory "$mem" della/huge-pinned DELLA_CUDA_PINNED=huge
+      # The inputs registered where they are mapped and copied from there, no staging copy
+      # (Options::register_inputs, opt-in): its profile line gives the registration time.
+      rm -rf "$mem"; mkdir -p "$mem" && e2e_pair "$work/e2e" della memory "$mem" della/registered DELLA_CUDA_INPUTS=register
       # The CUDA 12 build of the plugin, loaded by the same addon.
       if [ -f "$bin/cuda12/della_merge_cuda.so" ]; then
         rm -rf "$mem"; mkdir -p "$mem" && e2e_pair "$work/e2e" della memory "$mem" della/cuda12 \
@@ -275,6 +278,8 @@ else
           rm -rf "$mem"; mkdir -p "$mem" || break
           e2e_pair "$work/e2e-large" "$r" memory "$mem" "$r/large"
         done
+        rm -rf "$mem"; mkdir -p "$mem" &&
+          e2e_pair "$work/e2e-large" dare_ties memory "$mem" dare_ties/large-registered DELLA_CUDA_INPUTS=register
         rm -rf "$mem"
       else
         note "e2e large models: FAILED (timed out or out of space?)"; status=1

@@ -78,6 +78,15 @@ describe.skipIf(!havePlugin)(`--device cuda on the emulated device (DELLA_TEST_S
         expect(readFileSync(join(dir, `gpu-${name}`, f)).equals(readFileSync(join(dir, `cpu-${name}`, f))), `${name}: ${f}`).toBe(true);
       }
       expect(digests(join(dir, `gpu-${name}`)), name).toEqual(digests(join(dir, `cpu-${name}`)));
+      // The inputs copied to the device straight from their read-only maps, registered
+      // with CUDA (DELLA_CUDA_INPUTS=register), not through the staging buffers.
+      const direct = cli(['run', recipe, '--out', join(dir, `direct-${name}`), '--quiet', '--device', 'cuda', '--gpu-memory', '64MiB'],
+        { DELLA_CUDA_INPUTS: 'register', DELLA_CUDA_PROFILE: '1' });
+      expect(direct.code, `${name}: ${direct.stderr}`).toBe(0);
+      const copied = [...direct.stderr.matchAll(/copied from there ([0-9.]+) MB/g)].reduce((a, m) => a + Number(m[1]), 0);
+      expect(copied, `${name}: ${direct.stderr}`).toBeGreaterThan(0);
+      expect(direct.stderr).not.toMatch(/refused/);
+      expect(digests(join(dir, `direct-${name}`)), name).toEqual(digests(join(dir, `cpu-${name}`)));
     }
   }, 120_000);
 

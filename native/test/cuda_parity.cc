@@ -297,7 +297,7 @@ int main(int argc, char** argv) {
   configs[1].o.max_slab_elements = 20000;
   configs[1].o.max_grid_blocks = 2;
   configs[2].name = "small slabs, 2 streams, one ranking tier, 512 x 8 ranks by cub's sort, grids of 3 blocks, "
-                    "pinned buffers on huge pages";
+                    "pinned buffers on huge pages, inputs copied from where they are (registered)";
   configs[2].o.block_sort_max = 4096;
   configs[2].o.memory_budget = 512ull << 20;
   configs[2].o.streams = 2;
@@ -305,6 +305,7 @@ int main(int argc, char** argv) {
   configs[2].o.max_slab_elements = 1 << 16;
   configs[2].o.max_grid_blocks = 3;  // the grid-stride kernels' threads take several rounds
   configs[2].o.pinned_huge = true;   // registered in place, regrown as slabs need more
+  configs[2].o.register_inputs = true;  // no staging copy: slabs of two streams read the same registered pages
   configs[2].o.fast_paths = della::cuda::kFastFuse | della::cuda::kFastRank;  // 512 x 8, cub's sort
   // The fallback for devices without 128 KiB of shared memory per block, and the generic
   // kernels in place of the 16-bit ones.

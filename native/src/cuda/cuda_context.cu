@@ -4,6 +4,7 @@
 // transfers and kernels of the others. Device memory stays inside the budget: each
 // stream owns budget / streams bytes, allocated once when the context opens.
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -245,7 +246,8 @@ struct Profile {
   using Clock = std::chrono::steady_clock;
   double pinned_alloc = 0, stage = 0, wait = 0, copy_out = 0, enqueue = 0, hash = 0, hash_wait = 0;
   double gpu_up = 0, gpu_kernels = 0, gpu_down = 0;  // stream time of the slabs' stages, summed
-  uint64_t staged_bytes = 0, out_bytes = 0, slabs = 0;
+  double register_s = 0, unregister_s = 0;           // Options::register_inputs
+  uint64_t staged_bytes = 0, direct_bytes = 0, registered_bytes = 0, out_bytes = 0, slabs = 0;
   static double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 };
 
@@ -261,6 +263,10 @@ struct Context::Impl {
   bool profiling = false;  // DELLA_CUDA_PROFILE=1
   Profile prof;            // of the run() in progress
   std::unique_ptr<OrderedDigests> digests;  // of the run() in progress, where a task asks for one
+  // Options::register_inputs: the page ranges of the run()'s inputs registered with CUDA;
+  // while direct_inputs, slabs copy their inputs from them without staging.
+  std::vector<std::pair<void*, uint64_t>> registered;
+  bool direct_inputs = false;
 
   ~Impl() {
     cudaSetDevice(opt.device);
@@ -336,7 +342,64 @@ struct Context::Impl {
   void copy_out_chunks(Slot& s, const MergeTask& t, uint64_t n, unsigned threads);
   void finish(Slot& s, const std::vector<MergeTask>& tasks, std::vector<MergeStats>& stats, unsigned threads);
   void start(Slot& s, const Job& j, const MergeTask& t, const TaskInfo& ti, unsigned threads);
+  void register_inputs(const std::vector<MergeTask>& tasks);
+  void unregister_inputs();
 };
+
+// The pages of every input of the batch, overlapping and touching ranges merged (tensors
+// of one file share pages at their ends, and CUDA refuses to register a page twice),
+// registered read-only, as a merge maps its inputs. Any refusal (a driver or device
+// without read-only registration, memory that cannot be pinned) undoes the others: the
+// run then stages its inputs as usual.
+void Context::Impl::register_inputs(const std::vector<MergeTask>& tasks) {
+  const auto t0 = Profile::Clock::now();
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  auto add = [&](const void* p, const std::vector<int64_t>& shape, DType dt) {
+    uint64_t bytes = dtype_size(dt);
+    for (int64_t d : shape) bytes *= static_cast<uint64_t>(d);
+    if (p == nullptr || bytes == 0) return;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    ranges.emplace_back(a / page * page, (a + bytes + page - 1) / page * page);
+  };
+  for (const MergeTask& t : tasks) {
+    if (!t.linear) add(t.base, t.shape, t.base_dtype);
+    for (const ExpertInput& e : t.experts) add(e.data, e.shape, e.dtype);
+  }
+  std::sort(ranges.begin(), ranges.end());
+  std::vector<std::pair<uintptr_t, uintptr_t>> merged;
+  for (const auto& r : ranges) {
+    if (!merged.empty() && r.first <= merged.back().second) merged.back().second = std::max(merged.back().second, r.second);
+    else merged.push_back(r);
+  }
+  for (const auto& r : merged) {
+    void* p = reinterpret_cast<void*>(r.first);
+    const cudaError_t e = cudaHostRegister(p, r.second - r.first, cudaHostRegisterReadOnly);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      if (profiling)
+        std::fprintf(stderr, "della cuda profile: registering the inputs was refused (%s): they are staged\n",
+                     cudaGetErrorName(e));
+      unregister_inputs();
+      prof.register_s += Profile::since(t0);
+      return;
+    }
+    registered.emplace_back(p, r.second - r.first);
+    prof.registered_bytes += r.second - r.first;
+  }
+  direct_inputs = !registered.empty();
+  prof.register_s += Profile::since(t0);
+}
+
+// Only once no copy from the inputs can be pending (every stream waited for).
+void Context::Impl::unregister_inputs() {
+  const auto t0 = Profile::Clock::now();
+  for (const auto& r : registered) (void)cudaHostUnregister(r.first);
+  (void)cudaGetLastError();
+  registered.clear();
+  direct_inputs = false;
+  prof.unregister_s += Profile::since(t0);
+}
 
 // Rows of a slab: as many as the pinned staging buffer holds (by_pinned), or, for a task
 // whose passes span its slabs, as many as the stream's device memory holds: its inputs
@@ -466,13 +529,17 @@ void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskI
     pin(s, std::max(pin_need, std::min<uint64_t>(opt.pinned_bytes, 2 * pin_need)));
     prof.pinned_alloc += Profile::since(t0);
   }
-  // Stage the inputs in one piece (a chunked slab: below, as its chunks' copies go).
-  if (!chunked) {
+  // Inputs straight from the registered maps (Options::register_inputs), where every
+  // expert has the base's shape (a larger one is gathered row by row: staged).
+  bool direct = direct_inputs && !chunked;
+  for (const ExpertInput& e : t.experts) direct = direct && e.shape == t.shape;
+  // Else stage the inputs in one piece (a chunked slab: below, as its chunks' copies go).
+  if (!chunked && !direct) {
     const auto t0 = Profile::Clock::now();
     parallel_copy(stage_pieces(t, ti, j.row0, j.rows, L, s.pinned), threads);
     prof.stage += Profile::since(t0);
   }
-  prof.staged_bytes += L.in_bytes;
+  (direct ? prof.direct_bytes : prof.staged_bytes) += L.in_bytes;
   ++prof.slabs;
   const auto t1 = Profile::Clock::now();
   const double staged_before = prof.stage;
@@ -481,8 +548,14 @@ void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskI
   unsigned long long* d_stats = reinterpret_cast<unsigned long long*>(dev + L.stats);
   if (s.marks[0]) check(cudaEventRecord(s.marks[0], s.stream), "cudaEventRecord");
   check(cudaMemsetAsync(d_stats, 0, (2ull * ti.k + 1) * 8, s.stream), "cudaMemsetAsync");
-  if (chunked) stage_chunks(s, j, t, ti, L, threads);
-  else check(cudaMemcpyAsync(dev + L.in, s.pinned, L.in_bytes, cudaMemcpyHostToDevice, s.stream), "cudaMemcpyAsync (to the GPU)");
+  if (chunked) {
+    stage_chunks(s, j, t, ti, L, threads);
+  } else if (direct) {
+    for (const Piece& c : stage_pieces(t, ti, j.row0, j.rows, L, dev + L.in))
+      check(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyHostToDevice, s.stream), "cudaMemcpyAsync (to the GPU)");
+  } else {
+    check(cudaMemcpyAsync(dev + L.in, s.pinned, L.in_bytes, cudaMemcpyHostToDevice, s.stream), "cudaMemcpyAsync (to the GPU)");
+  }
   if (s.marks[1]) check(cudaEventRecord(s.marks[1], s.stream), "cudaEventRecord");
   SlabParams p;
   fill_params(t, ti, p);
@@ -563,6 +636,8 @@ Context::Context(const Options& options) : impl_(new Impl) {
   m.profiling = profile && profile[0] == '1';
   if (const char* pinned = std::getenv("DELLA_CUDA_PINNED"); pinned && std::strcmp(pinned, "huge") == 0)
     m.opt.pinned_huge = true;
+  if (const char* inputs = std::getenv("DELLA_CUDA_INPUTS"); inputs && std::strcmp(inputs, "register") == 0)
+    m.opt.register_inputs = true;
   const auto opened = Profile::Clock::now();
   m.info = probe(options.device);
   const double probe_s = Profile::since(opened);
@@ -671,6 +746,7 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
       }
     }
   }
+  if (m.opt.register_inputs && !jobs.empty()) m.register_inputs(tasks);
   try {
     size_t next = 0, bound_slot = 0;
     for (const Impl::Job& j : jobs) {
@@ -686,6 +762,7 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
       m.start(s, j, tasks[j.task], infos[j.task], host_threads);
     }
     for (Slot& s : m.slots) m.finish(s, tasks, stats, host_threads);
+    m.unregister_inputs();  // every stream's last slab waited for: no copy reads them
     if (m.digests) {
       const auto t0 = Profile::Clock::now();
       m.digests->wait();
@@ -698,6 +775,7 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
       if (e != cudaSuccess) m.healthy = false;  // a failed kernel leaves the context unusable
       s.busy = false;
     }
+    m.unregister_inputs();
     (void)cudaGetLastError();
     throw;
   }
@@ -719,13 +797,17 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
     const double gb_in = a.staged_bytes / 1e9, gb_out = a.out_bytes / 1e9;
     std::fprintf(stderr,
                  "della cuda profile: %zu tasks, %llu slabs, %.3f s: pinned alloc %.3f s, staging %.3f s (%.2f GB, "
-                 "%.1f GB/s), enqueue %.3f s, waiting for the GPU %.3f s, copy out %.3f s (%.2f GB, %.1f GB/s), "
+                 "%.1f GB/s), inputs registered %.3f s (%.1f MB; unregistered %.3f s) and copied from there %.1f MB, "
+                 "enqueue %.3f s, waiting for the GPU %.3f s, copy out %.3f s (%.2f GB, %.1f GB/s), "
                  "handing outputs to the hash threads %.3f s, waiting for them at the end %.3f s, other %.3f s; "
                  "on the streams, summed over slabs: upload %.3f s, kernels %.3f s, download %.3f s\n",
                  tasks.size(), static_cast<unsigned long long>(a.slabs), total, a.pinned_alloc, a.stage, gb_in,
-                 a.stage > 0 ? gb_in / a.stage : 0.0, a.enqueue, a.wait, a.copy_out, gb_out,
+                 a.stage > 0 ? gb_in / a.stage : 0.0, a.register_s, a.registered_bytes / 1e6, a.unregister_s,
+                 a.direct_bytes / 1e6, a.enqueue, a.wait, a.copy_out, gb_out,
                  a.copy_out > 0 ? gb_out / a.copy_out : 0.0, a.hash, a.hash_wait,
-                 total - a.pinned_alloc - a.stage - a.enqueue - a.wait - a.copy_out - a.hash - a.hash_wait, a.gpu_up,
+                 total - a.pinned_alloc - a.stage - a.register_s - a.unregister_s - a.enqueue - a.wait - a.copy_out -
+                     a.hash - a.hash_wait,
+                 a.gpu_up,
                  a.gpu_kernels, a.gpu_down);
   }
 }

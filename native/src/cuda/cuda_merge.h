@@ -30,6 +30,13 @@ struct Options {
   // H100 machine, 4 KiB page by page); cudaMallocHost where that is refused. Opt-in
   // (DELLA_CUDA_PINNED=huge) until a GPU run times it.
   bool pinned_huge = false;
+  // Each run()'s input tensors pinned in place (cudaHostRegister, read-only, page ranges
+  // merged) and copied to the device straight from the caller's memory maps, instead of
+  // through the pinned staging buffers: no host copy of the inputs, at the price of
+  // registering them. Slabs staged in chunks, and experts larger than the base, keep
+  // the staging copy; a refused registration falls back to it for the run. Opt-in
+  // (DELLA_CUDA_INPUTS=register) until a GPU run times it.
+  bool register_inputs = false;
   // Rows up to this length are ranked inside one thread block (at most kBlockSortMax,
   // in two tiers: 4096 and 16384 keys); longer rows go through a device-wide segmented
   // radix sort. 0 forces the latter.

@@ -597,6 +597,8 @@ const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
     case cudaErrorNotReady: return "cudaErrorNotReady";
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    case cudaErrorHostMemoryAlreadyRegistered: return "cudaErrorHostMemoryAlreadyRegistered";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
     case cudaErrorCompatNotSupportedOnDevice: return "cudaErrorCompatNotSupportedOnDevice";
   }
   return "cudaErrorUnknown";
@@ -675,11 +677,21 @@ cudaError_t cudaFreeHost(void* p) {
   return cudaSuccess;
 }
 
-cudaError_t cudaHostRegister(void* p, size_t bytes, unsigned) {
+// As CUDA: a page registered twice is refused. DELLA_CUDA_EMU_REGISTER=refuse refuses
+// read-only registration, as a device or driver without it does.
+cudaError_t cudaHostRegister(void* p, size_t bytes, unsigned flags) {
   if (sticky() != cudaSuccess) return sticky();
   if (p == nullptr || bytes == 0) return fail(cudaErrorInvalidValue);
+  const char* refuse = std::getenv("DELLA_CUDA_EMU_REGISTER");
+  if ((flags & cudaHostRegisterReadOnly) && refuse && std::strcmp(refuse, "refuse") == 0) return fail(cudaErrorNotSupported);
   Memory& m = mem();
   std::lock_guard<std::mutex> lock(m.mu);
+  const uintptr_t page = 4096, a = reinterpret_cast<uintptr_t>(p) / page * page;
+  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + bytes + page - 1) / page * page;
+  for (const auto& [q, len] : m.registered) {
+    const uintptr_t qa = q / page * page, qb = (q + len + page - 1) / page * page;
+    if (qa < b && a < qb) return fail(cudaErrorHostMemoryAlreadyRegistered);
+  }
   m.registered[reinterpret_cast<uintptr_t>(p)] = bytes;
   return cudaSuccess;
 }
