@@ -281,6 +281,7 @@ struct Context::Impl {
       if (s.dev) cudaFree(s.dev);
       unpin(s);
     }
+    unregister_inputs();  // only left registered if run() was cut short before its try
   }
 
   // Pinned staging memory of `bytes` for slot s, its old buffer freed first.
