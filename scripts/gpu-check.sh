@@ -280,6 +280,31 @@ else
         done
         rm -rf "$mem"; mkdir -p "$mem" &&
           e2e_pair "$work/e2e-large" dare_ties memory "$mem" dare_ties/large-registered DELLA_CUDA_INPUTS=register
+        # 4d. Nsight Systems on dare_ties/large to memory (GPU run alone), where nsys is
+        #     installed: how busy the GPU was between batches and slabs, and its longest
+        #     idle gaps (scripts/gpu-nsys-gaps.mjs), with the per-kernel and per-copy
+        #     summaries in nsys.txt. GPU_CHECK_NSYS=0 skips it.
+        if [ "${GPU_CHECK_NSYS:-1}" = 1 ] && command -v nsys >/dev/null 2>&1; then
+          rm -rf "$mem"; mkdir -p "$mem"
+          if timeout 150 nsys profile -t cuda,osrt -o "$work/nsys-large" --force-overwrite true \
+               "${dm[@]}" run "$work/e2e-large/dare_ties.json" --out "$mem/gpu" --quiet --device "$gpu" >"$OUT/nsys.txt" 2>&1 &&
+             timeout 120 nsys stats -r cuda_gpu_kern_sum,cuda_gpu_mem_time_sum,cuda_api_sum "$work/nsys-large.nsys-rep" \
+               >>"$OUT/nsys.txt" 2>&1 &&
+             timeout 120 nsys stats -r cuda_gpu_trace -f csv -o "$work/nsys-large" "$work/nsys-large.nsys-rep" >/dev/null 2>&1; then
+            trace=$(ls "$work"/nsys-large*cuda_gpu_trace*.csv 2>/dev/null | head -1)
+            if [ -n "$trace" ] && node scripts/gpu-nsys-gaps.mjs "$trace" >"$work/gaps.txt" 2>&1; then
+              note "nsys, dare_ties/large to memory: $(head -1 "$work/gaps.txt")"
+              sed -n 2p "$work/gaps.txt"
+              summary+=("$(sed -n 2p "$work/gaps.txt")")
+              cat "$work/gaps.txt" >>"$OUT/nsys.txt"
+            else
+              note "nsys: no GPU trace to read (see nsys.txt)"
+            fi
+          else
+            note "nsys: the profile or its reports failed (see nsys.txt); nothing else depends on it"
+          fi
+          rm -rf "$mem" "$work"/nsys-large*
+        fi
         rm -rf "$mem"
       else
         note "e2e large models: FAILED (timed out or out of space?)"; status=1
