@@ -140,31 +140,6 @@ summary+=("$(awk 'FNR == 1 { run++ }
   }' "$work/bench.txt" "$work/bench-optin.txt")")
 h2d=$(grep -o '"h2d_pinned_GBps": [0-9.]*' "$OUT/cuda-bench.json" 2>/dev/null | head -1 | grep -o '[0-9.]*$')
 
-# 3b. Nsight Compute, every section, on the main kernels (4096x4096, first launch of
-#     each): della's 16-bit ranking kernel and fuse by default (GPU_CHECK_NCU_KERNELS and
-#     GPU_CHECK_NCU_METHODS choose others), to say where the time goes. GPU_CHECK_NCU=0
-#     skips it.
-if [ "${GPU_CHECK_NCU:-1}" = 1 ] && command -v ncu >/dev/null 2>&1; then
-  : >"$OUT/ncu.txt"
-  for k in ${GPU_CHECK_NCU_KERNELS:-magprune_half_kernel fuse_fixed_kernel}; do
-    timeout 45 ncu -k "regex:$k" --launch-count 1 --set full "$bin/della_cuda_bench" --sizes 4096x4096 --reps 1 \
-      --methods ${GPU_CHECK_NCU_METHODS:-della} >>"$OUT/ncu.txt" 2>&1
-  done
-  note "ncu: rc=$? ($(elapsed)); full sections in ncu.txt"
-  grep -E "^ +[a-z_]+.*\(|^ +Duration|^ +Memory Throughput|^ +Compute \(SM\) Throughput|^ +Achieved Occupancy|^ +Executed Ipc Active|^ +Registers Per" "$OUT/ncu.txt" | head -40
-fi
-
-# 3c. SASS of della's two 16-bit kernels (BF16) to sass.txt, for reading their instruction
-#     mix without device time (cuobjdump is on the GPU machine, not the development one).
-if command -v cuobjdump >/dev/null 2>&1 && command -v strings >/dev/null 2>&1; then
-  for f in $(strings "$bin/della_merge_cuda.so" |
-             grep -E '^_ZN5della4cuda6detail.*(17fuse_fixed_kernelILNS_5DTypeE2ELi3ELNS_9ConsensusE1E|20magprune_half_kernelILNS_5DTypeE2ELi256ELi16ELb1ELb1E)' |
-             grep -vE 'L(17|20)(fuse|magprune)|[.]cold$' | sort -u); do
-    timeout 30 cuobjdump -sass -fun "$f" "$bin/della_merge_cuda.so" 2>&1 | head -30000
-  done >"$OUT/sass.txt"
-  note "sass: $(grep -cE '^ +/\*[0-9a-f]{4}\*/' "$OUT/sass.txt") instructions of della's 16-bit kernels in sass.txt"
-fi
-
 # 4. End to end with Node.js (carried in .gpu by /work/shared/tools/gpu-carry.sh).
 if ! command -v node >/dev/null 2>&1; then
   note "end to end: SKIPPED (no node: carry .gpu and start the command with '. .gpu/env.sh;')"; status=1
@@ -313,6 +288,32 @@ else
     fi
     printf "%b\n  ]\n}\n" "$e2e" >"$OUT/e2e.json"
   fi
+fi
+
+# 3b and 3c, profiles, run last: a check past its time loses them, not a result.
+# 3b. Nsight Compute, every section, on the main kernels (4096x4096, first launch of
+#     each): della's 16-bit ranking kernel and fuse by default (GPU_CHECK_NCU_KERNELS and
+#     GPU_CHECK_NCU_METHODS choose others), to say where the time goes. GPU_CHECK_NCU=0
+#     skips it.
+if [ "${GPU_CHECK_NCU:-1}" = 1 ] && command -v ncu >/dev/null 2>&1; then
+  : >"$OUT/ncu.txt"
+  for k in ${GPU_CHECK_NCU_KERNELS:-magprune_half_kernel fuse_fixed_kernel}; do
+    timeout 45 ncu -k "regex:$k" --launch-count 1 --set full "$bin/della_cuda_bench" --sizes 4096x4096 --reps 1 \
+      --methods ${GPU_CHECK_NCU_METHODS:-della} >>"$OUT/ncu.txt" 2>&1
+  done
+  note "ncu: rc=$? ($(elapsed)); full sections in ncu.txt"
+  grep -E "^ +[a-z_]+.*\(|^ +Duration|^ +Memory Throughput|^ +Compute \(SM\) Throughput|^ +Achieved Occupancy|^ +Executed Ipc Active|^ +Registers Per" "$OUT/ncu.txt" | head -40
+fi
+
+# 3c. SASS of della's two 16-bit kernels (BF16) to sass.txt, for reading their instruction
+#     mix without device time (cuobjdump is on the GPU machine, not the development one).
+if command -v cuobjdump >/dev/null 2>&1 && command -v strings >/dev/null 2>&1; then
+  for f in $(strings "$bin/della_merge_cuda.so" |
+             grep -E '^_ZN5della4cuda6detail.*(17fuse_fixed_kernelILNS_5DTypeE2ELi3ELNS_9ConsensusE1E|20magprune_half_kernelILNS_5DTypeE2ELi256ELi16ELb1ELb1E)' |
+             grep -vE 'L(17|20)(fuse|magprune)|[.]cold$' | sort -u); do
+    timeout 30 cuobjdump -sass -fun "$f" "$bin/della_merge_cuda.so" 2>&1 | head -30000
+  done >"$OUT/sass.txt"
+  note "sass: $(grep -cE '^ +/\*[0-9a-f]{4}\*/' "$OUT/sass.txt") instructions of della's 16-bit kernels in sass.txt"
 fi
 
 note "total $(elapsed); status $status"
