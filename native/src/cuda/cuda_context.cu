@@ -175,6 +175,12 @@ std::string no_device_reason(cudaError_t e, int driver_version, int runtime_vers
     return "the NVIDIA driver supports CUDA " + cuda_version_text(driver_version) + " and this plugin needs CUDA " +
            std::to_string(runtime_version / 1000) + ".0 or newer" + minimum_driver_text(runtime_version / 1000) +
            ": update the driver, or build the plugin with a CUDA toolkit the driver supports: " + runtime_words;
+  // The driver's library loads but the kernel's device nodes are missing: a module not
+  // loaded (a new kernel before a reboot), or a container started without the GPUs.
+  if (e == cudaErrorNoDevice && driver_version > 0 && access("/dev/nvidiactl", F_OK) != 0)
+    return "the NVIDIA driver's library is installed but this process sees no GPU device (no /dev/nvidiactl: the "
+           "NVIDIA kernel module is not loaded, or a container was started without its GPUs, e.g. docker run "
+           "--gpus all): " + runtime_words;
   return "no usable CUDA driver or GPU: " + runtime_words;
 }
 
