@@ -177,7 +177,9 @@ std::string no_device_reason(cudaError_t e, int driver_version, int runtime_vers
            ": update the driver, or build the plugin with a CUDA toolkit the driver supports: " + runtime_words;
   // The driver's library loads but the kernel's device nodes are missing: a module not
   // loaded (a new kernel before a reboot), or a container started without the GPUs.
-  if (e == cudaErrorNoDevice && driver_version > 0 && access("/dev/nvidiactl", F_OK) != 0)
+  // (WSL 2 has /dev/dxg instead.)
+  if (e == cudaErrorNoDevice && driver_version > 0 && access("/dev/nvidiactl", F_OK) != 0 &&
+      access("/dev/dxg", F_OK) != 0)
     return "the NVIDIA driver's library is installed but this process sees no GPU device (no /dev/nvidiactl: the "
            "NVIDIA kernel module is not loaded, or a container was started without its GPUs, e.g. docker run "
            "--gpus all): " + runtime_words;
