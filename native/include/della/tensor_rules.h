@@ -1,5 +1,6 @@
-// Host-side rules of SPEC §2 and §4 that every backend applies before its kernels: where
-// an expert's row starts (the embedding sub-block rule) and where whole-tensor cuts fall.
+// Host-side rules of SPEC §2 and §4 that every backend applies before its kernels: a
+// tensor's rows, where an expert's row starts (the embedding sub-block rule) and where
+// whole-tensor cuts fall.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -8,6 +9,21 @@
 #include "della/merge_math.h"
 
 namespace della {
+
+// A tensor as rows (SPEC §2): the last dimension is the row; a 1-D tensor is one row.
+struct Geometry {
+  uint64_t numel = 1;
+  uint64_t n = 1;  // row length
+  uint64_t rows = 0;
+};
+
+inline Geometry geometry(const std::vector<int64_t>& shape) {
+  Geometry g;
+  for (int64_t d : shape) g.numel *= static_cast<uint64_t>(d);
+  g.n = shape.size() >= 2 ? static_cast<uint64_t>(shape.back()) : g.numel;
+  g.rows = g.n == 0 ? 0 : g.numel / g.n;
+  return g;
+}
 
 // Offset of base row r's first element inside an expert that may be larger in every
 // dimension (the embedding sub-block rule of SPEC §2).

@@ -365,8 +365,7 @@ void Context::Impl::register_inputs(const std::vector<MergeTask>& tasks) {
   const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
   auto add = [&](const void* p, const std::vector<int64_t>& shape, DType dt) {
-    uint64_t bytes = dtype_size(dt);
-    for (int64_t d : shape) bytes *= static_cast<uint64_t>(d);
+    const uint64_t bytes = geometry(shape).numel * dtype_size(dt);
     if (p == nullptr || bytes == 0) return;
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     ranges.emplace_back(a / page * page, (a + bytes + page - 1) / page * page);
@@ -389,9 +388,8 @@ void Context::Impl::register_inputs(const std::vector<MergeTask>& tasks) {
       if (profiling)
         std::fprintf(stderr, "della cuda profile: registering the inputs was refused (%s): they are staged\n",
                      cudaGetErrorName(e));
-      unregister_inputs();
-      prof.register_s += Profile::since(t0);
-      return;
+      unregister_inputs();  // empties `registered`
+      break;
     }
     registered.emplace_back(p, r.second - r.first);
     prof.registered_bytes += r.second - r.first;

@@ -1432,10 +1432,10 @@ bool aligned_slab(const SlabParams& p, uintptr_t bytes) {
 TaskInfo task_info(const MergeTask& t, const Options& o) {
   const uint32_t block_sort_max = o.block_sort_max;
   TaskInfo ti;
-  ti.numel = 1;
-  for (int64_t d : t.shape) ti.numel *= static_cast<uint64_t>(d);
-  ti.n = t.shape.size() >= 2 ? static_cast<uint64_t>(t.shape.back()) : ti.numel;
-  ti.rows = ti.n == 0 ? 0 : ti.numel / ti.n;
+  const Geometry g = geometry(t.shape);
+  ti.numel = g.numel;
+  ti.n = g.n;
+  ti.rows = g.rows;
   ti.mode = t.base_dtype == DType::F16 ? KeyMode::F16 : (t.base_dtype == DType::BF16 ? KeyMode::BF16 : KeyMode::F32);
   ti.f32_keys = ti.mode == KeyMode::F32;
   ti.k = static_cast<unsigned>(t.experts.size());

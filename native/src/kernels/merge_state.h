@@ -19,20 +19,6 @@ constexpr uint64_t kItemElements = 1u << 16;  // rows per work item: about this 
 // line up with the final pass's items.
 inline uint64_t rows_per_item(uint64_t n) { return std::max<uint64_t>(1, kItemElements / std::max<uint64_t>(1, n)); }
 
-struct Geometry {
-  uint64_t numel = 1;
-  uint64_t n = 1;  // row length
-  uint64_t rows = 0;
-};
-
-inline Geometry geometry(const std::vector<int64_t>& shape) {
-  Geometry g;
-  for (int64_t d : shape) g.numel *= static_cast<uint64_t>(d);
-  g.n = shape.size() >= 2 ? static_cast<uint64_t>(shape.back()) : g.numel;
-  g.rows = g.n == 0 ? 0 : g.numel / g.n;
-  return g;
-}
-
 // "Before the cut": ascending, key < T or (key == T and it is among the first `take`
 // elements with key T in index order); descending, the same with key > T.
 struct Cut {
