@@ -66,24 +66,32 @@ else
     note "ctest: $(grep -o '[0-9]*% tests passed.*' "$OUT/ctest.log")"
   fi
 fi
+# One parity run, appended to $OUT/LOG, and its line in the summary:
+#   parity_run LABEL LOG SECONDS BINARY SEED ITERATIONS [optin]
+parity_run() {
+  local label=$1 log=$2 limit=$3 rc
+  shift 3
+  timeout "$limit" "$@" >>"$OUT/$log" 2>&1
+  rc=$?
+  if [ $rc -eq 0 ]; then
+    note "$label: $(grep -o 'cuda_parity: [0-9]* tasks.*' "$OUT/$log" | tail -1)"
+  else
+    note "$label: FAILED rc=$rc (see $log)"; status=1
+  fi
+}
 # A second parity run with another seed and more iterations, while there is time.
-timeout 120 "$bin/della_cuda_parity" "$(date +%s%N | cut -c1-15)" "${GPU_CHECK_PARITY_ITERATIONS:-120}" >>"$OUT/ctest.log" 2>&1
-rc=$?
-[ $rc -eq 0 ] && note "parity (own seed): $(grep -o 'cuda_parity: [0-9]* tasks.*' "$OUT/ctest.log" | tail -1)" \
-  || { note "parity (own seed): FAILED rc=$rc (see ctest.log)"; status=1; }
+parity_run "parity (own seed)" ctest.log 120 "$bin/della_cuda_parity" "$(date +%s%N | cut -c1-15)" \
+  "${GPU_CHECK_PARITY_ITERATIONS:-120}"
 # The kernels not on by default (della's fused rows), in a process of their own.
-timeout 120 "$bin/della_cuda_parity" "$(date +%s%N | cut -c2-15)" "${GPU_CHECK_PARITY_ITERATIONS:-120}" optin \
-  >"$OUT/parity-optin.log" 2>&1
-rc=$?
-[ $rc -eq 0 ] && note "parity of the opt-in kernels: $(grep -o 'cuda_parity: [0-9]* tasks.*' "$OUT/parity-optin.log" | tail -1)" \
-  || { note "parity of the opt-in kernels: FAILED rc=$rc (see parity-optin.log)"; status=1; }
+: >"$OUT/parity-optin.log"
+parity_run "parity of the opt-in kernels" parity-optin.log 120 "$bin/della_cuda_parity" "$(date +%s%N | cut -c2-15)" \
+  "${GPU_CHECK_PARITY_ITERATIONS:-120}" optin
 # The plugin built with CUDA 12 (scripts/gpu-prebuild.sh, where a CUDA 12 toolkit was):
 # what drivers older than 580 can load. Its own parity run; end to end below.
 if [ -x "$bin/cuda12/della_cuda_parity" ]; then
-  timeout 90 "$bin/cuda12/della_cuda_parity" "$(date +%s%N | cut -c3-15)" 60 >"$OUT/parity-cuda12.log" 2>&1
-  rc=$?
-  [ $rc -eq 0 ] && note "parity of the CUDA 12 build ($(cat "$bin/cuda12/nvcc-version" 2>/dev/null)): $(grep -o 'cuda_parity: [0-9]* tasks.*' "$OUT/parity-cuda12.log" | tail -1)" \
-    || { note "parity of the CUDA 12 build: FAILED rc=$rc (see parity-cuda12.log)"; status=1; }
+  : >"$OUT/parity-cuda12.log"
+  parity_run "parity of the CUDA 12 build ($(cat "$bin/cuda12/nvcc-version" 2>/dev/null))" parity-cuda12.log 90 \
+    "$bin/cuda12/della_cuda_parity" "$(date +%s%N | cut -c3-15)" 60
 fi
 
 # 2b. Only when parity failed: the first failing seed again, a few iterations, under
@@ -188,8 +196,13 @@ else
     # One recipe on the CPU (all cores) and with --device $gpu into DIR, compared byte for
     # byte and timed: the summary's rows and a record of e2e.json.
     #   e2e_pair MODELS RECIPE OUTPUT(disk|memory) DIR LABEL [VAR=VALUE for the GPU run]
+    # To memory, DIR is emptied first (nothing of an earlier pair left in /dev/shm).
     e2e_pair() {
       local models=$1 r=$2 where=$3 dir=$4 label=$5 extra=${6:-} c g prof eq
+      if [ "$where" = memory ]; then
+        rm -rf "$dir"
+        mkdir -p "$dir" || { note "e2e $label: cannot create $dir"; status=1; return; }
+      fi
       # DELLA_PROFILE: where each run's main thread spent the merge phase.
       DELLA_PROFILE=1 timeout 300 "${dm[@]}" run "$models/$r.json" --out "$dir/cpu-$r" --quiet \
         --report "$work/cpu-$r.json" >/dev/null 2>"$work/err.txt"
@@ -219,21 +232,20 @@ else
       cat "$work/models.json"
       for r in ${GPU_CHECK_RECIPES:-della dare_ties ties breadcrumbs_l2}; do
         for where in ${GPU_CHECK_OUTPUTS:-disk memory}; do
-          if [ $where = disk ]; then dir=$work/e2e; else dir=$mem; rm -rf "$mem"; mkdir -p "$mem" || continue; fi
+          if [ $where = disk ]; then dir=$work/e2e; else dir=$mem; fi
           e2e_pair "$work/e2e" "$r" "$where" "$dir" "$r"
         done
       done
       # The pinned staging buffers on transparent huge pages, registered in place
       # (Options::pinned_huge, opt-in): the plugin's profile line gives their allocation
       # time beside the default's in "della to memory" above.
-      rm -rf "$mem"; mkdir -p "$mem" && e2e_pair "$work/e2e" della memory "$mem" della/huge-pinned DELLA_CUDA_PINNED=huge
+      e2e_pair "$work/e2e" della memory "$mem" della/huge-pinned DELLA_CUDA_PINNED=huge
       # The inputs registered where they are mapped and copied from there, no staging copy
       # (Options::register_inputs, opt-in): its profile line gives the registration time.
-      rm -rf "$mem"; mkdir -p "$mem" && e2e_pair "$work/e2e" della memory "$mem" della/registered DELLA_CUDA_INPUTS=register
+      e2e_pair "$work/e2e" della memory "$mem" della/registered DELLA_CUDA_INPUTS=register
       # The CUDA 12 build of the plugin, loaded by the same addon.
       if [ -f "$bin/cuda12/della_merge_cuda.so" ]; then
-        rm -rf "$mem"; mkdir -p "$mem" && e2e_pair "$work/e2e" della memory "$mem" della/cuda12 \
-          "DELLA_CUDA_PLUGIN=$(realpath "$bin/cuda12/della_merge_cuda.so")"
+        e2e_pair "$work/e2e" della memory "$mem" della/cuda12 "DELLA_CUDA_PLUGIN=$(realpath "$bin/cuda12/della_merge_cuda.so")"
       fi
       rm -rf "$mem"
     else
@@ -250,11 +262,9 @@ else
       if timeout 240 node scripts/gpu-e2e-models.mjs "$work/e2e-large" $large >"$work/models-large.json"; then
         cat "$work/models-large.json"
         for r in ${GPU_CHECK_LARGE_RECIPES:-della dare_ties}; do
-          rm -rf "$mem"; mkdir -p "$mem" || break
           e2e_pair "$work/e2e-large" "$r" memory "$mem" "$r/large"
         done
-        rm -rf "$mem"; mkdir -p "$mem" &&
-          e2e_pair "$work/e2e-large" dare_ties memory "$mem" dare_ties/large-registered DELLA_CUDA_INPUTS=register
+        e2e_pair "$work/e2e-large" dare_ties memory "$mem" dare_ties/large-registered DELLA_CUDA_INPUTS=register
         # 4d. Nsight Systems on dare_ties/large to memory (GPU run alone), where nsys is
         #     installed: how busy the GPU was between batches and slabs, and its longest
         #     idle gaps (scripts/gpu-nsys-gaps.mjs), with the per-kernel and per-copy
