@@ -39,7 +39,7 @@ describe('scripts/gpu-e2e-models.mjs', () => {
     expect(e0.equals(base)).toBe(false);
     expect(e0.equals(e1)).toBe(false);
     const out = join(a, 'merged');
-    const run = spawnSync(process.execPath, [join(root, 'bin', 'della-merge.js'), 'run', join(a, 'della.json'), '--out', out, '--quiet'], { encoding: 'utf8' });
+    const run = node(['bin/della-merge.js', 'run', join(a, 'della.json'), '--out', out, '--quiet']);
     expect(run.status, run.stderr).toBe(0);
   }, 60_000);
 });
