@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the release binaries in prebuilds/linux-x64/ against an old glibc: a Debian 11
+# Builds the release binaries in prebuilds/linux-x64/ and prebuilds/linux-arm64/ against
+# an old glibc: a Debian 11
 # (glibc 2.31) root made with debootstrap holds the compiler, this machine's Node.js
 # runs there, and prebuildify (through scripts/prebuild-shim.js and cmake-js) builds
 # with the C++ runtime linked statically. The addon then needs only glibc >= 2.18 —
@@ -10,7 +11,8 @@
 # 11's g++ 10 as nvcc's host compiler, and put beside the addon. DELLA_RELEASE_CUDA=0
 # leaves it out. The plugin loads with NVIDIA drivers for its toolkit's CUDA major
 # version: CUDA_HOME=/opt/cuda-12.4 (made by scripts/cuda12-toolkit.sh) builds one that
-# drivers from 525.60.13 load, where this machine's CUDA 13 needs 580.65.06.
+# drivers from 525.60.13 load, where this machine's CUDA 13 needs 580.65.06. The
+# linux-arm64 addon is cross-compiled in the same root (no CUDA plugin for arm64).
 #   bash scripts/prebuild-release.sh [ROOT_DIR]   (default: /var/tmp/della-bullseye)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,10 +55,26 @@ mkdir -p prebuilds/linux-x64
 rm -f prebuilds/linux-x64/della_merge_cuda.so
 cp "$work/prebuilds/linux-x64/"*.node prebuilds/linux-x64/
 if [ "$cuda" = 1 ]; then cp "$work/prebuilds/linux-x64/della_merge_cuda.so" prebuilds/linux-x64/; fi
+# linux-arm64 (Graviton, Grace): the addon cross-compiled in the same root by Debian 11's
+# aarch64 g++ 10 (scripts/aarch64-toolchain.cmake), without the CUDA plugin (nvcc here
+# builds for x86-64 hosts only). DELLA_RELEASE_ARM64=0 leaves it out.
+if [ "${DELLA_RELEASE_ARM64:-1}" != 0 ]; then
+  if [ ! -x "$root/usr/bin/aarch64-linux-gnu-g++" ]; then
+    chroot "$root" /usr/bin/env DEBIAN_FRONTEND=noninteractive /bin/bash -c \
+      'apt-get update -qq && apt-get install -y -qq --no-install-recommends g++-aarch64-linux-gnu' >/dev/null
+  fi
+  chroot "$root" /usr/bin/env PATH=/usr/local/bin:/usr/bin:/bin HOME=/tmp PREBUILD_STRIP_BIN=aarch64-linux-gnu-strip \
+    /bin/bash -c 'cd /build/della-merge && node node_modules/prebuildify/bin.js --napi --strip --tag-libc --arch arm64 --node-gyp scripts/prebuild-shim.js'
+  mkdir -p prebuilds/linux-arm64
+  cp "$work/prebuilds/linux-arm64/"*.node prebuilds/linux-arm64/
+  readelf -h prebuilds/linux-arm64/*.node | grep -q AArch64 || { echo "prebuild-release: prebuilds/linux-arm64 is not aarch64" >&2; exit 1; }
+fi
 # Every binary's newest glibc symbol version; the plugin's exports, which must be the
 # C ABI alone (della_cuda_*), nothing of the CUDA runtime or the C++ library.
-for f in prebuilds/linux-x64/*; do
-  need=$(objdump -T "$f" | grep -o 'GLIBC_[0-9.]*' | sort -t. -k2,2n -k3,3n -u | tail -1)
+for f in prebuilds/linux-*/*; do
+  dump=(objdump -T "$f")  # the arm64 binaries through the root's cross binutils
+  case $f in *linux-arm64*) dump=(chroot "$root" aarch64-linux-gnu-objdump -T "/build/della-merge/$f") ;; esac
+  need=$("${dump[@]}" | grep -o 'GLIBC_[0-9.]*' | sort -t. -k2,2n -k3,3n -u | tail -1)
   echo "$f ($(du -h "$f" | cut -f1)) needs at most $need"
 done
 if [ "$cuda" = 1 ]; then
