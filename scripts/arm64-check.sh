@@ -12,7 +12,9 @@
 # Timings under qemu mean nothing; this checks that arm64 builds and what it computes.
 # Needs g++-aarch64-linux-gnu and qemu-user (installed with apt-get when missing), npm
 # ci done, and build-ctest built.
-#   bash scripts/arm64-check.sh        (ARM64_CHECK_DIGESTS=N merges in step 2, default 300)
+#   bash scripts/arm64-check.sh        (ARM64_CHECK_DIGESTS=N merges in step 2, default 300;
+#   ARM64_CHECK_ADDON=prebuilds/linux-arm64/della-merge.glibc.node checks that addon in
+#   step 3 instead of building one, e.g. after npm run prebuilds:release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -51,9 +53,13 @@ cmp -s build-arm64/x86-64.digest build-arm64/arm64.digest ||
 say "digests: $lines digests of $count merges equal to x86-64's"
 
 # 3. The addon and the CLI, on an arm64 Node.js of this machine's major version.
-npx cmake-js compile --out build-arm64-addon --CDCMAKE_TOOLCHAIN_FILE="$toolchain" >build-arm64/addon.log 2>&1 ||
-  { tail -20 build-arm64/addon.log; fail "cross-compiling the addon failed"; }
-addon=$repo/build-arm64-addon/Release/della_merge.node
+if [ -n "${ARM64_CHECK_ADDON:-}" ]; then
+  addon=$(realpath "$ARM64_CHECK_ADDON")  # e.g. the release build, prebuilds/linux-arm64/
+else
+  npx cmake-js compile --out build-arm64-addon --CDCMAKE_TOOLCHAIN_FILE="$toolchain" >build-arm64/addon.log 2>&1 ||
+    { tail -20 build-arm64/addon.log; fail "cross-compiling the addon failed"; }
+  addon=$repo/build-arm64-addon/Release/della_merge.node
+fi
 readelf -h "$addon" | grep -q AArch64 || fail "$addon is not an aarch64 binary"
 version=$(node -p 'process.versions.node')
 node_dir=$repo/.arm64/node-$version
@@ -95,5 +101,5 @@ for r in "${recipes[@]}"; do
   [ "$files" -gt 0 ] || fail "$name: no output files"
   n=$((n + 1))
 done
-say "CLI: $n merges (examples/ and della as F32, F16) on arm64 Node.js $version byte-identical to x86-64's"
+say "CLI: $n merges with $(basename "$(dirname "$addon")")/$(basename "$addon") (examples/ and della as F32, F16) on arm64 Node.js $version byte-identical to x86-64's"
 echo "arm64-check: passed"

@@ -81,3 +81,6 @@ if [ "$cuda" = 1 ]; then
   other=$(nm -D --defined-only prebuilds/linux-x64/della_merge_cuda.so | awk '{print $3}' | grep -v '^della_cuda_' || true)
   [ -z "$other" ] || { echo "prebuild-release: the plugin exports more than della_cuda_*: $other" >&2; exit 1; }
 fi
+if [ "${DELLA_RELEASE_ARM64:-1}" != 0 ]; then
+  echo "prebuild-release: check the arm64 addon with ARM64_CHECK_ADDON=prebuilds/linux-arm64/della-merge.glibc.node bash scripts/arm64-check.sh"
+fi
