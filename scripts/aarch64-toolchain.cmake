@@ -21,6 +21,8 @@ find_program(DELLA_QEMU_AARCH64 qemu-aarch64)
 if(DELLA_QEMU_AARCH64)
   set(CMAKE_CROSSCOMPILING_EMULATOR ${DELLA_QEMU_AARCH64};-L;/usr/aarch64-linux-gnu)
 endif()
-# No CUDA plugin: nvcc here compiles for x86-64 hosts only (an arm64 plugin needs NVIDIA's
-# sbsa cross target, or a build on the arm64 machine itself).
+# No CUDA plugin unless asked for: an x86-64 toolkit's nvcc builds arm64 plugins only
+# with arm64 runtime libraries (CUDA12_TARGET=arm64 scripts/cuda12-toolkit.sh makes such
+# a toolkit): -DDELLA_CUDA=ON with CUDACXX=/opt/cuda-12.4-sbsa/bin/nvcc.
 set(DELLA_CUDA OFF CACHE BOOL "Build the CUDA plugin when a CUDA toolkit is found")
+set(CMAKE_CUDA_HOST_COMPILER ${della_prefix}g++)

@@ -103,4 +103,30 @@ for r in "${recipes[@]}"; do
   n=$((n + 1))
 done
 say "CLI: $n merges with $(basename "$(dirname "$addon")")/$(basename "$addon") (examples/ and della as F32, F16) on arm64 Node.js $("${anode[@]}" -p process.versions.node) byte-identical to x86-64's"
+# 4. The arm64 CUDA plugin, where there is one: beside ARM64_CHECK_ADDON, or built with
+#    a toolkit with arm64 runtime libraries (CUDA12_TARGET=arm64 scripts/cuda12-toolkit.sh).
+#    No GPU here: its exports are checked, and that it loads and names the missing driver.
+plugin=
+sbsa=${CUDA_SBSA_HOME:-/opt/cuda-12.4-sbsa}
+if [ -n "${ARM64_CHECK_ADDON:-}" ]; then
+  [ -f "$(dirname "$addon")/della_merge_cuda.so" ] && plugin=$(dirname "$addon")/della_merge_cuda.so
+elif [ -x "$sbsa/bin/nvcc" ]; then
+  CUDACXX=$sbsa/bin/nvcc cmake -S . -B build-arm64-cuda -DCMAKE_TOOLCHAIN_FILE="$toolchain" -DDELLA_CUDA=ON \
+    -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build-arm64-cuda -j "$(nproc)" --target della_merge_cuda >/dev/null ||
+    fail "cross-compiling the CUDA plugin with $sbsa failed"
+  plugin=$repo/build-arm64-cuda/della_merge_cuda.so
+fi
+if [ -n "$plugin" ]; then
+  readelf -h "$plugin" | grep -q AArch64 || fail "$plugin is not an aarch64 binary"
+  cmake --build build-arm64 -j "$(nproc)" --target della_cuda_plugin_test >/dev/null || fail "building della_cuda_plugin_test failed"
+  rc=0
+  "${qemu[@]}" build-arm64/della_cuda_plugin_test "$plugin" >"$work/plugin.txt" 2>&1 || rc=$?
+  [ "$rc" = 0 ] || [ "$rc" = 77 ] || { cat "$work/plugin.txt"; fail "della_cuda_plugin_test failed on the arm64 plugin"; }
+  DELLA_CUDA_PLUGIN=$plugin DELLA_NATIVE_PATH=$addon "${anode[@]}" bin/della-merge.js doctor >"$work/doctor-cuda.txt" 2>&1 || true
+  grep -q "no NVIDIA driver found" "$work/doctor-cuda.txt" ||
+    { cat "$work/doctor-cuda.txt"; fail "doctor with the arm64 plugin does not name the missing driver"; }
+  say "CUDA plugin $plugin: only della_cuda_* exported, loads under qemu ($(head -c 60 "$work/plugin.txt")...)"
+else
+  say "no arm64 CUDA plugin to check (no ARM64_CHECK_ADDON plugin, no toolkit in $sbsa)"
+fi
 echo "arm64-check: passed"

@@ -56,17 +56,33 @@ rm -f prebuilds/linux-x64/della_merge_cuda.so
 cp "$work/prebuilds/linux-x64/"*.node prebuilds/linux-x64/
 if [ "$cuda" = 1 ]; then cp "$work/prebuilds/linux-x64/della_merge_cuda.so" prebuilds/linux-x64/; fi
 # linux-arm64 (Graviton, Grace): the addon cross-compiled in the same root by Debian 11's
-# aarch64 g++ 10 (scripts/aarch64-toolchain.cmake), without the CUDA plugin (nvcc here
-# builds for x86-64 hosts only). DELLA_RELEASE_ARM64=0 leaves it out.
+# aarch64 g++ 10 (scripts/aarch64-toolchain.cmake), and its CUDA plugin when a CUDA
+# toolkit with arm64 runtime libraries is at $CUDA_SBSA_HOME (default
+# /opt/cuda-12.4-sbsa, made by CUDA12_TARGET=arm64 scripts/cuda12-toolkit.sh).
+# DELLA_RELEASE_ARM64=0 leaves arm64 out.
 if [ "${DELLA_RELEASE_ARM64:-1}" != 0 ]; then
   if [ ! -x "$root/usr/bin/aarch64-linux-gnu-g++" ]; then
     chroot "$root" /usr/bin/env DEBIAN_FRONTEND=noninteractive /bin/bash -c \
       'apt-get update -qq && apt-get install -y -qq --no-install-recommends g++-aarch64-linux-gnu' >/dev/null
   fi
-  chroot "$root" /usr/bin/env PATH=/usr/local/bin:/usr/bin:/bin HOME=/tmp PREBUILD_STRIP_BIN=aarch64-linux-gnu-strip \
+  arm_cuda=0
+  sbsa=$(readlink -f "${CUDA_SBSA_HOME:-/opt/cuda-12.4-sbsa}" 2>/dev/null || true)
+  if [ "${DELLA_RELEASE_CUDA:-1}" != 0 ] && [ -n "$sbsa" ] && [ -x "$sbsa/bin/nvcc" ] && [ -d "$sbsa/targets/sbsa-linux" ]; then
+    arm_cuda=1
+    mkdir -p "$root/usr/local/cuda-sbsa"
+    mountpoint -q "$root/usr/local/cuda-sbsa" || mount --bind "$sbsa" "$root/usr/local/cuda-sbsa"
+    mounts+=("$root/usr/local/cuda-sbsa")
+    echo "prebuild-release: arm64 CUDA plugin with the toolkit in $sbsa"
+  else
+    echo "prebuild-release: no arm64 CUDA toolkit in ${CUDA_SBSA_HOME:-/opt/cuda-12.4-sbsa}: no arm64 CUDA plugin"
+  fi
+  rm -f prebuilds/linux-arm64/della_merge_cuda.so
+  chroot "$root" /usr/bin/env PATH=/usr/local/cuda-sbsa/bin:/usr/local/bin:/usr/bin:/bin HOME=/tmp DELLA_PREBUILD_CUDA=$arm_cuda \
+    PREBUILD_STRIP_BIN=aarch64-linux-gnu-strip \
     /bin/bash -c 'cd /build/della-merge && node node_modules/prebuildify/bin.js --napi --strip --tag-libc --arch arm64 --node-gyp scripts/prebuild-shim.js'
   mkdir -p prebuilds/linux-arm64
   cp "$work/prebuilds/linux-arm64/"*.node prebuilds/linux-arm64/
+  if [ "$arm_cuda" = 1 ]; then cp "$work/prebuilds/linux-arm64/della_merge_cuda.so" prebuilds/linux-arm64/; fi
   readelf -h prebuilds/linux-arm64/*.node | grep -q AArch64 || { echo "prebuild-release: prebuilds/linux-arm64 is not aarch64" >&2; exit 1; }
 fi
 # Every binary's newest glibc symbol version; the plugin's exports, which must be the
@@ -77,10 +93,11 @@ for f in prebuilds/linux-*/*; do
   need=$("${dump[@]}" | grep -o 'GLIBC_[0-9.]*' | sort -t. -k2,2n -k3,3n -u | tail -1)
   echo "$f ($(du -h "$f" | cut -f1)) needs at most $need"
 done
-if [ "$cuda" = 1 ]; then
-  other=$(nm -D --defined-only prebuilds/linux-x64/della_merge_cuda.so | awk '{print $3}' | grep -v '^della_cuda_' || true)
-  [ -z "$other" ] || { echo "prebuild-release: the plugin exports more than della_cuda_*: $other" >&2; exit 1; }
-fi
+for f in prebuilds/linux-*/della_merge_cuda.so; do
+  [ -f "$f" ] || continue
+  other=$(nm -D --defined-only "$f" | awk '{print $3}' | grep -v '^della_cuda_' || true)
+  [ -z "$other" ] || { echo "prebuild-release: $f exports more than della_cuda_*: $other" >&2; exit 1; }
+done
 if [ "${DELLA_RELEASE_ARM64:-1}" != 0 ]; then
   echo "prebuild-release: check the arm64 addon with ARM64_CHECK_ADDON=prebuilds/linux-arm64/della-merge.glibc.node bash scripts/arm64-check.sh"
 fi

@@ -19,13 +19,14 @@ const cmakeJs = require.resolve('cmake-js/bin/cmake-js');
 // to compile, and prebuildify copies only the .node. With it, the plugin is built too and
 // copied into prebuilds/<platform>-<arch>/ beside the .node, where the addon looks for it.
 // Another architecture than this machine's: linux-arm64 from x86-64 is cross-compiled
-// with Debian's aarch64 compiler (scripts/aarch64-toolchain.cmake), without the plugin.
+// with Debian's aarch64 compiler (scripts/aarch64-toolchain.cmake); its plugin needs nvcc
+// with arm64 runtime libraries on PATH (CUDA12_TARGET=arm64 scripts/cuda12-toolkit.sh).
 const cross = arch !== process.arch;
 if (cross && !(process.platform === 'linux' && process.arch === 'x64' && arch === 'arm64')) {
   console.error(`prebuild-shim: cannot build for ${process.platform}-${arch} on ${process.platform}-${process.arch}`);
   process.exit(1);
 }
-const cuda = process.env.DELLA_PREBUILD_CUDA === '1' && !cross;
+const cuda = process.env.DELLA_PREBUILD_CUDA === '1';
 const r = spawnSync(process.execPath, [cmakeJs, 'rebuild', '--out', 'build', '--arch', arch, '--CDDELLA_PORTABLE=ON',
   `--CDDELLA_CUDA=${cuda ? 'ON' : 'OFF'}`,
   ...(cross ? [`--CDCMAKE_TOOLCHAIN_FILE=${resolve(root, 'scripts', 'aarch64-toolchain.cmake')}`] : []),

@@ -64,7 +64,7 @@ Plugin& plugin_locked() {
     if (!file_exists(p.path))
       p.error += " (this installation has no CUDA plugin: it is built with the addon when CMake finds nvcc >= 12; "
                  "`DELLA_FORCE_BUILD=1 npm rebuild della-merge` builds both from source where the prebuilt package "
-                 "has none, as for linux-arm64; or set DELLA_CUDA_PLUGIN to its path)";
+                 "has none; or set DELLA_CUDA_PLUGIN to its path)";
     return p;
   }
   auto sym = [&](const char* name) { return dlsym(p.handle, name); };
