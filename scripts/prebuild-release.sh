@@ -28,10 +28,14 @@ rm -rf "$work" && mkdir -p "$work"
 git ls-files --cached --others --exclude-standard | grep -v '^test/' | while read -r f; do
   mkdir -p "$work/$(dirname "$f")" && cp "$f" "$work/$f"
 done
-mkdir -p "$work/node_modules"
-mountpoint -q "$work/node_modules" || mount --bind "$repo/node_modules" "$work/node_modules"
-mounts=("$work/node_modules")
+mounts=()
 trap 'for m in "${mounts[@]}"; do umount "$m" 2>/dev/null || true; done' EXIT
+bind_into_root() {  # bind_into_root HOST_DIR DIR_IN_ROOT: unmounted on exit
+  mkdir -p "$root$2"
+  mountpoint -q "$root$2" || mount --bind "$1" "$root$2"
+  mounts+=("$root$2")
+}
+bind_into_root "$repo/node_modules" /build/della-merge/node_modules
 # The host's CUDA toolkit, if any, for the plugin.
 cuda=0
 cuda_home=$(readlink -f "${CUDA_HOME:-/usr/local/cuda}" 2>/dev/null || true)
@@ -39,9 +43,7 @@ if [ "${DELLA_RELEASE_CUDA:-1}" != 0 ] && [ -n "$cuda_home" ] && [ -x "$cuda_hom
   nvcc_major=$("$cuda_home/bin/nvcc" --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
   if [ "${nvcc_major:-0}" -ge 12 ]; then
     cuda=1
-    mkdir -p "$root/usr/local/cuda"
-    mountpoint -q "$root/usr/local/cuda" || mount --bind "$cuda_home" "$root/usr/local/cuda"
-    mounts+=("$root/usr/local/cuda")
+    bind_into_root "$cuda_home" /usr/local/cuda
     echo "prebuild-release: CUDA plugin with nvcc $nvcc_major from $cuda_home"
   else
     echo "prebuild-release: nvcc in $cuda_home is older than 12: no CUDA plugin"
@@ -69,9 +71,7 @@ if [ "${DELLA_RELEASE_ARM64:-1}" != 0 ]; then
   sbsa=$(readlink -f "${CUDA_SBSA_HOME:-/opt/cuda-12.4-sbsa}" 2>/dev/null || true)
   if [ "${DELLA_RELEASE_CUDA:-1}" != 0 ] && [ -n "$sbsa" ] && [ -x "$sbsa/bin/nvcc" ] && [ -d "$sbsa/targets/sbsa-linux" ]; then
     arm_cuda=1
-    mkdir -p "$root/usr/local/cuda-sbsa"
-    mountpoint -q "$root/usr/local/cuda-sbsa" || mount --bind "$sbsa" "$root/usr/local/cuda-sbsa"
-    mounts+=("$root/usr/local/cuda-sbsa")
+    bind_into_root "$sbsa" /usr/local/cuda-sbsa
     echo "prebuild-release: arm64 CUDA plugin with the toolkit in $sbsa"
   else
     echo "prebuild-release: no arm64 CUDA toolkit in ${CUDA_SBSA_HOME:-/opt/cuda-12.4-sbsa}: no arm64 CUDA plugin"
