@@ -67,3 +67,13 @@ describe.skipIf(process.env.DELLA_SKIP_PACK === '1')('npm pack with a prebuilt b
     expect(imp.stdout.trim(), imp.stderr).toBe('function function function');
   });
 });
+
+describe('the prebuild shim', () => {
+  it('refuses an architecture it cannot cross-compile for, naming it, before building anything', () => {
+    // prebuildify calls it as node-gyp; linux-arm64 from x86-64 is the one cross target.
+    const other = process.arch === 'x64' ? 'riscv64' : 'x64';
+    const r = spawnSync(process.execPath, [join(root, 'scripts', 'prebuild-shim.js'), 'rebuild', `--arch=${other}`], { cwd: root, encoding: 'utf8' });
+    expect(r.status).toBe(1);
+    expect(r.stderr.trim().split('\n')).toEqual([`prebuild-shim: cannot build for ${process.platform}-${other} on ${process.platform}-${process.arch}`]);
+  });
+});
