@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Builds the release binaries in prebuilds/linux-x64/ and prebuilds/linux-arm64/ against
-# an old glibc: a Debian 11
-# (glibc 2.31) root made with debootstrap holds the compiler, this machine's Node.js
-# runs there, and prebuildify (through scripts/prebuild-shim.js and cmake-js) builds
+# an old glibc: a Debian 11 (glibc 2.31) root made with debootstrap holds the compilers,
+# this machine's Node.js runs there, and prebuildify (through scripts/prebuild-shim.js and cmake-js) builds
 # with the C++ runtime linked statically. The addon then needs only glibc >= 2.18 —
 # older than Node.js 20 itself needs. Needs root, debootstrap and the Debian mirror.
 # When this machine has a CUDA toolkit (nvcc >= 12; $CUDA_HOME, else /usr/local/cuda),
@@ -12,7 +11,8 @@
 # leaves it out. The plugin loads with NVIDIA drivers for its toolkit's CUDA major
 # version: CUDA_HOME=/opt/cuda-12.4 (made by scripts/cuda12-toolkit.sh) builds one that
 # drivers from 525.60.13 load, where this machine's CUDA 13 needs 580.65.06. The
-# linux-arm64 addon is cross-compiled in the same root (no CUDA plugin for arm64).
+# linux-arm64 addon is cross-compiled in the same root, and its plugin where a toolkit
+# with arm64 runtime libraries is at hand (below).
 #   bash scripts/prebuild-release.sh [ROOT_DIR]   (default: /var/tmp/della-bullseye)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,12 +51,19 @@ if [ "${DELLA_RELEASE_CUDA:-1}" != 0 ] && [ -n "$cuda_home" ] && [ -x "$cuda_hom
 else
   echo "prebuild-release: no CUDA toolkit (or DELLA_RELEASE_CUDA=0): no CUDA plugin"
 fi
-chroot "$root" /usr/bin/env PATH=/usr/local/cuda/bin:/usr/local/bin:/usr/bin:/bin HOME=/tmp DELLA_PREBUILD_CUDA=$cuda \
-  /bin/bash -c 'cd /build/della-merge && node node_modules/prebuildify/bin.js --napi --strip --tag-libc --node-gyp scripts/prebuild-shim.js'
-mkdir -p prebuilds/linux-x64
-rm -f prebuilds/linux-x64/della_merge_cuda.so
-cp "$work/prebuilds/linux-x64/"*.node prebuilds/linux-x64/
-if [ "$cuda" = 1 ]; then cp "$work/prebuilds/linux-x64/della_merge_cuda.so" prebuilds/linux-x64/; fi
+# prebuildify for one architecture inside the root, with the plugin when WITH_PLUGIN is 1
+# (nvcc from CUDA_BIN), then prebuilds/linux-ARCH/ copied out.
+prebuild_in_root() {  # prebuild_in_root ARCH WITH_PLUGIN CUDA_BIN [NAME=VALUE ...]
+  local arch=$1 plugin=$2 cuda_bin=$3
+  shift 3
+  chroot "$root" /usr/bin/env PATH="$cuda_bin":/usr/local/bin:/usr/bin:/bin HOME=/tmp DELLA_PREBUILD_CUDA="$plugin" "$@" \
+    /bin/bash -c "cd /build/della-merge && node node_modules/prebuildify/bin.js --napi --strip --tag-libc --arch $arch --node-gyp scripts/prebuild-shim.js"
+  mkdir -p "prebuilds/linux-$arch"
+  rm -f "prebuilds/linux-$arch/della_merge_cuda.so"
+  cp "$work/prebuilds/linux-$arch/"*.node "prebuilds/linux-$arch/"
+  if [ "$plugin" = 1 ]; then cp "$work/prebuilds/linux-$arch/della_merge_cuda.so" "prebuilds/linux-$arch/"; fi
+}
+prebuild_in_root x64 "$cuda" /usr/local/cuda/bin
 # linux-arm64 (Graviton, Grace): the addon cross-compiled in the same root by Debian 11's
 # aarch64 g++ 10 (scripts/aarch64-toolchain.cmake), and its CUDA plugin when a CUDA
 # toolkit with arm64 runtime libraries is at $CUDA_SBSA_HOME (default
@@ -76,13 +83,7 @@ if [ "${DELLA_RELEASE_ARM64:-1}" != 0 ]; then
   else
     echo "prebuild-release: no arm64 CUDA toolkit in ${CUDA_SBSA_HOME:-/opt/cuda-12.4-sbsa}: no arm64 CUDA plugin"
   fi
-  rm -f prebuilds/linux-arm64/della_merge_cuda.so
-  chroot "$root" /usr/bin/env PATH=/usr/local/cuda-sbsa/bin:/usr/local/bin:/usr/bin:/bin HOME=/tmp DELLA_PREBUILD_CUDA=$arm_cuda \
-    PREBUILD_STRIP_BIN=aarch64-linux-gnu-strip \
-    /bin/bash -c 'cd /build/della-merge && node node_modules/prebuildify/bin.js --napi --strip --tag-libc --arch arm64 --node-gyp scripts/prebuild-shim.js'
-  mkdir -p prebuilds/linux-arm64
-  cp "$work/prebuilds/linux-arm64/"*.node prebuilds/linux-arm64/
-  if [ "$arm_cuda" = 1 ]; then cp "$work/prebuilds/linux-arm64/della_merge_cuda.so" prebuilds/linux-arm64/; fi
+  prebuild_in_root arm64 "$arm_cuda" /usr/local/cuda-sbsa/bin PREBUILD_STRIP_BIN=aarch64-linux-gnu-strip
   readelf -h prebuilds/linux-arm64/*.node | grep -q AArch64 || { echo "prebuild-release: prebuilds/linux-arm64 is not aarch64" >&2; exit 1; }
 fi
 # Every binary's newest glibc symbol version; the plugin's exports, which must be the

@@ -15,9 +15,6 @@ const args = process.argv.slice(2);
 const arch = (args.find((a) => a.startsWith('--arch=')) ?? `--arch=${process.arch}`).slice('--arch='.length);
 const debug = args.includes('--debug');
 const cmakeJs = require.resolve('cmake-js/bin/cmake-js');
-// The CUDA plugin is left out unless DELLA_PREBUILD_CUDA=1: it needs nvcc, takes minutes
-// to compile, and prebuildify copies only the .node. With it, the plugin is built too and
-// copied into prebuilds/<platform>-<arch>/ beside the .node, where the addon looks for it.
 // Another architecture than this machine's: linux-arm64 from x86-64 is cross-compiled
 // with Debian's aarch64 compiler (scripts/aarch64-toolchain.cmake); its plugin needs nvcc
 // with arm64 runtime libraries on PATH (CUDA12_TARGET=arm64 scripts/cuda12-toolkit.sh).
@@ -26,6 +23,9 @@ if (cross && !(process.platform === 'linux' && process.arch === 'x64' && arch ==
   console.error(`prebuild-shim: cannot build for ${process.platform}-${arch} on ${process.platform}-${process.arch}`);
   process.exit(1);
 }
+// The CUDA plugin is left out unless DELLA_PREBUILD_CUDA=1: it needs nvcc, takes minutes
+// to compile, and prebuildify copies only the .node. With it, the plugin is built too and
+// copied into prebuilds/<platform>-<arch>/ beside the .node, where the addon looks for it.
 const cuda = process.env.DELLA_PREBUILD_CUDA === '1';
 const r = spawnSync(process.execPath, [cmakeJs, 'rebuild', '--out', 'build', '--arch', arch, '--CDDELLA_PORTABLE=ON',
   `--CDDELLA_CUDA=${cuda ? 'ON' : 'OFF'}`,

@@ -114,7 +114,8 @@ describe(`CUDA plugin, host side (DELLA_TEST_SEED=${seed})`, () => {
     expect(lines[0]).toMatch(/^della-merge: --device cuda:0 is unavailable: the CUDA plugin could not be loaded: /);
     expect(lines[0]).toContain(missing);
     expect(lines[0]).toMatch(/No such file or directory/);
-    // and how to get one where the prebuilt package has none (linux-arm64)
+    // and how to get one where the prebuilt package has none (e.g. linux-arm64 released
+    // without an arm64 CUDA toolkit)
     expect(lines[0]).toContain('DELLA_FORCE_BUILD=1 npm rebuild della-merge');
     expect(leftovers(dir)).toEqual([]); // no output, no temporary directory, not even the parent
   });
