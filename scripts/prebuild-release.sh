@@ -85,6 +85,8 @@ if [ "${DELLA_RELEASE_ARM64:-1}" != 0 ]; then
   fi
   prebuild_in_root arm64 "$arm_cuda" /usr/local/cuda-sbsa/bin PREBUILD_STRIP_BIN=aarch64-linux-gnu-strip
   readelf -h prebuilds/linux-arm64/*.node | grep -q AArch64 || { echo "prebuild-release: prebuilds/linux-arm64 is not aarch64" >&2; exit 1; }
+else
+  rm -rf prebuilds/linux-arm64  # an earlier run's binaries would otherwise be packed
 fi
 # Every binary's newest glibc symbol version; the plugin's exports, which must be the
 # C ABI alone (della_cuda_*), nothing of the CUDA runtime or the C++ library.
