@@ -3,17 +3,17 @@
  * the file, a non-zero exit, no stack trace, and no output left behind.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { merge, saveModel } from '../lib/index.js';
+import { merge, openCheckpoint, saveModel } from '../lib/index.js';
 import { tempDir, writeRecipe } from './helpers/models.js';
 
 const root = resolve(import.meta.dirname, '..');
 const bin = join(root, 'bin/della-merge.js');
 
 function cli(args: string[]) {
-  const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8' });
+  const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8', timeout: 60_000 });
   return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
@@ -68,6 +68,11 @@ describe('hostile checkpoints', () => {
     ['an index through a symbolic link leading out', () => { mkdirSync(f('idx5'), { recursive: true }); symlinkSync(join(good, 'model.safetensors'), join(f('idx5'), 'shard.safetensors')); writeFileSync(join(f('idx5'), 'model.safetensors.index.json'), JSON.stringify({ weight_map: { w: 'shard.safetensors' } })); return f('idx5'); }, /idx5.*link leading outside/],
     ['an index naming a missing shard', () => { mkdirSync(f('idx6'), { recursive: true }); writeFileSync(join(f('idx6'), 'model.safetensors.index.json'), JSON.stringify({ weight_map: { w: 'gone.safetensors' } })); return f('idx6'); }, /idx6.*gone\.safetensors.*does not exist/],
     ['an index naming a tensor its shard lacks', () => { mkdirSync(f('idx7'), { recursive: true }); saveModel(join(f('idx7'), 'x'), [{ name: 'w', dtype: 'F32', shape: [2, 2], data: new Float32Array(4) }]); writeFileSync(join(f('idx7'), 'model.safetensors.index.json'), JSON.stringify({ weight_map: { v: 'x/model.safetensors' } })); return f('idx7'); }, /idx7.*puts "v" in model\.safetensors, which has no such tensor/],
+    ['a header nested 10,000 deep', () => rawFile(f('deep.safetensors'), `{"__metadata__":${'['.repeat(10_000)}${']'.repeat(10_000)}}`, 0), /deep\.safetensors: "__metadata__" must be an object of strings, got \[\.\.\.\]/],
+    ['an index value nested 10,000 deep', () => { mkdirSync(f('idx8'), { recursive: true }); writeFileSync(join(f('idx8'), 'model.safetensors.index.json'), `{"weight_map":{"w":${'['.repeat(10_000)}${']'.repeat(10_000)}}}`); return f('idx8'); }, /idx8.*weight_map values must be non-empty file names, got \[\.\.\.\]/],
+    // Opening a FIFO for reading would wait for a writer forever.
+    ['a FIFO as model.safetensors', () => { mkdirSync(f('fifo1'), { recursive: true }); spawnSync('mkfifo', [join(f('fifo1'), 'model.safetensors')]); return f('fifo1'); }, /fifo1.model\.safetensors: not a regular file/],
+    ['a FIFO as the index', () => { mkdirSync(f('fifo2'), { recursive: true }); spawnSync('mkfifo', [join(f('fifo2'), 'model.safetensors.index.json')]); return f('fifo2'); }, /fifo2.*index\.json: not a regular file/],
     ['a tensor in two shards', () => { mkdirSync(f('two'), { recursive: true }); saveModel(join(f('two'), 'a'), [{ name: 'w', dtype: 'F32', shape: [1], data: new Float32Array(1) }]); rmSync(join(f('two'), 'a'), { recursive: true }); rawFile(join(f('two'), 'a.safetensors'), { w: { dtype: 'F32', shape: [1], data_offsets: [0, 4] } }, 4); rawFile(join(f('two'), 'b.safetensors'), { w: { dtype: 'F32', shape: [1], data_offsets: [0, 4] } }, 4); return f('two'); }, /tensor "w" is in both a\.safetensors and b\.safetensors/],
   ];
   for (const [label, make, message] of cases) {
@@ -100,6 +105,66 @@ describe('hostile checkpoints', () => {
     const ok = cli(['run', recipe, '--out', f('nan-out'), '--allow-nonfinite']);
     expect(ok.code, ok.stderr).toBe(0);
     expect(ok.stdout).toMatch(/warning +tensor "w" .* merged anyway/);
+  });
+
+  it('a shard whose name begins with ".." is inside the model directory', () => {
+    mkdirSync(f('dots'), { recursive: true });
+    rawFile(join(f('dots'), '..w.safetensors'), { w: W }, 16);
+    writeFileSync(join(f('dots'), 'model.safetensors.index.json'), JSON.stringify({ weight_map: { w: '..w.safetensors' } }));
+    const r = cli(['inspect', f('dots')]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/^w +F32/m);
+  });
+
+  it('a tensor named __proto__ is kept in the index, the run record and verify', () => {
+    const tensors = ['__proto__', 'w'].map((name) => ({ name, dtype: 'F32' as const, shape: [2, 2], data: new Float32Array([1, 2, 3, 4]) }));
+    saveModel(f('proto-base'), tensors);
+    saveModel(f('proto-x'), tensors.map((t) => ({ ...t, data: new Float32Array([2, 1, 4, 3]) })));
+    const recipe = writeRecipe(f('proto.yaml'), { merge_method: 'task_arithmetic', base_model: f('proto-base'), models: [{ model: f('proto-x') }] });
+    const run = cli(['run', recipe, '--out', f('proto-out'), '--shard-size', '16', '-q']); // one tensor per shard: an index
+    expect(run.code, run.stderr).toBe(0);
+    const index = JSON.parse(readFileSync(join(f('proto-out'), 'model.safetensors.index.json'), 'utf8'));
+    expect(Object.keys(index.weight_map)).toEqual(['__proto__', 'w']);
+    expect(Object.keys(JSON.parse(readFileSync(join(f('proto-out'), 'della_merge_run.json'), 'utf8')).xxh64)).toEqual(['__proto__', 'w']);
+    const verify = cli(['verify', f('proto-out'), '--recipe', recipe]);
+    expect(verify.code, verify.stdout + verify.stderr).toBe(0);
+  });
+
+  it('a file over 4 GiB: tensors past 4 GiB read from JavaScript, one over 4 GiB refused clearly', () => {
+    // Sparse: a 4.5 GiB pad tensor, then w. Node 20 cannot view over 4 GiB at once, and
+    // one such view aborted the process; verify and bytes() view such files in windows.
+    const pad = 4.5 * 2 ** 30;
+    const header = Buffer.from(JSON.stringify({
+      pad: { dtype: 'U8', shape: [pad], data_offsets: [0, pad] },
+      w: { dtype: 'F32', shape: [2, 2], data_offsets: [pad, pad + 16] },
+    }));
+    const file = f('big.safetensors');
+    const fd = openSync(file, 'w');
+    const prefix = Buffer.alloc(8);
+    prefix.writeBigUInt64LE(BigInt(header.length));
+    writeSync(fd, Buffer.concat([prefix, header]), 0, 8 + header.length, 0);
+    writeSync(fd, Buffer.from(new Float32Array([5, 6, 7, 8]).buffer), 0, 16, 8 + header.length + pad);
+    closeSync(fd);
+    const c = openCheckpoint(file);
+    try {
+      expect([...(c.array('w') as Float32Array)]).toEqual([5, 6, 7, 8]);
+      expect(() => c.bytes('pad')).toThrow(/tensor "pad" is 4831838208 bytes: larger than the 4 GiB/);
+    } finally {
+      c.close();
+      rmSync(file);
+    }
+  });
+
+  it('an output that holds an input is refused, even with --overwrite, and the input stays', () => {
+    mkdirSync(f('holder'), { recursive: true });
+    saveModel(join(f('holder'), 'x'), [{ name: 'w', dtype: 'F32', shape: [2, 2], data: new Float32Array([4, 3, 2, 1]) }]);
+    const recipe = writeRecipe(f('holder.yaml'), { merge_method: 'task_arithmetic', base_model: base, models: [{ model: join(f('holder'), 'x') }] });
+    for (const out of [f('holder'), join(f('holder'), 'x')]) {
+      const r = cli(['run', recipe, '--out', out, '--overwrite', '-q']);
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stderr).toMatch(/holds .*holder.x.*an input of this merge: replacing it would delete that input/);
+      expect(existsSync(join(f('holder'), 'x', 'model.safetensors'))).toBe(true);
+    }
   });
 });
 

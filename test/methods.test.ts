@@ -3,7 +3,7 @@
  * mergekit-style recipes and refusals of the methods issue.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { layerCount, layerIndex, merge, openCheckpoint, parseRecipe, resolveTensorParams, saveModel } from '../lib/index.js';
@@ -220,15 +220,23 @@ describe('refusals of the methods issue', () => {
 describe('Hugging Face hub ids from the local cache', () => {
   it('resolves org/name and org/name@revision through refs and snapshots, offline', async () => {
     const dir = tempDir();
-    const models = makeModels(rng(seed), join(dir, 'src'), { dtype: 'BF16', experts: 1 });
+    const models = makeModels(rng(seed), join(dir, 'src'), { dtype: 'BF16', experts: 1 }); // the base sharded, with an index
+    expect(existsSync(join(models.base, 'model.safetensors.index.json'))).toBe(true);
     const cache = join(dir, 'hub');
+    // As huggingface_hub lays a repository out: the files in blobs/, and each snapshot's
+    // files links to them (snapshots/REV/FILE -> ../../blobs/HASH).
     const put = (id: string, from: string, refs: Record<string, string>) => {
       const repo = join(cache, `models--${id.replace('/', '--')}`);
+      mkdirSync(join(repo, 'blobs'), { recursive: true });
       for (const [ref, commit] of Object.entries(refs)) {
         mkdirSync(join(repo, 'refs'), { recursive: true });
         writeFileSync(join(repo, 'refs', ref), `${commit}\n`);
-        mkdirSync(join(repo, 'snapshots'), { recursive: true });
-        spawnSync('cp', ['-r', from, join(repo, 'snapshots', commit)]);
+        mkdirSync(join(repo, 'snapshots', commit), { recursive: true });
+        for (const file of readdirSync(from)) {
+          const blob = `${commit.slice(0, 8)}-${file}`;
+          copyFileSync(join(from, file), join(repo, 'blobs', blob));
+          symlinkSync(join('..', '..', 'blobs', blob), join(repo, 'snapshots', commit, file));
+        }
       }
     };
     put('acme/base-7b', models.base, { main: 'a'.repeat(40) });

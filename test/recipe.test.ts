@@ -493,6 +493,22 @@ describe('refusals', () => {
     refuse('- a\n- b\n', 'must be a mapping');
     refuse('', 'must be a mapping');
     refuse('merge_method: della\nmerge_method: della\n', 'invalid YAML');
+    // JSON.parse keeps the last of two equal keys; a recipe refuses them, as in YAML.
+    refuse('{"merge_method": "della", "base_model": "b", "models": [{"model": "a"}], "merge_method": "ties"}', 'invalid JSON', 'key "merge_method" appears twice');
+    refuse('{"merge_method": "della", "base_model": "b", "models": [{"model": "a", "parameters": {"density": 0.5, "density": 0.2}}]}', 'key "density" appears twice');
+    // the same key in different objects, and keys inside strings, are fine
+    expect(parse(String.raw`{"merge_method": "della", "base_model": "b", "models": [{"model": "a\",\"model"}, {"model": "c"}], "parameters": {"density": 0.6}}`).models).toHaveLength(2);
+  });
+
+  it('a weight or lambda beyond float32 range (it would be infinite in the kernels)', () => {
+    refuse(recipe({ models: '  - model: a\n    parameters: {weight: 1e39}\n' }), 'model "a"', 'parameter "weight"', 'within float32 range', 'got 1e+39');
+    refuse(recipe({ params: '  lambda: -1e39\n' }), 'parameter "lambda"', 'within float32 range');
+    expect(parse(recipe({ params: '  lambda: 3e38\n' })).parameters.lambda).toBe(3e38);
+  });
+
+  it('a "*" filter matches every tensor, as in mergekit', () => {
+    const r = parse(recipe({ models: '  - model: a\n    parameters:\n      density:\n        - {filter: "*", value: 0.3}\n  - model: b\n', params: '  density: 0.9\n  epsilon: 0.05\n' }));
+    expect(resolveTensorParams(r, 'model.layers.0.mlp.up_proj.weight', 2).experts.map((e) => e.density)).toEqual([0.3, 0.9]);
   });
 });
 

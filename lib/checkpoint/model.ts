@@ -7,6 +7,7 @@
 import { existsSync, readdirSync, readFileSync, realpathSync, statSync } from 'node:fs';
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { DellaError } from '../errors.js';
+import { jsonForMessage } from '../util/show.js';
 import { loadNative, type NativeMappedFile, type NativeSlice } from '../native.js';
 import { parseHeader, readHeaderLength, type SafetensorsHeader, type TensorInfo } from './safetensors.js';
 
@@ -72,18 +73,37 @@ const ARRAY_TYPES: Record<string, { new (b: ArrayBufferLike, o: number, n: numbe
 
 interface OpenFile {
   map: NativeMappedFile;
-  /** one view of the whole map, made on first use; tensors are subarrays of it (a new
-   * external buffer per tensor would count gigabytes against the JS heap's GC budget) */
-  whole?: Uint8Array;
+  /** views of the map, made on first use; tensors are subarrays of them (a new external
+   * buffer per tensor would count gigabytes against the JS heap's GC budget): one view
+   * of the whole file up to 2 GiB, else window k covers [k GiB, k GiB + 2 GiB) */
+  windows?: Map<number, Uint8Array>;
   header: SafetensorsHeader;
   size: number;
   mtimeMs: number;
 }
 
-function view(f: OpenFile, offset: number, length: number): Uint8Array {
+/** Windows of files over 2 GiB: Node 20 cannot view more than 4 GiB at once (one
+ * larger view aborted the process), and a model's file often holds more. */
+const WINDOW = 2 ** 30;
+/** Node 20's largest typed array; a longer tensor cannot be viewed from JS at all. */
+const MAX_VIEW = 2 ** 32;
+
+function view(f: OpenFile, offset: number, length: number, name: string): Uint8Array {
   if (length === 0) return new Uint8Array(0);
-  f.whole ??= f.map.view(0, f.map.size);
-  return f.whole.subarray(offset, offset + length);
+  if (length > MAX_VIEW) {
+    throw new DellaError('E_CHECKPOINT', `tensor "${name}" is ${length} bytes: larger than the 4 GiB that Node.js can view in one typed array, so it cannot be read from JavaScript (merges read it natively)`);
+  }
+  const size = f.map.size;
+  if (size > 2 * WINDOW && length > WINDOW) return f.map.view(offset, length); // its own view
+  // The window holding the tensor's start holds its end too (the whole file up to 2 GiB).
+  const k = size <= 2 * WINDOW ? 0 : Math.floor(offset / WINDOW);
+  f.windows ??= new Map();
+  let w = f.windows.get(k);
+  if (!w) {
+    w = f.map.view(k * WINDOW, Math.min(2 * WINDOW, size - k * WINDOW));
+    f.windows.set(k, w);
+  }
+  return w.subarray(offset - k * WINDOW, offset - k * WINDOW + length);
 }
 
 function checkpointError(message: string): DellaError {
@@ -96,6 +116,12 @@ function openFile(file: string): OpenFile {
   let st;
   try {
     st = statSync(file);
+  } catch (e) {
+    throw checkpointError(`${file}: cannot be read: ${(e as Error).message.replace(`${file}: `, '')}`);
+  }
+  // Opening a FIFO would wait for a writer forever; a directory cannot be mapped.
+  if (!st.isFile()) throw checkpointError(`${file}: not a regular file`);
+  try {
     map = new native.MappedFile(file);
   } catch (e) {
     throw checkpointError(`${file}: cannot be read: ${(e as Error).message.replace(`${file}: `, '')}`);
@@ -113,18 +139,22 @@ function openFile(file: string): OpenFile {
 /** Resolves a weight_map entry, refusing anything that leads outside `dir`. */
 function shardPath(dir: string, name: unknown, indexFile: string): string {
   if (typeof name !== 'string' || name === '') {
-    throw checkpointError(`${indexFile}: weight_map values must be non-empty file names, got ${JSON.stringify(name)}`);
+    throw checkpointError(`${indexFile}: weight_map values must be non-empty file names, got ${jsonForMessage(name)}`);
   }
   if (isAbsolute(name)) throw checkpointError(`${indexFile}: weight_map names "${name}", an absolute path; shards must be inside ${dir}`);
   const full = resolve(dir, name);
   const rel = relative(dir, full);
-  if (rel.startsWith('..') || isAbsolute(rel)) {
+  if (rel === '..' || rel.startsWith(`..${sep}`) || isAbsolute(rel)) {
     throw checkpointError(`${indexFile}: weight_map names "${name}", which is outside the model directory ${dir}`);
   }
   if (!existsSync(full)) throw checkpointError(`${indexFile}: weight_map names "${name}", which does not exist in ${dir}`);
   const real = realpathSync(full);
   const realDir = realpathSync(dir);
-  if (real !== realDir && !real.startsWith(realDir + sep)) {
+  const inside = (d: string): boolean => real.startsWith(d + sep);
+  // The Hugging Face cache keeps a snapshot's files as links into its repository's
+  // blobs/ (models--org--name/snapshots/REV/FILE -> ../../blobs/HASH).
+  const hfBlobs = basename(dirname(realDir)) === 'snapshots' ? join(dirname(dirname(realDir)), 'blobs') : null;
+  if (!inside(realDir) && !(hfBlobs && inside(hfBlobs))) {
     throw checkpointError(`${indexFile}: weight_map names "${name}", a link leading outside the model directory ${dir}`);
   }
   return full;
@@ -132,6 +162,7 @@ function shardPath(dir: string, name: unknown, indexFile: string): string {
 
 function readIndex(dir: string): { files: string[]; weightMap: Map<string, string> } {
   const indexFile = join(dir, INDEX_FILE);
+  if (!statSync(indexFile).isFile()) throw checkpointError(`${indexFile}: not a regular file`); // a FIFO would block
   let doc: unknown;
   try {
     doc = JSON.parse(readFileSync(indexFile, 'utf8'));
@@ -220,7 +251,7 @@ export function openCheckpoint(path: string): Checkpoint {
     totalBytes,
     bytes(name) {
       const t = get(name);
-      return view(opened.get(t.file)!, t.offset, t.byteLength);
+      return view(opened.get(t.file)!, t.offset, t.byteLength, name);
     },
     slice(name) {
       const t = get(name);
@@ -229,7 +260,7 @@ export function openCheckpoint(path: string): Checkpoint {
     array(name) {
       const t = get(name);
       const Ctor = ARRAY_TYPES[t.dtype];
-      let b = view(opened.get(t.file)!, t.offset, t.byteLength);
+      let b = view(opened.get(t.file)!, t.offset, t.byteLength, name);
       if (t.offset % Ctor.BYTES_PER_ELEMENT !== 0) b = b.slice(); // maps are page-aligned
       return new Ctor(b.buffer, b.byteOffset, b.byteLength / Ctor.BYTES_PER_ELEMENT);
     },

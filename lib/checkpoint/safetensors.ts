@@ -4,6 +4,7 @@
  * be tested exhaustively and reused by the shard reader and writer alike.
  */
 import { DellaError } from '../errors.js';
+import { jsonForMessage } from '../util/show.js';
 
 export const DTYPE_SIZES: Readonly<Record<string, number>> = Object.freeze({
   F64: 8,
@@ -61,7 +62,7 @@ function fail(file: string, reason: string): never {
 /** A short rendering of an arbitrary JSON value for error messages. */
 function show(v: unknown): string {
   if (v === undefined) return 'nothing';
-  const s = JSON.stringify(v);
+  const s = jsonForMessage(v);
   return s.length > 60 ? `${s.slice(0, 57)}...` : s;
 }
 

@@ -4,9 +4,9 @@
  * their final offsets, off the JS thread. All of it happens in a temporary sibling
  * directory that is renamed into place only when complete; any failure removes it.
  */
-import { existsSync, mkdirSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, realpathSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { basename, dirname, join, resolve } from 'node:path';
+import { basename, dirname, join, resolve, sep } from 'node:path';
 import { DellaError } from '../errors.js';
 import { loadNative, type NativeOutputFile } from '../native.js';
 import { DTYPE_SIZES, encodeHeader } from './safetensors.js';
@@ -113,11 +113,13 @@ export class OutputDirectory {
     this.madeParent = madeParent;
   }
 
-  /** Checks the target and makes the temporary sibling directory. */
-  static create(target: string, options: { overwrite?: boolean } = {}): OutputDirectory {
+  /** Checks the target and makes the temporary sibling directory. `inputs`: files and
+   * directories the merge reads, which the target must not be or hold. */
+  static create(target: string, options: { overwrite?: boolean; inputs?: readonly string[] } = {}): OutputDirectory {
     const full = resolve(target);
     const overwrite = options.overwrite ?? false;
     checkTarget(full, overwrite);
+    checkNotInput(full, options.inputs ?? []);
     const parent = dirname(full);
     let madeParent: string | undefined;
     if (!existsSync(parent)) {
@@ -273,6 +275,18 @@ export class ShardFiles {
   }
 }
 
+/** An output that is or holds an input would, with --overwrite, delete that input. */
+function checkNotInput(full: string, inputs: readonly string[]): void {
+  if (!existsSync(full)) return;
+  const target = realpathSync(full);
+  for (const input of inputs) {
+    const real = existsSync(input) ? realpathSync(input) : resolve(input);
+    if (real === target || real.startsWith(target + sep)) {
+      throw outputError(`${full} holds ${input}, an input of this merge: replacing it would delete that input; choose another output directory`);
+    }
+  }
+}
+
 function checkTarget(full: string, overwrite: boolean): void {
   if (!existsSync(full)) return;
   if (!statSync(full).isDirectory()) throw outputError(`${full} exists and is not a directory`);
@@ -280,7 +294,7 @@ function checkTarget(full: string, overwrite: boolean): void {
 }
 
 export function indexJson(layouts: readonly ShardLayout[]): string {
-  const weightMap: Record<string, string> = {};
+  const weightMap: Record<string, string> = Object.create(null); // a tensor may be named __proto__
   const entries: Array<[string, string]> = [];
   let total = 0;
   for (const l of layouts) {

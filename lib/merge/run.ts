@@ -273,13 +273,14 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   try {
     const part = options.part ? checkPart(options.part) : null;
     const tensors = part ? partTensors(plan.tensors, part.index, part.count) : plan.tensors;
-    out = OutputDirectory.create(options.out, { overwrite: options.overwrite });
+    const inputs = [models.base, ...models.experts].flatMap((m) => [...m.files, ...(m.dir ? [m.dir] : [])]);
+    out = OutputDirectory.create(options.out, { overwrite: options.overwrite, inputs });
     const layouts = layoutShards(tensors.map(outputTensor), shardSize);
     shards = out.createShards(layouts);
     const groups = batches(tensors, spec.kind === 'cuda');
     const staged = new StagedOutput(shards, stagingPool(groups, spec.kind === 'cuda'));
     const reports: TensorReport[] = [];
-    const digests: Record<string, string> = {};
+    const digests: Record<string, string> = Object.create(null); // a tensor may be named __proto__
     const bytesTotal = tensors.reduce((a, t) => a + t.inBytes + t.outBytes, 0);
     let bytesDone = 0;
     let tensorsDone = 0;

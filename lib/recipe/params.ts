@@ -3,6 +3,7 @@
  * value formatting for messages, and the epsilon/density rule of magprune (SPEC §4).
  */
 import { DellaError } from '../errors.js';
+import { jsonForMessage } from '../util/show.js';
 
 /** per-model parameters (SPEC §7); the global section may give defaults for them */
 export const PER_MODEL_PARAMS: readonly string[] = ['weight', 'density', 'epsilon', 'gamma'];
@@ -40,15 +41,9 @@ export function fmt(v: unknown): string {
   if (v === undefined) return 'nothing';
   if (typeof v === 'number') return Object.is(v, -0) ? '-0' : String(v);
   if (typeof v === 'bigint') return String(v);
-  let s: string;
-  try {
-    s = JSON.stringify(v, (_k, x: unknown) =>
-      typeof x === 'number' && !Number.isFinite(x) ? String(x) : typeof x === 'bigint' ? String(x) : x,
-    );
-  } catch {
-    s = String(v);
-  }
-  if (s === undefined) s = String(v);
+  const s = jsonForMessage(v, (_k, x: unknown) =>
+    typeof x === 'number' && !Number.isFinite(x) ? String(x) : typeof x === 'bigint' ? String(x) : x,
+  );
   return s.length > 80 ? s.slice(0, 77) + '...' : s;
 }
 

@@ -59,11 +59,19 @@ function parseText(text: string): { document: unknown; warnings: string[] } {
   const src = text.charCodeAt(0) === 0xfeff ? text.slice(1) : text;
   let jsonError: string | null = null;
   if (src.trimStart().startsWith('{')) {
+    let document: unknown;
     try {
-      return { document: JSON.parse(src), warnings: [] };
+      document = JSON.parse(src);
     } catch (e) {
       // flow-style YAML also starts with '{': fall back, but keep JSON's more exact message
       jsonError = (e as Error).message;
+    }
+    if (jsonError === null) {
+      const twice = duplicateJsonKey(src);
+      if (twice !== null) {
+        throw recipeError(`recipe is not valid: invalid JSON: key ${JSON.stringify(twice)} appears twice in one object (JSON.parse would keep the last silently)`);
+      }
+      return { document, warnings: [] };
     }
   }
   const doc = parseDocument(src, { prettyErrors: true, uniqueKeys: true });
@@ -79,6 +87,39 @@ function parseText(text: string): { document: unknown; warnings: string[] } {
     throw recipeError(`recipe is not valid YAML: ${(e as Error).message}`);
   }
   return { document, warnings };
+}
+
+/**
+ * The first key written twice in one object of a valid JSON text, or null: YAML recipes
+ * refuse duplicate keys, and a JSON recipe must not quietly mean something else. A scan,
+ * not a recursive parse, so no nesting depth overflows it.
+ */
+function duplicateJsonKey(src: string): string | null {
+  const open: Array<Set<string> | null> = []; // per container: an object's keys, or null for an array
+  let keyNext = false;
+  for (let i = 0; i < src.length; i++) {
+    const c = src[i];
+    if (c === '"') {
+      let j = i + 1;
+      while (src[j] !== '"') j += src[j] === '\\' ? 2 : 1;
+      const keys = open[open.length - 1];
+      if (keys && keyNext) {
+        const key = JSON.parse(src.slice(i, j + 1)) as string;
+        if (keys.has(key)) return key;
+        keys.add(key);
+      }
+      keyNext = false;
+      i = j;
+    } else if (c === '{' || c === '[') {
+      open.push(c === '{' ? new Set() : null);
+      keyNext = c === '{';
+    } else if (c === '}' || c === ']') {
+      open.pop();
+    } else if (c === ',') {
+      keyNext = open[open.length - 1] instanceof Set;
+    }
+  }
+  return null;
 }
 
 // ---------------------------------------------------------------- values
@@ -109,8 +150,12 @@ function checkScalar(ctx: Ctx, v: unknown, entry: string): ParamScalar {
   };
   switch (ctx.key) {
     case 'weight':
-    case 'lambda':
-      return finite();
+    case 'lambda': {
+      // The kernels use f32(value) (SPEC §5): beyond fp32's range it is infinite.
+      const x = finite();
+      if (!Number.isFinite(Math.fround(x))) bad('within float32 range (magnitude below 3.4e38)');
+      return x;
+    }
     case 'density': {
       const x = finite();
       if (!(x > 0 && x <= 1)) bad('in (0, 1]');

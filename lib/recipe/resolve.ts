@@ -57,7 +57,8 @@ function pick(v: ParamValue | undefined, tensorName: string, t: number): ParamSc
   if (v === undefined) return undefined;
   let x: ParamScalar | number[];
   if (isFilterList(v)) {
-    const hit = v.find((e) => e.filter === undefined || tensorName.includes(e.filter));
+    // "*" matches every tensor, as in mergekit (no tensor name holds a literal "*").
+    const hit = v.find((e) => e.filter === undefined || e.filter === '*' || tensorName.includes(e.filter));
     if (hit === undefined) return undefined;
     x = hit.value;
   } else {

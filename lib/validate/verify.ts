@@ -123,10 +123,13 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
     let rowsChecked = 0;
     for (const [i, t] of plan.tensors.entries()) {
       const check = checkTensor(t, merged, plan.method.kind, models, seed, samples, plan);
-      const want = digests?.[t.name];
+      const want = digests && Object.hasOwn(digests, t.name) ? digests[t.name] : undefined; // not inherited: constructor, __proto__
       if (digests && merged.tensors.has(t.name)) {
         const have = tensorDigest(stored!.algorithm, merged.bytes(t.name));
-        if (have !== want) {
+        if (want === undefined) {
+          check.ok = false;
+          check.problems.push(`tensor "${t.name}": ${RUN_FILE} records no digest for it`);
+        } else if (have !== want) {
           check.ok = false;
           check.problems.push(`tensor "${t.name}": its bytes changed since the merge wrote them (${DIGEST_LABEL[stored!.algorithm]} ${have.slice(0, 12)}…, recorded ${String(want).slice(0, 12)}…)`);
         }

@@ -1,0 +1,14 @@
+/**
+ * JSON.stringify for messages about untrusted values. A value nested too deeply to
+ * render (a hostile file's 10,000 brackets overflow the stack) shows as [...] or {...},
+ * so the message names the problem instead of the process crashing.
+ */
+export function jsonForMessage(v: unknown, replacer?: (key: string, x: unknown) => unknown): string {
+  try {
+    const s = JSON.stringify(v, replacer as (this: unknown, key: string, value: unknown) => unknown);
+    if (s !== undefined) return s;
+  } catch {
+    // too deep to render, or a cycle
+  }
+  return Array.isArray(v) ? '[...]' : v !== null && typeof v === 'object' ? '{...}' : String(v);
+}
