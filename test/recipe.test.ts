@@ -410,6 +410,7 @@ describe('refusals', () => {
     refuse(recipe({ method: 'dare_ties', models: '  - model: a\n    parameters: {epsilon: 0.1}\n' }), 'parameter "epsilon" is not used by merge_method "dare_ties"');
     refuse(recipe({ method: 'task_arithmetic', params: '  density: 0.5\n' }), 'parameter "density" is not used by merge_method "task_arithmetic"');
     refuse(recipe({ params: '  t: 0.5\n' }), 'parameter "t" is not used by merge_method "della"');
+    refuse(recipe({ method: 'task_arithmetic', params: '  rescale: true\n' }), 'parameter "rescale" is not used by merge_method "task_arithmetic"');
   });
 
   it('a global-only parameter given per model', () => {

@@ -29,7 +29,8 @@ const TA_GLOBAL = ['lambda', 'normalize', 'rescale', 'consensus'] as const;
 export const METHODS: Readonly<Record<string, MethodSpec>> = {
   task_arithmetic: {
     name: 'task_arithmetic', kind: 'delta', sparsifier: 'none', consensus: 'none', normalize: false, rescale: false,
-    modelParams: ['weight'], globalParams: TA_GLOBAL,
+    // no rescale: with nothing dropped there is nothing to rescale (SPEC §6 has none)
+    modelParams: ['weight'], globalParams: ['lambda', 'normalize', 'consensus'],
     paper: 'Editing Models with Task Arithmetic (Ilharco et al., 2023), arXiv:2212.04089',
   },
   ties: {
