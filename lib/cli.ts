@@ -3,8 +3,6 @@
  * (bad recipe, checkpoint, shapes, I/O), 2 bad command-line usage, 130/143 interrupted
  * by SIGINT/SIGTERM, 70 an internal error (a bug: please report it).
  */
-import { writeFileSync } from 'node:fs';
-import { resolve } from 'node:path';
 import { isDellaError } from './errors.js';
 import { openCheckpoint, type Checkpoint } from './checkpoint/model.js';
 import { loadRecipe, type Recipe, type TensorParams } from './recipe/index.js';
@@ -13,9 +11,10 @@ import type { MethodSpec } from './merge/methods.js';
 import { createProgress } from './cli/progress.js';
 import { formatBytes, parseSize } from './util/size.js';
 import { verifyMerge } from './validate/verify.js';
-import { assemble, parsePart } from './merge/parts.js';
+import { assemble, checkPart, parsePart, partTensors } from './merge/parts.js';
+import { planTotals } from './merge/plan.js';
 import { doctor, doctorLines } from './cli/doctor.js';
-import { deviceOptions, err, intOption, out, parse, summary, usageError, withSignals } from './cli/common.js';
+import { checkReportFile, deviceOptions, err, intOption, out, parse, summary, usageError, withSignals, writeReport } from './cli/common.js';
 import { cmdDemo } from './cli/demo.js';
 import { cmdVerify, verifySummary } from './cli/verify.js';
 import { ASSEMBLE_USAGE, DOCTOR_USAGE, HELP, INSPECT_USAGE, RUN_USAGE, USAGE } from './cli/usage.js';
@@ -30,14 +29,16 @@ async function cmdRun(args: string[]): Promise<number> {
   });
   if (values.help) return out(RUN_USAGE), 0;
   if (positionals.length !== 1) throw usageError(positionals.length === 0 ? 'run needs a RECIPE file' : `run takes one RECIPE, got ${positionals.length}`, 'run');
-  const { device, gpuMemory } = deviceOptions(values); // checked even for --dry-run
-  if (values['dry-run']) return dryRun(await loadRecipe(positionals[0]), Boolean(values.json));
-  if (!values.out) throw usageError('run needs --out DIR', 'run');
+  // Every option is checked even for --dry-run, which then plans what the run would do.
+  const { device, gpuMemory } = deviceOptions(values);
   const seed = intOption(values.seed as string | undefined, 'seed', 0, Number.MAX_SAFE_INTEGER);
   const threads = intOption(values.threads as string | undefined, 'threads', 1, 1024);
   const shardSize = values['shard-size'] !== undefined ? parseSize(values['shard-size'] as string, '--shard-size') : undefined;
-  const part = values.part !== undefined ? parsePart(values.part as string) : undefined;
+  const part = values.part !== undefined ? checkPart(parsePart(values.part as string)) : undefined;
+  if (values['dry-run']) return dryRun(await loadRecipe(positionals[0]), Boolean(values.json), seed, part);
+  if (!values.out) throw usageError('run needs --out DIR', 'run');
   if (part && values.verify) throw usageError('--verify checks a whole merge: verify after "della-merge assemble"', 'run');
+  if (values.report) checkReportFile(values.report as string, values.out as string); // before merging, not after the output is in place
   const recipe = await loadRecipe(positionals[0]);
   const progress = createProgress(process.stderr, values.quiet || values.json ? 'none' : 'auto');
   const report = await withSignals((signal) => runMerge(recipe, {
@@ -46,7 +47,7 @@ async function cmdRun(args: string[]): Promise<number> {
   }).finally(() => progress.end()));
   const verified = values.verify ? await verifyMerge(report.out, recipe, { seed: report.seed }) : null;
   const full = verified ? { ...report, verify: verified } : report;
-  if (values.report) writeFileSync(resolve(values.report as string), `${JSON.stringify(full, null, 2)}\n`);
+  if (values.report) writeReport(values.report as string, full);
   if (values.json) out(JSON.stringify(full, null, 2));
   else {
     summary(report).forEach(out);
@@ -62,7 +63,7 @@ async function cmdAssemble(args: string[]): Promise<number> {
   if (values.help) return out(ASSEMBLE_USAGE), 0;
   if (!values.out) throw usageError('assemble needs --out DIR', 'assemble');
   if (positionals.length === 0) throw usageError('assemble needs the part directories', 'assemble');
-  const r = await assemble(positionals, values.out as string, { overwrite: Boolean(values.overwrite) });
+  const r = await withSignals((signal) => assemble(positionals, values.out as string, { overwrite: Boolean(values.overwrite), signal }));
   if (values.json) out(JSON.stringify(r, null, 2));
   else {
     out(`assembled ${r.parts} parts: ${r.tensors} tensors, ${formatBytes(r.bytes)} in ${r.seconds.toFixed(2)} s`);
@@ -85,14 +86,17 @@ function paramText(p: TensorParams, method: MethodSpec): string {
 }
 
 /** run --dry-run: the plan, from headers alone. */
-function dryRun(recipe: Recipe, json: boolean): number {
-  const { plan, models } = planRecipe(recipe);
+function dryRun(recipe: Recipe, json: boolean, seedOption: number | undefined, part: { index: number; count: number } | undefined): number {
+  const { plan: whole, models } = planRecipe(recipe);
   models.close();
+  const seed = seedOption ?? recipe.seed;
+  const tensors = part ? partTensors(whole.tensors, part.index, part.count) : whole.tensors;
+  const plan = { ...whole, tensors, totals: planTotals(tensors) };
   const t = plan.totals;
   if (json) {
     out(JSON.stringify({
       method: plan.method.name, base: recipe.baseModel.model, models: recipe.models.map((m) => m.model),
-      seed: recipe.seed, layers: plan.layers, totals: t, warnings: [...recipe.warnings, ...plan.warnings],
+      seed, ...(part ? { part: `${part.index}/${part.count}` } : {}), layers: plan.layers, totals: t, warnings: [...recipe.warnings, ...plan.warnings],
       tensors: plan.tensors.map((x) => ({
         name: x.name, action: x.kind, dtype: x.outDtype, shape: x.shape, bytesRead: x.inBytes, bytesWritten: x.outBytes,
         ...(x.params ? { parameters: x.params } : {}),
@@ -101,7 +105,7 @@ function dryRun(recipe: Recipe, json: boolean): number {
     return 0;
   }
   out(`plan     ${plan.method.name} (${plan.method.paper}); base ${recipe.baseModel.model}; ` +
-    `models ${recipe.models.map((m) => m.model).join(', ')}; seed ${recipe.seed}`);
+    `models ${recipe.models.map((m) => m.model).join(', ')}; seed ${seed}${part ? `; part ${part.index}/${part.count}` : ''}`);
   const w = Math.max(...plan.tensors.map((x) => x.name.length), 6);
   for (const x of plan.tensors) {
     const what = x.kind === 'merge' ? paramText(x.params!, plan.method) : 'copied from the base';

@@ -7,6 +7,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { stringify as yamlStringify } from 'yaml';
 import { saveModel, type InMemoryTensor } from './checkpoint/save.js';
+import { ioError, isDellaError } from './errors.js';
 import { f32ToBf16 } from './reference/dtypes.js';
 
 export const DEMO_EXPERTS = ['math', 'code', 'chat'] as const;
@@ -63,8 +64,21 @@ function bf16(values: Float32Array): Uint16Array {
   return out;
 }
 
+/** One file-system step; its failure (disk full, read-only, ...) is E_IO naming `what`, not a crash. */
+function io<T>(what: string, step: () => T): T {
+  try {
+    return step();
+  } catch (e) {
+    throw isDellaError(e) ? e : ioError(what, e);
+  }
+}
+
+function writeText(file: string, text: string): void {
+  io(`cannot write ${file}`, () => writeFileSync(file, text));
+}
+
 export function writeDemoModels(dir: string): DemoModels {
-  mkdirSync(dir, { recursive: true });
+  io(`cannot create ${dir}`, () => mkdirSync(dir, { recursive: true }));
   const g = generator(20240617);
   const base = new Map<string, Float32Array>();
   let parameters = 0;
@@ -82,13 +96,13 @@ export function writeDemoModels(dir: string): DemoModels {
     { name: 'model.rotary_emb.position_ids', dtype: 'I64', shape: [1, 64], data: BigInt64Array.from({ length: 64 }, (_, i) => BigInt(i)) },
   ];
   const baseDir = join(dir, 'base');
-  saveModel(baseDir, modelTensors(base), { shardSize: 4_000_000 });
-  writeFileSync(join(baseDir, 'config.json'), `${JSON.stringify({
+  io(`cannot write the demo model ${baseDir}`, () => saveModel(baseDir, modelTensors(base), { shardSize: 4_000_000 }));
+  writeText(join(baseDir, 'config.json'), `${JSON.stringify({
     architectures: ['LlamaForCausalLM'], model_type: 'llama', hidden_size: HIDDEN, intermediate_size: FFN,
     num_hidden_layers: LAYERS, num_attention_heads: 4, num_key_value_heads: 4, vocab_size: VOCAB,
     torch_dtype: 'bfloat16', tie_word_embeddings: false,
   }, null, 2)}\n`);
-  writeFileSync(join(baseDir, 'tokenizer_config.json'), `${JSON.stringify({ model_max_length: 2048, tokenizer_class: 'PreTrainedTokenizerFast' }, null, 2)}\n`);
+  writeText(join(baseDir, 'tokenizer_config.json'), `${JSON.stringify({ model_max_length: 2048, tokenizer_class: 'PreTrainedTokenizerFast' }, null, 2)}\n`);
 
   // Each expert moves every weight a little and its own "skill" rows (every third
   // row, offset by expert) a lot, the way fine-tunes concentrate their changes.
@@ -105,7 +119,7 @@ export function writeDemoModels(dir: string): DemoModels {
       values.set(name, e);
     }
     const d = join(dir, `expert-${skill}`);
-    saveModel(d, modelTensors(values));
+    io(`cannot write the demo model ${d}`, () => saveModel(d, modelTensors(values)));
     return d;
   });
 
@@ -118,6 +132,6 @@ export function writeDemoModels(dir: string): DemoModels {
     seed: 42,
   };
   const recipeFile = join(dir, 'recipe.yaml');
-  writeFileSync(recipeFile, `# della-merge demo: DELLA over three experts of a small Llama-shaped model\n${yamlStringify(recipe)}`);
+  writeText(recipeFile, `# della-merge demo: DELLA over three experts of a small Llama-shaped model\n${yamlStringify(recipe)}`);
   return { dir, baseDir, expertDirs, recipeFile, parameters, layers: LAYERS };
 }

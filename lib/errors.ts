@@ -26,3 +26,10 @@ export class DellaError extends Error {
 export function isDellaError(e: unknown): e is DellaError {
   return e instanceof DellaError;
 }
+
+/** An fs failure as E_IO naming what was being done; a full disk reads alike wherever it strikes. */
+export function ioError(what: string, e: unknown): DellaError {
+  const err = e as NodeJS.ErrnoException;
+  const reason = err.code === 'ENOSPC' ? 'no space left on device' : err.message;
+  return new DellaError('E_IO', `${what}: ${reason}`, { cause: e });
+}

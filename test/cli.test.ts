@@ -4,6 +4,9 @@ import { existsSync, readdirSync, readFileSync, writeFileSync, truncateSync, cop
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { merge } from '../lib/index.js';
+import { copyExtras } from '../lib/checkpoint/extras.js';
+import { writeDemoModels } from '../lib/demo.js';
+import { isDellaError, type DellaError } from '../lib/errors.js';
 import { makeModels, tempDir, writeRecipe } from './helpers/models.js';
 import { rng, testSeed } from './helpers/random.js';
 
@@ -170,6 +173,11 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
       ['density out of range', () => ['run', writeRecipe(join(dir, 'd.yaml'), { ...dellaRecipe(models), parameters: { density: 1.5 } }), '--out', join(dir, 'o')], 1, /density/],
       ['missing model', () => ['run', writeRecipe(join(dir, 'mm.yaml'), dellaRecipe({ base: models.base, experts: [join(dir, 'ghost')] })), '--out', join(dir, 'o')], 1, /ghost/],
       ['inspect a missing path', () => ['inspect', join(dir, 'ghost')], 1, /ghost: no such file or directory/],
+      // --report is checked before merging, so a bad one leaves no output behind.
+      ['--report in a missing directory', () => ['run', good, '--out', join(dir, 'o'), '--report', join(dir, 'nodir', 'r.json')], 1, /--report .*r\.json: the directory .*nodir does not exist/],
+      ['--report naming a directory', () => ['run', good, '--out', join(dir, 'o'), '--report', dir], 1, /--report .* is a directory; give a file name/],
+      ['--report under a file', () => ['run', good, '--out', join(dir, 'o'), '--report', join(good, 'r.json')], 1, /good\.yaml is not a directory/],
+      ['--report naming the output', () => ['run', good, '--out', join(dir, 'o'), '--report', join(dir, 'o')], 1, /--report .* is the output directory; give a file name/],
     ];
     for (const [label, args, code, message] of cases) {
       it(label, () => {
@@ -192,6 +200,51 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
       expect(r.code).toBe(1);
       expect(r.stderr).toContain(join(broken, shard));
       expect(existsSync(join(dir, 'o'))).toBe(false);
+    });
+
+    it.skipIf(!existsSync('/dev/full'))('a report that cannot be written after the merge is E_IO, exit 1, saying the merge is done', () => {
+      const out = join(dir, 'report-full');
+      const r = cli(['run', good, '--out', out, '--report', '/dev/full']);
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stderr).toMatch(/the merge into .*report-full is complete, but cannot write the report \/dev\/full: no space left on device/);
+      expect(r.stderr).not.toMatch(/\n\s+at /);
+      expect(r.stdout).not.toMatch(/^merged /m); // no summary that looks like success
+      expect(existsSync(join(out, 'della_merge_run.json'))).toBe(true);
+    });
+
+    it('--report may name a file inside a new output directory', () => {
+      const out = join(dir, 'report-inside');
+      const r = cli(['run', good, '--out', out, '--report', join(out, 'report.json'), '-q']);
+      expect(r.code, r.stderr).toBe(0);
+      expect(JSON.parse(readFileSync(join(out, 'report.json'), 'utf8')).method).toBe('della');
+    });
+
+    it('copying config and tokenizer files: a write failure is E_IO naming the file', () => {
+      const err = (() => {
+        try {
+          copyExtras(models.base, join(dir, 'no-such-dir'), ['config.json']);
+        } catch (e) {
+          return e;
+        }
+      })();
+      expect(isDellaError(err), String(err)).toBe(true);
+      expect((err as DellaError).code).toBe('E_IO');
+      expect((err as Error).message).toContain(`cannot copy ${join(models.base, 'config.json')} into ${join(dir, 'no-such-dir')}: `);
+    });
+
+    it('demo --out naming a file, or a path under one, is refused naming it; the file is kept', () => {
+      const file = join(dir, 'afile');
+      writeFileSync(file, 'mine');
+      const a = cli(['demo', '--out', file]);
+      expect(a.code, a.stderr).toBe(1);
+      expect(a.stderr).toMatch(/afile exists and is not a directory/);
+      const b = cli(['demo', '--out', join(file, 'sub')]);
+      expect(b.code, b.stderr).toBe(1);
+      expect(b.stderr).toMatch(/afile\/sub: .*afile is not a directory/);
+      for (const r of [a, b]) expect(r.stderr).not.toMatch(/\n\s+at /);
+      expect(readFileSync(file, 'utf8')).toBe('mine');
+      // The demo's own writes fail the same way, naming the path.
+      expect(() => writeDemoModels(join(file, 'models'))).toThrow(expect.objectContaining({ code: 'E_IO', message: expect.stringMatching(/cannot create .*afile\/models: /) }));
     });
 
     it('an existing output is kept unless --overwrite', () => {

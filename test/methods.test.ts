@@ -272,6 +272,21 @@ describe('run --dry-run', () => {
     const j = JSON.parse(cli(['run', recipe, '--dry-run', '--json']).stdout);
     expect(j.tensors.find((t: { name: string }) => t.name === 'model.norm.weight').parameters.experts[0].density).toBe(0.3);
     expect(existsSync(join(dir, 'merged'))).toBe(false);
+    // The run's options are checked and planned too: --seed, --part (that part's tensors).
+    const whole = j.tensors.length;
+    const p = JSON.parse(cli(['run', recipe, '--dry-run', '--json', '--seed', '77', '--part', '1/2']).stdout);
+    expect([p.seed, p.part]).toEqual([77, '1/2']);
+    expect(p.tensors.length).toBeLessThan(whole);
+    expect(p.totals.tensors).toBe(p.tensors.length);
+    for (const [args, message] of [
+      [['--seed', 'abc'], /--seed must be an integer/], [['--threads', '0'], /--threads must be an integer from 1/],
+      [['--part', '9/2'], /part 9\/2 is not valid/], [['--shard-size', '-5'], /--shard-size/],
+    ] as Array<[string[], RegExp]>) {
+      const bad = cli(['run', recipe, '--dry-run', ...args]);
+      expect(bad.code, args.join(' ')).not.toBe(0);
+      expect(bad.stderr).toMatch(message);
+      expect(bad.stderr).not.toMatch(/ambiguous/);
+    }
   });
 });
 

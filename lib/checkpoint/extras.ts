@@ -1,6 +1,7 @@
 /** The non-weight files of a model directory that a merged model needs beside it. */
-import { copyFileSync, existsSync, statSync } from 'node:fs';
+import { copyFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
+import { ioError } from '../errors.js';
 
 export const CONFIG_FILES = ['config.json', 'generation_config.json'];
 
@@ -16,10 +17,14 @@ export function copyExtras(fromDir: string | null, toDir: string, names: readonl
   const copied: string[] = [];
   for (const name of names) {
     const src = join(fromDir, name);
-    if (existsSync(src) && statSync(src).isFile()) {
+    // A failure here (disk full, unreadable source) is the user's, not a bug: E_IO naming the file.
+    try {
+      if (!statSync(src, { throwIfNoEntry: false })?.isFile()) continue;
       copyFileSync(src, join(toDir, name));
-      copied.push(name);
+    } catch (e) {
+      throw ioError(`cannot copy ${src} into ${toDir}`, e);
     }
+    copied.push(name);
   }
   return copied;
 }

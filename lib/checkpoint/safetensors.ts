@@ -4,7 +4,7 @@
  * be tested exhaustively and reused by the shard reader and writer alike.
  */
 import { DellaError } from '../errors.js';
-import { jsonForMessage } from '../util/show.js';
+import { showShort } from '../util/show.js';
 
 export const DTYPE_SIZES: Readonly<Record<string, number>> = Object.freeze({
   F64: 8,
@@ -59,12 +59,7 @@ function fail(file: string, reason: string): never {
   throw new DellaError('E_CHECKPOINT', `${file}: ${reason}`);
 }
 
-/** A short rendering of an arbitrary JSON value for error messages. */
-function show(v: unknown): string {
-  if (v === undefined) return 'nothing';
-  const s = jsonForMessage(v);
-  return s.length > 60 ? `${s.slice(0, 57)}...` : s;
-}
+const show = showShort;
 
 function q(name: string): string {
   return JSON.stringify(name);

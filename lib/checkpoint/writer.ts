@@ -7,7 +7,7 @@
 import { existsSync, mkdirSync, realpathSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join, resolve, sep } from 'node:path';
-import { DellaError } from '../errors.js';
+import { DellaError, ioError } from '../errors.js';
 import { loadNative, type NativeOutputFile } from '../native.js';
 import { DTYPE_SIZES, encodeHeader } from './safetensors.js';
 import { INDEX_FILE, SINGLE_FILE } from './model.js';
@@ -73,12 +73,6 @@ export function layoutShards(tensors: readonly OutputTensor[], shardSize: number
 
 function outputError(message: string, cause?: unknown): DellaError {
   return new DellaError('E_OUTPUT', message, { cause });
-}
-
-function ioError(what: string, e: unknown): DellaError {
-  const err = e as NodeJS.ErrnoException;
-  const reason = err.code === 'ENOSPC' ? 'no space left on device' : err.message;
-  return new DellaError('E_IO', `${what}: ${reason}`, { cause: e });
 }
 
 // Temporary directories still open; removed if the process exits without finishing

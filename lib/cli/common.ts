@@ -1,6 +1,8 @@
 /** What every command shares: argument parsing, output, signals, the run summary. */
+import { accessSync, constants, statSync, writeFileSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { DellaError } from '../errors.js';
+import { DellaError, ioError } from '../errors.js';
 import { packageVersion, type MergeReport } from '../merge/run.js';
 import { formatBytes, parseSize } from '../util/size.js';
 import { parseDevice } from '../merge/device.js';
@@ -14,8 +16,16 @@ export type OptionSpec = Record<string, { type: 'string' | 'boolean'; short?: st
 export type Parsed = { values: Record<string, string | boolean | undefined>; positionals: string[] };
 
 export function parse(command: string, args: string[], options: OptionSpec): Parsed {
+  // "--seed -1": parseArgs would refuse the value as ambiguous, with its own advice; joined
+  // as "--seed=-1", the value reaches the option's check and its range message.
+  const joined: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i];
+    if (a.startsWith('--') && options[a.slice(2)]?.type === 'string' && /^-\d/.test(args[i + 1] ?? '')) joined.push(`${a}=${args[++i]}`);
+    else joined.push(a);
+  }
   try {
-    const r = parseArgs({ args, options: { ...options, help: { type: 'boolean', short: 'h' } }, allowPositionals: true, strict: true });
+    const r = parseArgs({ args: joined, options: { ...options, help: { type: 'boolean', short: 'h' } }, allowPositionals: true, strict: true });
     return { values: r.values as Parsed['values'], positionals: r.positionals };
   } catch (e) {
     throw usageError((e as Error).message, command);
@@ -38,6 +48,56 @@ export function deviceOptions(values: Parsed['values']): { device?: string; gpuM
   const gpuMemory = values['gpu-memory'] !== undefined ? parseSize(values['gpu-memory'] as string, '--gpu-memory') : undefined;
   if (gpuMemory !== undefined && spec.kind !== 'cuda') throw new DellaError('E_ARGS', '--gpu-memory needs --device cuda');
   return { device, gpuMemory };
+}
+
+/**
+ * Why `path` cannot be a file written later (null if it can): it is a directory, or its
+ * directory is missing, not a directory or not writable. Checked before the work starts,
+ * so the command does not finish its work and then fail on its last step.
+ */
+export function unwritableFile(path: string): string | null {
+  const full = resolve(path);
+  let st;
+  try {
+    st = statSync(full, { throwIfNoEntry: false });
+  } catch {
+    st = undefined; // ENOTDIR and the like: the directory check below names the culprit
+  }
+  if (st?.isDirectory()) return `${full} is a directory; give a file name`;
+  const dir = dirname(full);
+  let dst;
+  try {
+    dst = statSync(dir, { throwIfNoEntry: false });
+  } catch {
+    dst = undefined;
+  }
+  if (!dst) return `${full}: the directory ${dir} does not exist`;
+  if (!dst.isDirectory()) return `${full}: ${dir} is not a directory`;
+  try {
+    accessSync(st ? full : dir, constants.W_OK);
+  } catch (e) {
+    return `${full}: ${st ? 'the file' : `the directory ${dir}`} is not writable (${(e as NodeJS.ErrnoException).code})`;
+  }
+  return null;
+}
+
+/** run --report FILE: refused up front, before anything is merged. */
+export function checkReportFile(path: string, outDir: string): void {
+  const full = resolve(path), out = resolve(outDir);
+  if (full === out) throw new DellaError('E_OUTPUT', `--report ${full} is the output directory; give a file name`);
+  if (dirname(full) === out) return; // a report inside the output: its directory exists once the merge is in place
+  const why = unwritableFile(path);
+  if (why) throw new DellaError('E_OUTPUT', `--report ${why}`);
+}
+
+/** Writes the --report JSON; a failure (disk full, ...) is E_IO saying the merge itself is done. */
+export function writeReport(path: string, report: { out: string }): void {
+  const full = resolve(path);
+  try {
+    writeFileSync(full, `${JSON.stringify(report, null, 2)}\n`);
+  } catch (e) {
+    throw ioError(`the merge into ${report.out} is complete, but cannot write the report ${full}`, e);
+  }
 }
 
 export const out = (s: string) => process.stdout.write(`${s}\n`);

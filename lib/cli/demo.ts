@@ -1,8 +1,8 @@
 /** della-merge demo: three small experts merged with DELLA, and what DELLA did. */
-import { existsSync, mkdtempSync, readdirSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
-import { DellaError } from '../errors.js';
+import { dirname, join, resolve } from 'node:path';
+import { DellaError, ioError } from '../errors.js';
 import { openCheckpoint } from '../checkpoint/model.js';
 import { loadRecipe } from '../recipe/index.js';
 import { runMerge, selectDevice, type MergeReport } from '../merge/run.js';
@@ -59,6 +59,36 @@ function demoAnalysis(baseDir: string, expertDirs: string[], mergedDir: string, 
   }
 }
 
+function makeTempDir(): string {
+  try {
+    return mkdtempSync(join(tmpdir(), 'della-merge-demo-'));
+  } catch (e) {
+    throw ioError(`cannot create a demo directory in ${tmpdir()}`, e);
+  }
+}
+
+/** Only a new or empty directory, or an earlier demo's, is written into; checked before any file is. */
+function checkDemoDir(dir: string): void {
+  const refuse = (why: string) => new DellaError('E_OUTPUT', `${why}; give an empty or new directory`);
+  if (!existsSync(dir)) {
+    // A path under a file (afile/sub) cannot be created: name the file.
+    let up = dirname(dir);
+    while (!existsSync(up)) up = dirname(up);
+    if (!statSync(up).isDirectory()) throw refuse(`${dir}: ${up} is not a directory`);
+    return;
+  }
+  if (!statSync(dir).isDirectory()) throw refuse(`${dir} exists and is not a directory`);
+  let entries: string[];
+  try {
+    entries = readdirSync(dir);
+  } catch (e) {
+    throw ioError(`cannot read the directory ${dir}`, e);
+  }
+  if (entries.length > 0 && !existsSync(join(dir, 'models', 'recipe.yaml'))) {
+    throw refuse(`${dir} exists and is not an earlier demo's directory`);
+  }
+}
+
 export async function cmdDemo(args: string[]): Promise<number> {
   const { values, positionals } = parse('demo', args, {
     out: { type: 'string', short: 'o' }, threads: { type: 'string', short: 'j' },
@@ -69,11 +99,8 @@ export async function cmdDemo(args: string[]): Promise<number> {
   const threads = intOption(values.threads as string | undefined, 'threads', 1, 1024);
   const { device, gpuMemory } = deviceOptions(values);
   if (device !== undefined) selectDevice({ device, gpuMemory }, loadNative()); // before any file is written
-  const dir = values.out ? resolve(values.out as string) : mkdtempSync(join(tmpdir(), 'della-merge-demo-'));
-  // Only an empty directory, or an earlier demo's, is written into.
-  if (values.out && existsSync(dir) && readdirSync(dir).length > 0 && !existsSync(join(dir, 'models', 'recipe.yaml'))) {
-    throw new DellaError('E_OUTPUT', `${dir} exists and is not an earlier demo's directory; give an empty or new directory`);
-  }
+  const dir = values.out ? resolve(values.out as string) : makeTempDir();
+  if (values.out) checkDemoDir(dir);
   const models = writeDemoModels(join(dir, 'models'));
   out(`della-merge demo`);
   out(`models   ${models.dir}: a base model (BF16, ${models.layers} layers, ${(models.parameters / 1e6).toFixed(2)} M parameters, 2 shards)`);

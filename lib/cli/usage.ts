@@ -33,7 +33,8 @@ export const RUN_USAGE = `Usage: della-merge run RECIPE --out DIR [options]
   --gpu-memory SIZE    GPU memory the merge may use, e.g. 8GiB (default: the smaller of
                        16 GiB and 85% of the free memory); with --device cuda
   --dry-run            print the plan (per tensor: method and parameters per model; totals)
-                       without reading a tensor or writing anything; --out is not needed`;
+                       without reading a tensor or writing anything; --out is not needed;
+                       the other options are checked, and --seed and --part shown`;
 
 export const VERIFY_USAGE = `Usage: della-merge verify OUT --recipe RECIPE [--samples N] [--seed N] [--json]
 

@@ -5,11 +5,14 @@
  * bytes depend only on the inputs, the recipe and the seed (SPEC), never on which
  * process computed them, so any job runner can run the parts anywhere.
  */
-import { copyFileSync, existsSync, readFileSync, readdirSync } from 'node:fs';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { join, resolve } from 'node:path';
-import { DellaError } from '../errors.js';
+import { DellaError, ioError } from '../errors.js';
 import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
+import { CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
+import { DTYPE_SIZES } from '../checkpoint/safetensors.js';
+import { showShort } from '../util/show.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, type OutputTensor, type ShardFiles } from '../checkpoint/writer.js';
 import type { MergePlan, TensorPlan } from './plan.js';
 import { recordedDigests, RUN_FILE, sortedDigests, type DigestAlgorithm, type RunRecord } from './record.js';
@@ -63,15 +66,74 @@ export function planDigest(plan: MergePlan): string {
   return h.digest('hex');
 }
 
+const show = showShort;
+
+const isCount = (v: unknown, min: number): v is number => Number.isSafeInteger(v) && (v as number) >= min;
+
+/** What is wrong with a parsed part record, or null: assemble trusts nothing in it unchecked. */
+function recordProblem(r: unknown): string | null {
+  if (r === null || typeof r !== 'object' || Array.isArray(r)) return `it holds ${show(r)}, not a JSON object`;
+  const o = r as Record<string, unknown>;
+  const got = (k: string) => (Object.hasOwn(o, k) ? `"${k}" is ${show(o[k])}` : `"${k}" is missing`);
+  if (!isCount(o.of, 1) || !isCount(o.part, 1) || o.part > o.of) return `${got('part')} and ${got('of')}, not i and N with 1 <= i <= N`;
+  if (!isCount(o.shardSize, 1)) return `${got('shardSize')}, not a positive integer`;
+  if (!isCount(o.seed, 0)) return `${got('seed')}, not a non-negative integer`;
+  for (const k of ['version', 'method', 'planDigest']) if (typeof o[k] !== 'string') return `${got(k)}, not a string`;
+  if (!Array.isArray(o.planned)) return `${got('planned')}, not a list of tensors`;
+  const names = new Set<string>();
+  for (const [i, t] of (o.planned as unknown[]).entries()) {
+    const e = t as Partial<OutputTensor> | null;
+    const bad = `"planned"[${i}] ${show(t)}`;
+    if (e === null || typeof e !== 'object' || typeof e.name !== 'string' || e.name === '') return `${bad} has no tensor name`;
+    if (typeof e.dtype !== 'string' || !Object.hasOwn(DTYPE_SIZES, e.dtype)) return `${bad} has no known dtype`;
+    if (!Array.isArray(e.shape) || !e.shape.every((d) => isCount(d, 0))) return `${bad} has no valid shape`;
+    const bytes = e.shape.reduce((a: number, d: number) => a * d, DTYPE_SIZES[e.dtype]);
+    if (!isCount(e.byteLength, 0) || e.byteLength !== bytes) return `${bad}: "byteLength" is not ${bytes}, the size of its dtype and shape`;
+    if (names.has(e.name)) return `"planned" lists tensor "${e.name}" twice`;
+    names.add(e.name);
+  }
+  const d = recordedDigests(o);
+  if (d) {
+    for (const [name, digest] of Object.entries(d.digests)) {
+      if (typeof digest !== 'string') return `the ${d.algorithm} digest of tensor "${name}" is ${show(digest)}, not a string`;
+    }
+  }
+  return null;
+}
+
 function readPart(dir: string): PartRecord {
   const file = join(dir, PART_FILE);
+  if (!existsSync(dir)) throw new DellaError('E_ARGS', `part directory ${dir} does not exist`);
   if (!existsSync(file)) throw new DellaError('E_ARGS', `${dir} is not a part of a split merge: it has no ${PART_FILE}`);
+  let text: string;
   try {
-    return JSON.parse(readFileSync(file, 'utf8')) as PartRecord;
+    text = readFileSync(file, 'utf8');
+  } catch (e) {
+    throw ioError(`cannot read ${file}`, e);
+  }
+  let record: unknown;
+  try {
+    record = JSON.parse(text);
   } catch (e) {
     throw new DellaError('E_CHECKPOINT', `${file}: not valid JSON (${(e as Error).message})`);
   }
+  const problem = recordProblem(record);
+  if (problem) throw new DellaError('E_CHECKPOINT', `${file} is not a valid part record: ${problem}`);
+  if (!recordedDigests(record as object)) throw new DellaError('E_CHECKPOINT', `${file} records no tensor digests`);
+  return record as PartRecord;
 }
+
+/**
+ * The files beside the weights that `run` writes: the recipe (run.ts's RECIPE_FILE,
+ * named here because run.ts imports this module), the model card, config and
+ * tokenizer. Only these are copied from a part: anything else there (logs, a job
+ * runner's files) is no part of a merge's output.
+ */
+const EXTRA_FILES = ['della_merge_recipe.yaml', 'README.md', ...CONFIG_FILES, ...TOKENIZER_FILES];
+
+const sameShape = (a: readonly number[], b: readonly number[]) => a.length === b.length && a.every((d, i) => d === b[i]);
+
+const aborted = () => new DellaError('E_ABORTED', 'assemble was cancelled; nothing was written');
 
 export interface AssembleReport {
   out: string;
@@ -82,16 +144,24 @@ export interface AssembleReport {
   seconds: number;
 }
 
-/** Joins the N part directories of a split merge into `out`, as one run would have written it. */
-export async function assemble(partDirs: readonly string[], out: string, options: { overwrite?: boolean } = {}): Promise<AssembleReport> {
+/**
+ * Joins the N part directories of a split merge into `out`, as one run would have
+ * written it. Each part's weights are checked against its own record and the plan
+ * first. `signal` cancels it (the unfinished output is removed).
+ */
+export async function assemble(
+  partDirs: readonly string[], out: string, options: { overwrite?: boolean; signal?: AbortSignal } = {},
+): Promise<AssembleReport> {
   const started = performance.now();
   if (partDirs.length === 0) throw new DellaError('E_ARGS', 'assemble needs the part directories');
   const dirs = partDirs.map((d) => resolve(d));
   const records = dirs.map(readPart);
   const first = records[0];
+  const plannedJson = JSON.stringify(first.planned);
   const byIndex = new Map<number, string>();
   records.forEach((r, i) => {
-    if (r.of !== first.of || r.planDigest !== first.planDigest || r.seed !== first.seed || r.shardSize !== first.shardSize) {
+    if (r.of !== first.of || r.planDigest !== first.planDigest || r.seed !== first.seed || r.shardSize !== first.shardSize ||
+      r.method !== first.method || JSON.stringify(r.planned) !== plannedJson) {
       throw new DellaError('E_ARGS', `${dirs[i]} belongs to a different merge than ${dirs[0]} (recipe, inputs, seed or shard size differ)`);
     }
     if (byIndex.has(r.part)) throw new DellaError('E_ARGS', `part ${r.part}/${r.of} is given twice: ${byIndex.get(r.part)} and ${dirs[i]}`);
@@ -105,29 +175,44 @@ export async function assemble(partDirs: readonly string[], out: string, options
   let shards: ShardFiles | null = null;
   try {
     const owner = new Map<string, Checkpoint>();
-    const digests: Record<string, string> = {};
-    const recorded = records.map((r, i) => {
-      const d = recordedDigests(r);
-      if (!d) throw new DellaError('E_CHECKPOINT', `${join(dirs[i], PART_FILE)} records no tensor digests`);
-      return d;
-    });
+    const digests = new Map<string, string>(); // not {}: a tensor may be named "__proto__"
+    const recorded = records.map((r) => recordedDigests(r)!);
     const algorithm: DigestAlgorithm = recorded[0].algorithm;
     recorded.forEach((d, i) => {
       if (d.algorithm !== algorithm) throw new DellaError('E_ARGS', `${dirs[i]} was made by a della-merge version that records ${d.algorithm} digests, ${dirs[0]} by one that records ${algorithm}: rerun the parts with one version`);
     });
+    const planned = new Map(first.planned.map((t) => [t.name, t]));
     for (const [i, dir] of dirs.entries()) {
       const c = openCheckpoint(dir);
       parts.push(c);
+      const own = recorded[i].digests;
+      const recordFile = join(dir, PART_FILE);
+      // A part's weights must be exactly the tensors its own record lists (records
+      // swapped between parts, or weights replaced, fail here), each as planned.
       for (const name of c.names) {
+        const t = c.tensors.get(name)!;
+        const p = planned.get(name);
+        if (!p) throw new DellaError('E_CHECKPOINT', `${dir}: tensor "${name}" is not in the merge's plan (${recordFile})`);
+        if (t.dtype !== p.dtype || !sameShape(t.shape, p.shape) || t.byteLength !== p.byteLength) {
+          throw new DellaError('E_CHECKPOINT', `${dir}: tensor "${name}" is ${t.dtype} [${t.shape.join(', ')}] (${t.byteLength} bytes), but the merge planned ${p.dtype} [${p.shape.join(', ')}] (${p.byteLength} bytes)`);
+        }
+        if (!Object.hasOwn(own, name)) {
+          throw new DellaError('E_CHECKPOINT', `${dir}: tensor "${name}" is not recorded in ${recordFile}: the part's weights and its record do not belong together`);
+        }
         if (owner.has(name)) throw new DellaError('E_CHECKPOINT', `tensor "${name}" is in two parts (${owner.get(name)!.path} and ${dir})`);
         owner.set(name, c);
-        digests[name] = recorded[i].digests[name];
+        digests.set(name, own[name]);
+      }
+      const absent = Object.keys(own).filter((name) => !c.tensors.has(name));
+      if (absent.length > 0) {
+        throw new DellaError('E_CHECKPOINT', `${recordFile} records ${absent.length} tensor(s) that ${dir} does not hold (first: "${absent[0]}"): the part's weights and its record do not belong together`);
       }
     }
     for (const t of first.planned) {
       if (!owner.has(t.name)) throw new DellaError('E_CHECKPOINT', `tensor "${t.name}" is in no part`);
     }
-    target = OutputDirectory.create(out, { overwrite: options.overwrite });
+    if (options.signal?.aborted) throw aborted();
+    target = OutputDirectory.create(out, { overwrite: options.overwrite, inputs: dirs });
     const layouts = layoutShards(first.planned, first.shardSize);
     shards = target.createShards(layouts);
     let bytes = 0, pending = 0;
@@ -140,24 +225,33 @@ export async function assemble(partDirs: readonly string[], out: string, options
       if (pending >= 64 << 20) {
         await shards.finish();
         pending = 0;
+        if (options.signal?.aborted) throw aborted();
       }
     }
     await shards.finish();
+    if (options.signal?.aborted) throw aborted();
     const files = layouts.map((l) => l.fileName);
     if (layouts.length > 1) {
       target.writeFile(INDEX_FILE, indexJson(layouts));
       files.push(INDEX_FILE);
     }
-    // Everything else each part holds alike: config, tokenizer, recipe, model card.
-    for (const f of readdirSync(dirs[0])) {
-      if (f.endsWith('.safetensors') || f === INDEX_FILE || f === PART_FILE) continue;
-      copyFileSync(join(dirs[0], f), target.path(f));
+    // The files each part holds alike beside its weights; writeFile reports a full disk as E_IO.
+    for (const f of EXTRA_FILES) {
+      const src = join(dirs[0], f);
+      let content: Buffer;
+      try {
+        if (!statSync(src, { throwIfNoEntry: false })?.isFile()) continue;
+        content = readFileSync(src);
+      } catch (e) {
+        throw ioError(`cannot read ${src}`, e);
+      }
+      target.writeFile(f, content);
       files.push(f);
     }
     // The parts' digest algorithm, so that verify hashes the way they did.
     const run = {
       tool: 'della-merge', version: first.version, method: first.method, seed: first.seed,
-      [algorithm]: sortedDigests(digests),
+      [algorithm]: sortedDigests(Object.fromEntries(digests)),
     };
     target.writeFile(RUN_FILE, `${JSON.stringify(run, null, 2)}\n`);
     files.push(RUN_FILE);

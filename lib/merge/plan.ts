@@ -130,21 +130,20 @@ export function planMerge(recipe: Recipe, base: Checkpoint, experts: readonly Ch
       warnings.push(`${empty.length} tensor(s) are too small for their density: floor(density × size) = 0 drops every delta there (first: "${empty[0].name}", ${empty[0].numel} elements)`);
     }
   }
+  return { method, tensors, layers, warnings: dedupe(warnings), totals: planTotals(tensors) };
+}
+
+/** The counts and bytes of a plan's tensors (or of one part's, for --dry-run --part). */
+export function planTotals(tensors: readonly TensorPlan[]): MergePlan['totals'] {
   const merged = tensors.filter((t) => t.kind === 'merge');
   return {
-    method,
-    tensors,
-    layers,
-    warnings: dedupe(warnings),
-    totals: {
-      tensors: tensors.length,
-      merged: merged.length,
-      copied: tensors.length - merged.length,
-      parameters: tensors.reduce((a, t) => a + t.numel, 0),
-      mergedParameters: merged.reduce((a, t) => a + t.numel, 0),
-      bytesRead: tensors.reduce((a, t) => a + t.inBytes, 0),
-      bytesWritten: tensors.reduce((a, t) => a + t.outBytes, 0),
-    },
+    tensors: tensors.length,
+    merged: merged.length,
+    copied: tensors.length - merged.length,
+    parameters: tensors.reduce((a, t) => a + t.numel, 0),
+    mergedParameters: merged.reduce((a, t) => a + t.numel, 0),
+    bytesRead: tensors.reduce((a, t) => a + t.inBytes, 0),
+    bytesWritten: tensors.reduce((a, t) => a + t.outBytes, 0),
   };
 }
 

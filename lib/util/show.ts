@@ -12,3 +12,10 @@ export function jsonForMessage(v: unknown, replacer?: (key: string, x: unknown) 
   }
   return Array.isArray(v) ? '[...]' : v !== null && typeof v === 'object' ? '{...}' : String(v);
 }
+
+/** An untrusted value for a message, cut to 60 characters. */
+export function showShort(v: unknown): string {
+  if (v === undefined) return 'nothing';
+  const s = jsonForMessage(v);
+  return s.length > 60 ? `${s.slice(0, 57)}...` : s;
+}
