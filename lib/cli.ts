@@ -1,7 +1,7 @@
 /**
  * The della-merge command. Exit codes: 0 success, 1 the merge or inspection failed
- * (bad recipe, checkpoint, shapes, I/O), 2 bad command-line usage, 130/143 interrupted
- * by SIGINT/SIGTERM, 70 an internal error (a bug: please report it).
+ * (bad recipe, checkpoint, shapes, I/O), 2 bad command-line usage, 129/130/143 interrupted
+ * by SIGHUP/SIGINT/SIGTERM, 70 an internal error (a bug: please report it).
  */
 import { isDellaError } from './errors.js';
 import { openCheckpoint, type Checkpoint } from './checkpoint/model.js';

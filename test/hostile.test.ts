@@ -4,7 +4,7 @@
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { basename, join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { merge, openCheckpoint, saveModel } from '../lib/index.js';
 import { tempDir, writeRecipe } from './helpers/models.js';
@@ -107,6 +107,21 @@ describe('hostile checkpoints', () => {
     expect(ok.stdout).toMatch(/warning +tensor "w" .* merged anyway/);
   });
 
+  it('a model without one tensor of the base\'s (an empty index, another model) is refused, not merged as a copy', () => {
+    mkdirSync(f('noweights'), { recursive: true });
+    writeFileSync(join(f('noweights'), 'model.safetensors.index.json'), JSON.stringify({ weight_map: {} }));
+    saveModel(f('other'), [{ name: 'v', dtype: 'F32', shape: [2, 2], data: new Float32Array(4) }]);
+    for (const [model, message] of [[f('noweights'), /noweights\) holds no tensors/], [f('other'), /other\) has none of the base model's tensors \(its 1, first "v"/]] as const) {
+      const recipe = writeRecipe(f(`r-${basename(model)}.yaml`), { merge_method: 'task_arithmetic', base_model: base, models: [{ model }] });
+      const r = cli(['run', recipe, '--out', f(`out-${basename(model)}`)]);
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stderr).toMatch(message);
+      expect(existsSync(f(`out-${basename(model)}`))).toBe(false);
+      const asBase = cli(['run', writeRecipe(f(`rb-${basename(model)}.yaml`), { merge_method: 'task_arithmetic', base_model: model, models: [{ model: base }] }), '--out', f('out-b')]);
+      expect(asBase.code, asBase.stderr).toBe(1);
+    }
+  });
+
   it('a shard whose name begins with ".." is inside the model directory', () => {
     mkdirSync(f('dots'), { recursive: true });
     rawFile(join(f('dots'), '..w.safetensors'), { w: W }, 16);
@@ -181,7 +196,7 @@ describe('faults leave nothing that looks finished', () => {
   }
 
   /** Starts a merge, sends `signal` at its first progress line, returns the exit code. */
-  async function interruptMidway(signal: 'SIGINT' | 'SIGTERM') {
+  async function interruptMidway(signal: 'SIGINT' | 'SIGTERM' | 'SIGHUP') {
     const dir = tempDir();
     const recipe = bigModels(dir);
     const out = join(dir, 'merged');
@@ -197,11 +212,11 @@ describe('faults leave nothing that looks finished', () => {
     return { code, stderr, out, dir };
   }
 
-  for (const [signal, exit] of [['SIGINT', 130], ['SIGTERM', 143]] as const) {
+  for (const [signal, exit] of [['SIGINT', 130], ['SIGTERM', 143], ['SIGHUP', 129]] as const) {
     it(`${signal} midway exits ${exit} and leaves nothing that looks finished`, async () => {
       const r = await interruptMidway(signal);
       expect(r.code, r.stderr).toBe(exit);
-      expect(r.stderr).toContain(`${signal}: stopping`);
+      if (signal !== 'SIGHUP') expect(r.stderr).toContain(`${signal}: stopping`); // after a hangup, no terminal to tell
       expect(existsSync(r.out)).toBe(false);
       expect(readdirSync(r.dir).filter((x) => x.includes('della-tmp'))).toEqual([]);
     });

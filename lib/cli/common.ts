@@ -103,22 +103,25 @@ export function writeReport(path: string, report: { out: string }): void {
 export const out = (s: string) => process.stdout.write(`${s}\n`);
 export const err = (s: string) => process.stderr.write(`${s}\n`);
 
-/** Cancels on SIGINT/SIGTERM; the merge then removes its temporary output. */
+/** Cancels on SIGHUP/SIGINT/SIGTERM; the merge then removes its temporary output. */
+/** Exit statuses 128 + the signal's number, as a shell reports them. SIGHUP: the terminal
+ * closed (an ssh session dropped), which should not leave an unfinished output either. */
+const SIGNAL_EXIT: Partial<Record<NodeJS.Signals, number>> = { SIGHUP: 129, SIGINT: 130, SIGTERM: 143 };
+
 export function withSignals<T>(work: (signal: AbortSignal) => Promise<T>): Promise<T> {
   const controller = new AbortController();
   let received: NodeJS.Signals | null = null;
   const onSignal = (sig: NodeJS.Signals) => {
-    if (received) process.exit(sig === 'SIGINT' ? 130 : 143); // second signal: leave now
+    if (received) process.exit(SIGNAL_EXIT[sig]); // second signal: leave now
     received = sig;
-    err(`\n${sig}: stopping; removing the unfinished output...`);
+    if (sig !== 'SIGHUP') err(`\n${sig}: stopping; removing the unfinished output...`); // no terminal after a hangup
     controller.abort();
   };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
+  const signals = Object.keys(SIGNAL_EXIT) as NodeJS.Signals[];
+  for (const sig of signals) process.on(sig, onSignal);
   return work(controller.signal).finally(() => {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
-    if (received) process.exitCode = received === 'SIGINT' ? 130 : 143;
+    for (const sig of signals) process.off(sig, onSignal);
+    if (received) process.exitCode = SIGNAL_EXIT[received];
   });
 }
 

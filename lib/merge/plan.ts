@@ -70,6 +70,15 @@ export function planMerge(recipe: Recipe, base: Checkpoint, experts: readonly Ch
   const tensors: TensorPlan[] = [];
   const baseName = recipe.baseModel.model;
   const onlyInBase: string[] = [];
+  // A model without a single tensor of the base's (an empty index, the wrong directory)
+  // would otherwise give a merge that copies the base, with only a warning.
+  if (base.names.length === 0) throw new DellaError('E_CHECKPOINT', `the base model ${baseName} (${base.path}) holds no tensors`);
+  experts.forEach((e, k) => {
+    if (!e.names.some((n) => base.tensors.has(n))) {
+      const has = e.names.length === 0 ? 'holds no tensors' : `has none of the base model's tensors (its ${e.names.length}, first "${e.names[0]}", are not in ${baseName})`;
+      throw new DellaError('E_SHAPE', `${recipe.models[k].model} (${e.path}) ${has}`);
+    }
+  });
 
   for (const name of base.names) {
     const bt = base.tensors.get(name)!;
