@@ -23,7 +23,9 @@ function verifyTable(r: VerifyReport): string[] {
 export function verifySummary(r: VerifyReport): string[] {
   const head = r.ok
     ? `verified ${r.tensors.checked} tensors (${r.rowsChecked} rows recomputed by the reference), all equal, all finite, in ${r.seconds.toFixed(2)} s`
-    : `FAILED   ${r.tensors.failed} of ${r.tensors.checked} tensors differ from the recipe (seed ${r.seed}):`;
+    : r.tensors.failed > 0
+      ? `FAILED   ${r.tensors.failed} of ${r.tensors.checked} tensors fail the checks (seed ${r.seed}):`
+      : `FAILED   the output as a whole (its ${r.tensors.checked} tensors pass their checks; seed ${r.seed}):`;
   return [head, ...r.problems.slice(0, 20).map((p) => `  ${p}`), ...(r.problems.length > 20 ? [`  ... and ${r.problems.length - 20} more`] : [])];
 }
 
