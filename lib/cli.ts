@@ -6,7 +6,8 @@
 import { isDellaError } from './errors.js';
 import { openCheckpoint, type Checkpoint } from './checkpoint/model.js';
 import { loadRecipe, type Recipe, type TensorParams } from './recipe/index.js';
-import { packageVersion, planRecipe, runMerge } from './merge/run.js';
+import { inputPaths, packageVersion, planRecipe, runMerge } from './merge/run.js';
+import { OutputDirectory } from './checkpoint/writer.js';
 import type { MethodSpec } from './merge/methods.js';
 import { createProgress } from './cli/progress.js';
 import { formatBytes, parseSize } from './util/size.js';
@@ -35,14 +36,15 @@ async function cmdRun(args: string[]): Promise<number> {
   const threads = intOption(values.threads as string | undefined, 'threads', 1, 1024);
   const shardSize = values['shard-size'] !== undefined ? parseSize(values['shard-size'] as string, '--shard-size') : undefined;
   const part = values.part !== undefined ? checkPart(parsePart(values.part as string)) : undefined;
-  if (values['dry-run']) return dryRun(await loadRecipe(positionals[0]), Boolean(values.json), seed, part);
-  if (!values.out) throw usageError('run needs --out DIR', 'run');
   if (part && values.verify) throw usageError('--verify checks a whole merge: verify after "della-merge assemble"', 'run');
-  if (values.report) checkReportFile(values.report as string, values.out as string); // before merging, not after the output is in place
+  if (values.report) checkReportFile(values.report as string, values.out as string | undefined); // before merging, not after the output is in place
+  const overwrite = Boolean(values.overwrite);
+  if (values['dry-run']) return dryRun(await loadRecipe(positionals[0]), Boolean(values.json), seed, part, { out: values.out as string | undefined, overwrite });
+  if (!values.out) throw usageError('run needs --out DIR', 'run');
   const recipe = await loadRecipe(positionals[0]);
   const progress = createProgress(process.stderr, values.quiet || values.json ? 'none' : 'auto');
   const report = await withSignals((signal) => runMerge(recipe, {
-    out: values.out as string, seed, threads, shardSize, overwrite: Boolean(values.overwrite), signal,
+    out: values.out as string, seed, threads, shardSize, overwrite, signal,
     allowNonFinite: Boolean(values['allow-nonfinite']), part, device, gpuMemory, onProgress: (e) => progress.update(e),
   }).finally(() => progress.end()));
   const verified = values.verify ? await verifyMerge(report.out, recipe, { seed: report.seed }) : null;
@@ -86,9 +88,16 @@ function paramText(p: TensorParams, method: MethodSpec): string {
 }
 
 /** run --dry-run: the plan, from headers alone. */
-function dryRun(recipe: Recipe, json: boolean, seedOption: number | undefined, part: { index: number; count: number } | undefined): number {
+function dryRun(
+  recipe: Recipe, json: boolean, seedOption: number | undefined, part: { index: number; count: number } | undefined,
+  output: { out?: string; overwrite: boolean },
+): number {
   const { plan: whole, models } = planRecipe(recipe);
-  models.close();
+  try {
+    if (output.out !== undefined) OutputDirectory.check(output.out, { overwrite: output.overwrite, inputs: inputPaths(models) });
+  } finally {
+    models.close();
+  }
   const seed = seedOption ?? recipe.seed;
   const tensors = part ? partTensors(whole.tensors, part.index, part.count) : whole.tensors;
   const plan = { ...whole, tensors, totals: planTotals(tensors) };

@@ -174,7 +174,6 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
       ['missing model', () => ['run', writeRecipe(join(dir, 'mm.yaml'), dellaRecipe({ base: models.base, experts: [join(dir, 'ghost')] })), '--out', join(dir, 'o')], 1, /ghost/],
       ['inspect a missing path', () => ['inspect', join(dir, 'ghost')], 1, /ghost: no such file or directory/],
       // --report is checked before merging, so a bad one leaves no output behind.
-      ['--report in a missing directory', () => ['run', good, '--out', join(dir, 'o'), '--report', join(dir, 'nodir', 'r.json')], 1, /--report .*r\.json: the directory .*nodir does not exist/],
       ['--report naming a directory', () => ['run', good, '--out', join(dir, 'o'), '--report', dir], 1, /--report .* is a directory; give a file name/],
       ['--report under a file', () => ['run', good, '--out', join(dir, 'o'), '--report', join(good, 'r.json')], 1, /good\.yaml is not a directory/],
       ['--report naming the output', () => ['run', good, '--out', join(dir, 'o'), '--report', join(dir, 'o')], 1, /--report .* is the output directory; give a file name/],
@@ -210,6 +209,13 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
       expect(r.stderr).not.toMatch(/\n\s+at /);
       expect(r.stdout).not.toMatch(/^merged /m); // no summary that looks like success
       expect(existsSync(join(out, 'della_merge_run.json'))).toBe(true);
+    });
+
+    it('--report in directories that do not exist yet makes them (as job scripts name reports/part-$i.json)', () => {
+      const report = join(dir, 'reports', 'deeper', 'r.json');
+      const r = cli(['run', good, '--out', join(dir, 'report-made'), '--report', report, '-q']);
+      expect(r.code, r.stderr).toBe(0);
+      expect(JSON.parse(readFileSync(report, 'utf8')).method).toBe('della');
     });
 
     it('--report may name a file inside a new output directory', () => {

@@ -1,6 +1,6 @@
 /** Every recipe and script in examples/ runs as written, against the demo's models. */
 import { spawnSync } from 'node:child_process';
-import { cpSync, readdirSync, readFileSync } from 'node:fs';
+import { cpSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { tempDir } from './helpers/models.js';
@@ -49,6 +49,51 @@ describe('examples/', () => {
     const shown = [...readme.matchAll(/<!-- example: (\S+) -->\n```\w*\n([\s\S]*?)\n```/g)];
     expect(shown.length).toBeGreaterThanOrEqual(3);
     for (const [, file, body] of shown) expect(body, file).toBe(readFileSync(join(root, file), 'utf8').trimEnd());
+  });
+
+  // The job files as a runner would run them, with `npx della-merge` this checkout's CLI.
+  describe('jobs/', () => {
+    const shim = join(cwd, 'shim');
+    mkdirSync(shim, { recursive: true });
+    writeFileSync(join(shim, 'npx'), `#!/bin/sh\n[ "$1" = --yes ] && shift\nshift\nexec "${process.execPath}" "${bin}" "$@"\n`, { mode: 0o755 });
+    const env = { ...process.env, PATH: `${shim}:${process.env.PATH}` };
+    const sh = (script: string, extra: Record<string, string>, dir: string) => {
+      const r = spawnSync('bash', ['-c', script], { cwd: dir, encoding: 'utf8', env: { ...env, ...extra } });
+      return { code: r.status, out: r.stdout + r.stderr };
+    };
+    const recipe = () => join(cwd, 'examples', 'della.yaml');
+
+    it('slurm-array.sh: the array tasks, then the assemble and verify of its comment', () => {
+      const dir = join(cwd, 'slurm');
+      mkdirSync(dir);
+      symlinkSync(join(cwd, 'demo'), join(dir, 'demo')); // the recipe's model paths
+      for (let i = 1; i <= 3; i++) {
+        const r = sh(`bash ${join(root, 'examples/jobs/slurm-array.sh')} ${recipe()}`, { SLURM_ARRAY_TASK_COUNT: '3', SLURM_ARRAY_TASK_ID: String(i), SLURM_CPUS_PER_TASK: '1' }, dir);
+        expect(r.code, r.out).toBe(0);
+      }
+      const text = readFileSync(join(root, 'examples/jobs/slurm-array.sh'), 'utf8');
+      const after = /--wrap "(.*)"/.exec(text)![1].replaceAll('recipe.yaml', recipe());
+      const r = sh(after, {}, dir);
+      expect(r.code, r.out).toBe(0);
+      expect(r.out).toMatch(/verified \d+ tensors/);
+    });
+
+    it('k8s-indexed-job.yaml: the 8 indexed pods, then the assemble job', () => {
+      const dir = join(cwd, 'k8s');
+      mkdirSync(dir);
+      symlinkSync(join(cwd, 'demo'), join(dir, 'demo'));
+      cpSync(recipe(), join(dir, 'recipe.yaml'));
+      const text = readFileSync(join(root, 'examples/jobs/k8s-indexed-job.yaml'), 'utf8');
+      const pod = /- >-\n\s+(i=.*;)\n\s+(npx .*)\n/.exec(text)!;
+      for (let index = 0; index < 8; index++) {
+        const r = sh(`${pod[1]} ${pod[2]}`, { JOB_COMPLETION_INDEX: String(index) }, dir);
+        expect(r.code, r.out).toBe(0);
+      }
+      const assemble = /command: \["bash", "-c", "(npx --yes della-merge assemble .*)"\]/.exec(text)![1];
+      const r = sh(assemble, {}, dir);
+      expect(r.code, r.out).toBe(0);
+      expect(r.out).toMatch(/verified \d+ tensors/);
+    });
   });
 
   it('merge-api.mjs runs', () => {

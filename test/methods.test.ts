@@ -281,6 +281,8 @@ describe('run --dry-run', () => {
     for (const [args, message] of [
       [['--seed', 'abc'], /--seed must be an integer/], [['--threads', '0'], /--threads must be an integer from 1/],
       [['--part', '9/2'], /part 9\/2 is not valid/], [['--shard-size', '-5'], /--shard-size/],
+      [['--part', '1/2', '--verify'], /--verify checks a whole merge/], [['--report', join(recipe, 'r.json')], /is not a directory/],
+      [['--out', dir], /already exists \(pass --overwrite/], [['--out', dir, '--overwrite'], /an input of this merge/],
     ] as Array<[string[], RegExp]>) {
       const bad = cli(['run', recipe, '--dry-run', ...args]);
       expect(bad.code, args.join(' ')).not.toBe(0);

@@ -107,13 +107,19 @@ export class OutputDirectory {
     this.madeParent = madeParent;
   }
 
+  /** Whether create() would accept the target (for --dry-run); returns its full path. */
+  static check(target: string, options: { overwrite?: boolean; inputs?: readonly string[] } = {}): string {
+    const full = resolve(target);
+    checkTarget(full, options.overwrite ?? false);
+    checkNotInput(full, options.inputs ?? []);
+    return full;
+  }
+
   /** Checks the target and makes the temporary sibling directory. `inputs`: files and
    * directories the merge reads, which the target must not be or hold. */
   static create(target: string, options: { overwrite?: boolean; inputs?: readonly string[] } = {}): OutputDirectory {
-    const full = resolve(target);
+    const full = OutputDirectory.check(target, options);
     const overwrite = options.overwrite ?? false;
-    checkTarget(full, overwrite);
-    checkNotInput(full, options.inputs ?? []);
     const parent = dirname(full);
     let madeParent: string | undefined;
     if (!existsSync(parent)) {

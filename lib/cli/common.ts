@@ -1,5 +1,5 @@
 /** What every command shares: argument parsing, output, signals, the run summary. */
-import { accessSync, constants, statSync, writeFileSync } from 'node:fs';
+import { accessSync, constants, mkdirSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { DellaError, ioError } from '../errors.js';
@@ -50,29 +50,32 @@ export function deviceOptions(values: Parsed['values']): { device?: string; gpuM
   return { device, gpuMemory };
 }
 
+/** stat without throwing: undefined for a missing path, or one under a file (ENOTDIR). */
+function statOrNone(path: string) {
+  try {
+    return statSync(path, { throwIfNoEntry: false });
+  } catch {
+    return undefined;
+  }
+}
+
 /**
- * Why `path` cannot be a file written later (null if it can): it is a directory, or its
- * directory is missing, not a directory or not writable. Checked before the work starts,
- * so the command does not finish its work and then fail on its last step.
+ * Why `path` cannot be a file written later (null if it can): it is a directory, or the
+ * nearest existing directory above it is a file or not writable. Missing directories
+ * between are made when the file is written (writeReport). Checked before the work
+ * starts, so the command does not finish its work and then fail on its last step.
  */
 export function unwritableFile(path: string): string | null {
   const full = resolve(path);
-  let st;
-  try {
-    st = statSync(full, { throwIfNoEntry: false });
-  } catch {
-    st = undefined; // ENOTDIR and the like: the directory check below names the culprit
-  }
+  const st = statOrNone(full);
   if (st?.isDirectory()) return `${full} is a directory; give a file name`;
-  const dir = dirname(full);
-  let dst;
-  try {
-    dst = statSync(dir, { throwIfNoEntry: false });
-  } catch {
-    dst = undefined;
+  let dir = dirname(full);
+  let dst = statOrNone(dir);
+  while (!dst && dirname(dir) !== dir) {
+    dir = dirname(dir);
+    dst = statOrNone(dir);
   }
-  if (!dst) return `${full}: the directory ${dir} does not exist`;
-  if (!dst.isDirectory()) return `${full}: ${dir} is not a directory`;
+  if (!dst?.isDirectory()) return `${full}: ${dir} is not a directory`;
   try {
     accessSync(st ? full : dir, constants.W_OK);
   } catch (e) {
@@ -82,18 +85,19 @@ export function unwritableFile(path: string): string | null {
 }
 
 /** run --report FILE: refused up front, before anything is merged. */
-export function checkReportFile(path: string, outDir: string): void {
-  const full = resolve(path), out = resolve(outDir);
-  if (full === out) throw new DellaError('E_OUTPUT', `--report ${full} is the output directory; give a file name`);
-  if (dirname(full) === out) return; // a report inside the output: its directory exists once the merge is in place
+export function checkReportFile(path: string, outDir: string | undefined): void {
+  const full = resolve(path);
+  if (outDir !== undefined && full === resolve(outDir)) throw new DellaError('E_OUTPUT', `--report ${full} is the output directory; give a file name`);
   const why = unwritableFile(path);
   if (why) throw new DellaError('E_OUTPUT', `--report ${why}`);
 }
 
-/** Writes the --report JSON; a failure (disk full, ...) is E_IO saying the merge itself is done. */
+/** Writes the --report JSON, making its directory if needed (job scripts name a reports/
+ * directory per run); a failure (disk full, ...) is E_IO saying the merge itself is done. */
 export function writeReport(path: string, report: { out: string }): void {
   const full = resolve(path);
   try {
+    mkdirSync(dirname(full), { recursive: true });
     writeFileSync(full, `${JSON.stringify(report, null, 2)}\n`);
   } catch (e) {
     throw ioError(`the merge into ${report.out} is complete, but cannot write the report ${full}`, e);

@@ -15,13 +15,13 @@ Run "della-merge help run" for the merge options.`;
 
 export const RUN_USAGE = `Usage: della-merge run RECIPE --out DIR [options]
 
-  --out DIR            output directory (must not exist, unless --overwrite)
+  -o, --out DIR        output directory (must not exist, unless --overwrite)
   --seed N             random seed, an integer in [0, 2^53) (default: the recipe's, else 0)
-  --threads N          kernel threads (default: all cores)
+  -j, --threads N      kernel threads (default: all cores)
   --shard-size SIZE    largest output shard, e.g. 2GB, 500MiB (default 5GB)
   --overwrite          replace DIR if it exists (atomically, when the merge is complete)
   --report FILE        write a JSON report (tensors, bytes, seconds, parameters, warnings)
-  --quiet              no progress output
+  -q, --quiet          no progress output
   --json               print the report as JSON on stdout instead of a summary
   --part i/N           merge only part i of N byte-balanced parts (for N jobs, GPUs or
                        machines); join the N part directories with "della-merge assemble"
@@ -32,9 +32,10 @@ export const RUN_USAGE = `Usage: della-merge run RECIPE --out DIR [options]
                        when the plugin, the driver or the GPU is missing.
   --gpu-memory SIZE    GPU memory the merge may use, e.g. 8GiB (default: the smaller of
                        16 GiB and 85% of the free memory); with --device cuda
-  --dry-run            print the plan (per tensor: method and parameters per model; totals)
+  -n, --dry-run        print the plan (per tensor: action, dtype, shape and parameters; totals)
                        without reading a tensor or writing anything; --out is not needed;
-                       the other options are checked, and --seed and --part shown`;
+                       the other options are checked as for a run (the GPU is not
+                       opened), and --seed and --part shown`;
 
 export const VERIFY_USAGE = `Usage: della-merge verify OUT --recipe RECIPE [--samples N] [--seed N] [--json]
 

@@ -240,6 +240,11 @@ function recipeText(recipe: Recipe): string {
   return yamlStringify(recipe.document);
 }
 
+/** The files and directories a merge reads, which its output must not replace. */
+export function inputPaths(models: OpenedModels): string[] {
+  return [models.base, ...models.experts].flatMap((m) => [...m.files, ...(m.dir ? [m.dir] : [])]);
+}
+
 /** Runs a parsed recipe to completion; see `merge` in index.ts for the public entry. */
 export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<MergeReport> {
   const started = performance.now();
@@ -273,8 +278,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   try {
     const part = options.part ? checkPart(options.part) : null;
     const tensors = part ? partTensors(plan.tensors, part.index, part.count) : plan.tensors;
-    const inputs = [models.base, ...models.experts].flatMap((m) => [...m.files, ...(m.dir ? [m.dir] : [])]);
-    out = OutputDirectory.create(options.out, { overwrite: options.overwrite, inputs });
+    out = OutputDirectory.create(options.out, { overwrite: options.overwrite, inputs: inputPaths(models) });
     const layouts = layoutShards(tensors.map(outputTensor), shardSize);
     shards = out.createShards(layouts);
     const groups = batches(tensors, spec.kind === 'cuda');
