@@ -28,10 +28,10 @@ rm -rf "$work" && mkdir -p "$work"
 git ls-files --cached --others --exclude-standard | grep -v '^test/' | while read -r f; do
   mkdir -p "$work/$(dirname "$f")" && cp "$f" "$work/$f"
 done
-# One modification time for every copied file, the last commit's: nvcc writes the
-# sources' times into the CUDA plugin, so copies made at different times built plugins
-# that differed (with it, two runs build the same bytes).
-find "$work" -exec touch -h -d "@$(git log -1 --format=%ct)" {} +
+# One modification time for every copied file, $SOURCE_DATE_EPOCH or else the last
+# commit's: nvcc writes the sources' times into the CUDA plugin, so copies made at
+# different times built plugins that differed.
+find "$work" -exec touch -h -d "@${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct)}" {} +
 mounts=()
 trap 'for m in "${mounts[@]}"; do umount "$m" 2>/dev/null || true; done' EXIT
 bind_into_root() {  # bind_into_root HOST_DIR DIR_IN_ROOT: unmounted on exit
