@@ -3,12 +3,13 @@
  * tokenizer files) and three experts fine-tuned from it in different places, written
  * to disk, with a DELLA recipe that merges them.
  */
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { stringify as yamlStringify } from 'yaml';
 import { saveModel, type InMemoryTensor } from './checkpoint/save.js';
 import { ioError, isDellaError } from './errors.js';
 import { f32ToBf16 } from './reference/dtypes.js';
+import { makeDirs } from './util/fs.js';
 
 export const DEMO_EXPERTS = ['math', 'code', 'chat'] as const;
 
@@ -78,7 +79,7 @@ function writeText(file: string, text: string): void {
 }
 
 export function writeDemoModels(dir: string): DemoModels {
-  io(`cannot create ${dir}`, () => mkdirSync(dir, { recursive: true }));
+  io(`cannot create ${dir}`, () => makeDirs(dir));
   const g = generator(20240617);
   const base = new Map<string, Float32Array>();
   let parameters = 0;

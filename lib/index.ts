@@ -7,7 +7,7 @@
 import { resolve } from 'node:path';
 import { stringify as yamlStringify } from 'yaml';
 import { DellaError } from './errors.js';
-import { loadRecipe, parseRecipe, type Recipe } from './recipe/index.js';
+import { isParsedRecipe, loadRecipe, makeResolver, parseRecipe, type Recipe } from './recipe/index.js';
 import { runMerge, type MergeOptions, type MergeReport } from './merge/run.js';
 import { streamMerge, type MergedTensor, type TensorStreamOptions } from './merge/stream.js';
 
@@ -61,11 +61,21 @@ export async function* mergeTensors(
   yield* streamMerge(await toRecipe(recipe, inMemory), options);
 }
 
+/** A recipe object as YAML text, for parseRecipe to check like a file's. */
+function documentText(doc: object): string {
+  try {
+    return yamlStringify(doc);
+  } catch (e) {
+    throw new DellaError('E_RECIPE', `the recipe object is not plain data (${(e as Error).message})`);
+  }
+}
+
 async function toRecipe(recipe: string | Recipe | Record<string, unknown>, inMemory = false): Promise<Recipe> {
   if (typeof recipe === 'string') return loadRecipe(recipe);
-  if (recipe && typeof recipe === 'object' && 'mergeMethod' in recipe && 'baseModel' in recipe) return recipe as unknown as Recipe;
-  if (recipe && typeof recipe === 'object') {
-    if (!inMemory) return parseRecipe(yamlStringify(recipe), { resolvePath: (m) => resolve(m) });
+  if (isParsedRecipe(recipe)) return recipe;
+  if (recipe && typeof recipe === 'object' && !Array.isArray(recipe)) {
+    // Model references as in a file recipe: paths from the current directory, else hub ids.
+    if (!inMemory) return parseRecipe(documentText(recipe), { resolvePath: makeResolver(resolve('recipe'), process.cwd()) });
     // In memory, model names are labels: fill in the ones left out.
     const doc = { ...recipe } as Record<string, unknown>;
     if (doc.base_model === undefined) doc.base_model = 'base';
@@ -73,7 +83,7 @@ async function toRecipe(recipe: string | Recipe | Record<string, unknown>, inMem
       doc.models = doc.models.map((m: unknown, k: number) =>
         m && typeof m === 'object' && !('model' in m) ? { model: `model-${k}`, ...m } : m);
     }
-    return parseRecipe(yamlStringify(doc), { resolvePath: (m) => m });
+    return parseRecipe(documentText(doc), { resolvePath: (m) => m });
   }
   throw new DellaError('E_ARGS', 'merge(recipe, ...) takes a recipe file path, a parsed recipe, or a recipe object');
 }

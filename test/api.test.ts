@@ -3,7 +3,11 @@ import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { describe, expect, it } from 'vitest';
-import { merge, mergeTensors, openCheckpoint, saveModel, DellaError, type MemoryTensor } from '../lib/index.js';
+import { existsSync, writeFileSync } from 'node:fs';
+import {
+  assemble, layerCount, loadRecipe, merge, mergeTensors, openCheckpoint, parseRecipe, planRecipe, saveModel, verifyMerge, DellaError,
+  type MemoryTensor, type Recipe,
+} from '../lib/index.js';
 import { DTYPE_CODE } from '../lib/merge/task.js';
 import { tempDir } from './helpers/models.js';
 import { drawBaseAndExperts, tensorBytes } from './helpers/tensors.js';
@@ -98,5 +102,74 @@ describe(`pipeline API (DELLA_TEST_SEED=${seed})`, () => {
     expect(a).toEqual(here);
     expect(b).toEqual(here);
     expect(c).toEqual(here);
+  });
+});
+
+describe('API arguments: every wrong one is a DellaError naming it, never a crash or a hang', () => {
+  const dir = tempDir('della-api-args-');
+  saveModel(join(dir, 'base'), [{ name: 'w', dtype: 'F32', shape: [2, 2], data: new Float32Array([1, 2, 3, 4]) }]);
+  saveModel(join(dir, 'x'), [{ name: 'w', dtype: 'F32', shape: [2, 2], data: new Float32Array([2, 2, 4, 4]) }]);
+  const doc = { merge_method: 'task_arithmetic', base_model: join(dir, 'base'), models: [{ model: join(dir, 'x') }] };
+
+  async function refused(work: () => unknown, code: string, message: RegExp) {
+    let err: unknown;
+    try {
+      await work();
+    } catch (e) {
+      err = e;
+    }
+    expect(err, String(err)).toBeInstanceOf(DellaError);
+    expect((err as DellaError).code).toBe(code);
+    expect((err as DellaError).message).toMatch(message);
+  }
+
+  it('merge() options of the wrong kind', async () => {
+    const out = join(dir, 'never');
+    await refused(() => merge(doc, { out, backend: 'gpu' as 'native' }), 'E_ARGS', /backend must be "native" or "reference", got "gpu"/);
+    await refused(() => merge(doc, { out, device: 42 as unknown as string }), 'E_ARGS', /device must be a string/);
+    await refused(() => merge(doc, { out, onProgress: 5 as unknown as () => void }), 'E_ARGS', /onProgress must be a function/);
+    await refused(() => merge(doc, { out, signal: {} as AbortSignal }), 'E_ARGS', /signal must be an AbortSignal/);
+    // a count-sized table per part used to exhaust the heap
+    await refused(() => merge(doc, { out, part: { index: 1, count: 1e9 } }), 'E_ARGS', /at most 65536 parts/);
+    await refused(() => merge(doc, { out, part: '1/2' as unknown as { index: number; count: number } }), 'E_ARGS', /part must be \{ index, count \}/);
+    await refused(() => merge({ ...doc, mergeMethod: 'ties', baseModel: 'b' }, { out }), 'E_RECIPE', /unknown key "mergeMethod"/);
+    await refused(() => merge({ ...doc, seed: Symbol('s') }, { out }), 'E_RECIPE', /not plain data/);
+    expect(existsSync(out)).toBe(false);
+  });
+
+  it('functions that take a parsed Recipe, a path or a list', async () => {
+    const recipe = join(dir, 'r.yaml');
+    writeFileSync(recipe, JSON.stringify(doc));
+    await refused(() => planRecipe(recipe as unknown as Recipe), 'E_ARGS', /planRecipe\(recipe\) takes a parsed Recipe .*got the string/);
+    await refused(() => verifyMerge(dir, recipe as unknown as Recipe), 'E_ARGS', /verifyMerge\(out, recipe\) takes a parsed Recipe/);
+    await refused(() => parseRecipe(doc as unknown as string), 'E_ARGS', /parseRecipe\(text\) takes the recipe's YAML or JSON text/);
+    await refused(() => loadRecipe(5 as unknown as string), 'E_ARGS', /loadRecipe\(file\) takes a recipe file path, got 5/);
+    await refused(() => openCheckpoint(5 as unknown as string), 'E_ARGS', /openCheckpoint\(path\) takes a file or directory path/);
+    await refused(() => layerCount(null as unknown as string[]), 'E_ARGS', /layerCount\(names\) takes/);
+    await refused(() => assemble(dir as unknown as string[], join(dir, 'a')), 'E_ARGS', /assemble\(partDirs, out\) takes a list/);
+    const c = openCheckpoint(join(dir, 'base'));
+    c.close();
+    await refused(() => c.bytes('w'), 'E_ARGS', /the checkpoint is closed/);
+  });
+
+  it('verifyMerge refuses a seed that is not an integer in [0, 2^53) instead of failing a good merge', async () => {
+    const out = join(dir, 'good');
+    await merge(doc, { out });
+    const recipe = await loadRecipe(join(dir, 'r.yaml'));
+    for (const seed of [-1, NaN, 1.5, '42']) {
+      await refused(() => verifyMerge(out, recipe, { seed: seed as number }), 'E_ARGS', /seed must be an integer in \[0, 2\^53\)/);
+    }
+    expect((await verifyMerge(out, recipe)).ok).toBe(true);
+  });
+
+  it("an onProgress that throws at 'finish' fails the merge with nothing left", async () => {
+    const out = join(dir, 'finish-throws');
+    await expect(merge(doc, { out, onProgress: (e) => { if (e.phase === 'finish') throw new Error('no thanks'); } })).rejects.toThrow('no thanks');
+    expect(existsSync(out)).toBe(false);
+  });
+
+  // Node 20's recursive mkdir loops forever under /proc; the output's parents are made a level at a time.
+  it.skipIf(!existsSync('/proc/self'))('an output under /proc fails at once (E_IO) instead of hanging', async () => {
+    await refused(() => merge(doc, { out: '/proc/della-nope/merged' }), 'E_IO', /cannot create \/proc\/della-nope/);
   });
 });

@@ -205,6 +205,7 @@ function locate(path: string): { dir: string | null; files: string[]; weightMap:
 }
 
 export function openCheckpoint(path: string): Checkpoint {
+  if (typeof path !== 'string' || path === '') throw new DellaError('E_ARGS', `openCheckpoint(path) takes a file or directory path, got ${jsonForMessage(path)}`);
   const full = resolve(path);
   const where = locate(full);
   const opened = new Map<string, OpenFile>();
@@ -236,7 +237,9 @@ export function openCheckpoint(path: string): Checkpoint {
   const names = [...tensors.keys()].sort();
   let totalBytes = 0;
   for (const t of tensors.values()) totalBytes += t.byteLength;
+  let closed = false;
   const get = (name: string): CheckpointTensor => {
+    if (closed) throw new DellaError('E_ARGS', `${full}: the checkpoint is closed`);
     const t = tensors.get(name);
     if (!t) throw new DellaError('E_ARGS', `${full}: no tensor named "${name}"`);
     return t;
@@ -273,6 +276,7 @@ export function openCheckpoint(path: string): Checkpoint {
       if (t.byteLength > 0) opened.get(t.file)!.map.advise(t.offset, t.byteLength, 'dontneed');
     },
     close() {
+      closed = true;
       for (const f of opened.values()) f.map.close();
     },
     changed() {

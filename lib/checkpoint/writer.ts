@@ -10,6 +10,7 @@ import { basename, dirname, join, resolve, sep } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
 import { loadNative, type NativeOutputFile } from '../native.js';
 import { DTYPE_SIZES, encodeHeader } from './safetensors.js';
+import { makeDirs } from '../util/fs.js';
 import { INDEX_FILE, SINGLE_FILE } from './model.js';
 
 export interface OutputTensor {
@@ -124,7 +125,7 @@ export class OutputDirectory {
     let madeParent: string | undefined;
     if (!existsSync(parent)) {
       try {
-        madeParent = mkdirSync(parent, { recursive: true });
+        madeParent = makeDirs(parent);
       } catch (e) {
         throw ioError(`cannot create ${parent}`, e);
       }

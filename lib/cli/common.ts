@@ -1,5 +1,5 @@
 /** What every command shares: argument parsing, output, signals, the run summary. */
-import { accessSync, constants, mkdirSync, statSync, writeFileSync } from 'node:fs';
+import { accessSync, constants, statSync, writeFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { DellaError, ioError } from '../errors.js';
@@ -7,6 +7,7 @@ import { packageVersion, type MergeReport } from '../merge/run.js';
 import { formatBytes, parseSize } from '../util/size.js';
 import { parseDevice } from '../merge/device.js';
 import { HELP, USAGE } from './usage.js';
+import { makeDirs } from '../util/fs.js';
 
 export function usageError(message: string, command?: string): DellaError {
   return new DellaError('E_ARGS', `${message}\n\n${command ? HELP[command] : USAGE.replace('{version}', packageVersion())}`);
@@ -97,7 +98,7 @@ export function checkReportFile(path: string, outDir: string | undefined): void 
 export function writeReport(path: string, report: { out: string }): void {
   const full = resolve(path);
   try {
-    mkdirSync(dirname(full), { recursive: true });
+    makeDirs(dirname(full));
     writeFileSync(full, `${JSON.stringify(report, null, 2)}\n`);
   } catch (e) {
     throw ioError(`the merge into ${report.out} is complete, but cannot write the report ${full}`, e);

@@ -3,7 +3,7 @@
  * (lib/merge/task.ts) of each merged tensor. Shared by the scheduler and verification.
  */
 import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
-import type { Recipe } from '../recipe/index.js';
+import { expectRecipe, type Recipe } from '../recipe/index.js';
 import { planMerge, type MergePlan, type TensorPlan } from './plan.js';
 import { CONSENSUS_CODE, DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE, type FloatDType, type MergeTaskSpec } from './task.js';
 
@@ -32,7 +32,7 @@ export function openModels(recipe: Recipe): OpenedModels {
 
 /** Plans a merge without writing anything (for --dry-run and checks). */
 export function planRecipe(recipe: Recipe): { plan: MergePlan; models: OpenedModels } {
-  const models = openModels(recipe);
+  const models = openModels(expectRecipe(recipe, 'planRecipe(recipe)'));
   try {
     return { plan: planMerge(recipe, models.base, models.experts), models };
   } catch (e) {

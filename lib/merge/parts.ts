@@ -35,10 +35,16 @@ export function parsePart(text: string): { index: number; count: number } {
   return checkPart({ index: Number(m[1]), count: Number(m[2]) });
 }
 
+/** More parts than this are refused: the balancing keeps a load per part (and a model
+ * has far fewer tensors, so more parts would all be empty). */
+export const MAX_PARTS = 65536;
+
 export function checkPart(p: { index: number; count: number }): { index: number; count: number } {
+  if (p === null || typeof p !== 'object') throw new DellaError('E_ARGS', `part must be { index, count }, got ${showShort(p)}`);
   if (!Number.isSafeInteger(p.count) || p.count < 1 || !Number.isSafeInteger(p.index) || p.index < 1 || p.index > p.count) {
-    throw new DellaError('E_ARGS', `part ${p.index}/${p.count} is not valid: use i/N with 1 <= i <= N`);
+    throw new DellaError('E_ARGS', `part ${showShort(p.index)}/${showShort(p.count)} is not valid: use i/N with 1 <= i <= N`);
   }
+  if (p.count > MAX_PARTS) throw new DellaError('E_ARGS', `part ${p.index}/${p.count}: at most ${MAX_PARTS} parts`);
   return p;
 }
 
@@ -153,6 +159,10 @@ export async function assemble(
   partDirs: readonly string[], out: string, options: { overwrite?: boolean; signal?: AbortSignal } = {},
 ): Promise<AssembleReport> {
   const started = performance.now();
+  if (!Array.isArray(partDirs) || !partDirs.every((d) => typeof d === 'string')) {
+    throw new DellaError('E_ARGS', `assemble(partDirs, out) takes a list of part directories, got ${showShort(partDirs)}`);
+  }
+  if (typeof out !== 'string' || out === '') throw new DellaError('E_ARGS', `assemble(partDirs, out) takes the output directory, got ${showShort(out)}`);
   if (partDirs.length === 0) throw new DellaError('E_ARGS', 'assemble needs the part directories');
   const dirs = partDirs.map((d) => resolve(d));
   const records = dirs.map(readPart);

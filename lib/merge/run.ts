@@ -7,6 +7,7 @@
 import { readFileSync } from 'node:fs';
 import { stringify as yamlStringify } from 'yaml';
 import { DellaError } from '../errors.js';
+import { showShort } from '../util/show.js';
 import { copyExtras, CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, DEFAULT_SHARD_SIZE, type OutputTensor, type ShardFiles } from '../checkpoint/writer.js';
 import { STAGING_BLOCK, StagingPool } from '../checkpoint/staging.js';
@@ -32,6 +33,8 @@ export const RECIPE_FILE = 'della_merge_recipe.yaml';
 export { RUN_FILE, type RunRecord } from './record.js';
 
 export interface ProgressEvent {
+  /** 'finish': every tensor is written, just before the output is put in place (a
+   * callback that throws there still fails the merge, leaving nothing behind) */
   phase: 'merge' | 'finish';
   tensorsDone: number;
   tensorsTotal: number;
@@ -248,6 +251,7 @@ export function inputPaths(models: OpenedModels): string[] {
 /** Runs a parsed recipe to completion; see `merge` in index.ts for the public entry. */
 export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<MergeReport> {
   const started = performance.now();
+  checkOptionTypes(options);
   const backend = options.backend ?? 'native';
   const native = backend === 'native' ? loadNative() : null;
   const { threads, seed } = runSettings(options, recipe, native);
@@ -345,14 +349,17 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
       out.writeFile(RUN_FILE, `${JSON.stringify(run, null, 2)}\n`);
       files.push(RUN_FILE);
     }
+    // 'finish' comes before the output is put in place: an onProgress that throws (or
+    // aborts) fails the merge with nothing left, as any other failure does.
+    options.onProgress?.({
+      phase: 'finish', tensorsDone, tensorsTotal: tensors.length, bytesDone, bytesTotal,
+      elapsedSeconds: (performance.now() - started) / 1000, tensor: null,
+    });
+    if (options.signal?.aborted) throw abortError();
     out.commit();
     reports.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
     const seconds = (performance.now() - started) / 1000;
     clock.mark('finish');
-    options.onProgress?.({
-      phase: 'finish', tensorsDone, tensorsTotal: tensors.length, bytesDone, bytesTotal,
-      elapsedSeconds: seconds, tensor: null,
-    });
     const zeroKept = reports.filter((r) => r.keptFraction?.some((f) => f === 0) && r.shape.length > 0);
     const warnings = [...recipe.warnings, ...plan.warnings, ...(nonfiniteWarnings ?? [])];
     if (zeroKept.length > 0 && plan.method.sparsifier !== 'none') {
@@ -435,6 +442,15 @@ export function selectDevice(options: { device?: string; gpuMemory?: number }, n
 }
 
 /** Threads (default: all cores) and seed (default: the recipe's), checked. */
+/** The options' kinds, checked before anything runs (the API takes them from JavaScript). */
+export function checkOptionTypes(options: Partial<Pick<MergeOptions, 'backend' | 'device' | 'onProgress' | 'signal'>>): void {
+  const bad = (what: string, v: unknown): never => { throw new DellaError('E_ARGS', `${what}, got ${showShort(v)}`); };
+  if (options.backend !== undefined && options.backend !== 'native' && options.backend !== 'reference') bad('backend must be "native" or "reference"', options.backend);
+  if (options.device !== undefined && typeof options.device !== 'string') bad('device must be a string such as "cpu" or "cuda:0"', options.device);
+  if (options.onProgress !== undefined && typeof options.onProgress !== 'function') bad('onProgress must be a function', options.onProgress);
+  if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) bad('signal must be an AbortSignal', options.signal);
+}
+
 export function runSettings(
   options: { threads?: number; seed?: number }, recipe: Recipe, native: NativeAddon | null,
 ): { threads: number; seed: number } {

@@ -369,7 +369,23 @@ function effective(own: Record<string, ParamValue>, global: Record<string, Param
   return { param: DEFAULTS[name], level: 'default' };
 }
 
+/** A Recipe as parseRecipe and loadRecipe make it, told apart from a recipe document
+ * (mergekit's snake_case keys) that happens to carry such keys too. */
+export function isParsedRecipe(v: unknown): v is Recipe {
+  if (v === null || typeof v !== 'object') return false;
+  const r = v as Partial<Recipe> & Record<string, unknown>;
+  return typeof r.mergeMethod === 'string' && typeof r.baseModel?.path === 'string' && Array.isArray(r.models) &&
+    Array.isArray(r.warnings) && !('merge_method' in r) && !('base_model' in r);
+}
+
+/** For functions that take a parsed Recipe: a path or a document is a clear error. */
+export function expectRecipe(v: unknown, where: string): Recipe {
+  if (isParsedRecipe(v)) return v;
+  throw new DellaError('E_ARGS', `${where} takes a parsed Recipe (from loadRecipe(path) or parseRecipe(text)), got ${typeof v === 'string' ? `the string ${JSON.stringify(v)}` : fmt(v)}`);
+}
+
 export function parseRecipe(text: string, options: ParseOptions = {}): Recipe {
+  if (typeof text !== 'string') throw new DellaError('E_ARGS', `parseRecipe(text) takes the recipe's YAML or JSON text, got ${fmt(text)}`);
   const { document, warnings } = parseText(text);
   const resolvePath = options.resolvePath ?? ((m: string) => m);
   if (!isDict(document)) {
@@ -526,6 +542,7 @@ export function makeResolver(recipeFile: string, cwd: string): (model: string) =
 }
 
 export async function loadRecipe(file: string, options: { cwd?: string } = {}): Promise<Recipe> {
+  if (typeof file !== 'string' || file === '') throw new DellaError('E_ARGS', `loadRecipe(file) takes a recipe file path, got ${fmt(file)}`);
   const cwd = options.cwd ?? process.cwd();
   const source = path.resolve(cwd, file);
   let text: string;

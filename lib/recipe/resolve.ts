@@ -2,6 +2,7 @@
  * Per-tensor parameter resolution (SPEC §7): per-model value, else global, else default;
  * filter lists pick by tensor name, gradients are read at the tensor's layer position.
  */
+import { DellaError } from '../errors.js';
 import { METHODS, resolveRescale, type RescaleName } from '../merge/methods.js';
 import { DEFAULTS, densityEpsilonProblem, fmt, recipeError } from './params.js';
 import type { ExpertParams, ParamScalar, ParamValue, Recipe, TensorParams } from './types.js';
@@ -17,6 +18,9 @@ export function layerIndex(tensorName: string): number | null {
 
 /** L = 1 + the largest layer index; 0 when no tensor has a layer. */
 export function layerCount(baseTensorNames: Iterable<string>): number {
+  if (baseTensorNames === null || typeof (baseTensorNames as Iterable<string>)?.[Symbol.iterator] !== 'function' || typeof baseTensorNames === 'string') {
+    throw new DellaError('E_ARGS', 'layerCount(names) takes the base model\'s tensor names (an array or other iterable of strings)');
+  }
   let max = -1;
   for (const n of baseTensorNames) {
     const i = layerIndex(n);

@@ -4,6 +4,7 @@
  * so the message names the problem instead of the process crashing.
  */
 export function jsonForMessage(v: unknown, replacer?: (key: string, x: unknown) => unknown): string {
+  if (typeof v === 'number' && !Number.isFinite(v)) return String(v); // NaN, not JSON's null
   try {
     const s = JSON.stringify(v, replacer as (this: unknown, key: string, value: unknown) => unknown);
     if (s !== undefined) return s;

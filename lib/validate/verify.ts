@@ -8,7 +8,8 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { DellaError } from '../errors.js';
 import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
-import type { Recipe } from '../recipe/index.js';
+import { expectRecipe, type Recipe } from '../recipe/index.js';
+import { showShort } from '../util/show.js';
 import { buildMergeTask, planRecipe } from '../merge/build.js';
 import type { TensorPlan } from '../merge/plan.js';
 import { slerpCoefficients } from '../merge/slerp.js';
@@ -101,6 +102,11 @@ function runRecord(out: string): Partial<RunRecord> {
 
 export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOptions = {}): Promise<VerifyReport> {
   const started = performance.now();
+  expectRecipe(recipe, 'verifyMerge(out, recipe)');
+  if (typeof out !== 'string' || out === '') throw new DellaError('E_ARGS', `verifyMerge(out, recipe) takes the output directory, got ${showShort(out)}`);
+  if (options.seed !== undefined && !(Number.isSafeInteger(options.seed) && options.seed >= 0)) {
+    throw new DellaError('E_ARGS', `seed must be an integer in [0, 2^53), got ${showShort(options.seed)}`);
+  }
   const samples = options.samples ?? 3;
   if (!Number.isInteger(samples) || samples < 1) throw new DellaError('E_ARGS', `samples must be a positive integer, got ${samples}`);
   if (!existsSync(out)) throw new DellaError('E_ARGS', `${out}: no such output directory`);

@@ -1,0 +1,25 @@
+import { existsSync, mkdirSync, statSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
+
+/**
+ * mkdir -p, one level at a time: Node 20's mkdirSync(path, { recursive: true }) loops
+ * forever on a path under /proc (procfs answers ENOENT for every level), where this
+ * fails at once. Returns the outermost directory it made, as mkdirSync's recursive form.
+ */
+export function makeDirs(dir: string): string | undefined {
+  const missing: string[] = [];
+  for (let d = resolve(dir); !existsSync(d); d = dirname(d)) {
+    missing.push(d);
+    if (dirname(d) === d) break;
+  }
+  missing.reverse();
+  for (const d of missing) {
+    try {
+      mkdirSync(d);
+    } catch (e) {
+      // made meanwhile by another process: fine if it is a directory
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST' || !statSync(d).isDirectory()) throw e;
+    }
+  }
+  return missing[0];
+}
