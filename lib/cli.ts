@@ -12,7 +12,7 @@ import type { MethodSpec } from './merge/methods.js';
 import { createProgress } from './cli/progress.js';
 import { formatBytes, parseSize } from './util/size.js';
 import { verifyMerge } from './validate/verify.js';
-import { assemble, checkPart, parsePart, partTensors } from './merge/parts.js';
+import { assemble, parsePart, partTensors } from './merge/parts.js';
 import { planTotals } from './merge/plan.js';
 import { doctor, doctorLines } from './cli/doctor.js';
 import { checkReportFile, deviceOptions, err, intOption, out, parse, summary, usageError, withSignals, writeReport } from './cli/common.js';
@@ -35,7 +35,7 @@ async function cmdRun(args: string[]): Promise<number> {
   const seed = intOption(values.seed as string | undefined, 'seed', 0, Number.MAX_SAFE_INTEGER);
   const threads = intOption(values.threads as string | undefined, 'threads', 1, 1024);
   const shardSize = values['shard-size'] !== undefined ? parseSize(values['shard-size'] as string, '--shard-size') : undefined;
-  const part = values.part !== undefined ? checkPart(parsePart(values.part as string)) : undefined;
+  const part = values.part !== undefined ? parsePart(values.part as string) : undefined;
   if (part && values.verify) throw usageError('--verify checks a whole merge: verify after "della-merge assemble"', 'run');
   if (values.report) checkReportFile(values.report as string, values.out as string | undefined); // before merging, not after the output is in place
   const overwrite = Boolean(values.overwrite);

@@ -4,7 +4,7 @@
  * be tested exhaustively and reused by the shard reader and writer alike.
  */
 import { DellaError } from '../errors.js';
-import { showShort } from '../util/show.js';
+import { showShort as show } from '../util/show.js';
 
 export const DTYPE_SIZES: Readonly<Record<string, number>> = Object.freeze({
   F64: 8,
@@ -58,8 +58,6 @@ const TENSOR_FIELDS = new Set(['dtype', 'shape', 'data_offsets']);
 function fail(file: string, reason: string): never {
   throw new DellaError('E_CHECKPOINT', `${file}: ${reason}`);
 }
-
-const show = showShort;
 
 function q(name: string): string {
   return JSON.stringify(name);

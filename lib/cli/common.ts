@@ -7,7 +7,7 @@ import { packageVersion, type MergeReport } from '../merge/run.js';
 import { formatBytes, parseSize } from '../util/size.js';
 import { parseDevice } from '../merge/device.js';
 import { HELP, USAGE } from './usage.js';
-import { makeDirs } from '../util/fs.js';
+import { makeDirs, nearestExisting } from '../util/fs.js';
 
 export function usageError(message: string, command?: string): DellaError {
   return new DellaError('E_ARGS', `${message}\n\n${command ? HELP[command] : USAGE.replace('{version}', packageVersion())}`);
@@ -70,13 +70,8 @@ export function unwritableFile(path: string): string | null {
   const full = resolve(path);
   const st = statOrNone(full);
   if (st?.isDirectory()) return `${full} is a directory; give a file name`;
-  let dir = dirname(full);
-  let dst = statOrNone(dir);
-  while (!dst && dirname(dir) !== dir) {
-    dir = dirname(dir);
-    dst = statOrNone(dir);
-  }
-  if (!dst?.isDirectory()) return `${full}: ${dir} is not a directory`;
+  const dir = nearestExisting(dirname(full));
+  if (!statOrNone(dir)?.isDirectory()) return `${full}: ${dir} is not a directory`;
   try {
     accessSync(st ? full : dir, constants.W_OK);
   } catch (e) {
@@ -108,11 +103,11 @@ export function writeReport(path: string, report: { out: string }): void {
 export const out = (s: string) => process.stdout.write(`${s}\n`);
 export const err = (s: string) => process.stderr.write(`${s}\n`);
 
-/** Cancels on SIGHUP/SIGINT/SIGTERM; the merge then removes its temporary output. */
 /** Exit statuses 128 + the signal's number, as a shell reports them. SIGHUP: the terminal
  * closed (an ssh session dropped), which should not leave an unfinished output either. */
 const SIGNAL_EXIT: Partial<Record<NodeJS.Signals, number>> = { SIGHUP: 129, SIGINT: 130, SIGTERM: 143 };
 
+/** Cancels on SIGHUP/SIGINT/SIGTERM; the merge then removes its temporary output. */
 export function withSignals<T>(work: (signal: AbortSignal) => Promise<T>): Promise<T> {
   const controller = new AbortController();
   let received: NodeJS.Signals | null = null;

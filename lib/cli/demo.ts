@@ -1,7 +1,7 @@
 /** della-merge demo: three small experts merged with DELLA, and what DELLA did. */
 import { existsSync, mkdtempSync, readdirSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
+import { join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
 import { openCheckpoint } from '../checkpoint/model.js';
 import { loadRecipe } from '../recipe/index.js';
@@ -12,6 +12,7 @@ import { bf16ToF32 } from '../reference/dtypes.js';
 import { deviceOptions, intOption, out, parse, summary, usageError, withSignals } from './common.js';
 import { createProgress } from './progress.js';
 import { DEMO_USAGE } from './usage.js';
+import { nearestExisting } from '../util/fs.js';
 
 /** Per expert: how much of its change survived, and how aligned the merged change is with it. */
 function demoAnalysis(baseDir: string, expertDirs: string[], mergedDir: string, report: MergeReport): string[] {
@@ -72,8 +73,7 @@ function checkDemoDir(dir: string): void {
   const refuse = (why: string) => new DellaError('E_OUTPUT', `${why}; give an empty or new directory`);
   if (!existsSync(dir)) {
     // A path under a file (afile/sub) cannot be created: name the file.
-    let up = dirname(dir);
-    while (!existsSync(up)) up = dirname(up);
+    const up = nearestExisting(dir);
     if (!statSync(up).isDirectory()) throw refuse(`${dir}: ${up} is not a directory`);
     return;
   }

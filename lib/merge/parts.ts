@@ -12,7 +12,7 @@ import { DellaError, ioError } from '../errors.js';
 import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
 import { CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { DTYPE_SIZES } from '../checkpoint/safetensors.js';
-import { showShort } from '../util/show.js';
+import { showShort as show } from '../util/show.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, type OutputTensor, type ShardFiles } from '../checkpoint/writer.js';
 import type { MergePlan, TensorPlan } from './plan.js';
 import { recordedDigests, RUN_FILE, sortedDigests, type DigestAlgorithm, type RunRecord } from './record.js';
@@ -40,9 +40,9 @@ export function parsePart(text: string): { index: number; count: number } {
 export const MAX_PARTS = 65536;
 
 export function checkPart(p: { index: number; count: number }): { index: number; count: number } {
-  if (p === null || typeof p !== 'object') throw new DellaError('E_ARGS', `part must be { index, count }, got ${showShort(p)}`);
+  if (p === null || typeof p !== 'object') throw new DellaError('E_ARGS', `part must be { index, count }, got ${show(p)}`);
   if (!Number.isSafeInteger(p.count) || p.count < 1 || !Number.isSafeInteger(p.index) || p.index < 1 || p.index > p.count) {
-    throw new DellaError('E_ARGS', `part ${showShort(p.index)}/${showShort(p.count)} is not valid: use i/N with 1 <= i <= N`);
+    throw new DellaError('E_ARGS', `part ${show(p.index)}/${show(p.count)} is not valid: use i/N with 1 <= i <= N`);
   }
   if (p.count > MAX_PARTS) throw new DellaError('E_ARGS', `part ${p.index}/${p.count}: at most ${MAX_PARTS} parts`);
   return p;
@@ -71,8 +71,6 @@ export function planDigest(plan: MergePlan): string {
   for (const t of plan.tensors) h.update(`${t.name}\0${t.kind}\0${t.outDtype}\0${t.shape.join(',')}\0${JSON.stringify(t.params)}\n`);
   return h.digest('hex');
 }
-
-const show = showShort;
 
 const isCount = (v: unknown, min: number): v is number => Number.isSafeInteger(v) && (v as number) >= min;
 
@@ -160,9 +158,9 @@ export async function assemble(
 ): Promise<AssembleReport> {
   const started = performance.now();
   if (!Array.isArray(partDirs) || !partDirs.every((d) => typeof d === 'string')) {
-    throw new DellaError('E_ARGS', `assemble(partDirs, out) takes a list of part directories, got ${showShort(partDirs)}`);
+    throw new DellaError('E_ARGS', `assemble(partDirs, out) takes a list of part directories, got ${show(partDirs)}`);
   }
-  if (typeof out !== 'string' || out === '') throw new DellaError('E_ARGS', `assemble(partDirs, out) takes the output directory, got ${showShort(out)}`);
+  if (typeof out !== 'string' || out === '') throw new DellaError('E_ARGS', `assemble(partDirs, out) takes the output directory, got ${show(out)}`);
   if (partDirs.length === 0) throw new DellaError('E_ARGS', 'assemble needs the part directories');
   const dirs = partDirs.map((d) => resolve(d));
   const records = dirs.map(readPart);

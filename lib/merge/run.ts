@@ -443,7 +443,7 @@ export function selectDevice(options: { device?: string; gpuMemory?: number }, n
 
 /** Threads (default: all cores) and seed (default: the recipe's), checked. */
 /** The options' kinds, checked before anything runs (the API takes them from JavaScript). */
-export function checkOptionTypes(options: Partial<Pick<MergeOptions, 'backend' | 'device' | 'onProgress' | 'signal'>>): void {
+function checkOptionTypes(options: Partial<Pick<MergeOptions, 'backend' | 'device' | 'onProgress' | 'signal'>>): void {
   const bad = (what: string, v: unknown): never => { throw new DellaError('E_ARGS', `${what}, got ${showShort(v)}`); };
   if (options.backend !== undefined && options.backend !== 'native' && options.backend !== 'reference') bad('backend must be "native" or "reference"', options.backend);
   if (options.device !== undefined && typeof options.device !== 'string') bad('device must be a string such as "cpu" or "cuda:0"', options.device);

@@ -1,6 +1,14 @@
 import { existsSync, mkdirSync, statSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 
+/** The path itself if it exists, else its nearest existing ancestor (a path under a
+ * file stops at that file, whose child existsSync reports missing). */
+export function nearestExisting(path: string): string {
+  let d = resolve(path);
+  while (!existsSync(d) && dirname(d) !== d) d = dirname(d);
+  return d;
+}
+
 /**
  * mkdir -p, one level at a time: Node 20's mkdirSync(path, { recursive: true }) loops
  * forever on a path under /proc (procfs answers ENOENT for every level), where this
