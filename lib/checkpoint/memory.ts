@@ -1,5 +1,7 @@
 /** Tensors held in memory (typed arrays, Buffers) seen through the Checkpoint interface. */
+import { isSharedArrayBuffer } from 'node:util/types';
 import { DellaError } from '../errors.js';
+import { showArg } from '../util/show.js';
 import type { Checkpoint, CheckpointTensor, TensorArray } from './model.js';
 import { DTYPE_SIZES } from './safetensors.js';
 
@@ -12,24 +14,64 @@ export interface MemoryTensor {
 
 export type TensorSet = Record<string, MemoryTensor> | Map<string, MemoryTensor>;
 
+/**
+ * The bytes of a typed array, DataView or Buffer as a Uint8Array over the same memory;
+ * null when its ArrayBuffer is detached (transferred), or the view is out of bounds of a
+ * shrunk resizable one. (Node 20 has no ArrayBuffer.prototype.detached; a detached
+ * buffer reads as 0 bytes, and viewing it throws.)
+ */
+export function viewBytes(data: ArrayBufferView): Uint8Array | null {
+  try {
+    return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+  } catch {
+    return null;
+  }
+}
+
+/** Whether `set` has the documented shape of a tensor set: a plain object or a Map. */
+export function isTensorSet(set: unknown): set is TensorSet {
+  return set instanceof Map || (set !== null && typeof set === 'object' && !Array.isArray(set) && !ArrayBuffer.isView(set));
+}
+
 export function memoryCheckpoint(label: string, set: TensorSet): Checkpoint {
-  const entries = set instanceof Map ? [...set] : Object.entries(set);
+  if (!isTensorSet(set)) {
+    throw new DellaError('E_ARGS', `${label}: a tensor set must be an object or Map from tensor names to {dtype, shape, data}, got ${showArg(set)}`);
+  }
+  const entries: Array<[unknown, MemoryTensor]> = set instanceof Map ? [...set] : Object.entries(set);
   const tensors = new Map<string, CheckpointTensor>();
   const data = new Map<string, Uint8Array>();
   for (const [name, t] of entries) {
-    const where = `${label}: tensor "${name}"`;
-    const size = DTYPE_SIZES[t?.dtype];
-    if (size === undefined) throw new DellaError('E_ARGS', `${where}: unknown dtype ${JSON.stringify(t?.dtype)}`);
+    if (typeof name !== 'string') {
+      throw new DellaError('E_ARGS', `${label}: tensor names must be strings, got ${showArg(name)} (a Map key)`);
+    }
+    const where = `${label}: tensor ${JSON.stringify(name)}`;
+    if (t === null || typeof t !== 'object') {
+      throw new DellaError('E_ARGS', `${where}: must be an object {dtype, shape, data}, got ${showArg(t)}`);
+    }
+    const dtype: unknown = t.dtype;
+    if (typeof dtype !== 'string' || !Object.hasOwn(DTYPE_SIZES, dtype)) {
+      throw new DellaError('E_ARGS', `${where}: unknown dtype ${showArg(dtype)} (known: ${Object.keys(DTYPE_SIZES).join(', ')})`);
+    }
+    const size = DTYPE_SIZES[dtype];
     if (!Array.isArray(t.shape) || !t.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
-      throw new DellaError('E_ARGS', `${where}: shape must be a list of non-negative integers, got ${JSON.stringify(t.shape)}`);
+      throw new DellaError('E_ARGS', `${where}: shape must be a list of non-negative integers, got ${showArg(t.shape)}`);
     }
-    if (!ArrayBuffer.isView(t.data)) throw new DellaError('E_ARGS', `${where}: data must be a typed array, DataView or Buffer`);
+    if (!ArrayBuffer.isView(t.data)) {
+      throw new DellaError('E_ARGS', `${where}: data must be a typed array, DataView or Buffer, got ${t.data === null ? 'null' : typeof t.data}`);
+    }
+    let bytes = viewBytes(t.data);
+    if (bytes === null) {
+      throw new DellaError('E_ARGS', `${where}: data's ArrayBuffer is detached (transferred), so its bytes cannot be read`);
+    }
     const numel = t.shape.reduce((a, b) => a * b, 1);
-    const bytes = new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength);
     if (bytes.length !== numel * size) {
-      throw new DellaError('E_ARGS', `${where}: ${bytes.length} bytes given, shape [${t.shape.join(', ')}] of ${t.dtype} needs ${numel * size}`);
+      throw new DellaError('E_ARGS', `${where}: ${bytes.length} bytes given, shape [${t.shape.join(', ')}] of ${dtype} needs ${numel * size}`);
     }
-    tensors.set(name, { name, dtype: t.dtype, shape: [...t.shape], numel, begin: 0, end: bytes.length, file: label, offset: 0, byteLength: bytes.length });
+    // The native addon takes only plain ArrayBuffers: shared or resizable memory is
+    // copied into one (which also keeps another thread's writes out of the merge).
+    const buffer = bytes.buffer as ArrayBufferLike & { resizable?: boolean };
+    if (isSharedArrayBuffer(buffer) || buffer.resizable === true) bytes = new Uint8Array(bytes);
+    tensors.set(name, { name, dtype, shape: [...t.shape], numel, begin: 0, end: bytes.length, file: label, offset: 0, byteLength: bytes.length });
     data.set(name, bytes);
   }
   const get = (name: string): Uint8Array => {

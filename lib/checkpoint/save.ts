@@ -3,10 +3,12 @@
  * tests' fixtures and API users who build small models. Large merges go through
  * OutputDirectory instead, which never holds a tensor in JS.
  */
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { DellaError } from '../errors.js';
-import { DTYPE_SIZES } from './safetensors.js';
+import { closeSync, existsSync, mkdirSync, openSync, rmdirSync, rmSync, writeSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { DellaError, ioError } from '../errors.js';
+import { showArg } from '../util/show.js';
+import { viewBytes } from './memory.js';
+import { DTYPE_SIZES, MAX_HEADER_LENGTH } from './safetensors.js';
 import { indexJson, INDEX_FILE, layoutShards } from './writer.js';
 
 export interface InMemoryTensor {
@@ -16,42 +18,135 @@ export interface InMemoryTensor {
   data: ArrayBufferView;
 }
 
-function bytesOf(t: InMemoryTensor): Uint8Array {
-  const numel = t.shape.reduce((a, b) => a * b, 1);
-  const size = DTYPE_SIZES[t.dtype];
-  if (size === undefined) throw new DellaError('E_ARGS', `tensor "${t.name}": unknown dtype ${t.dtype}`);
-  const bytes = new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength);
-  if (bytes.length !== numel * size) {
-    throw new DellaError('E_ARGS', `tensor "${t.name}": ${bytes.length} bytes given, shape [${t.shape.join(', ')}] of ${t.dtype} needs ${numel * size}`);
+function argsError(message: string): DellaError {
+  return new DellaError('E_ARGS', `saveModel: ${message}`);
+}
+
+interface CheckedTensor {
+  name: string;
+  dtype: string;
+  shape: number[];
+  /** a view of the caller's data, not a copy */
+  bytes: Uint8Array;
+}
+
+/** Checks one entry of `tensors`. */
+function checkTensor(t: unknown, i: number): CheckedTensor {
+  if (t === null || typeof t !== 'object' || Array.isArray(t)) {
+    throw argsError(`tensor ${i}: must be an object {name, dtype, shape, data}, got ${showArg(t)}`);
   }
-  return bytes;
+  const { name, dtype, shape, data } = t as Record<string, unknown>;
+  if (typeof name !== 'string' || name === '') {
+    throw argsError(`tensor ${i}: name must be a non-empty string, got ${showArg(name)}`);
+  }
+  const where = `tensor ${i} (${JSON.stringify(name)})`;
+  if (name === '__metadata__') throw argsError(`${where}: the name "__metadata__" is reserved by the safetensors format`);
+  if (typeof dtype !== 'string' || !Object.hasOwn(DTYPE_SIZES, dtype)) {
+    throw argsError(`${where}: unknown dtype ${showArg(dtype)} (known: ${Object.keys(DTYPE_SIZES).join(', ')})`);
+  }
+  if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
+    throw argsError(`${where}: shape must be a list of non-negative integers, got ${showArg(shape)}`);
+  }
+  if (!ArrayBuffer.isView(data)) {
+    throw argsError(`${where}: data must be a typed array, DataView or Buffer, got ${data === null ? 'null' : typeof data}`);
+  }
+  const bytes = viewBytes(data);
+  if (bytes === null) throw argsError(`${where}: data's ArrayBuffer is detached (transferred), so its bytes cannot be read`);
+  const numel = (shape as number[]).reduce((a, b) => a * b, 1);
+  const size = DTYPE_SIZES[dtype];
+  if (bytes.length !== numel * size) {
+    throw argsError(`${where}: ${bytes.length} bytes given, shape [${shape.join(', ')}] of ${dtype} needs ${numel * size}`);
+  }
+  return { name, dtype, shape: [...(shape as number[])], bytes };
+}
+
+/** Writes all of `bytes` at the file's current position (writeSync may write less). */
+function writeAll(fd: number, bytes: Uint8Array): void {
+  const CHUNK = 1 << 30;
+  for (let off = 0; off < bytes.length;) {
+    off += writeSync(fd, bytes, off, Math.min(CHUNK, bytes.length - off));
+  }
 }
 
 /**
  * Saves a model directory: model.safetensors, or shards of at most `shardSize` data
  * bytes plus model.safetensors.index.json. Returns the file names written.
+ * Every argument is checked before anything is written; a failed write removes the
+ * files (and the directories) this call made.
  */
 export function saveModel(dir: string, tensors: readonly InMemoryTensor[], options: { shardSize?: number } = {}): string[] {
-  mkdirSync(dir, { recursive: true });
-  const byName = new Map<string, Uint8Array>();
-  for (const t of tensors) {
-    if (byName.has(t.name)) throw new DellaError('E_ARGS', `tensor "${t.name}" is given twice`);
-    byName.set(t.name, bytesOf(t));
+  if (typeof dir !== 'string' || dir === '') throw argsError(`dir must be a non-empty path string, got ${showArg(dir)}`);
+  if (!Array.isArray(tensors)) {
+    throw argsError(`tensors must be an array of {name, dtype, shape, data}, got ${showArg(tensors)}`);
+  }
+  if (options === null || typeof options !== 'object') throw argsError(`options must be an object, got ${showArg(options)}`);
+  const shardSize = options.shardSize ?? Number.MAX_SAFE_INTEGER;
+  if (!(Number.isSafeInteger(shardSize) && shardSize > 0)) {
+    throw argsError(`shardSize must be a positive integer number of bytes, got ${showArg(options.shardSize)}`);
+  }
+  const byName = new Map<string, CheckedTensor>();
+  for (let i = 0; i < tensors.length; i++) { // not forEach: it skips the holes of a sparse array
+    const t = checkTensor(tensors[i], i);
+    if (byName.has(t.name)) throw argsError(`tensor ${i} (${JSON.stringify(t.name)}) is given twice`);
+    byName.set(t.name, t);
   }
   const layouts = layoutShards(
-    tensors.map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape, byteLength: byName.get(t.name)!.length })),
-    options.shardSize ?? Number.MAX_SAFE_INTEGER,
+    [...byName.values()].map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape, byteLength: t.bytes.length })),
+    shardSize,
   );
   for (const l of layouts) {
-    const file = new Uint8Array(l.fileSize);
-    file.set(l.header, 0);
-    for (const t of l.tensors) file.set(byName.get(t.name)!, l.header.length + t.begin);
-    writeFileSync(join(dir, l.fileName), file);
+    if (l.header.length - 8 > MAX_HEADER_LENGTH) {
+      throw argsError(`the header of ${l.fileName} would be ${l.header.length - 8} bytes, over the safetensors limit of ${MAX_HEADER_LENGTH} (too many or too long names)`);
+    }
   }
-  const files = layouts.map((l) => l.fileName);
-  if (layouts.length > 1) {
-    writeFileSync(join(dir, INDEX_FILE), indexJson(layouts));
-    files.push(INDEX_FILE);
+
+  let made: string | undefined;
+  try {
+    made = mkdirSync(dir, { recursive: true });
+  } catch (e) {
+    throw ioError(`saveModel: cannot create the directory ${dir}`, e);
   }
-  return files;
+  const written: string[] = [];
+  const write = (fileName: string, pieces: readonly Uint8Array[]) => {
+    const path = join(dir, fileName);
+    const existed = existsSync(path);
+    let fd: number | undefined;
+    try {
+      fd = openSync(path, 'w');
+      written.push(path);
+      for (const p of pieces) writeAll(fd, p);
+      const f = fd;
+      fd = undefined; // a failed close is not retried
+      closeSync(f);
+    } catch (e) {
+      if (fd !== undefined) {
+        try { closeSync(fd); } catch { /* already failing */ }
+      } else if (!existed) {
+        written.push(path); // in case the open half-happened
+      }
+      throw ioError(`saveModel: cannot write ${path}`, e);
+    }
+  };
+  try {
+    for (const l of layouts) write(l.fileName, [l.header, ...l.tensors.map((t) => byName.get(t.name)!.bytes)]);
+    const files = layouts.map((l) => l.fileName);
+    if (layouts.length > 1) {
+      write(INDEX_FILE, [new TextEncoder().encode(indexJson(layouts))]);
+      files.push(INDEX_FILE);
+    }
+    return files;
+  } catch (e) {
+    // Leave nothing behind: the files written, then the directories this call made.
+    for (const path of written) {
+      try { rmSync(path, { force: true }); } catch { /* the write failure is the error to report */ }
+    }
+    if (made !== undefined) {
+      const top = resolve(made);
+      for (let d = resolve(dir); ; d = dirname(d)) {
+        try { rmdirSync(d); } catch { break; }
+        if (d === top || dirname(d) === d) break;
+      }
+    }
+    throw e;
+  }
 }

@@ -3,7 +3,8 @@
  * the recipe's files or from tensors held in memory.
  */
 import { DellaError } from '../errors.js';
-import { memoryCheckpoint, type TensorSet } from '../checkpoint/memory.js';
+import { isTensorSet, memoryCheckpoint, type TensorSet } from '../checkpoint/memory.js';
+import { showArg } from '../util/show.js';
 import { loadNative } from '../native.js';
 import type { Recipe } from '../recipe/index.js';
 import { openModels, type OpenedModels } from './build.js';
@@ -39,17 +40,30 @@ export interface TensorStreamOptions {
  */
 export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions = {}): AsyncGenerator<MergedTensor> {
   const started = performance.now();
+  if (options === null || typeof options !== 'object') {
+    throw new DellaError('E_ARGS', `mergeTensors(recipe, options): options must be an object, got ${showArg(options)}`);
+  }
   const native = loadNative();
   const { threads, seed } = runSettings(options, recipe, native);
   const inMemory = options.base !== undefined || options.models !== undefined;
   let models: OpenedModels;
   if (inMemory) {
-    if (!options.base || !options.models || options.models.length !== recipe.models.length) {
-      throw new DellaError('E_ARGS', `in-memory merges need options.base and options.models with one tensor set per recipe model (${recipe.models.length})`);
+    const K = recipe.models.length;
+    if (!Array.isArray(options.models) || !isTensorSet(options.base) || options.models.length !== K) {
+      const got = !isTensorSet(options.base) ? `options.base is ${showArg(options.base)}`
+        : !Array.isArray(options.models) ? `options.models is ${showArg(options.models)}`
+        : `options.models has ${options.models.length}`;
+      throw new DellaError('E_ARGS', `in-memory merges need options.base (an object or Map of tensors) and options.models, an array with one such tensor set per recipe model (${K}); ${got}`);
+    }
+    const sets = options.models;
+    for (let k = 0; k < K; k++) {
+      if (!isTensorSet(sets[k])) {
+        throw new DellaError('E_ARGS', `options.models[${k}] (${recipe.models[k].model}) must be an object or Map from tensor names to {dtype, shape, data}, got ${showArg(sets[k])}`);
+      }
     }
     models = {
       base: memoryCheckpoint(recipe.baseModel.model, options.base),
-      experts: options.models.map((set, k) => memoryCheckpoint(recipe.models[k].model, set)),
+      experts: Array.from({ length: K }, (_, k) => memoryCheckpoint(recipe.models[k].model, sets[k])),
       close() {},
     };
   } else {

@@ -20,3 +20,20 @@ export function showShort(v: unknown): string {
   const s = jsonForMessage(v);
   return s.length > 60 ? `${s.slice(0, 57)}...` : s;
 }
+
+/**
+ * A bad argument for a message, without serializing what it holds: a tensor set or a
+ * typed array passed by mistake may hold gigabytes.
+ */
+export function showArg(v: unknown): string {
+  if (typeof v === 'function') return 'a function';
+  if (v === null || typeof v !== 'object') return showShort(v);
+  if (Array.isArray(v)) {
+    const plain = v.length <= 16 && [...v].every((x) => x === null || typeof x !== 'object');
+    return plain ? showShort(v) : `an array of ${v.length}`;
+  }
+  if (ArrayBuffer.isView(v)) return `a ${Object.prototype.toString.call(v).slice(8, -1)}`;
+  if (v instanceof Map) return 'a Map';
+  const keys = Object.keys(v);
+  return keys.length === 0 ? 'an empty object' : `an object with keys ${showShort(keys.slice(0, 4)).replace(/]$/, keys.length > 4 ? ',...]' : ']')}`;
+}

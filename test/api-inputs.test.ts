@@ -1,0 +1,170 @@
+/**
+ * Bad arguments to saveModel and mergeTensors (in-memory tensors): each is a DellaError
+ * with code E_ARGS (E_IO for the file system) naming what is wrong, never a TypeError or
+ * a native error, and a refused saveModel leaves no directory behind.
+ */
+import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { DellaError, mergeTensors, openCheckpoint, saveModel, type InMemoryTensor } from '../lib/index.js';
+import { streamMerge, type TensorStreamOptions } from '../lib/merge/stream.js';
+import { parseRecipe } from '../lib/recipe/index.js';
+import { tempDir } from './helpers/models.js';
+
+async function refused(work: () => unknown, code: string, message: RegExp): Promise<DellaError> {
+  let err: unknown;
+  try {
+    await work();
+  } catch (e) {
+    err = e;
+  }
+  expect(err, String(err)).toBeInstanceOf(DellaError);
+  expect((err as DellaError).code, String(err)).toBe(code);
+  expect((err as DellaError).message).toMatch(message);
+  return err as DellaError;
+}
+
+function detachedF32(n: number): Float32Array {
+  const a = new Float32Array(n);
+  structuredClone(a.buffer, { transfer: [a.buffer] });
+  return a;
+}
+
+describe('saveModel arguments', () => {
+  const root = tempDir('della-api-inputs-');
+  const f32 = (o: Record<string, unknown> = {}) => ({ name: 'a', dtype: 'F32', shape: [2], data: new Float32Array(2), ...o });
+  const two = [f32(), f32({ name: 'b' })];
+  const cases: Array<[string, unknown, unknown, RegExp]> = [
+    ['negative shape', [f32({ shape: [-1, -4], data: new Float32Array(4) })], undefined,
+      /^saveModel: tensor 0 \("a"\): shape must be a list of non-negative integers, got \[-1,-4\]$/],
+    ['fractional shape', [f32({ shape: [0.5, 8], data: new Float32Array(4) })], undefined, /tensor 0 \("a"\): shape must be .*\[0\.5,8\]/],
+    ['shape missing', [f32({ shape: undefined })], undefined, /tensor 0 \("a"\): shape must be .*got nothing/],
+    ['empty name', [f32(), f32({ name: '' })], undefined, /tensor 1: name must be a non-empty string, got ""/],
+    ['name "__metadata__"', [f32({ name: '__metadata__' })], undefined, /tensor 0 \("__metadata__"\): the name "__metadata__" is reserved/],
+    ['numeric name', [f32({ name: 5 })], undefined, /tensor 0: name must be a non-empty string, got 5/],
+    ['data missing', [f32({ data: undefined })], undefined, /tensor 0 \("a"\): data must be a typed array, DataView or Buffer, got undefined/],
+    ['data a plain array', [f32({ data: [1, 2] })], undefined, /tensor 0 \("a"\): data must be a typed array/],
+    ['detached data', [f32({ data: detachedF32(2) })], undefined, /tensor 0 \("a"\): data's ArrayBuffer is detached/],
+    ['byte length not dtype x shape', [f32({ shape: [3] })], undefined, /tensor 0 \("a"\): 8 bytes given, shape \[3\] of F32 needs 12/],
+    ['unknown dtype', [f32({ dtype: 'F4' })], undefined, /tensor 0 \("a"\): unknown dtype "F4" \(known: F64, F32/],
+    ['inherited dtype name', [f32({ dtype: 'constructor' })], undefined, /tensor 0 \("a"\): unknown dtype "constructor"/],
+    ['inherited dtype name toString', [f32({ dtype: 'toString' })], undefined, /unknown dtype "toString"/],
+    ['dtype missing', [f32({ dtype: undefined })], undefined, /tensor 0 \("a"\): unknown dtype nothing/],
+    ['null entry', [f32(), null], undefined, /tensor 1: must be an object \{name, dtype, shape, data\}, got null/],
+    ['sparse array', [, f32()], undefined, /tensor 0: must be an object .*got nothing/], // eslint-disable-line no-sparse-arrays
+    ['tensors an object', { a: f32() }, undefined, /tensors must be an array of \{name, dtype, shape, data\}, got an object with keys \["a"\]$/],
+    ['tensors null', null, undefined, /tensors must be an array/],
+    ['tensors a typed array', new Float32Array(1 << 20), undefined, /tensors must be an array .*got a Float32Array$/],
+    ['a name given twice', [f32(), f32()], undefined, /tensor 1 \("a"\) is given twice/],
+    ['shardSize -1', two, { shardSize: -1 }, /shardSize must be a positive integer number of bytes, got -1/],
+    ['shardSize 0', two, { shardSize: 0 }, /shardSize must be a positive integer number of bytes, got 0/],
+    ['shardSize NaN', two, { shardSize: NaN }, /shardSize must be .*got NaN/],
+    ['shardSize 1.5', two, { shardSize: 1.5 }, /shardSize must be .*got 1\.5/],
+    ['shardSize "1"', two, { shardSize: '1' }, /shardSize must be .*got "1"/],
+    ['options null', two, null, /options must be an object, got null/],
+  ];
+  let i = 0;
+  for (const [label, tensors, options, message] of cases) {
+    it(`refuses ${label}, leaving no directory`, async () => {
+      const dir = join(root, `m${i++}`, 'model');
+      await refused(() => saveModel(dir, tensors as InMemoryTensor[], options as { shardSize?: number }), 'E_ARGS', message);
+      expect(existsSync(dir)).toBe(false);
+      expect(existsSync(join(dir, '..'))).toBe(false);
+    });
+  }
+
+  it('refuses a directory that is not a path string', async () => {
+    await refused(() => saveModel(5 as unknown as string, [f32()]), 'E_ARGS', /saveModel: dir must be a non-empty path string, got 5/);
+    await refused(() => saveModel('', [f32()]), 'E_ARGS', /dir must be a non-empty path string, got ""/);
+  });
+
+  it('file-system failures are E_IO naming the path', async () => {
+    const file = join(root, 'a-file');
+    writeFileSync(file, 'x');
+    await refused(() => saveModel(file, [f32()]), 'E_IO', /^saveModel: cannot create the directory .*a-file: EEXIST/);
+    await refused(() => saveModel(join(file, 'sub'), [f32()]), 'E_IO', /^saveModel: cannot create the directory .*a-file\/sub: ENOTDIR/);
+  });
+
+  it('a failed write removes the files it wrote', async () => {
+    const dir = join(root, 'half');
+    mkdirSync(join(dir, 'model.safetensors.index.json'), { recursive: true }); // the index cannot be written
+    await refused(() => saveModel(dir, two, { shardSize: 8 }), 'E_IO', /^saveModel: cannot write .*half\/model\.safetensors\.index\.json: EISDIR/);
+    expect(readdirSync(dir)).toEqual(['model.safetensors.index.json']);
+  });
+
+  it('still writes what it is given, sharded or not, from any kind of view', () => {
+    const shared = new Float32Array(new SharedArrayBuffer(8));
+    shared.set([1, 2]);
+    const tensors = [
+      f32({ name: 'a', data: shared }),
+      { name: 'b', dtype: 'BF16', shape: [2, 0], data: new Uint16Array(0) },
+      { name: 'c', dtype: 'U8', shape: [3], data: Buffer.from([7, 8, 9]) },
+    ];
+    const one = join(root, 'ok', 'one');
+    expect(saveModel(one, tensors)).toEqual(['model.safetensors']);
+    const many = join(root, 'ok', 'many');
+    expect(saveModel(many, tensors, { shardSize: 1 })).toHaveLength(4);
+    for (const dir of [one, many]) {
+      const c = openCheckpoint(dir);
+      expect(c.names).toEqual(['a', 'b', 'c']);
+      expect([...new Float32Array(c.array('a').slice().buffer)]).toEqual([1, 2]);
+      expect([...c.bytes('c')]).toEqual([7, 8, 9]);
+      expect(c.tensors.get('b')!.shape).toEqual([2, 0]);
+      c.close();
+    }
+  });
+});
+
+describe('mergeTensors in-memory arguments', () => {
+  const recipe = { merge_method: 'task_arithmetic', models: [{}] };
+  const W = 'model.layers.0.mlp.up_proj.weight';
+  const t = (data: ArrayBufferView = new Float32Array([1, 2]), o: Record<string, unknown> = {}) => ({ dtype: 'F32', shape: [2], data, ...o });
+  const drain = async (options: unknown) => {
+    const out: Array<{ name: string; data: Uint8Array }> = [];
+    for await (const x of mergeTensors(recipe, options as TensorStreamOptions)) out.push({ name: x.name, data: x.data });
+    return out;
+  };
+
+  it('refuses tensor sets that are not objects or Maps', async () => {
+    await refused(() => drain({ base: { [W]: t() }, models: [null] }), 'E_ARGS',
+      /options\.models\[0\] \(model-0\) must be an object or Map from tensor names to \{dtype, shape, data\}, got null/);
+    await refused(() => drain({ base: { [W]: t() }, models: { length: 1 } }), 'E_ARGS',
+      /in-memory merges need .*options\.models, an array .*; options\.models is an object with keys \["length"\]$/);
+    await refused(() => drain({ base: null, models: [{ [W]: t() }] }), 'E_ARGS', /in-memory merges need .*; options\.base is null/);
+    await refused(() => drain({ base: [t()], models: [{ [W]: t() }] }), 'E_ARGS', /options\.base is an array of 1$/);
+    await refused(() => drain({ base: { [W]: t() }, models: ['abc'] }), 'E_ARGS', /options\.models\[0\] .*got "abc"/);
+    await refused(() => drain({ base: { [W]: t() }, models: [{ [W]: null }] }), 'E_ARGS',
+      /model-0: tensor "model\.layers\.0\.mlp\.up_proj\.weight": must be an object \{dtype, shape, data\}, got null/);
+    await refused(() => drain({ base: new Map([[5, t()]]), models: [{ [W]: t() }] }), 'E_ARGS', /base: tensor names must be strings, got 5/);
+  });
+
+  it('refuses a detached buffer and an inherited dtype name', async () => {
+    await refused(() => drain({ base: { [W]: t(detachedF32(2)) }, models: [{ [W]: t() }] }), 'E_ARGS',
+      /base: tensor "model\.layers\.0\.mlp\.up_proj\.weight": data's ArrayBuffer is detached/);
+    await refused(() => drain({ base: { [W]: t(new Uint8Array(2), { dtype: 'constructor' }) }, models: [{ [W]: t() }] }), 'E_ARGS',
+      /base: tensor "model\.layers\.0\.mlp\.up_proj\.weight": unknown dtype "constructor"/);
+    await refused(() => drain({ base: { [W]: t(new Uint8Array(8), { dtype: 'hasOwnProperty' }) }, models: [{ [W]: t() }] }), 'E_ARGS',
+      /unknown dtype "hasOwnProperty"/);
+  });
+
+  it('merges data held in a SharedArrayBuffer like any other', async () => {
+    const shared = new Float32Array(new SharedArrayBuffer(8));
+    shared.set([1, 2]);
+    const got = await drain({ base: { [W]: t(shared) }, models: [{ [W]: t(new Float32Array([3, 5])) }] });
+    const want = await drain({ base: { [W]: t(new Float32Array([1, 2])) }, models: [{ [W]: t(new Float32Array([3, 5])) }] });
+    expect(got.map((x) => x.name)).toEqual([W]);
+    expect(Buffer.from(got[0].data).equals(Buffer.from(want[0].data))).toBe(true);
+    const sharedExpert = new Float32Array(new SharedArrayBuffer(8));
+    sharedExpert.set([3, 5]);
+    const got2 = await drain({ base: { [W]: t(new Float32Array([1, 2])) }, models: [{ [W]: t(sharedExpert) }] });
+    expect(Buffer.from(got2[0].data).equals(Buffer.from(want[0].data))).toBe(true);
+  });
+
+  it('refuses options that are not an object (streamMerge)', async () => {
+    const parsed = parseRecipe(JSON.stringify({ ...recipe, base_model: 'base', models: [{ model: 'm' }] }), { resolvePath: (m) => m });
+    await refused(async () => { for await (const _ of streamMerge(parsed, null as unknown as TensorStreamOptions)) void _; }, 'E_ARGS',
+      /options must be an object, got null/);
+    await refused(() => drain(null), 'E_ARGS', /mergeTensors\(recipe, options\): options must be an object, got null/);
+    await refused(() => drain(7), 'E_ARGS', /options must be an object, got 7/);
+  });
+});
