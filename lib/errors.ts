@@ -6,7 +6,7 @@ export type ErrorCode =
   | 'E_RECIPE' // the recipe is malformed or asks for something invalid
   | 'E_CHECKPOINT' // a checkpoint file or directory is malformed
   | 'E_SHAPE' // models disagree on tensors or shapes
-  | 'E_NONFINITE' // NaN or infinity in an input tensor to be merged
+  | 'E_NONFINITE' // NaN or infinity in an input tensor to be merged, or in a merged result (an overflow)
   | 'E_IO' // reading or writing failed (disk full, permissions, ...)
   | 'E_OUTPUT' // the output location is unusable (exists, not a directory, ...)
   | 'E_ARGS' // bad command-line or API arguments

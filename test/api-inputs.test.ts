@@ -6,23 +6,11 @@
 import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { DellaError, mergeTensors, openCheckpoint, saveModel, type InMemoryTensor } from '../lib/index.js';
+import { mergeTensors, openCheckpoint, saveModel, type InMemoryTensor } from '../lib/index.js';
 import { streamMerge, type TensorStreamOptions } from '../lib/merge/stream.js';
 import { parseRecipe } from '../lib/recipe/index.js';
+import { refused } from './helpers/errors.js';
 import { tempDir } from './helpers/models.js';
-
-async function refused(work: () => unknown, code: string, message: RegExp): Promise<DellaError> {
-  let err: unknown;
-  try {
-    await work();
-  } catch (e) {
-    err = e;
-  }
-  expect(err, String(err)).toBeInstanceOf(DellaError);
-  expect((err as DellaError).code, String(err)).toBe(code);
-  expect((err as DellaError).message).toMatch(message);
-  return err as DellaError;
-}
 
 function detachedF32(n: number): Float32Array {
   const a = new Float32Array(n);
@@ -166,5 +154,24 @@ describe('mergeTensors in-memory arguments', () => {
       /options must be an object, got null/);
     await refused(() => drain(null), 'E_ARGS', /mergeTensors\(recipe, options\): options must be an object, got null/);
     await refused(() => drain(7), 'E_ARGS', /options must be an object, got 7/);
+    await refused(() => drain({ base: { [W]: t() }, models: [{ [W]: t() }], onWarning: 'log' }), 'E_ARGS', /options\.onWarning must be a function, got "log"/);
+  });
+
+  it('an overflowing result is E_NONFINITE; with allowNonFinite it reaches onWarning, and plan warnings do too', async () => {
+    // float16 60000 + 2 * (64000 - 60000) = 68000: beyond 65504.
+    const f16 = (xs: number[]) => ({ dtype: 'F16', shape: [xs.length], data: new Uint16Array(xs) });
+    const doc = { merge_method: 'task_arithmetic', models: [{ parameters: { weight: 2 } }] };
+    const sets = { base: { [W]: f16([0x7b53, 0x3c00]), extra: t() }, models: [{ [W]: f16([0x7bd0, 0x3c00]) }] };
+    const run = async (options: Record<string, unknown>) => {
+      const out: string[] = [];
+      for await (const x of mergeTensors(doc, { ...sets, ...options } as TensorStreamOptions)) out.push(x.name);
+      return out;
+    };
+    await refused(() => run({}), 'E_NONFINITE', /tensor "model\.layers\.0\.mlp\.up_proj\.weight": 1 merged value\(s\) overflowed F16 \(beyond ±65504\)/);
+    const warnings: string[] = [];
+    expect(await run({ allowNonFinite: true, onWarning: (m: string) => warnings.push(m) })).toEqual(['extra', W]);
+    expect(warnings).toHaveLength(2);
+    expect(warnings[0]).toMatch(/extra/);
+    expect(warnings[1]).toMatch(/1 merged value\(s\) overflowed F16 .*; written anyway/);
   });
 });

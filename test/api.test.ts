@@ -9,6 +9,7 @@ import {
   type MemoryTensor, type Recipe,
 } from '../lib/index.js';
 import { DTYPE_CODE } from '../lib/merge/task.js';
+import { refused } from './helpers/errors.js';
 import { tempDir } from './helpers/models.js';
 import { drawBaseAndExperts, tensorBytes } from './helpers/tensors.js';
 import { int, rng, testSeed } from './helpers/random.js';
@@ -110,18 +111,6 @@ describe('API arguments: every wrong one is a DellaError naming it, never a cras
   saveModel(join(dir, 'base'), [{ name: 'w', dtype: 'F32', shape: [2, 2], data: new Float32Array([1, 2, 3, 4]) }]);
   saveModel(join(dir, 'x'), [{ name: 'w', dtype: 'F32', shape: [2, 2], data: new Float32Array([2, 2, 4, 4]) }]);
   const doc = { merge_method: 'task_arithmetic', base_model: join(dir, 'base'), models: [{ model: join(dir, 'x') }] };
-
-  async function refused(work: () => unknown, code: string, message: RegExp) {
-    let err: unknown;
-    try {
-      await work();
-    } catch (e) {
-      err = e;
-    }
-    expect(err, String(err)).toBeInstanceOf(DellaError);
-    expect((err as DellaError).code).toBe(code);
-    expect((err as DellaError).message).toMatch(message);
-  }
 
   it('merge() options of the wrong kind', async () => {
     const out = join(dir, 'never');

@@ -107,6 +107,37 @@ describe('hostile checkpoints', () => {
     expect(ok.stdout).toMatch(/warning +tensor "w" .* merged anyway/);
   });
 
+  it('merged values that overflow the output dtype are an error by default, on every backend; --allow-nonfinite writes them', async () => {
+    // float16: 60000 + 2 * 4000 and 64992 + 2 * 512 round to infinity (beyond 65504).
+    saveModel(f('ovf-base'), [{ name: 'w', dtype: 'F16', shape: [2, 2], data: new Uint16Array([0x7b53, 0x7bef, 0x3c00, 0x4000]) }]);
+    saveModel(f('ovf-expert'), [{ name: 'w', dtype: 'F16', shape: [2, 2], data: new Uint16Array([0x7bd0, 0x7bff, 0x3c00, 0x4000]) }]);
+    const doc = { merge_method: 'task_arithmetic', base_model: f('ovf-base'), models: [{ model: f('ovf-expert'), parameters: { weight: 2 } }] };
+    const recipe = writeRecipe(f('ovf.yaml'), doc);
+    const message = /tensor "w": 2 merged value\(s\) overflowed F16 \(beyond ±65504\) to infinity or NaN, from finite inputs; refusing to write it \(store it wider with out_dtype/;
+    const r = cli(['run', recipe, '--out', f('ovf-out')]);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr).toMatch(message);
+    expect(existsSync(f('ovf-out'))).toBe(false);
+    for (const backend of ['native', 'reference'] as const) {
+      const err = await merge(recipe, { out: f(`ovf-api-${backend}`), backend }).catch((e: unknown) => e);
+      expect(err, backend).toMatchObject({ code: 'E_NONFINITE', message: expect.stringMatching(message) });
+      expect(existsSync(f(`ovf-api-${backend}`))).toBe(false);
+    }
+    // Stored wider, the same merge is finite.
+    const wide = cli(['run', writeRecipe(f('ovf-wide.yaml'), { ...doc, out_dtype: 'float32' }), '--out', f('ovf-wide')]);
+    expect(wide.code, wide.stderr).toBe(0);
+    expect(wide.stdout).not.toMatch(/warning/);
+    const c = openCheckpoint(f('ovf-wide'));
+    expect([...new Float32Array(c.array('w').slice().buffer)]).toEqual([68000, 66016, 1, 2]);
+    c.close();
+    const ok = cli(['run', recipe, '--out', f('ovf-out'), '--allow-nonfinite']);
+    expect(ok.code, ok.stderr).toBe(0);
+    expect(ok.stdout).toMatch(/warning +tensor "w": 2 merged value\(s\) overflowed F16 .* written anyway/);
+    const verify = cli(['verify', f('ovf-out'), '--recipe', recipe]);
+    expect(verify.code).toBe(1);
+    expect(verify.stdout + verify.stderr).toMatch(/2 non-finite value\(s\)/);
+  });
+
   it('a model without one tensor of the base\'s (an empty index, another model) is refused, not merged as a copy', () => {
     mkdirSync(f('noweights'), { recursive: true });
     writeFileSync(join(f('noweights'), 'model.safetensors.index.json'), JSON.stringify({ weight_map: {} }));

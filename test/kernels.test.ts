@@ -111,6 +111,39 @@ describe(`native CPU kernels equal lib/reference (DELLA_TEST_SEED=${seed})`, () 
     }
   }
 
+  it('merged values beyond float16\'s range: stored as infinities and counted alike (outNonfinite)', async () => {
+    const r = rng(seed ^ 0x0f16);
+    const overflowed: Record<string, number> = {};
+    for (const method of ['della', 'dare_ties', 'ties', 'breadcrumbs', 'task_arithmetic', 'linear'] as const) {
+      const task = drawTask(r, [int(r, 2, 12), int(r, 200, 400)], method);
+      const numel = numelOf(task.shape);
+      // Bases spread to about ±65000 and experts up to 20000 away, weighted 1: some merged
+      // values pass 65504 (sparsified ones less often), every input stays finite in F32.
+      const base = Float32Array.from({ length: numel }, () => (r() - 0.5) * 130_000);
+      task.baseDtype = DTYPE_CODE.F32;
+      task.outDtype = DTYPE_CODE.F16;
+      if (method === 'linear') {
+        task.normalize = false; // a sum of the experts, not their mean
+        task.lambda = 1;
+      }
+      if (task.base) task.base = tensorBytes(base, DTYPE_CODE.F32);
+      for (const e of task.experts) {
+        e.dtype = DTYPE_CODE.F32;
+        e.shape = task.shape;
+        e.weight = 1;
+        e.data = tensorBytes(base.map((b) => b + (r() - 0.5) * 40_000), DTYPE_CODE.F32);
+      }
+      const stats = referenceMergeTensor({ ...task, out: poisoned(numel * 2) });
+      expect(stats.nonfinite.every((c) => c === 0), method).toBe(true);
+      overflowed[method] = stats.outNonfinite;
+      for (const threads of [1, 3]) await compare(task, threads, `${method} overflow ${JSON.stringify(task.shape)} threads=${threads}`);
+    }
+    // Dense merges overflow for certain; a sparse one may keep none of the deltas that would.
+    expect(overflowed.task_arithmetic, `DELLA_TEST_SEED=${seed}`).toBeGreaterThan(0);
+    expect(overflowed.linear, `DELLA_TEST_SEED=${seed}`).toBeGreaterThan(0);
+    expect(Object.values(overflowed).filter((c) => c > 0).length, `${JSON.stringify(overflowed)} DELLA_TEST_SEED=${seed}`).toBeGreaterThanOrEqual(4);
+  });
+
   it('whole-tensor cuts over many work items: the counts of cut keys stop after the cut', async () => {
     // 520 rows of 1024: work items of 64 rows, so the counting runs in several waves and
     // stops before the last rows wherever the cut falls earlier.

@@ -26,7 +26,8 @@ export const RUN_USAGE = `Usage: della-merge run RECIPE --out DIR [options]
   --part i/N           merge only part i of N byte-balanced parts (for N jobs, GPUs or
                        machines); join the N part directories with "della-merge assemble"
   --verify             after merging, verify the output (see "della-merge help verify")
-  --allow-nonfinite    merge tensors holding NaN or infinity instead of refusing them
+  --allow-nonfinite    merge tensors holding NaN or infinity, and write results that
+                       overflow the output dtype, instead of refusing them
   --device DEV         where the kernels run: cpu (default), cuda or cuda:N (the GPU
                        plugin; the same bytes as the CPU). Fails before writing anything
                        when the plugin, the driver or the GPU is missing.

@@ -59,7 +59,10 @@ export interface MergeOptions {
   signal?: AbortSignal;
   /** 'reference' runs lib/reference instead of the native kernels (slow; for checks) */
   backend?: 'native' | 'reference';
-  /** merge tensors holding NaN or infinity (a warning) instead of refusing them */
+  /**
+   * merge tensors holding NaN or infinity, and write merged values that overflow the
+   * output dtype (each a warning), instead of refusing them
+   */
   allowNonFinite?: boolean;
   /** merge only part `index` (1-based) of `count` byte-balanced parts; join them with assemble */
   part?: { index: number; count: number };
@@ -191,22 +194,38 @@ async function slerpBatch(
   const sums = native ? await native.dotBatch({ threads, tasks }) : tasks.map(referenceDots);
   const out = new Map<string, [number, number]>();
   plans.forEach((t, i) => {
-    checkFinite(t, { nonfinite: sums[i].nonfinite, kept: [], numel: t.numel }, recipe, warnings);
+    checkFinite(t, { nonfinite: sums[i].nonfinite, kept: [], outNonfinite: 0, numel: t.numel }, recipe, warnings);
     out.set(t.name, slerpCoefficients(t.params!.t, sums[i]));
   });
   return out;
 }
 
-/** Non-finite inputs are an error, or with allowNonFinite a warning (SPEC §1). */
+/**
+ * Non-finite inputs are an error, or with allowNonFinite a warning (SPEC §1). So are
+ * merged values stored as NaN or infinity from finite inputs (SPEC is silent): an
+ * overflow of the output dtype, such as float16 beyond 65504, which would otherwise
+ * reach the files unnoticed.
+ */
 function checkFinite(t: TensorPlan, stats: MergeTaskStats, recipe: Recipe, warnings: string[] | null): void {
+  let inputs = 0;
   stats.nonfinite.forEach((count, i) => {
     if (count > 0) {
+      inputs += count;
       const model = i === 0 ? `the base model ${recipe.baseModel.model}` : recipe.models[i - 1].model;
       const what = `tensor "${t.name}" of ${model} holds ${count} non-finite value(s) (NaN or infinity)`;
       if (!warnings) throw new DellaError('E_NONFINITE', `${what}; refusing to merge it (--allow-nonfinite merges it anyway)`);
       warnings.push(`${what}; merged anyway`);
     }
   });
+  // From non-finite inputs, non-finite results are expected and warned about above.
+  if (stats.outNonfinite > 0 && inputs === 0) {
+    const range = t.outDtype === 'F16' ? 'F16 (beyond ±65504)' : t.outDtype === 'BF16' ? 'BF16 (beyond ±3.39e38)' : 'fp32 arithmetic (beyond ±3.4e38)';
+    const what = `tensor "${t.name}": ${stats.outNonfinite} merged value(s) overflowed ${range} to infinity or NaN, from finite inputs`;
+    if (!warnings) {
+      throw new DellaError('E_NONFINITE', `${what}; refusing to write it (store it wider with out_dtype: float32 or bfloat16, lower the weights or lambda, or pass --allow-nonfinite to write it anyway)`);
+    }
+    warnings.push(`${what}; written anyway`);
+  }
 }
 
 export function tensorReport(plan: MergePlan, t: TensorPlan, stats: MergeTaskStats | null, slerp?: [number, number]): TensorReport {

@@ -28,8 +28,15 @@ export interface TensorStreamOptions {
   seed?: number;
   threads?: number;
   signal?: AbortSignal;
+  /** as MergeOptions.allowNonFinite: non-finite inputs and overflowing results are warnings, not errors */
   allowNonFinite?: boolean;
   onProgress?: (event: ProgressEvent) => void;
+  /**
+   * called with each warning: the recipe's and the plan's before the first tensor, and
+   * with allowNonFinite those of a batch before its tensors. Without it they go to
+   * process.emitWarning (type "DellaMergeWarning"), as `run` prints them.
+   */
+  onWarning?: (message: string) => void;
 }
 
 /**
@@ -43,6 +50,10 @@ export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions 
   if (options === null || typeof options !== 'object') {
     throw new DellaError('E_ARGS', `mergeTensors(recipe, options): options must be an object, got ${showArg(options)}`);
   }
+  if (options.onWarning !== undefined && typeof options.onWarning !== 'function') {
+    throw new DellaError('E_ARGS', `mergeTensors(recipe, options): options.onWarning must be a function, got ${showArg(options.onWarning)}`);
+  }
+  const warn = options.onWarning ?? ((message: string) => process.emitWarning(message, { type: 'DellaMergeWarning' }));
   const native = loadNative();
   const { threads, seed } = runSettings(options, recipe, native);
   const inMemory = options.base !== undefined || options.models !== undefined;
@@ -75,6 +86,8 @@ export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions 
       plan, models, recipe, seed, threads, native, signal: options.signal,
       nonfiniteWarnings: options.allowNonFinite ? [] : null,
     };
+    for (const w of [...recipe.warnings, ...plan.warnings]) warn(w);
+    let warned = 0;
     const buffers = new Map<string, Uint8Array>();
     const bytesTotal = plan.totals.bytesRead + plan.totals.bytesWritten;
     let bytesDone = 0, tensorsDone = 0;
@@ -83,6 +96,8 @@ export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions 
       return buffers;
     });
     for await (const done of batchesOf) {
+      const found = ctx.nonfiniteWarnings ?? [];
+      for (; warned < found.length; warned++) warn(found[warned]);
       for (const t of done) {
         bytesDone += t.plan.inBytes + t.plan.outBytes;
         tensorsDone++;

@@ -68,6 +68,8 @@ export interface MergeTaskStats {
   nonfinite: number[];
   /** per expert: elements of its delta that survived sparsification */
   kept: number[];
+  /** merged values stored as NaN or infinity: from non-finite inputs, or an overflow of the output dtype */
+  outNonfinite: number;
   numel: number;
   /** XXH64 of the output bytes, as 16 hex digits, when the batch asked for digests */
   xxh64?: string;

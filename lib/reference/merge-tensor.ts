@@ -39,7 +39,7 @@ export function referenceMergeTensor(t: MergeTaskSpec, probe?: ElementProbe): Me
   const outView = dataView(t.out);
   const expertViews = t.experts.map((e) => dataView(e.data));
   const w = t.experts.map((e) => Math.fround(e.weight));
-  const stats: MergeTaskStats = { nonfinite: new Array(K + 1).fill(0), kept: new Array(K).fill(0), numel };
+  const stats: MergeTaskStats = { nonfinite: new Array(K + 1).fill(0), kept: new Array(K).fill(0), outNonfinite: 0, numel };
   const b = new Float64Array(numel);
   for (let i = 0; baseView && i < numel; i++) {
     b[i] = loadF32(baseView, t.baseDtype, i);
@@ -70,6 +70,8 @@ export function referenceMergeTensor(t: MergeTaskSpec, probe?: ElementProbe): Me
     for (let k = 0; k < K; k++) p[k] = Math.fround(w[k] * deltas[k][i]);
     const m = fuseElement(p, w, fuse);
     storeF32(outView, t.outDtype, i, baseView ? Math.fround(b[i] + m) : m);
+    // What was stored: a finite value beyond the dtype's range is stored as infinity.
+    if (!Number.isFinite(loadF32(outView, t.outDtype, i))) stats.outNonfinite++;
     if (probe) probe(i, raws.map((d) => d[i]), deltas.map((d) => d[i]), m);
   }
   return stats;

@@ -40,7 +40,7 @@ export function referenceMergeRows(t: MergeTaskSpec, rows: readonly number[], pr
     return { rows: rows.map((r) => out.subarray(r * n * outSize, (r + 1) * n * outSize)), stats };
   }
   const K = t.experts.length;
-  const stats: MergeTaskStats = { nonfinite: new Array(K + 1).fill(0), kept: new Array(K).fill(0), numel: 0 };
+  const stats: MergeTaskStats = { nonfinite: new Array(K + 1).fill(0), kept: new Array(K).fill(0), outNonfinite: 0, numel: 0 };
   const inSize = dtypeSize(t.baseDtype);
   const out = rows.map((r) => {
     const row: MergeTaskSpec = {
@@ -58,6 +58,7 @@ export function referenceMergeRows(t: MergeTaskSpec, rows: readonly number[], pr
     const s = referenceMergeTensor(row, probe && ((i, raw, sp, m) => probe(r * n + i, raw, sp, m)));
     s.nonfinite.forEach((c, k) => { stats.nonfinite[k] += c; });
     s.kept.forEach((c, k) => { stats.kept[k] += c; });
+    stats.outNonfinite += s.outNonfinite;
     stats.numel += s.numel;
     return row.out as Uint8Array;
   });

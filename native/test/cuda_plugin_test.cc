@@ -175,7 +175,7 @@ int main(int argc, char** argv) {
     ct.tensor_id = t.tensor_id;
     ct.seed = t.seed;
     uint64_t nonfinite[3], kept[2];
-    DellaCudaStats cs{nonfinite, kept, 0, 0, 0};
+    DellaCudaStats cs{nonfinite, kept, 0, 0, 0, 0};
     if (run(ctx, &ct, 1, &cs, 2, err, sizeof err) != DELLA_CUDA_OK) {
       std::fprintf(stderr, "FAIL: run: %s\n", err);
       ++failures;
@@ -186,7 +186,7 @@ int main(int argc, char** argv) {
                    (long long)shapes[s][1]);
       ++failures;
     }
-    if (kept[0] != st[0].kept[0] || kept[1] != st[0].kept[1] || cs.numel != N) {
+    if (kept[0] != st[0].kept[0] || kept[1] != st[0].kept[1] || cs.numel != N || cs.out_nonfinite != st[0].out_nonfinite) {
       std::fprintf(stderr, "FAIL: stats differ\n");
       ++failures;
     }

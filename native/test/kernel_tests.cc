@@ -481,6 +481,54 @@ static void fixed_fuse_case(std::mt19937& rng, uint64_t& cases) {
   }
 }
 
+// Merged values that overflow the output dtype are stored as infinities and counted in
+// MergeStats::out_nonfinite, by the delta and the linear passes, whatever the threads.
+static void output_overflow_counted() {
+  // F16's largest finite value is 65504 (from 65520 up, values round to infinity); BF16
+  // rounds FLT_MAX up to infinity; in F32 (and so F64) w * delta overflows. Inputs are
+  // finite throughout.
+  struct Case { della::DType out; std::vector<float> base, expert; float weight; uint64_t want; };
+  const Case cases[] = {
+      {della::DType::F16, {60000.0f, 64800.0f, 65520.0f, -65520.0f, 1e6f, 1.0f, 0.0f, -3.0f},
+       {60000.0f, 64800.0f, 65520.0f, -65520.0f, 1e6f, 1.0f, 0.0f, -3.0f}, 1.0f, 3},
+      {della::DType::BF16, {3.4028235e38f, -3.4028235e38f, 3.3e38f, 1.0f}, {3.4028235e38f, -3.4028235e38f, 3.3e38f, 1.0f},
+       1.0f, 2},
+      {della::DType::F32, {3e38f, -3e38f, 1.0f, 2.0f}, {3.4e38f, -3.4e38f, 1.0f, 2.0f}, 10.0f, 2},
+      {della::DType::F64, {3e38f, 1.0f}, {3.4e38f, 1.0f}, 10.0f, 1},
+  };
+  for (const Case& c : cases) {
+    for (bool linear : {false, true}) {
+      const int64_t n = static_cast<int64_t>(c.base.size());
+      std::vector<uint8_t> out(c.base.size() * della::dtype_size(c.out), 0xab);
+      della::MergeTask t;
+      t.linear = linear;
+      t.base = linear ? nullptr : c.base.data();
+      t.base_dtype = della::DType::F32;
+      t.out = out.data();
+      t.out_dtype = c.out;
+      t.shape = {1, n};
+      della::ExpertInput e;
+      e.data = c.expert.data();
+      e.dtype = della::DType::F32;
+      e.shape = t.shape;
+      e.weight = c.weight;
+      t.experts.push_back(e);
+      for (unsigned threads : {1u, 3u}) {
+        std::vector<della::MergeStats> st;
+        della::run_batch({t}, {}, threads, st);
+        uint64_t stored = 0;
+        for (int64_t i = 0; i < n; ++i) stored += della::stored_nonfinite(out.data(), c.out, static_cast<uint64_t>(i));
+        CHECK(st[0].out_nonfinite == c.want && stored == c.want,
+              "out dtype %d linear %d threads %u: out_nonfinite %llu, stored %llu, want %llu", static_cast<int>(c.out),
+              linear, threads, static_cast<unsigned long long>(st[0].out_nonfinite),
+              static_cast<unsigned long long>(stored), static_cast<unsigned long long>(c.want));
+        CHECK(st[0].nonfinite == std::vector<uint64_t>(2, 0), "inputs counted as non-finite");
+      }
+    }
+  }
+  std::printf("output overflow: counted for every output dtype\n");
+}
+
 static void fixed_fuse_matches() {
   std::mt19937 rng(1128);
   uint64_t cases = 0;
@@ -508,6 +556,7 @@ int main() {
   stable_ranks_match_sort();
   division_shortcuts_match();
   fixed_fuse_matches();
+  output_overflow_counted();
   if (failures) {
     std::fprintf(stderr, "%d failures\n", failures);
     return 1;

@@ -111,6 +111,18 @@ DELLA_HD void store_f32(void* p, DType t, uint64_t i, float v) {
 
 DELLA_HD bool is_finite_f32(float v) { return (f32_bits(v) & 0x7f800000u) != 0x7f800000u; }
 
+// Whether element i of a stored tensor is NaN or an infinity, read from its bits (all
+// exponent bits set). A finite fp32 result beyond the output dtype's range (F16 from
+// 65520 up) is stored as an infinity: counting stored values catches that overflow.
+DELLA_HD bool stored_nonfinite(const void* p, DType t, uint64_t i) {
+  switch (t) {
+    case DType::F32: return (load_raw<uint32_t>(p, i) & 0x7f800000u) == 0x7f800000u;
+    case DType::F16: return (load_raw<uint16_t>(p, i) & 0x7c00u) == 0x7c00u;
+    case DType::BF16: return (load_raw<uint16_t>(p, i) & 0x7f80u) == 0x7f80u;
+    default: return (load_raw<uint64_t>(p, i) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+  }
+}
+
 // Ranking keys (SPEC §4): monotone in |v|. Half-precision keys are 15 bits.
 enum class KeyMode : uint8_t { F32 = 0, F16 = 1, BF16 = 2 };
 

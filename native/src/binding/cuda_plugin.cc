@@ -191,6 +191,7 @@ std::vector<della::MergeStats> cuda_run_batch(int device, uint64_t memory, const
   }
   for (size_t i = 0; i < tasks.size(); ++i) {
     stats[i].numel = cstats[i].numel;
+    stats[i].out_nonfinite = cstats[i].out_nonfinite;
     stats[i].has_digest = cstats[i].has_digest != 0;
     stats[i].digest = cstats[i].digest;
   }

@@ -97,6 +97,7 @@ Napi::Value merge_stats_to_js(Napi::Env env, const std::vector<MergeStats>& stat
     Napi::Object s = Napi::Object::New(env);
     s.Set("nonfinite", numbers(env, stats[i].nonfinite));
     s.Set("kept", numbers(env, stats[i].kept));
+    s.Set("outNonfinite", Napi::Number::New(env, static_cast<double>(stats[i].out_nonfinite)));
     s.Set("numel", Napi::Number::New(env, static_cast<double>(stats[i].numel)));
     if (stats[i].has_digest) s.Set("xxh64", hex64(env, stats[i].digest));
     out.Set(i, s);

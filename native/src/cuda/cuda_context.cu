@@ -90,7 +90,7 @@ struct SlabLayout {
 SlabLayout slab_layout(const MergeTask& t, const TaskInfo& ti, uint64_t rows, bool with_work = true) {
   SlabLayout L;
   const uint64_t E = rows * ti.n;
-  const uint64_t stats_bytes = (2ull * ti.k + 1) * 8;
+  const uint64_t stats_bytes = stats_words(ti.k) * 8;
   uint64_t off = 0;
   L.stats = off;
   off += align_up(stats_bytes);
@@ -451,7 +451,7 @@ ChunkLayout chunk_layout(const MergeTask& t, const TaskInfo& ti, uint64_t chunk)
   C.half = align_up(C.c.in_bytes);
   C.out = 2 * C.half;
   C.stats = C.out + align_up(C.c.out_bytes);
-  C.total = C.stats + align_up((2ull * ti.k + 1) * 8);
+  C.total = C.stats + align_up(stats_words(ti.k) * 8);
   return C;
 }
 
@@ -554,7 +554,7 @@ void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskI
   char* dev = s.dev;
   unsigned long long* d_stats = reinterpret_cast<unsigned long long*>(dev + L.stats);
   if (s.marks[0]) check(cudaEventRecord(s.marks[0], s.stream), "cudaEventRecord");
-  check(cudaMemsetAsync(d_stats, 0, (2ull * ti.k + 1) * 8, s.stream), "cudaMemsetAsync");
+  check(cudaMemsetAsync(d_stats, 0, stats_words(ti.k) * 8, s.stream), "cudaMemsetAsync");
   if (chunked) {
     stage_chunks(s, j, t, ti, L, threads);
   } else if (direct) {
@@ -574,12 +574,13 @@ void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskI
   p.row0 = j.row0;
   if (ti.need_cuts || ti.need_norm) p.state = state_layout(ti, dev + L.state);
   enqueue_slab(t, ti, p, j.passes, dev + L.scratch, dev + L.work, L.work_bytes, s.stream);
+  if (j.passes & kPassFinal) enqueue_out_check(ti, p, s.stream);
   if (s.marks[2]) check(cudaEventRecord(s.marks[2], s.stream), "cudaEventRecord");
   const bool final_pass = (j.passes & kPassFinal) != 0;
   if (final_pass && !chunked)  // chunked: copy_out_chunks, once the slab is done
     check(cudaMemcpyAsync(s.pinned + pin_out, dev + L.out_dev, L.out_bytes, cudaMemcpyDeviceToHost, s.stream),
           "cudaMemcpyAsync (from the GPU)");
-  check(cudaMemcpyAsync(s.pinned + pin_stats, d_stats, (2ull * ti.k + 1) * 8, cudaMemcpyDeviceToHost, s.stream),
+  check(cudaMemcpyAsync(s.pinned + pin_stats, d_stats, stats_words(ti.k) * 8, cudaMemcpyDeviceToHost, s.stream),
         "cudaMemcpyAsync (from the GPU)");
   if (s.marks[3]) check(cudaEventRecord(s.marks[3], s.stream), "cudaEventRecord");
   check(cudaEventRecord(s.done, s.stream), "cudaEventRecord");
@@ -628,11 +629,12 @@ void Context::Impl::finish(Slot& s, const std::vector<MergeTask>& tasks, std::ve
       prof.hash += Profile::since(t2);
     }
   }
-  uint64_t counts[2 * kMaxExperts + 1];
-  std::memcpy(counts, s.pinned + s.layout.pin_stats, (2ull * K + 1) * 8);
+  uint64_t counts[2 * kMaxExperts + 2];
+  std::memcpy(counts, s.pinned + s.layout.pin_stats, stats_words(K) * 8);
   MergeStats& st = stats[s.task];
   for (unsigned i = 0; i <= K; ++i) st.nonfinite[i] += counts[i];
   for (unsigned k = 0; k < K; ++k) st.kept[k] += counts[1 + K + k];
+  st.out_nonfinite += counts[1 + 2 * K];
 }
 
 Context::Context(const Options& options) : impl_(new Impl) {
@@ -821,7 +823,7 @@ void Context::run(const std::vector<MergeTask>& tasks, std::vector<MergeStats>& 
 
 uint64_t device_workspace_bytes(const MergeTask& t, const Options& options) {
   const TaskInfo ti = task_info(t, options);
-  const uint64_t stats = align_up((2ull * ti.k + 1) * 8);
+  const uint64_t stats = align_up(stats_words(ti.k) * 8);
   return stats + align_up(state_bytes(ti)) + slab_work_bytes(ti, ti.rows);
 }
 
@@ -834,7 +836,7 @@ void run_device_task(const MergeTask& t, void* workspace, uint64_t workspace_byt
   if (workspace_bytes < device_workspace_bytes(t, options)) throw std::invalid_argument("run_device_task: workspace too small");
   if (ti.numel == 0) return;
   char* w = static_cast<char*>(workspace);
-  const uint64_t stats = align_up((2ull * ti.k + 1) * 8);
+  const uint64_t stats = align_up(stats_words(ti.k) * 8);
   SlabParams p;
   fill_params(t, ti, p);
   p.base = t.linear ? nullptr : t.base;
@@ -846,7 +848,7 @@ void run_device_task(const MergeTask& t, void* workspace, uint64_t workspace_byt
   p.state = state_layout(ti, w + stats);
   char* scratch = w + stats + align_up(state_bytes(ti));
   const uint64_t scratch_bytes = slab_scratch_bytes(ti, ti.rows);
-  check(cudaMemsetAsync(w, 0, (2ull * ti.k + 1) * 8, stream), "cudaMemsetAsync");
+  check(cudaMemsetAsync(w, 0, stats_words(ti.k) * 8, stream), "cudaMemsetAsync");
   enqueue_slab(t, ti, p, single_slab_passes(ti), scratch, scratch + scratch_bytes,
                slab_work_bytes(ti, ti.rows) - scratch_bytes, stream);
 }

@@ -1365,6 +1365,17 @@ void launch_della_row(const SlabParams& p, cudaStream_t s) {
   });
 }
 
+// The slab's stored outputs that are NaN or infinite, counted into p.stats[1 + 2K]:
+// a finite merged value beyond the output dtype's range was stored as an infinity.
+__global__ void __launch_bounds__(kThreads) out_check_kernel(const __grid_constant__ SlabParams p) {
+  const uint64_t E = p.rows * p.n;
+  uint32_t bad = 0;
+  for (uint64_t i = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; i < E;
+       i += static_cast<uint64_t>(gridDim.x) * blockDim.x)
+    bad += stored_nonfinite(p.out, p.out_dtype, i);
+  count_add(&p.stats[1 + 2 * p.k], bad);
+}
+
 // ---------------------------------------------------------------- host side
 
 // Blocks of a grid-stride kernel over `items`: one per `threads` items, at most `cap`
@@ -1723,6 +1734,13 @@ void fill_params(const MergeTask& t, const TaskInfo& ti, SlabParams& p) {
       d.s_random = inverse_scale(d.q_random);
     }
   }
+}
+
+void enqueue_out_check(const TaskInfo& ti, const SlabParams& p, cudaStream_t s) {
+  const uint64_t E = p.rows * p.n;
+  if (E == 0) return;
+  DELLA_LAUNCH(grid_for(E, ti.max_grid), kThreads, 0, s, out_check_kernel)(p);
+  launched("out_check_kernel");
 }
 
 void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigned passes, char* scratch, char* work,

@@ -72,7 +72,8 @@ struct StatePtrs {
 struct SlabParams {
   const void* base = nullptr;  // slab-local; null when linear
   void* out = nullptr;         // slab-local
-  unsigned long long* stats = nullptr;  // [0]: base non-finite, [1+k]: expert k's, [1+K+k]: kept
+  // [0]: base non-finite, [1+k]: expert k's, [1+K+k]: kept, [1+2K]: non-finite outputs
+  unsigned long long* stats = nullptr;
   uint8_t* keep = nullptr;     // norm pass: one expert's keep flags, slab-local
   uint64_t n = 1;              // row length
   uint64_t rows = 0;           // rows in this slab
@@ -159,6 +160,14 @@ void fill_params(const MergeTask& t, const TaskInfo& ti, SlabParams& p);
 // `work` slab_work_bytes() - slab_scratch_bytes() bytes. p.stats must be zeroed by the caller.
 void enqueue_slab(const MergeTask& t, const TaskInfo& ti, SlabParams& p, unsigned passes, char* scratch, char* work,
                   uint64_t work_bytes, cudaStream_t stream);
+
+// Words of a slab's statistics (SlabParams::stats) for K experts.
+inline uint64_t stats_words(unsigned K) { return 2ull * K + 2; }
+
+// Enqueues the overflow check of a slab's final pass: its stored outputs that are NaN or
+// infinite (stored_nonfinite) counted into p.stats[1 + 2K]. One read of the output,
+// after the fuse kernels, whichever of them stored it.
+void enqueue_out_check(const TaskInfo& ti, const SlabParams& p, cudaStream_t stream);
 
 // Throws della::cuda::Error for a failed CUDA call, naming it.
 void check(cudaError_t e, const char* what);

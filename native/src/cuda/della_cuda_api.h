@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define DELLA_CUDA_ABI_VERSION 2
+#define DELLA_CUDA_ABI_VERSION 3
 
 /* Return codes of the plugin's functions. */
 #define DELLA_CUDA_OK 0
@@ -61,6 +61,7 @@ typedef struct DellaCudaTask {
 typedef struct DellaCudaStats {
   uint64_t* nonfinite;      /* num_experts + 1 entries, filled by the plugin */
   uint64_t* kept;           /* num_experts entries */
+  uint64_t out_nonfinite;   /* merged values stored as NaN or infinity (overflow) */
   uint64_t numel;
   int has_digest;           /* the task asked for its digest: */
   uint64_t digest;          /* XXH64 (seed 0) of the output tensor's bytes */

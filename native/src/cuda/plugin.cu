@@ -110,6 +110,7 @@ DELLA_EXPORT int della_cuda_run(DellaCudaContext* ctx, const DellaCudaTask* task
     for (size_t i = 0; i < count; ++i) {
       std::memcpy(stats[i].nonfinite, st[i].nonfinite.data(), st[i].nonfinite.size() * sizeof(uint64_t));
       std::memcpy(stats[i].kept, st[i].kept.data(), st[i].kept.size() * sizeof(uint64_t));
+      stats[i].out_nonfinite = st[i].out_nonfinite;
       stats[i].numel = st[i].numel;
       stats[i].has_digest = st[i].has_digest;
       stats[i].digest = st[i].digest;

@@ -443,7 +443,9 @@ void merge_rows_linear(const MergeTask& t, const TaskState& st, uint64_t r0, uin
       local.kept[k] += n;
     }
     fuse_row(s.vals.data(), w, K, n, fc, nullptr, s.x, s.delta.data());
-    store_any(t.out_dtype, s.delta.data(), n, static_cast<uint8_t*>(t.out) + r * n * dtype_size(t.out_dtype));
+    uint8_t* dst = static_cast<uint8_t*>(t.out) + r * n * dtype_size(t.out_dtype);
+    store_any(t.out_dtype, s.delta.data(), n, dst);
+    local.out_nonfinite += count_stored_nonfinite_any(t.out_dtype, dst, n);
   }
 }
 
@@ -569,6 +571,7 @@ void run_batch(const std::vector<MergeTask>& merges, const std::vector<CopyTask>
     const MergeStats& src = item_stats[idx];
     for (size_t k = 0; k < src.nonfinite.size(); ++k) dst.nonfinite[k] += src.nonfinite[k];
     for (size_t k = 0; k < src.kept.size(); ++k) dst.kept[k] += src.kept[k];
+    dst.out_nonfinite += src.out_nonfinite;
   }
 }
 

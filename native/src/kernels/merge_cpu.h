@@ -51,6 +51,7 @@ struct CopyTask {
 struct MergeStats {
   std::vector<uint64_t> nonfinite;  // [base, expert 0, ...]
   std::vector<uint64_t> kept;       // per expert: elements whose delta survived
+  uint64_t out_nonfinite = 0;       // merged values stored as NaN or infinity (overflow)
   uint64_t numel = 0;
   bool has_digest = false;  // MergeTask::digest was set: digest is the output's XXH64
   uint64_t digest = 0;

@@ -379,6 +379,24 @@ DELLA_ALWAYS_INLINE void store_any(DType dt, const float* v, uint64_t n, uint8_t
   }
 }
 
+// How many of n stored values at dst are NaN or infinite (stored_nonfinite), run on a
+// row just stored, while it is in cache. One loop per dtype so that each vectorizes.
+template <DType DT>
+DELLA_ALWAYS_INLINE uint64_t count_stored_nonfinite(const uint8_t* __restrict dst, uint64_t n) {
+  uint64_t c = 0;
+  for (uint64_t j = 0; j < n; ++j) c += stored_nonfinite(dst, DT, j);
+  return c;
+}
+
+inline uint64_t count_stored_nonfinite_any(DType dt, const uint8_t* dst, uint64_t n) {
+  switch (dt) {
+    case DType::F32: return count_stored_nonfinite<DType::F32>(dst, n);
+    case DType::F16: return count_stored_nonfinite<DType::F16>(dst, n);
+    case DType::BF16: return count_stored_nonfinite<DType::BF16>(dst, n);
+    default: return count_stored_nonfinite<DType::F64>(dst, n);
+  }
+}
+
 template <class T>
 T* grown(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
