@@ -7,6 +7,7 @@ import { merge } from '../lib/index.js';
 import { copyExtras } from '../lib/checkpoint/extras.js';
 import { writeDemoModels } from '../lib/demo.js';
 import { isDellaError, type DellaError } from '../lib/errors.js';
+import { formatBytes } from '../lib/util/size.js';
 import { makeModels, tempDir, writeRecipe } from './helpers/models.js';
 import { rng, testSeed } from './helpers/random.js';
 
@@ -31,6 +32,16 @@ function dellaRecipe(models: { base: string; experts: string[] }, extra: Record<
     ...extra,
   };
 }
+
+describe('sizes in progress lines', () => {
+  it('are whole bytes below 1 kB (a tiny merge\'s rate is a fraction) and three digits above', () => {
+    expect(formatBytes(0)).toBe('0 B');
+    expect(formatBytes(979.436705953573)).toBe('979 B');
+    expect(formatBytes(999.6)).toBe('1000 B');
+    expect(formatBytes(1500)).toBe('1.50 kB');
+    expect(formatBytes(2.5e9)).toBe('2.50 GB');
+  });
+});
 
 describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
   it('the launcher runs the bundled CLI while it is current, else dist/cli.js', () => {

@@ -105,6 +105,13 @@ describe('hostile checkpoints', () => {
     const ok = cli(['run', recipe, '--out', f('nan-out'), '--allow-nonfinite']);
     expect(ok.code, ok.stderr).toBe(0);
     expect(ok.stdout).toMatch(/warning +tensor "w" .* merged anyway/);
+    // slerp counts its inputs twice (the coefficients' pass and the merge): one warning,
+    // naming the expert (this was an internal error, exit 70).
+    const slerp = cli(['run', writeRecipe(f('nan-slerp.yaml'), { merge_method: 'slerp', base_model: base, models: [{ model: f('nan') }], parameters: { t: 0.5 } }),
+      '--out', f('nan-slerp'), '--allow-nonfinite']);
+    expect(slerp.code, slerp.stderr).toBe(0);
+    expect(slerp.stdout.match(/warning/g)).toHaveLength(1);
+    expect(slerp.stdout).toMatch(/warning +tensor "w" of \S*nan holds 2 non-finite value\(s\) \(NaN or infinity\); merged anyway/);
   });
 
   it('merged values that overflow the output dtype are an error by default, on every backend; --allow-nonfinite writes them', async () => {

@@ -204,13 +204,14 @@ async function slerpBatch(
  * Non-finite inputs are an error, or with allowNonFinite a warning (SPEC §1). So are
  * merged values stored as NaN or infinity from finite inputs (SPEC is silent): an
  * overflow of the output dtype, such as float16 beyond 65504, which would otherwise
- * reach the files unnoticed.
+ * reach the files unnoticed. `inputsChecked`: the inputs were reported already (slerp's
+ * first pass; its second pass counts them again, in its own order [-, base, expert]).
  */
-function checkFinite(t: TensorPlan, stats: MergeTaskStats, recipe: Recipe, warnings: string[] | null): void {
+function checkFinite(t: TensorPlan, stats: MergeTaskStats, recipe: Recipe, warnings: string[] | null, inputsChecked = false): void {
   let inputs = 0;
   stats.nonfinite.forEach((count, i) => {
-    if (count > 0) {
-      inputs += count;
+    inputs += count;
+    if (count > 0 && !inputsChecked) {
       const model = i === 0 ? `the base model ${recipe.baseModel.model}` : recipe.models[i - 1].model;
       const what = `tensor "${t.name}" of ${model} holds ${count} non-finite value(s) (NaN or infinity)`;
       if (!warnings) throw new DellaError('E_NONFINITE', `${what}; refusing to merge it (--allow-nonfinite merges it anyway)`);
@@ -588,7 +589,7 @@ export async function* runBatches(
       else profile.time('dropping input maps', release);
       const byName = new Map<string, MergeTaskStats>();
       current.mergePlans.forEach((t, i) => {
-        checkFinite(t, stats[i], recipe, ctx.nonfiniteWarnings);
+        checkFinite(t, stats[i], recipe, ctx.nonfiniteWarnings, ctx.plan.method.kind === 'slerp');
         byName.set(t.name, stats[i]);
       });
       // A file rewritten under a map would feed the merge a mix of old and new bytes.

@@ -19,7 +19,7 @@ export function parseSize(text: string, what = 'size'): number {
 }
 
 export function formatBytes(n: number): string {
-  if (n < 1000) return `${n} B`;
+  if (n < 1000) return `${Math.round(n)} B`; // a rate of a tiny merge is not a whole number
   const units = ['kB', 'MB', 'GB', 'TB'];
   let v = n;
   let i = -1;
