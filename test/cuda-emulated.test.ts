@@ -11,6 +11,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { saveModel } from '../lib/index.js';
 import { makeModels, tempDir, writeRecipe } from './helpers/models.js';
 import { rng, testSeed } from './helpers/random.js';
 
@@ -196,5 +197,33 @@ describe.skipIf(!havePlugin)(`--device cuda on the emulated device (DELLA_TEST_S
     const cpu = cli(['run', recipe, '--out', join(dir, 'cpu'), '--quiet']);
     expect(cpu.code, cpu.stderr).toBe(0);
     expect(digests(join(dir, 'merged'))).toEqual(digests(join(dir, 'cpu')));
+  }, 120_000);
+
+  it('results that overflow float16 are refused as on the CPU (out_check_kernel), and with --allow-nonfinite written alike', () => {
+    const dir = tempDir('della-cuda-emu-');
+    // Bases near 60000 and experts 4000 above, weighted 2: some results pass 65504.
+    const n = 16 * 512;
+    const base = new Uint16Array(n).fill(0x7b53); // 60000
+    const expert = new Uint16Array(n).map((_, i) => (i % 3 === 0 ? 0x7bd0 : 0x7b53)); // 64000 or 60000
+    saveModel(join(dir, 'base'), [{ name: 'model.a.weight', dtype: 'F16', shape: [16, 512], data: base }]);
+    saveModel(join(dir, 'x'), [{ name: 'model.a.weight', dtype: 'F16', shape: [16, 512], data: expert }]);
+    const recipe = writeRecipe(join(dir, 'recipe.yaml'), {
+      merge_method: 'dare_ties', base_model: join(dir, 'base'), models: [{ model: join(dir, 'x'), parameters: { weight: 2, density: 0.5 } }],
+    });
+    const before = readdirSync(dir).sort();
+    const counts: string[] = [];
+    for (const device of ['cpu', 'cuda']) {
+      const r = cli(['run', recipe, '--out', join(dir, `merged-${device}`), '--device', device]);
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stderr).toMatch(/tensor "model\.a\.weight": \d+ merged value\(s\) overflowed F16 \(beyond ±65504\)/);
+      counts.push(r.stderr.match(/(\d+) merged value/)![1]);
+      expect(readdirSync(dir).sort()).toEqual(before);
+    }
+    expect(counts[1]).toBe(counts[0]);
+    for (const device of ['cpu', 'cuda']) {
+      const r = cli(['run', recipe, '--out', join(dir, `merged-${device}`), '--device', device, '--allow-nonfinite', '--quiet']);
+      expect(r.code, r.stderr).toBe(0);
+    }
+    expect(digests(join(dir, 'merged-cuda'))).toEqual(digests(join(dir, 'merged-cpu')));
   }, 120_000);
 });
