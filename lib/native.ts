@@ -97,6 +97,13 @@ export interface NativeAddon {
 
 export const packageRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 
+/**
+ * The addon interface this code needs: addon.cc's abiVersion, bumped whenever what the
+ * addon takes or returns changes. 2: merge statistics carry outNonfinite, which an older
+ * addon would leave out, silently turning the overflow check off.
+ */
+export const ADDON_ABI_VERSION = 2;
+
 let cached: NativeAddon | undefined;
 let loadedFrom: string | undefined;
 
@@ -120,9 +127,18 @@ export function loadNative(): NativeAddon {
     // DELLA_NATIVE_PATH picks a specific build (the sanitizer build of test:asan).
     const explicit = process.env.DELLA_NATIVE_PATH;
     const load = require('node-gyp-build') as (dir: string) => unknown;
-    cached = (explicit ? require(resolve(explicit)) : load(packageRoot)) as NativeAddon;
+    const addon = (explicit ? require(resolve(explicit)) : load(packageRoot)) as NativeAddon;
     loadedFrom = explicit ? resolve(explicit) : (load as unknown as { path(dir: string): string }).path(packageRoot);
+    if (addon.abiVersion !== ADDON_ABI_VERSION) {
+      throw new DellaError(
+        'E_NATIVE',
+        `the della-merge native addon at ${loadedFrom} was built from another version (its interface ${String(addon.abiVersion)}, ` +
+          `this code needs ${ADDON_ABI_VERSION}): run "npm rebuild della-merge", or "npm run build:native" in a checkout.`,
+      );
+    }
+    cached = addon;
   } catch (e) {
+    if (e instanceof DellaError) throw e;
     const reason = e instanceof Error ? e.message.split('\n')[0] : String(e);
     throw new DellaError(
       'E_NATIVE',

@@ -143,6 +143,28 @@ describe('hostile checkpoints', () => {
     const verify = cli(['verify', f('ovf-out'), '--recipe', recipe]);
     expect(verify.code).toBe(1);
     expect(verify.stdout + verify.stderr).toMatch(/2 non-finite value\(s\)/);
+    // Beyond fp32's range no output dtype helps: the message does not suggest one.
+    saveModel(f('ovf32-base'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array([3e38, -3e38, 1, 2]) }]);
+    saveModel(f('ovf32-x'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array([3.4e38, -3.4e38, 1, 2]) }]);
+    for (const outDtype of [undefined, 'bfloat16']) {
+      const r32 = cli(['run', writeRecipe(f(`ovf32-${outDtype}.yaml`), {
+        merge_method: 'task_arithmetic', base_model: f('ovf32-base'), models: [{ model: f('ovf32-x'), parameters: { weight: 10 } }], ...(outDtype ? { out_dtype: outDtype } : {}),
+      }), '--out', f('ovf32-out')]);
+      expect(r32.code, r32.stderr).toBe(1);
+      expect(r32.stderr).toMatch(/2 merged value\(s\) overflowed the fp32 range \(beyond ±3\.4e38\) to infinity or NaN, from finite inputs; refusing to write it \(lower the weights or lambda, or pass --allow-nonfinite/);
+      expect(existsSync(f('ovf32-out'))).toBe(false);
+    }
+  });
+
+  it('an addon built from another version (another interface) is one clear E_NATIVE error, not a silently different merge', () => {
+    const fake = f('old-addon.cjs');
+    writeFileSync(fake, 'module.exports = { abiVersion: 1, hardwareThreads: 1 };\n');
+    saveModel(f('abi-x'), [{ name: 'w', dtype: 'F32', shape: [2, 2], data: new Float32Array([1, 2, 3, 5]) }]);
+    const r = spawnSync(process.execPath, [bin, 'run', writeRecipe(f('abi.yaml'), { merge_method: 'task_arithmetic', base_model: base, models: [{ model: f('abi-x') }] }), '--out', f('abi-out')],
+      { encoding: 'utf8', env: { ...process.env, DELLA_NATIVE_PATH: fake } });
+    expect(r.status, r.stderr).toBe(1);
+    expect(r.stderr).toMatch(/native addon at .*old-addon\.cjs was built from another version \(its interface 1, this code needs \d+\): run "npm rebuild della-merge"/);
+    expect(existsSync(f('abi-out'))).toBe(false);
   });
 
   it('a model without one tensor of the base\'s (an empty index, another model) is refused, not merged as a copy', () => {

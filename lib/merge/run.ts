@@ -220,11 +220,13 @@ function checkFinite(t: TensorPlan, stats: MergeTaskStats, recipe: Recipe, warni
   });
   // From non-finite inputs, non-finite results are expected and warned about above.
   if (stats.outNonfinite > 0 && inputs === 0) {
-    const range = t.outDtype === 'F16' ? 'F16 (beyond ±65504)' : t.outDtype === 'BF16' ? 'BF16 (beyond ±3.39e38)' : 'fp32 arithmetic (beyond ±3.4e38)';
+    // Only float16 has a wider dtype to go to; beyond ±3.4e38 the fp32 arithmetic itself
+    // overflowed (BF16's own limit, 3.39e38, is within 0.4% of it).
+    const f16 = t.outDtype === 'F16';
+    const range = f16 ? 'F16 (beyond ±65504)' : 'the fp32 range (beyond ±3.4e38)';
     const what = `tensor "${t.name}": ${stats.outNonfinite} merged value(s) overflowed ${range} to infinity or NaN, from finite inputs`;
-    if (!warnings) {
-      throw new DellaError('E_NONFINITE', `${what}; refusing to write it (store it wider with out_dtype: float32 or bfloat16, lower the weights or lambda, or pass --allow-nonfinite to write it anyway)`);
-    }
+    const fixes = `${f16 ? 'store it wider with out_dtype: float32 or bfloat16, ' : ''}lower the weights or lambda, or pass --allow-nonfinite to write it anyway`;
+    if (!warnings) throw new DellaError('E_NONFINITE', `${what}; refusing to write it (${fixes})`);
     warnings.push(`${what}; written anyway`);
   }
 }

@@ -90,7 +90,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("cudaOpen", Napi::Function::New(env, CudaOpen, "cudaOpen"));
   exports.Set("cudaOpenAsync", Napi::Function::New(env, CudaOpenAsync, "cudaOpenAsync"));
   exports.Set("hardwareThreads", Napi::Number::New(env, della::ThreadPool::hardware_threads()));
-  exports.Set("abiVersion", Napi::Number::New(env, 1));
+  // lib/native.ts ADDON_ABI_VERSION: bump both when what the addon takes or returns changes.
+  exports.Set("abiVersion", Napi::Number::New(env, 2));
   return exports;
 }
 
