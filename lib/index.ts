@@ -7,10 +7,9 @@
 import { resolve } from 'node:path';
 import { stringify as yamlStringify } from 'yaml';
 import { DellaError } from './errors.js';
-import { showArg } from './util/show.js';
 import { isParsedRecipe, loadRecipe, makeResolver, parseRecipe, type Recipe } from './recipe/index.js';
 import { runMerge, type MergeOptions, type MergeReport } from './merge/run.js';
-import { streamMerge, type MergedTensor, type TensorStreamOptions } from './merge/stream.js';
+import { expectStreamOptions, streamMerge, type MergedTensor, type TensorStreamOptions } from './merge/stream.js';
 
 export { DellaError, isDellaError, type ErrorCode } from './errors.js';
 export { openCheckpoint, type Checkpoint, type CheckpointTensor, type TensorArray } from './checkpoint/model.js';
@@ -58,9 +57,7 @@ export async function merge(recipe: string | Recipe | Record<string, unknown>, o
 export async function* mergeTensors(
   recipe: string | Recipe | Record<string, unknown>, options: TensorStreamOptions = {},
 ): AsyncGenerator<MergedTensor> {
-  if (options === null || typeof options !== 'object') {
-    throw new DellaError('E_ARGS', `mergeTensors(recipe, options): options must be an object, got ${showArg(options)}`);
-  }
+  expectStreamOptions(options);
   const inMemory = options.base !== undefined || options.models !== undefined;
   yield* streamMerge(await toRecipe(recipe, inMemory), options);
 }

@@ -20,12 +20,38 @@ export type TensorSet = Record<string, MemoryTensor> | Map<string, MemoryTensor>
  * shrunk resizable one. (Node 20 has no ArrayBuffer.prototype.detached; a detached
  * buffer reads as 0 bytes, and viewing it throws.)
  */
-export function viewBytes(data: ArrayBufferView): Uint8Array | null {
+function viewBytes(data: ArrayBufferView): Uint8Array | null {
   try {
     return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
   } catch {
     return null;
   }
+}
+
+/**
+ * Checks the {dtype, shape, data} of a tensor given in memory (a tensor set's, or
+ * saveModel's); `where` names it in the messages. Returns the dtype, a copy of the shape
+ * and the bytes, a view of the caller's memory.
+ */
+export function checkTensorData(where: string, t: { dtype?: unknown; shape?: unknown; data?: unknown }): { dtype: string; shape: number[]; bytes: Uint8Array } {
+  const { dtype, shape, data } = t;
+  if (typeof dtype !== 'string' || !Object.hasOwn(DTYPE_SIZES, dtype)) {
+    throw new DellaError('E_ARGS', `${where}: unknown dtype ${showArg(dtype)} (known: ${Object.keys(DTYPE_SIZES).join(', ')})`);
+  }
+  if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
+    throw new DellaError('E_ARGS', `${where}: shape must be a list of non-negative integers, got ${showArg(shape)}`);
+  }
+  if (!ArrayBuffer.isView(data)) {
+    throw new DellaError('E_ARGS', `${where}: data must be a typed array, DataView or Buffer, got ${data === null ? 'null' : typeof data}`);
+  }
+  const bytes = viewBytes(data);
+  if (bytes === null) throw new DellaError('E_ARGS', `${where}: data's ArrayBuffer is detached (transferred), so its bytes cannot be read`);
+  const numel = (shape as number[]).reduce((a, b) => a * b, 1);
+  const size = DTYPE_SIZES[dtype];
+  if (bytes.length !== numel * size) {
+    throw new DellaError('E_ARGS', `${where}: ${bytes.length} bytes given, shape [${shape.join(', ')}] of ${dtype} needs ${numel * size}`);
+  }
+  return { dtype, shape: [...(shape as number[])], bytes };
 }
 
 /** Whether `set` has the documented shape of a tensor set: a plain object or a Map. */
@@ -48,30 +74,13 @@ export function memoryCheckpoint(label: string, set: TensorSet): Checkpoint {
     if (t === null || typeof t !== 'object') {
       throw new DellaError('E_ARGS', `${where}: must be an object {dtype, shape, data}, got ${showArg(t)}`);
     }
-    const dtype: unknown = t.dtype;
-    if (typeof dtype !== 'string' || !Object.hasOwn(DTYPE_SIZES, dtype)) {
-      throw new DellaError('E_ARGS', `${where}: unknown dtype ${showArg(dtype)} (known: ${Object.keys(DTYPE_SIZES).join(', ')})`);
-    }
-    const size = DTYPE_SIZES[dtype];
-    if (!Array.isArray(t.shape) || !t.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
-      throw new DellaError('E_ARGS', `${where}: shape must be a list of non-negative integers, got ${showArg(t.shape)}`);
-    }
-    if (!ArrayBuffer.isView(t.data)) {
-      throw new DellaError('E_ARGS', `${where}: data must be a typed array, DataView or Buffer, got ${t.data === null ? 'null' : typeof t.data}`);
-    }
-    let bytes = viewBytes(t.data);
-    if (bytes === null) {
-      throw new DellaError('E_ARGS', `${where}: data's ArrayBuffer is detached (transferred), so its bytes cannot be read`);
-    }
-    const numel = t.shape.reduce((a, b) => a * b, 1);
-    if (bytes.length !== numel * size) {
-      throw new DellaError('E_ARGS', `${where}: ${bytes.length} bytes given, shape [${t.shape.join(', ')}] of ${dtype} needs ${numel * size}`);
-    }
+    const { dtype, shape, bytes: given } = checkTensorData(where, t);
     // The native addon takes only plain ArrayBuffers: shared or resizable memory is
     // copied into one (which also keeps another thread's writes out of the merge).
-    const buffer = bytes.buffer as ArrayBufferLike & { resizable?: boolean };
-    if (isSharedArrayBuffer(buffer) || buffer.resizable === true) bytes = new Uint8Array(bytes);
-    tensors.set(name, { name, dtype, shape: [...t.shape], numel, begin: 0, end: bytes.length, file: label, offset: 0, byteLength: bytes.length });
+    const buffer = given.buffer as ArrayBufferLike & { resizable?: boolean };
+    const bytes = isSharedArrayBuffer(buffer) || buffer.resizable === true ? new Uint8Array(given) : given;
+    const numel = shape.reduce((a, b) => a * b, 1);
+    tensors.set(name, { name, dtype, shape, numel, begin: 0, end: bytes.length, file: label, offset: 0, byteLength: bytes.length });
     data.set(name, bytes);
   }
   const get = (name: string): Uint8Array => {

@@ -3,12 +3,13 @@
  * tests' fixtures and API users who build small models. Large merges go through
  * OutputDirectory instead, which never holds a tensor in JS.
  */
-import { closeSync, existsSync, mkdirSync, openSync, rmdirSync, rmSync, writeSync } from 'node:fs';
-import { dirname, join, resolve } from 'node:path';
+import { closeSync, existsSync, mkdirSync, openSync, rmSync, writeSync } from 'node:fs';
+import { join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
+import { removeEmptyDirs } from '../util/fs.js';
 import { showArg } from '../util/show.js';
-import { viewBytes } from './memory.js';
-import { DTYPE_SIZES, MAX_HEADER_LENGTH } from './safetensors.js';
+import { checkTensorData } from './memory.js';
+import { MAX_HEADER_LENGTH } from './safetensors.js';
 import { indexJson, INDEX_FILE, layoutShards } from './writer.js';
 
 export interface InMemoryTensor {
@@ -35,29 +36,13 @@ function checkTensor(t: unknown, i: number): CheckedTensor {
   if (t === null || typeof t !== 'object' || Array.isArray(t)) {
     throw argsError(`tensor ${i}: must be an object {name, dtype, shape, data}, got ${showArg(t)}`);
   }
-  const { name, dtype, shape, data } = t as Record<string, unknown>;
+  const { name } = t as Record<string, unknown>;
   if (typeof name !== 'string' || name === '') {
     throw argsError(`tensor ${i}: name must be a non-empty string, got ${showArg(name)}`);
   }
   const where = `tensor ${i} (${JSON.stringify(name)})`;
   if (name === '__metadata__') throw argsError(`${where}: the name "__metadata__" is reserved by the safetensors format`);
-  if (typeof dtype !== 'string' || !Object.hasOwn(DTYPE_SIZES, dtype)) {
-    throw argsError(`${where}: unknown dtype ${showArg(dtype)} (known: ${Object.keys(DTYPE_SIZES).join(', ')})`);
-  }
-  if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
-    throw argsError(`${where}: shape must be a list of non-negative integers, got ${showArg(shape)}`);
-  }
-  if (!ArrayBuffer.isView(data)) {
-    throw argsError(`${where}: data must be a typed array, DataView or Buffer, got ${data === null ? 'null' : typeof data}`);
-  }
-  const bytes = viewBytes(data);
-  if (bytes === null) throw argsError(`${where}: data's ArrayBuffer is detached (transferred), so its bytes cannot be read`);
-  const numel = (shape as number[]).reduce((a, b) => a * b, 1);
-  const size = DTYPE_SIZES[dtype];
-  if (bytes.length !== numel * size) {
-    throw argsError(`${where}: ${bytes.length} bytes given, shape [${shape.join(', ')}] of ${dtype} needs ${numel * size}`);
-  }
-  return { name, dtype, shape: [...(shape as number[])], bytes };
+  return { name, ...checkTensorData(`saveModel: ${where}`, t) };
 }
 
 /** Writes all of `bytes` at the file's current position (writeSync may write less). */
@@ -140,13 +125,7 @@ export function saveModel(dir: string, tensors: readonly InMemoryTensor[], optio
     for (const path of written) {
       try { rmSync(path, { force: true }); } catch { /* the write failure is the error to report */ }
     }
-    if (made !== undefined) {
-      const top = resolve(made);
-      for (let d = resolve(dir); ; d = dirname(d)) {
-        try { rmdirSync(d); } catch { break; }
-        if (d === top || dirname(d) === d) break;
-      }
-    }
+    if (made !== undefined) removeEmptyDirs(resolve(dir), resolve(made));
     throw e;
   }
 }

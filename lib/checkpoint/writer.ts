@@ -4,13 +4,13 @@
  * their final offsets, off the JS thread. All of it happens in a temporary sibling
  * directory that is renamed into place only when complete; any failure removes it.
  */
-import { existsSync, mkdirSync, realpathSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, realpathSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join, resolve, sep } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
 import { loadNative, type NativeOutputFile } from '../native.js';
 import { DTYPE_SIZES, encodeHeader } from './safetensors.js';
-import { makeDirs } from '../util/fs.js';
+import { makeDirs, removeEmptyDirs } from '../util/fs.js';
 import { INDEX_FILE, SINGLE_FILE } from './model.js';
 
 export interface OutputTensor {
@@ -214,18 +214,6 @@ export class OutputDirectory {
     }
     live.delete(this.tmp);
     this.done = true;
-  }
-}
-
-/** Removes `dir` and its parents up to `outermost`, while they are empty. */
-function removeEmptyDirs(dir: string, outermost: string): void {
-  for (let d = dir; d === outermost || d.startsWith(`${outermost}/`); d = dirname(d)) {
-    try {
-      rmdirSync(d);
-    } catch {
-      return; // not empty (something else was put there), or gone already
-    }
-    if (d === outermost) return;
   }
 }
 

@@ -463,7 +463,6 @@ export function selectDevice(options: { device?: string; gpuMemory?: number }, n
   return openDevice(native as NativeAddon, deviceSpec(options, native), options.gpuMemory);
 }
 
-/** Threads (default: all cores) and seed (default: the recipe's), checked. */
 /** The options' kinds, checked before anything runs (the API takes them from JavaScript). */
 function checkOptionTypes(options: Partial<Pick<MergeOptions, 'backend' | 'device' | 'onProgress' | 'signal'>>): void {
   const bad = (what: string, v: unknown): never => { throw new DellaError('E_ARGS', `${what}, got ${showShort(v)}`); };
@@ -473,6 +472,7 @@ function checkOptionTypes(options: Partial<Pick<MergeOptions, 'backend' | 'devic
   if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) bad('signal must be an AbortSignal', options.signal);
 }
 
+/** Threads (default: all cores) and seed (default: the recipe's), checked. */
 export function runSettings(
   options: { threads?: number; seed?: number }, recipe: Recipe, native: NativeAddon | null,
 ): { threads: number; seed: number } {

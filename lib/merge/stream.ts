@@ -39,6 +39,13 @@ export interface TensorStreamOptions {
   onWarning?: (message: string) => void;
 }
 
+/** mergeTensors' options must be an object (checked before its recipe is read, too). */
+export function expectStreamOptions(options: unknown): asserts options is TensorStreamOptions {
+  if (options === null || typeof options !== 'object') {
+    throw new DellaError('E_ARGS', `mergeTensors(recipe, options): options must be an object, got ${showArg(options)}`);
+  }
+}
+
 /**
  * Merges without writing files: yields each output tensor (name order, a batch at a
  * time) as an async iterator. Inputs come from the recipe's files, or from memory
@@ -47,9 +54,7 @@ export interface TensorStreamOptions {
  */
 export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions = {}): AsyncGenerator<MergedTensor> {
   const started = performance.now();
-  if (options === null || typeof options !== 'object') {
-    throw new DellaError('E_ARGS', `mergeTensors(recipe, options): options must be an object, got ${showArg(options)}`);
-  }
+  expectStreamOptions(options);
   if (options.onWarning !== undefined && typeof options.onWarning !== 'function') {
     throw new DellaError('E_ARGS', `mergeTensors(recipe, options): options.onWarning must be a function, got ${showArg(options.onWarning)}`);
   }

@@ -1,4 +1,4 @@
-import { existsSync, mkdirSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, rmdirSync, statSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 
 /** The path itself if it exists, else its nearest existing ancestor (a path under a
@@ -30,4 +30,17 @@ export function makeDirs(dir: string): string | undefined {
     }
   }
   return missing[0];
+}
+
+/** Removes `dir` and its parents up to `outermost` (what makeDirs made), while they
+ * are empty: undoing makeDirs after a failure. Both are absolute paths. */
+export function removeEmptyDirs(dir: string, outermost: string): void {
+  for (let d = dir; d === outermost || d.startsWith(`${outermost}/`); d = dirname(d)) {
+    try {
+      rmdirSync(d);
+    } catch {
+      return; // not empty (something else was put there), or gone already
+    }
+    if (d === outermost) return;
+  }
 }

@@ -574,9 +574,9 @@ void Context::Impl::start(Slot& s, const Job& j, const MergeTask& t, const TaskI
   p.row0 = j.row0;
   if (ti.need_cuts || ti.need_norm) p.state = state_layout(ti, dev + L.state);
   enqueue_slab(t, ti, p, j.passes, dev + L.scratch, dev + L.work, L.work_bytes, s.stream);
-  if (j.passes & kPassFinal) enqueue_out_check(ti, p, s.stream);
-  if (s.marks[2]) check(cudaEventRecord(s.marks[2], s.stream), "cudaEventRecord");
   const bool final_pass = (j.passes & kPassFinal) != 0;
+  if (final_pass) enqueue_out_check(ti, p, s.stream);
+  if (s.marks[2]) check(cudaEventRecord(s.marks[2], s.stream), "cudaEventRecord");
   if (final_pass && !chunked)  // chunked: copy_out_chunks, once the slab is done
     check(cudaMemcpyAsync(s.pinned + pin_out, dev + L.out_dev, L.out_bytes, cudaMemcpyDeviceToHost, s.stream),
           "cudaMemcpyAsync (from the GPU)");
