@@ -10,6 +10,9 @@ import type { BatchSpec, DotStats, DotTaskSpec, MergeTaskStats } from './merge/t
 
 export interface NativeMappedFile {
   readonly size: number;
+  /** Whether a read went past the end of the file, cut short since it was mapped: such
+   * reads see zeros instead of killing the process with SIGBUS (native/src/io/map_guard.h). */
+  readonly faulted: boolean;
   /** A zero-copy view of [offset, offset + length); keeps the map alive. */
   view(offset: number, length: number): Uint8Array;
   advise(offset: number, length: number, how: 'willneed' | 'dontneed' | 'sequential'): void;
@@ -100,9 +103,10 @@ export const packageRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..'
 /**
  * The addon interface this code needs: addon.cc's abiVersion, bumped whenever what the
  * addon takes or returns changes. 2: merge statistics carry outNonfinite, which an older
- * addon would leave out, silently turning the overflow check off.
+ * addon would leave out, silently turning the overflow check off. 3: input maps are
+ * guarded against files cut short (an older addon dies of SIGBUS) and say so (faulted).
  */
-export const ADDON_ABI_VERSION = 2;
+export const ADDON_ABI_VERSION = 3;
 
 let cached: NativeAddon | undefined;
 let loadedFrom: string | undefined;

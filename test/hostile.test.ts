@@ -3,10 +3,12 @@
  * the file, a non-zero exit, no stack trace, and no output left behind.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, symlinkSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { basename, join, resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { merge, openCheckpoint, saveModel } from '../lib/index.js';
+import { loadNative } from '../lib/native.js';
 import { tempDir, writeRecipe } from './helpers/models.js';
 
 const root = resolve(import.meta.dirname, '..');
@@ -298,6 +300,60 @@ describe('faults leave nothing that looks finished', () => {
     expect(String(err)).toMatch(/e0\/model\.safetensors was modified while it was being read/);
     expect(existsSync(join(dir, 'merged'))).toBe(false);
     expect(readdirSync(dir).filter((x) => x.includes('della-tmp'))).toEqual([]);
+  });
+
+  it('an input cut short during the merge stops it with a message, not SIGBUS, and leaves nothing behind', async () => {
+    const dir = tempDir();
+    const recipe = bigModels(dir);
+    const out = join(dir, 'merged');
+    const victim = join(dir, 'e0', 'model.safetensors');
+    // Three batches of ten tensors: the later ones read past the cut, whatever the timing.
+    const child = spawn(process.execPath, [bin, 'run', recipe, '--out', out, '--threads', '1'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    let cut = false;
+    const code = await new Promise<number | null>((done) => {
+      child.stderr.on('data', (d: Buffer) => {
+        stderr += d.toString();
+        if (stderr.includes('progress') && !cut) {
+          cut = true;
+          truncateSync(victim, 4096);
+        }
+      });
+      child.on('exit', (c) => done(c));
+    });
+    expect(cut).toBe(true);
+    expect(code, stderr).toBe(1);
+    expect(stderr).toMatch(/e0\/model\.safetensors changed size while it was being read \(\d+ → 4096 bytes\); the merge is abandoned/);
+    expect(existsSync(out)).toBe(false);
+    expect(readdirSync(dir).filter((x) => x.includes('della-tmp'))).toEqual([]);
+  });
+
+  it('a map whose file is cut short reads zeros past the cut and says so, from JS and natively', () => {
+    // In a child process: without the guard, the reads below kill it with SIGBUS.
+    const dir = tempDir();
+    const file = join(dir, 'cut.bin');
+    writeFileSync(file, Buffer.alloc(64 << 10, 0x5a));
+    const script = `
+      import { truncateSync } from 'node:fs';
+      import { loadNative } from ${JSON.stringify(pathToFileURL(join(root, 'dist/native.js')).href)};
+      const native = loadNative();
+      const map = new native.MappedFile(${JSON.stringify(file)});
+      const view = map.view(0, map.size);
+      const before = [map.faulted, view[70000 - 10000]];
+      truncateSync(${JSON.stringify(file)}, 5000);
+      const digest = native.xxh64(view); // natively: the first read past the cut
+      let head = 0, tail = 0;
+      for (let i = 0; i < view.length; i++) if (i < 5000) head += view[i] === 0x5a ? 1 : 0; else tail += view[i];
+      map.close();
+      console.log(JSON.stringify({ before, faulted: map.faulted, head, tail, digest }));
+    `;
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.signal, r.stderr).toBeNull();
+    expect(r.status, r.stderr).toBe(0);
+    const seen = JSON.parse(r.stdout) as { before: [boolean, number]; faulted: boolean; head: number; tail: number; digest: string };
+    const want = Buffer.alloc(64 << 10);
+    want.fill(0x5a, 0, 5000);
+    expect(seen).toEqual({ before: [false, 0x5a], faulted: true, head: 5000, tail: 0, digest: loadNative().xxh64(want) });
   });
 
   it('a read-only output location fails cleanly (a read-only bind mount where the machine permits)', () => {

@@ -1,6 +1,6 @@
 /** A merge split into N parts and assembled is byte-identical to one run. */
 import { spawn, spawnSync } from 'node:child_process';
-import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, watch, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, watch, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect, it, vi } from 'vitest';
 import { makeModels, tempDir, writeRecipe } from './helpers/models.js';
@@ -258,6 +258,20 @@ describe(`run --part i/N and assemble (DELLA_TEST_SEED=${seed})`, () => {
     expect(readdirSync(dir).some((f) => f.includes('della-tmp'))).toBe(true); // midway: writing
     controller.abort();
     await expect(assembling).rejects.toMatchObject({ code: 'E_ABORTED' });
+    expect(leftovers(dir)).toEqual([]);
+  });
+
+  it('a part cut short while assemble copies it is E_IO naming the file, with nothing left', async () => {
+    const dir = tempDir();
+    const parts = handParts(dir, [[f32('a', 1 << 16)], [f32('b', 1 << 16), f32('c', 1 << 16)]]);
+    const victim = join(parts[1], 'model.safetensors');
+    const size = statSync(victim).size;
+    const assembling = assemble(parts, join(dir, 'x'));
+    // Its copies are queued by now, read before or after the cut: either way refused.
+    truncateSync(victim, 4096);
+    await expect(assembling).rejects.toMatchObject({
+      code: 'E_IO', message: `${victim} changed size while it was being read (${size} → 4096 bytes); nothing was assembled (rerun it on stable parts)`,
+    });
     expect(leftovers(dir)).toEqual([]);
   });
 

@@ -1,6 +1,6 @@
 /** verify: passes good merges of every kind and fails on a single flipped byte. */
 import { spawnSync } from 'node:child_process';
-import { readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { readFileSync, readdirSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { loadRecipe, merge, openCheckpoint, saveModel } from '../lib/index.js';
@@ -20,14 +20,14 @@ function cli(args: string[]) {
   return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
-/** Flips one bit of tensor `name`'s element `index` in the output files. */
+/** Flips one bit of tensor `name`'s element `index` (its last, if it has fewer) in the output files. */
 function flip(out: string, name: string, index: number) {
   const c = openCheckpoint(out);
   const t = c.tensors.get(name)!;
   const size = t.byteLength / t.numel;
   c.close();
   const bytes = readFileSync(t.file);
-  bytes[t.offset + index * size] ^= 1;
+  bytes[t.offset + Math.min(index, t.numel - 1) * size] ^= 1;
   writeFileSync(t.file, bytes);
 }
 
@@ -145,5 +145,26 @@ describe(`verify (DELLA_TEST_SEED=${seed})`, () => {
     flip(out, 'model.layers.0.mlp.down_proj.weight', 3);
     const bad = await verifyMerge(out, parsed);
     expect(bad.problems.join('\n')).toMatch(/"model\.layers\.0\.mlp\.down_proj\.weight": its bytes changed since the merge wrote them \(SHA-256 [0-9a-f]{12}…/);
+  });
+
+  it('an input or output file modified while verify reads it fails the verification, naming the file', async () => {
+    const dir = tempDir();
+    const m = makeModels(rng(seed + 7), dir, { dtype: 'BF16', experts: 2 });
+    const recipe = writeRecipe(join(dir, 'r.yaml'), { merge_method: 'della', base_model: m.base, models: m.experts.map((model) => ({ model, parameters: { density: 0.5, epsilon: 0.1 } })) });
+    const out = join(dir, 'o');
+    await merge(recipe, { out });
+    const parsed = await loadRecipe(recipe);
+    for (const victim of [join(m.experts[0], 'model.safetensors'), join(out, 'model.safetensors')]) {
+      let touched = false;
+      const r = await verifyMerge(out, parsed, {
+        onProgress: () => {
+          if (!touched) utimesSync(victim, new Date(), new Date(Date.now() + 5000));
+          touched = true;
+        },
+      });
+      expect(touched).toBe(true);
+      expect(r.ok).toBe(false);
+      expect(r.problems).toEqual([`${victim} was modified while it was being read: rerun verify on files that stay put`]);
+    }
   });
 });

@@ -57,7 +57,8 @@ export interface Checkpoint {
   release(name: string): void;
   /** Releases the maps once every view handed out is collected. */
   close(): void;
-  /** A description of the first file whose size or modification time changed since it was opened, else null. */
+  /** A description of the first file whose size or modification time changed since it
+   * was opened, or that was read past its end (cut short meanwhile), else null. */
   changed(): string | null;
 }
 
@@ -289,6 +290,8 @@ export function openCheckpoint(path: string): Checkpoint {
         }
         if (now.size !== f.size) return `${file} changed size while it was being read (${f.size} → ${now.size} bytes)`;
         if (now.mtimeMs !== f.mtimeMs) return `${file} was modified while it was being read`;
+        // Cut short and grown back: the reads past the cut saw zeros (map_guard.h).
+        if (f.map.faulted) return `${file} was cut short while it was being read`;
       }
       return null;
     },

@@ -238,6 +238,7 @@ export async function assemble(
     }
     await shards.finish();
     if (options.signal?.aborted) throw aborted();
+    throwIfPartChanged(parts);
     const files = layouts.map((l) => l.fileName);
     if (layouts.length > 1) {
       target.writeFile(INDEX_FILE, indexJson(layouts));
@@ -268,8 +269,18 @@ export async function assemble(
   } catch (e) {
     await shards?.finish().catch(() => {});
     target?.abort();
+    // A part cut short fails its copy with a bare "bad address" (EFAULT): name the cause.
+    if (!options.signal?.aborted) throwIfPartChanged(parts, e);
     throw e;
   } finally {
     parts.forEach((c) => c.close());
+  }
+}
+
+/** An E_IO naming the first part file changed since it was opened (Checkpoint.changed). */
+function throwIfPartChanged(parts: Checkpoint[], cause?: unknown): void {
+  for (const c of parts) {
+    const change = c.changed();
+    if (change) throw new DellaError('E_IO', `${change}; nothing was assembled (rerun it on stable parts)`, { cause });
   }
 }

@@ -589,16 +589,17 @@ export async function* runBatches(
       };
       if (pending) void pending.then(() => profile.time('dropping input maps', release), release);
       else profile.time('dropping input maps', release);
+      // A file rewritten under a map would feed the merge a mix of old and new bytes, and
+      // one cut short zeros where its end was (so first: its statistics mean nothing).
+      for (const m of [models.base, ...models.experts]) {
+        const change = m.changed();
+        if (change) throw new DellaError('E_IO', `${change}; the merge is abandoned (rerun it on stable inputs)`);
+      }
       const byName = new Map<string, MergeTaskStats>();
       current.mergePlans.forEach((t, i) => {
         checkFinite(t, stats[i], recipe, ctx.nonfiniteWarnings, ctx.plan.method.kind === 'slerp');
         byName.set(t.name, stats[i]);
       });
-      // A file rewritten under a map would feed the merge a mix of old and new bytes.
-      for (const m of [models.base, ...models.experts]) {
-        const change = m.changed();
-        if (change) throw new DellaError('E_IO', `${change}; the merge is abandoned (rerun it on stable inputs)`);
-      }
       yield current.group.map((t) => ({ plan: t, stats: byName.get(t.name) ?? null, slerp: current.coefficients?.get(t.name) }));
     }
   } finally {

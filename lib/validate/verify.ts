@@ -146,6 +146,12 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
       options.onProgress?.(i + 1, plan.tensors.length, t.name);
       if (i % 16 === 15) await new Promise((r) => setImmediate(r)); // let progress and signals through
     }
+    // A file that changed meanwhile (or was cut short: its reads saw zeros) was not what
+    // the checks above compared.
+    for (const c of [merged, models.base, ...models.experts]) {
+      const change = c.changed();
+      if (change) problems.push(`${change}: rerun verify on files that stay put`);
+    }
     return {
       ok: problems.length === 0,
       out: merged.path,

@@ -7,11 +7,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "../io/map_guard.h"
 #include "args.h"
 
 namespace della_binding {
 
 Mapping::~Mapping() {
+  della_io::unguard_map(guard);  // first: the address range may be reused once unmapped
   if (addr != nullptr) munmap(addr, size);
 }
 
@@ -40,6 +42,7 @@ struct Fd {
 Napi::Function MappedFile::Define(Napi::Env env) {
   return DefineClass(env, "MappedFile",
                      {InstanceAccessor<&MappedFile::Size>("size"),
+                      InstanceAccessor<&MappedFile::Faulted>("faulted"),
                       InstanceMethod<&MappedFile::View>("view"),
                       InstanceMethod<&MappedFile::Advise>("advise"),
                       InstanceMethod<&MappedFile::Close>("close")});
@@ -62,11 +65,18 @@ MappedFile::MappedFile(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Mapped
     if (p == MAP_FAILED) throw file_error(env, "cannot map", path_, errno);
     map_->addr = p;
     map_->size = size_;
+    map_->guard = della_io::guard_map(p, size_);
   }
 }
 
 Napi::Value MappedFile::Size(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(size_));
+}
+
+// faulted: whether a read of the map went past the end of its file, cut short since it
+// was mapped (and read zeros there).
+Napi::Value MappedFile::Faulted(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), map_ ? della_io::map_faulted(map_->guard) : faulted_at_close_);
 }
 
 // view(offset, length): a Uint8Array over the map. It keeps the map alive.
@@ -135,6 +145,7 @@ ByteSpan input_field(const Napi::Object& o, const char* key, const std::string& 
 
 // close(): no new views; the map itself goes when the last view is collected.
 Napi::Value MappedFile::Close(const Napi::CallbackInfo& info) {
+  if (map_) faulted_at_close_ = della_io::map_faulted(map_->guard);
   map_.reset();
   return info.Env().Undefined();
 }

@@ -16,9 +16,12 @@ namespace della_binding {
 // ESYSTEM), errno and path set, as Node's own file errors have.
 Napi::Error file_error(Napi::Env env, const std::string& what, const std::string& path, int err);
 
+// The map and its slot in the SIGBUS guard (native/src/io/map_guard.h), which turns
+// reads past the end of a file cut short into zeros and marks the map.
 struct Mapping {
   void* addr = nullptr;
   size_t size = 0;
+  int guard = -1;
   ~Mapping();
 };
 
@@ -43,6 +46,7 @@ class MappedFile : public Napi::ObjectWrap<MappedFile> {
 
  private:
   Napi::Value Size(const Napi::CallbackInfo& info);
+  Napi::Value Faulted(const Napi::CallbackInfo& info);
   Napi::Value View(const Napi::CallbackInfo& info);
   Napi::Value Advise(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
@@ -51,6 +55,7 @@ class MappedFile : public Napi::ObjectWrap<MappedFile> {
   std::shared_ptr<Mapping> map_;
   std::string path_;
   size_t size_ = 0;
+  bool faulted_at_close_ = false;
 };
 
 }  // namespace della_binding
