@@ -3,7 +3,7 @@
  * the file, a non-zero exit, no stack trace, and no output left behind.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, symlinkSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { basename, join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { describe, expect, it } from 'vitest';
@@ -302,44 +302,50 @@ describe('faults leave nothing that looks finished', () => {
     expect(readdirSync(dir).filter((x) => x.includes('della-tmp'))).toEqual([]);
   });
 
-  it('an input cut short during the merge stops it with a message, not SIGBUS, and leaves nothing behind', async () => {
+  it('an input cut short during the merge stops it with a message, not SIGBUS, and leaves nothing behind', () => {
+    // In a child process (without the guard it dies of SIGBUS), through the API so that
+    // the cut lands at a known point: at the first batch's progress, when the second is
+    // with the kernels and the third (of three) not yet started, so that one reads past
+    // the cut whatever the timing.
     const dir = tempDir();
     const recipe = bigModels(dir);
     const out = join(dir, 'merged');
     const victim = join(dir, 'e0', 'model.safetensors');
-    // Three batches of ten tensors: the later ones read past the cut, whatever the timing.
-    const child = spawn(process.execPath, [bin, 'run', recipe, '--out', out, '--threads', '1'], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stderr = '';
-    let cut = false;
-    const code = await new Promise<number | null>((done) => {
-      child.stderr.on('data', (d: Buffer) => {
-        stderr += d.toString();
-        if (stderr.includes('progress') && !cut) {
-          cut = true;
-          truncateSync(victim, 4096);
-        }
-      });
-      child.on('exit', (c) => done(c));
-    });
-    expect(cut).toBe(true);
-    expect(code, stderr).toBe(1);
-    expect(stderr).toMatch(/e0\/model\.safetensors changed size while it was being read \(\d+ → 4096 bytes\); the merge is abandoned/);
+    const script = `
+      import { truncateSync } from 'node:fs';
+      import { merge } from ${JSON.stringify(pathToFileURL(join(root, 'dist/index.js')).href)};
+      let cut = false;
+      const onProgress = () => {
+        if (!cut) truncateSync(${JSON.stringify(victim)}, 4096);
+        cut = true;
+      };
+      await merge(${JSON.stringify(recipe)}, { out: ${JSON.stringify(out)}, threads: 1, onProgress }).then(
+        () => console.log(JSON.stringify({ cut, ok: true })),
+        (e) => console.log(JSON.stringify({ cut, code: e.code, message: e.message })));
+    `;
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.signal, r.stderr).toBeNull();
+    expect(r.status, r.stderr).toBe(0);
+    const seen = JSON.parse(r.stdout) as { cut: boolean; code?: string; message?: string };
+    expect(seen).toMatchObject({ cut: true, code: 'E_IO' });
+    expect(seen.message).toMatch(/e0\/model\.safetensors changed size while it was being read \(\d+ → 4096 bytes\); the merge is abandoned/);
     expect(existsSync(out)).toBe(false);
     expect(readdirSync(dir).filter((x) => x.includes('della-tmp'))).toEqual([]);
   });
 
   it('a map whose file is cut short reads zeros past the cut and says so, from JS and natively', () => {
-    // In a child process: without the guard, the reads below kill it with SIGBUS.
+    // In a child process: without the guard, the reads below kill it with SIGBUS. 1 MiB
+    // cut at 5000 bytes leaves whole pages past the cut for pages of up to 64 KiB.
     const dir = tempDir();
     const file = join(dir, 'cut.bin');
-    writeFileSync(file, Buffer.alloc(64 << 10, 0x5a));
+    writeFileSync(file, Buffer.alloc(1 << 20, 0x5a));
     const script = `
       import { truncateSync } from 'node:fs';
       import { loadNative } from ${JSON.stringify(pathToFileURL(join(root, 'dist/native.js')).href)};
       const native = loadNative();
       const map = new native.MappedFile(${JSON.stringify(file)});
       const view = map.view(0, map.size);
-      const before = [map.faulted, view[70000 - 10000]];
+      const before = [map.faulted, view[1000000]];
       truncateSync(${JSON.stringify(file)}, 5000);
       const digest = native.xxh64(view); // natively: the first read past the cut
       let head = 0, tail = 0;
@@ -351,9 +357,31 @@ describe('faults leave nothing that looks finished', () => {
     expect(r.signal, r.stderr).toBeNull();
     expect(r.status, r.stderr).toBe(0);
     const seen = JSON.parse(r.stdout) as { before: [boolean, number]; faulted: boolean; head: number; tail: number; digest: string };
-    const want = Buffer.alloc(64 << 10);
+    const want = Buffer.alloc(1 << 20);
     want.fill(0x5a, 0, 5000);
     expect(seen).toEqual({ before: [false, 0x5a], faulted: true, head: 5000, tail: 0, digest: loadNative().xxh64(want) });
+  });
+
+  it('a checkpoint read past a cut, then grown back to its size and time, still reports the failed read', () => {
+    const dir = tempDir();
+    saveModel(join(dir, 'm'), [{ name: 'w', dtype: 'F32', shape: [1 << 18], data: new Float32Array(1 << 18).fill(1) }]);
+    const file = join(dir, 'm', 'model.safetensors');
+    utimesSync(file, 1e9, 1e9); // whole seconds: restored exactly below
+    const script = `
+      import { statSync, truncateSync, utimesSync } from 'node:fs';
+      import { openCheckpoint } from ${JSON.stringify(pathToFileURL(join(root, 'dist/index.js')).href)};
+      const f = ${JSON.stringify(file)};
+      const c = openCheckpoint(${JSON.stringify(join(dir, 'm'))});
+      const size = statSync(f).size;
+      truncateSync(f, 4096);
+      const sum = c.bytes('w').reduce((a, b) => a + b, 0);
+      truncateSync(f, size);
+      utimesSync(f, 1e9, 1e9);
+      console.log(JSON.stringify({ zerosRead: sum < 4096 * 255, changed: c.changed() }));
+    `;
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.signal, r.stderr).toBeNull();
+    expect(JSON.parse(r.stdout)).toEqual({ zerosRead: true, changed: `${file} could not be read in full while it was being read (cut short, or an I/O error)` });
   });
 
   it('a read-only output location fails cleanly (a read-only bind mount where the machine permits)', () => {

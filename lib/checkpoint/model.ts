@@ -58,7 +58,8 @@ export interface Checkpoint {
   /** Releases the maps once every view handed out is collected. */
   close(): void;
   /** A description of the first file whose size or modification time changed since it
-   * was opened, or that was read past its end (cut short meanwhile), else null. */
+   * was opened, or whose map could not be read (cut short meanwhile, or an I/O error),
+   * else null. */
   changed(): string | null;
 }
 
@@ -290,8 +291,9 @@ export function openCheckpoint(path: string): Checkpoint {
         }
         if (now.size !== f.size) return `${file} changed size while it was being read (${f.size} → ${now.size} bytes)`;
         if (now.mtimeMs !== f.mtimeMs) return `${file} was modified while it was being read`;
-        // Cut short and grown back: the reads past the cut saw zeros (map_guard.h).
-        if (f.map.faulted) return `${file} was cut short while it was being read`;
+        // A read of the map faulted (SIGBUS) and saw zeros (map_guard.h): the file was cut
+        // short and grown back, or the device failed to read it.
+        if (f.map.faulted) return `${file} could not be read in full while it was being read (cut short, or an I/O error)`;
       }
       return null;
     },

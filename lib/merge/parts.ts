@@ -225,18 +225,24 @@ export async function assemble(
     shards = target.createShards(layouts);
     let bytes = 0, pending = 0;
     // Straight from the parts' maps to the new files, 64 MB in flight at most.
-    for (const t of first.planned) {
-      const at = shards.place(t.name);
-      shards.write(at.file, at.offset, owner.get(t.name)!.bytes(t.name), `tensor "${t.name}"`);
-      pending += t.byteLength;
-      bytes += t.byteLength;
-      if (pending >= 64 << 20) {
-        await shards.finish();
-        pending = 0;
-        if (options.signal?.aborted) throw aborted();
+    try {
+      for (const t of first.planned) {
+        const at = shards.place(t.name);
+        shards.write(at.file, at.offset, owner.get(t.name)!.bytes(t.name), `tensor "${t.name}"`);
+        pending += t.byteLength;
+        bytes += t.byteLength;
+        if (pending >= 64 << 20) {
+          await shards.finish();
+          pending = 0;
+          if (options.signal?.aborted) throw aborted();
+        }
       }
+      await shards.finish();
+    } catch (e) {
+      // A part cut short fails its copy with a bare "bad address" (EFAULT): name the cause.
+      if (!options.signal?.aborted) throwIfPartChanged(parts, e);
+      throw e;
     }
-    await shards.finish();
     if (options.signal?.aborted) throw aborted();
     throwIfPartChanged(parts);
     const files = layouts.map((l) => l.fileName);
@@ -269,8 +275,6 @@ export async function assemble(
   } catch (e) {
     await shards?.finish().catch(() => {});
     target?.abort();
-    // A part cut short fails its copy with a bare "bad address" (EFAULT): name the cause.
-    if (!options.signal?.aborted) throwIfPartChanged(parts, e);
     throw e;
   } finally {
     parts.forEach((c) => c.close());

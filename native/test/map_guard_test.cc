@@ -93,10 +93,39 @@ void unguarded_fault_still_kills(bool guard_then_unguard) {
 
 sigjmp_buf escape;
 volatile sig_atomic_t earlier_handler_ran = 0;
+volatile sig_atomic_t later_handler_ran = 0;
 
 void earlier_handler(int, siginfo_t*, void*) {
   earlier_handler_ran = 1;
   siglongjmp(escape, 1);
+}
+
+void later_handler(int) {
+  later_handler_ran = 1;
+  siglongjmp(escape, 1);
+}
+
+// In a child: with SIGBUS ignored before the guard, a SIGBUS sent by kill() is still
+// ignored (as SA_SIGINFO with SIG_IGN too), and the guard still works after it.
+void sent_sigbus_still_ignored(bool siginfo) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    struct sigaction ign {};
+    ign.sa_handler = SIG_IGN;
+    ign.sa_flags = siginfo ? SA_SIGINFO : 0;
+    sigemptyset(&ign.sa_mask);
+    sigaction(SIGBUS, &ign, nullptr);
+    TestMap m(siginfo ? "map_guard_ignored_b" : "map_guard_ignored_a", 3 * kPage);
+    della_io::guard_map(m.p, m.size);
+    kill(getpid(), SIGBUS);
+    m.cut(kPage);
+    _exit(read_all(m.p, m.size) == read_all(m.p, kPage) ? 0 : 3);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  check(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+        std::string("a SIGBUS from kill() stays ignored") + (siginfo ? " (SA_SIGINFO)" : "") + " and the guard works after it (status " +
+            std::to_string(status) + ")");
 }
 
 }  // namespace
@@ -105,6 +134,9 @@ int main() {
   // Before this process installs the guard: the default action is kept for others.
   unguarded_fault_still_kills(false);
   unguarded_fault_still_kills(true);
+
+  sent_sigbus_still_ignored(false);
+  sent_sigbus_still_ignored(true);
 
   // A handler installed before the guard still gets the faults that are not the guard's.
   struct sigaction sa {};
@@ -156,6 +188,26 @@ int main() {
       check(false, "reading an unguarded map past its file's end faults");
     }
     check(earlier_handler_ran == 1, "a fault outside guarded maps reaches the earlier handler");
+  }
+
+  {
+    // A handler installed after the guard (as Node's process.on('SIGBUS') does) takes
+    // its faults until the next registration puts the guard back in front of it, with
+    // the later handler as the one that gets faults outside the guarded maps.
+    signal(SIGBUS, later_handler);
+    TestMap m("map_guard_later", 4 * kPage);
+    const int slot = della_io::guard_map(m.p, m.size);
+    m.cut(kPage);
+    if (sigsetjmp(escape, 1) == 0) read_all(m.p, m.size);
+    check(later_handler_ran == 0 && della_io::map_faulted(slot), "a registration puts the guard in front of a later handler");
+    della_io::unguard_map(slot);
+    TestMap other("map_guard_later_other", 4 * kPage);
+    other.cut(kPage);
+    if (sigsetjmp(escape, 1) == 0) {
+      read_all(other.p, other.size);
+      check(false, "reading an unguarded map past its file's end faults");
+    }
+    check(later_handler_ran == 1, "faults outside guarded maps then go to the later handler");
   }
 
   {

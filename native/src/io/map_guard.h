@@ -8,10 +8,12 @@
 // (lib/checkpoint/model.ts, changed()) and abandons the merge with a message naming the
 // file, before anything of that batch is handed out as output.
 //
-// The handler is installed on the first registration and chains to the one it replaced
-// for faults outside registered maps (with no handler before, such a fault kills the
-// process with SIGBUS as it would have). Registration and the handler share a fixed
-// table of lock-free slots; a map registered when every slot is taken is unguarded.
+// The handler is installed on the first registration and passes faults outside
+// registered maps to the action it replaced (with none before, such a fault kills the
+// process with SIGBUS as it would have). A handler installed after it takes every
+// SIGBUS, the guard's included, until the next registration puts the guard back in
+// front of it. Registration and the handler share a table of lock-free slots, grown
+// in chunks; a map registered when every slot is taken is unguarded.
 #pragma once
 #include <cstddef>
 
@@ -28,7 +30,8 @@ bool map_faulted(int slot);
 // unmapped, a later mapping at the same address is not the guard's to patch.
 void unguard_map(int slot);
 
-// The number of slots, for tests.
-constexpr int kMapGuardSlots = 4096;
+// The most maps guarded at once: above the kernel's default limit on a process's
+// mappings (vm.max_map_count, 65530).
+constexpr int kMapGuardSlots = 32 * 4096;
 
 }  // namespace della_io
