@@ -19,6 +19,18 @@ function cli(args: string[]) {
   return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
+/** The compiled module dist/`file`, as an import specifier for a child's script. */
+const dist = (file: string) => JSON.stringify(pathToFileURL(join(root, 'dist', file)).href);
+
+/** Runs an ES module script in a child Node (a SIGBUS there kills only the child); the
+ * JSON it prints. */
+function childJson(script: string): unknown {
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 60_000 });
+  expect(r.signal, r.stderr).toBeNull();
+  expect(r.status, r.stderr).toBe(0);
+  return JSON.parse(r.stdout);
+}
+
 /** A safetensors file from a header object (or raw header text) and data bytes. */
 function rawFile(path: string, header: unknown, data: Uint8Array | number = 0, opts: { lengthOverride?: bigint } = {}) {
   const json = Buffer.isBuffer(header) ? header : Buffer.from(typeof header === 'string' ? header : JSON.stringify(header), 'utf8');
@@ -313,7 +325,7 @@ describe('faults leave nothing that looks finished', () => {
     const victim = join(dir, 'e0', 'model.safetensors');
     const script = `
       import { truncateSync } from 'node:fs';
-      import { merge } from ${JSON.stringify(pathToFileURL(join(root, 'dist/index.js')).href)};
+      import { merge } from ${dist('index.js')};
       let cut = false;
       const onProgress = () => {
         if (!cut) truncateSync(${JSON.stringify(victim)}, 4096);
@@ -323,10 +335,7 @@ describe('faults leave nothing that looks finished', () => {
         () => console.log(JSON.stringify({ cut, ok: true })),
         (e) => console.log(JSON.stringify({ cut, code: e.code, message: e.message })));
     `;
-    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 60_000 });
-    expect(r.signal, r.stderr).toBeNull();
-    expect(r.status, r.stderr).toBe(0);
-    const seen = JSON.parse(r.stdout) as { cut: boolean; code?: string; message?: string };
+    const seen = childJson(script) as { cut: boolean; code?: string; message?: string };
     expect(seen).toMatchObject({ cut: true, code: 'E_IO' });
     expect(seen.message).toMatch(/e0\/model\.safetensors changed size while it was being read \(\d+ → 4096 bytes\); the merge is abandoned/);
     expect(existsSync(out)).toBe(false);
@@ -341,7 +350,7 @@ describe('faults leave nothing that looks finished', () => {
     writeFileSync(file, Buffer.alloc(1 << 20, 0x5a));
     const script = `
       import { truncateSync } from 'node:fs';
-      import { loadNative } from ${JSON.stringify(pathToFileURL(join(root, 'dist/native.js')).href)};
+      import { loadNative } from ${dist('native.js')};
       const native = loadNative();
       const map = new native.MappedFile(${JSON.stringify(file)});
       const view = map.view(0, map.size);
@@ -353,10 +362,7 @@ describe('faults leave nothing that looks finished', () => {
       map.close();
       console.log(JSON.stringify({ before, faulted: map.faulted, head, tail, digest }));
     `;
-    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 60_000 });
-    expect(r.signal, r.stderr).toBeNull();
-    expect(r.status, r.stderr).toBe(0);
-    const seen = JSON.parse(r.stdout) as { before: [boolean, number]; faulted: boolean; head: number; tail: number; digest: string };
+    const seen = childJson(script) as { before: [boolean, number]; faulted: boolean; head: number; tail: number; digest: string };
     const want = Buffer.alloc(1 << 20);
     want.fill(0x5a, 0, 5000);
     expect(seen).toEqual({ before: [false, 0x5a], faulted: true, head: 5000, tail: 0, digest: loadNative().xxh64(want) });
@@ -369,7 +375,7 @@ describe('faults leave nothing that looks finished', () => {
     utimesSync(file, 1e9, 1e9); // whole seconds: restored exactly below
     const script = `
       import { statSync, truncateSync, utimesSync } from 'node:fs';
-      import { openCheckpoint } from ${JSON.stringify(pathToFileURL(join(root, 'dist/index.js')).href)};
+      import { openCheckpoint } from ${dist('index.js')};
       const f = ${JSON.stringify(file)};
       const c = openCheckpoint(${JSON.stringify(join(dir, 'm'))});
       const size = statSync(f).size;
@@ -379,9 +385,7 @@ describe('faults leave nothing that looks finished', () => {
       utimesSync(f, 1e9, 1e9);
       console.log(JSON.stringify({ zerosRead: sum < 4096 * 255, changed: c.changed() }));
     `;
-    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 60_000 });
-    expect(r.signal, r.stderr).toBeNull();
-    expect(JSON.parse(r.stdout)).toEqual({ zerosRead: true, changed: `${file} could not be read in full while it was being read (cut short, or an I/O error)` });
+    expect(childJson(script)).toEqual({ zerosRead: true, changed: `${file} could not be read in full while it was being read (cut short, or an I/O error)` });
   });
 
   it('a read-only output location fails cleanly (a read-only bind mount where the machine permits)', () => {

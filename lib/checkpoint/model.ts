@@ -300,6 +300,15 @@ export function openCheckpoint(path: string): Checkpoint {
   };
 }
 
+/** The first change among the checkpoints' files since they were opened (Checkpoint.changed), else null. */
+export function firstChange(checkpoints: Iterable<Checkpoint>): string | null {
+  for (const c of checkpoints) {
+    const change = c.changed();
+    if (change) return change;
+  }
+  return null;
+}
+
 /** Shown by `inspect`: the directory a file belongs to, for messages. */
 export function describeLocation(c: Checkpoint): string {
   return c.dir ?? dirname(c.path);

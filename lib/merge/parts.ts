@@ -9,7 +9,7 @@ import { existsSync, readFileSync, statSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
-import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
+import { firstChange, openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
 import { CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { DTYPE_SIZES } from '../checkpoint/safetensors.js';
 import { showShort as show } from '../util/show.js';
@@ -283,8 +283,6 @@ export async function assemble(
 
 /** An E_IO naming the first part file changed since it was opened (Checkpoint.changed). */
 function throwIfPartChanged(parts: Checkpoint[], cause?: unknown): void {
-  for (const c of parts) {
-    const change = c.changed();
-    if (change) throw new DellaError('E_IO', `${change}; nothing was assembled (rerun it on stable parts)`, { cause });
-  }
+  const change = firstChange(parts);
+  if (change) throw new DellaError('E_IO', `${change}; nothing was assembled (rerun it on stable parts)`, { cause });
 }

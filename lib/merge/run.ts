@@ -11,6 +11,7 @@ import { showShort } from '../util/show.js';
 import { copyExtras, CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, DEFAULT_SHARD_SIZE, type OutputTensor, type ShardFiles } from '../checkpoint/writer.js';
 import { STAGING_BLOCK, StagingPool } from '../checkpoint/staging.js';
+import { firstChange } from '../checkpoint/model.js';
 import { StagedOutput } from './output.js';
 import { checkPart, partTensors, planDigest, PART_FILE, type PartRecord } from './parts.js';
 import { RUN_FILE, sortedDigests, tensorDigest, type RunRecord } from './record.js';
@@ -591,10 +592,8 @@ export async function* runBatches(
       else profile.time('dropping input maps', release);
       // A file rewritten under a map would feed the merge a mix of old and new bytes, and
       // one cut short zeros where its end was (so first: its statistics mean nothing).
-      for (const m of [models.base, ...models.experts]) {
-        const change = m.changed();
-        if (change) throw new DellaError('E_IO', `${change}; the merge is abandoned (rerun it on stable inputs)`);
-      }
+      const change = firstChange([models.base, ...models.experts]);
+      if (change) throw new DellaError('E_IO', `${change}; the merge is abandoned (rerun it on stable inputs)`);
       const byName = new Map<string, MergeTaskStats>();
       current.mergePlans.forEach((t, i) => {
         checkFinite(t, stats[i], recipe, ctx.nonfiniteWarnings, ctx.plan.method.kind === 'slerp');

@@ -67,28 +67,37 @@ uint64_t read_all(const uint8_t* p, size_t n) {
   return s;
 }
 
+// Runs `body` in a child process (its return value the exit code) and gives its wait
+// status. The child's files are removed here: one killed by a signal cannot.
+template <typename Body>
+int in_child(Body body, const std::vector<std::string>& files) {
+  const pid_t pid = fork();
+  if (pid == 0) _exit(body());
+  int status = 0;
+  waitpid(pid, &status, 0);
+  for (const std::string& f : files) unlink(f.c_str());
+  return status;
+}
+
 // In a child: maps are guarded (the handler replaces SIG_DFL), then an unguarded map cut
 // short is read. The child must die of SIGBUS, as without the guard.
 void unguarded_fault_still_kills(bool guard_then_unguard) {
   const std::string name = guard_then_unguard ? "map_guard_unguarded_b" : "map_guard_unguarded_a";
-  pid_t pid = fork();
-  if (pid == 0) {
-    signal(SIGBUS, SIG_DFL);  // the default action (a sanitizer's runtime has its own handler)
-    TestMap other(name + ".other", 3 * kPage);
-    della_io::guard_map(other.p, other.size);  // installs the handler
-    TestMap m(name, 3 * kPage);
-    if (guard_then_unguard) della_io::unguard_map(della_io::guard_map(m.p, m.size));
-    m.cut(kPage);
-    read_all(m.p, m.size);
-    _exit(0);  // not reached when SIGBUS kills
-  }
-  int status = 0;
-  waitpid(pid, &status, 0);
+  const int status = in_child(
+      [&] {
+        signal(SIGBUS, SIG_DFL);  // the default action (a sanitizer's runtime has its own handler)
+        TestMap other(name + ".other", 3 * kPage);
+        della_io::guard_map(other.p, other.size);  // installs the handler
+        TestMap m(name, 3 * kPage);
+        if (guard_then_unguard) della_io::unguard_map(della_io::guard_map(m.p, m.size));
+        m.cut(kPage);
+        read_all(m.p, m.size);
+        return 0;  // not reached when SIGBUS kills
+      },
+      {name, name + ".other"});
   check(WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS,
         std::string("an ") + (guard_then_unguard ? "unguarded" : "never guarded") +
             " map cut short kills with SIGBUS (status " + std::to_string(status) + ")");
-  unlink((name + ".other").c_str());
-  unlink(name.c_str());
 }
 
 sigjmp_buf escape;
@@ -105,24 +114,34 @@ void later_handler(int) {
   siglongjmp(escape, 1);
 }
 
+// Reads a map (never guarded) of a file cut short; whether the fault reached a test
+// handler, which jumps back here.
+bool unguarded_read_faults(const std::string& name) {
+  TestMap m(name, 4 * kPage);
+  m.cut(kPage);
+  if (sigsetjmp(escape, 1) != 0) return true;
+  read_all(m.p, m.size);
+  return false;
+}
+
 // In a child: with SIGBUS ignored before the guard, a SIGBUS sent by kill() is still
 // ignored (as SA_SIGINFO with SIG_IGN too), and the guard still works after it.
 void sent_sigbus_still_ignored(bool siginfo) {
-  pid_t pid = fork();
-  if (pid == 0) {
-    struct sigaction ign {};
-    ign.sa_handler = SIG_IGN;
-    ign.sa_flags = siginfo ? SA_SIGINFO : 0;
-    sigemptyset(&ign.sa_mask);
-    sigaction(SIGBUS, &ign, nullptr);
-    TestMap m(siginfo ? "map_guard_ignored_b" : "map_guard_ignored_a", 3 * kPage);
-    della_io::guard_map(m.p, m.size);
-    kill(getpid(), SIGBUS);
-    m.cut(kPage);
-    _exit(read_all(m.p, m.size) == read_all(m.p, kPage) ? 0 : 3);
-  }
-  int status = 0;
-  waitpid(pid, &status, 0);
+  const std::string name = siginfo ? "map_guard_ignored_b" : "map_guard_ignored_a";
+  const int status = in_child(
+      [&] {
+        struct sigaction ign {};
+        ign.sa_handler = SIG_IGN;
+        ign.sa_flags = siginfo ? SA_SIGINFO : 0;
+        sigemptyset(&ign.sa_mask);
+        sigaction(SIGBUS, &ign, nullptr);
+        TestMap m(name, 3 * kPage);
+        della_io::guard_map(m.p, m.size);
+        kill(getpid(), SIGBUS);
+        m.cut(kPage);
+        return read_all(m.p, m.size) == read_all(m.p, kPage) ? 0 : 3;
+      },
+      {name});
   check(WIFEXITED(status) && WEXITSTATUS(status) == 0,
         std::string("a SIGBUS from kill() stays ignored") + (siginfo ? " (SA_SIGINFO)" : "") + " and the guard works after it (status " +
             std::to_string(status) + ")");
@@ -181,12 +200,7 @@ int main() {
 
   {
     // An unguarded map cut short goes to the earlier handler.
-    TestMap m("map_guard_chain", 4 * kPage);
-    m.cut(kPage);
-    if (sigsetjmp(escape, 1) == 0) {
-      read_all(m.p, m.size);
-      check(false, "reading an unguarded map past its file's end faults");
-    }
+    check(unguarded_read_faults("map_guard_chain"), "reading an unguarded map past its file's end faults");
     check(earlier_handler_ran == 1, "a fault outside guarded maps reaches the earlier handler");
   }
 
@@ -201,12 +215,7 @@ int main() {
     if (sigsetjmp(escape, 1) == 0) read_all(m.p, m.size);
     check(later_handler_ran == 0 && della_io::map_faulted(slot), "a registration puts the guard in front of a later handler");
     della_io::unguard_map(slot);
-    TestMap other("map_guard_later_other", 4 * kPage);
-    other.cut(kPage);
-    if (sigsetjmp(escape, 1) == 0) {
-      read_all(other.p, other.size);
-      check(false, "reading an unguarded map past its file's end faults");
-    }
+    check(unguarded_read_faults("map_guard_later_other"), "reading an unguarded map past its file's end faults");
     check(later_handler_ran == 1, "faults outside guarded maps then go to the later handler");
   }
 

@@ -23,9 +23,10 @@ struct Slot {
 };
 
 // Slots come in chunks allocated as needed (never freed), so that the handler can read
-// them without locks and a process holds one chunk unless it maps thousands of files. A map lives until its last
-// view is collected, so a process may hold many; the kernel's default limit on a
-// process's mappings (vm.max_map_count, 65530) is below the table's size.
+// them without locks and a process holds one chunk unless it maps thousands of files.
+// A map lives until its last view is collected, so a process may hold many; the
+// kernel's default limit on a process's mappings (vm.max_map_count, 65530) is below the
+// table's size.
 constexpr int kChunk = 4096;
 constexpr int kChunks = kMapGuardSlots / kChunk;
 std::atomic<Slot*> chunks[kChunks];
