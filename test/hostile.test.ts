@@ -314,32 +314,51 @@ describe('faults leave nothing that looks finished', () => {
     expect(readdirSync(dir).filter((x) => x.includes('della-tmp'))).toEqual([]);
   });
 
-  it('an input cut short during the merge stops it with a message, not SIGBUS, and leaves nothing behind', () => {
-    // In a child process (without the guard it dies of SIGBUS), through the API so that
-    // the cut lands at a known point: at the first batch's progress, when the second is
-    // with the kernels and the third (of three) not yet started, so that one reads past
-    // the cut whatever the timing.
-    const dir = tempDir();
+  /** Merges bigModels through the API in a child process (without the guard it dies of
+   * SIGBUS), truncating the expert at the progress of batch `cutAt` (of three); with
+   * `listenAt`, adds a process.on('SIGBUS') listener at that batch's progress first.
+   * What the merge ended with. */
+  function cutMidMerge(dir: string, out: string, cutAt: number, listenAt?: number) {
     const recipe = bigModels(dir);
-    const out = join(dir, 'merged');
     const victim = join(dir, 'e0', 'model.safetensors');
     const script = `
       import { truncateSync } from 'node:fs';
       import { merge } from ${dist('index.js')};
-      let cut = false;
+      let batches = 0, cut = false;
       const onProgress = () => {
-        if (!cut) truncateSync(${JSON.stringify(victim)}, 4096);
-        cut = true;
+        batches++;
+        if (batches === ${listenAt ?? 0}) process.on('SIGBUS', () => {});
+        if (batches === ${cutAt}) { truncateSync(${JSON.stringify(victim)}, 4096); cut = true; }
       };
       await merge(${JSON.stringify(recipe)}, { out: ${JSON.stringify(out)}, threads: 1, onProgress }).then(
         () => console.log(JSON.stringify({ cut, ok: true })),
         (e) => console.log(JSON.stringify({ cut, code: e.code, message: e.message })));
     `;
-    const seen = childJson(script) as { cut: boolean; code?: string; message?: string };
+    return childJson(script) as { cut: boolean; code?: string; message?: string };
+  }
+
+  it('an input cut short during the merge stops it with a message, not SIGBUS, and leaves nothing behind', () => {
+    // Cut at the first batch's progress, when the second is with the kernels and the
+    // third not yet started, so that one reads past the cut whatever the timing.
+    const dir = tempDir();
+    const out = join(dir, 'merged');
+    const seen = cutMidMerge(dir, out, 1);
     expect(seen).toMatchObject({ cut: true, code: 'E_IO' });
     expect(seen.message).toMatch(/e0\/model\.safetensors changed size while it was being read \(\d+ → 4096 bytes\); the merge is abandoned/);
     expect(existsSync(out)).toBe(false);
     expect(readdirSync(dir).filter((x) => x.includes('della-tmp'))).toEqual([]);
+  });
+
+  it('a SIGBUS listener added after the inputs were opened does not take the guard\'s faults', () => {
+    // libuv's handler, installed by the listener at the first batch's progress, returns
+    // without passing faults on: before the guard went back in front at each batch, the
+    // third batch's read past the cut (made at the second's progress) hung the merge.
+    const dir = tempDir();
+    const out = join(dir, 'merged');
+    const seen = cutMidMerge(dir, out, 2, 1);
+    expect(seen).toMatchObject({ cut: true, code: 'E_IO' });
+    expect(seen.message).toMatch(/e0\/model\.safetensors changed size while it was being read/);
+    expect(existsSync(out)).toBe(false);
   });
 
   it('a map whose file is cut short reads zeros past the cut and says so, from JS and natively', () => {

@@ -220,6 +220,21 @@ int main() {
   }
 
   {
+    // A handler installed after a map was registered: guard_in_front alone (what the
+    // addon calls before each batch reads its maps) puts the guard back in front.
+    TestMap m("map_guard_front", 4 * kPage);
+    const int slot = della_io::guard_map(m.p, m.size);
+    later_handler_ran = 0;
+    signal(SIGBUS, later_handler);
+    m.cut(kPage);
+    check(della_io::guard_in_front(), "guard_in_front succeeds");
+    if (sigsetjmp(escape, 1) == 0) read_all(m.p, m.size);
+    check(later_handler_ran == 0 && della_io::map_faulted(slot),
+          "guard_in_front puts the guard in front of a handler installed after the map was registered");
+    della_io::unguard_map(slot);
+  }
+
+  {
     // A full table leaves further maps unguarded (-1) until a slot is free again.
     std::vector<int> taken;
     for (int i = 0; i < della_io::kMapGuardSlots; i++) {

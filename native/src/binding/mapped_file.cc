@@ -93,6 +93,7 @@ Napi::Value MappedFile::View(const Napi::CallbackInfo& info) {
                                          ") is outside the file of " + std::to_string(size_) + " bytes");
   const size_t o = static_cast<size_t>(off), n = static_cast<size_t>(len);
   if (n == 0) return Napi::Uint8Array::New(env, 0);
+  della_io::guard_in_front();  // the view is about to be read (see input_field)
   // Node 20's typed arrays hold at most 2^32 bytes, and a longer external buffer aborted
   // the process (a double free) instead of throwing; the JS side views in windows.
   if (n > (size_t{1} << 32))
@@ -138,6 +139,9 @@ ByteSpan input_field(const Napi::Object& o, const char* key, const std::string& 
   if (static_cast<uint64_t>(off) + static_cast<uint64_t>(len) > f->size_)
     throw Napi::RangeError::New(env, w + ": [" + std::to_string(off) + ", +" + std::to_string(len) + ") is outside " +
                                          f->path_ + " (" + std::to_string(f->size_) + " bytes)");
+  // Once per batch, before its kernels read: a SIGBUS handler installed since the map
+  // was opened (process.on('SIGBUS')) would take the guard's faults and hang the merge.
+  if (holds.empty()) della_io::guard_in_front();
   holds.push_back(f->map_);
   if (len == 0) return {nullptr, 0};
   return {static_cast<uint8_t*>(f->map_->addr) + off, static_cast<size_t>(len)};

@@ -97,10 +97,12 @@ bool is_ours(const struct sigaction& a) {
   return (a.sa_flags & SA_SIGINFO) != 0 && a.sa_sigaction == on_sigbus;
 }
 
+}  // namespace
+
 // Installs the handler unless it is the one in place. A handler installed after it
 // (Node's process.on('SIGBUS') does, through libuv) would have taken the guard's faults
 // and never passed them on; it is kept as the one to pass other faults to.
-bool ensure_installed() {
+bool guard_in_front() {
   static std::mutex install_mutex;
   std::lock_guard<std::mutex> lock(install_mutex);
   struct sigaction now {};
@@ -115,6 +117,8 @@ bool ensure_installed() {
   sigemptyset(&sa.sa_mask);
   return sigaction(SIGBUS, &sa, nullptr) == 0;
 }
+
+namespace {
 
 Slot* chunk_at(int c) {
   Slot* chunk = chunks[c].load(std::memory_order_acquire);
@@ -136,7 +140,7 @@ int guard_map(void* addr, size_t size) {
     const long p = sysconf(_SC_PAGESIZE);
     if (p > 0) page_size = static_cast<uintptr_t>(p);
   });
-  if (!ensure_installed()) return -1;
+  if (!guard_in_front()) return -1;
   const uintptr_t b = reinterpret_cast<uintptr_t>(addr);
   const uintptr_t e = b + (size + page_size - 1) / page_size * page_size;
   const int start = free_hint.load(std::memory_order_relaxed);

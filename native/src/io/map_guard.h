@@ -11,9 +11,10 @@
 // The handler is installed on the first registration and passes faults outside
 // registered maps to the action it replaced (with none before, such a fault kills the
 // process with SIGBUS as it would have). A handler installed after it takes every
-// SIGBUS, the guard's included, until the next registration puts the guard back in
-// front of it. Registration and the handler share a table of lock-free slots, grown
-// in chunks; a map registered when every slot is taken is unguarded.
+// SIGBUS, the guard's included, until guard_in_front puts the guard back in front of it
+// (every registration does, and the addon calls it before each batch reads its maps).
+// Registration and the handler share a table of lock-free slots, grown in chunks; a map
+// registered when every slot is taken is unguarded.
 #pragma once
 #include <cstddef>
 
@@ -29,6 +30,11 @@ bool map_faulted(int slot);
 // Forgets the map in `slot` (nothing for -1). Call before munmap: once the range is
 // unmapped, a later mapping at the same address is not the guard's to patch.
 void unguard_map(int slot);
+
+// Puts the guard's handler back in front of one installed after it (which becomes the
+// one faults outside guarded maps go to); one sigaction call when it already is. False
+// when the handler could not be installed.
+bool guard_in_front();
 
 // The most maps guarded at once: above the kernel's default limit on a process's
 // mappings (vm.max_map_count, 65530).
