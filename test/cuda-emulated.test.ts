@@ -8,7 +8,7 @@
  * (build-ctest/della_merge_cuda_emu.so); without it these tests are skipped.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { saveModel } from '../lib/index.js';
@@ -173,6 +173,28 @@ describe.skipIf(!havePlugin)(`--device cuda on the emulated device (DELLA_TEST_S
     expect(small.stderr).toMatch(/is too small: give at least 16\.0 MiB per stream/);
 
     expect(readdirSync(dir).sort()).toEqual(before);
+  }, 60_000);
+
+  it('an input cut short as the plugin stages it stops the merge with a message, not SIGBUS, and leaves nothing behind', () => {
+    // DELLA_CUDA_EMU_CUT truncates the expert just before the first slab is staged: the
+    // plugin's host threads read past the cut (zeros, through the addon's SIGBUS guard)
+    // and the check after the batch abandons the merge.
+    const dir = tempDir('della-cuda-emu-');
+    const models = makeModels(rng(seed + 4), dir, { dtype: 'BF16', experts: 1, shapes: [['model.a.weight', [256, 1024]]] });
+    const recipe = writeRecipe(join(dir, 'recipe.yaml'), {
+      ...(recipes.della(models.experts.map((m) => ({ model: m, weight: 0.5 }))) as object), base_model: models.base, dtype: 'bfloat16',
+    });
+    const victim = join(models.experts[0], 'model.safetensors');
+    const bytes = readFileSync(victim);
+    const before = readdirSync(dir).sort();
+    // Staged through pinned memory (the default), and copied from the registered maps.
+    for (const inputs of ['staged', 'register']) {
+      writeFileSync(victim, bytes);
+      const r = cli(['run', recipe, '--out', join(dir, 'merged'), '--device', 'cuda'], { DELLA_CUDA_EMU_CUT: `${victim}:4096`, DELLA_CUDA_INPUTS: inputs });
+      expect(r.code, `${inputs}: ${r.stderr}`).toBe(1);
+      expect(r.stderr).toBe(`della-merge: ${victim} changed size while it was being read (${bytes.length} → 4096 bytes); the merge is abandoned (rerun it on stable inputs)\n`);
+      expect(readdirSync(dir).sort()).toEqual(before);
+    }
   }, 60_000);
 
   it('a tensor whose row does not fit the memory budget stops the merge with one clear error and leaves nothing behind', () => {

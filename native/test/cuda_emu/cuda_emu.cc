@@ -3,6 +3,7 @@
 #include "cuda_runtime.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -653,9 +654,25 @@ cudaError_t cudaFree(void* p) {
   return cudaSuccess;
 }
 
+// DELLA_CUDA_EMU_CUT=PATH:BYTES truncates PATH to BYTES at the first cudaMallocHost, which
+// the backend calls as its first slab is staged: an input cut short while the plugin's
+// host threads are about to read its map, at a point a test can rely on.
+void cut_file_once() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const char* e = std::getenv("DELLA_CUDA_EMU_CUT");
+    if (e == nullptr) return;
+    const std::string spec(e);
+    const size_t colon = spec.rfind(':');
+    if (colon == std::string::npos || truncate(spec.substr(0, colon).c_str(), std::strtoll(spec.c_str() + colon + 1, nullptr, 10)) != 0)
+      std::fprintf(stderr, "emulated CUDA device: DELLA_CUDA_EMU_CUT=%s: cannot truncate\n", e);
+  });
+}
+
 cudaError_t cudaMallocHost(void** p, size_t bytes) {
   *p = nullptr;
   if (sticky() != cudaSuccess) return sticky();
+  cut_file_once();
   void* q = std::aligned_alloc(4096, std::max<size_t>(4096, (bytes + 4095) / 4096 * 4096));
   if (!q) return fail(cudaErrorMemoryAllocation);
   Memory& m = mem();
