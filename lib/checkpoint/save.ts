@@ -3,10 +3,10 @@
  * tests' fixtures and API users who build small models. Large merges go through
  * OutputDirectory instead, which never holds a tensor in JS.
  */
-import { closeSync, existsSync, mkdirSync, openSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, openSync, rmSync, writeSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
-import { removeEmptyDirs } from '../util/fs.js';
+import { makeDirs, removeEmptyDirs } from '../util/fs.js';
 import { showArg } from '../util/show.js';
 import { checkTensorData } from './memory.js';
 import { MAX_HEADER_LENGTH } from './safetensors.js';
@@ -87,7 +87,7 @@ export function saveModel(dir: string, tensors: readonly InMemoryTensor[], optio
 
   let made: string | undefined;
   try {
-    made = mkdirSync(dir, { recursive: true });
+    made = makeDirs(dir);
   } catch (e) {
     throw ioError(`saveModel: cannot create the directory ${dir}`, e);
   }

@@ -12,7 +12,8 @@ export function nearestExisting(path: string): string {
 /**
  * mkdir -p, one level at a time: Node 20's mkdirSync(path, { recursive: true }) loops
  * forever on a path under /proc (procfs answers ENOENT for every level), where this
- * fails at once. Returns the outermost directory it made, as mkdirSync's recursive form.
+ * fails at once. Returns the outermost directory it made, as mkdirSync's recursive form;
+ * like it, throws EEXIST when `dir` is an existing file.
  */
 export function makeDirs(dir: string): string | undefined {
   const missing: string[] = [];
@@ -20,6 +21,7 @@ export function makeDirs(dir: string): string | undefined {
     missing.push(d);
     if (dirname(d) === d) break;
   }
+  if (missing.length === 0 && !statSync(dir).isDirectory()) mkdirSync(dir); // mkdir's own EEXIST
   missing.reverse();
   for (const d of missing) {
     try {
