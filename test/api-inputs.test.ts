@@ -157,6 +157,10 @@ describe('mergeTensors in-memory arguments', () => {
     await refused(() => drain(null), 'E_ARGS', /mergeTensors\(recipe, options\): options must be an object, got null/);
     await refused(() => drain(7), 'E_ARGS', /options must be an object, got 7/);
     await refused(() => drain({ base: { [W]: t() }, models: [{ [W]: t() }], onWarning: 'log' }), 'E_ARGS', /options\.onWarning must be a function, got "log"/);
+    // once a TypeError mid-merge, and ignored or taken as true
+    await refused(() => drain({ base: { [W]: t() }, models: [{ [W]: t() }], onProgress: 5 }), 'E_ARGS', /^options\.onProgress must be a function, got 5$/);
+    await refused(() => drain({ base: { [W]: t() }, models: [{ [W]: t() }], signal: 'x' }), 'E_ARGS', /^options\.signal must be an AbortSignal, got "x"$/);
+    await refused(() => drain({ base: { [W]: t() }, models: [{ [W]: t() }], allowNonFinite: 1 }), 'E_ARGS', /^options\.allowNonFinite must be true or false, got 1$/);
   });
 
   it('an overflowing result is E_NONFINITE; with allowNonFinite it reaches onWarning, and plan warnings do too', async () => {

@@ -118,6 +118,10 @@ describe('API arguments: every wrong one is a DellaError naming it, never a cras
     await refused(() => merge(doc, { out, device: 42 as unknown as string }), 'E_ARGS', /device must be a string/);
     await refused(() => merge(doc, { out, onProgress: 5 as unknown as () => void }), 'E_ARGS', /onProgress must be a function/);
     await refused(() => merge(doc, { out, signal: {} as AbortSignal }), 'E_ARGS', /signal must be an AbortSignal/);
+    // a string would count as true: 'no' used to overwrite, 'false' to allow non-finite values
+    await refused(() => merge(doc, { out, overwrite: 'no' as unknown as boolean }), 'E_ARGS', /^options\.overwrite must be true or false, got "no"$/);
+    await refused(() => merge(doc, { out, allowNonFinite: 'false' as unknown as boolean }), 'E_ARGS', /^options\.allowNonFinite must be true or false, got "false"$/);
+    expect(existsSync(out)).toBe(false);
     // a count-sized table per part used to exhaust the heap
     await refused(() => merge(doc, { out, part: { index: 1, count: 1e9 } }), 'E_ARGS', /at most 65536 parts/);
     await refused(() => merge(doc, { out, part: '1/2' as unknown as { index: number; count: number } }), 'E_ARGS', /part must be \{ index, count \}/);

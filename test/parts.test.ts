@@ -250,6 +250,17 @@ describe(`run --part i/N and assemble (DELLA_TEST_SEED=${seed})`, () => {
     expect(leftovers(dir)).toEqual([]);
   });
 
+  it('assemble options of the wrong kind are E_ARGS before anything is written', async () => {
+    const dir = tempDir();
+    const parts = handParts(dir, [[f32('a', 16)], [f32('b', 16)]]);
+    const out = join(dir, 'x');
+    await expect(assemble(parts, out, { overwrite: 'yes' as unknown as boolean })).rejects.toMatchObject({ code: 'E_ARGS', message: 'options.overwrite must be true or false, got "yes"' });
+    await expect(assemble(parts, out, { signal: 'stop' as unknown as AbortSignal })).rejects.toMatchObject({ code: 'E_ARGS', message: 'options.signal must be an AbortSignal, got "stop"' });
+    await expect(assemble(parts, out, null as unknown as object)).rejects.toMatchObject({ code: 'E_ARGS', message: 'assemble(partDirs, out, options): options must be an object, got null' });
+    expect(leftovers(dir)).toEqual([]);
+    expect(existsSync(out)).toBe(false);
+  });
+
   it('a cancelled assemble (AbortSignal) removes its unfinished output', async () => {
     const dir = tempDir();
     const parts = handParts(dir, [[f32('a', 1 << 16)], [f32('b', 1 << 16)]]);

@@ -86,6 +86,8 @@ describe(`verify (DELLA_TEST_SEED=${seed})`, () => {
     expect(good.checks[0].rowsTotal).toBe(400);
     rmSync(join(out, 'della_merge_run.json'));
     flip(out, 'model.layers.0.w', 399 * 200 + 7); // the last row is always sampled
+    await expect(verifyMerge(out, parsed, { onProgress: 'log' as unknown as () => void })).rejects.toMatchObject({ code: 'E_ARGS', message: 'options.onProgress must be a function, got "log"' });
+    await expect(verifyMerge(out, parsed, null as unknown as object)).rejects.toMatchObject({ code: 'E_ARGS', message: 'verifyMerge(out, recipe, options): options must be an object, got null' });
     const bad = await verifyMerge(out, parsed, { samples: 5 });
     expect(bad.ok).toBe(false);
     expect(bad.problems.join('\n')).toMatch(/della_merge_run\.json is missing/);

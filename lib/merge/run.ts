@@ -7,7 +7,7 @@
 import { readFileSync } from 'node:fs';
 import { stringify as yamlStringify } from 'yaml';
 import { DellaError } from '../errors.js';
-import { showShort } from '../util/show.js';
+import { checkOptionKinds } from '../util/options.js';
 import { copyExtras, CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, DEFAULT_SHARD_SIZE, type OutputTensor, type ShardFiles } from '../checkpoint/writer.js';
 import { STAGING_BLOCK, StagingPool } from '../checkpoint/staging.js';
@@ -274,7 +274,9 @@ export function inputPaths(models: OpenedModels): string[] {
 /** Runs a parsed recipe to completion; see `merge` in index.ts for the public entry. */
 export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<MergeReport> {
   const started = performance.now();
-  checkOptionTypes(options);
+  checkOptionKinds(options, {
+    backend: ['native', 'reference'], device: 'string', onProgress: 'function', signal: 'AbortSignal', overwrite: 'boolean', allowNonFinite: 'boolean',
+  });
   const backend = options.backend ?? 'native';
   const native = backend === 'native' ? loadNative() : null;
   const { threads, seed } = runSettings(options, recipe, native);
@@ -462,15 +464,6 @@ function deviceSpec(options: { device?: string }, native: NativeAddon | null): D
 /** Parses options.device and opens a CUDA device (null: the CPU). */
 export function selectDevice(options: { device?: string; gpuMemory?: number }, native: NativeAddon | null): CudaTarget | null {
   return openDevice(native as NativeAddon, deviceSpec(options, native), options.gpuMemory);
-}
-
-/** The options' kinds, checked before anything runs (the API takes them from JavaScript). */
-function checkOptionTypes(options: Partial<Pick<MergeOptions, 'backend' | 'device' | 'onProgress' | 'signal'>>): void {
-  const bad = (what: string, v: unknown): never => { throw new DellaError('E_ARGS', `${what}, got ${showShort(v)}`); };
-  if (options.backend !== undefined && options.backend !== 'native' && options.backend !== 'reference') bad('backend must be "native" or "reference"', options.backend);
-  if (options.device !== undefined && typeof options.device !== 'string') bad('device must be a string such as "cpu" or "cuda:0"', options.device);
-  if (options.onProgress !== undefined && typeof options.onProgress !== 'function') bad('onProgress must be a function', options.onProgress);
-  if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) bad('signal must be an AbortSignal', options.signal);
 }
 
 /** Threads (default: all cores) and seed (default: the recipe's), checked. */

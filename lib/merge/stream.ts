@@ -5,6 +5,7 @@
 import { DellaError } from '../errors.js';
 import { isTensorSet, memoryCheckpoint, type TensorSet } from '../checkpoint/memory.js';
 import { showArg } from '../util/show.js';
+import { checkOptionKinds } from '../util/options.js';
 import { loadNative } from '../native.js';
 import type { Recipe } from '../recipe/index.js';
 import { openModels, type OpenedModels } from './build.js';
@@ -55,9 +56,7 @@ export function expectStreamOptions(options: unknown): asserts options is Tensor
 export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions = {}): AsyncGenerator<MergedTensor> {
   const started = performance.now();
   expectStreamOptions(options);
-  if (options.onWarning !== undefined && typeof options.onWarning !== 'function') {
-    throw new DellaError('E_ARGS', `mergeTensors(recipe, options): options.onWarning must be a function, got ${showArg(options.onWarning)}`);
-  }
+  checkOptionKinds(options, { onProgress: 'function', onWarning: 'function', signal: 'AbortSignal', allowNonFinite: 'boolean' });
   const warn = options.onWarning ?? ((message: string) => process.emitWarning(message, { type: 'DellaMergeWarning' }));
   const native = loadNative();
   const { threads, seed } = runSettings(options, recipe, native);

@@ -10,6 +10,7 @@ import { DellaError } from '../errors.js';
 import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
 import { expectRecipe, type Recipe } from '../recipe/index.js';
 import { showShort } from '../util/show.js';
+import { checkOptionKinds } from '../util/options.js';
 import { buildMergeTask, planRecipe } from '../merge/build.js';
 import type { TensorPlan } from '../merge/plan.js';
 import { slerpCoefficients } from '../merge/slerp.js';
@@ -104,6 +105,8 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
   const started = performance.now();
   expectRecipe(recipe, 'verifyMerge(out, recipe)');
   if (typeof out !== 'string' || out === '') throw new DellaError('E_ARGS', `verifyMerge(out, recipe) takes the output directory, got ${showShort(out)}`);
+  if (options === null || typeof options !== 'object') throw new DellaError('E_ARGS', `verifyMerge(out, recipe, options): options must be an object, got ${showShort(options)}`);
+  checkOptionKinds(options, { onProgress: 'function' });
   if (options.seed !== undefined && !(Number.isSafeInteger(options.seed) && options.seed >= 0)) {
     throw new DellaError('E_ARGS', `seed must be an integer in [0, 2^53), got ${showShort(options.seed)}`);
   }
