@@ -210,6 +210,74 @@ Case make_case(Gen& g, int index) {
   return c;
 }
 
+// The order of the l1/l2 norm rescale's binary64 sums (SPEC: each row's in index order,
+// then the rows in index order). Random inputs cannot see it: the scale is rounded to fp32,
+// which hides the last bits of the sums. Here a row's large deltas sum exactly to one
+// binary64 ulp below an fp32 rounding midpoint (whose even neighbour is above it), and
+// eight deltas of 2^-54 follow, each under half an ulp of the running sum: in SPEC's order
+// every one is lost and f32(s) rounds down; summed before the large ones (the row or the
+// rows reversed, a tree, each batch of 8 reversed) four or more survive and it rounds up.
+// With the 2^-54s in the same row, or one each in 8 rows spread over the tensor (and its
+// slabs). TIES' trim keeps only the delta 1.0, so s is the full sum and the merged
+// element is f32(s). l1 only: l2 sums its squares in the same code, and its square
+// root would need another construction.
+constexpr double kOrderTiny = 0x1p-54;
+const double kOrderLarge[] = {1.0, 0.5, 0x1p-23, 0x1p-24 - 0x1p-48, 15 * 0x1p-52};
+constexpr float kOrderSpecScale = 1.5f + 0x1p-23f;  // f32 of the sum in SPEC's order
+
+// Whether the other orders named above round the other way (else the cases check nothing).
+bool norm_order_is_sharp() {
+  std::vector<double> row(std::begin(kOrderLarge), std::end(kOrderLarge));
+  row.insert(row.end(), 8, kOrderTiny);
+  auto seq = [](const std::vector<double>& xs) { double s = 0; for (double x : xs) s += x; return s; };
+  std::vector<double> reversed(row.rbegin(), row.rend()), batches;
+  for (size_t i = 0; i < row.size(); i += 8)
+    for (size_t j = std::min(row.size(), i + 8); j > i; --j) batches.push_back(row[j - 1]);
+  std::vector<double> tree = row;
+  while (tree.size() > 1) {
+    std::vector<double> next;
+    for (size_t i = 0; i < tree.size(); i += 2) next.push_back(i + 1 < tree.size() ? tree[i] + tree[i + 1] : tree[i]);
+    tree = next;
+  }
+  return static_cast<float>(seq(row)) == kOrderSpecScale && static_cast<float>(seq(reversed)) != kOrderSpecScale &&
+         static_cast<float>(seq(batches)) != kOrderSpecScale && static_cast<float>(tree[0]) != kOrderSpecScale;
+}
+
+Case norm_order_case(int index, bool across_rows) {
+  Case c;
+  della::MergeTask& t = c.task;
+  const uint64_t rows = across_rows ? 4096 : 3, n = 16, N = rows * n;
+  t.shape = {static_cast<int64_t>(rows), static_cast<int64_t>(n)};
+  t.base_dtype = t.out_dtype = DType::F32;
+  t.sparsifier = della::Sparsifier::Magnitude;
+  t.rescale = della::Rescale::L1;
+  t.consensus = della::Consensus::Sum;
+  t.tensor_id = 7 + index;
+  t.seed = 1;
+  t.digest = true;
+  c.inputs.emplace_back(N * 4, 0);  // base: zeros, so the deltas are the expert's values
+  std::vector<float> ex(N, 0.0f);
+  const uint64_t row0 = across_rows ? 0 : 1;
+  for (size_t i = 0; i < std::size(kOrderLarge); ++i) ex[row0 * n + i] = static_cast<float>(kOrderLarge[i]);
+  for (uint64_t j = 0; j < 8; ++j) {
+    const uint64_t at = across_rows ? (1 + j * (rows - 1) / 8) * n + j : row0 * n + std::size(kOrderLarge) + j;
+    ex[at] = static_cast<float>(kOrderTiny);
+  }
+  c.inputs.emplace_back(N * 4);
+  std::memcpy(c.inputs.back().data(), ex.data(), N * 4);
+  della::ExpertInput e;
+  e.dtype = DType::F32;
+  e.shape = t.shape;
+  e.density = 1.5 / static_cast<double>(N);  // TIES keeps floor(d * N) = 1: the delta 1.0
+  t.experts.push_back(e);
+  t.base = c.inputs[0].data();
+  t.experts[0].data = c.inputs[1].data();
+  c.cpu_out.assign(N * 4, 0);
+  c.gpu_out.assign(N * 4, 0);
+  c.desc = "norm order case " + std::to_string(index) + ": l1" + (across_rows ? ", tiny deltas in 8 rows of [4096, 16]" : ", tiny deltas in one row of [3, 16]");
+  return c;
+}
+
 // Compares one case's GPU result with the CPU's; NaN matches any NaN (payloads of NaN
 // produced by arithmetic are not specified, on either side).
 bool same(const Case& c, const della::MergeStats& a, const della::MergeStats& b, const char* config) {
@@ -340,11 +408,20 @@ int main(int argc, char** argv) {
   Gen g(seed);
   int failures = 0, cases = 0, overflowed = 0;
   const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
-  for (int it = 0; it < iterations && failures < 5; ++it) {
-    // A batch of 1..4 tasks, as the addon sends them.
+  if (!norm_order_is_sharp()) {
+    std::fprintf(stderr, "the norm order cases do not tell SPEC's order of the norm sums from others\n");
+    ++failures;
+  }
+  for (int it = -1; it < iterations && failures < 5; ++it) {
+    // First the norm order cases (in one row and across rows); then random batches of
+    // 1..4 tasks, as the addon sends them.
     std::vector<Case> batch;
-    const int tasks = 1 + static_cast<int>(g.u(4));
-    for (int i = 0; i < tasks; ++i) batch.push_back(make_case(g, cases++));
+    if (it < 0) {
+      for (const bool across : {false, true}) batch.push_back(norm_order_case(cases++, across));
+    } else {
+      const int tasks = 1 + static_cast<int>(g.u(4));
+      for (int i = 0; i < tasks; ++i) batch.push_back(make_case(g, cases++));
+    }
     std::vector<della::MergeTask> cpu_tasks, gpu_tasks;
     for (Case& c : batch) {
       c.task.out = c.cpu_out.data();
@@ -361,6 +438,15 @@ int main(int argc, char** argv) {
       continue;
     }
     for (const della::MergeStats& st : cpu_stats) overflowed += st.out_nonfinite > 0;
+    if (it < 0)  // the CPU in SPEC's order: the merged element is f32(s) rounded down
+      for (const Case& c : batch) {
+        float got;
+        std::memcpy(&got, c.cpu_out.data() + 4 * (c.task.shape[0] == 3 ? 16 : 0), 4);
+        if (got != kOrderSpecScale) {
+          std::fprintf(stderr, "CPU: %s: merged %.9g, SPEC's order gives %.9g\n", c.desc.c_str(), got, kOrderSpecScale);
+          ++failures;
+        }
+      }
     for (size_t ci = 0; ci < configs.size(); ++ci) {
       for (Case& c : batch) {  // poison: a different byte per config
         c.poison = static_cast<uint8_t>(0xA5 ^ static_cast<int>(ci * 0x3c));
@@ -380,7 +466,7 @@ int main(int argc, char** argv) {
       for (size_t i = 0; i < batch.size(); ++i)
         if (!same(batch[i], cpu_stats[i], gpu_stats[i], configs[ci].name)) ++failures;
     }
-    if ((it + 1) % 20 == 0) {
+    if (it >= 0 && (it + 1) % 20 == 0) {
       std::printf("  %d iterations, %d tasks, %d failures\n", it + 1, cases, failures);
       std::fflush(stdout);
     }
