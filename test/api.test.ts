@@ -3,7 +3,7 @@ import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { describe, expect, it } from 'vitest';
-import { existsSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readdirSync, writeFileSync, writeSync } from 'node:fs';
 import {
   assemble, layerCount, loadRecipe, merge, mergeTensors, openCheckpoint, parseRecipe, planRecipe, saveModel, verifyMerge, DellaError,
   type MemoryTensor, type Recipe,
@@ -128,6 +128,30 @@ describe('API arguments: every wrong one is a DellaError naming it, never a cras
     await refused(() => merge({ ...doc, mergeMethod: 'ties', baseModel: 'b' }, { out }), 'E_RECIPE', /unknown key "mergeMethod"/);
     await refused(() => merge({ ...doc, seed: Symbol('s') }, { out }), 'E_RECIPE', /not plain data/);
     expect(existsSync(out)).toBe(false);
+  });
+
+  it('an output tensor over 4 GiB is refused before anything is written, not a crash (sparse files)', async () => {
+    // BF16 [2, 2^30 + 4096]: 4 GiB + 16 KiB of data. One staging buffer (and one yielded
+    // tensor) is a typed array, 4 GiB at most; a larger one aborted the process.
+    const n = 2 ** 30 + 4096, bytes = 2 * n * 2;
+    const sparse = (dir: string) => {
+      mkdirSync(dir, { recursive: true });
+      const json = Buffer.from(JSON.stringify({ big: { dtype: 'BF16', shape: [2, n], data_offsets: [0, bytes] } }));
+      const fd = openSync(join(dir, 'model.safetensors'), 'w');
+      const prefix = Buffer.alloc(8);
+      prefix.writeBigUInt64LE(BigInt(json.length));
+      writeSync(fd, Buffer.concat([prefix, json]));
+      ftruncateSync(fd, 8 + json.length + bytes);
+      closeSync(fd);
+    };
+    const big = tempDir('della-api-big-');
+    sparse(join(big, 'b'));
+    sparse(join(big, 'e'));
+    const recipe = { merge_method: 'task_arithmetic', base_model: join(big, 'b'), models: [{ model: join(big, 'e') }] };
+    const want = /^tensor "big" would be 4294983680 bytes of BF16 in the output, more than the 4 GiB that one staging buffer holds \(a Node\.js typed array\); tensors that large are not supported yet$/;
+    await refused(() => merge(recipe, { out: join(big, 'o') }), 'E_SHAPE', want);
+    await refused(async () => { for await (const _ of mergeTensors(recipe)) void _; }, 'E_SHAPE', /"big" would be 4294983680 bytes .* the typed array of a yielded tensor/);
+    expect(readdirSync(big).sort()).toEqual(['b', 'e']);
   });
 
   it('functions that take a parsed Recipe, a path or a list', async () => {

@@ -307,6 +307,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   try {
     const part = options.part ? checkPart(options.part) : null;
     const tensors = part ? partTensors(plan.tensors, part.index, part.count) : plan.tensors;
+    checkOutputSizes(tensors, 'one staging buffer');
     out = OutputDirectory.create(options.out, { overwrite: options.overwrite, inputs: inputPaths(models) });
     const layouts = layoutShards(tensors.map(outputTensor), shardSize);
     shards = out.createShards(layouts);
@@ -464,6 +465,21 @@ function deviceSpec(options: { device?: string }, native: NativeAddon | null): D
 /** Parses options.device and opens a CUDA device (null: the CPU). */
 export function selectDevice(options: { device?: string; gpuMemory?: number }, native: NativeAddon | null): CudaTarget | null {
   return openDevice(native as NativeAddon, deviceSpec(options, native), options.gpuMemory);
+}
+
+/**
+ * The largest output tensor: Node 20's typed arrays hold at most 2^32 bytes, and a
+ * tensor's staging buffer also holds up to a block before it (its offset's alignment).
+ */
+export const MAX_OUTPUT_TENSOR_BYTES = 2 ** 32 - STAGING_BLOCK;
+
+/** Refuses, before anything is written, an output tensor larger than one buffer holds. */
+export function checkOutputSizes(tensors: readonly TensorPlan[], holder: string): void {
+  const big = tensors.find((t) => t.outBytes > MAX_OUTPUT_TENSOR_BYTES);
+  if (big) {
+    throw new DellaError('E_SHAPE', `tensor "${big.name}" would be ${big.outBytes} bytes of ${big.outDtype} in the output, more than the 4 GiB that ${holder} holds (a Node.js typed array); ` +
+      `tensors that large are not supported yet${big.outDtype === 'F32' || big.outDtype === 'F64' ? ' (out_dtype: bfloat16 halves it)' : ''}`);
+  }
 }
 
 /** Threads (default: all cores) and seed (default: the recipe's), checked. */

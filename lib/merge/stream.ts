@@ -10,7 +10,7 @@ import { loadNative } from '../native.js';
 import type { Recipe } from '../recipe/index.js';
 import { openModels, type OpenedModels } from './build.js';
 import { planMerge } from './plan.js';
-import { batches, runBatches, runSettings, tensorReport, type BatchContext, type ProgressEvent, type TensorReport } from './run.js';
+import { batches, checkOutputSizes, runBatches, runSettings, tensorReport, type BatchContext, type ProgressEvent, type TensorReport } from './run.js';
 
 export interface MergedTensor {
   name: string;
@@ -86,6 +86,7 @@ export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions 
   }
   try {
     const plan = planMerge(recipe, models.base, models.experts);
+    checkOutputSizes(plan.tensors, 'the typed array of a yielded tensor');
     const ctx: BatchContext = {
       plan, models, recipe, seed, threads, native, signal: options.signal,
       nonfiniteWarnings: options.allowNonFinite ? [] : null,
