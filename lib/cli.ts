@@ -42,6 +42,7 @@ async function cmdRun(args: string[]): Promise<number> {
   if (values['dry-run']) return dryRun(await loadRecipe(positionals[0]), Boolean(values.json), seed, part, { out: values.out as string | undefined, overwrite });
   if (!values.out) throw usageError('run needs --out DIR', 'run');
   const recipe = await loadRecipe(positionals[0]);
+  if (values.report) checkReportFile(values.report as string, values.out as string, recipe);
   const progress = createProgress(process.stderr, values.quiet || values.json ? 'none' : 'auto');
   const report = await withSignals((signal) => runMerge(recipe, {
     out: values.out as string, seed, threads, shardSize, overwrite, signal,
@@ -94,7 +95,7 @@ function dryRun(
 ): number {
   const { plan: whole, models } = planRecipe(recipe);
   try {
-    if (output.out !== undefined) OutputDirectory.check(output.out, { overwrite: output.overwrite, inputs: inputPaths(models) });
+    if (output.out !== undefined) OutputDirectory.check(output.out, { overwrite: output.overwrite, inputs: inputPaths(models, recipe) });
   } finally {
     models.close();
   }

@@ -12,6 +12,8 @@ import { f32ToBf16 } from './reference/dtypes.js';
 import { makeDirs } from './util/fs.js';
 
 export const DEMO_EXPERTS = ['math', 'code', 'chat'] as const;
+/** The first words of the recipe the demo writes: how a rerun knows its own directory. */
+export const DEMO_RECIPE_MARK = '# della-merge demo:';
 
 export interface DemoModels {
   dir: string;
@@ -133,6 +135,6 @@ export function writeDemoModels(dir: string): DemoModels {
     seed: 42,
   };
   const recipeFile = join(dir, 'recipe.yaml');
-  writeText(recipeFile, `# della-merge demo: DELLA over three experts of a small Llama-shaped model\n${yamlStringify(recipe)}`);
+  writeText(recipeFile, `${DEMO_RECIPE_MARK} DELLA over three experts of a small Llama-shaped model\n${yamlStringify(recipe)}`);
   return { dir, baseDir, expertDirs, recipeFile, parameters, layers: LAYERS };
 }

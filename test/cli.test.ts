@@ -80,6 +80,18 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
     expect(refused.code).toBe(1);
     expect(refused.stderr).toMatch(/is not an earlier demo's directory/);
     expect(readdirSync(mine)).toEqual(['notes.txt']);
+    // A project that merely has a models/recipe.yaml (and a merged/) was taken for a demo:
+    // its recipe replaced and merged/ deleted.
+    const project = tempDir();
+    mkdirSync(join(project, 'models'));
+    mkdirSync(join(project, 'merged'));
+    writeFileSync(join(project, 'models', 'recipe.yaml'), 'merge_method: ties\n');
+    writeFileSync(join(project, 'merged', 'important.txt'), 'keep');
+    const notDemo = cli(['demo', '--out', project]);
+    expect(notDemo.code).toBe(1);
+    expect(notDemo.stderr).toMatch(/is not an earlier demo's directory/);
+    expect(readFileSync(join(project, 'models', 'recipe.yaml'), 'utf8')).toBe('merge_method: ties\n');
+    expect(readdirSync(join(project, 'merged'))).toEqual(['important.txt']);
   });
 
   it('DELLA_PROFILE=1 says where the main thread spent the merge phase, and changes no byte', () => {
@@ -188,6 +200,13 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
       ['--report naming a directory', () => ['run', good, '--out', join(dir, 'o'), '--report', dir], 1, /--report .* is a directory; give a file name/],
       ['--report under a file', () => ['run', good, '--out', join(dir, 'o'), '--report', join(good, 'r.json')], 1, /good\.yaml is not a directory/],
       ['--report naming the output', () => ['run', good, '--out', join(dir, 'o'), '--report', join(dir, 'o')], 1, /--report .* is the output directory; give a file name/],
+      // It used to replace what it named: the merged weights, the recipe, a model's shard.
+      ['--report naming a file the merge writes', () => ['run', good, '--out', join(dir, 'o'), '--report', join(dir, 'o', 'model.safetensors')], 1,
+        /^della-merge: --report .*\/o\/model\.safetensors is a file the merge writes into .*\/o; give another name\n$/],
+      ['--report naming the recipe', () => ['run', good, '--out', join(dir, 'o'), '--report', good], 1,
+        /^della-merge: --report .*good\.yaml is .*good\.yaml, an input of this merge; give another path\n$/],
+      ['--report inside a model', () => ['run', good, '--out', join(dir, 'o'), '--report', join(models.base, 'model.safetensors')], 1,
+        /^della-merge: --report .*model\.safetensors is inside .*, an input of this merge; give another path\n$/],
     ];
     for (const [label, args, code, message] of cases) {
       it(label, () => {

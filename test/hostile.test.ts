@@ -254,6 +254,17 @@ describe('hostile checkpoints', () => {
       expect(r.stderr).toMatch(/holds .*holder.x.*an input of this merge: replacing it would delete that input/);
       expect(existsSync(join(f('holder'), 'x', 'model.safetensors'))).toBe(true);
     }
+    // '/' holds every input (checked with --dry-run, which only checks the output); so
+    // does a directory holding the recipe, which --overwrite used to delete.
+    const root = cli(['run', recipe, '--out', '/', '--overwrite', '--dry-run']);
+    expect(root.code, root.stderr).toBe(1);
+    expect(root.stderr).toMatch(/^della-merge: \/ holds .*, an input of this merge: replacing it would delete that input/);
+    mkdirSync(f('with-recipe'), { recursive: true });
+    const inside = writeRecipe(join(f('with-recipe'), 'r.yaml'), { merge_method: 'task_arithmetic', base_model: base, models: [{ model: join(f('holder'), 'x') }] });
+    const r = cli(['run', inside, '--out', f('with-recipe'), '--overwrite', '-q']);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr).toMatch(/with-recipe holds .*with-recipe\/r\.yaml, an input of this merge/);
+    expect(existsSync(inside)).toBe(true);
   });
 });
 

@@ -268,9 +268,10 @@ export class ShardFiles {
 function checkNotInput(full: string, inputs: readonly string[]): void {
   if (!existsSync(full)) return;
   const target = realpathSync(full);
+  const prefix = target.endsWith(sep) ? target : target + sep; // '/' holds everything
   for (const input of inputs) {
     const real = existsSync(input) ? realpathSync(input) : resolve(input);
-    if (real === target || real.startsWith(target + sep)) {
+    if (real === target || real.startsWith(prefix)) {
       throw outputError(`${full} holds ${input}, an input of this merge: replacing it would delete that input; choose another output directory`);
     }
   }

@@ -1,9 +1,12 @@
 /** What every command shares: argument parsing, output, signals, the run summary. */
-import { accessSync, constants, statSync, writeFileSync } from 'node:fs';
-import { dirname, resolve } from 'node:path';
+import { accessSync, constants, realpathSync, statSync, writeFileSync } from 'node:fs';
+import { basename, dirname, resolve, sep } from 'node:path';
 import { parseArgs } from 'node:util';
 import { DellaError, ioError } from '../errors.js';
 import { packageVersion, type MergeReport } from '../merge/run.js';
+import type { Recipe } from '../recipe/index.js';
+import { CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
+import { INDEX_FILE } from '../checkpoint/writer.js';
 import { formatBytes, parseSize } from '../util/size.js';
 import { parseDevice } from '../merge/device.js';
 import { HELP, USAGE } from './usage.js';
@@ -80,10 +83,38 @@ export function unwritableFile(path: string): string | null {
   return null;
 }
 
-/** run --report FILE: refused up front, before anything is merged. */
-export function checkReportFile(path: string, outDir: string | undefined): void {
+/** Whether `path` is `dir` or lies inside it, through symbolic links too. */
+function isWithin(path: string, dir: string): boolean {
+  const real = (p: string) => {
+    const near = nearestExisting(p); // the path may not exist yet
+    return realpathSync(near) + resolve(p).slice(near.length);
+  };
+  const p = real(path), d = real(dir);
+  return p === d || p.startsWith(d.endsWith(sep) ? d : d + sep);
+}
+
+/** Whether the merge may write a file of this name at the top of its output directory. */
+function mergeWrites(name: string): boolean {
+  return name.endsWith('.safetensors') || name === INDEX_FILE || name.startsWith('della_merge_') || name === 'README.md' ||
+    CONFIG_FILES.includes(name) || TOKENIZER_FILES.includes(name);
+}
+
+/**
+ * run --report FILE: refused up front, before anything is merged, where writing it
+ * would replace the merge's own output or one of its inputs (the recipe, a model's files).
+ */
+export function checkReportFile(path: string, outDir: string | undefined, recipe?: Recipe): void {
   const full = resolve(path);
   if (outDir !== undefined && full === resolve(outDir)) throw new DellaError('E_OUTPUT', `--report ${full} is the output directory; give a file name`);
+  const atTop = outDir !== undefined && isWithin(dirname(full), outDir) && isWithin(outDir, dirname(full));
+  if (atTop && mergeWrites(basename(full))) {
+    throw new DellaError('E_OUTPUT', `--report ${full} is a file the merge writes into ${resolve(outDir)}; give another name`);
+  }
+  if (recipe) {
+    const inputs = [...(recipe.source ? [recipe.source] : []), recipe.baseModel.path, ...recipe.models.map((m) => m.path)];
+    const hit = inputs.find((input) => isWithin(full, input));
+    if (hit) throw new DellaError('E_OUTPUT', `--report ${full} is ${resolve(hit) === full ? '' : 'inside '}${hit}, an input of this merge; give another path`);
+  }
   const why = unwritableFile(path);
   if (why) throw new DellaError('E_OUTPUT', `--report ${why}`);
 }

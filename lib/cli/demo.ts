@@ -1,5 +1,5 @@
 /** della-merge demo: three small experts merged with DELLA, and what DELLA did. */
-import { existsSync, mkdtempSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
@@ -7,7 +7,7 @@ import { openCheckpoint } from '../checkpoint/model.js';
 import { loadRecipe } from '../recipe/index.js';
 import { runMerge, selectDevice, type MergeReport } from '../merge/run.js';
 import { loadNative } from '../native.js';
-import { writeDemoModels, DEMO_EXPERTS } from '../demo.js';
+import { writeDemoModels, DEMO_EXPERTS, DEMO_RECIPE_MARK } from '../demo.js';
 import { bf16ToF32 } from '../reference/dtypes.js';
 import { deviceOptions, intOption, out, parse, summary, usageError, withSignals } from './common.js';
 import { createProgress } from './progress.js';
@@ -84,8 +84,17 @@ function checkDemoDir(dir: string): void {
   } catch (e) {
     throw ioError(`cannot read the directory ${dir}`, e);
   }
-  if (entries.length > 0 && !existsSync(join(dir, 'models', 'recipe.yaml'))) {
-    throw refuse(`${dir} exists and is not an earlier demo's directory`);
+  if (entries.length > 0 && !isEarlierDemo(dir, entries)) throw refuse(`${dir} exists and is not an earlier demo's directory`);
+}
+
+/** What the demo writes, and nothing else: its models (with the recipe it wrote) and
+ * the merge. Anything more is the user's, which rerunning the demo would replace. */
+function isEarlierDemo(dir: string, entries: string[]): boolean {
+  if (!entries.every((e) => e === 'models' || e === 'merged')) return false;
+  try {
+    return readFileSync(join(dir, 'models', 'recipe.yaml'), 'utf8').startsWith(DEMO_RECIPE_MARK);
+  } catch {
+    return false;
   }
 }
 

@@ -65,6 +65,7 @@ export const DEMO_USAGE = `Usage: della-merge demo [--out DIR] [--threads N] [--
 
   Writes a small Llama-shaped base model and three experts (math, code, chat) into DIR
   (default: a new temporary directory), merges them with DELLA and shows what it did.
+  DIR must be new, empty, or an earlier demo's (only its models/ and merged/).
   --device and --gpu-memory are those of "della-merge run".`;
 
 export const DOCTOR_USAGE = `Usage: della-merge doctor [--json]

@@ -266,9 +266,9 @@ function recipeText(recipe: Recipe): string {
   return yamlStringify(recipe.document);
 }
 
-/** The files and directories a merge reads, which its output must not replace. */
-export function inputPaths(models: OpenedModels): string[] {
-  return [models.base, ...models.experts].flatMap((m) => [...m.files, ...(m.dir ? [m.dir] : [])]);
+/** The files and directories a merge reads (and its recipe file), which its output must not replace. */
+export function inputPaths(models: OpenedModels, recipe?: Recipe): string[] {
+  return [...[models.base, ...models.experts].flatMap((m) => [...m.files, ...(m.dir ? [m.dir] : [])]), ...(recipe?.source ? [recipe.source] : [])];
 }
 
 /** Runs a parsed recipe to completion; see `merge` in index.ts for the public entry. */
@@ -308,7 +308,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     const part = options.part ? checkPart(options.part) : null;
     const tensors = part ? partTensors(plan.tensors, part.index, part.count) : plan.tensors;
     checkOutputSizes(tensors, 'one staging buffer');
-    out = OutputDirectory.create(options.out, { overwrite: options.overwrite, inputs: inputPaths(models) });
+    out = OutputDirectory.create(options.out, { overwrite: options.overwrite, inputs: inputPaths(models, recipe) });
     const layouts = layoutShards(tensors.map(outputTensor), shardSize);
     shards = out.createShards(layouts);
     const groups = batches(tensors, spec.kind === 'cuda');
