@@ -13,7 +13,7 @@ const root = resolve(import.meta.dirname, '..');
 const seed = testSeed();
 
 function cli(args: string[]) {
-  const r = spawnSync(process.execPath, [join(root, 'bin/della-merge.js'), ...args], { encoding: 'utf8' });
+  const r = spawnSync(process.execPath, [join(root, 'bin/della-merge.js'), ...args], { encoding: 'utf8', timeout: 60_000 });
   return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
@@ -132,6 +132,14 @@ describe(`run --part i/N and assemble (DELLA_TEST_SEED=${seed})`, () => {
       expect(r.stdout).toBe('');
       expect(leftovers(dir)).toEqual([]);
     }
+    // A FIFO in its place used to block assemble forever.
+    rmSync(file);
+    expect(spawnSync('mkfifo', [file]).status).toBe(0);
+    const fifo = cli(['assemble', '--out', join(dir, 'x'), a1, a2]);
+    expect(fifo.stderr).toBe(`della-merge: cannot read ${file}: not a regular file\n`);
+    expect(fifo.code).toBe(1);
+    expect(leftovers(dir)).toEqual([]);
+    rmSync(file);
     writeFileSync(file, JSON.stringify(good));
     expect(cli(['assemble', '--out', join(dir, 'x'), a1, a2]).code).toBe(0);
   });

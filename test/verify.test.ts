@@ -85,6 +85,7 @@ describe(`verify (DELLA_TEST_SEED=${seed})`, () => {
     expect(good.checks[0].rowsChecked).toBe(5);
     expect(good.checks[0].rowsTotal).toBe(400);
     rmSync(join(out, 'della_merge_run.json'));
+    expect(spawnSync('mkfifo', [join(out, 'della_merge_run.json')]).status).toBe(0); // used to block verify forever
     flip(out, 'model.layers.0.w', 399 * 200 + 7); // the last row is always sampled
     await expect(verifyMerge(out, parsed, { onProgress: 'log' as unknown as () => void })).rejects.toMatchObject({ code: 'E_ARGS', message: 'options.onProgress must be a function, got "log"' });
     await expect(verifyMerge(out, parsed, null as unknown as object)).rejects.toMatchObject({ code: 'E_ARGS', message: 'verifyMerge(out, recipe, options): options must be an object, got null' });

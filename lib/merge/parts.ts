@@ -10,6 +10,7 @@ import { createHash } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
 import { checkOptionKinds } from '../util/options.js';
+import { readRegularFile } from '../util/fs.js';
 import { firstChange, openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
 import { CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { DTYPE_SIZES } from '../checkpoint/safetensors.js';
@@ -112,7 +113,7 @@ function readPart(dir: string): PartRecord {
   if (!existsSync(file)) throw new DellaError('E_ARGS', `${dir} is not a part of a split merge: it has no ${PART_FILE}`);
   let text: string;
   try {
-    text = readFileSync(file, 'utf8');
+    text = readRegularFile(file);
   } catch (e) {
     throw ioError(`cannot read ${file}`, e);
   }

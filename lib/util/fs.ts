@@ -1,4 +1,4 @@
-import { existsSync, mkdirSync, rmdirSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmdirSync, statSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 
 /** The path itself if it exists, else its nearest existing ancestor (a path under a
@@ -45,4 +45,11 @@ export function removeEmptyDirs(dir: string, outermost: string): void {
     }
     if (d === outermost) return;
   }
+}
+
+/** readFileSync of a file the merge wrote, refusing anything else put in its place: a
+ * FIFO would block forever, a device never end. */
+export function readRegularFile(path: string): string {
+  if (!statSync(path).isFile()) throw Object.assign(new Error('not a regular file'), { code: 'EFTYPE' });
+  return readFileSync(path, 'utf8');
 }

@@ -4,13 +4,14 @@
  * rows of every merged tensor recomputed by lib/reference equal to the output bit for
  * bit. Along the way it gathers what users look at when a merge goes wrong.
  */
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { DellaError } from '../errors.js';
 import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
 import { expectRecipe, type Recipe } from '../recipe/index.js';
 import { showShort } from '../util/show.js';
 import { checkOptionKinds } from '../util/options.js';
+import { readRegularFile } from '../util/fs.js';
 import { buildMergeTask, planRecipe } from '../merge/build.js';
 import type { TensorPlan } from '../merge/plan.js';
 import { slerpCoefficients } from '../merge/slerp.js';
@@ -94,7 +95,7 @@ function runRecord(out: string): Partial<RunRecord> {
   const file = join(out, RUN_FILE);
   if (!existsSync(file)) return {};
   try {
-    const r = JSON.parse(readFileSync(file, 'utf8')) as Partial<RunRecord>;
+    const r = JSON.parse(readRegularFile(file)) as Partial<RunRecord>;
     return typeof r === 'object' && r !== null ? r : {};
   } catch {
     return {};
