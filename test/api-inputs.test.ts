@@ -75,6 +75,26 @@ describe('saveModel arguments', () => {
     if (existsSync('/proc/self')) await refused(() => saveModel('/proc/della-nope/m', [f32()]), 'E_IO', /^saveModel: cannot create the directory \/proc\/della-nope\/m: ENOENT/);
   });
 
+  it('saving over an earlier save replaces it: no stale index or shards, no stale single file', () => {
+    const dir = join(root, 'resaved');
+    const t = (name: string, v: number) => ({ name, dtype: 'F32', shape: [1], data: new Float32Array([v]) });
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(join(dir, 'notes.txt'), 'mine');
+    expect(saveModel(dir, [t('a', 1), t('b', 2), t('c', 3)], { shardSize: 4 })).toHaveLength(4);
+    // The index used to stay beside the new model.safetensors, and readers took the old shards.
+    expect(saveModel(dir, [t('a', 100), t('d', 300)])).toEqual(['model.safetensors']);
+    expect(readdirSync(dir).sort()).toEqual(['model.safetensors', 'notes.txt']);
+    let c = openCheckpoint(dir);
+    expect([c.names, [...(c.array('a') as Float32Array)]]).toEqual([['a', 'd'], [100]]);
+    c.close();
+    // And back: two shards and an index, without the single file transformers loads first.
+    expect(saveModel(dir, [t('e', 5), t('f', 6)], { shardSize: 4 })).toEqual(['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']);
+    expect(readdirSync(dir).sort()).toEqual(['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json', 'notes.txt']);
+    c = openCheckpoint(dir);
+    expect(c.names).toEqual(['e', 'f']);
+    c.close();
+  });
+
   it('a failed write removes the files it wrote', async () => {
     const dir = join(root, 'half');
     mkdirSync(join(dir, 'model.safetensors.index.json'), { recursive: true }); // the index cannot be written

@@ -3,14 +3,15 @@
  * tests' fixtures and API users who build small models. Large merges go through
  * OutputDirectory instead, which never holds a tensor in JS.
  */
-import { closeSync, existsSync, openSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readdirSync, rmSync, writeSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
 import { makeDirs, removeEmptyDirs } from '../util/fs.js';
 import { showArg } from '../util/show.js';
 import { checkTensorData } from './memory.js';
 import { MAX_HEADER_LENGTH } from './safetensors.js';
-import { indexJson, INDEX_FILE, layoutShards } from './writer.js';
+import { indexJson, INDEX_FILE, layoutShards, SHARD_NAME } from './writer.js';
+import { SINGLE_FILE } from './model.js';
 
 export interface InMemoryTensor {
   name: string;
@@ -45,6 +46,23 @@ function checkTensor(t: unknown, i: number): CheckedTensor {
   return { name, ...checkTensorData(`saveModel: ${where}`, t) };
 }
 
+/**
+ * Removes an earlier save's weight files that this one did not write: an index left
+ * beside a new model.safetensors made readers take the old shards, and a
+ * model.safetensors beside a new index is what transformers loads first.
+ */
+function removeStaleWeights(dir: string, written: readonly string[]): void {
+  const ours = new Set(written);
+  for (const name of readdirSync(dir)) {
+    if (ours.has(name) || !(name === INDEX_FILE || name === SINGLE_FILE || SHARD_NAME.test(name))) continue;
+    try {
+      rmSync(join(dir, name), { force: true });
+    } catch (e) {
+      throw ioError(`saveModel: cannot remove ${join(dir, name)}, a weight file of an earlier save`, e);
+    }
+  }
+}
+
 /** Writes all of `bytes` at the file's current position (writeSync may write less). */
 function writeAll(fd: number, bytes: Uint8Array): void {
   const CHUNK = 1 << 30;
@@ -57,7 +75,9 @@ function writeAll(fd: number, bytes: Uint8Array): void {
  * Saves a model directory: model.safetensors, or shards of at most `shardSize` data
  * bytes plus model.safetensors.index.json. Returns the file names written.
  * Every argument is checked before anything is written; a failed write removes the
- * files (and the directories) this call made.
+ * files (and the directories) this call made. Saving over an earlier save replaces it:
+ * the weight files of the other layout (an index and its shards, or model.safetensors)
+ * are removed once the new ones are written, so that no reader finds the old weights.
  */
 export function saveModel(dir: string, tensors: readonly InMemoryTensor[], options: { shardSize?: number } = {}): string[] {
   if (typeof dir !== 'string' || dir === '') throw argsError(`dir must be a non-empty path string, got ${showArg(dir)}`);
@@ -119,6 +139,7 @@ export function saveModel(dir: string, tensors: readonly InMemoryTensor[], optio
       write(INDEX_FILE, [new TextEncoder().encode(indexJson(layouts))]);
       files.push(INDEX_FILE);
     }
+    removeStaleWeights(dir, files);
     return files;
   } catch (e) {
     // Leave nothing behind: the files written, then the directories this call made.

@@ -297,3 +297,6 @@ export function indexJson(layouts: readonly ShardLayout[]): string {
 }
 
 export { INDEX_FILE };
+
+/** The names layoutShards gives shards. */
+export const SHARD_NAME = /^model-\d{5,}-of-\d{5,}\.safetensors$/;
