@@ -93,6 +93,18 @@ describe(`methods (DELLA_TEST_SEED=${seed})`, () => {
     expect(report.warnings.join('\n')).toMatch(/floor\(density × size\) = 0 drops every delta there \(first: "w", 3 elements\)/);
     expect(values(join(dir, 'o'), 'w')).toEqual([0, 0, 0]);
   });
+
+  it('warns, once for all tensors, of a weight or lambda that is 0 in float32 (1e-50 was silent)', async () => {
+    const dir = tempDir();
+    const base = f32Model(join(dir, 'base'), { v: [1, 1], w: [0, 0, 0] });
+    const e = f32Model(join(dir, 'e'), { v: [2, 2], w: [1, 2, 3] });
+    const tiny = await merge({ merge_method: 'task_arithmetic', base_model: base, models: [{ model: e, parameters: { weight: 1e-50 } }] }, { out: join(dir, 'o1') });
+    expect(tiny.warnings).toContain(`weight 1e-50 (0 in float32) for ${e} on 2 tensor(s) (first: "v"): it contributes nothing there`);
+    expect(values(join(dir, 'o1'), 'w')).toEqual([0, 0, 0]);
+    const still = await merge({ merge_method: 'task_arithmetic', base_model: base, models: [{ model: e }], parameters: { lambda: 0 } }, { out: join(dir, 'o2') });
+    expect(still.warnings).toContain(`lambda 0 on 2 tensor(s) (first: "v"): the merged changes there are all zero, so they keep the base model's values`);
+    expect(values(join(dir, 'o2'), 'v')).toEqual([1, 1]);
+  });
 });
 
 describe('mergekit recipes in their documented style', () => {

@@ -501,6 +501,12 @@ describe('refusals', () => {
     expect(parse(String.raw`{"merge_method": "della", "base_model": "b", "models": [{"model": "a\",\"model"}, {"model": "c"}], "parameters": {"density": 0.6}}`).models).toHaveLength(2);
   });
 
+  it("YAML merge keys (<<: *anchor), as mergekit's PyYAML reads them", () => {
+    const r = parse(recipe({ models: '  - model: a\n    parameters: &p {weight: 0.7, density: 0.5}\n  - model: b\n    parameters:\n      <<: *p\n      density: 0.3\n' }));
+    expect(r.models.map((m) => m.parameters)).toEqual([{ weight: 0.7, density: 0.5 }, { weight: 0.7, density: 0.3 }]);
+    refuse(recipe({ models: '  - model: a\n    parameters:\n      <<: 5\n' }), 'not valid YAML', 'Merge sources must be maps');
+  });
+
   it('a weight or lambda beyond float32 range (it would be infinite in the kernels)', () => {
     refuse(recipe({ models: '  - model: a\n    parameters: {weight: 1e39}\n' }), 'model "a"', 'parameter "weight"', 'within float32 range', 'got 1e+39');
     refuse(recipe({ params: '  lambda: -1e39\n' }), 'parameter "lambda"', 'within float32 range');

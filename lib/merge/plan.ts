@@ -126,12 +126,19 @@ export function planMerge(recipe: Recipe, base: Checkpoint, experts: readonly Ch
       warnings.push(`${recipe.models[k].model} has ${extra.length} tensor(s) the base model lacks; they are ignored (first: "${extra[0]}")`);
     }
   });
-  for (const t of tensors) {
-    if (t.kind === 'merge' && t.params) {
-      t.params.experts.forEach((p, k) => {
-        if (p.weight === 0) warnings.push(`weight 0 for ${recipe.models[k].model} on "${t.name}": it contributes nothing there`);
-      });
+  // The kernels take f32(w) and f32(λ): 1e-50 is 0 there too. One warning per expert
+  // (and for λ), naming the first tensor, not one per tensor.
+  const zero = (v: number) => (v === 0 ? '0' : `${v} (0 in float32)`);
+  const merged = tensors.filter((t) => t.kind === 'merge' && t.params);
+  recipe.models.forEach((m, k) => {
+    const off = merged.filter((t) => Math.fround(t.params!.experts[k].weight) === 0);
+    if (off.length > 0) {
+      warnings.push(`weight ${zero(off[0].params!.experts[k].weight)} for ${m.model} on ${off.length} tensor(s) (first: "${off[0].name}"): it contributes nothing there`);
     }
+  });
+  const still = merged.filter((t) => Math.fround(t.params!.lambda) === 0);
+  if (still.length > 0) {
+    warnings.push(`lambda ${zero(still[0].params!.lambda)} on ${still.length} tensor(s) (first: "${still[0].name}"): the merged changes there are all zero, so they keep the base model's values`);
   }
   if (method.sparsifier === 'magnitude' || method.sparsifier === 'breadcrumbs') {
     const empty = tensors.filter((t) => t.params?.experts.some((p) => p.density < 1 && Math.floor(p.density * t.numel) === 0));

@@ -74,7 +74,8 @@ function parseText(text: string): { document: unknown; warnings: string[] } {
       return { document, warnings: [] };
     }
   }
-  const doc = parseDocument(src, { prettyErrors: true, uniqueKeys: true });
+  // merge: YAML 1.1's `<<: *anchor` merge keys, which mergekit's PyYAML reads.
+  const doc = parseDocument(src, { prettyErrors: true, uniqueKeys: true, merge: true });
   if (doc.errors.length > 0) {
     const msg = jsonError !== null ? `invalid JSON: ${jsonError}` : `invalid YAML: ${doc.errors[0].message}`;
     throw recipeError(`recipe is not valid: ${msg.trim()}`);
