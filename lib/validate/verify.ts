@@ -141,7 +141,9 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
           check.problems.push(`tensor "${t.name}": ${RUN_FILE} records no digest for it`);
         } else if (have !== want) {
           check.ok = false;
-          check.problems.push(`tensor "${t.name}": its bytes changed since the merge wrote them (${DIGEST_LABEL[stored!.algorithm]} ${have.slice(0, 12)}…, recorded ${String(want).slice(0, 12)}…)`);
+          // whole digests: two that differ in the last digit must not read as equal
+          const recorded = typeof want === 'string' && want.length <= 128 ? want : showShort(want);
+          check.problems.push(`tensor "${t.name}": its bytes changed since the merge wrote them, or its record did (${DIGEST_LABEL[stored!.algorithm]} ${have}, recorded ${recorded})`);
         }
       }
       rowsChecked += check.rowsChecked;
