@@ -154,6 +154,20 @@ describe('API arguments: every wrong one is a DellaError naming it, never a cras
     expect(readdirSync(big).sort()).toEqual(['b', 'e']);
   });
 
+  it('an empty tensor merges whatever its last dimension (rows of 2^40 were refused with a bare RangeError)', async () => {
+    const d = tempDir('della-api-empty-');
+    for (const m of ['b', 'e']) {
+      saveModel(join(d, m), [{ name: 'empty', dtype: 'BF16', shape: [0, 2 ** 40], data: new Uint16Array(0) }, { name: 'w', dtype: 'F32', shape: [2], data: new Float32Array([1, m === 'b' ? 1 : 3]) }]);
+    }
+    for (const method of ['della', 'ties', 'task_arithmetic']) {
+      const report = await merge({ merge_method: method, base_model: join(d, 'b'), models: [{ model: join(d, 'e'), parameters: method === 'task_arithmetic' ? {} : { density: 1 } }] }, { out: join(d, method) });
+      expect(report.tensors).toEqual({ total: 2, merged: 2, copied: 0 });
+      const c = openCheckpoint(join(d, method));
+      expect([c.tensors.get('empty')!.shape, [...(c.array('w') as Float32Array)]]).toEqual([[0, 2 ** 40], [1, 3]]);
+      c.close();
+    }
+  });
+
   it('functions that take a parsed Recipe, a path or a list', async () => {
     const recipe = join(dir, 'r.yaml');
     writeFileSync(recipe, JSON.stringify(doc));

@@ -503,7 +503,8 @@ void validate_task(const MergeTask& t) {
   for (int64_t d : t.shape)
     if (d < 0) throw std::invalid_argument("negative dimension in shape");
   const Geometry g = geometry(t.shape);
-  if (g.n > 0xffffffffull) throw std::invalid_argument("rows longer than 2^32 - 1 elements are not supported");
+  // (an empty tensor has no rows to rank, whatever its last dimension)
+  if (g.numel > 0 && g.n > 0xffffffffull) throw std::invalid_argument("rows longer than 2^32 - 1 elements are not supported");
   if (t.rescale == Rescale::Inverse && whole_tensor(t.sparsifier))
     throw std::invalid_argument("the inverse rescale needs a keep probability: use it with magprune or random");
   if (t.linear && t.sparsifier != Sparsifier::None)
