@@ -155,6 +155,26 @@ describe('mergeTensors in-memory arguments', () => {
       /base: tensor "model\.layers\.0\.mlp\.up_proj\.weight": unknown dtype "constructor"/);
     await refused(() => drain({ base: { [W]: t(new Uint8Array(8), { dtype: 'hasOwnProperty' }) }, models: [{ [W]: t() }] }), 'E_ARGS',
       /unknown dtype "hasOwnProperty"/);
+    // A sparse shape passed every() (it skips holes) and became a bare RangeError.
+    await refused(() => drain({ base: { [W]: t(new Float32Array(2), { shape: [, 2] }) }, models: [{ [W]: t() }] }), 'E_ARGS', // eslint-disable-line no-sparse-arrays
+      /base: tensor "model\.layers\.0\.mlp\.up_proj\.weight": shape must be a list of non-negative integers, got \[null,2\]/);
+  });
+
+  it('an input transferred during the merge is E_ARGS when its batch starts, naming it', async () => {
+    // Three tensors of 16 MiB, a batch each; the batch after the next starts only after
+    // the first tensor is yielded, when the third's input is transferred.
+    const n = 4 << 20, X = 'model.layers.1.mlp.up_proj.weight', Y = 'model.layers.2.mlp.up_proj.weight';
+    const e2 = new Float32Array(n);
+    const f = (x = new Float32Array(n)) => ({ dtype: 'F32', shape: [n], data: x });
+    const names: string[] = [];
+    const run = async () => {
+      for await (const m of mergeTensors(recipe, { base: { [W]: f(), [X]: f(), [Y]: f() }, models: [{ [W]: f(), [X]: f(), [Y]: f(e2) }], threads: 1 })) {
+        names.push(m.name);
+        if (names.length === 1) structuredClone(e2.buffer, { transfer: [e2.buffer] });
+      }
+    };
+    await refused(run, 'E_ARGS', /^model-0: tensor "model\.layers\.2\.mlp\.up_proj\.weight": its data's ArrayBuffer was detached \(transferred\) during the merge/);
+    expect(names).toEqual([W, X]);
   });
 
   it('merges data held in a SharedArrayBuffer like any other', async () => {

@@ -38,7 +38,8 @@ export function checkTensorData(where: string, t: { dtype?: unknown; shape?: unk
   if (typeof dtype !== 'string' || !Object.hasOwn(DTYPE_SIZES, dtype)) {
     throw new DellaError('E_ARGS', `${where}: unknown dtype ${showArg(dtype)} (known: ${Object.keys(DTYPE_SIZES).join(', ')})`);
   }
-  if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
+  // Array.from: every() skips the holes of a sparse array ([, 1] would pass, and be written as "[,1]")
+  if (!Array.isArray(shape) || !Array.from(shape).every((d) => Number.isSafeInteger(d) && d >= 0)) {
     throw new DellaError('E_ARGS', `${where}: shape must be a list of non-negative integers, got ${showArg(shape)}`);
   }
   if (!ArrayBuffer.isView(data)) {
@@ -86,6 +87,10 @@ export function memoryCheckpoint(label: string, set: TensorSet): Checkpoint {
   const get = (name: string): Uint8Array => {
     const b = data.get(name);
     if (!b) throw new DellaError('E_ARGS', `${label}: no tensor named "${name}"`);
+    // a detached buffer reads as 0 bytes (and the addon would say only that)
+    if (b.length !== tensors.get(name)!.byteLength) {
+      throw new DellaError('E_ARGS', `${label}: tensor ${JSON.stringify(name)}: its data's ArrayBuffer was detached (transferred) during the merge, so its bytes cannot be read`);
+    }
     return b;
   };
   const names = [...tensors.keys()].sort();
