@@ -7,7 +7,7 @@
 import { resolve } from 'node:path';
 import { stringify as yamlStringify } from 'yaml';
 import { DellaError } from './errors.js';
-import { isParsedRecipe, loadRecipe, makeResolver, parseRecipe, type Recipe } from './recipe/index.js';
+import { checkedRecipe, isParsedRecipe, loadRecipe, makeResolver, parseRecipe, type Recipe } from './recipe/index.js';
 import { runMerge, type MergeOptions, type MergeReport } from './merge/run.js';
 import { expectStreamOptions, streamMerge, type MergedTensor, type TensorStreamOptions } from './merge/stream.js';
 
@@ -73,7 +73,7 @@ function documentText(doc: object): string {
 
 async function toRecipe(recipe: string | Recipe | Record<string, unknown>, inMemory = false): Promise<Recipe> {
   if (typeof recipe === 'string') return loadRecipe(recipe);
-  if (isParsedRecipe(recipe)) return recipe;
+  if (isParsedRecipe(recipe)) return checkedRecipe(recipe);
   if (recipe && typeof recipe === 'object' && !Array.isArray(recipe)) {
     // Model references as in a file recipe: paths from the current directory, else hub ids.
     if (!inMemory) return parseRecipe(documentText(recipe), { resolvePath: makeResolver(resolve('recipe'), process.cwd()) });

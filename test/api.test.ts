@@ -3,7 +3,7 @@ import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { describe, expect, it } from 'vitest';
-import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readdirSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
 import {
   assemble, layerCount, loadRecipe, merge, mergeTensors, openCheckpoint, parseRecipe, planRecipe, saveModel, verifyMerge, DellaError,
   type MemoryTensor, type Recipe,
@@ -181,6 +181,23 @@ describe('API arguments: every wrong one is a DellaError naming it, never a cras
     const c = openCheckpoint(join(dir, 'base'));
     c.close();
     await refused(() => c.bytes('w'), 'E_ARGS', /the checkpoint is closed/);
+  });
+
+  it('a Recipe object changed after parsing is checked as a recipe file is (it reached the kernels as given)', async () => {
+    const good = parseRecipe(JSON.stringify({ ...doc, merge_method: 'ties', models: [{ model: join(dir, 'x'), parameters: { density: 0.5 } }] }));
+    expect(planRecipe(good).plan.tensors).toHaveLength(1);
+    const out = join(dir, 'changed');
+    await refused(() => merge({ ...good, dtype: 'I8' } as unknown as Recipe, { out }), 'E_RECIPE', /^dtype "I8" is not a supported dtype/);
+    await refused(() => merge({ ...good, models: [] }, { out }), 'E_RECIPE', /^models must be a non-empty list/);
+    await refused(() => merge({ ...good, models: good.models.map((m) => ({ ...m, parameters: { density: 5 } })) }, { out }), 'E_RECIPE',
+      /parameter "density" must be in \(0, 1\], got 5/);
+    await refused(() => verifyMerge(dir, { ...good, mergeMethod: 'dela' }), 'E_RECIPE', /"dela".*did you mean "della"/);
+    expect(existsSync(out)).toBe(false);
+    // A valid change runs, and the recorded recipe says what ran.
+    const lower = { ...good, models: good.models.map((m) => ({ ...m, parameters: { density: 0.25 } })) };
+    const report = await merge(lower, { out });
+    expect(report.tensorReports.find((t) => t.name === 'w')!.parameters!.density).toEqual([0.25]);
+    expect(readFileSync(join(out, 'della_merge_recipe.yaml'), 'utf8')).toMatch(/density: 0\.25/);
   });
 
   it('verifyMerge refuses a seed that is not an integer in [0, 2^53) instead of failing a good merge', async () => {

@@ -7,6 +7,7 @@ import { readFile } from 'node:fs/promises';
 import * as path from 'node:path';
 import { parseDocument } from 'yaml';
 import { DellaError } from '../errors.js';
+import { jsonForMessage } from '../util/show.js';
 import { METHODS, type MethodSpec } from '../merge/methods.js';
 import { resolveHubId } from './hub.js';
 import {
@@ -381,13 +382,56 @@ export function isParsedRecipe(v: unknown): v is Recipe {
 
 /** For functions that take a parsed Recipe: a path or a document is a clear error. */
 export function expectRecipe(v: unknown, where: string): Recipe {
-  if (isParsedRecipe(v)) return v;
+  if (isParsedRecipe(v)) return checkedRecipe(v);
   throw new DellaError('E_ARGS', `${where} takes a parsed Recipe (from loadRecipe(path) or parseRecipe(text)), got ${typeof v === 'string' ? `the string ${JSON.stringify(v)}` : fmt(v)}`);
+}
+
+/** The fields of a Recipe that say what a merge does. */
+const recipeFields = (r: Recipe) =>
+  [r.mergeMethod, r.baseModel, r.models, r.parameters, r.dtype, r.outDtype, r.tokenizerSource, r.seed];
+
+/**
+ * A Recipe object given to the API, checked as a recipe file is. The API exports the
+ * type, so one may be changed after parsing or built by hand, and a wrong value would
+ * otherwise reach the kernels (a TypeError, or a density of 5 merged as given). It is
+ * parsed again from its fields: unchanged, it is returned as it is; changed, the
+ * re-parsed one is returned, with a document (recorded beside the output) that says
+ * what runs.
+ */
+export function checkedRecipe(r: Recipe): Recipe {
+  const models: unknown = Array.isArray(r.models)
+    ? r.models.map((m) => (isDict(m) ? { model: m.model, parameters: m.parameters ?? {} } : m))
+    : r.models;
+  const document: Record<string, unknown> = { merge_method: r.mergeMethod, base_model: r.baseModel.model, models };
+  if (r.parameters !== undefined) document.parameters = r.parameters;
+  if (r.dtype !== null && r.dtype !== undefined) document.dtype = r.dtype;
+  if (r.outDtype !== null && r.outDtype !== undefined) document.out_dtype = r.outDtype;
+  if (r.tokenizerSource !== null && r.tokenizerSource !== undefined) document.tokenizer_source = r.tokenizerSource;
+  if (r.seed !== undefined) document.seed = r.seed;
+  // Model strings keep the locations they were resolved to.
+  const paths = new Map<unknown, string>([[r.baseModel.model, r.baseModel.path]]);
+  if (Array.isArray(r.models)) for (const m of r.models) if (isDict(m) && typeof m.path === 'string') paths.set(m.model, m.path);
+  const options = { source: r.source ?? undefined, resolvePath: (m: string) => paths.get(m) ?? m };
+  const again = recipeFromDocument(document, [], options);
+  // Unchanged: its fields are still what its own document says.
+  let unchanged = false;
+  try {
+    unchanged = jsonForMessage(recipeFields(recipeFromDocument(r.document, [], options))) === jsonForMessage(recipeFields(r));
+  } catch {
+    // a document that does not parse: r was built by hand
+  }
+  if (unchanged) return r;
+  return { ...again, source: null, warnings: [...new Set([...(Array.isArray(r.warnings) ? r.warnings : []), ...again.warnings])] };
 }
 
 export function parseRecipe(text: string, options: ParseOptions = {}): Recipe {
   if (typeof text !== 'string') throw new DellaError('E_ARGS', `parseRecipe(text) takes the recipe's YAML or JSON text, got ${fmt(text)}`);
   const { document, warnings } = parseText(text);
+  return recipeFromDocument(document, warnings, options);
+}
+
+/** A recipe document (YAML's or JSON's data) checked and resolved. */
+function recipeFromDocument(document: unknown, warnings: string[], options: ParseOptions): Recipe {
   const resolvePath = options.resolvePath ?? ((m: string) => m);
   if (!isDict(document)) {
     throw recipeError(`a recipe must be a mapping with models, base_model and merge_method, got ${fmt(document)}`);
