@@ -71,6 +71,14 @@ describe(`pipeline API (DELLA_TEST_SEED=${seed})`, () => {
     const err = await (async () => { for await (const _ of mergeTensors(doc, { signal: controller.signal })) void _; })().catch((e) => e);
     expect(err).toBeInstanceOf(DellaError);
     expect(err.code).toBe('E_ABORTED');
+    // Aborted at the first tensor, it stops there, not at the end of the batch (all of
+    // these tensors are one batch).
+    const midway = new AbortController();
+    const seen: string[] = [];
+    const late = await (async () => {
+      for await (const t of mergeTensors(doc, { signal: midway.signal })) { seen.push(t.name); midway.abort(); }
+    })().catch((e) => e);
+    expect([late.code, seen.length]).toEqual(['E_ABORTED', 1]);
     // leaving early is fine
     for await (const t of mergeTensors(doc)) if (t) break;
   });
@@ -118,6 +126,15 @@ describe('API arguments: every wrong one is a DellaError naming it, never a cras
     await refused(() => merge(doc, { out, device: 42 as unknown as string }), 'E_ARGS', /device must be a string/);
     await refused(() => merge(doc, { out, onProgress: 5 as unknown as () => void }), 'E_ARGS', /onProgress must be a function/);
     await refused(() => merge(doc, { out, signal: {} as AbortSignal }), 'E_ARGS', /signal must be an AbortSignal/);
+    // options that are not merge()'s were ignored (a typo, or another function's)
+    await refused(() => merge(doc, { out, threds: 2 } as unknown as { out: string }), 'E_ARGS',
+      /^options\.threds is not an option of merge \(did you mean "threads"\?\); its options are out, seed, threads, /);
+    await refused(async () => { for await (const _ of mergeTensors(doc, { device: 'cuda' } as object)) void _; }, 'E_ARGS',
+      /^options\.device is not an option of mergeTensors; its options are base, models, /);
+    await refused(() => assemble([dir], out, { force: true } as object), 'E_ARGS', /^options\.force is not an option of assemble/);
+    await refused(() => verifyMerge(dir, parseRecipe(JSON.stringify(doc)), { sample: 3 } as object), 'E_ARGS', /^options\.sample is not an option of verifyMerge \(did you mean "samples"\?\)/);
+    await refused(() => verifyMerge(5 as unknown as string, 5 as unknown as Recipe), 'E_ARGS', /^verifyMerge\(out, recipe\) takes the output directory, got 5$/);
+    await refused(() => merge(doc, { out, seed: '3' as unknown as number }), 'E_ARGS', /^seed must be an integer in \[0, 2\^53\), got "3"$/);
     // a string would count as true: 'no' used to overwrite, 'false' to allow non-finite values
     await refused(() => merge(doc, { out, overwrite: 'no' as unknown as boolean }), 'E_ARGS', /^options\.overwrite must be true or false, got "no"$/);
     await refused(() => merge(doc, { out, allowNonFinite: 'false' as unknown as boolean }), 'E_ARGS', /^options\.allowNonFinite must be true or false, got "false"$/);

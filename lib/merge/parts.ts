@@ -9,7 +9,7 @@ import { existsSync, readFileSync, statSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
-import { checkOptionKinds } from '../util/options.js';
+import { checkOptionKinds, checkOptionNames } from '../util/options.js';
 import { readRegularFile } from '../util/fs.js';
 import { firstChange, openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
 import { CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
@@ -165,6 +165,7 @@ export async function assemble(
   if (typeof out !== 'string' || out === '') throw new DellaError('E_ARGS', `assemble(partDirs, out) takes the output directory, got ${show(out)}`);
   if (partDirs.length === 0) throw new DellaError('E_ARGS', 'assemble needs the part directories');
   if (options === null || typeof options !== 'object') throw new DellaError('E_ARGS', `assemble(partDirs, out, options): options must be an object, got ${show(options)}`);
+  checkOptionNames(options, 'assemble', ['overwrite', 'signal']);
   checkOptionKinds(options, { overwrite: 'boolean', signal: 'AbortSignal' });
   const dirs = partDirs.map((d) => resolve(d));
   const records = dirs.map(readPart);

@@ -7,7 +7,8 @@
 import { readFileSync } from 'node:fs';
 import { stringify as yamlStringify } from 'yaml';
 import { DellaError } from '../errors.js';
-import { checkOptionKinds } from '../util/options.js';
+import { checkOptionKinds, checkOptionNames } from '../util/options.js';
+import { showShort } from '../util/show.js';
 import { copyExtras, CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, DEFAULT_SHARD_SIZE, type OutputTensor, type ShardFiles } from '../checkpoint/writer.js';
 import { STAGING_BLOCK, StagingPool } from '../checkpoint/staging.js';
@@ -274,6 +275,7 @@ export function inputPaths(models: OpenedModels, recipe?: Recipe): string[] {
 /** Runs a parsed recipe to completion; see `merge` in index.ts for the public entry. */
 export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<MergeReport> {
   const started = performance.now();
+  checkOptionNames(options, 'merge', ['out', 'seed', 'threads', 'shardSize', 'overwrite', 'onProgress', 'signal', 'backend', 'allowNonFinite', 'part', 'device', 'gpuMemory']);
   checkOptionKinds(options, {
     backend: ['native', 'reference'], device: 'string', onProgress: 'function', signal: 'AbortSignal', overwrite: 'boolean', allowNonFinite: 'boolean',
   });
@@ -488,10 +490,10 @@ export function runSettings(
 ): { threads: number; seed: number } {
   const threads = options.threads ?? native?.hardwareThreads ?? 1;
   if (!Number.isInteger(threads) || threads < 1 || threads > 1024) {
-    throw new DellaError('E_ARGS', `threads must be an integer from 1 to 1024, got ${options.threads}`);
+    throw new DellaError('E_ARGS', `threads must be an integer from 1 to 1024, got ${showShort(options.threads)}`);
   }
   const seed = options.seed ?? recipe.seed;
-  if (!Number.isSafeInteger(seed) || seed < 0) throw new DellaError('E_ARGS', `seed must be an integer in [0, 2^53), got ${seed}`);
+  if (!Number.isSafeInteger(seed) || seed < 0) throw new DellaError('E_ARGS', `seed must be an integer in [0, 2^53), got ${showShort(seed)}`);
   return { threads, seed };
 }
 

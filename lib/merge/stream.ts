@@ -5,12 +5,12 @@
 import { DellaError } from '../errors.js';
 import { isTensorSet, memoryCheckpoint, type TensorSet } from '../checkpoint/memory.js';
 import { showArg } from '../util/show.js';
-import { checkOptionKinds } from '../util/options.js';
+import { checkOptionKinds, checkOptionNames } from '../util/options.js';
 import { loadNative } from '../native.js';
 import type { Recipe } from '../recipe/index.js';
 import { openModels, type OpenedModels } from './build.js';
 import { planMerge } from './plan.js';
-import { batches, checkOutputSizes, runBatches, runSettings, tensorReport, type BatchContext, type ProgressEvent, type TensorReport } from './run.js';
+import { abortError, batches, checkOutputSizes, runBatches, runSettings, tensorReport, type BatchContext, type ProgressEvent, type TensorReport } from './run.js';
 
 export interface MergedTensor {
   name: string;
@@ -56,6 +56,7 @@ export function expectStreamOptions(options: unknown): asserts options is Tensor
 export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions = {}): AsyncGenerator<MergedTensor> {
   const started = performance.now();
   expectStreamOptions(options);
+  checkOptionNames(options, 'mergeTensors', ['base', 'models', 'seed', 'threads', 'signal', 'allowNonFinite', 'onProgress', 'onWarning']);
   checkOptionKinds(options, { onProgress: 'function', onWarning: 'function', signal: 'AbortSignal', allowNonFinite: 'boolean' });
   const warn = options.onWarning ?? ((message: string) => process.emitWarning(message, { type: 'DellaMergeWarning' }));
   const native = loadNative();
@@ -112,6 +113,7 @@ export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions 
         elapsedSeconds: (performance.now() - started) / 1000, tensor: done[done.length - 1].plan.name,
       });
       for (const t of done) {
+        if (options.signal?.aborted) throw abortError(); // not only between batches: one may hold hundreds of tensors
         const data = buffers.get(t.plan.name)!;
         buffers.delete(t.plan.name);
         yield { name: t.plan.name, dtype: t.plan.outDtype, shape: t.plan.shape, data, report: tensorReport(plan, t.plan, t.stats, t.slerp) };

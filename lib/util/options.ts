@@ -1,5 +1,6 @@
 import { DellaError } from '../errors.js';
 import { showArg } from './show.js';
+import { nearest } from '../recipe/params.js';
 
 /** What an option of the API may be: a JavaScript kind, or one of a few strings. */
 export type OptionKind = 'boolean' | 'function' | 'string' | 'AbortSignal' | readonly string[];
@@ -21,5 +22,19 @@ export function checkOptionKinds(options: object, kinds: Record<string, OptionKi
     const ok = typeof kind !== 'string' ? kind.includes(v as string)
       : kind === 'AbortSignal' ? v instanceof AbortSignal : typeof v === kind;
     if (!ok) throw new DellaError('E_ARGS', `options.${key} must be ${describe(kind)}, got ${showArg(v)}`);
+  }
+}
+
+/**
+ * Refuses an option the function does not have: a misspelt one (`threds`) or one of
+ * another function (`device` given to mergeTensors, which runs on the CPU) was ignored.
+ */
+export function checkOptionNames(options: object, fn: string, names: readonly string[]): void {
+  for (const key of Object.keys(options)) {
+    if (!names.includes(key)) {
+      const near = nearest(key, names); // a suggestion only for a likely typo
+      const hint = near && near.distance <= Math.max(1, Math.floor(key.length / 3)) ? ` (did you mean "${near.name}"?)` : '';
+      throw new DellaError('E_ARGS', `options.${key} is not an option of ${fn}${hint}; its options are ${names.join(', ')}`);
+    }
   }
 }

@@ -10,7 +10,7 @@ import { DellaError } from '../errors.js';
 import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
 import { expectRecipe, type Recipe } from '../recipe/index.js';
 import { showShort } from '../util/show.js';
-import { checkOptionKinds } from '../util/options.js';
+import { checkOptionKinds, checkOptionNames } from '../util/options.js';
 import { readRegularFile } from '../util/fs.js';
 import { buildMergeTask, planRecipe } from '../merge/build.js';
 import type { TensorPlan } from '../merge/plan.js';
@@ -104,9 +104,10 @@ function runRecord(out: string): Partial<RunRecord> {
 
 export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOptions = {}): Promise<VerifyReport> {
   const started = performance.now();
-  expectRecipe(recipe, 'verifyMerge(out, recipe)');
   if (typeof out !== 'string' || out === '') throw new DellaError('E_ARGS', `verifyMerge(out, recipe) takes the output directory, got ${showShort(out)}`);
+  recipe = expectRecipe(recipe, 'verifyMerge(out, recipe)');
   if (options === null || typeof options !== 'object') throw new DellaError('E_ARGS', `verifyMerge(out, recipe, options): options must be an object, got ${showShort(options)}`);
+  checkOptionNames(options, 'verifyMerge', ['samples', 'seed', 'onProgress']);
   checkOptionKinds(options, { onProgress: 'function' });
   if (options.seed !== undefined && !(Number.isSafeInteger(options.seed) && options.seed >= 0)) {
     throw new DellaError('E_ARGS', `seed must be an integer in [0, 2^53), got ${showShort(options.seed)}`);
