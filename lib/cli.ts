@@ -139,7 +139,7 @@ function inspectLines(c: Checkpoint): string[] {
   const byDtype = new Map<string, number>();
   for (const t of c.tensors.values()) byDtype.set(t.dtype, (byDtype.get(t.dtype) ?? 0) + 1);
   lines.push('', `${c.names.length} tensors, ${params.toLocaleString('en-US')} parameters, ${formatBytes(c.totalBytes)} ` +
-    `in ${c.files.length} file(s); dtypes: ${[...byDtype].map(([d, n]) => `${d} ×${n}`).join(', ')}`);
+    `in ${c.files.length} file(s); dtypes: ${byDtype.size === 0 ? 'none' : [...byDtype].map(([d, n]) => `${d} ×${n}`).join(', ')}`);
   return lines;
 }
 
@@ -186,8 +186,8 @@ export async function main(argv: string[]): Promise<number> {
       }
       case '--version': case '-v': case 'version': out(packageVersion()); return 0;
       case undefined: case 'help': case '--help': case '-h': {
-        const topic = command === 'help' ? rest[0] : undefined;
-        if (topic && !HELP[topic]) throw usageError(`no help for "${topic}"`);
+        const topic = command === 'help' && rest[0] !== 'help' ? rest[0] : undefined; // "help help": the overview
+        if (topic && !Object.hasOwn(HELP, topic)) throw usageError(`no help for "${topic}"`);
         out(topic ? HELP[topic] : USAGE.replace('{version}', packageVersion()));
         return 0;
       }

@@ -3,7 +3,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, writeFileSync, truncateSync, copyFileSync, mkdirSync, statSync, utimesSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { merge } from '../lib/index.js';
+import { merge, saveModel } from '../lib/index.js';
 import { copyExtras } from '../lib/checkpoint/extras.js';
 import { writeDemoModels } from '../lib/demo.js';
 import { isDellaError, type DellaError } from '../lib/errors.js';
@@ -169,11 +169,14 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
     const j = cli(['inspect', models.base, '--json']);
     const doc = JSON.parse(j.stdout);
     expect(doc.tensors.find((t: { name: string }) => t.name === 'model.position_ids')).toMatchObject({ dtype: 'I64', shape: [2, 3], bytes: 48 });
+    saveModel(join(dir, 'empty'), []);
+    expect(cli(['inspect', join(dir, 'empty')]).stdout).toMatch(/0 tensors, 0 parameters, .*; dtypes: none\n/);
   });
 
   it('help and version', () => {
     expect(cli(['--help']).stdout).toContain('della-merge run RECIPE --out DIR');
     expect(cli(['help', 'run']).stdout).toContain('--shard-size SIZE');
+    expect(cli(['help', 'help'])).toMatchObject({ code: 0, stdout: expect.stringContaining('della-merge help [COMMAND]') });
     expect(cli(['run', '--help']).code).toBe(0);
     expect(cli(['--version']).stdout.trim()).toMatch(/^\d+\.\d+\.\d+/);
   });
@@ -196,6 +199,13 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
       ['density out of range', () => ['run', writeRecipe(join(dir, 'd.yaml'), { ...dellaRecipe(models), parameters: { density: 1.5 } }), '--out', join(dir, 'o')], 1, /density/],
       ['missing model', () => ['run', writeRecipe(join(dir, 'mm.yaml'), dellaRecipe({ base: models.base, experts: [join(dir, 'ghost')] })), '--out', join(dir, 'o')], 1, /ghost/],
       ['inspect a missing path', () => ['inspect', join(dir, 'ghost')], 1, /ghost: no such file or directory/],
+      ['an option given twice', () => ['run', good, '--out', join(dir, 'o'), '--out', join(dir, 'p')], 2, /^della-merge: --out is given more than once\n/],
+      ['a --shard-size too large', () => ['run', good, '--out', join(dir, 'o'), '--shard-size', '99999999999999999999'], 2, /--shard-size "99999999999999999999" is too large/],
+      ['help for no command', () => ['help', 'constructor'], 2, /no help for "constructor"/],
+      // found while planning, it names the recipe file as a parse error does
+      ['a density gradient too low for epsilon at some tensor', () => ['run', writeRecipe(join(dir, 'g.yaml'), {
+        ...dellaRecipe(models), models: models.experts.map((m) => ({ model: m, parameters: { density: [0.05, 0.9], epsilon: 0.1 } })),
+      }), '--out', join(dir, 'o')], 1, /^della-merge: \S*g\.yaml: model .*density 0\.05 and epsilon 0\.1 give keep probabilities/],
       // --report is checked before merging, so a bad one leaves no output behind.
       ['--report naming a directory', () => ['run', good, '--out', join(dir, 'o'), '--report', dir], 1, /--report .* is a directory; give a file name/],
       ['--report under a file', () => ['run', good, '--out', join(dir, 'o'), '--report', join(good, 'r.json')], 1, /good\.yaml is not a directory/],

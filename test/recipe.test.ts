@@ -16,6 +16,7 @@ import {
   validateParam,
   type Recipe,
 } from '../lib/recipe/index.js';
+import { resolveHubId } from '../lib/recipe/hub.js';
 
 const resolvePath = (m: string): string => '/models/' + m;
 const parse = (text: string): Recipe => parseRecipe(text, { resolvePath });
@@ -559,6 +560,19 @@ describe('loadRecipe', () => {
     expect(err.message).toContain('not in the Hugging Face cache (della-merge never downloads)');
     expect(err.message).toContain(path.join(dir, 'cwd', 'mistralai'));
     expect(err.message).toContain('models--mistralai--Mistral-7B-v0.1');
+  });
+
+  it('a hub revision or ref cannot lead out of the cache with ".."', () => {
+    const cache = path.join(dir, 'hub-cache');
+    const repo = path.join(cache, 'models--acme--m');
+    mkdirSync(path.join(repo, 'snapshots', 'abc'), { recursive: true });
+    mkdirSync(path.join(repo, 'refs'), { recursive: true });
+    mkdirSync(path.join(dir, 'elsewhere'), { recursive: true });
+    const env = { HF_HUB_CACHE: cache };
+    expect(resolveHubId('acme/m@abc', env)).toEqual({ path: path.join(repo, 'snapshots', 'abc') });
+    expect(resolveHubId('acme/m@../../../elsewhere', env)).toBeNull(); // used to resolve to dir/elsewhere
+    writeFileSync(path.join(repo, 'refs', 'main'), '../../../elsewhere\n');
+    expect(resolveHubId('acme/m', env)).not.toHaveProperty('path'); // the ref's commit leads out: not used
   });
 
   it('refuses an unreadable recipe file', async () => {

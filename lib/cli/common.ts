@@ -29,7 +29,14 @@ export function parse(command: string, args: string[], options: OptionSpec): Par
     else joined.push(a);
   }
   try {
-    const r = parseArgs({ args: joined, options: { ...options, help: { type: 'boolean', short: 'h' } }, allowPositionals: true, strict: true });
+    const r = parseArgs({ args: joined, options: { ...options, help: { type: 'boolean', short: 'h' } }, allowPositionals: true, strict: true, tokens: true });
+    // parseArgs keeps the last of a repeated option: "--out a --out b" wrote to b unannounced
+    const seen = new Set<string>();
+    for (const t of r.tokens) {
+      if (t.kind !== 'option') continue;
+      if (seen.has(t.name)) throw new Error(`--${t.name} is given more than once`);
+      seen.add(t.name);
+    }
     return { values: r.values as Parsed['values'], positionals: r.positionals };
   } catch (e) {
     throw usageError((e as Error).message, command);

@@ -2,6 +2,7 @@
  * From a plan to kernel tasks: the models a recipe names, opened, and the task object
  * (lib/merge/task.ts) of each merged tensor. Shared by the scheduler and verification.
  */
+import { DellaError } from '../errors.js';
 import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
 import { expectRecipe, type Recipe } from '../recipe/index.js';
 import { planMerge, type MergePlan, type TensorPlan } from './plan.js';
@@ -32,13 +33,21 @@ export function openModels(recipe: Recipe): OpenedModels {
 
 /** Plans a merge without writing anything (for --dry-run and checks). */
 export function planRecipe(recipe: Recipe): { plan: MergePlan; models: OpenedModels } {
-  const models = openModels(expectRecipe(recipe, 'planRecipe(recipe)'));
+  const checked = expectRecipe(recipe, 'planRecipe(recipe)');
+  const models = openModels(checked);
   try {
-    return { plan: planMerge(recipe, models.base, models.experts), models };
+    return { plan: planMerge(checked, models.base, models.experts), models };
   } catch (e) {
     models.close();
-    throw e;
+    throw inRecipe(e, checked);
   }
+}
+
+/** A recipe's error found while planning (a parameter with no value for some tensor)
+ * names the recipe file, as those found while parsing it do. */
+export function inRecipe(e: unknown, recipe: Recipe): unknown {
+  if (!(e instanceof DellaError) || e.code !== 'E_RECIPE' || !recipe.source || e.message.startsWith(recipe.source)) return e;
+  return new DellaError('E_RECIPE', `${recipe.source}: ${e.message}`, { cause: e.cause });
 }
 
 /**

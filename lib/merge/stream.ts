@@ -8,7 +8,7 @@ import { showArg } from '../util/show.js';
 import { checkOptionKinds, checkOptionNames } from '../util/options.js';
 import { loadNative } from '../native.js';
 import type { Recipe } from '../recipe/index.js';
-import { openModels, type OpenedModels } from './build.js';
+import { inRecipe, openModels, type OpenedModels } from './build.js';
 import { planMerge } from './plan.js';
 import { abortError, batches, checkOutputSizes, runBatches, runSettings, tensorReport, type BatchContext, type ProgressEvent, type TensorReport } from './run.js';
 
@@ -86,7 +86,12 @@ export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions 
     models = openModels(recipe);
   }
   try {
-    const plan = planMerge(recipe, models.base, models.experts);
+    let plan: ReturnType<typeof planMerge>;
+    try {
+      plan = planMerge(recipe, models.base, models.experts);
+    } catch (e) {
+      throw inRecipe(e, recipe);
+    }
     checkOutputSizes(plan.tensors, 'the typed array of a yielded tensor');
     const ctx: BatchContext = {
       plan, models, recipe, seed, threads, native, signal: options.signal,

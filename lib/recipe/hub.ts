@@ -26,12 +26,17 @@ export function resolveHubId(id: string, env: NodeJS.ProcessEnv = process.env): 
   const m = HUB_ID.exec(id);
   if (!m) return null;
   const [, org, name, revision = 'main'] = m;
+  // A revision (or a ref's commit) names a path below the repository's refs/ and
+  // snapshots/: "." and ".." segments would lead out of the cache.
+  const inside = (s: string) => s.split('/').every((p) => p !== '' && p !== '.' && p !== '..');
+  if (!inside(revision)) return null;
   const looked: string[] = [];
   for (const cache of hubCacheDirs(env)) {
     const repo = join(cache, `models--${org}--${name}`);
     let commit = revision;
     const ref = join(repo, 'refs', revision);
     if (existsSync(ref) && statSync(ref).isFile()) commit = readFileSync(ref, 'utf8').trim();
+    if (!inside(commit)) continue;
     const snapshot = join(repo, 'snapshots', commit);
     if (existsSync(snapshot) && statSync(snapshot).isDirectory()) return { path: snapshot };
     looked.push(snapshot);

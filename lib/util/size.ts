@@ -14,7 +14,8 @@ export function parseSize(text: string, what = 'size'): number {
     throw new DellaError('E_ARGS', `${what} "${text}" is not a size: use bytes or a unit such as 500MB, 5GB or 2GiB`);
   }
   const bytes = Math.floor(Number(m[1]) * unit);
-  if (!(bytes > 0) || !Number.isSafeInteger(bytes)) throw new DellaError('E_ARGS', `${what} "${text}" must be a positive size`);
+  if (!(bytes > 0)) throw new DellaError('E_ARGS', `${what} "${text}" must be a positive size`);
+  if (!Number.isSafeInteger(bytes)) throw new DellaError('E_ARGS', `${what} "${text}" is too large (at most 2^53 - 1 bytes)`);
   return bytes;
 }
 
