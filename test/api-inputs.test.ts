@@ -155,7 +155,13 @@ describe('mergeTensors in-memory arguments', () => {
       /base: tensor "model\.layers\.0\.mlp\.up_proj\.weight": unknown dtype "constructor"/);
     await refused(() => drain({ base: { [W]: t(new Uint8Array(8), { dtype: 'hasOwnProperty' }) }, models: [{ [W]: t() }] }), 'E_ARGS',
       /unknown dtype "hasOwnProperty"/);
-    // A sparse shape passed every() (it skips holes) and became a bare RangeError.
+    // A sparse shape passed every() (it skips holes) and became a bare RangeError; one of
+    // length 2^32 - 1 must not be built first.
+    const huge: number[] = [];
+    huge.length = 2 ** 32 - 1;
+    const t0 = performance.now();
+    await refused(() => drain({ base: { [W]: t(new Float32Array(2), { shape: huge }) }, models: [{ [W]: t() }] }), 'E_ARGS', /shape must be a list of non-negative integers, got an array of 4294967295/);
+    expect(performance.now() - t0).toBeLessThan(2000);
     await refused(() => drain({ base: { [W]: t(new Float32Array(2), { shape: [, 2] }) }, models: [{ [W]: t() }] }), 'E_ARGS', // eslint-disable-line no-sparse-arrays
       /base: tensor "model\.layers\.0\.mlp\.up_proj\.weight": shape must be a list of non-negative integers, got \[null,2\]/);
   });

@@ -217,6 +217,21 @@ describe('API arguments: every wrong one is a DellaError naming it, never a cras
     expect(readFileSync(join(out, 'della_merge_recipe.yaml'), 'utf8')).toMatch(/density: 0\.25/);
   });
 
+  it('a recipe listing the base under another spelling (and naming it so as tokenizer_source) is used as parsed', async () => {
+    // checkedRecipe once parsed it again without the base entry: the tokenizer_source
+    // became unknown (run refused it), and without it the recipe counted as changed and
+    // lost its file (which --overwrite of its directory then deleted).
+    const home = join(dir, 'spelled');
+    mkdirSync(home, { recursive: true });
+    const file = join(home, 'r.yaml');
+    writeFileSync(file, `merge_method: ties\nbase_model: ./base\ntokenizer_source: base/\nmodels:\n  - model: base/\n  - model: x\n    parameters: {density: 0.5}\n`);
+    const loaded = await loadRecipe(file, { cwd: dir });
+    const report = await merge(loaded, { out: join(dir, 'spelled-out') });
+    expect(report.tensors.merged).toBe(1);
+    await refused(() => merge(loaded, { out: home, overwrite: true }), 'E_OUTPUT', /holds .*spelled\/r\.yaml, an input of this merge/);
+    expect(existsSync(file)).toBe(true);
+  });
+
   it('verifyMerge refuses a seed that is not an integer in [0, 2^53) instead of failing a good merge', async () => {
     const out = join(dir, 'good');
     await merge(doc, { out });

@@ -1,6 +1,6 @@
 /** The della-merge command as a user runs it: exit codes, messages, files. */
 import { spawnSync } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync, writeFileSync, truncateSync, copyFileSync, mkdirSync, statSync, utimesSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, writeFileSync, truncateSync, copyFileSync, mkdirSync, statSync, utimesSync, rmSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { merge, saveModel } from '../lib/index.js';
@@ -74,6 +74,10 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
     expect(r.stdout).toMatch(/math +kept 4\d\.\d% of its delta/);
     expect(readdirSync(join(dir, 'merged'))).toContain('model.safetensors');
     expect(cli(['demo', '--out', dir]).code).toBe(0); // an earlier demo's directory is reused
+    // ...also after the next step its summary suggests
+    expect(r.stdout).toContain(`--out ${join(dir, 'merged-again')}`);
+    expect(cli(['run', join(dir, 'models', 'recipe.yaml'), '--out', join(dir, 'merged-again'), '-q']).code).toBe(0);
+    expect(cli(['demo', '--out', dir]).code).toBe(0);
     const mine = tempDir();
     writeFileSync(join(mine, 'notes.txt'), 'keep');
     const refused = cli(['demo', '--out', mine]);
@@ -214,9 +218,11 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
       ['--report naming a file the merge writes', () => ['run', good, '--out', join(dir, 'o'), '--report', join(dir, 'o', 'model.safetensors')], 1,
         /^della-merge: --report .*\/o\/model\.safetensors is a file the merge writes into .*\/o; give another name\n$/],
       ['--report naming the recipe', () => ['run', good, '--out', join(dir, 'o'), '--report', good], 1,
-        /^della-merge: --report .*good\.yaml is .*good\.yaml, an input of this merge; give another path\n$/],
-      ['--report inside a model', () => ['run', good, '--out', join(dir, 'o'), '--report', join(models.base, 'model.safetensors')], 1,
-        /^della-merge: --report .*model\.safetensors is inside .*, an input of this merge; give another path\n$/],
+        /^della-merge: --report (\S*)good\.yaml would replace \1good\.yaml, an input of this merge; give another path\n$/],
+      ['--report naming a model file', () => ['run', good, '--out', join(dir, 'o'), '--report', join(models.base, readdirSync(models.base).find((f) => f.endsWith('.safetensors'))!)], 1,
+        /^della-merge: --report .*\.safetensors would replace the files of .*, an input of this merge; give another path\n$/],
+      ['--report adding a weight file to a model', () => ['run', good, '--out', join(dir, 'o'), '--report', join(models.base, 'pytorch_model.safetensors')], 1,
+        /^della-merge: --report .*pytorch_model\.safetensors would add to the files of .*, an input of this merge; give another path\n$/],
     ];
     for (const [label, args, code, message] of cases) {
       it(label, () => {
@@ -256,6 +262,20 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
       const r = cli(['run', good, '--out', join(dir, 'report-made'), '--report', report, '-q']);
       expect(r.code, r.stderr).toBe(0);
       expect(JSON.parse(readFileSync(report, 'utf8')).method).toBe('della');
+    });
+
+    it('--report may name a new file beside an input; flags may repeat; a recorded recipe reruns into its own output', () => {
+      const report = join(models.base, 'merge-report.json');
+      try {
+        const r = cli(['run', good, '--out', join(dir, 'beside'), '--report', report, '-q', '-q']);
+        expect(r.code, r.stderr).toBe(0);
+        expect(JSON.parse(readFileSync(report, 'utf8')).method).toBe('della');
+      } finally {
+        rmSync(report, { force: true });
+      }
+      const again = cli(['run', join(dir, 'beside', 'della_merge_recipe.yaml'), '--out', join(dir, 'beside'), '--overwrite', '-q']);
+      expect(again.code, again.stderr).toBe(0);
+      expect(existsSync(join(dir, 'beside', 'della_merge_recipe.yaml'))).toBe(true);
     });
 
     it('--report may name a file inside a new output directory', () => {

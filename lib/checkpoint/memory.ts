@@ -28,6 +28,14 @@ function viewBytes(data: ArrayBufferView): Uint8Array | null {
   }
 }
 
+function dimensionsOk(shape: unknown[]): boolean {
+  for (let i = 0; i < shape.length; i++) {
+    const d = shape[i];
+    if (!Number.isSafeInteger(d) || (d as number) < 0) return false;
+  }
+  return true;
+}
+
 /**
  * Checks the {dtype, shape, data} of a tensor given in memory (a tensor set's, or
  * saveModel's); `where` names it in the messages. Returns the dtype, a copy of the shape
@@ -38,8 +46,9 @@ export function checkTensorData(where: string, t: { dtype?: unknown; shape?: unk
   if (typeof dtype !== 'string' || !Object.hasOwn(DTYPE_SIZES, dtype)) {
     throw new DellaError('E_ARGS', `${where}: unknown dtype ${showArg(dtype)} (known: ${Object.keys(DTYPE_SIZES).join(', ')})`);
   }
-  // Array.from: every() skips the holes of a sparse array ([, 1] would pass, and be written as "[,1]")
-  if (!Array.isArray(shape) || !Array.from(shape).every((d) => Number.isSafeInteger(d) && d >= 0)) {
+  // By index: every() skips the holes of a sparse array ([, 1] would pass, and be
+  // written as "[,1]"), and Array.from would build a hole-filled 2^32 - 1 first.
+  if (!Array.isArray(shape) || !dimensionsOk(shape)) {
     throw new DellaError('E_ARGS', `${where}: shape must be a list of non-negative integers, got ${showArg(shape)}`);
   }
   if (!ArrayBuffer.isView(data)) {

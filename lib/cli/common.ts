@@ -1,5 +1,5 @@
 /** What every command shares: argument parsing, output, signals, the run summary. */
-import { accessSync, constants, realpathSync, statSync, writeFileSync } from 'node:fs';
+import { accessSync, constants, existsSync, realpathSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, resolve, sep } from 'node:path';
 import { parseArgs } from 'node:util';
 import { DellaError, ioError } from '../errors.js';
@@ -30,10 +30,11 @@ export function parse(command: string, args: string[], options: OptionSpec): Par
   }
   try {
     const r = parseArgs({ args: joined, options: { ...options, help: { type: 'boolean', short: 'h' } }, allowPositionals: true, strict: true, tokens: true });
-    // parseArgs keeps the last of a repeated option: "--out a --out b" wrote to b unannounced
+    // parseArgs keeps the last of a repeated option: "--out a --out b" wrote to b
+    // unannounced. A repeated flag (-q -q, as wrappers pass defaults) says nothing new.
     const seen = new Set<string>();
     for (const t of r.tokens) {
-      if (t.kind !== 'option') continue;
+      if (t.kind !== 'option' || options[t.name]?.type !== 'string') continue;
       if (seen.has(t.name)) throw new Error(`--${t.name} is given more than once`);
       seen.add(t.name);
     }
@@ -119,8 +120,10 @@ export function checkReportFile(path: string, outDir: string | undefined, recipe
   }
   if (recipe) {
     const inputs = [...(recipe.source ? [recipe.source] : []), recipe.baseModel.path, ...recipe.models.map((m) => m.path)];
-    const hit = inputs.find((input) => isWithin(full, input));
-    if (hit) throw new DellaError('E_OUTPUT', `--report ${full} is ${resolve(hit) === full ? '' : 'inside '}${hit}, an input of this merge; give another path`);
+    // Replacing one of their files or the recipe, or adding one a model would be read
+    // by (a model.safetensors beside shards); a report.json beside them is harmless.
+    const hit = inputs.find((input) => isWithin(full, input) && (existsSync(full) || mergeWrites(basename(full))));
+    if (hit) throw new DellaError('E_OUTPUT', `--report ${full} would ${existsSync(full) ? 'replace' : 'add to'} ${resolve(hit) === full ? '' : 'the files of '}${hit}, an input of this merge; give another path`);
   }
   const why = unwritableFile(path);
   if (why) throw new DellaError('E_OUTPUT', `--report ${why}`);

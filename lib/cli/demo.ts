@@ -87,10 +87,12 @@ function checkDemoDir(dir: string): void {
   if (entries.length > 0 && !isEarlierDemo(dir, entries)) throw refuse(`${dir} exists and is not an earlier demo's directory`);
 }
 
-/** What the demo writes, and nothing else: its models (with the recipe it wrote) and
- * the merge. Anything more is the user's, which rerunning the demo would replace. */
+/** What the demo writes (its models, with the recipe it wrote, and the merge), the
+ * merge its summary suggests next (merged-again), and what an interrupted merge left;
+ * nothing else. Anything more is the user's, which rerunning the demo would replace. */
 function isEarlierDemo(dir: string, entries: string[]): boolean {
-  if (!entries.every((e) => e === 'models' || e === 'merged')) return false;
+  const ours = (e: string) => e === 'models' || e === 'merged' || e === 'merged-again' || (e.startsWith('.') && e.includes('.della-tmp-'));
+  if (!entries.every(ours)) return false;
   try {
     return readFileSync(join(dir, 'models', 'recipe.yaml'), 'utf8').startsWith(DEMO_RECIPE_MARK);
   } catch {

@@ -5,6 +5,7 @@
  * cleanup. Memory stays bounded by a few batches: nothing is copied into JS.
  */
 import { readFileSync } from 'node:fs';
+import { basename } from 'node:path';
 import { stringify as yamlStringify } from 'yaml';
 import { DellaError } from '../errors.js';
 import { checkOptionKinds, checkOptionNames } from '../util/options.js';
@@ -269,7 +270,9 @@ function recipeText(recipe: Recipe): string {
 
 /** The files and directories a merge reads (and its recipe file), which its output must not replace. */
 export function inputPaths(models: OpenedModels, recipe?: Recipe): string[] {
-  return [...[models.base, ...models.experts].flatMap((m) => [...m.files, ...(m.dir ? [m.dir] : [])]), ...(recipe?.source ? [recipe.source] : [])];
+  // The recipe an output recorded (rerun into that output) is written again: not kept.
+  const recipeFile = recipe?.source && basename(recipe.source) !== RECIPE_FILE ? [recipe.source] : [];
+  return [...[models.base, ...models.experts].flatMap((m) => [...m.files, ...(m.dir ? [m.dir] : [])]), ...recipeFile];
 }
 
 /** Runs a parsed recipe to completion; see `merge` in index.ts for the public entry. */

@@ -36,7 +36,10 @@ export function resolveHubId(id: string, env: NodeJS.ProcessEnv = process.env): 
     let commit = revision;
     const ref = join(repo, 'refs', revision);
     if (existsSync(ref) && statSync(ref).isFile()) commit = readFileSync(ref, 'utf8').trim();
-    if (!inside(commit)) continue;
+    if (!inside(commit)) {
+      looked.push(`${ref} (its commit "${commit}" leads out of the cache)`);
+      continue;
+    }
     const snapshot = join(repo, 'snapshots', commit);
     if (existsSync(snapshot) && statSync(snapshot).isDirectory()) return { path: snapshot };
     looked.push(snapshot);

@@ -388,17 +388,23 @@ export function expectRecipe(v: unknown, where: string): Recipe {
 
 /** The fields of a Recipe that say what a merge does. */
 const recipeFields = (r: Recipe) =>
-  [r.mergeMethod, r.baseModel, r.models, r.parameters, r.dtype, r.outDtype, r.tokenizerSource, r.seed];
+  jsonForMessage([r.mergeMethod, r.baseModel, r.models, r.parameters, r.dtype, r.outDtype, r.tokenizerSource, r.seed]);
+
+/** What parseRecipe made of each document: a Recipe (or a copy of one) whose fields
+ * still match is unchanged, and used as it is. */
+const parsedFields = new WeakMap<object, string>();
 
 /**
  * A Recipe object given to the API, checked as a recipe file is. The API exports the
  * type, so one may be changed after parsing or built by hand, and a wrong value would
- * otherwise reach the kernels (a TypeError, or a density of 5 merged as given). It is
- * parsed again from its fields: unchanged, it is returned as it is; changed, the
- * re-parsed one is returned, with a document (recorded beside the output) that says
- * what runs.
+ * otherwise reach the kernels (a TypeError, or a density of 5 merged as given). One
+ * whose fields are what parseRecipe made of its document is returned as it is; any
+ * other is parsed again from its fields, and the re-parsed one is returned, with a
+ * document (recorded beside the output) that says what runs.
  */
 export function checkedRecipe(r: Recipe): Recipe {
+  const doc = r.document;
+  if (doc !== null && typeof doc === 'object' && parsedFields.get(doc) === recipeFields(r)) return r;
   const models: unknown = Array.isArray(r.models)
     ? r.models.map((m) => (isDict(m) ? { model: m.model, parameters: m.parameters ?? {} } : m))
     : r.models;
@@ -406,21 +412,19 @@ export function checkedRecipe(r: Recipe): Recipe {
   if (r.parameters !== undefined) document.parameters = r.parameters;
   if (r.dtype !== null && r.dtype !== undefined) document.dtype = r.dtype;
   if (r.outDtype !== null && r.outDtype !== undefined) document.out_dtype = r.outDtype;
-  if (r.tokenizerSource !== null && r.tokenizerSource !== undefined) document.tokenizer_source = r.tokenizerSource;
+  const names = Array.isArray(r.models) ? r.models.map((m) => (isDict(m) ? m.model : m)) : [];
+  const written = isDict(doc) && Array.isArray(doc.models) ? doc.models.map((e) => (isDict(e) ? e.model : e)) : [];
+  const tok = r.tokenizerSource;
+  // A tokenizer_source naming the base as the document listed it among the models (which
+  // Recipe.models leaves out) is the base.
+  const listedBase = typeof tok === 'string' && tok !== r.baseModel.model && !names.includes(tok) && written.includes(tok);
+  if (tok !== null && tok !== undefined) document.tokenizer_source = listedBase ? 'base' : tok;
   if (r.seed !== undefined) document.seed = r.seed;
   // Model strings keep the locations they were resolved to.
   const paths = new Map<unknown, string>([[r.baseModel.model, r.baseModel.path]]);
   if (Array.isArray(r.models)) for (const m of r.models) if (isDict(m) && typeof m.path === 'string') paths.set(m.model, m.path);
-  const options = { source: r.source ?? undefined, resolvePath: (m: string) => paths.get(m) ?? m };
-  const again = recipeFromDocument(document, [], options);
-  // Unchanged: its fields are still what its own document says.
-  let unchanged = false;
-  try {
-    unchanged = jsonForMessage(recipeFields(recipeFromDocument(r.document, [], options))) === jsonForMessage(recipeFields(r));
-  } catch {
-    // a document that does not parse: r was built by hand
-  }
-  if (unchanged) return r;
+  const again = recipeFromDocument(document, [], { source: r.source ?? undefined, resolvePath: (m: string) => paths.get(m) ?? m });
+  // Its file no longer says what runs: the record is the document above.
   return { ...again, source: null, warnings: [...new Set([...(Array.isArray(r.warnings) ? r.warnings : []), ...again.warnings])] };
 }
 
@@ -540,7 +544,7 @@ function recipeFromDocument(document: unknown, warnings: string[], options: Pars
     tokenizerSource = tok;
   }
 
-  return {
+  const recipe: Recipe = {
     source: options.source ?? null,
     mergeMethod: method.name,
     baseModel,
@@ -553,6 +557,8 @@ function recipeFromDocument(document: unknown, warnings: string[], options: Pars
     warnings,
     document,
   };
+  parsedFields.set(doc, recipeFields(recipe));
+  return recipe;
 }
 
 // ---------------------------------------------------------------- files
