@@ -138,6 +138,10 @@ describe(`verify (DELLA_TEST_SEED=${seed})`, () => {
     const file = join(out, 'della_merge_run.json');
     const record = JSON.parse(readFileSync(file, 'utf8'));
     expect(Object.values(record.xxh64).every((d) => /^[0-9a-f]{16}$/.test(String(d)))).toBe(true);
+    // A malformed seed in the record is named, not silently replaced by the recipe's.
+    writeFileSync(file, JSON.stringify({ ...record, seed: 'x' }));
+    expect((await verifyMerge(out, await loadRecipe(recipe))).problems).toEqual(
+      [`della_merge_run.json records the seed "x", not an integer in [0, 2^53): rows were recomputed with the recipe's seed 0`]);
     // A record that differs in its last digit reads as different: digests are shown whole.
     const name = 'model.layers.0.mlp.down_proj.weight';
     const real = record.xxh64[name] as string;

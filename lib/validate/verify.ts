@@ -127,6 +127,10 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
     const problems: string[] = [];
     const checks: TensorCheck[] = [];
     if (!digests) problems.push(`${RUN_FILE} is missing or unreadable: only sampled rows can be checked, not every byte`);
+    // A record that holds a seed it cannot have written (the recipe's was used instead).
+    if (recorded !== undefined && options.seed === undefined && seed !== recorded) {
+      problems.push(`${RUN_FILE} records the seed ${showShort(recorded)}, not an integer in [0, 2^53): rows were recomputed with the recipe's seed ${seed}`);
+    }
     const planned = new Set(plan.tensors.map((t) => t.name));
     for (const name of merged.names) {
       if (!planned.has(name)) problems.push(`tensor "${name}" is in the output but not in the plan`);
