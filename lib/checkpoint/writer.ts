@@ -4,13 +4,13 @@
  * their final offsets, off the JS thread. All of it happens in a temporary sibling
  * directory that is renamed into place only when complete; any failure removes it.
  */
-import { existsSync, mkdirSync, realpathSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { basename, dirname, join, resolve, sep } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
 import { loadNative, type NativeOutputFile } from '../native.js';
 import { DTYPE_SIZES, encodeHeader } from './safetensors.js';
-import { makeDirs, removeEmptyDirs } from '../util/fs.js';
+import { isWithin, makeDirs, removeEmptyDirs } from '../util/fs.js';
 import { INDEX_FILE, SINGLE_FILE } from './model.js';
 
 export interface OutputTensor {
@@ -130,7 +130,7 @@ export class OutputDirectory {
         throw ioError(`cannot create ${parent}`, e);
       }
     }
-    const tmp = join(parent, `.${basename(full)}.della-tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
+    const tmp = join(parent, `.${basename(full)}${TEMP_MARK}${process.pid}-${randomBytes(4).toString('hex')}`);
     try {
       mkdirSync(tmp);
     } catch (e) {
@@ -267,11 +267,8 @@ export class ShardFiles {
 /** An output that is or holds an input would, with --overwrite, delete that input. */
 function checkNotInput(full: string, inputs: readonly string[]): void {
   if (!existsSync(full)) return;
-  const target = realpathSync(full);
-  const prefix = target.endsWith(sep) ? target : target + sep; // '/' holds everything
   for (const input of inputs) {
-    const real = existsSync(input) ? realpathSync(input) : resolve(input);
-    if (real === target || real.startsWith(prefix)) {
+    if (isWithin(input, full)) {
       throw outputError(`${full} holds ${input}, an input of this merge: replacing it would delete that input; choose another output directory`);
     }
   }
@@ -297,6 +294,9 @@ export function indexJson(layouts: readonly ShardLayout[]): string {
 }
 
 export { INDEX_FILE };
+
+/** In the name of an output's temporary sibling (.OUT.della-tmp-PID-RANDOM) while it is built. */
+export const TEMP_MARK = '.della-tmp-';
 
 /** The names layoutShards gives shards. */
 export const SHARD_NAME = /^model-\d{5,}-of-\d{5,}\.safetensors$/;

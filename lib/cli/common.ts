@@ -1,16 +1,16 @@
 /** What every command shares: argument parsing, output, signals, the run summary. */
-import { accessSync, constants, existsSync, realpathSync, statSync, writeFileSync } from 'node:fs';
-import { basename, dirname, resolve, sep } from 'node:path';
+import { accessSync, constants, existsSync, statSync, writeFileSync } from 'node:fs';
+import { basename, dirname, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { DellaError, ioError } from '../errors.js';
 import { packageVersion, type MergeReport } from '../merge/run.js';
 import type { Recipe } from '../recipe/index.js';
-import { CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { INDEX_FILE } from '../checkpoint/writer.js';
+import { EXTRA_FILES } from '../merge/parts.js';
 import { formatBytes, parseSize } from '../util/size.js';
 import { parseDevice } from '../merge/device.js';
 import { HELP, USAGE } from './usage.js';
-import { makeDirs, nearestExisting } from '../util/fs.js';
+import { isWithin, makeDirs, nearestExisting } from '../util/fs.js';
 
 export function usageError(message: string, command?: string): DellaError {
   return new DellaError('E_ARGS', `${message}\n\n${command ? HELP[command] : USAGE.replace('{version}', packageVersion())}`);
@@ -91,20 +91,9 @@ export function unwritableFile(path: string): string | null {
   return null;
 }
 
-/** Whether `path` is `dir` or lies inside it, through symbolic links too. */
-function isWithin(path: string, dir: string): boolean {
-  const real = (p: string) => {
-    const near = nearestExisting(p); // the path may not exist yet
-    return realpathSync(near) + resolve(p).slice(near.length);
-  };
-  const p = real(path), d = real(dir);
-  return p === d || p.startsWith(d.endsWith(sep) ? d : d + sep);
-}
-
 /** Whether the merge may write a file of this name at the top of its output directory. */
 function mergeWrites(name: string): boolean {
-  return name.endsWith('.safetensors') || name === INDEX_FILE || name.startsWith('della_merge_') || name === 'README.md' ||
-    CONFIG_FILES.includes(name) || TOKENIZER_FILES.includes(name);
+  return name.endsWith('.safetensors') || name === INDEX_FILE || name.startsWith('della_merge_') || EXTRA_FILES.includes(name);
 }
 
 /**
@@ -122,8 +111,9 @@ export function checkReportFile(path: string, outDir: string | undefined, recipe
     const inputs = [...(recipe.source ? [recipe.source] : []), recipe.baseModel.path, ...recipe.models.map((m) => m.path)];
     // Replacing one of their files or the recipe, or adding one a model would be read
     // by (a model.safetensors beside shards); a report.json beside them is harmless.
-    const hit = inputs.find((input) => isWithin(full, input) && (existsSync(full) || mergeWrites(basename(full))));
-    if (hit) throw new DellaError('E_OUTPUT', `--report ${full} would ${existsSync(full) ? 'replace' : 'add to'} ${resolve(hit) === full ? '' : 'the files of '}${hit}, an input of this merge; give another path`);
+    const exists = existsSync(full);
+    const hit = inputs.find((input) => isWithin(full, input) && (exists || mergeWrites(basename(full))));
+    if (hit) throw new DellaError('E_OUTPUT', `--report ${full} would ${exists ? 'replace' : 'add to'} ${resolve(hit) === full ? '' : 'the files of '}${hit}, an input of this merge; give another path`);
   }
   const why = unwritableFile(path);
   if (why) throw new DellaError('E_OUTPUT', `--report ${why}`);

@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
 import { openCheckpoint } from '../checkpoint/model.js';
+import { TEMP_MARK } from '../checkpoint/writer.js';
 import { loadRecipe } from '../recipe/index.js';
 import { runMerge, selectDevice, type MergeReport } from '../merge/run.js';
 import { loadNative } from '../native.js';
@@ -91,7 +92,7 @@ function checkDemoDir(dir: string): void {
  * merge its summary suggests next (merged-again), and what an interrupted merge left;
  * nothing else. Anything more is the user's, which rerunning the demo would replace. */
 function isEarlierDemo(dir: string, entries: string[]): boolean {
-  const ours = (e: string) => e === 'models' || e === 'merged' || e === 'merged-again' || (e.startsWith('.') && e.includes('.della-tmp-'));
+  const ours = (e: string) => e === 'models' || e === 'merged' || e === 'merged-again' || (e.startsWith('.') && e.includes(TEMP_MARK));
   if (!entries.every(ours)) return false;
   try {
     return readFileSync(join(dir, 'models', 'recipe.yaml'), 'utf8').startsWith(DEMO_RECIPE_MARK);

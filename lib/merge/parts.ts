@@ -9,7 +9,7 @@ import { existsSync, readFileSync, statSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
-import { checkOptionKinds, checkOptionNames } from '../util/options.js';
+import { checkOptions } from '../util/options.js';
 import { readRegularFile } from '../util/fs.js';
 import { firstChange, openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
 import { CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
@@ -135,7 +135,7 @@ function readPart(dir: string): PartRecord {
  * tokenizer. Only these are copied from a part: anything else there (logs, a job
  * runner's files) is no part of a merge's output.
  */
-const EXTRA_FILES = ['della_merge_recipe.yaml', 'README.md', ...CONFIG_FILES, ...TOKENIZER_FILES];
+export const EXTRA_FILES = ['della_merge_recipe.yaml', 'README.md', ...CONFIG_FILES, ...TOKENIZER_FILES];
 
 const sameShape = (a: readonly number[], b: readonly number[]) => a.length === b.length && a.every((d, i) => d === b[i]);
 
@@ -164,9 +164,7 @@ export async function assemble(
   }
   if (typeof out !== 'string' || out === '') throw new DellaError('E_ARGS', `assemble(partDirs, out) takes the output directory, got ${show(out)}`);
   if (partDirs.length === 0) throw new DellaError('E_ARGS', 'assemble needs the part directories');
-  if (options === null || typeof options !== 'object') throw new DellaError('E_ARGS', `assemble(partDirs, out, options): options must be an object, got ${show(options)}`);
-  checkOptionNames(options, 'assemble', ['overwrite', 'signal']);
-  checkOptionKinds(options, { overwrite: 'boolean', signal: 'AbortSignal' });
+  checkOptions(options, 'assemble(partDirs, out, options)', { overwrite: 'boolean', signal: 'AbortSignal' });
   const dirs = partDirs.map((d) => resolve(d));
   const records = dirs.map(readPart);
   const first = records[0];

@@ -8,7 +8,7 @@ import { readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { stringify as yamlStringify } from 'yaml';
 import { DellaError } from '../errors.js';
-import { checkOptionKinds, checkOptionNames } from '../util/options.js';
+import { checkOptions } from '../util/options.js';
 import { showShort } from '../util/show.js';
 import { copyExtras, CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, DEFAULT_SHARD_SIZE, type OutputTensor, type ShardFiles } from '../checkpoint/writer.js';
@@ -278,9 +278,9 @@ export function inputPaths(models: OpenedModels, recipe?: Recipe): string[] {
 /** Runs a parsed recipe to completion; see `merge` in index.ts for the public entry. */
 export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<MergeReport> {
   const started = performance.now();
-  checkOptionNames(options, 'merge', ['out', 'seed', 'threads', 'shardSize', 'overwrite', 'onProgress', 'signal', 'backend', 'allowNonFinite', 'part', 'device', 'gpuMemory']);
-  checkOptionKinds(options, {
-    backend: ['native', 'reference'], device: 'string', onProgress: 'function', signal: 'AbortSignal', overwrite: 'boolean', allowNonFinite: 'boolean',
+  checkOptions(options, 'merge(recipe, options)', {
+    out: 'checked', seed: 'checked', threads: 'checked', shardSize: 'checked', overwrite: 'boolean', onProgress: 'function', signal: 'AbortSignal',
+    backend: ['native', 'reference'], allowNonFinite: 'boolean', part: 'checked', device: 'string', gpuMemory: 'checked',
   });
   const backend = options.backend ?? 'native';
   const native = backend === 'native' ? loadNative() : null;

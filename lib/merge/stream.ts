@@ -5,7 +5,7 @@
 import { DellaError } from '../errors.js';
 import { isTensorSet, memoryCheckpoint, type TensorSet } from '../checkpoint/memory.js';
 import { showArg } from '../util/show.js';
-import { checkOptionKinds, checkOptionNames } from '../util/options.js';
+import { checkOptions } from '../util/options.js';
 import { loadNative } from '../native.js';
 import type { Recipe } from '../recipe/index.js';
 import { inRecipe, openModels, type OpenedModels } from './build.js';
@@ -40,11 +40,12 @@ export interface TensorStreamOptions {
   onWarning?: (message: string) => void;
 }
 
-/** mergeTensors' options must be an object (checked before its recipe is read, too). */
+/** mergeTensors' options, checked (before its recipe is read, too). */
 export function expectStreamOptions(options: unknown): asserts options is TensorStreamOptions {
-  if (options === null || typeof options !== 'object') {
-    throw new DellaError('E_ARGS', `mergeTensors(recipe, options): options must be an object, got ${showArg(options)}`);
-  }
+  checkOptions(options, 'mergeTensors(recipe, options)', {
+    base: 'checked', models: 'checked', seed: 'checked', threads: 'checked', signal: 'AbortSignal', allowNonFinite: 'boolean',
+    onProgress: 'function', onWarning: 'function',
+  });
 }
 
 /**
@@ -56,8 +57,6 @@ export function expectStreamOptions(options: unknown): asserts options is Tensor
 export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions = {}): AsyncGenerator<MergedTensor> {
   const started = performance.now();
   expectStreamOptions(options);
-  checkOptionNames(options, 'mergeTensors', ['base', 'models', 'seed', 'threads', 'signal', 'allowNonFinite', 'onProgress', 'onWarning']);
-  checkOptionKinds(options, { onProgress: 'function', onWarning: 'function', signal: 'AbortSignal', allowNonFinite: 'boolean' });
   const warn = options.onWarning ?? ((message: string) => process.emitWarning(message, { type: 'DellaMergeWarning' }));
   const native = loadNative();
   const { threads, seed } = runSettings(options, recipe, native);

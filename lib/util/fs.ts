@@ -1,5 +1,5 @@
-import { existsSync, mkdirSync, readFileSync, rmdirSync, statSync } from 'node:fs';
-import { dirname, resolve } from 'node:path';
+import { existsSync, mkdirSync, readFileSync, realpathSync, rmdirSync, statSync } from 'node:fs';
+import { dirname, resolve, sep } from 'node:path';
 
 /** The path itself if it exists, else its nearest existing ancestor (a path under a
  * file stops at that file, whose child existsSync reports missing). */
@@ -45,6 +45,17 @@ export function removeEmptyDirs(dir: string, outermost: string): void {
     }
     if (d === outermost) return;
   }
+}
+
+/** Whether `path` is `dir` or lies inside it, through symbolic links too (either may
+ * not exist yet: its nearest existing ancestor's real path is taken). */
+export function isWithin(path: string, dir: string): boolean {
+  const real = (p: string) => {
+    const near = nearestExisting(p);
+    return realpathSync(near) + resolve(p).slice(near.length);
+  };
+  const p = real(path), d = real(dir);
+  return p === d || p.startsWith(d.endsWith(sep) ? d : d + sep); // '/' holds everything
 }
 
 /** readFileSync of a file the merge wrote, refusing anything else put in its place: a

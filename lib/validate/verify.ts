@@ -10,7 +10,7 @@ import { DellaError } from '../errors.js';
 import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
 import { expectRecipe, type Recipe } from '../recipe/index.js';
 import { showShort } from '../util/show.js';
-import { checkOptionKinds, checkOptionNames } from '../util/options.js';
+import { checkOptions } from '../util/options.js';
 import { readRegularFile } from '../util/fs.js';
 import { buildMergeTask, planRecipe } from '../merge/build.js';
 import type { TensorPlan } from '../merge/plan.js';
@@ -106,9 +106,7 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
   const started = performance.now();
   if (typeof out !== 'string' || out === '') throw new DellaError('E_ARGS', `verifyMerge(out, recipe) takes the output directory, got ${showShort(out)}`);
   recipe = expectRecipe(recipe, 'verifyMerge(out, recipe)');
-  if (options === null || typeof options !== 'object') throw new DellaError('E_ARGS', `verifyMerge(out, recipe, options): options must be an object, got ${showShort(options)}`);
-  checkOptionNames(options, 'verifyMerge', ['samples', 'seed', 'onProgress']);
-  checkOptionKinds(options, { onProgress: 'function' });
+  checkOptions(options, 'verifyMerge(out, recipe, options)', { samples: 'checked', seed: 'checked', onProgress: 'function' });
   if (options.seed !== undefined && !(Number.isSafeInteger(options.seed) && options.seed >= 0)) {
     throw new DellaError('E_ARGS', `seed must be an integer in [0, 2^53), got ${showShort(options.seed)}`);
   }
@@ -147,8 +145,8 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
         } else if (have !== want) {
           check.ok = false;
           // whole digests: two that differ in the last digit must not read as equal
-          const recorded = typeof want === 'string' && want.length <= 128 ? want : showShort(want);
-          check.problems.push(`tensor "${t.name}": its bytes changed since the merge wrote them, or its record did (${DIGEST_LABEL[stored!.algorithm]} ${have}, recorded ${recorded})`);
+          const wanted = typeof want === 'string' && want.length <= 128 ? want : showShort(want);
+          check.problems.push(`tensor "${t.name}": its bytes changed since the merge wrote them, or its record did (${DIGEST_LABEL[stored!.algorithm]} ${have}, recorded ${wanted})`);
         }
       }
       rowsChecked += check.rowsChecked;

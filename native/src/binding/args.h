@@ -8,6 +8,10 @@
 
 namespace della_binding {
 
+// The most bytes one typed array holds in Node 20. A longer external buffer aborted the
+// process (a double free) instead of throwing, so the binding refuses one first.
+constexpr uint64_t kMaxTypedArrayBytes = uint64_t{1} << 32;
+
 inline Napi::Value field(const Napi::Object& o, const char* key, const std::string& where) {
   if (!o.Has(key)) throw Napi::TypeError::New(o.Env(), where + "." + key + " is missing");
   return o.Get(key);

@@ -94,9 +94,8 @@ Napi::Value MappedFile::View(const Napi::CallbackInfo& info) {
   const size_t o = static_cast<size_t>(off), n = static_cast<size_t>(len);
   if (n == 0) return Napi::Uint8Array::New(env, 0);
   della_io::guard_in_front();  // the view is about to be read (see input_field)
-  // Node 20's typed arrays hold at most 2^32 bytes, and a longer external buffer aborted
-  // the process (a double free) instead of throwing; the JS side views in windows.
-  if (n > (size_t{1} << 32))
+  // the JS side views in windows
+  if (n > kMaxTypedArrayBytes)
     throw Napi::RangeError::New(env, path_ + ": a view of " + std::to_string(n) +
                                          " bytes is longer than the 4 GiB one typed array holds");
   auto* hold = new std::shared_ptr<Mapping>(map_);

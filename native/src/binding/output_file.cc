@@ -122,9 +122,8 @@ Napi::Value AllocStaging(const Napi::CallbackInfo& info) {
   const double want = info[0].As<Napi::Number>().DoubleValue();
   if (!(want > 0 && want <= 9007199254740991.0) || want != static_cast<uint64_t>(want))
     throw Napi::RangeError::New(env, "allocStaging: bytes must be a positive integer");
-  // Node 20's typed arrays hold at most 2^32 bytes; a longer external buffer aborted the
-  // process (a double free) instead of throwing (lib/merge/run.ts refuses such tensors).
-  if (want > 4294967296.0)
+  // (lib/merge/run.ts refuses tensors that would need one)
+  if (want > static_cast<double>(kMaxTypedArrayBytes))
     throw Napi::RangeError::New(env, "allocStaging: " + std::to_string(static_cast<uint64_t>(want)) +
                                          " bytes is more than the 4 GiB one typed array holds");
   // Buffers of 2 MiB and more in transparent huge pages where the kernel has them: the
