@@ -105,6 +105,23 @@ describe(`methods (DELLA_TEST_SEED=${seed})`, () => {
     expect(still.warnings).toContain(`lambda 0 on 2 tensor(s) (first: "v"): the merged changes there are all zero, so they keep the base model's values`);
     expect(values(join(dir, 'o2'), 'v')).toEqual([1, 1]);
   });
+
+  it('warns of a filter that matches no merged tensor (a typo fell through silently)', async () => {
+    const dir = tempDir();
+    const base = f32Model(join(dir, 'base'), { 'mlp.w': [0, 0], 'attn.w': [0, 0], other: [0, 0] });
+    const e = f32Model(join(dir, 'e'), { 'mlp.w': [1, 2], 'attn.w': [1, 2], other: [1, 2] });
+    const report = await merge({
+      merge_method: 'task_arithmetic', base_model: base,
+      models: [{ model: e, parameters: { weight: [{ filter: 'mpl', value: 0.5 }, { filter: 'attn', value: 2 }, { value: 1 }] } }],
+      parameters: { lambda: [{ filter: '*', value: 1 }], normalize: [{ filter: 'mlp', value: false }, { filter: 'nowhere', value: true }] },
+    }, { out: join(dir, 'o') });
+    const filters = report.warnings.filter((w) => w.startsWith('filter '));
+    expect(filters).toEqual([
+      `filter "nowhere" of parameter "normalize" matches none of the 3 merged tensors' names, so its value is never used (a filter matches names containing it)`,
+      `filter "mpl" of ${e}'s parameter "weight" matches none of the 3 merged tensors' names, so its value is never used (a filter matches names containing it)`,
+    ]);
+    expect(values(join(dir, 'o'), 'mlp.w')).toEqual([1, 2]); // the typo's 0.5 was not used
+  });
 });
 
 describe('mergekit recipes in their documented style', () => {

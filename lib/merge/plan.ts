@@ -7,7 +7,7 @@
 import { DellaError } from '../errors.js';
 import type { Checkpoint, CheckpointTensor } from '../checkpoint/model.js';
 import { DTYPE_SIZES, MERGEABLE_DTYPES } from '../checkpoint/safetensors.js';
-import type { Recipe, TensorParams } from '../recipe/index.js';
+import type { ParamValue, Recipe, TensorParams } from '../recipe/index.js';
 import { layerCount, resolveTensorParams } from '../recipe/index.js';
 import { METHODS, type MethodSpec } from './methods.js';
 
@@ -146,7 +146,32 @@ export function planMerge(recipe: Recipe, base: Checkpoint, experts: readonly Ch
       warnings.push(`${empty.length} tensor(s) are too small for their density: floor(density × size) = 0 drops every delta there (first: "${empty[0].name}", ${empty[0].numel} elements)`);
     }
   }
+  warnings.push(...unmatchedFilters(recipe, merged));
   return { method, tensors, layers, warnings: dedupe(warnings), totals: planTotals(tensors) };
+}
+
+/**
+ * Filter entries that no merged tensor's name contains. A filter is a substring match,
+ * so a typo ("mpl" for "mlp") never errs: its tensors fall through to the next entry,
+ * and the merge runs with values the recipe did not mean. mergekit says nothing; we warn.
+ */
+function unmatchedFilters(recipe: Recipe, merged: readonly TensorPlan[]): string[] {
+  const out: string[] = [];
+  const scan = (params: Record<string, ParamValue>, owner: string) => {
+    for (const [param, v] of Object.entries(params)) {
+      if (!Array.isArray(v)) continue;
+      for (const e of v) {
+        if (typeof e !== 'object' || e === null || e.filter === undefined || e.filter === '*') continue;
+        const f = e.filter;
+        if (!merged.some((t) => t.name.includes(f))) {
+          out.push(`filter "${f}" of ${owner}parameter "${param}" matches none of the ${merged.length} merged tensors' names, so its value is never used (a filter matches names containing it)`);
+        }
+      }
+    }
+  };
+  scan(recipe.parameters, '');
+  for (const m of recipe.models) scan(m.parameters, `${m.model}'s `);
+  return out;
 }
 
 /** The counts and bytes of a plan's tensors (or of one part's, for --dry-run --part). */
