@@ -38,6 +38,8 @@ struct Case {
   bool nonfinite = false;
   uint8_t poison = 0;  // the byte the GPU output was filled with before the run
   std::string desc;
+  uint64_t order_at = 0;  // norm order cases: the element whose value SPEC's order gives,
+  float order_spec = 0;   // and that value
 };
 
 uint64_t numel_of(const std::vector<int64_t>& s) {
@@ -212,23 +214,38 @@ Case make_case(Gen& g, int index) {
 
 // The order of the l1/l2 norm rescale's binary64 sums (SPEC: each row's in index order,
 // then the rows in index order). Random inputs cannot see it: the scale is rounded to fp32,
-// which hides the last bits of the sums. Here a row's large deltas sum exactly to one
-// binary64 ulp below an fp32 rounding midpoint (whose even neighbour is above it), and
-// eight deltas of 2^-54 follow, each under half an ulp of the running sum: in SPEC's order
-// every one is lost and f32(s) rounds down; summed before the large ones (the row or the
-// rows reversed, a tree, each batch of 8 reversed) four or more survive and it rounds up.
-// With the 2^-54s in the same row, or one each in 8 rows spread over the tensor (and its
-// slabs). TIES' trim keeps only the delta 1.0, so s is the full sum and the merged
-// element is f32(s). l1 only: l2 sums its squares in the same code, and its square
-// root would need another construction.
-constexpr double kOrderTiny = 0x1p-54;
-const double kOrderLarge[] = {1.0, 0.5, 0x1p-23, 0x1p-24 - 0x1p-48, 15 * 0x1p-52};
-constexpr float kOrderSpecScale = 1.5f + 0x1p-23f;  // f32 of the sum in SPEC's order
+// which hides the last bits of the sums. Here a row's large deltas are followed by eight
+// tiny ones, each under half an ulp of the running sum: in SPEC's order every tiny one is
+// lost and f32(s) rounds down; summed before the large ones (the row or the rows
+// reversed, a tree, each batch of 8 reversed) four or more survive and it rounds up.
+// With the tiny deltas in the same row, or one each in 8 rows spread over the tensor (and
+// its slabs). TIES' trim keeps only the delta 1.0, so s is the full norm and the merged
+// element is f32(s).
+// - l1: the large deltas sum exactly to one binary64 ulp below an fp32 rounding midpoint
+//   (whose even neighbour is above it); the tiny ones are 2^-54.
+// - l2: the squares of the large deltas sum to one ulp above m^2, m = 1 + 2^-24 being the
+//   midpoint above 1; the square root rounds to m itself, a tie that f32 breaks to even
+//   (1). The tiny deltas are 2^-27 (squares 2^-54): four or more of them make the sum two
+//   ulps above m^2, whose root is above m and rounds up.
+struct NormOrder {
+  della::Rescale rescale;
+  const char* name;
+  std::vector<double> large;  // in index order; the first is 1.0, the one TIES keeps
+  double tiny;                // eight of these
+  float spec;                 // the merged element in SPEC's order
+  double term(double delta) const { return rescale == della::Rescale::L2 ? delta * delta : delta; }
+  float scale(double sum) const { return static_cast<float>(rescale == della::Rescale::L2 ? std::sqrt(sum) : sum); }
+};
+const NormOrder kNormOrders[] = {
+    {della::Rescale::L1, "l1", {1.0, 0.5, 0x1p-23, 0x1p-24 - 0x1p-48, 15 * 0x1p-52}, 0x1p-54, 1.5f + 0x1p-23f},
+    {della::Rescale::L2, "l2", {1.0, 0x1p-12, 0x1p-12, 0x1p-24, 0x1p-26}, 0x1p-27, 1.0f},
+};
 
 // Whether the other orders named above round the other way (else the cases check nothing).
-bool norm_order_is_sharp() {
-  std::vector<double> row(std::begin(kOrderLarge), std::end(kOrderLarge));
-  row.insert(row.end(), 8, kOrderTiny);
+bool norm_order_is_sharp(const NormOrder& o) {
+  std::vector<double> row;
+  for (double d : o.large) row.push_back(o.term(d));
+  row.insert(row.end(), 8, o.term(o.tiny));
   auto seq = [](const std::vector<double>& xs) { double s = 0; for (double x : xs) s += x; return s; };
   std::vector<double> reversed(row.rbegin(), row.rend()), batches;
   for (size_t i = 0; i < row.size(); i += 8)
@@ -239,18 +256,18 @@ bool norm_order_is_sharp() {
     for (size_t i = 0; i < tree.size(); i += 2) next.push_back(i + 1 < tree.size() ? tree[i] + tree[i + 1] : tree[i]);
     tree = next;
   }
-  return static_cast<float>(seq(row)) == kOrderSpecScale && static_cast<float>(seq(reversed)) != kOrderSpecScale &&
-         static_cast<float>(seq(batches)) != kOrderSpecScale && static_cast<float>(tree[0]) != kOrderSpecScale;
+  return o.scale(seq(row)) == o.spec && o.scale(seq(reversed)) != o.spec && o.scale(seq(batches)) != o.spec &&
+         o.scale(tree[0]) != o.spec;
 }
 
-Case norm_order_case(int index, bool across_rows) {
+Case norm_order_case(int index, const NormOrder& o, bool across_rows) {
   Case c;
   della::MergeTask& t = c.task;
   const uint64_t rows = across_rows ? 4096 : 3, n = 16, N = rows * n;
   t.shape = {static_cast<int64_t>(rows), static_cast<int64_t>(n)};
   t.base_dtype = t.out_dtype = DType::F32;
   t.sparsifier = della::Sparsifier::Magnitude;
-  t.rescale = della::Rescale::L1;
+  t.rescale = o.rescale;
   t.consensus = della::Consensus::Sum;
   t.tensor_id = 7 + index;
   t.seed = 1;
@@ -258,10 +275,10 @@ Case norm_order_case(int index, bool across_rows) {
   c.inputs.emplace_back(N * 4, 0);  // base: zeros, so the deltas are the expert's values
   std::vector<float> ex(N, 0.0f);
   const uint64_t row0 = across_rows ? 0 : 1;
-  for (size_t i = 0; i < std::size(kOrderLarge); ++i) ex[row0 * n + i] = static_cast<float>(kOrderLarge[i]);
+  for (size_t i = 0; i < o.large.size(); ++i) ex[row0 * n + i] = static_cast<float>(o.large[i]);
   for (uint64_t j = 0; j < 8; ++j) {
-    const uint64_t at = across_rows ? (1 + j * (rows - 1) / 8) * n + j : row0 * n + std::size(kOrderLarge) + j;
-    ex[at] = static_cast<float>(kOrderTiny);
+    const uint64_t at = across_rows ? (1 + j * (rows - 1) / 8) * n + j : row0 * n + o.large.size() + j;
+    ex[at] = static_cast<float>(o.tiny);
   }
   c.inputs.emplace_back(N * 4);
   std::memcpy(c.inputs.back().data(), ex.data(), N * 4);
@@ -274,7 +291,10 @@ Case norm_order_case(int index, bool across_rows) {
   t.experts[0].data = c.inputs[1].data();
   c.cpu_out.assign(N * 4, 0);
   c.gpu_out.assign(N * 4, 0);
-  c.desc = "norm order case " + std::to_string(index) + ": l1" + (across_rows ? ", tiny deltas in 8 rows of [4096, 16]" : ", tiny deltas in one row of [3, 16]");
+  c.order_at = row0 * n;
+  c.order_spec = o.spec;
+  c.desc = "norm order case " + std::to_string(index) + ": " + o.name +
+           (across_rows ? ", tiny deltas in 8 rows of [4096, 16]" : ", tiny deltas in one row of [3, 16]");
   return c;
 }
 
@@ -408,16 +428,18 @@ int main(int argc, char** argv) {
   Gen g(seed);
   int failures = 0, cases = 0, overflowed = 0;
   const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
-  if (!norm_order_is_sharp()) {
-    std::fprintf(stderr, "the norm order cases do not tell SPEC's order of the norm sums from others\n");
-    ++failures;
-  }
+  for (const NormOrder& o : kNormOrders)
+    if (!norm_order_is_sharp(o)) {
+      std::fprintf(stderr, "the %s norm order cases do not tell SPEC's order of the norm sums from others\n", o.name);
+      ++failures;
+    }
   for (int it = -1; it < iterations && failures < 5; ++it) {
     // First the norm order cases (in one row and across rows); then random batches of
     // 1..4 tasks, as the addon sends them.
     std::vector<Case> batch;
     if (it < 0) {
-      for (const bool across : {false, true}) batch.push_back(norm_order_case(cases++, across));
+      for (const NormOrder& o : kNormOrders)
+        for (const bool across : {false, true}) batch.push_back(norm_order_case(cases++, o, across));
     } else {
       const int tasks = 1 + static_cast<int>(g.u(4));
       for (int i = 0; i < tasks; ++i) batch.push_back(make_case(g, cases++));
@@ -441,9 +463,9 @@ int main(int argc, char** argv) {
     if (it < 0)  // the CPU in SPEC's order: the merged element is f32(s) rounded down
       for (const Case& c : batch) {
         float got;
-        std::memcpy(&got, c.cpu_out.data() + 4 * (c.task.shape[0] == 3 ? 16 : 0), 4);
-        if (got != kOrderSpecScale) {
-          std::fprintf(stderr, "CPU: %s: merged %.9g, SPEC's order gives %.9g\n", c.desc.c_str(), got, kOrderSpecScale);
+        std::memcpy(&got, c.cpu_out.data() + 4 * c.order_at, 4);
+        if (got != c.order_spec) {
+          std::fprintf(stderr, "CPU: %s: merged %.9g, SPEC's order gives %.9g\n", c.desc.c_str(), got, c.order_spec);
           ++failures;
         }
       }
