@@ -303,6 +303,35 @@ describe(`native CPU kernels equal lib/reference (DELLA_TEST_SEED=${seed})`, () 
     expect(() => native.mergeBatch({ threads: 1, merges: [fine], copies: [], digests: 'yes' as unknown as boolean })).toThrow(/batch\.digests must be a boolean/);
   });
 
+  it('a task without a base and a norm rescale equals the reference (it read the missing base: SIGSEGV)', async () => {
+    for (const rescale of ['l1', 'l2', 'linf'] as const) {
+      const task: MergeTaskSpec = {
+        name: 't', base: null, baseDtype: DTYPE_CODE.F32, out: poisoned(8), outDtype: DTYPE_CODE.F32, shape: [2],
+        experts: [{ data: new Float32Array([0.5, -2]), dtype: DTYPE_CODE.F32, shape: [2], weight: 1, density: 1, epsilon: 0, gamma: 0 }],
+        sparsifier: SPARSIFIER_CODE.none, rescale: RESCALE_CODE[rescale], consensus: CONSENSUS_CODE.none, normalize: true, lambda: 1, seed: 0,
+      };
+      const ref = { ...task, out: poisoned(8) };
+      referenceMergeTensor(ref);
+      await native.mergeBatch({ threads: 2, merges: [task], copies: [] });
+      expect(Array.from(new Float32Array((task.out as Uint8Array).buffer)), rescale).toEqual([0.5, -2]);
+      expect(task.out).toEqual(ref.out);
+    }
+  });
+
+  it('refuses a density that is NaN or negative, and a breadcrumbs gamma outside [0, 1] (they merged unlike the reference)', () => {
+    const task = (sparsifier: keyof typeof SPARSIFIER_CODE, density: number, gamma: number): MergeTaskSpec => ({
+      name: 't', base: new Float32Array(8), baseDtype: DTYPE_CODE.F32, out: new Uint8Array(32), outDtype: DTYPE_CODE.F32, shape: [8],
+      experts: [{ data: new Float32Array([1, 2, 3, 4, 5, 6, 7, 8]), dtype: DTYPE_CODE.F32, shape: [8], weight: 1, density, epsilon: 0, gamma }],
+      sparsifier: SPARSIFIER_CODE[sparsifier], rescale: RESCALE_CODE.none, consensus: CONSENSUS_CODE.sum, normalize: true, lambda: 1, seed: 0,
+    });
+    const run = (t: MergeTaskSpec) => () => native.mergeBatch({ threads: 1, merges: [t], copies: [] });
+    for (const s of ['random', 'magprune', 'magnitude', 'breadcrumbs'] as const) {
+      for (const d of [NaN, -0.5, -1e-300, -Infinity]) expect(run(task(s, d, 0.1)), `${s} ${d}`).toThrow(/merges\[0\]: density must be a number >= 0/);
+    }
+    for (const g of [NaN, -0.1, 1.5, Infinity, -Infinity]) expect(run(task('breadcrumbs', 0.5, g)), `${g}`).toThrow(/merges\[0\]: gamma must be a number from 0 to 1/);
+    expect(run(task('magnitude', 0.5, NaN))).not.toThrow(); // gamma means nothing there
+  });
+
   it('reads inputs from slices of mapped files as from typed arrays, and refuses bad slices', async () => {
     const r = rng(seed + 77);
     const dir = tempDir('della-slice-');

@@ -317,6 +317,9 @@ void occurrence_starts(const MergeTask& t, TaskState& st, unsigned threads, std:
 
 // ‖δ‖ / ‖δ ⊙ mask‖ per expert, binary64: row partials in index order, rows in order.
 void norm_scales(const MergeTask& t, TaskState& st, unsigned threads, std::vector<Scratch>& scratch) {
+  // Nothing sparsified (dense experts, or a task without a base, which has no row to
+  // read): every scale stays 1.
+  if (std::none_of(st.ex.begin(), st.ex.end(), [](const ExpertState& es) { return es.sparse; })) return;
   const size_t K = t.experts.size();
   const uint64_t rows = st.g.rows;
   std::vector<double> full(rows * K, 0.0), kept(rows * K, 0.0);
@@ -510,6 +513,11 @@ void validate_task(const MergeTask& t) {
   if (t.linear && t.sparsifier != Sparsifier::None)
     throw std::invalid_argument("a merge without a base cannot sparsify deltas");
   for (const ExpertInput& e : t.experts) {
+    // (recipes allow (0, 1] and [0, 1); NaN would read as dense, and a negative or
+    // infinite cut is undefined in cut_positions' integer casts)
+    if (!(e.density >= 0.0)) throw std::invalid_argument("density must be a number >= 0");
+    if (t.sparsifier == Sparsifier::Breadcrumbs && !(e.gamma >= 0.0 && e.gamma <= 1.0))
+      throw std::invalid_argument("gamma must be a number from 0 to 1");
     if (e.shape.size() != t.shape.size()) throw std::invalid_argument("expert rank differs from the base's");
     for (size_t d = 0; d < t.shape.size(); ++d)
       if (e.shape[d] < t.shape[d]) throw std::invalid_argument("expert shape smaller than the base's");
