@@ -89,7 +89,33 @@ describe(`run --part i/N and assemble (DELLA_TEST_SEED=${seed})`, () => {
     expect(missing.code).toBe(2);
     expect(missing.stderr).toMatch(/parts 2\/2 are missing/);
     expect(cli(['assemble', '--out', join(dir, 'x'), join(dir, 'a1'), join(dir, 'a1')]).stderr).toMatch(/part 1\/2 is given twice/);
-    expect(cli(['assemble', '--out', join(dir, 'x'), join(dir, 'a1'), join(dir, 'b2')]).stderr).toMatch(/belongs to a different merge/);
+    expect(cli(['assemble', '--out', join(dir, 'x'), join(dir, 'a1'), join(dir, 'b2')]).stderr).toMatch(/b2 belongs to a different merge than \S*a1: its seed is 2, the other's 1/);
+    // The experts swapped in one part's recipe: the same tensors and parameters planned,
+    // other values merged (it assembled a mixed model).
+    const swapped = writeRecipe(join(dir, 'swapped.yaml'), { merge_method: 'della', base_model: m.base, models: [...m.experts].reverse().map((model) => ({ model })), seed: 1 });
+    expect(cli(['run', swapped, '--out', join(dir, 's2'), '--part', '2/2', '-q']).code).toBe(0);
+    expect(cli(['assemble', '--out', join(dir, 'x'), join(dir, 'a1'), join(dir, 's2')]).stderr).toMatch(/s2 belongs to a different merge than \S*a1: their recipes or input models differ/);
+    // An expert changed on disk between the parts' runs (same name, same shapes).
+    const copy = join(dir, 'e0-copy');
+    cpSync(m.experts[0], copy, { recursive: true });
+    const moved = writeRecipe(join(dir, 'moved.yaml'), { merge_method: 'della', base_model: m.base, models: [copy, m.experts[1]].map((model) => ({ model })), seed: 1 });
+    expect(cli(['run', moved, '--out', join(dir, 'm1'), '--part', '1/2', '-q']).code).toBe(0);
+    rmSync(copy, { recursive: true });
+    cpSync(m.experts[1], copy, { recursive: true });
+    expect(cli(['run', moved, '--out', join(dir, 'm2'), '--part', '2/2', '-q']).code).toBe(0);
+    expect(cli(['assemble', '--out', join(dir, 'x'), join(dir, 'm1'), join(dir, 'm2')]).stderr).toMatch(/m2 belongs to a different merge than \S*m1: their recipes or input models differ/);
+    // A part of another split, and a record only reformatted (keys reordered): it was
+    // refused as "a different merge" too.
+    expect(cli(['run', r1, '--out', join(dir, 'c3'), '--part', '1/3', '-q']).code).toBe(0);
+    expect(cli(['assemble', '--out', join(dir, 'x'), join(dir, 'a1'), join(dir, 'c3')]).stderr).toMatch(/c3 belongs to a different merge than \S*a1: it is part 1 of 3, the other part 1 of 2/);
+    const sortKeys = (v: unknown): unknown => Array.isArray(v) ? v.map(sortKeys)
+      : v && typeof v === 'object' ? Object.fromEntries(Object.keys(v).sort().reverse().map((k) => [k, sortKeys((v as Record<string, unknown>)[k])])) : v;
+    cpSync(join(dir, 'a2'), join(dir, 'a2r'), { recursive: true });
+    const reformatted = join(dir, 'a2r', 'della_merge_part.json');
+    writeFileSync(reformatted, JSON.stringify(sortKeys(JSON.parse(readFileSync(reformatted, 'utf8')))));
+    const ok = cli(['assemble', '--out', join(dir, 'ok'), join(dir, 'a1'), join(dir, 'a2r')]);
+    expect(ok.stderr).toBe('');
+    expect(ok.code).toBe(0);
     // A part from a version that recorded SHA-256 digests cannot join one that records XXH64.
     const partFile = join(dir, 'a2', 'della_merge_part.json');
     const rec = JSON.parse(readFileSync(partFile, 'utf8'));
@@ -190,7 +216,7 @@ describe(`run --part i/N and assemble (DELLA_TEST_SEED=${seed})`, () => {
     // a part whose planned tensors differ from the others'
     writeFileSync(recFile, JSON.stringify({ ...rec, planned: rec.planned.slice(1) }));
     const differs = run(extra, p[1], p[2]);
-    expect(differs.stderr).toMatch(/belongs to a different merge than \S*extra /);
+    expect(differs.stderr).toMatch(/belongs to a different merge than \S*extra: their recipes or input models differ/);
     expect(differs.code).toBe(2); // as for other parts of another merge
     // the real parts still assemble
     expect(run(...p).code).toBe(0);

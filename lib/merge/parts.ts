@@ -16,6 +16,7 @@ import { CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { DTYPE_SIZES } from '../checkpoint/safetensors.js';
 import { showShort as show } from '../util/show.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, type OutputTensor, type ShardFiles } from '../checkpoint/writer.js';
+import type { Recipe } from '../recipe/index.js';
 import type { MergePlan, TensorPlan } from './plan.js';
 import { recordedDigests, RUN_FILE, sortedDigests, type DigestAlgorithm, type RunRecord } from './record.js';
 
@@ -27,7 +28,7 @@ export interface PartRecord extends RunRecord {
   shardSize: number;
   /** every tensor of the whole merge, for assembling its layout */
   planned: OutputTensor[];
-  /** identifies the whole plan (recipe, inputs' tensor set, seed): parts must agree */
+  /** identifies the whole merge (its plan, the recipe's models, a sample of their bytes): parts must agree */
   planDigest: string;
 }
 
@@ -68,9 +69,31 @@ export function partTensors(tensors: readonly TensorPlan[], index: number, count
   return tensors.filter((t) => mine.has(t.name));
 }
 
-export function planDigest(plan: MergePlan): string {
+/** The bytes of each input sampled for planDigest: enough to tell two fine-tunes apart. */
+const SAMPLE_BYTES = 64 << 10;
+
+/**
+ * Identifies the whole merge, which every part must share: each tensor's plan (name,
+ * kind, dtype, shape, resolved parameters) and the inputs, by the recipe's model names
+ * in order and the first 64 KiB of two matrices of each input. Experts swapped in one
+ * part's recipe, or a model updated between two parts' runs, plan the same tensors but
+ * merge other values.
+ */
+export function planDigest(plan: MergePlan, recipe: Recipe, inputs: readonly Checkpoint[]): string {
   const h = createHash('sha256');
   for (const t of plan.tensors) h.update(`${t.name}\0${t.kind}\0${t.outDtype}\0${t.shape.join(',')}\0${JSON.stringify(t.params)}\n`);
+  h.update(`base\0${recipe.baseModel.model}\n`);
+  for (const m of recipe.models) h.update(`model\0${m.model}\n`);
+  // Matrices, not norms or biases (which a LoRA fine-tune leaves as they were); small
+  // enough for one view in every input.
+  const sampled = plan.tensors.filter((t) => t.kind === 'merge' && t.shape.length >= 2 &&
+    [t.base, ...t.experts].every((x) => x.byteLength > 0 && x.byteLength <= 2 ** 30)).slice(0, 2);
+  for (const t of sampled) {
+    for (const c of inputs) {
+      const bytes = c.bytes(t.name);
+      h.update(`${t.name}\0`).update(bytes.subarray(0, Math.min(SAMPLE_BYTES, bytes.byteLength)));
+    }
+  }
   return h.digest('hex');
 }
 
@@ -168,13 +191,20 @@ export async function assemble(
   const dirs = partDirs.map((d) => resolve(d));
   const records = dirs.map(readPart);
   const first = records[0];
-  const plannedJson = JSON.stringify(first.planned);
+  // (compared by value: a record's keys may be reordered, as any JSON tool may write it)
+  const samePlanned = (a: readonly OutputTensor[]) => a.length === first.planned.length && a.every((t, j) => {
+    const f = first.planned[j];
+    return t.name === f.name && t.dtype === f.dtype && sameShape(t.shape, f.shape) && t.byteLength === f.byteLength;
+  });
   const byIndex = new Map<number, string>();
   records.forEach((r, i) => {
-    if (r.of !== first.of || r.planDigest !== first.planDigest || r.seed !== first.seed || r.shardSize !== first.shardSize ||
-      r.method !== first.method || JSON.stringify(r.planned) !== plannedJson) {
-      throw new DellaError('E_ARGS', `${dirs[i]} belongs to a different merge than ${dirs[0]} (recipe, inputs, seed or shard size differ)`);
-    }
+    const differs = r.of !== first.of ? `it is part ${r.part} of ${r.of}, the other part ${first.part} of ${first.of}`
+      : r.seed !== first.seed ? `its seed is ${r.seed}, the other's ${first.seed}`
+      : r.shardSize !== first.shardSize ? `its shard size is ${r.shardSize} bytes, the other's ${first.shardSize}`
+      : r.method !== first.method ? `its method is ${r.method}, the other's ${first.method}`
+      : r.planDigest !== first.planDigest || !samePlanned(r.planned) ? 'their recipes or input models differ (the tensors planned, their parameters, the models named or their bytes)'
+      : null;
+    if (differs) throw new DellaError('E_ARGS', `${dirs[i]} belongs to a different merge than ${dirs[0]}: ${differs}`);
     if (byIndex.has(r.part)) throw new DellaError('E_ARGS', `part ${r.part}/${r.of} is given twice: ${byIndex.get(r.part)} and ${dirs[i]}`);
     byIndex.set(r.part, dirs[i]);
   });

@@ -372,7 +372,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     if (part) {
       const record: PartRecord = {
         ...run, part: part.index, of: part.count, shardSize,
-        planned: plan.tensors.map(outputTensor), planDigest: planDigest(plan),
+        planned: plan.tensors.map(outputTensor), planDigest: planDigest(plan, recipe, [models.base, ...models.experts]),
       };
       out.writeFile(PART_FILE, `${JSON.stringify(record, null, 2)}\n`);
       files.push(PART_FILE);
