@@ -14,13 +14,23 @@ const mtime = (name) => {
 const plain = mtime('cli.js');
 const { main } = await import(plain >= 0 && mtime('cli.bundle.js') >= plain ? '../dist/cli.bundle.js' : '../dist/cli.js');
 
-// A reader that stops early (della-merge inspect ... | head) is not an error.
-for (const stream of [process.stdout, process.stderr]) {
-  stream.on('error', (err) => {
-    if (err.code === 'EPIPE') process.exit(process.exitCode ?? 0);
-    throw err;
-  });
-}
+// Standard output or error going away (a reader that stops early: inspect ... | head)
+// or failing (a full disk) must not stop a merge half-way, as exiting here did: later
+// writes to that stream are dropped, and the command finishes as it would. A failed
+// standard output is reported at the end (its text did not arrive); a pipe whose reader
+// left early is not.
+let lostStdout = null;
+process.stdout.on('error', (err) => {
+  if (err.code !== 'EPIPE' && lostStdout === null) lostStdout = err;
+});
+process.stderr.on('error', () => {});
+// (at exit: the error of the last write arrives after the command has returned)
+process.on('exit', () => {
+  if (lostStdout !== null && !process.exitCode) {
+    process.stderr.write(`della-merge: could not write to standard output (${lostStdout.code ?? lostStdout.message})\n`);
+    process.exitCode = 1;
+  }
+});
 
 main(process.argv.slice(2)).then(
   (code) => { process.exitCode = code; },

@@ -66,6 +66,32 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
     expect(bundled.stdout.trim(), bundled.stderr).toBe(version);
   });
 
+  it('a reader of its output that leaves early or a full standard output never stops a merge half-way', () => {
+    const dir = tempDir();
+    const m = makeModels(rng(seed + 31), dir, { dtype: 'F32', experts: 2 });
+    const recipe = writeRecipe(join(dir, 'r.yaml'), dellaRecipe(m));
+    const bin = join(root, 'bin/della-merge.js');
+    const sh = (script: string) => spawnSync('bash', ['-c', script], { cwd: dir, encoding: 'utf8', env: { ...process.env, NO_COLOR: '1' } });
+    // stderr's reader gone (progress lines): it exited 0 at once, and its exit hook
+    // removed the unfinished output
+    const gone = sh(`"${process.execPath}" "${bin}" run r.yaml --out a 2>&1 | true; echo "rc=\${PIPESTATUS[0]}"`);
+    expect(gone.stdout.trim()).toBe('rc=0');
+    expect(existsSync(join(dir, 'a', 'della_merge_run.json'))).toBe(true);
+    // a full disk behind stdout: the merge completes, and the lost summary is said (it was a stack trace)
+    const full = sh(`"${process.execPath}" "${bin}" run r.yaml --out b > /dev/full; echo "rc=$?"`);
+    expect(full.stdout.trim()).toBe('rc=1');
+    expect(full.stderr).toMatch(/^della-merge: could not write to standard output \(ENOSPC\)$/m);
+    expect(full.stderr).not.toMatch(/at |internal error/);
+    expect(existsSync(join(dir, 'b', 'della_merge_run.json'))).toBe(true);
+    const inspect = sh(`"${process.execPath}" "${bin}" inspect b > /dev/full; echo "rc=$?"`);
+    expect(inspect.stdout.trim()).toBe('rc=1');
+    expect(inspect.stderr.trim()).toBe('della-merge: could not write to standard output (ENOSPC)');
+    // a reader that stops early is no error
+    const head = sh(`"${process.execPath}" "${bin}" inspect b | head -1; echo "rc=\${PIPESTATUS[0]}"`);
+    expect(head.stdout).toMatch(/^tensor .*\nrc=0\n$/);
+    expect(head.stderr).toBe('');
+  });
+
   it('demo builds three experts, merges them with DELLA and explains the result', () => {
     const dir = tempDir();
     const r = cli(['demo', '--out', dir]);
