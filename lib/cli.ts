@@ -11,6 +11,7 @@ import { OutputDirectory } from './checkpoint/writer.js';
 import type { MethodSpec } from './merge/methods.js';
 import { createProgress } from './cli/progress.js';
 import { formatBytes, parseSize } from './util/size.js';
+import { columnWidth } from './util/show.js';
 import { verifyMerge } from './validate/verify.js';
 import { assemble, parsePart, partTensors } from './merge/parts.js';
 import { planTotals } from './merge/plan.js';
@@ -116,7 +117,7 @@ function dryRun(
   }
   out(`plan     ${plan.method.name} (${plan.method.paper}); base ${recipe.baseModel.model}; ` +
     `models ${recipe.models.map((m) => m.model).join(', ')}; seed ${seed}${part ? `; part ${part.index}/${part.count}` : ''}`);
-  const w = Math.max(...plan.tensors.map((x) => x.name.length), 6);
+  const w = columnWidth(plan.tensors.map((x) => x.name), 6);
   for (const x of plan.tensors) {
     const what = x.kind === 'merge' ? paramText(x.params!, plan.method) : 'copied from the base';
     out(`${x.name.padEnd(w)}  ${x.kind.padEnd(5)}  ${x.outDtype.padEnd(4)}  [${x.shape.join(', ')}]  ${what}`);
@@ -132,7 +133,7 @@ function inspectLines(c: Checkpoint): string[] {
     const t = c.tensors.get(n)!;
     return [n, t.dtype, `[${t.shape.join(', ')}]`, formatBytes(t.byteLength)];
   });
-  const w = [0, 1, 2].map((i) => Math.max(...rows.map((r) => r[i].length), ['tensor', 'dtype', 'shape'][i].length));
+  const w = [0, 1, 2].map((i) => columnWidth(rows.map((r) => r[i]), ['tensor', 'dtype', 'shape'][i].length));
   const lines = [`${'tensor'.padEnd(w[0])}  ${'dtype'.padEnd(w[1])}  ${'shape'.padEnd(w[2])}  size`];
   for (const r of rows) lines.push(`${r[0].padEnd(w[0])}  ${r[1].padEnd(w[1])}  ${r[2].padEnd(w[2])}  ${r[3]}`);
   const params = [...c.tensors.values()].reduce((a, t) => a + t.numel, 0);

@@ -88,6 +88,12 @@ describe('hostile checkpoints', () => {
     ['a FIFO as model.safetensors', () => { mkdirSync(f('fifo1'), { recursive: true }); spawnSync('mkfifo', [join(f('fifo1'), 'model.safetensors')]); return f('fifo1'); }, /fifo1.model\.safetensors: not a regular file/],
     ['a FIFO as the index', () => { mkdirSync(f('fifo2'), { recursive: true }); spawnSync('mkfifo', [join(f('fifo2'), 'model.safetensors.index.json')]); return f('fifo2'); }, /fifo2.*index\.json: not a regular file/],
     ['a tensor in two shards', () => { mkdirSync(f('two'), { recursive: true }); saveModel(join(f('two'), 'a'), [{ name: 'w', dtype: 'F32', shape: [1], data: new Float32Array(1) }]); rmSync(join(f('two'), 'a'), { recursive: true }); rawFile(join(f('two'), 'a.safetensors'), { w: { dtype: 'F32', shape: [1], data_offsets: [0, 4] } }, 4); rawFile(join(f('two'), 'b.safetensors'), { w: { dtype: 'F32', shape: [1], data_offsets: [0, 4] } }, 4); return f('two'); }, /tensor "w" is in both a\.safetensors and b\.safetensors/],
+    // transformers would load model.safetensors, mergekit the index: which one is meant?
+    ['both model.safetensors and an index', () => { saveModel(f('both'), [{ name: 'v', dtype: 'F32', shape: [2, 2], data: new Float32Array(4) }, { name: 'w', dtype: 'F32', shape: [2, 2], data: new Float32Array(4) }], { shardSize: 16 }); saveModel(join(f('both'), 'single'), [{ name: 'w', dtype: 'F32', shape: [2, 2], data: new Float32Array(4) }]); spawnSync('mv', [join(f('both'), 'single', 'model.safetensors'), f('both')]); return f('both'); }, /both: holds both model\.safetensors and model\.safetensors\.index\.json, so which of them is the model is ambiguous/],
+    // (it was silently ignored, the shards then found by their names)
+    ['an index that is a broken link', () => { saveModel(f('blink'), [{ name: 'v', dtype: 'F32', shape: [2, 2], data: new Float32Array(4) }, { name: 'w', dtype: 'F32', shape: [2, 2], data: new Float32Array(4) }], { shardSize: 16 }); rmSync(join(f('blink'), 'model.safetensors.index.json')); symlinkSync(join(dir, 'gone.json'), join(f('blink'), 'model.safetensors.index.json')); return f('blink'); }, /blink.model\.safetensors\.index\.json: cannot be read \(ENOENT\)/],
+    // (it said "no such file or directory")
+    ['a symbolic link loop', () => { symlinkSync(f('loop'), f('loop')); return f('loop'); }, /loop: cannot be read \(ELOOP\)/],
   ];
   for (const [label, make, message] of cases) {
     it(label, () => {
@@ -104,6 +110,23 @@ describe('hostile checkpoints', () => {
       expect(existsSync(out)).toBe(false);
     });
   }
+
+  it('150,000 tensors: inspect and run --dry-run list them all (column widths overflowed the call stack)', () => {
+    const N = 150_000;
+    const header: Record<string, unknown> = {};
+    for (let i = 0; i < N; i++) header[`t${i}`] = { dtype: 'F32', shape: [1], data_offsets: [4 * i, 4 * i + 4] };
+    mkdirSync(f('many'), { recursive: true });
+    mkdirSync(f('many-e'), { recursive: true });
+    rawFile(join(f('many'), 'model.safetensors'), header, 4 * N);
+    rawFile(join(f('many-e'), 'model.safetensors'), header, 4 * N);
+    const big = (args: string[]) => spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8', timeout: 60_000, maxBuffer: 64 << 20 });
+    const inspect = big(['inspect', f('many')]);
+    expect(inspect.stderr).toBe('');
+    expect(inspect.stdout).toMatch(/^150000 tensors, 150,000 parameters/m);
+    const dry = big(['run', writeRecipe(f('many.yaml'), { merge_method: 'task_arithmetic', base_model: f('many'), models: [{ model: f('many-e') }] }), '--dry-run']);
+    expect(dry.stderr).toBe('');
+    expect(dry.stdout).toMatch(/^totals +150000 tensors \(150000 merged/m);
+  });
 
   it('NaN or infinity in a tensor to be merged is an error by default, and --allow-nonfinite proceeds', () => {
     saveModel(f('nan'), [{ name: 'w', dtype: 'F32', shape: [2, 2], data: new Float32Array([1, NaN, Infinity, 4]) }]);

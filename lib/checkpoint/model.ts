@@ -108,6 +108,11 @@ function view(f: OpenFile, offset: number, length: number, name: string): Uint8A
   return w.subarray(offset - k * WINDOW, offset - k * WINDOW + length);
 }
 
+/** An fs error's reason for a message: its code (EACCES, ELOOP), else its message. */
+function errno(e: unknown): string {
+  return (e as NodeJS.ErrnoException).code ?? (e as Error).message;
+}
+
 function checkpointError(message: string): DellaError {
   return new DellaError('E_CHECKPOINT', message);
 }
@@ -164,10 +169,22 @@ function shardPath(dir: string, name: unknown, indexFile: string): string {
 
 function readIndex(dir: string): { files: string[]; weightMap: Map<string, string> } {
   const indexFile = join(dir, INDEX_FILE);
-  if (!statSync(indexFile).isFile()) throw checkpointError(`${indexFile}: not a regular file`); // a FIFO would block
+  let st;
+  try {
+    st = statSync(indexFile);
+  } catch (e) {
+    throw checkpointError(`${indexFile}: cannot be read (${errno(e)})`); // a broken link
+  }
+  if (!st.isFile()) throw checkpointError(`${indexFile}: not a regular file`); // a FIFO would block
+  let text: string;
+  try {
+    text = readFileSync(indexFile, 'utf8');
+  } catch (e) {
+    throw checkpointError(`${indexFile}: cannot be read (${errno(e)})`);
+  }
   let doc: unknown;
   try {
-    doc = JSON.parse(readFileSync(indexFile, 'utf8'));
+    doc = JSON.parse(text);
   } catch (e) {
     throw checkpointError(`${indexFile}: not valid JSON (${(e as Error).message})`);
   }
@@ -189,17 +206,30 @@ function locate(path: string): { dir: string | null; files: string[]; weightMap:
   let st;
   try {
     st = statSync(path);
-  } catch {
-    throw checkpointError(`${path}: no such file or directory`);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    throw checkpointError(`${path}: ${code === 'ENOENT' || code === 'ENOTDIR' ? 'no such file or directory' : `cannot be read (${errno(e)})`}`);
   }
   if (st.isFile()) return { dir: null, files: [path], weightMap: null };
   if (!st.isDirectory()) throw checkpointError(`${path}: not a file or directory`);
-  if (existsSync(join(path, INDEX_FILE))) {
+  let entries: string[];
+  try {
+    entries = readdirSync(path);
+  } catch (e) {
+    throw checkpointError(`${path}: the directory cannot be read (${errno(e)})`);
+  }
+  const hasIndex = entries.includes(INDEX_FILE), hasSingle = entries.includes(SINGLE_FILE);
+  // Two models in one place: transformers loads model.safetensors, mergekit the index.
+  if (hasIndex && hasSingle) {
+    throw checkpointError(`${path}: holds both ${SINGLE_FILE} and ${INDEX_FILE}, so which of them is the model is ambiguous ` +
+      `(transformers loads the first, mergekit the second); remove the one that is not`);
+  }
+  if (hasIndex) {
     const { files, weightMap } = readIndex(path);
     return { dir: path, files, weightMap };
   }
-  if (existsSync(join(path, SINGLE_FILE))) return { dir: path, files: [join(path, SINGLE_FILE)], weightMap: null };
-  const shards = readdirSync(path).filter((f) => f.endsWith('.safetensors')).sort();
+  if (hasSingle) return { dir: path, files: [join(path, SINGLE_FILE)], weightMap: null };
+  const shards = entries.filter((f) => f.endsWith('.safetensors')).sort();
   if (shards.length === 0) {
     throw checkpointError(`${path}: no ${SINGLE_FILE}, ${INDEX_FILE} or *.safetensors files in this directory`);
   }

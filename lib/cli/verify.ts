@@ -4,13 +4,14 @@ import { loadRecipe } from '../recipe/index.js';
 import { verifyMerge, type VerifyReport } from '../validate/verify.js';
 import { intOption, out, parse, usageError } from './common.js';
 import { VERIFY_USAGE } from './usage.js';
+import { columnWidth } from '../util/show.js';
 
 function pct(x: number | undefined): string {
   return x === undefined ? '' : `${(x * 100).toFixed(1)}%`;
 }
 
 function verifyTable(r: VerifyReport): string[] {
-  const w = Math.max(6, ...r.checks.map((c) => c.name.length));
+  const w = columnWidth(r.checks.map((c) => c.name), 6);
   const lines = [`${'tensor'.padEnd(w)}  status  rows       kept              sign agreement    norm ratio`];
   for (const c of r.checks) {
     const rows = `${c.rowsChecked}/${c.rowsTotal}`.padEnd(9);

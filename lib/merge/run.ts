@@ -435,7 +435,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
  */
 function stagingPool(groups: readonly TensorPlan[][], cuda: boolean): StagingPool {
   const native = loadNative();
-  const largest = Math.max(0, ...groups.map((g) => g.reduce((a, t) => a + t.outBytes + STAGING_BLOCK, 0)));
+  const largest = groups.reduce((m, g) => Math.max(m, g.reduce((a, t) => a + t.outBytes + STAGING_BLOCK, 0)), 0);
   // GPU batches are up to 256 MiB: two of them, so that the device never waits for a write.
   const cap = cuda ? 2 * CUDA_BATCH_BYTES + STAGING_SLACK : STAGING_CAP;
   const budget = Math.min(2 * largest + STAGING_SLACK, Math.max(largest + STAGING_SLACK, cap));

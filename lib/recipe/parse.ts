@@ -2,7 +2,7 @@
  * Recipe text -> validated Recipe (SPEC §7). Every problem is a DellaError('E_RECIPE')
  * raised here, before any tensor is read, naming the model, parameter and value.
  */
-import { existsSync } from 'node:fs';
+import { lstatSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import * as path from 'node:path';
 import { parseDocument } from 'yaml';
@@ -566,15 +566,24 @@ function recipeFromDocument(document: unknown, warnings: string[], options: Pars
 /** mergekit resolves against the working directory; the recipe's own directory is a fallback. */
 export function makeResolver(recipeFile: string, cwd: string): (model: string) => string {
   const recipeDir = path.dirname(recipeFile);
+  // There, even if it cannot be read (a link loop, no permission): opening it says why.
+  const present = (p: string) => {
+    try {
+      lstatSync(p);
+      return true;
+    } catch {
+      return false;
+    }
+  };
   return (model) => {
     if (path.isAbsolute(model)) {
-      if (existsSync(model)) return model;
+      if (present(model)) return model;
       throw recipeError(`model "${model}" not found: ${model} does not exist`);
     }
     const inCwd = path.resolve(cwd, model);
-    if (existsSync(inCwd)) return inCwd;
+    if (present(inCwd)) return inCwd;
     const inRecipeDir = path.resolve(recipeDir, model);
-    if (existsSync(inRecipeDir)) return inRecipeDir;
+    if (present(inRecipeDir)) return inRecipeDir;
     const looked =
       inCwd === inRecipeDir
         ? `${inCwd} does not exist`

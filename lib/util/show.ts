@@ -37,3 +37,13 @@ export function showArg(v: unknown): string {
   const keys = Object.keys(v);
   return keys.length === 0 ? 'an empty object' : `an object with keys ${showShort(keys.slice(0, 4)).replace(/]$/, keys.length > 4 ? ',...]' : ']')}`;
 }
+
+/**
+ * The width of a table column: the longest of `texts`, at least `min`. Not
+ * Math.max(...texts): a checkpoint of 150k tensors passes more arguments than a call takes.
+ */
+export function columnWidth(texts: readonly string[], min: number): number {
+  let w = min;
+  for (const t of texts) if (t.length > w) w = t.length;
+  return w;
+}
