@@ -486,4 +486,25 @@ describe('faults leave nothing that looks finished', () => {
       if (mounted) spawnSync('umount', [mnt]);
     }
   });
+
+  it('a --report that does not fit on its disk leaves the earlier report whole (it left a cut JSON)', (ctx) => {
+    const dir = tempDir();
+    saveModel(join(dir, 'base'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4) }]);
+    saveModel(join(dir, 'e'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4).fill(0.5) }]);
+    const recipe = writeRecipe(join(dir, 'r.yaml'), { merge_method: 'task_arithmetic', base_model: join(dir, 'base'), models: [{ model: join(dir, 'e') }] });
+    const mnt = join(dir, 'small');
+    mkdirSync(mnt);
+    if (spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=8k', 'tmpfs', mnt]).status !== 0) return ctx.skip(); // not root
+    try {
+      writeFileSync(join(mnt, 'fill'), Buffer.alloc(4096));
+      writeFileSync(join(mnt, 'report.json'), '{"old": true}\n');
+      const r = cli(['run', recipe, '--out', join(dir, 'o'), '--report', join(mnt, 'report.json')]);
+      expect(r.code).toBe(1);
+      expect(r.stderr).toMatch(/the merge into \S+ is complete, but cannot write the report \S+report\.json: no space left on device/);
+      expect(readFileSync(join(mnt, 'report.json'), 'utf8')).toBe('{"old": true}\n');
+      expect(readdirSync(mnt).sort()).toEqual(['fill', 'report.json']);
+    } finally {
+      spawnSync('umount', [mnt]);
+    }
+  });
 });

@@ -1,5 +1,5 @@
 /** What every command shares: argument parsing, output, signals, the run summary. */
-import { accessSync, constants, existsSync, statSync, writeFileSync } from 'node:fs';
+import { accessSync, constants, existsSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { DellaError, ioError } from '../errors.js';
@@ -123,10 +123,26 @@ export function checkReportFile(path: string, outDir: string | undefined, recipe
  * directory per run); a failure (disk full, ...) is E_IO saying the merge itself is done. */
 export function writeReport(path: string, report: { out: string }): void {
   const full = resolve(path);
+  const text = `${JSON.stringify(report, null, 2)}\n`;
+  // A file is written beside itself and renamed over: a full disk must not leave a cut
+  // JSON in place of an earlier report. /dev/stdout, a pipe: written to as they are.
+  let special = false;
+  try {
+    special = !statSync(full).isFile();
+  } catch {
+    // new
+  }
+  const tmp = `${full}.della-tmp-${process.pid}`;
   try {
     makeDirs(dirname(full));
-    writeFileSync(full, `${JSON.stringify(report, null, 2)}\n`);
+    if (special) {
+      writeFileSync(full, text);
+    } else {
+      writeFileSync(tmp, text);
+      renameSync(tmp, full);
+    }
   } catch (e) {
+    rmSync(tmp, { force: true });
     throw ioError(`the merge into ${report.out} is complete, but cannot write the report ${full}`, e);
   }
 }
