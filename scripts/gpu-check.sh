@@ -91,7 +91,7 @@ parity_run "parity of the opt-in kernels" parity-optin.log 120 "$bin/della_cuda_
 if [ -x "$bin/cuda12/della_cuda_parity" ]; then
   : >"$OUT/parity-cuda12.log"
   parity_run "parity of the CUDA 12 build ($(cat "$bin/cuda12/nvcc-version" 2>/dev/null))" parity-cuda12.log 90 \
-    "$bin/cuda12/della_cuda_parity" "$(date +%s%N | cut -c3-15)" 60
+    "$bin/cuda12/della_cuda_parity" "$(date +%s%N | cut -c3-15)" "${GPU_CHECK_CUDA12_ITERATIONS:-60}"
 fi
 
 # 2b. Only when parity failed: the first failing seed again, a few iterations, under
@@ -109,8 +109,9 @@ fi
 
 # 3. Kernel benchmark: K=3 BF16, 4096x4096 and 14336x4096, beside a device-to-device copy
 #    (della, dare_ties, ties, task_arithmetic, breadcrumbs with the l2 rescale, and the
-#    alternatives of Options::fast_paths).
-if timeout 240 "$bin/della_cuda_bench" --json "$OUT/cuda-bench.json" --reps 12 --exclude della/fused-row \
+#    alternatives of Options::fast_paths). GPU_CHECK_BENCH_REPS (12) sets the repetitions;
+#    the dry run (gpu-check-here.sh) takes 2, and 10 CUDA 12 parity iterations, not 60.
+if timeout 240 "$bin/della_cuda_bench" --json "$OUT/cuda-bench.json" --reps "${GPU_CHECK_BENCH_REPS:-12}" --exclude della/fused-row \
      ${GPU_CHECK_BENCH_SIZES:+--sizes "$GPU_CHECK_BENCH_SIZES"} >"$work/bench.txt" 2>&1; then
   note "kernel benchmark: all results equal to the CPU's ($(elapsed))"
 else
@@ -119,7 +120,7 @@ fi
 cat "$work/bench.txt"
 # 3'. The kernels not on by default (Options::fast_paths & kFusedRow) beside della, in a run
 #     of their own: a fault there costs none of the results above.
-if timeout 120 "$bin/della_cuda_bench" --json "$OUT/cuda-bench-optin.json" --reps 12 --methods della,della/fused-row \
+if timeout 120 "$bin/della_cuda_bench" --json "$OUT/cuda-bench-optin.json" --reps "${GPU_CHECK_BENCH_REPS:-12}" --methods della,della/fused-row \
      --no-register-probe ${GPU_CHECK_BENCH_SIZES:+--sizes "$GPU_CHECK_BENCH_SIZES"} >"$work/bench-optin.txt" 2>&1; then
   note "opt-in kernels (della/fused-row): all results equal to the CPU's ($(elapsed))"
 else
