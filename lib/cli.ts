@@ -178,16 +178,21 @@ export async function main(argv: string[]): Promise<number> {
       case 'assemble': return await cmdAssemble(rest);
       case 'demo': return await cmdDemo(rest);
       case 'doctor': {
-        const { values } = parse('doctor', rest, { json: { type: 'boolean' } });
+        const { values, positionals } = parse('doctor', rest, { json: { type: 'boolean' } });
         if (values.help) return out(DOCTOR_USAGE), 0;
+        if (positionals.length > 0) throw usageError(`doctor takes no positional arguments, got "${positionals[0]}"`, 'doctor');
         const r = doctor(packageVersion());
         if (values.json) out(JSON.stringify(r, null, 2));
         else doctorLines(r).forEach(out);
         return r.ok ? 0 : 1;
       }
-      case '--version': case '-v': case 'version': out(packageVersion()); return 0;
+      case '--version': case '-v': case 'version':
+        if (rest.length > 0) throw usageError(`${command} takes no arguments, got "${rest[0]}"`);
+        out(packageVersion());
+        return 0;
       case undefined: case 'help': case '--help': case '-h': {
-        const topic = command === 'help' && rest[0] !== 'help' ? rest[0] : undefined; // "help help": the overview
+        if (rest.length > 1) throw usageError(`${command} takes one COMMAND, got ${rest.map((a) => `"${a}"`).join(' ')}`);
+        const topic = rest[0] !== 'help' ? rest[0] : undefined; // "help help": the overview
         if (topic && !Object.hasOwn(HELP, topic)) throw usageError(`no help for "${topic}"`);
         out(topic ? HELP[topic] : USAGE.replace('{version}', packageVersion()));
         return 0;

@@ -144,6 +144,11 @@ export function loadNative(): NativeAddon {
   } catch (e) {
     if (e instanceof DellaError) throw e;
     const reason = e instanceof Error ? e.message.split('\n')[0] : String(e);
+    const explicit = process.env.DELLA_NATIVE_PATH;
+    if (explicit) {
+      throw new DellaError('E_NATIVE', `the della-merge native addon DELLA_NATIVE_PATH names (${resolve(explicit)}) could not be loaded (${reason}); ` +
+        'unset DELLA_NATIVE_PATH to load the installed one', { cause: e });
+    }
     throw new DellaError(
       'E_NATIVE',
       `the della-merge native addon could not be loaded (${reason}). ` +

@@ -207,6 +207,7 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
     expect(cli(['--help']).stdout).toContain('della-merge run RECIPE --out DIR');
     expect(cli(['help', 'run']).stdout).toContain('--shard-size SIZE');
     expect(cli(['help', 'help'])).toMatchObject({ code: 0, stdout: expect.stringContaining('della-merge help [COMMAND]') });
+    expect(cli(['--help', 'verify']).stdout).toBe(cli(['help', 'verify']).stdout);
     expect(cli(['run', '--help']).code).toBe(0);
     expect(cli(['--version']).stdout.trim()).toMatch(/^\d+\.\d+\.\d+/);
   });
@@ -232,6 +233,10 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
       ['an option given twice', () => ['run', good, '--out', join(dir, 'o'), '--out', join(dir, 'p')], 2, /^della-merge: --out is given more than once\n/],
       ['a --shard-size too large', () => ['run', good, '--out', join(dir, 'o'), '--shard-size', '99999999999999999999'], 2, /--shard-size "99999999999999999999" is too large/],
       ['help for no command', () => ['help', 'constructor'], 2, /no help for "constructor"/],
+      // (each was ignored: doctor said all was well of a path it never looked at)
+      ['doctor given a path', () => ['doctor', '/no/such/path'], 2, /^della-merge: doctor takes no positional arguments, got "\/no\/such\/path"\n/],
+      ['--version given more', () => ['--version', 'extra'], 2, /^della-merge: --version takes no arguments, got "extra"\n/],
+      ['help given two commands', () => ['help', 'run', 'extra'], 2, /^della-merge: help takes one COMMAND, got "run" "extra"\n/],
       // found while planning, it names the recipe file as a parse error does
       ['a density gradient too low for epsilon at some tensor', () => ['run', writeRecipe(join(dir, 'g.yaml'), {
         ...dellaRecipe(models), models: models.experts.map((m) => ({ model: m, parameters: { density: [0.05, 0.9], epsilon: 0.1 } })),

@@ -6,7 +6,7 @@
  * compared byte for byte with the CPU's instead (scripts/gpu-check.sh does more).
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { isDellaError, merge } from '../lib/index.js';
@@ -113,11 +113,19 @@ describe(`CUDA plugin, host side (DELLA_TEST_SEED=${seed})`, () => {
     expect(lines).toHaveLength(1);
     expect(lines[0]).toMatch(/^della-merge: --device cuda:0 is unavailable: the CUDA plugin could not be loaded: /);
     expect(lines[0]).toContain(missing);
-    expect(lines[0]).toMatch(/No such file or directory/);
-    // and how to get one where the prebuilt package has none (e.g. linux-arm64 released
-    // without an arm64 CUDA toolkit)
-    expect(lines[0]).toContain('DELLA_FORCE_BUILD=1 npm rebuild della-merge');
+    expect(lines[0]).toMatch(/No such file or directory \(DELLA_CUDA_PLUGIN names it; unset it to load the plugin beside the addon\)$/);
     expect(leftovers(dir)).toEqual([]); // no output, no temporary directory, not even the parent
+    // An addon without a plugin beside it: how to get one where the prebuilt package has
+    // none (e.g. linux-arm64 released without an arm64 CUDA toolkit).
+    const lone = join(dir, 'lone');
+    mkdirSync(lone);
+    copyFileSync(nativeLocation().path!, join(lone, 'della_merge.node'));
+    const env = { DELLA_NATIVE_PATH: join(lone, 'della_merge.node'), DELLA_CUDA_PLUGIN: '' };
+    const none = cli(['run', recipe, '--out', join(dir, 'merged'), '--device', 'cuda'], env);
+    expect(none.code).toBe(1);
+    expect(none.stderr).toContain(join(lone, 'della_merge_cuda.so'));
+    expect(none.stderr).toContain('DELLA_FORCE_BUILD=1 npm rebuild della-merge');
+    expect(leftovers(dir)).toEqual(['lone']);
   });
 
   it.skipIf(gpu || !info.pluginExists)('run --device cuda without a driver or GPU fails with the runtime\'s reason and leaves nothing behind', () => {

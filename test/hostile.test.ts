@@ -202,6 +202,10 @@ describe('hostile checkpoints', () => {
     expect(r.status, r.stderr).toBe(1);
     expect(r.stderr).toMatch(/native addon at .*old-addon\.cjs was built from another version \(its interface 1, this code needs \d+\): run "npm rebuild della-merge"/);
     expect(existsSync(f('abi-out'))).toBe(false);
+    // a DELLA_NATIVE_PATH that leads nowhere is named (it said no prebuilt binary fits)
+    const gone = spawnSync(process.execPath, [bin, 'inspect', base], { encoding: 'utf8', env: { ...process.env, DELLA_NATIVE_PATH: f('no-addon.node') } });
+    expect(gone.status).toBe(1);
+    expect(gone.stderr).toMatch(/^della-merge: the della-merge native addon DELLA_NATIVE_PATH names \(\S*no-addon\.node\) could not be loaded \(Cannot find module .*\); unset DELLA_NATIVE_PATH to load the installed one\n$/);
   });
 
   it('a model without one tensor of the base\'s (an empty index, another model) is refused, not merged as a copy', () => {

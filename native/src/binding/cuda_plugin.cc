@@ -61,7 +61,10 @@ Plugin& plugin_locked() {
   if (!p.handle) {
     const char* e = dlerror();
     p.error = std::string("the CUDA plugin could not be loaded: ") + (e ? e : p.path);
-    if (!file_exists(p.path))
+    const char* env = std::getenv("DELLA_CUDA_PLUGIN");
+    if (env && *env)
+      p.error += " (DELLA_CUDA_PLUGIN names it; unset it to load the plugin beside the addon)";
+    else if (!file_exists(p.path))
       p.error += " (this installation has no CUDA plugin: it is built with the addon when CMake finds nvcc >= 12; "
                  "`DELLA_FORCE_BUILD=1 npm rebuild della-merge` builds both from source where the prebuilt package "
                  "has none; or set DELLA_CUDA_PLUGIN to its path)";
