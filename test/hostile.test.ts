@@ -491,6 +491,25 @@ describe('faults leave nothing that looks finished', () => {
     }
   });
 
+  it('run --dry-run --out on a read-only disk is refused as the merge would be (it passed)', (ctx) => {
+    const dir = tempDir();
+    saveModel(join(dir, 'base'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4) }]);
+    saveModel(join(dir, 'e'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4).fill(0.5) }]);
+    const recipe = writeRecipe(join(dir, 'r.yaml'), { merge_method: 'task_arithmetic', base_model: join(dir, 'base'), models: [{ model: join(dir, 'e') }] });
+    const mnt = join(dir, 'ro');
+    mkdirSync(mnt);
+    if (spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=1m,ro', 'tmpfs', mnt]).status !== 0) return ctx.skip(); // not root
+    try {
+      for (const args of [['--dry-run'], []]) {
+        const r = cli(['run', recipe, '--out', join(mnt, 'a', 'out'), ...args]);
+        expect(r.code, args.join(' ')).toBe(1);
+        expect(r.stderr).toMatch(/^della-merge: cannot create \S+ro\/a\/out: \S+ro is not writable: EROFS/);
+      }
+    } finally {
+      spawnSync('umount', [mnt]);
+    }
+  });
+
   it('a --report that does not fit on its disk leaves the earlier report whole (it left a cut JSON)', (ctx) => {
     const dir = tempDir();
     saveModel(join(dir, 'base'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4) }]);

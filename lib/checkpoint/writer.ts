@@ -4,13 +4,13 @@
  * their final offsets, off the JS thread. All of it happens in a temporary sibling
  * directory that is renamed into place only when complete; any failure removes it.
  */
-import { existsSync, mkdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { accessSync, constants, existsSync, mkdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
 import { loadNative, type NativeOutputFile } from '../native.js';
 import { DTYPE_SIZES, encodeHeader } from './safetensors.js';
-import { isWithin, makeDirs, removeEmptyDirs } from '../util/fs.js';
+import { isWithin, makeDirs, nearestExisting, removeEmptyDirs } from '../util/fs.js';
 import { INDEX_FILE, SINGLE_FILE } from './model.js';
 
 export interface OutputTensor {
@@ -113,6 +113,14 @@ export class OutputDirectory {
     const full = resolve(target);
     checkTarget(full, options.overwrite ?? false);
     checkNotInput(full, options.inputs ?? []);
+    // Where it would be made (what run --dry-run --out promises to check): before any work.
+    const parent = nearestExisting(dirname(full));
+    if (!statSync(parent).isDirectory()) throw outputError(`cannot create ${full}: ${parent} is not a directory`);
+    try {
+      accessSync(parent, constants.W_OK);
+    } catch (e) {
+      throw ioError(`cannot create ${full}: ${parent} is not writable`, e);
+    }
     return full;
   }
 
