@@ -124,6 +124,7 @@ describe(`run --part i/N and assemble (DELLA_TEST_SEED=${seed})`, () => {
     writeFileSync(partFile, JSON.stringify({ ...rec, xxh64: undefined }));
     expect(cli(['assemble', '--out', join(dir, 'x'), join(dir, 'a1'), join(dir, 'a2')]).stderr).toMatch(/della_merge_part\.json records no tensor digests/);
     expect(cli(['run', r1, '--out', join(dir, 'y'), '--part', '3/2']).stderr).toMatch(/part 3\/2 is not valid/);
+    expect(cli(['run', r1, '--out', join(dir, 'y'), '--part', '1/9007199254740993']).stderr).toMatch(/part 1\/9007199254740993 is not valid: at most 65536 parts/);
     expect(cli(['run', r1, '--out', join(dir, 'y'), '--part', 'half']).stderr).toMatch(/--part takes i\/N/);
     expect(readdirSync(dir).filter((f) => f === 'x' || f === 'y' || f.includes('della-tmp'))).toEqual([]);
   });

@@ -151,6 +151,7 @@ function shardPath(dir: string, name: unknown, indexFile: string): string {
   if (isAbsolute(name)) throw checkpointError(`${indexFile}: weight_map names "${name}", an absolute path; shards must be inside ${dir}`);
   const full = resolve(dir, name);
   const rel = relative(dir, full);
+  if (rel === '') throw checkpointError(`${indexFile}: weight_map names "${name}", the model directory itself, not a shard file in it`);
   if (rel === '..' || rel.startsWith(`..${sep}`) || isAbsolute(rel)) {
     throw checkpointError(`${indexFile}: weight_map names "${name}", which is outside the model directory ${dir}`);
   }

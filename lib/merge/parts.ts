@@ -5,7 +5,7 @@
  * bytes depend only on the inputs, the recipe and the seed (SPEC), never on which
  * process computed them, so any job runner can run the parts anywhere.
  */
-import { existsSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, lstatSync, readFileSync, statSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
@@ -35,6 +35,8 @@ export interface PartRecord extends RunRecord {
 export function parsePart(text: string): { index: number; count: number } {
   const m = /^(\d+)\/(\d+)$/.exec(text.trim());
   if (!m) throw new DellaError('E_ARGS', `--part takes i/N, e.g. 2/8 (part 2 of 8), got "${text}"`);
+  // (as typed: 9007199254740993 would read as ...992)
+  if (m[1].length > 15 || m[2].length > 15) throw new DellaError('E_ARGS', `part ${text.trim()} is not valid: at most ${MAX_PARTS} parts`);
   return checkPart({ index: Number(m[1]), count: Number(m[2]) });
 }
 
@@ -133,7 +135,14 @@ function recordProblem(r: unknown): string | null {
 function readPart(dir: string): PartRecord {
   const file = join(dir, PART_FILE);
   if (!existsSync(dir)) throw new DellaError('E_ARGS', `part directory ${dir} does not exist`);
-  if (!existsSync(file)) throw new DellaError('E_ARGS', `${dir} is not a part of a split merge: it has no ${PART_FILE}`);
+  try {
+    lstatSync(file);
+  } catch (e) {
+    // (EACCES: a directory that cannot be searched does not say what it holds)
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code !== 'ENOENT' && code !== 'ENOTDIR') throw ioError(`cannot read ${file}`, e);
+    throw new DellaError('E_ARGS', `${dir} is not a part of a split merge: it has no ${PART_FILE}`);
+  }
   let text: string;
   try {
     text = readRegularFile(file);
