@@ -6,6 +6,7 @@ import { describe, expect, it, vi } from 'vitest';
 import { makeModels, tempDir, writeRecipe } from './helpers/models.js';
 import { rng, testSeed } from './helpers/random.js';
 import { assemble } from '../lib/merge/parts.js';
+import { tensorDigest } from '../lib/merge/record.js';
 import { openCheckpoint } from '../lib/checkpoint/model.js';
 import { saveModel, type InMemoryTensor } from '../lib/checkpoint/save.js';
 
@@ -25,8 +26,8 @@ function files(dir: string): Map<string, string> {
 const leftovers = (dir: string) => readdirSync(dir).filter((f) => f === 'x' || f.includes('della-tmp'));
 
 /**
- * Part directories written by hand (fake digests: assemble copies them, it does not
- * hash): `parts[i]` are part i+1's tensors, with config.json and README.md beside them.
+ * Part directories written by hand: `parts[i]` are part i+1's tensors, with config.json
+ * and README.md beside them.
  */
 function handParts(dir: string, parts: InMemoryTensor[][]): string[] {
   const planned = parts.flat().map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape, byteLength: t.data.byteLength }));
@@ -36,7 +37,7 @@ function handParts(dir: string, parts: InMemoryTensor[][]): string[] {
     writeFileSync(join(d, 'config.json'), '{"model_type": "llama"}\n');
     writeFileSync(join(d, 'README.md'), '# merged\n');
     // Object.fromEntries, not {}: keeps a tensor named "__proto__"
-    const xxh64 = Object.fromEntries(tensors.map((t, k) => [t.name, (k + 1).toString(16).padStart(16, '0')]));
+    const xxh64 = Object.fromEntries(tensors.map((t) => [t.name, tensorDigest('xxh64', new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength))]));
     const record = { tool: 'della-merge', version: '0.1.0', method: 'linear', seed: 0, xxh64, part: i + 1, of: parts.length, shardSize: 1e9, planned, planDigest: 'p' };
     writeFileSync(join(d, 'della_merge_part.json'), `${JSON.stringify(record, null, 2)}\n`);
     return d;
@@ -219,6 +220,14 @@ describe(`run --part i/N and assemble (DELLA_TEST_SEED=${seed})`, () => {
     const differs = run(extra, p[1], p[2]);
     expect(differs.stderr).toMatch(/belongs to a different merge than \S*extra: their recipes or input models differ/);
     expect(differs.code).toBe(2); // as for other parts of another merge
+    // a byte of a part's weights flipped since its merge (it assembled; verify found it later)
+    const flipped = join(dir, 'flipped');
+    cpSync(p[1], flipped, { recursive: true });
+    const weights = join(flipped, readdirSync(flipped).find((f) => f.endsWith('.safetensors'))!);
+    const bytes = readFileSync(weights);
+    bytes[bytes.length - 1] ^= 0x01; // the last tensor's last byte
+    writeFileSync(weights, bytes);
+    refused(run(p[0], flipped, p[2]), /flipped: tensor "[^"]+" is not what the part's merge wrote \(its xxh64 digest differs from the one in della_merge_part\.json\): rerun that part/);
     // the real parts still assemble
     expect(run(...p).code).toBe(0);
   });
@@ -253,7 +262,7 @@ describe(`run --part i/N and assemble (DELLA_TEST_SEED=${seed})`, () => {
     expect(r.code, r.stderr).toBe(0);
     const run = JSON.parse(readFileSync(join(dir, 'x', 'della_merge_run.json'), 'utf8'));
     expect(Object.keys(run.xxh64)).toEqual(['__proto__', 'constructor', 'w']);
-    expect(Object.getOwnPropertyDescriptor(run.xxh64, '__proto__')?.value).toBe('0000000000000001');
+    expect(Object.getOwnPropertyDescriptor(run.xxh64, '__proto__')?.value).toBe(tensorDigest('xxh64', new Uint8Array(new Float32Array(4).fill(2).buffer)));
   });
 
   it('a full disk while copying the files beside the weights is E_IO, with nothing left', async () => {

@@ -54,7 +54,8 @@ export const ASSEMBLE_USAGE = `Usage: della-merge assemble --out DIR [--overwrit
 
   Joins the N directories written by "della-merge run RECIPE --out PART_DIR --part i/N"
   (i = 1..N) into DIR: the same files, byte for byte, that one run of the whole merge
-  writes. Refuses parts of different merges, a part given twice, and missing parts.`;
+  writes. Refuses parts of different merges, a part given twice, missing parts, and
+  tensors whose bytes no longer have the digest their part recorded.`;
 
 export const INSPECT_USAGE = `Usage: della-merge inspect PATH [--json]
 

@@ -18,7 +18,7 @@ import { showShort as show } from '../util/show.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, type OutputTensor, type ShardFiles } from '../checkpoint/writer.js';
 import type { Recipe } from '../recipe/index.js';
 import type { MergePlan, TensorPlan } from './plan.js';
-import { recordedDigests, RUN_FILE, sortedDigests, type DigestAlgorithm, type RunRecord } from './record.js';
+import { recordedDigests, RUN_FILE, sortedDigests, tensorDigest, type DigestAlgorithm, type RunRecord } from './record.js';
 
 export const PART_FILE = 'della_merge_part.json';
 
@@ -270,7 +270,14 @@ export async function assemble(
     try {
       for (const t of first.planned) {
         const at = shards.place(t.name);
-        shards.write(at.file, at.offset, owner.get(t.name)!.bytes(t.name), `tensor "${t.name}"`);
+        const part = owner.get(t.name)!;
+        const data = part.bytes(t.name);
+        // What the part's merge wrote, as its record says: bytes damaged since (on disk, in
+        // a copy between machines) are refused here, not found later by verify.
+        if (tensorDigest(algorithm, data) !== digests.get(t.name)) {
+          throw new DellaError('E_CHECKPOINT', `${part.path}: tensor "${t.name}" is not what the part's merge wrote (its ${algorithm} digest differs from the one in ${PART_FILE}): rerun that part`);
+        }
+        shards.write(at.file, at.offset, data, `tensor "${t.name}"`);
         pending += t.byteLength;
         bytes += t.byteLength;
         if (pending >= 64 << 20) {
