@@ -49,7 +49,10 @@ async function cmdRun(args: string[]): Promise<number> {
     out: values.out as string, seed, threads, shardSize, overwrite, signal,
     allowNonFinite: Boolean(values['allow-nonfinite']), part, device, gpuMemory, onProgress: (e) => progress.update(e),
   }).finally(() => progress.end()));
-  const verified = values.verify ? await verifyMerge(report.out, recipe, { seed: report.seed }) : null;
+  // (the output is in place and whole: a signal now stops the check, not the merge)
+  const verified = values.verify
+    ? await withSignals((signal) => verifyMerge(report.out, recipe, { seed: report.seed, signal }), `the merge into ${report.out} is complete; not verifying it`)
+    : null;
   const full = verified ? { ...report, verify: verified } : report;
   if (values.report) writeReport(values.report as string, full);
   if (values.json) out(JSON.stringify(full, null, 2));

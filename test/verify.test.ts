@@ -181,4 +181,28 @@ describe(`verify (DELLA_TEST_SEED=${seed})`, () => {
       expect(r.problems).toEqual([`${victim} was modified while it was being read: rerun verify on files that stay put`]);
     }
   });
+  it('an AbortSignal cancels the check (E_ABORTED), before it starts or between tensors, and leaves the output alone', async () => {
+    const dir = tempDir();
+    const tensors = Array.from({ length: 40 }, (_, i) => ({ name: `t${String(i).padStart(2, '0')}`, dtype: 'F32', shape: [2, 2], data: new Float32Array(4).fill(i) }));
+    saveModel(join(dir, 'base'), tensors);
+    saveModel(join(dir, 'e'), tensors.map((t) => ({ ...t, data: new Float32Array(4).fill(1) })));
+    const recipe = writeRecipe(join(dir, 'r.yaml'), { merge_method: 'task_arithmetic', base_model: join(dir, 'base'), models: [{ model: join(dir, 'e') }] });
+    const out = join(dir, 'o');
+    await merge(recipe, { out });
+    const parsed = await loadRecipe(recipe);
+    const before = readdirSync(out).sort();
+    await expect(verifyMerge(out, parsed, { signal: AbortSignal.abort() })).rejects.toMatchObject({ code: 'E_ABORTED' });
+    const controller = new AbortController();
+    let seen = 0;
+    const onProgress = (done: number) => {
+      seen = done;
+      if (done === 5) controller.abort();
+    };
+    await expect(verifyMerge(out, parsed, { signal: controller.signal, onProgress })).rejects.toMatchObject({
+      code: 'E_ABORTED', message: `the check of ${out} was cancelled; the output is left as it is, unverified`,
+    });
+    expect(seen).toBe(5); // it stops after the tensor at hand
+    expect(readdirSync(out).sort()).toEqual(before);
+    expect((await verifyMerge(out, parsed)).ok).toBe(true);
+  });
 });

@@ -155,13 +155,13 @@ export const err = (s: string) => process.stderr.write(`${s}\n`);
 const SIGNAL_EXIT: Partial<Record<NodeJS.Signals, number>> = { SIGHUP: 129, SIGINT: 130, SIGTERM: 143 };
 
 /** Cancels on SIGHUP/SIGINT/SIGTERM; the merge then removes its temporary output. */
-export function withSignals<T>(work: (signal: AbortSignal) => Promise<T>): Promise<T> {
+export function withSignals<T>(work: (signal: AbortSignal) => Promise<T>, stopping = 'removing the unfinished output'): Promise<T> {
   const controller = new AbortController();
   let received: NodeJS.Signals | null = null;
   const onSignal = (sig: NodeJS.Signals) => {
     if (received) process.exit(SIGNAL_EXIT[sig]); // second signal: leave now
     received = sig;
-    if (sig !== 'SIGHUP') err(`\n${sig}: stopping; removing the unfinished output...`); // no terminal after a hangup
+    if (sig !== 'SIGHUP') err(`\n${sig}: stopping; ${stopping}...`); // no terminal after a hangup
     controller.abort();
   };
   const signals = Object.keys(SIGNAL_EXIT) as NodeJS.Signals[];

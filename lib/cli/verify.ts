@@ -2,7 +2,7 @@
 import { resolve } from 'node:path';
 import { loadRecipe } from '../recipe/index.js';
 import { verifyMerge, type VerifyReport } from '../validate/verify.js';
-import { intOption, out, parse, usageError } from './common.js';
+import { intOption, out, parse, usageError, withSignals } from './common.js';
 import { VERIFY_USAGE } from './usage.js';
 import { columnWidth } from '../util/show.js';
 
@@ -40,7 +40,7 @@ export async function cmdVerify(args: string[]): Promise<number> {
   const samples = intOption(values.samples as string | undefined, 'samples', 1, 1_000_000);
   const seed = intOption(values.seed as string | undefined, 'seed', 0, Number.MAX_SAFE_INTEGER);
   const recipe = await loadRecipe(values.recipe as string);
-  const report = await verifyMerge(resolve(positionals[0]), recipe, { samples, seed });
+  const report = await withSignals((signal) => verifyMerge(resolve(positionals[0]), recipe, { samples, seed, signal }), 'the output is left as it is');
   if (values.json) out(JSON.stringify(report, null, 2));
   else [...verifyTable(report), '', ...verifySummary(report)].forEach(out);
   return report.ok ? 0 : 1;

@@ -28,6 +28,8 @@ export interface VerifyOptions {
   /** the seed the merge used; default: the output's della_merge_run.json, else the recipe's */
   seed?: number;
   onProgress?: (done: number, total: number, tensor: string) => void;
+  /** cancels the check (an E_ABORTED rejection; the output is left as it is) */
+  signal?: AbortSignal;
 }
 
 export interface TensorCheck {
@@ -106,7 +108,9 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
   const started = performance.now();
   if (typeof out !== 'string' || out === '') throw new DellaError('E_ARGS', `verifyMerge(out, recipe) takes the output directory, got ${showShort(out)}`);
   recipe = expectRecipe(recipe, 'verifyMerge(out, recipe)');
-  checkOptions(options, 'verifyMerge(out, recipe, options)', { samples: 'checked', seed: 'checked', onProgress: 'function' });
+  checkOptions(options, 'verifyMerge(out, recipe, options)', { samples: 'checked', seed: 'checked', onProgress: 'function', signal: 'AbortSignal' });
+  const cancelled = () => new DellaError('E_ABORTED', `the check of ${out} was cancelled; the output is left as it is, unverified`);
+  if (options.signal?.aborted) throw cancelled();
   if (options.seed !== undefined && !(Number.isSafeInteger(options.seed) && options.seed >= 0)) {
     throw new DellaError('E_ARGS', `seed must be an integer in [0, 2^53), got ${showShort(options.seed)}`);
   }
@@ -154,6 +158,7 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
       problems.push(...check.problems);
       options.onProgress?.(i + 1, plan.tensors.length, t.name);
       if (i % 16 === 15) await new Promise((r) => setImmediate(r)); // let progress and signals through
+      if (options.signal?.aborted) throw cancelled();
     }
     // A file that changed meanwhile (or was cut short: its reads saw zeros) was not what
     // the checks above compared.
