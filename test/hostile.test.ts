@@ -297,6 +297,20 @@ describe('hostile checkpoints', () => {
 });
 
 describe('faults leave nothing that looks finished', () => {
+  it('an unfinished output of a killed run (SIGKILL leaves it) is named in a warning of the next run into that output', async () => {
+    const dir = tempDir();
+    saveModel(join(dir, 'base'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4) }]);
+    saveModel(join(dir, 'e'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4).fill(0.5) }]);
+    const recipe = writeRecipe(join(dir, 'r.yaml'), { merge_method: 'task_arithmetic', base_model: join(dir, 'base'), models: [{ model: join(dir, 'e') }] });
+    const dead = join(dir, '.o.della-tmp-999999999-0a1b2c3d'); // above any pid_max
+    const live = join(dir, `.o.della-tmp-${process.pid}-0a1b2c3d`); // perhaps a run writing it now
+    const other = join(dir, '.p.della-tmp-999999999-0a1b2c3d'); // another output's
+    for (const d of [dead, live, other]) mkdirSync(d);
+    const report = await merge(recipe, { out: join(dir, 'o') });
+    expect(report.warnings).toContain(`1 unfinished output(s) of earlier runs into ${join(dir, 'o')} whose process is gone (killed?) are still there, holding disk space: remove ${dead}`);
+    expect(existsSync(dead) && existsSync(live) && existsSync(other)).toBe(true); // reported, not removed
+  });
+
   function bigModels(dir: string) {
     const tensors = (salt: number) => Array.from({ length: 24 }, (_, i) => {
       const data = new Uint16Array(1 << 20);

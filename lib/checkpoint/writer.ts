@@ -4,7 +4,7 @@
  * their final offsets, off the JS thread. All of it happens in a temporary sibling
  * directory that is renamed into place only when complete; any failure removes it.
  */
-import { accessSync, constants, existsSync, mkdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { accessSync, constants, existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
@@ -106,6 +106,34 @@ export class OutputDirectory {
     this.tmp = tmp;
     this.overwrite = overwrite;
     this.madeParent = madeParent;
+  }
+
+  /**
+   * Temporary directories of earlier runs into this target whose process is gone (killed
+   * with SIGKILL, or the machine went down): nothing removes them, and each may hold a
+   * model's worth of reserved shards. Reported, not removed: on a shared file system the
+   * process may be another machine's.
+   */
+  leftovers(): string[] {
+    const mark = `.${basename(this.target)}${TEMP_MARK}`;
+    const parent = dirname(this.target);
+    let names: string[];
+    try {
+      names = readdirSync(parent);
+    } catch {
+      return [];
+    }
+    return names.filter((n) => {
+      if (!n.startsWith(mark) || join(parent, n) === this.tmp) return false;
+      const pid = Number(/^(\d+)-[0-9a-f]+$/.exec(n.slice(mark.length))?.[1]);
+      if (!Number.isSafeInteger(pid) || pid <= 0) return false;
+      try {
+        process.kill(pid, 0);
+        return false; // running (or another user's): perhaps a run writing it now
+      } catch (e) {
+        return (e as NodeJS.ErrnoException).code === 'ESRCH';
+      }
+    }).map((n) => join(parent, n));
   }
 
   /** Whether create() would accept the target (for --dry-run); returns its full path. */

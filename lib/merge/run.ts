@@ -314,6 +314,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     const tensors = part ? partTensors(plan.tensors, part.index, part.count) : plan.tensors;
     checkOutputSizes(tensors, 'one staging buffer');
     out = OutputDirectory.create(options.out, { overwrite: options.overwrite, inputs: inputPaths(models, recipe) });
+    const leftovers = out.leftovers();
     const layouts = layoutShards(tensors.map(outputTensor), shardSize);
     shards = out.createShards(layouts);
     const groups = batches(tensors, spec.kind === 'cuda');
@@ -393,6 +394,9 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     clock.mark('finish');
     const zeroKept = reports.filter((r) => r.keptFraction?.some((f) => f === 0) && r.shape.length > 0);
     const warnings = [...recipe.warnings, ...plan.warnings, ...(nonfiniteWarnings ?? [])];
+    if (leftovers.length > 0) {
+      warnings.push(`${leftovers.length} unfinished output(s) of earlier runs into ${out.target} whose process is gone (killed?) are still there, holding disk space: remove ${leftovers.join(', ')}`);
+    }
     if (zeroKept.length > 0 && plan.method.sparsifier !== 'none') {
       warnings.push(`${zeroKept.length} tensor(s) kept none of some expert's delta (first: "${zeroKept[0].name}")`);
     }
