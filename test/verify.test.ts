@@ -142,6 +142,13 @@ describe(`verify (DELLA_TEST_SEED=${seed})`, () => {
     writeFileSync(file, JSON.stringify({ ...record, seed: 'x' }));
     expect((await verifyMerge(out, await loadRecipe(recipe))).problems).toEqual(
       [`della_merge_run.json records the seed "x", not an integer in [0, 2^53): rows were recomputed with the recipe's seed 0`]);
+    // A record of another method, or with digests of tensors the plan has none of (both passed).
+    writeFileSync(file, JSON.stringify({ ...record, method: 'della' }));
+    expect((await verifyMerge(out, await loadRecipe(recipe))).problems).toEqual(
+      ['della_merge_run.json records the method "della", but the recipe\'s is ties']);
+    writeFileSync(file, JSON.stringify({ ...record, xxh64: { ...record.xxh64, 'model.ghost': '0000000000000000' } }));
+    expect((await verifyMerge(out, await loadRecipe(recipe))).problems).toEqual(
+      ['della_merge_run.json records digests of 1 tensor(s) the plan does not have (first: "model.ghost")']);
     // A record that differs in its last digit reads as different: digests are shown whole.
     const name = 'model.layers.0.mlp.down_proj.weight';
     const real = record.xxh64[name] as string;

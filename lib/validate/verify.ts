@@ -133,9 +133,18 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
     if (recorded !== undefined && options.seed === undefined && seed !== recorded) {
       problems.push(`${RUN_FILE} records the seed ${showShort(recorded)}, not an integer in [0, 2^53): rows were recomputed with the recipe's seed ${seed}`);
     }
+    // The record says what was merged: another method, or digests of tensors the plan
+    // has none of, mean it (or the recipe) is not this output's.
+    if (record.method !== undefined && record.method !== plan.method.name) {
+      problems.push(`${RUN_FILE} records the method ${showShort(record.method)}, but the recipe's is ${plan.method.name}`);
+    }
     const planned = new Set(plan.tensors.map((t) => t.name));
     for (const name of merged.names) {
       if (!planned.has(name)) problems.push(`tensor "${name}" is in the output but not in the plan`);
+    }
+    const strays = digests ? Object.keys(digests).filter((name) => !planned.has(name)) : [];
+    if (strays.length > 0) {
+      problems.push(`${RUN_FILE} records digests of ${strays.length} tensor(s) the plan does not have (first: ${showShort(strays[0])})`);
     }
     let rowsChecked = 0;
     for (const [i, t] of plan.tensors.entries()) {
