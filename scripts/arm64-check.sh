@@ -83,9 +83,9 @@ recipes=()
 # under qemu takes ~10 s; step 2's digests cover every method's arithmetic); default all.
 if [ -n "${ARM64_CHECK_EXAMPLES:-}" ]; then
   for n in $ARM64_CHECK_EXAMPLES; do
-    r=$(ls examples/"$n".yaml examples/"$n".json 2>/dev/null | head -1)
-    [ -n "$r" ] || fail "ARM64_CHECK_EXAMPLES: no examples/$n.yaml or .json"
-    recipes+=("$r")
+    if [ -f "examples/$n.yaml" ]; then recipes+=("examples/$n.yaml")
+    elif [ -f "examples/$n.json" ]; then recipes+=("examples/$n.json")
+    else fail "ARM64_CHECK_EXAMPLES: no examples/$n.yaml or .json"; fi
   done
 else
   for r in examples/*.yaml examples/*.json; do recipes+=("$r"); done
