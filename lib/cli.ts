@@ -40,10 +40,10 @@ async function cmdRun(args: string[]): Promise<number> {
   if (part && values.verify) throw usageError('--verify checks a whole merge: verify after "della-merge assemble"', 'run');
   if (values.report) checkReportFile(values.report as string, values.out as string | undefined); // before merging, not after the output is in place
   const overwrite = Boolean(values.overwrite);
-  if (values['dry-run']) return dryRun(await loadRecipe(positionals[0]), Boolean(values.json), seed, part, { out: values.out as string | undefined, overwrite });
-  if (!values.out) throw usageError('run needs --out DIR', 'run');
+  if (!values.out && !values['dry-run']) throw usageError('run needs --out DIR', 'run');
   const recipe = await loadRecipe(positionals[0]);
-  if (values.report) checkReportFile(values.report as string, values.out as string, recipe);
+  if (values.report) checkReportFile(values.report as string, values.out as string | undefined, recipe);
+  if (values['dry-run']) return dryRun(recipe, Boolean(values.json), seed, part, { out: values.out as string | undefined, overwrite });
   const progress = createProgress(process.stderr, values.quiet || values.json ? 'none' : 'auto');
   const report = await withSignals((signal) => runMerge(recipe, {
     out: values.out as string, seed, threads, shardSize, overwrite, signal,
@@ -195,7 +195,7 @@ export async function main(argv: string[]): Promise<number> {
         return 0;
       case undefined: case 'help': case '--help': case '-h': {
         if (rest.length > 1) throw usageError(`${command} takes one COMMAND, got ${rest.map((a) => `"${a}"`).join(' ')}`);
-        const topic = rest[0] !== 'help' ? rest[0] : undefined; // "help help": the overview
+        const topic = ['help', '--help', '-h'].includes(rest[0]) ? undefined : rest[0]; // "help help", "help --help": the overview
         if (topic && !Object.hasOwn(HELP, topic)) throw usageError(`no help for "${topic}"`);
         out(topic ? HELP[topic] : USAGE.replace('{version}', packageVersion()));
         return 0;

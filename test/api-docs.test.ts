@@ -3,7 +3,7 @@
  * directory with the script's own arguments and compared file by file.
  */
 import { spawnSync } from 'node:child_process';
-import { readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join, relative, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { tempDir } from './helpers/models.js';
@@ -34,4 +34,13 @@ describe('docs/api', () => {
       expect(readFileSync(join(out, f), 'utf8'), `docs/api/${f} is stale: run npm run docs`).toBe(readFileSync(join(committed, f), 'utf8'));
     }
   }, 180_000);
+});
+
+describe('docs/SPEC.md', () => {
+  // The contract lives beside the repository (../shared/SPEC.md) where the project is
+  // developed; the copy in docs/ is what readers of the package and the README can open.
+  const shared = resolve(root, '..', 'shared', 'SPEC.md');
+  it.skipIf(!existsSync(shared))('is the project\'s contract, ../shared/SPEC.md, word for word', () => {
+    expect(readFileSync(join(root, 'docs', 'SPEC.md'), 'utf8')).toBe(readFileSync(shared, 'utf8'));
+  });
 });

@@ -208,6 +208,7 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
     expect(cli(['help', 'run']).stdout).toContain('--shard-size SIZE');
     expect(cli(['help', 'help'])).toMatchObject({ code: 0, stdout: expect.stringContaining('della-merge help [COMMAND]') });
     expect(cli(['--help', 'verify']).stdout).toBe(cli(['help', 'verify']).stdout);
+    expect(cli(['help', '--help'])).toMatchObject({ code: 0, stdout: expect.stringContaining('della-merge help [COMMAND]') }); // it was "no help for
     expect(cli(['run', '--help']).code).toBe(0);
     expect(cli(['--version']).stdout.trim()).toMatch(/^\d+\.\d+\.\d+/);
   });
@@ -254,6 +255,9 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
         /^della-merge: --report .*\.safetensors would replace the files of .*, an input of this merge; give another path\n$/],
       ['--report adding a weight file to a model', () => ['run', good, '--out', join(dir, 'o'), '--report', join(models.base, 'pytorch_model.safetensors')], 1,
         /^della-merge: --report .*pytorch_model\.safetensors would add to the files of .*, an input of this merge; give another path\n$/],
+      // --dry-run checks it as a merge would (it passed)
+      ['--dry-run --report naming the recipe', () => ['run', good, '--dry-run', '--report', good], 1,
+        /^della-merge: --report (\S*)good\.yaml would replace \1good\.yaml, an input of this merge; give another path\n$/],
     ];
     for (const [label, args, code, message] of cases) {
       it(label, () => {
