@@ -42,7 +42,8 @@ export const VERIFY_USAGE = `Usage: della-merge verify OUT --recipe RECIPE [--sa
 
   Checks that OUT has exactly the tensors, dtypes and shapes RECIPE plans, that every
   value is finite, that copied tensors equal the base's, and that sampled rows of every
-  merged tensor (all rows of tensors up to 65,536 elements; N others, default 3),
+  merged tensor (all rows of tensors up to 65,536 elements; of the others N rows, the
+  first and last among them, so at least 2; default 3),
   recomputed by the reference implementation, equal the output bit for bit. Prints per
   tensor the fraction of each expert's change kept, how often its surviving changes
   agree in sign with the merged change, and the norm of the merged change against the
