@@ -1,4 +1,5 @@
 /** The pipeline API: tensors in memory, merged tensors out, cancellation, worker threads. */
+import { spawnSync } from 'node:child_process';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
@@ -111,6 +112,34 @@ describe(`pipeline API (DELLA_TEST_SEED=${seed})`, () => {
     expect(a).toEqual(here);
     expect(b).toEqual(here);
     expect(c).toEqual(here);
+  });
+
+  it('a worker stopped while the addon merges for it ends alone (it aborted the whole process)', () => {
+    const dir = tempDir();
+    const tensors = (v: number) => Array.from({ length: 8 }, (_, i) => ({ name: `w${i}`, dtype: 'F32', shape: [2048, 2048], data: new Float32Array(2048 * 2048).fill(v + i) }));
+    saveModel(join(dir, 'base'), tensors(0));
+    saveModel(join(dir, 'e'), tensors(1));
+    const recipe = JSON.stringify({ merge_method: 'task_arithmetic', base_model: join(dir, 'base'), models: [{ model: join(dir, 'e') }] });
+    const index = JSON.stringify(pathToFileURL(join(root, 'dist/index.js')).href);
+    // In a child: a failure here killed the test runner's process too.
+    const script = `
+      import { Worker } from 'node:worker_threads';
+      const code = \`
+        import { parentPort, workerData } from 'node:worker_threads';
+        const { merge } = await import(${index});
+        await merge(workerData.recipe, { out: workerData.out, threads: 1, onProgress: () => parentPort.postMessage('batch') });
+      \`;
+      for (let i = 0; i < 3; i++) {
+        const w = new Worker(new URL('data:text/javascript,' + encodeURIComponent(code)), { workerData: { recipe: ${recipe}, out: ${JSON.stringify(join(dir, 'o'))} + i } });
+        await new Promise((done) => w.once('message', done)); // the first batch is done, the next one merging
+        await w.terminate();
+      }
+      await new Promise((r) => setTimeout(r, 300));
+      console.log('alive');
+    `;
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 120_000 });
+    expect(r.stderr).toBe('');
+    expect([r.status, r.stdout.trim()]).toEqual([0, 'alive']);
   });
 });
 

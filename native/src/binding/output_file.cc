@@ -1,4 +1,5 @@
 #include "output_file.h"
+#include "promise_worker.h"
 
 #include <sys/mman.h>
 
@@ -32,12 +33,16 @@ class WriteWorker : public Napi::AsyncWorker {
     }
   }
   void OnOK() override {
-    src_.Reset();
-    deferred_.Resolve(Env().Undefined());
+    settle_promise(deferred_, [&] {
+      src_.Reset();
+      deferred_.Resolve(Env().Undefined());
+    });
   }
   void OnError(const Napi::Error& e) override {
-    src_.Reset();
-    deferred_.Reject(e.Value());
+    settle_promise(deferred_, [&] {
+      src_.Reset();
+      deferred_.Reject(e.Value());
+    });
   }
 
  private:

@@ -12,6 +12,24 @@
 
 namespace della_binding {
 
+// Settles a promise from a worker's completion. Once the environment is being torn down
+// (worker.terminate(), process.exit() in a Worker) the work still completes, but JS can no
+// longer run and nothing awaits the promise: node-addon-api turns the failed call into a
+// C++ exception, which, escaping the completion callback, aborted the whole process. A
+// failure for another reason rejects the promise with it instead.
+template <class Settle>
+void settle_promise(Napi::Promise::Deferred& deferred, Settle&& settle) {
+  try {
+    settle();
+  } catch (const Napi::Error& e) {
+    try {
+      deferred.Reject(e.Value());
+    } catch (const Napi::Error&) {
+      // the environment is going away
+    }
+  }
+}
+
 // Runs `run` on a libuv worker thread and settles a promise with `to_js(result)`.
 // `keep` holds the caller's batch object, so its buffers outlive the work.
 template <class Result>
@@ -46,15 +64,19 @@ class PromiseWorker : public Napi::AsyncWorker {
   }
 
   void OnOK() override {
-    keep_alive_.Reset();
-    deferred_.Resolve(to_js_(Env(), result_));
+    settle_promise(deferred_, [&] {
+      keep_alive_.Reset();
+      deferred_.Resolve(to_js_(Env(), result_));
+    });
   }
 
   void OnError(const Napi::Error& e) override {
-    keep_alive_.Reset();
-    Napi::Object err = e.Value();
-    if (cuda_code_ != 0) err.Set("cudaCode", cuda_code_name(cuda_code_));
-    deferred_.Reject(err);
+    settle_promise(deferred_, [&] {
+      keep_alive_.Reset();
+      Napi::Object err = e.Value();
+      if (cuda_code_ != 0) err.Set("cudaCode", cuda_code_name(cuda_code_));
+      deferred_.Reject(err);
+    });
   }
 
  private:
