@@ -3,6 +3,7 @@
  * with code E_ARGS (E_IO for the file system) naming what is wrong, never a TypeError or
  * a native error, and a refused saveModel leaves no directory behind.
  */
+import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -98,8 +99,37 @@ describe('saveModel arguments', () => {
   it('a failed write removes the files it wrote', async () => {
     const dir = join(root, 'half');
     mkdirSync(join(dir, 'model.safetensors.index.json'), { recursive: true }); // the index cannot be written
-    await refused(() => saveModel(dir, two, { shardSize: 8 }), 'E_IO', /^saveModel: cannot write .*half\/model\.safetensors\.index\.json: EISDIR/);
+    await refused(() => saveModel(dir, two, { shardSize: 8 }), 'E_IO', /^saveModel: cannot write .*half\/model\.safetensors\.index\.json: it is a directory$/);
     expect(readdirSync(dir)).toEqual(['model.safetensors.index.json']);
+  });
+
+  it('saves a model opened from its own directory over it, and a failed save leaves the earlier one whole', async () => {
+    const dir = join(root, 'inplace');
+    saveModel(dir, [{ name: 'w', dtype: 'F32', shape: [4096], data: new Float32Array(4096).fill(1.5) }]);
+    const c = openCheckpoint(dir);
+    // its own views as the data: written over in place, the file was cut under them
+    // (EFAULT), and the cleanup then deleted the model
+    expect(saveModel(dir, [{ name: 'w', dtype: 'F32', shape: [4096], data: c.array('w') }, { name: 'v', dtype: 'F32', shape: [1], data: new Float32Array([2]) }])).toEqual(['model.safetensors']);
+    c.close();
+    const again = openCheckpoint(dir);
+    expect([again.names, (again.array('w') as Float32Array)[4095]]).toEqual([['v', 'w'], 1.5]);
+    again.close();
+    expect(readdirSync(dir)).toEqual(['model.safetensors']);
+    // a save that runs out of disk leaves the earlier save whole (it was cut to 0, then removed)
+    const small = join(root, 'small');
+    mkdirSync(small);
+    if (spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', small]).status === 0) { // root only
+      try {
+        saveModel(small, [{ name: 'w', dtype: 'F32', shape: [4096], data: new Float32Array(4096).fill(1.5) }]);
+        await refused(() => saveModel(small, [{ name: 'w', dtype: 'F32', shape: [16384], data: new Float32Array(16384) }]), 'E_IO', /cannot write .*small\/model\.safetensors: no space left on device/);
+        expect(readdirSync(small)).toEqual(['model.safetensors']);
+        const kept = openCheckpoint(small);
+        expect((kept.array('w') as Float32Array)[0]).toBe(1.5);
+        kept.close();
+      } finally {
+        spawnSync('umount', [small]);
+      }
+    }
   });
 
   it('still writes what it is given, sharded or not, from any kind of view', () => {

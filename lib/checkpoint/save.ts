@@ -3,7 +3,7 @@
  * tests' fixtures and API users who build small models. Large merges go through
  * OutputDirectory instead, which never holds a tensor in JS.
  */
-import { closeSync, existsSync, openSync, readdirSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readdirSync, renameSync, rmSync, statSync, writeSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
 import { makeDirs, removeEmptyDirs } from '../util/fs.js';
@@ -75,7 +75,8 @@ function writeAll(fd: number, bytes: Uint8Array): void {
  * Saves a model directory: model.safetensors, or shards of at most `shardSize` data
  * bytes plus model.safetensors.index.json. Returns the file names written.
  * Every argument is checked before anything is written; a failed write removes the
- * files (and the directories) this call made. Saving over an earlier save replaces it:
+ * files (and the directories) this call made and leaves an earlier save as it was (each
+ * file is written aside and renamed into place). Saving over an earlier save replaces it:
  * the weight files of the other layout (an index and its shards, or model.safetensors)
  * are removed once the new ones are written, so that no reader finds the old weights.
  */
@@ -111,14 +112,18 @@ export function saveModel(dir: string, tensors: readonly InMemoryTensor[], optio
   } catch (e) {
     throw ioError(`saveModel: cannot create the directory ${dir}`, e);
   }
-  const written: string[] = [];
+  // Each file is written under a temporary name and renamed into place once all are
+  // written: an earlier save stays whole if this one fails, and views of it still mapped
+  // (saving a model opened from this very directory) keep reading its old bytes. Written
+  // over in place, its file was cut to 0 under them and the write failed with EFAULT.
+  const staged: Array<{ tmp: string; path: string }> = [];
   const write = (fileName: string, pieces: readonly Uint8Array[]) => {
     const path = join(dir, fileName);
-    const existed = existsSync(path);
+    const tmp = join(dir, `.${fileName}.della-tmp-${process.pid}`);
+    staged.push({ tmp, path });
     let fd: number | undefined;
     try {
-      fd = openSync(path, 'w');
-      written.push(path);
+      fd = openSync(tmp, 'w');
       for (const p of pieces) writeAll(fd, p);
       const f = fd;
       fd = undefined; // a failed close is not retried
@@ -126,12 +131,14 @@ export function saveModel(dir: string, tensors: readonly InMemoryTensor[], optio
     } catch (e) {
       if (fd !== undefined) {
         try { closeSync(fd); } catch { /* already failing */ }
-      } else if (!existed) {
-        written.push(path); // in case the open half-happened
       }
       throw ioError(`saveModel: cannot write ${path}`, e);
     }
   };
+  const targets = [...layouts.map((l) => l.fileName), ...(layouts.length > 1 ? [INDEX_FILE] : [])];
+  const taken = targets.find((f) => statSync(join(dir, f), { throwIfNoEntry: false })?.isDirectory());
+  if (taken) throw new DellaError('E_IO', `saveModel: cannot write ${join(dir, taken)}: it is a directory`);
+  const placed: string[] = []; // new files renamed into place, removed again on a failure
   try {
     for (const l of layouts) write(l.fileName, [l.header, ...l.tensors.map((t) => byName.get(t.name)!.bytes)]);
     const files = layouts.map((l) => l.fileName);
@@ -139,11 +146,20 @@ export function saveModel(dir: string, tensors: readonly InMemoryTensor[], optio
       write(INDEX_FILE, [new TextEncoder().encode(indexJson(layouts))]);
       files.push(INDEX_FILE);
     }
+    for (const { tmp, path } of staged) { // the index last
+      try {
+        const fresh = !existsSync(path);
+        renameSync(tmp, path);
+        if (fresh) placed.push(path);
+      } catch (e) {
+        throw ioError(`saveModel: cannot put ${path} in place`, e);
+      }
+    }
     removeStaleWeights(dir, files);
     return files;
   } catch (e) {
-    // Leave nothing behind: the files written, then the directories this call made.
-    for (const path of written) {
+    // Leave nothing behind: the temporary files, then the directories this call made.
+    for (const path of [...staged.map((f) => f.tmp), ...placed]) {
       try { rmSync(path, { force: true }); } catch { /* the write failure is the error to report */ }
     }
     if (made !== undefined) removeEmptyDirs(resolve(dir), resolve(made));
