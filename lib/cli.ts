@@ -4,7 +4,7 @@
  * by SIGHUP/SIGINT/SIGTERM, 70 an internal error (a bug: please report it).
  */
 import { isDellaError } from './errors.js';
-import { openCheckpoint, type Checkpoint } from './checkpoint/model.js';
+import { openInput, type Checkpoint } from './checkpoint/model.js';
 import { loadRecipe, type Recipe, type TensorParams } from './recipe/index.js';
 import { inputPaths, packageVersion, planRecipe, runMerge } from './merge/run.js';
 import { OutputDirectory } from './checkpoint/writer.js';
@@ -151,7 +151,7 @@ async function cmdInspect(args: string[]): Promise<number> {
   const { values, positionals } = parse('inspect', args, { json: { type: 'boolean' } });
   if (values.help) return out(INSPECT_USAGE), 0;
   if (positionals.length !== 1) throw usageError('inspect takes one PATH', 'inspect');
-  const c = openCheckpoint(positionals[0]);
+  const c = openInput(positionals[0]);
   try {
     if (values.json) {
       out(JSON.stringify({

@@ -70,7 +70,8 @@ export interface CudaInfo {
 export interface NativeAddon {
   MappedFile: {
     /** Maps an existing file read-only. */
-    new (path: string): NativeMappedFile;
+    /** copyOnWrite: views may be written to (private copies of their pages); else read-only */
+    new (path: string, copyOnWrite?: boolean): NativeMappedFile;
   };
   OutputFile: {
     /** Creates a new file of `size` bytes (reserved on disk; it must not exist). With
@@ -105,8 +106,9 @@ export const packageRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..'
  * addon takes or returns changes. 2: merge statistics carry outNonfinite, which an older
  * addon would leave out, silently turning the overflow check off. 3: input maps are
  * guarded against files cut short (an older addon dies of SIGBUS) and say so (faulted).
+ * 4: MappedFile's copyOnWrite (an older addon maps read-only: a write to a view crashes).
  */
-export const ADDON_ABI_VERSION = 3;
+export const ADDON_ABI_VERSION = 4;
 
 let cached: NativeAddon | undefined;
 let loadedFrom: string | undefined;

@@ -229,6 +229,22 @@ describe('API arguments: every wrong one is a DellaError naming it, never a cras
     await refused(() => c.bytes('w'), 'E_ARGS', /the checkpoint is closed/);
   });
 
+  it('a view of openCheckpoint may be written to: the write stays in memory, the file is unchanged (it was a SIGSEGV)', () => {
+    const file = join(dir, 'base', 'model.safetensors');
+    const before = readFileSync(file);
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', `
+      const { openCheckpoint } = await import(${JSON.stringify(pathToFileURL(join(root, 'dist/index.js')).href)});
+      const c = openCheckpoint(${JSON.stringify(join(dir, 'base'))});
+      const w = c.array('w');
+      w[0] = 42;
+      c.bytes('w')[7] = 0; // the high byte of 2
+      console.log(JSON.stringify([...c.array('w')]));
+    `], { encoding: 'utf8' });
+    expect(r.stderr).toBe('');
+    expect([r.status, JSON.parse(r.stdout)]).toEqual([0, [42, 0, 3, 4]]);
+    expect(readFileSync(file)).toEqual(before);
+  });
+
   it('a Recipe object changed after parsing is checked as a recipe file is (it reached the kernels as given)', async () => {
     const good = parseRecipe(JSON.stringify({ ...doc, merge_method: 'ties', models: [{ model: join(dir, 'x'), parameters: { density: 0.5 } }] }));
     expect(planRecipe(good).plan.tensors).toHaveLength(1);

@@ -117,7 +117,7 @@ function checkpointError(message: string): DellaError {
   return new DellaError('E_CHECKPOINT', message);
 }
 
-function openFile(file: string): OpenFile {
+function openFile(file: string, copyOnWrite: boolean): OpenFile {
   const native = loadNative();
   let map: NativeMappedFile;
   let st;
@@ -129,7 +129,7 @@ function openFile(file: string): OpenFile {
   // Opening a FIFO would wait for a writer forever; a directory cannot be mapped.
   if (!st.isFile()) throw checkpointError(`${file}: not a regular file`);
   try {
-    map = new native.MappedFile(file);
+    map = new native.MappedFile(file, copyOnWrite);
   } catch (e) {
     throw checkpointError(`${file}: cannot be read: ${(e as Error).message.replace(`${file}: `, '')}`);
   }
@@ -237,7 +237,21 @@ function locate(path: string): { dir: string | null; files: string[]; weightMap:
   return { dir: path, files: shards.map((f) => join(path, f)), weightMap: null };
 }
 
+/**
+ * Opens a checkpoint (a .safetensors file, or a model directory) for reading its tensors
+ * without copying them. Its views may be written to: a write changes a private copy of
+ * the page, never the file.
+ */
 export function openCheckpoint(path: string): Checkpoint {
+  return openMapped(path, true);
+}
+
+/** openCheckpoint for della-merge's own reads (merge inputs, outputs checked): read-only maps. */
+export function openInput(path: string): Checkpoint {
+  return openMapped(path, false);
+}
+
+function openMapped(path: string, copyOnWrite: boolean): Checkpoint {
   if (typeof path !== 'string' || path === '') throw new DellaError('E_ARGS', `openCheckpoint(path) takes a file or directory path, got ${jsonForMessage(path)}`);
   const full = resolve(path);
   const where = locate(full);
@@ -245,7 +259,7 @@ export function openCheckpoint(path: string): Checkpoint {
   const tensors = new Map<string, CheckpointTensor>();
   try {
     for (const file of where.files) {
-      const f = openFile(file);
+      const f = openFile(file, copyOnWrite);
       opened.set(file, f);
       for (const t of f.header.tensors) {
         if (where.weightMap && where.weightMap.get(t.name) !== file) continue;

@@ -3,7 +3,7 @@
  * (lib/merge/task.ts) of each merged tensor. Shared by the scheduler and verification.
  */
 import { DellaError } from '../errors.js';
-import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
+import { openInput, type Checkpoint } from '../checkpoint/model.js';
 import { expectRecipe, type Recipe } from '../recipe/index.js';
 import { planMerge, type MergePlan, type TensorPlan } from './plan.js';
 import { CONSENSUS_CODE, DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE, type FloatDType, type MergeTaskSpec } from './task.js';
@@ -17,10 +17,10 @@ export interface OpenedModels {
 export function openModels(recipe: Recipe): OpenedModels {
   const opened: Checkpoint[] = [];
   try {
-    const base = openCheckpoint(recipe.baseModel.path);
+    const base = openInput(recipe.baseModel.path);
     opened.push(base);
     const experts = recipe.models.map((m) => {
-      const c = openCheckpoint(m.path);
+      const c = openInput(m.path);
       opened.push(c);
       return c;
     });

@@ -11,7 +11,7 @@ import { join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
 import { checkOptions } from '../util/options.js';
 import { readRegularFile } from '../util/fs.js';
-import { firstChange, openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
+import { firstChange, openInput, type Checkpoint } from '../checkpoint/model.js';
 import { CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { DTYPE_SIZES } from '../checkpoint/safetensors.js';
 import { showShort as show } from '../util/show.js';
@@ -233,7 +233,7 @@ export async function assemble(
     });
     const planned = new Map(first.planned.map((t) => [t.name, t]));
     for (const [i, dir] of dirs.entries()) {
-      const c = openCheckpoint(dir);
+      const c = openInput(dir);
       parts.push(c);
       const own = recorded[i].digests;
       const recordFile = join(dir, PART_FILE);

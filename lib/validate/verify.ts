@@ -7,7 +7,7 @@
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { DellaError } from '../errors.js';
-import { openCheckpoint, type Checkpoint } from '../checkpoint/model.js';
+import { openInput, type Checkpoint } from '../checkpoint/model.js';
 import { expectRecipe, type Recipe } from '../recipe/index.js';
 import { showShort } from '../util/show.js';
 import { checkOptions } from '../util/options.js';
@@ -125,7 +125,7 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
   const { plan, models } = planRecipe(recipe);
   let merged: Checkpoint | null = null;
   try {
-    merged = openCheckpoint(out);
+    merged = openInput(out);
     const problems: string[] = [];
     const checks: TensorCheck[] = [];
     if (!digests) problems.push(`${RUN_FILE} is missing or unreadable: only sampled rows can be checked, not every byte`);

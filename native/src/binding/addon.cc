@@ -91,7 +91,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("cudaOpenAsync", Napi::Function::New(env, CudaOpenAsync, "cudaOpenAsync"));
   exports.Set("hardwareThreads", Napi::Number::New(env, della::ThreadPool::hardware_threads()));
   // lib/native.ts ADDON_ABI_VERSION: bump both when what the addon takes or returns changes.
-  exports.Set("abiVersion", Napi::Number::New(env, 3));
+  exports.Set("abiVersion", Napi::Number::New(env, 4));
   return exports;
 }
 

@@ -48,11 +48,13 @@ Napi::Function MappedFile::Define(Napi::Env env) {
                       InstanceMethod<&MappedFile::Close>("close")});
 }
 
-// new MappedFile(path) maps an existing file read-only.
+// new MappedFile(path[, copyOnWrite]) maps an existing file: read-only (the merge's
+// inputs), or copy on write (the API's openCheckpoint, whose views users may write to).
 MappedFile::MappedFile(const Napi::CallbackInfo& info) : Napi::ObjectWrap<MappedFile>(info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(env, "MappedFile: path must be a string");
   path_ = info[0].As<Napi::String>().Utf8Value();
+  const bool copy_on_write = info.Length() > 1 && info[1].IsBoolean() && info[1].As<Napi::Boolean>().Value();
   map_ = std::make_shared<Mapping>();
   Fd f{open(path_.c_str(), O_RDONLY | O_CLOEXEC)};
   if (f.fd < 0) throw file_error(env, "cannot open", path_, errno);
@@ -61,7 +63,14 @@ MappedFile::MappedFile(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Mapped
   if (S_ISDIR(st.st_mode)) throw file_error(env, "cannot map", path_, EISDIR);
   size_ = static_cast<size_t>(st.st_size);
   if (size_ > 0) {
-    void* p = mmap(nullptr, size_, PROT_READ, MAP_SHARED, f.fd, 0);
+    // Copy on write: a view written to from JS (openCheckpoint(dir).array(name)[0] = 1)
+    // changes a private copy of that page, never the file; read-only, it was a SIGSEGV.
+    // Unwritten pages are the page cache's, as with MAP_SHARED. MAP_NORESERVE: nothing is
+    // charged for pages never written; where strict overcommit charges them anyway and
+    // refuses, the map is read-only.
+    void* p = MAP_FAILED;
+    if (copy_on_write) p = mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, f.fd, 0);
+    if (p == MAP_FAILED) p = mmap(nullptr, size_, PROT_READ, MAP_SHARED, f.fd, 0);
     if (p == MAP_FAILED) throw file_error(env, "cannot map", path_, errno);
     map_->addr = p;
     map_->size = size_;

@@ -81,7 +81,7 @@ void on_sigbus(int sig, siginfo_t* info, void* context) {
       // before this page, so every later page would fault too (one signal instead of
       // one per page). mmap is a plain system call on Linux, safe here in practice.
       const uintptr_t page = a & ~(page_size - 1);
-      void* p = mmap(reinterpret_cast<void*>(page), e - page, PROT_READ,
+      void* p = mmap(reinterpret_cast<void*>(page), e - page, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
       if (p == MAP_FAILED) break;
       s.faulted.store(true, std::memory_order_release);
