@@ -80,6 +80,8 @@ export interface NativeAddon {
   };
   /** `bytes` of memory aligned to the file block (4096 bytes), freed when collected. */
   allocStaging(bytes: number): Uint8Array;
+  /** on: `dir` is removed when this environment is torn down (a Worker terminated); off: no longer */
+  removeAtTeardown(dir: string, on: boolean): void;
   mergeBatch(batch: BatchSpec): Promise<MergeTaskStats[]>;
   dotBatch(batch: { threads: number; tasks: DotTaskSpec[] }): Promise<DotStats[]>;
   philoxBlock(c0: number, c1: number, c2: number, c3: number, k0: number, k1: number): number[];

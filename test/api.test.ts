@@ -140,6 +140,8 @@ describe(`pipeline API (DELLA_TEST_SEED=${seed})`, () => {
     const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 120_000 });
     expect(r.stderr).toBe('');
     expect([r.status, r.stdout.trim()]).toEqual([0, 'alive']);
+    // nor do they leave their unfinished outputs (a terminated Worker runs no 'exit' handler)
+    expect(readdirSync(dir).sort()).toEqual(['base', 'e']);
   });
 });
 

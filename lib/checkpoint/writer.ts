@@ -83,12 +83,17 @@ let exitHookInstalled = false;
 
 function track(tmp: string): void {
   live.add(tmp);
+  loadNative().removeAtTeardown(tmp, true); // a Worker's terminate() runs no 'exit' handler
   if (!exitHookInstalled) {
     exitHookInstalled = true;
     process.once('exit', () => {
       for (const dir of live) rmSync(dir, { recursive: true, force: true });
     });
   }
+}
+
+function untrack(tmp: string): void {
+  if (live.delete(tmp)) loadNative().removeAtTeardown(tmp, false);
 }
 
 export class OutputDirectory {
@@ -230,7 +235,7 @@ export class OutputDirectory {
       throw ioError(`cannot move the finished output into ${this.target}`, e);
     }
     this.done = true;
-    live.delete(this.tmp);
+    untrack(this.tmp);
     if (old) rmSync(old, { recursive: true, force: true });
   }
 
@@ -248,7 +253,7 @@ export class OutputDirectory {
       rmSync(this.tmp, { recursive: true, force: true });
       if (this.madeParent) removeEmptyDirs(dirname(this.tmp), this.madeParent);
     }
-    live.delete(this.tmp);
+    untrack(this.tmp);
     this.done = true;
   }
 }

@@ -81,6 +81,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("OutputFile", output);
   exports.Set("kernelPaths", Napi::Function::New(env, KernelPaths, "kernelPaths"));
   exports.Set("allocStaging", Napi::Function::New(env, AllocStaging, "allocStaging"));
+  exports.Set("removeAtTeardown", Napi::Function::New(env, RemoveAtTeardown, "removeAtTeardown"));
   exports.Set("mergeBatch", Napi::Function::New(env, MergeBatch, "mergeBatch"));
   exports.Set("dotBatch", Napi::Function::New(env, DotBatch, "dotBatch"));
   exports.Set("philoxBlock", Napi::Function::New(env, PhiloxBlock, "philoxBlock"));

@@ -5,6 +5,7 @@
 #include <napi.h>
 
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,10 @@ struct Mapping {
 struct AddonClasses {
   Napi::FunctionReference mapped_file;
   Napi::FunctionReference output_file;
+  // Unfinished output directories (removeAtTeardown): removed with the environment. A
+  // worker_thread stopped by terminate() runs no JS 'exit' handler, and left them.
+  std::set<std::string> temp_dirs;
+  ~AddonClasses();
 };
 
 using MapHolds = std::vector<std::shared_ptr<Mapping>>;

@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 
 #include <cstdlib>
+#include <filesystem>
 #include <system_error>
 
 #include "mapped_file.h"
@@ -119,6 +120,22 @@ Napi::Value OutputFile::Close(const Napi::CallbackInfo& info) {
     throw Napi::Error::New(env, path_ + ": closed with parts of " + std::to_string(pending) +
                                     " bytes' blocks never completed (some of the file was not written)");
   return env.Undefined();
+}
+
+Napi::Value RemoveAtTeardown(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2 || !info[0].IsString() || !info[1].IsBoolean())
+    throw Napi::TypeError::New(env, "removeAtTeardown(dir, on) takes a path and a boolean");
+  auto* classes = env.GetInstanceData<AddonClasses>();
+  const std::string dir = info[0].As<Napi::String>().Utf8Value();
+  if (info[1].As<Napi::Boolean>().Value()) classes->temp_dirs.insert(dir);
+  else classes->temp_dirs.erase(dir);
+  return env.Undefined();
+}
+
+AddonClasses::~AddonClasses() {
+  std::error_code ignored;  // nothing to report to at teardown
+  for (const std::string& dir : temp_dirs) std::filesystem::remove_all(dir, ignored);
 }
 
 Napi::Value AllocStaging(const Napi::CallbackInfo& info) {

@@ -31,4 +31,9 @@ class OutputFile : public Napi::ObjectWrap<OutputFile> {
 // della_io::BlockWriter::kBlock; freed when collected.
 Napi::Value AllocStaging(const Napi::CallbackInfo& info);
 
+// removeAtTeardown(dir, on): while on, `dir` (an output being built) is removed when this
+// environment is torn down, the way a Worker ends on terminate(); off once it is put in
+// place or removed.
+Napi::Value RemoveAtTeardown(const Napi::CallbackInfo& info);
+
 }  // namespace della_binding
