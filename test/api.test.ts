@@ -80,6 +80,13 @@ describe(`pipeline API (DELLA_TEST_SEED=${seed})`, () => {
       for await (const t of mergeTensors(doc, { signal: midway.signal })) { seen.push(t.name); midway.abort(); }
     })().catch((e) => e);
     expect([late.code, seen.length]).toEqual(['E_ABORTED', 1]);
+    // the reason given to abort() is the error's cause (it was dropped), for merge() too
+    const why = new Error('the user left');
+    const reasoned = await (async () => { for await (const _ of mergeTensors(doc, { signal: AbortSignal.abort(why) })) void _; })().catch((e) => e);
+    expect([reasoned.code, reasoned.cause]).toEqual(['E_ABORTED', why]);
+    const merged = await merge(doc, { out: join(dir, 'never'), signal: AbortSignal.abort(why) }).catch((e) => e);
+    expect([merged.code, merged.cause]).toEqual(['E_ABORTED', why]);
+    expect(existsSync(join(dir, 'never'))).toBe(false);
     // leaving early is fine
     for await (const t of mergeTensors(doc)) if (t) break;
   });

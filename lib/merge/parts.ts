@@ -171,7 +171,7 @@ export const EXTRA_FILES = ['della_merge_recipe.yaml', 'README.md', ...CONFIG_FI
 
 const sameShape = (a: readonly number[], b: readonly number[]) => a.length === b.length && a.every((d, i) => d === b[i]);
 
-const aborted = () => new DellaError('E_ABORTED', 'assemble was cancelled; nothing was written');
+const aborted = (signal?: AbortSignal) => new DellaError('E_ABORTED', 'assemble was cancelled; nothing was written', signal ? { cause: signal.reason } : undefined);
 
 export interface AssembleReport {
   out: string;
@@ -261,7 +261,7 @@ export async function assemble(
     for (const t of first.planned) {
       if (!owner.has(t.name)) throw new DellaError('E_CHECKPOINT', `tensor "${t.name}" is in no part`);
     }
-    if (options.signal?.aborted) throw aborted();
+    if (options.signal?.aborted) throw aborted(options.signal);
     target = OutputDirectory.create(out, { overwrite: options.overwrite, inputs: dirs });
     const layouts = layoutShards(first.planned, first.shardSize);
     shards = target.createShards(layouts);
@@ -283,7 +283,7 @@ export async function assemble(
         if (pending >= 64 << 20) {
           await shards.finish();
           pending = 0;
-          if (options.signal?.aborted) throw aborted();
+          if (options.signal?.aborted) throw aborted(options.signal);
         }
       }
       await shards.finish();
@@ -292,7 +292,7 @@ export async function assemble(
       if (!options.signal?.aborted) throwIfPartChanged(parts, e);
       throw e;
     }
-    if (options.signal?.aborted) throw aborted();
+    if (options.signal?.aborted) throw aborted(options.signal);
     throwIfPartChanged(parts);
     const files = layouts.map((l) => l.fileName);
     if (layouts.length > 1) {

@@ -161,8 +161,9 @@ export function packageVersion(): string {
   return version;
 }
 
-export function abortError(): DellaError {
-  return new DellaError('E_ABORTED', 'the merge was cancelled; nothing was written');
+/** The merge's cancellation, with the signal's reason (signal.abort(reason)) as its cause. */
+export function abortError(signal?: AbortSignal): DellaError {
+  return new DellaError('E_ABORTED', 'the merge was cancelled; nothing was written', signal ? { cause: signal.reason } : undefined);
 }
 
 export function batches(tensors: readonly TensorPlan[], gpu = false): TensorPlan[][] {
@@ -298,7 +299,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   const clock = phaseClock(started);
   let planned: ReturnType<typeof planRecipe>;
   try {
-    if (options.signal?.aborted) throw abortError();
+    if (options.signal?.aborted) throw abortError(options.signal);
     planned = planRecipe(recipe);
   } catch (e) {
     await opened;
@@ -327,7 +328,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     const profile = MainThreadProfile.fromEnv();
     clock.mark('setup');
     cuda = await opening;
-    if (options.signal?.aborted) throw abortError();
+    if (options.signal?.aborted) throw abortError(options.signal);
     clock.mark('device');
     const ctx: BatchContext = {
       plan, models, recipe, seed, threads, native, cuda, signal: options.signal, nonfiniteWarnings, profile,
@@ -354,7 +355,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     if (profile.enabled) process.stderr.write(`${profile.summary(cuda ? `cuda:${cuda.device}` : 'cpu')}\n`);
     await shards.finish();
     clock.mark('flush');
-    if (options.signal?.aborted) throw abortError();
+    if (options.signal?.aborted) throw abortError(options.signal);
 
     // Everything beside the weights, then the rename that makes it all visible.
     const files = layouts.map((l) => l.fileName);
@@ -387,7 +388,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
       phase: 'finish', tensorsDone, tensorsTotal: tensors.length, bytesDone, bytesTotal,
       elapsedSeconds: (performance.now() - started) / 1000, tensor: null,
     });
-    if (options.signal?.aborted) throw abortError();
+    if (options.signal?.aborted) throw abortError(options.signal);
     out.commit();
     reports.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
     const seconds = (performance.now() - started) / 1000;
@@ -592,7 +593,7 @@ export async function* runBatches(
   let pending: Promise<LaunchedBatch> | null = null;
   try {
     for (let g = 0; g < groups.length; g++) {
-      if (ctx.signal?.aborted) throw abortError();
+      if (ctx.signal?.aborted) throw abortError(ctx.signal);
       const current = await (pending ?? launch(g));
       pending = null;
       const stats = await profile.wait('waiting for the kernels', current.stats);

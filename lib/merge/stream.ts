@@ -117,7 +117,7 @@ export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions 
         elapsedSeconds: (performance.now() - started) / 1000, tensor: done[done.length - 1].plan.name,
       });
       for (const t of done) {
-        if (options.signal?.aborted) throw abortError(); // not only between batches: one may hold hundreds of tensors
+        if (options.signal?.aborted) throw abortError(options.signal); // not only between batches: one may hold hundreds of tensors
         const data = buffers.get(t.plan.name)!;
         buffers.delete(t.plan.name);
         yield { name: t.plan.name, dtype: t.plan.outDtype, shape: t.plan.shape, data, report: tensorReport(plan, t.plan, t.stats, t.slerp) };

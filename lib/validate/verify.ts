@@ -109,7 +109,7 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
   if (typeof out !== 'string' || out === '') throw new DellaError('E_ARGS', `verifyMerge(out, recipe) takes the output directory, got ${showShort(out)}`);
   recipe = expectRecipe(recipe, 'verifyMerge(out, recipe)');
   checkOptions(options, 'verifyMerge(out, recipe, options)', { samples: 'checked', seed: 'checked', onProgress: 'function', signal: 'AbortSignal' });
-  const cancelled = () => new DellaError('E_ABORTED', `the check of ${out} was cancelled; the output is left as it is, unverified`);
+  const cancelled = () => new DellaError('E_ABORTED', `the check of ${out} was cancelled; the output is left as it is, unverified`, { cause: options.signal?.reason });
   if (options.signal?.aborted) throw cancelled();
   if (options.seed !== undefined && !(Number.isSafeInteger(options.seed) && options.seed >= 0)) {
     throw new DellaError('E_ARGS', `seed must be an integer in [0, 2^53), got ${showShort(options.seed)}`);
