@@ -1,5 +1,5 @@
 /** What every command shares: argument parsing, output, signals, the run summary. */
-import { accessSync, constants, existsSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { accessSync, constants, existsSync, realpathSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { DellaError, ioError } from '../errors.js';
@@ -126,20 +126,21 @@ export function writeReport(path: string, report: { out: string }): void {
   const text = `${JSON.stringify(report, null, 2)}\n`;
   // A file is written beside itself and renamed over: a full disk must not leave a cut
   // JSON in place of an earlier report. /dev/stdout, a pipe: written to as they are.
-  let special = false;
+  let special = false, target = full;
   try {
     special = !statSync(full).isFile();
+    target = realpathSync(full); // through a link, as writing to it did
   } catch {
     // new
   }
-  const tmp = `${full}.della-tmp-${process.pid}`;
+  const tmp = `${target}.della-tmp-${process.pid}`;
   try {
     makeDirs(dirname(full));
     if (special) {
       writeFileSync(full, text);
     } else {
       writeFileSync(tmp, text);
-      renameSync(tmp, full);
+      renameSync(tmp, target);
     }
   } catch (e) {
     rmSync(tmp, { force: true });
