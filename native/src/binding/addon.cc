@@ -76,7 +76,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   Napi::Function mapped = MappedFile::Define(env);
   Napi::Function output = OutputFile::Define(env);
   // Per-environment storage keeps the classes alive in each worker thread's env.
-  env.SetInstanceData<AddonClasses>(new AddonClasses{Napi::Persistent(mapped), Napi::Persistent(output)});
+  env.SetInstanceData<AddonClasses>(new AddonClasses{Napi::Persistent(mapped), Napi::Persistent(output), {}});
   exports.Set("MappedFile", mapped);
   exports.Set("OutputFile", output);
   exports.Set("kernelPaths", Napi::Function::New(env, KernelPaths, "kernelPaths"));
