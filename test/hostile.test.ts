@@ -41,6 +41,25 @@ function rawFile(path: string, header: unknown, data: Uint8Array | number = 0, o
   return path;
 }
 
+/** A base and one expert of one 4-element tensor in `dir`, and a task_arithmetic recipe of them. */
+function tinyRecipe(dir: string): string {
+  saveModel(join(dir, 'base'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4) }]);
+  saveModel(join(dir, 'e'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4).fill(0.5) }]);
+  return writeRecipe(join(dir, 'r.yaml'), { merge_method: 'task_arithmetic', base_model: join(dir, 'base'), models: [{ model: join(dir, 'e') }] });
+}
+
+/** Runs `fn` on a tmpfs mounted (with `options`) at the new directory `mnt`; skips the
+ * test where mounting is not allowed (not root). */
+function onTmpfs(ctx: { skip(): void }, mnt: string, options: string, fn: (mnt: string) => void): void {
+  mkdirSync(mnt);
+  if (spawnSync('mount', ['-t', 'tmpfs', '-o', options, 'tmpfs', mnt]).status !== 0) return ctx.skip();
+  try {
+    fn(mnt);
+  } finally {
+    spawnSync('umount', [mnt]);
+  }
+}
+
 const W = { dtype: 'F32', shape: [2, 2], data_offsets: [0, 16] };
 
 describe('hostile checkpoints', () => {
@@ -299,9 +318,7 @@ describe('hostile checkpoints', () => {
 describe('faults leave nothing that looks finished', () => {
   it('an unfinished output of a killed run (SIGKILL leaves it) is named in a warning of the next run into that output', async () => {
     const dir = tempDir();
-    saveModel(join(dir, 'base'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4) }]);
-    saveModel(join(dir, 'e'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4).fill(0.5) }]);
-    const recipe = writeRecipe(join(dir, 'r.yaml'), { merge_method: 'task_arithmetic', base_model: join(dir, 'base'), models: [{ model: join(dir, 'e') }] });
+    const recipe = tinyRecipe(dir);
     const dead = join(dir, '.o.della-tmp-999999999-0a1b2c3d'); // above any pid_max
     const live = join(dir, `.o.della-tmp-${process.pid}-0a1b2c3d`); // perhaps a run writing it now
     const other = join(dir, '.p.della-tmp-999999999-0a1b2c3d'); // another output's
@@ -508,32 +525,20 @@ describe('faults leave nothing that looks finished', () => {
 
   it('run --dry-run --out on a read-only disk is refused as the merge would be (it passed)', (ctx) => {
     const dir = tempDir();
-    saveModel(join(dir, 'base'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4) }]);
-    saveModel(join(dir, 'e'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4).fill(0.5) }]);
-    const recipe = writeRecipe(join(dir, 'r.yaml'), { merge_method: 'task_arithmetic', base_model: join(dir, 'base'), models: [{ model: join(dir, 'e') }] });
-    const mnt = join(dir, 'ro');
-    mkdirSync(mnt);
-    if (spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=1m,ro', 'tmpfs', mnt]).status !== 0) return ctx.skip(); // not root
-    try {
+    const recipe = tinyRecipe(dir);
+    onTmpfs(ctx, join(dir, 'ro'), 'size=1m,ro', (mnt) => {
       for (const args of [['--dry-run'], []]) {
         const r = cli(['run', recipe, '--out', join(mnt, 'a', 'out'), ...args]);
         expect(r.code, args.join(' ')).toBe(1);
         expect(r.stderr).toMatch(/^della-merge: cannot create \S+ro\/a\/out: \S+ro is not writable: EROFS/);
       }
-    } finally {
-      spawnSync('umount', [mnt]);
-    }
+    });
   });
 
   it('a --report that does not fit on its disk leaves the earlier report whole (it left a cut JSON)', (ctx) => {
     const dir = tempDir();
-    saveModel(join(dir, 'base'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4) }]);
-    saveModel(join(dir, 'e'), [{ name: 'w', dtype: 'F32', shape: [4], data: new Float32Array(4).fill(0.5) }]);
-    const recipe = writeRecipe(join(dir, 'r.yaml'), { merge_method: 'task_arithmetic', base_model: join(dir, 'base'), models: [{ model: join(dir, 'e') }] });
-    const mnt = join(dir, 'small');
-    mkdirSync(mnt);
-    if (spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=8k', 'tmpfs', mnt]).status !== 0) return ctx.skip(); // not root
-    try {
+    const recipe = tinyRecipe(dir);
+    onTmpfs(ctx, join(dir, 'small'), 'size=8k', (mnt) => {
       writeFileSync(join(mnt, 'fill'), Buffer.alloc(4096));
       writeFileSync(join(mnt, 'report.json'), '{"old": true}\n');
       const r = cli(['run', recipe, '--out', join(dir, 'o'), '--report', join(mnt, 'report.json')]);
@@ -541,8 +546,6 @@ describe('faults leave nothing that looks finished', () => {
       expect(r.stderr).toMatch(/the merge into \S+ is complete, but cannot write the report \S+report\.json: no space left on device/);
       expect(readFileSync(join(mnt, 'report.json'), 'utf8')).toBe('{"old": true}\n');
       expect(readdirSync(mnt).sort()).toEqual(['fill', 'report.json']);
-    } finally {
-      spawnSync('umount', [mnt]);
-    }
+    });
   });
 });
