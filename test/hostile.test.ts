@@ -56,7 +56,7 @@ function onTmpfs(ctx: { skip(): void }, mnt: string, options: string, fn: (mnt: 
   try {
     fn(mnt);
   } finally {
-    spawnSync('umount', [mnt]);
+    spawnSync('umount', ['-l', mnt]); // lazily: a map not yet collected keeps it busy
   }
 }
 
