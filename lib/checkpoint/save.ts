@@ -10,7 +10,7 @@ import { makeDirs, removeEmptyDirs } from '../util/fs.js';
 import { showArg } from '../util/show.js';
 import { checkTensorData } from './memory.js';
 import { MAX_HEADER_LENGTH } from './safetensors.js';
-import { indexJson, INDEX_FILE, layoutShards, SHARD_NAME } from './writer.js';
+import { indexJson, INDEX_FILE, layoutShards, SHARD_NAME, TEMP_MARK } from './writer.js';
 import { SINGLE_FILE } from './model.js';
 
 export interface InMemoryTensor {
@@ -119,7 +119,7 @@ export function saveModel(dir: string, tensors: readonly InMemoryTensor[], optio
   const staged: Array<{ tmp: string; path: string }> = [];
   const write = (fileName: string, pieces: readonly Uint8Array[]) => {
     const path = join(dir, fileName);
-    const tmp = join(dir, `.${fileName}.della-tmp-${process.pid}`);
+    const tmp = join(dir, `.${fileName}${TEMP_MARK}${process.pid}`);
     staged.push({ tmp, path });
     let fd: number | undefined;
     try {

@@ -336,7 +336,8 @@ export function indexJson(layouts: readonly ShardLayout[]): string {
 
 export { INDEX_FILE };
 
-/** In the name of an output's temporary sibling (.OUT.della-tmp-PID-RANDOM) while it is built. */
+/** In the name of a file or directory while it is written aside (.OUT.della-tmp-PID-RANDOM for an
+ * output; saveModel's and --report's files too), before it is renamed into place. */
 export const TEMP_MARK = '.della-tmp-';
 
 /** The names layoutShards gives shards. */

@@ -5,7 +5,7 @@ import { parseArgs } from 'node:util';
 import { DellaError, ioError } from '../errors.js';
 import { packageVersion, type MergeReport } from '../merge/run.js';
 import type { Recipe } from '../recipe/index.js';
-import { INDEX_FILE } from '../checkpoint/writer.js';
+import { INDEX_FILE, TEMP_MARK } from '../checkpoint/writer.js';
 import { EXTRA_FILES } from '../merge/parts.js';
 import { formatBytes, parseSize } from '../util/size.js';
 import { parseDevice } from '../merge/device.js';
@@ -133,7 +133,7 @@ export function writeReport(path: string, report: { out: string }): void {
   } catch {
     // new
   }
-  const tmp = `${target}.della-tmp-${process.pid}`;
+  const tmp = `${target}${TEMP_MARK}${process.pid}`;
   try {
     makeDirs(dirname(full));
     if (special) {
