@@ -6,6 +6,7 @@ import { createRequire } from 'node:module';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { DellaError } from './errors.js';
+import type { Bytes } from './util/bytes.js';
 import type { BatchSpec, DotStats, DotTaskSpec, MergeTaskStats } from './merge/task.js';
 
 export interface NativeMappedFile {
@@ -13,7 +14,7 @@ export interface NativeMappedFile {
   /** Whether a read went past the end of the file, cut short since it was mapped: such
    * reads see zeros instead of killing the process with SIGBUS (native/src/io/map_guard.h). */
   readonly faulted: boolean;
-  /** A zero-copy view of [offset, offset + length); keeps the map alive. */
+  /** A zero-copy view of [offset, offset + length), at most 4 GiB; keeps the map alive. */
   view(offset: number, length: number): Uint8Array;
   advise(offset: number, length: number, how: 'willneed' | 'dontneed' | 'sequential'): void;
   close(): void;
@@ -33,7 +34,7 @@ export interface NativeOutputFile {
   readonly direct: boolean;
   /** Writes `bytes` at `offset`; `bytes` must stay unchanged until the promise settles.
    * Every byte of the file is written exactly once, in any order. */
-  write(offset: number, bytes: Uint8Array): Promise<void>;
+  write(offset: number, bytes: Bytes): Promise<void>;
   /** After every write has settled; throws if part of the file was never written. */
   close(): void;
 }
@@ -78,15 +79,16 @@ export interface NativeAddon {
      * `direct` false, writes always go through the page cache. */
     new (path: string, size: number, direct: boolean): NativeOutputFile;
   };
-  /** `bytes` of memory aligned to the file block (4096 bytes), freed when collected. */
-  allocStaging(bytes: number): Uint8Array;
+  /** `bytes` of memory aligned to the file block (4096 bytes), freed when collected
+   * (a DataView beyond 4 GiB). */
+  allocStaging(bytes: number): Bytes;
   /** on: `dir` is removed when this environment is torn down (a Worker terminated); off: no longer */
   removeAtTeardown(dir: string, on: boolean): void;
   mergeBatch(batch: BatchSpec): Promise<MergeTaskStats[]>;
   dotBatch(batch: { threads: number; tasks: DotTaskSpec[] }): Promise<DotStats[]>;
   philoxBlock(c0: number, c1: number, c2: number, c3: number, k0: number, k1: number): number[];
   /** XXH64 (seed 0) of the bytes, as 16 hex digits: the digest a merge records per tensor. */
-  xxh64(bytes: Uint8Array): string;
+  xxh64(bytes: Bytes | NativeSlice): string;
   cpuFeatures(): string[];
   /** The CPU kernel paths this machine selects at run time, in words. */
   kernelPaths(): string[];
@@ -109,8 +111,10 @@ export const packageRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..'
  * addon would leave out, silently turning the overflow check off. 3: input maps are
  * guarded against files cut short (an older addon dies of SIGBUS) and say so (faulted).
  * 4: MappedFile's copyOnWrite (an older addon maps read-only: a write to a view crashes).
+ * 5: staging over 4 GiB as a DataView, written and hashed as one (an older addon
+ * refuses such staging); xxh64 of a map slice.
  */
-export const ADDON_ABI_VERSION = 4;
+export const ADDON_ABI_VERSION = 5;
 
 let cached: NativeAddon | undefined;
 let loadedFrom: string | undefined;

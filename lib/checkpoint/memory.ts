@@ -112,6 +112,7 @@ export function memoryCheckpoint(label: string, set: TensorSet): Checkpoint {
     metadata: new Map(),
     totalBytes: [...data.values()].reduce((a, b) => a + b.length, 0),
     bytes: get,
+    data: get,
     slice: get,
     array(name): TensorArray {
       const b = get(name);

@@ -9,6 +9,7 @@ import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'nod
 import { DellaError } from '../errors.js';
 import { jsonForMessage } from '../util/show.js';
 import { loadNative, type NativeMappedFile, type NativeSlice } from '../native.js';
+import { MAX_UINT8ARRAY, sliceBytes, sliceWindows, subBytes, uint8, windows, type Bytes } from '../util/bytes.js';
 import { parseHeader, readHeaderLength, type SafetensorsHeader, type TensorInfo } from './safetensors.js';
 
 export const INDEX_FILE = 'model.safetensors.index.json';
@@ -35,15 +36,20 @@ export interface Checkpoint {
   /** __metadata__ of each file, by file path */
   metadata: ReadonlyMap<string, Record<string, string> | null>;
   totalBytes: number;
-  /** Zero-copy bytes of a tensor. */
+  /** Zero-copy bytes of a tensor, up to 4 GiB (the most one Uint8Array holds in
+   * Node 20); data() reads larger ones. */
   bytes(name: string): Uint8Array;
+  /** Bytes of a tensor of any size: zero-copy up to 4 GiB; beyond, a DataView over a
+   * copy (Node 20 views at most 4 GiB of a file's map at once). */
+  data(name: string): Bytes;
   /** The tensor's bytes for the native kernels: a slice of its file's map (no JS
    * buffer, see input_field in the binding), or the bytes themselves when in memory. */
   slice(name: string): Uint8Array | NativeSlice;
   /**
    * The tensor as a typed array of its element type (F16/BF16 as Uint16Array raw bits,
    * F8 types as Uint8Array). Zero-copy when the data is aligned to its element size,
-   * as in files written by safetensors or della-merge; otherwise a copy.
+   * as in files written by safetensors or della-merge; otherwise a copy. Up to 2^32
+   * elements (Node 20's longest typed array).
    */
   array(name: string): TensorArray;
   /** Hints the kernel to read a tensor ahead of use. */
@@ -84,17 +90,12 @@ interface OpenFile {
   mtimeMs: number;
 }
 
-/** Windows of files over 2 GiB: Node 20 cannot view more than 4 GiB at once (one
- * larger view aborted the process), and a model's file often holds more. */
+/** Windows of files over 2 GiB: a model's file often holds more than the 4 GiB one
+ * Uint8Array can view. */
 const WINDOW = 2 ** 30;
-/** Node 20's largest typed array; a longer tensor cannot be viewed from JS at all. */
-const MAX_VIEW = 2 ** 32;
 
-function view(f: OpenFile, offset: number, length: number, name: string): Uint8Array {
+function view(f: OpenFile, offset: number, length: number): Uint8Array {
   if (length === 0) return new Uint8Array(0);
-  if (length > MAX_VIEW) {
-    throw new DellaError('E_CHECKPOINT', `tensor "${name}" is ${length} bytes: larger than the 4 GiB that Node.js can view in one typed array, so it cannot be read from JavaScript (merges read it natively)`);
-  }
   const size = f.map.size;
   if (size > 2 * WINDOW && length > WINDOW) return f.map.view(offset, length); // its own view
   // The window holding the tensor's start holds its end too (the whole file up to 2 GiB).
@@ -134,8 +135,8 @@ function openFile(file: string, copyOnWrite: boolean): OpenFile {
     throw checkpointError(`${file}: cannot be read: ${(e as Error).message.replace(`${file}: `, '')}`);
   }
   try {
-    const headerLength = readHeaderLength(map.view(0, Math.min(8, map.size)), map.size, file);
-    const header = parseHeader(map.view(8, headerLength), headerLength, map.size, file);
+    const headerLength = readHeaderLength(uint8(map.view(0, Math.min(8, map.size)), file), map.size, file);
+    const header = parseHeader(uint8(map.view(8, headerLength), `${file}'s header`), headerLength, map.size, file);
     return { map, header, size: st.size, mtimeMs: st.mtimeMs };
   } catch (e) {
     map.close();
@@ -291,6 +292,11 @@ function openMapped(path: string, copyOnWrite: boolean): Checkpoint {
     if (!t) throw new DellaError('E_ARGS', `${full}: no tensor named "${name}"`);
     return t;
   };
+  const data = (name: string): Bytes => {
+    const t = get(name);
+    if (t.byteLength <= MAX_UINT8ARRAY) return view(opened.get(t.file)!, t.offset, t.byteLength);
+    return sliceBytes({ map: opened.get(t.file)!.map, offset: t.offset, length: t.byteLength });
+  };
   return {
     path: full,
     dir: where.dir,
@@ -301,8 +307,12 @@ function openMapped(path: string, copyOnWrite: boolean): Checkpoint {
     totalBytes,
     bytes(name) {
       const t = get(name);
-      return view(opened.get(t.file)!, t.offset, t.byteLength, name);
+      if (t.byteLength > MAX_UINT8ARRAY) {
+        throw new DellaError('E_ARGS', `tensor "${name}" is ${t.byteLength} bytes, more than the 4 GiB one Uint8Array holds in Node.js: read it with data("${name}") (a DataView over a copy)`);
+      }
+      return view(opened.get(t.file)!, t.offset, t.byteLength);
     },
+    data,
     slice(name) {
       const t = get(name);
       return { map: opened.get(t.file)!.map, offset: t.offset, length: t.byteLength };
@@ -310,9 +320,15 @@ function openMapped(path: string, copyOnWrite: boolean): Checkpoint {
     array(name) {
       const t = get(name);
       const Ctor = ARRAY_TYPES[t.dtype];
-      let b = view(opened.get(t.file)!, t.offset, t.byteLength, name);
-      if (t.offset % Ctor.BYTES_PER_ELEMENT !== 0) b = b.slice(); // maps are page-aligned
-      return new Ctor(b.buffer, b.byteOffset, b.byteLength / Ctor.BYTES_PER_ELEMENT);
+      const length = t.byteLength / Ctor.BYTES_PER_ELEMENT;
+      if (length > MAX_UINT8ARRAY) {
+        throw new DellaError('E_ARGS', `tensor "${name}" has ${length} elements, more than the 2^32 one typed array holds in Node.js: read it with data("${name}") (a DataView)`);
+      }
+      // Over 4 GiB, data() is a copy (in aligned memory); else a view, copied when the
+      // tensor is not aligned to its element size (maps are page-aligned).
+      let b: ArrayBufferView = data(name);
+      if (b instanceof Uint8Array && t.offset % Ctor.BYTES_PER_ELEMENT !== 0) b = b.slice();
+      return new Ctor(b.buffer, b.byteOffset, length);
     },
     prefetch(name) {
       const t = get(name);
@@ -343,6 +359,20 @@ function openMapped(path: string, copyOnWrite: boolean): Checkpoint {
       return null;
     },
   };
+}
+
+/** A tensor's bytes as Uint8Arrays of at most `size` bytes, zero-copy whatever its size. */
+export function tensorWindows(c: Checkpoint, name: string, size?: number): Generator<Uint8Array> {
+  const s = c.slice(name);
+  if (!ArrayBuffer.isView(s) && s.length > MAX_UINT8ARRAY) return sliceWindows(s, size);
+  return windows(c.data(name), size);
+}
+
+/** Bytes [begin, end) of a tensor, at most 4 GiB of them, zero-copy. */
+export function tensorRange(c: Checkpoint, name: string, begin: number, end: number): Uint8Array {
+  const s = c.slice(name);
+  const b = !ArrayBuffer.isView(s) && s.length > MAX_UINT8ARRAY ? sliceBytes(s, begin, end) : subBytes(c.data(name), begin, end);
+  return uint8(b, `bytes [${begin}, ${end}) of tensor "${name}"`);
 }
 
 /** The first change among the checkpoints' files since they were opened (Checkpoint.changed), else null. */

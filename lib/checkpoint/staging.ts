@@ -10,24 +10,26 @@
  * fit waits until enough is released, which is what keeps the output writes from
  * falling behind the kernels without bound.
  */
+import type { Bytes } from '../util/bytes.js';
+
 export const STAGING_BLOCK = 4096;
 const ROUND = 4 << 20;
 
 export class StagingPool {
-  private readonly alloc: (bytes: number) => Uint8Array;
+  private readonly alloc: (bytes: number) => Bytes;
   private readonly budget: number;
-  private idle: Uint8Array[] = [];
+  private idle: Bytes[] = [];
   private outstanding = 0;
   private idleBytes = 0;
   private waiting: Array<() => void> = [];
 
-  constructor(alloc: (bytes: number) => Uint8Array, budget: number) {
+  constructor(alloc: (bytes: number) => Bytes, budget: number) {
     this.alloc = alloc;
     this.budget = budget;
   }
 
   /** A buffer of at least `bytes` bytes whose first byte is block-aligned. */
-  async acquire(bytes: number): Promise<Uint8Array> {
+  async acquire(bytes: number): Promise<Bytes> {
     for (;;) {
       const reused = this.takeIdle(bytes);
       if (reused) return reused;
@@ -45,7 +47,7 @@ export class StagingPool {
   }
 
   /** Gives a buffer from acquire() back, once nothing reads it any more. */
-  release(buffer: Uint8Array): void {
+  release(buffer: Bytes): void {
     this.outstanding -= buffer.byteLength;
     this.idle.push(buffer);
     this.idle.sort((a, b) => a.byteLength - b.byteLength);
@@ -60,7 +62,7 @@ export class StagingPool {
     return this.outstanding + this.idleBytes;
   }
 
-  private takeIdle(bytes: number): Uint8Array | null {
+  private takeIdle(bytes: number): Bytes | null {
     const i = this.idle.findIndex((b) => b.byteLength >= bytes);
     if (i < 0) return null;
     const [b] = this.idle.splice(i, 1);

@@ -11,6 +11,7 @@ import { DellaError, ioError } from '../errors.js';
 import { loadNative, type NativeOutputFile } from '../native.js';
 import { DTYPE_SIZES, encodeHeader } from './safetensors.js';
 import { isWithin, makeDirs, nearestExisting, removeEmptyDirs } from '../util/fs.js';
+import type { Bytes } from '../util/bytes.js';
 import { INDEX_FILE, SINGLE_FILE } from './model.js';
 
 export interface OutputTensor {
@@ -282,7 +283,7 @@ export class ShardFiles {
    * Starts writing `bytes` at `offset` of `file`; `then` runs when it has settled (to
    * reuse the memory). A failure is thrown by the next check() or finish().
    */
-  write(file: NativeOutputFile, offset: number, bytes: Uint8Array, what: string, then?: () => void): void {
+  write(file: NativeOutputFile, offset: number, bytes: Bytes, what: string, then?: () => void): void {
     const p = file.write(offset, bytes).then(
       () => {},
       (e: unknown) => { this.failure ??= ioError(`cannot write ${what}`, e); },

@@ -6,6 +6,7 @@ import { DellaError } from '../errors.js';
 import { openInput, type Checkpoint } from '../checkpoint/model.js';
 import { expectRecipe, type Recipe } from '../recipe/index.js';
 import { planMerge, type MergePlan, type TensorPlan } from './plan.js';
+import { MAX_UINT8ARRAY } from '../util/bytes.js';
 import { CONSENSUS_CODE, DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE, type FloatDType, type MergeTaskSpec } from './task.js';
 
 export interface OpenedModels {
@@ -52,15 +53,17 @@ export function inRecipe(e: unknown, recipe: Recipe): unknown {
 
 /**
  * The kernel task of a merged tensor; slerp needs its coefficients (see slerp.ts).
- * `forNative`: inputs as slices of the files' maps, which only the addon reads.
+ * `forNative`: every input as a slice of its file's map (the addon reads it without a JS buffer).
  */
 export function buildMergeTask(
-  plan: MergePlan, t: TensorPlan, models: OpenedModels, out: Uint8Array, seed: number, slerp: [number, number] | null,
+  plan: MergePlan, t: TensorPlan, models: OpenedModels, out: ArrayBufferView, seed: number, slerp: [number, number] | null,
   forNative = false,
 ): MergeTaskSpec {
   const p = t.params!;
   const { base, experts } = models;
-  const input = (c: Checkpoint) => (forNative ? c.slice(t.name) : c.bytes(t.name));
+  // lib/reference views a tensor over 4 GiB through its slice (see inputView): one row
+  // at a time where it can, rather than a copy of the whole.
+  const input = (c: Checkpoint) => (forNative || c.tensors.get(t.name)!.byteLength > MAX_UINT8ARRAY ? c.slice(t.name) : c.data(t.name));
   const common = {
     name: t.name,
     baseDtype: DTYPE_CODE[t.base.dtype as FloatDType],

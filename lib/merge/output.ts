@@ -7,6 +7,7 @@ import type { NativeOutputFile } from '../native.js';
 import { STAGING_BLOCK, StagingPool } from '../checkpoint/staging.js';
 import type { ShardFiles } from '../checkpoint/writer.js';
 import type { TensorPlan } from './plan.js';
+import { subBytes, type Bytes } from '../util/bytes.js';
 
 interface Run {
   file: NativeOutputFile;
@@ -19,7 +20,7 @@ interface Run {
 }
 
 interface StagedBatch {
-  buffer: Uint8Array;
+  buffer: Bytes;
   runs: Run[];
   /** writes not yet settled */
   left: number;
@@ -52,7 +53,7 @@ export class StagedOutput {
   private readonly shards: ShardFiles;
   private readonly pool: StagingPool;
   private readonly batchOf = new Map<string, StagedBatch>();
-  private readonly view = new Map<string, Uint8Array>();
+  private readonly view = new Map<string, Bytes>();
 
   constructor(shards: ShardFiles, pool: StagingPool) {
     this.shards = shards;
@@ -60,17 +61,17 @@ export class StagedOutput {
   }
 
   /** Staging views for a batch's tensors (waits while the pool is full). */
-  async dests(group: readonly TensorPlan[]): Promise<Map<string, Uint8Array>> {
+  async dests(group: readonly TensorPlan[]): Promise<Map<string, Bytes>> {
     const places = group.map((t) => ({ name: t.name, ...this.shards.place(t.name) }));
     const layout = stagingLayout(places);
     const buffer = await this.pool.acquire(layout.bytes);
     const batch: StagedBatch = { buffer, runs: layout.runs, left: layout.runs.length };
-    const out = new Map<string, Uint8Array>();
+    const out = new Map<string, Bytes>();
     for (const r of layout.runs) {
       let at = r.at;
       for (const name of r.names) {
         const length = this.shards.place(name).length;
-        const v = buffer.subarray(at, at + length);
+        const v = subBytes(buffer, at, at + length);
         out.set(name, v);
         this.view.set(name, v);
         this.batchOf.set(name, batch);
@@ -81,7 +82,7 @@ export class StagedOutput {
   }
 
   /** The staged bytes of a finished tensor (until its batch is written). */
-  bytes(name: string): Uint8Array {
+  bytes(name: string): Bytes {
     return this.view.get(name)!;
   }
 
@@ -94,7 +95,7 @@ export class StagedOutput {
           this.batchOf.delete(n);
           this.view.delete(n);
         }
-        this.shards.write(r.file, r.offset, b.buffer.subarray(r.at, r.at + r.length), `tensor "${r.names[0]}"`, () => {
+        this.shards.write(r.file, r.offset, subBytes(b.buffer, r.at, r.at + r.length), `tensor "${r.names[0]}"`, () => {
           if (--b.left === 0) this.pool.release(b.buffer);
         });
       }

@@ -11,14 +11,14 @@ import { join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
 import { checkOptions } from '../util/options.js';
 import { readRegularFile } from '../util/fs.js';
-import { firstChange, openInput, type Checkpoint } from '../checkpoint/model.js';
+import { firstChange, openInput, tensorWindows, type Checkpoint } from '../checkpoint/model.js';
 import { CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { DTYPE_SIZES } from '../checkpoint/safetensors.js';
 import { showShort as show } from '../util/show.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, type OutputTensor, type ShardFiles } from '../checkpoint/writer.js';
 import type { Recipe } from '../recipe/index.js';
 import type { MergePlan, TensorPlan } from './plan.js';
-import { recordedDigests, RUN_FILE, sortedDigests, tensorDigest, type DigestAlgorithm, type RunRecord } from './record.js';
+import { recordedDigests, RUN_FILE, sortedDigests, storedDigest, type DigestAlgorithm, type RunRecord } from './record.js';
 
 export const PART_FILE = 'della_merge_part.json';
 
@@ -271,13 +271,16 @@ export async function assemble(
       for (const t of first.planned) {
         const at = shards.place(t.name);
         const part = owner.get(t.name)!;
-        const data = part.bytes(t.name);
         // What the part's merge wrote, as its record says: bytes damaged since (on disk, in
         // a copy between machines) are refused here, not found later by verify.
-        if (tensorDigest(algorithm, data) !== digests.get(t.name)) {
+        if (storedDigest(algorithm, part, t.name) !== digests.get(t.name)) {
           throw new DellaError('E_CHECKPOINT', `${part.path}: tensor "${t.name}" is not what the part's merge wrote (its ${algorithm} digest differs from the one in ${PART_FILE}): rerun that part`);
         }
-        shards.write(at.file, at.offset, data, `tensor "${t.name}"`);
+        let offset = at.offset;
+        for (const w of tensorWindows(part, t.name)) { // a tensor can be more than one view holds
+          shards.write(at.file, offset, w, `tensor "${t.name}"`);
+          offset += w.byteLength;
+        }
         pending += t.byteLength;
         bytes += t.byteLength;
         if (pending >= 64 << 20) {

@@ -28,6 +28,7 @@ import {
   cudaError, describeDevice, openDevice, openDeviceAsync, parseDevice, type CudaTarget, type DeviceSpec,
 } from './device.js';
 import { MainThreadProfile } from './profile.js';
+import { copyBytes, type Bytes } from '../util/bytes.js';
 import { DTYPE_CODE, type CopyTaskSpec, type DotTaskSpec, type FloatDType, type MergeTaskSpec, type MergeTaskStats } from './task.js';
 
 export { planRecipe, openModels, type OpenedModels } from './build.js';
@@ -191,8 +192,8 @@ async function slerpBatch(
   warnings: string[] | null,
 ): Promise<Map<string, [number, number]>> {
   const tasks: DotTaskSpec[] = plans.map((t) => ({
-    a: native ? models.base.slice(t.name) : models.base.bytes(t.name), aDtype: DTYPE_CODE[t.base.dtype as FloatDType],
-    b: native ? models.experts[0].slice(t.name) : models.experts[0].bytes(t.name), bDtype: DTYPE_CODE[t.experts[0].dtype as FloatDType],
+    a: native ? models.base.slice(t.name) : models.base.data(t.name), aDtype: DTYPE_CODE[t.base.dtype as FloatDType],
+    b: native ? models.experts[0].slice(t.name) : models.experts[0].data(t.name), bDtype: DTYPE_CODE[t.experts[0].dtype as FloatDType],
     shape: t.shape,
   }));
   const sums = native ? await native.dotBatch({ threads, tasks }) : tasks.map(referenceDots);
@@ -313,7 +314,6 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   try {
     const part = options.part ? checkPart(options.part) : null;
     const tensors = part ? partTensors(plan.tensors, part.index, part.count) : plan.tensors;
-    checkOutputSizes(tensors, 'one staging buffer');
     out = OutputDirectory.create(options.out, { overwrite: options.overwrite, inputs: inputPaths(models, recipe) });
     const leftovers = out.leftovers();
     const layouts = layoutShards(tensors.map(outputTensor), shardSize);
@@ -477,21 +477,6 @@ export function selectDevice(options: { device?: string; gpuMemory?: number }, n
   return openDevice(native as NativeAddon, deviceSpec(options, native), options.gpuMemory);
 }
 
-/**
- * The largest output tensor: Node 20's typed arrays hold at most 2^32 bytes, and a
- * tensor's staging buffer also holds up to a block before it (its offset's alignment).
- */
-export const MAX_OUTPUT_TENSOR_BYTES = 2 ** 32 - STAGING_BLOCK;
-
-/** Refuses, before anything is written, an output tensor larger than one buffer holds. */
-export function checkOutputSizes(tensors: readonly TensorPlan[], holder: string): void {
-  const big = tensors.find((t) => t.outBytes > MAX_OUTPUT_TENSOR_BYTES);
-  if (big) {
-    throw new DellaError('E_SHAPE', `tensor "${big.name}" would be ${big.outBytes} bytes of ${big.outDtype} in the output, more than the 4 GiB that ${holder} holds (a Node.js typed array); ` +
-      `tensors that large are not supported yet${big.outDtype === 'F32' || big.outDtype === 'F64' ? ' (out_dtype: bfloat16 halves it)' : ''}`);
-  }
-}
-
 /** Threads (default: all cores) and seed (default: the recipe's), checked. */
 export function runSettings(
   options: { threads?: number; seed?: number }, recipe: Recipe, native: NativeAddon | null,
@@ -542,7 +527,7 @@ interface LaunchedBatch {
  */
 export async function* runBatches(
   ctx: BatchContext, groups: readonly TensorPlan[][],
-  destsFor: (group: TensorPlan[]) => Map<string, Uint8Array> | Promise<Map<string, Uint8Array>>,
+  destsFor: (group: TensorPlan[]) => Map<string, Bytes> | Promise<Map<string, Bytes>>,
 ): AsyncGenerator<FinishedTensor[]> {
   const { plan, models, recipe, seed, threads, native } = ctx;
   const cuda = ctx.cuda ?? null;
@@ -568,7 +553,7 @@ export async function* runBatches(
         merges.push(buildMergeTask(plan, t, models, destFor(t), seed, coefficients?.get(t.name) ?? null, native !== null));
         mergePlans.push(t);
       } else {
-        copies.push({ src: native ? models.base.slice(t.name) : models.base.bytes(t.name), dst: destFor(t) });
+        copies.push({ src: native ? models.base.slice(t.name) : models.base.data(t.name), dst: destFor(t) });
       }
     }
     let stats: Promise<MergeTaskStats[]>;
@@ -581,7 +566,7 @@ export async function* runBatches(
       stats = native.mergeBatch({ threads, merges, copies, digests: true });
     } else {
       stats = Promise.resolve(merges.map((m) => referenceMergeTensor(m)));
-      for (const c of copies) (c.dst as Uint8Array).set(c.src as Uint8Array);
+      for (const c of copies) copyBytes(c.dst, c.src as ArrayBufferView);
     }
     stats.catch(() => {}); // awaited below; never an unhandled rejection meanwhile
     profile.add('building tasks', performance.now() - t0);

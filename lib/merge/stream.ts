@@ -9,8 +9,9 @@ import { checkOptions } from '../util/options.js';
 import { loadNative } from '../native.js';
 import type { Recipe } from '../recipe/index.js';
 import { inRecipe, openModels, type OpenedModels } from './build.js';
-import { planMerge } from './plan.js';
-import { abortError, batches, checkOutputSizes, runBatches, runSettings, tensorReport, type BatchContext, type ProgressEvent, type TensorReport } from './run.js';
+import { planMerge, type TensorPlan } from './plan.js';
+import { MAX_UINT8ARRAY } from '../util/bytes.js';
+import { abortError, batches, runBatches, runSettings, tensorReport, type BatchContext, type ProgressEvent, type TensorReport } from './run.js';
 
 export interface MergedTensor {
   name: string;
@@ -46,6 +47,18 @@ export function expectStreamOptions(options: unknown): asserts options is Tensor
     base: 'checked', models: 'checked', seed: 'checked', threads: 'checked', signal: 'AbortSignal', allowNonFinite: 'boolean',
     onProgress: 'function', onWarning: 'function',
   });
+}
+
+/**
+ * Refuses, before anything is merged, an output tensor larger than the Uint8Array it
+ * would be yielded in can hold (merge() writes such tensors to files).
+ */
+function checkOutputSizes(tensors: readonly TensorPlan[]): void {
+  const big = tensors.find((t) => t.outBytes > MAX_UINT8ARRAY);
+  if (big) {
+    throw new DellaError('E_SHAPE', `tensor "${big.name}" would be ${big.outBytes} bytes of ${big.outDtype}, more than the 4 GiB that the Uint8Array of a yielded tensor holds in Node.js; ` +
+      `merge() writes tensors that large to files${big.outDtype === 'F32' || big.outDtype === 'F64' ? ', and out_dtype: bfloat16 halves it' : ''}`);
+  }
 }
 
 /**
@@ -91,7 +104,7 @@ export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions 
     } catch (e) {
       throw inRecipe(e, recipe);
     }
-    checkOutputSizes(plan.tensors, 'the typed array of a yielded tensor');
+    checkOutputSizes(plan.tensors);
     const ctx: BatchContext = {
       plan, models, recipe, seed, threads, native, signal: options.signal,
       nonfiniteWarnings: options.allowNonFinite ? [] : null,

@@ -5,6 +5,7 @@
  * to the C++ enums in native/include/della.
  */
 import type { NativeSlice } from '../native.js';
+import { sliceBytes } from '../util/bytes.js';
 
 export const DTYPE_CODE = { F32: 0, F16: 1, BF16: 2, F64: 3 } as const;
 export type FloatDType = keyof typeof DTYPE_CODE;
@@ -14,13 +15,13 @@ export const SPARSIFIER_CODE = { none: 0, magprune: 1, random: 2, magnitude: 3, 
 export const RESCALE_CODE = { none: 0, inverse: 1, l1: 2, l2: 3, linf: 4 } as const;
 export const CONSENSUS_CODE = { none: 0, sum: 1, count: 2 } as const;
 
-/** Input bytes: a typed array, or (native kernels only) a slice of a mapped file. */
+/** Input bytes: a typed array, or a slice of a mapped file (which the addon reads
+ * without a JS buffer, and lib/reference through views of it). */
 export type InputBytes = ArrayBufferView | NativeSlice;
 
-/** The typed array of an input; slices of mapped files are for the addon only. */
+/** An input's bytes: a slice of a map as a view, or a copy when over 4 GiB. */
 export function inputView(b: InputBytes): ArrayBufferView {
-  if (!ArrayBuffer.isView(b)) throw new Error('lib/reference reads typed arrays; a mapped-file slice is for the native addon');
-  return b;
+  return ArrayBuffer.isView(b) ? b : sliceBytes(b);
 }
 
 export interface ExpertTask {

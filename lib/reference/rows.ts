@@ -4,8 +4,9 @@
  * (TIES and breadcrumbs cut over the whole tensor; norm rescales sum over it).
  */
 import type { MergeTaskSpec, MergeTaskStats } from '../merge/task.js';
-import { inputView, RESCALE_CODE, SPARSIFIER_CODE, type InputBytes } from '../merge/task.js';
+import { RESCALE_CODE, SPARSIFIER_CODE, type InputBytes } from '../merge/task.js';
 import { dtypeSize } from './dtypes.js';
+import { allocBytes, sliceBytes, subBytes, type Bytes } from '../util/bytes.js';
 import { expertRowOffset, referenceMergeTensor, type ElementProbe } from './merge-tensor.js';
 
 export function needsWholeTensor(t: MergeTaskSpec): boolean {
@@ -16,14 +17,15 @@ export function needsWholeTensor(t: MergeTaskSpec): boolean {
 
 export interface RowsResult {
   /** the output bytes of each requested row, in the order asked */
-  rows: Uint8Array[];
+  rows: Bytes[];
   /** statistics over the rows computed (the whole tensor when it had to be) */
   stats: MergeTaskStats;
 }
 
-function bytesOf(v: InputBytes): Uint8Array {
-  const b = inputView(v);
-  return new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
+/** Elements [from, from + n) of an input whose elements are `size` bytes (a slice of a
+ * map is viewed only there: verify recomputes a few rows of tensors of any size). */
+function elements(v: InputBytes, from: number, n: number, size: number): Bytes {
+  return ArrayBuffer.isView(v) ? subBytes(v, from * size, (from + n) * size) : sliceBytes(v, from * size, (from + n) * size);
 }
 
 /** `t.out` is ignored; the probe sees the elements of the requested rows only. */
@@ -32,12 +34,12 @@ export function referenceMergeRows(t: MergeTaskSpec, rows: readonly number[], pr
   const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : numel;
   const outSize = dtypeSize(t.outDtype);
   if (needsWholeTensor(t)) {
-    const out = new Uint8Array(numel * outSize);
+    const out = allocBytes(numel * outSize);
     const wanted = new Set(rows);
     const stats = referenceMergeTensor({ ...t, out }, probe && ((i, raw, sp, m) => {
       if (wanted.has(Math.floor(i / n))) probe(i, raw, sp, m);
     }));
-    return { rows: rows.map((r) => out.subarray(r * n * outSize, (r + 1) * n * outSize)), stats };
+    return { rows: rows.map((r) => subBytes(out, r * n * outSize, (r + 1) * n * outSize)), stats };
   }
   const K = t.experts.length;
   const stats: MergeTaskStats = { nonfinite: new Array(K + 1).fill(0), kept: new Array(K).fill(0), outNonfinite: 0, numel: 0 };
@@ -47,12 +49,12 @@ export function referenceMergeRows(t: MergeTaskSpec, rows: readonly number[], pr
       ...t,
       shape: [n],
       flatOffset: r * n,
-      base: t.base && bytesOf(t.base).subarray(r * n * inSize, (r + 1) * n * inSize),
+      base: t.base && elements(t.base, r * n, n, inSize),
       out: new Uint8Array(n * outSize),
       experts: t.experts.map((e) => {
         const size = dtypeSize(e.dtype);
         const off = expertRowOffset(t.shape, e.shape, r, n);
-        return { ...e, shape: [n], data: bytesOf(e.data).subarray(off * size, (off + n) * size) };
+        return { ...e, shape: [n], data: elements(e.data, off, n, size) };
       }),
     };
     const s = referenceMergeTensor(row, probe && ((i, raw, sp, m) => probe(r * n + i, raw, sp, m)));

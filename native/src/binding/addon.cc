@@ -34,14 +34,23 @@ Napi::Value PhiloxBlock(const Napi::CallbackInfo& info) {
 }
 
 // xxh64(bytes) -> 16 hex digits: the digest a merge records for each output tensor.
+// `bytes`: a Uint8Array, a DataView, or a slice { map, offset, length } of a MappedFile
+// (any length: tensors over 4 GiB are hashed straight from their map).
 // Synchronous: it runs at memory speed, and the caller overlaps it with the next batch.
 Napi::Value Xxh64(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsTypedArray() ||
-      info[0].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
-    throw Napi::TypeError::New(env, "xxh64 takes a Uint8Array");
-  const Napi::Uint8Array bytes = info[0].As<Napi::Uint8Array>();
-  return hex64(env, della::xxh64(bytes.Data(), bytes.ByteLength()));
+  ByteSpan bytes{};
+  if (info.Length() < 1) throw Napi::TypeError::New(env, "xxh64 takes a Uint8Array, a DataView or a map slice");
+  if (!byte_view(info[0], bytes)) {
+    if (!info[0].IsObject() || info[0].IsTypedArray())
+      throw Napi::TypeError::New(env, "xxh64 takes a Uint8Array, a DataView or a map slice");
+    Napi::Object holder = Napi::Object::New(env);
+    holder.Set("bytes", info[0]);
+    MapHolds holds;
+    bytes = input_field(holder, "bytes", "xxh64", holds);
+    return hex64(env, della::xxh64(bytes.data, bytes.length));  // while `holds` keeps the map
+  }
+  return hex64(env, della::xxh64(bytes.data, bytes.length));
 }
 
 // cpuFeatures() -> names of the SIMD extensions this CPU has (for `doctor`).
@@ -92,7 +101,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("cudaOpenAsync", Napi::Function::New(env, CudaOpenAsync, "cudaOpenAsync"));
   exports.Set("hardwareThreads", Napi::Number::New(env, della::ThreadPool::hardware_threads()));
   // lib/native.ts ADDON_ABI_VERSION: bump both when what the addon takes or returns changes.
-  exports.Set("abiVersion", Napi::Number::New(env, 4));
+  exports.Set("abiVersion", Napi::Number::New(env, 5));
   return exports;
 }
 

@@ -8,8 +8,10 @@
 
 namespace della_binding {
 
-// The most bytes one typed array holds in Node 20. A longer external buffer aborted the
-// process (a double free) instead of throwing, so the binding refuses one first.
+// The most bytes one Uint8Array holds in Node 20. An external buffer (a map's view, a
+// staging buffer from aligned_alloc) longer than that aborted the process (a double
+// free) instead of throwing: N-API makes external ArrayBuffers as Buffers. Longer bytes
+// are DataViews over memory V8 allocates itself.
 constexpr uint64_t kMaxTypedArrayBytes = uint64_t{1} << 32;
 
 inline Napi::Value field(const Napi::Object& o, const char* key, const std::string& where) {
@@ -74,6 +76,21 @@ inline ByteSpan bytes_field(const Napi::Object& o, const char* key, const std::s
   }
   Napi::TypedArray ta = v.As<Napi::TypedArray>();
   return {static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset(), ta.ByteLength()};
+}
+
+// A Uint8Array or a DataView (what allocStaging hands out) as raw bytes; false otherwise.
+inline bool byte_view(const Napi::Value& v, ByteSpan& out) {
+  if (v.IsDataView()) {
+    Napi::DataView dv = v.As<Napi::DataView>();
+    out = {static_cast<uint8_t*>(dv.ArrayBuffer().Data()) + dv.ByteOffset(), dv.ByteLength()};
+    return true;
+  }
+  if (v.IsTypedArray() && v.As<Napi::TypedArray>().TypedArrayType() == napi_uint8_array) {
+    Napi::Uint8Array a = v.As<Napi::Uint8Array>();
+    out = {a.Data(), a.ByteLength()};
+    return true;
+  }
+  return false;
 }
 
 inline std::vector<int64_t> shape_field(const Napi::Object& o, const char* key, const std::string& where) {

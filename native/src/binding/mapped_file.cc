@@ -103,10 +103,10 @@ Napi::Value MappedFile::View(const Napi::CallbackInfo& info) {
   const size_t o = static_cast<size_t>(off), n = static_cast<size_t>(len);
   if (n == 0) return Napi::Uint8Array::New(env, 0);
   della_io::guard_in_front();  // the view is about to be read (see input_field)
-  // the JS side views in windows
+  // the JS side views larger tensors in windows
   if (n > kMaxTypedArrayBytes)
     throw Napi::RangeError::New(env, path_ + ": a view of " + std::to_string(n) +
-                                         " bytes is longer than the 4 GiB one typed array holds");
+                                         " bytes is longer than the 4 GiB one Uint8Array holds");
   auto* hold = new std::shared_ptr<Mapping>(map_);
   Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(
       env, static_cast<uint8_t*>(map_->addr) + o, n,

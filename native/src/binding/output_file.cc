@@ -15,14 +15,15 @@ namespace {
 // Writes one range on a libuv thread; holds the source array and the writer until done.
 class WriteWorker : public Napi::AsyncWorker {
  public:
-  WriteWorker(Napi::Env env, std::shared_ptr<della_io::BlockWriter> writer, uint64_t offset, Napi::Uint8Array src)
+  WriteWorker(Napi::Env env, std::shared_ptr<della_io::BlockWriter> writer, uint64_t offset, Napi::Object src,
+              ByteSpan bytes)
       : Napi::AsyncWorker(env, "della-merge:write"),
         deferred_(Napi::Promise::Deferred::New(env)),
         writer_(std::move(writer)),
         offset_(offset),
-        data_(src.Data()),
-        length_(src.ByteLength()),
-        src_(Napi::Persistent(src.As<Napi::Object>())) {}
+        data_(bytes.data),
+        length_(bytes.length),
+        src_(Napi::Persistent(src)) {}
 
   Napi::Promise Promise() { return deferred_.Promise(); }
 
@@ -94,16 +95,15 @@ Napi::Value OutputFile::Direct(const Napi::CallbackInfo& info) {
 Napi::Value OutputFile::Write(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!writer_) throw Napi::Error::New(env, path_ + ": file is closed");
-  if (info.Length() < 2 || !info[0].IsNumber() || !info[1].IsTypedArray() ||
-      info[1].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
-    throw Napi::TypeError::New(env, "write(offset, bytes) takes a number and a Uint8Array");
+  ByteSpan bytes{};
+  if (info.Length() < 2 || !info[0].IsNumber() || !byte_view(info[1], bytes))
+    throw Napi::TypeError::New(env, "write(offset, bytes) takes a number and a Uint8Array or DataView");
   const double off = info[0].As<Napi::Number>().DoubleValue();
-  const Napi::Uint8Array bytes = info[1].As<Napi::Uint8Array>();
-  if (!(off >= 0) || off != static_cast<uint64_t>(off) || off + bytes.ByteLength() > static_cast<double>(size_))
-    throw Napi::RangeError::New(env, path_ + ": write of " + std::to_string(bytes.ByteLength()) + " bytes at offset " +
+  if (!(off >= 0) || off != static_cast<uint64_t>(off) || off + static_cast<double>(bytes.length) > static_cast<double>(size_))
+    throw Napi::RangeError::New(env, path_ + ": write of " + std::to_string(bytes.length) + " bytes at offset " +
                                          std::to_string(off) + " is outside the file of " + std::to_string(size_) +
                                          " bytes");
-  auto* w = new WriteWorker(env, writer_, static_cast<uint64_t>(off), bytes);
+  auto* w = new WriteWorker(env, writer_, static_cast<uint64_t>(off), info[1].As<Napi::Object>(), bytes);
   Napi::Promise p = w->Promise();
   w->Queue();
   return p;
@@ -144,14 +144,26 @@ Napi::Value AllocStaging(const Napi::CallbackInfo& info) {
   const double want = info[0].As<Napi::Number>().DoubleValue();
   if (!(want > 0 && want <= 9007199254740991.0) || want != static_cast<uint64_t>(want))
     throw Napi::RangeError::New(env, "allocStaging: bytes must be a positive integer");
-  // (lib/merge/run.ts refuses tensors that would need one)
-  if (want > static_cast<double>(kMaxTypedArrayBytes))
-    throw Napi::RangeError::New(env, "allocStaging: " + std::to_string(static_cast<uint64_t>(want)) +
-                                         " bytes is more than the 4 GiB one typed array holds");
-  // Buffers of 2 MiB and more in transparent huge pages where the kernel has them: the
-  // O_DIRECT writes pin every page of a buffer, and the kernels write each byte once.
   const size_t huge = size_t{2} << 20;
   const size_t bytes = static_cast<size_t>(want);
+  if (bytes > kMaxTypedArrayBytes) {
+    // More than an external buffer may hold (args.h): memory V8 allocates, a block more
+    // than asked, viewed from its first block-aligned byte.
+    const size_t block = della_io::BlockWriter::kBlock;
+    Napi::ArrayBuffer ab;
+    try {
+      ab = Napi::ArrayBuffer::New(env, bytes + block);
+    } catch (const Napi::Error&) {
+      throw Napi::Error::New(env, "allocStaging: out of memory for " + std::to_string(bytes) + " bytes");
+    }
+    const uintptr_t at = reinterpret_cast<uintptr_t>(ab.Data());
+    const size_t skip = (block - at % block) % block;
+    const uintptr_t h0 = (at + huge - 1) / huge * huge, h1 = (at + bytes) / huge * huge;
+    if (h1 > h0) madvise(reinterpret_cast<void*>(h0), h1 - h0, MADV_HUGEPAGE);  // a hint, as below
+    return Napi::DataView::New(env, ab, skip, bytes);
+  }
+  // Buffers of 2 MiB and more in transparent huge pages where the kernel has them: the
+  // O_DIRECT writes pin every page of a buffer, and the kernels write each byte once.
   const size_t k = bytes >= huge ? huge : della_io::BlockWriter::kBlock;
   const size_t rounded = (bytes + k - 1) / k * k;
   void* p = std::aligned_alloc(k, rounded);

@@ -1,0 +1,86 @@
+// A tensor over 4 GiB, the most one Uint8Array holds in Node 20 (a 256k-token
+// vocabulary's embedding in float32 is 4.7 GB): merged, written, assembled from parts and
+// verified like any other, from sparse input files (holes read as zeros) with a few
+// values placed across the 4 GiB line.
+import { closeSync, ftruncateSync, mkdirSync, openSync, rmSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { assemble, merge, mergeTensors, openCheckpoint, parseRecipe, verifyMerge } from '../lib/index.js';
+import { tensorWindows } from '../lib/checkpoint/model.js';
+import { loadNative } from '../lib/native.js';
+import { refused } from './helpers/errors.js';
+import { tempDir } from './helpers/models.js';
+
+// BF16 [65537, 32768]: 4 GiB + 64 KiB.
+const ROWS = 65537, COLS = 32768, BYTES = ROWS * COLS * 2;
+const ONE = 0x3f80, TWO = 0x4000; // bf16 1.0 and 2.0
+// The expert's change (+2.0) and values the base and the expert share (1.0, no change):
+// at the ends, at the 4 GiB line (element 2^31, in the last row) and around it.
+const CHANGED = [0, 1, COLS - 1, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 5, ROWS * COLS - 1];
+const SHARED = [7, 2 ** 31 - 2, 2 ** 31 + 100, ROWS * COLS - 2];
+
+/** A sparse file of `size` bytes with bf16 `value` at each element of `at`, from byte `from`. */
+function sparseFile(path: string, size: number, from: number, values: Array<[number[], number]>, head?: Buffer): void {
+  const fd = openSync(path, 'w');
+  if (head) writeSync(fd, head, 0, head.length, 0);
+  ftruncateSync(fd, size);
+  const b = Buffer.alloc(2);
+  for (const [at, value] of values) {
+    b.writeUInt16LE(value);
+    for (const i of at) writeSync(fd, b, 0, 2, from + 2 * i);
+  }
+  closeSync(fd);
+}
+
+function sparseModel(dir: string, values: Array<[number[], number]>): void {
+  mkdirSync(dir, { recursive: true });
+  const json = Buffer.from(JSON.stringify({
+    big: { dtype: 'BF16', shape: [ROWS, COLS], data_offsets: [0, BYTES] },
+    small: { dtype: 'F32', shape: [2], data_offsets: [BYTES, BYTES + 8] },
+  }));
+  const head = Buffer.alloc(8 + json.length);
+  head.writeBigUInt64LE(BigInt(json.length));
+  json.copy(head, 8);
+  sparseFile(join(dir, 'model.safetensors'), head.length + BYTES + 8, head.length, values, head);
+}
+
+describe('a tensor over 4 GiB', () => {
+  it('merges, assembles from parts and verifies, every byte as expected (sparse files)', async () => {
+    const d = tempDir('della-huge-');
+    sparseModel(join(d, 'b'), [[SHARED, ONE]]);
+    sparseModel(join(d, 'e'), [[SHARED, ONE], [CHANGED, TWO]]);
+    const recipe = { merge_method: 'task_arithmetic', base_model: join(d, 'b'), models: [{ model: join(d, 'e') }] };
+    // The tensor's expected bytes, as a sparse file hashed straight from its map.
+    sparseFile(join(d, 'want'), BYTES, 0, [[SHARED, ONE], [CHANGED, TWO]]);
+    const native = loadNative();
+    const want = new native.MappedFile(join(d, 'want'));
+    const wanted = native.xxh64({ map: want, offset: 0, length: BYTES });
+    want.close();
+
+    // Part 1 holds the large tensor (parts are balanced by bytes), part 2 the small one.
+    const p1 = await merge(recipe, { out: join(d, 'p1'), part: { index: 1, count: 2 } });
+    await merge(recipe, { out: join(d, 'p2'), part: { index: 2, count: 2 } });
+    expect(p1.tensorReports.map((t) => t.name)).toEqual(['big']);
+    await assemble([join(d, 'p1'), join(d, 'p2')], join(d, 'out'));
+    rmSync(join(d, 'p1'), { recursive: true });
+
+    const c = openCheckpoint(join(d, 'out'));
+    try {
+      expect(native.xxh64(c.slice('big'))).toBe(wanted);
+      await refused(() => c.bytes('big'), 'E_ARGS', /is 4295032832 bytes, more than the 4 GiB one Uint8Array holds in Node\.js: read it with data\("big"\)/);
+      let bytes = 0;
+      for (const w of tensorWindows(c, 'big')) bytes += w.byteLength;
+      expect(bytes).toBe(BYTES);
+      const all = c.data('big') as DataView; // a copy, in a DataView
+      expect(all).toBeInstanceOf(DataView);
+      expect(CHANGED.map((i) => all.getUint16(2 * i, true))).toEqual(CHANGED.map(() => TWO));
+      expect(SHARED.map((i) => all.getUint16(2 * i, true))).toEqual(SHARED.map(() => ONE));
+    } finally {
+      c.close();
+    }
+    const report = await verifyMerge(join(d, 'out'), parseRecipe(JSON.stringify(recipe)));
+    expect([report.ok, report.problems]).toEqual([true, []]);
+    // mergeTensors yields Uint8Arrays: refused before anything is merged.
+    await refused(async () => { for await (const _ of mergeTensors(recipe)) void _; }, 'E_SHAPE', /"big" would be 4295032832 bytes of BF16, more than the 4 GiB that the Uint8Array of a yielded tensor holds in Node\.js; merge\(\) writes tensors that large to files$/);
+  }, 300_000);
+});
