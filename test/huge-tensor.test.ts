@@ -5,7 +5,7 @@
 import { closeSync, ftruncateSync, mkdirSync, openSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { assemble, merge, mergeTensors, openCheckpoint, parseRecipe, verifyMerge } from '../lib/index.js';
+import { assemble, merge, mergeTensors, openCheckpoint, parseRecipe, saveModel, verifyMerge } from '../lib/index.js';
 import { tensorWindows } from '../lib/checkpoint/model.js';
 import { loadNative } from '../lib/native.js';
 import { refused } from './helpers/errors.js';
@@ -83,4 +83,24 @@ describe('a tensor over 4 GiB', () => {
     // mergeTensors yields Uint8Arrays: refused before anything is merged.
     await refused(async () => { for await (const _ of mergeTensors(recipe)) void _; }, 'E_SHAPE', /"big" would be 4295032832 bytes of BF16, more than the 4 GiB that the Uint8Array of a yielded tensor holds in Node\.js; merge\(\) writes tensors that large to files$/);
   }, 300_000);
+
+  it('saveModel writes one from a typed array (a Float32Array holds 2^32 elements), and reads it back', async () => {
+    // 2^30 + 1 floats: 4 GiB + 4 bytes, in untouched (zero) pages but for a few values.
+    const n = 2 ** 30 + 1;
+    const data = new Float32Array(n);
+    [0, 2 ** 30 - 1, 2 ** 30].forEach((i, k) => { data[i] = k + 1.5; });
+    const d = tempDir('della-huge-save-');
+    saveModel(join(d, 'm'), [{ name: 'w', dtype: 'F32', shape: [n], data }, { name: 'x', dtype: 'F32', shape: [1], data: new Float32Array([3]) }]);
+    const native = loadNative();
+    const c = openCheckpoint(join(d, 'm'));
+    try {
+      expect(c.tensors.get('w')!.byteLength).toBe(4 * n);
+      expect(native.xxh64(c.slice('w'))).toBe(native.xxh64(new DataView(data.buffer)));
+      expect([...(c.array('x') as Float32Array)]).toEqual([3]);
+      const w = c.array('w') as Float32Array; // a copy over 4 GiB, as a Float32Array
+      expect([w.length, w[0], w[2 ** 30 - 1], w[2 ** 30]]).toEqual([n, 1.5, 2.5, 3.5]);
+    } finally {
+      c.close();
+    }
+  }, 120_000);
 });

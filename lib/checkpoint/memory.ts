@@ -4,6 +4,7 @@ import { DellaError } from '../errors.js';
 import { showArg } from '../util/show.js';
 import type { Checkpoint, CheckpointTensor, TensorArray } from './model.js';
 import { DTYPE_SIZES } from './safetensors.js';
+import { allocBytes, bytesOf, copyBytes, MAX_UINT8ARRAY, type Bytes } from '../util/bytes.js';
 
 export interface MemoryTensor {
   dtype: string;
@@ -15,14 +16,15 @@ export interface MemoryTensor {
 export type TensorSet = Record<string, MemoryTensor> | Map<string, MemoryTensor>;
 
 /**
- * The bytes of a typed array, DataView or Buffer as a Uint8Array over the same memory;
- * null when its ArrayBuffer is detached (transferred), or the view is out of bounds of a
- * shrunk resizable one. (Node 20 has no ArrayBuffer.prototype.detached; a detached
- * buffer reads as 0 bytes, and viewing it throws.)
+ * The bytes of a typed array, DataView or Buffer over the same memory (a DataView when
+ * over 4 GiB, more than one Uint8Array holds); null when its ArrayBuffer is detached
+ * (transferred), or the view is out of bounds of a shrunk resizable one. (Node 20 has
+ * no ArrayBuffer.prototype.detached; a detached buffer reads as 0 bytes, and viewing it
+ * throws.)
  */
-function viewBytes(data: ArrayBufferView): Uint8Array | null {
+function viewBytes(data: ArrayBufferView): Bytes | null {
   try {
-    return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    return bytesOf(data.buffer, data.byteOffset, data.byteLength);
   } catch {
     return null;
   }
@@ -41,7 +43,7 @@ function dimensionsOk(shape: unknown[]): boolean {
  * saveModel's); `where` names it in the messages. Returns the dtype, a copy of the shape
  * and the bytes, a view of the caller's memory.
  */
-export function checkTensorData(where: string, t: { dtype?: unknown; shape?: unknown; data?: unknown }): { dtype: string; shape: number[]; bytes: Uint8Array } {
+export function checkTensorData(where: string, t: { dtype?: unknown; shape?: unknown; data?: unknown }): { dtype: string; shape: number[]; bytes: Bytes } {
   const { dtype, shape, data } = t;
   if (typeof dtype !== 'string' || !Object.hasOwn(DTYPE_SIZES, dtype)) {
     throw new DellaError('E_ARGS', `${where}: unknown dtype ${showArg(dtype)} (known: ${Object.keys(DTYPE_SIZES).join(', ')})`);
@@ -58,8 +60,8 @@ export function checkTensorData(where: string, t: { dtype?: unknown; shape?: unk
   if (bytes === null) throw new DellaError('E_ARGS', `${where}: data's ArrayBuffer is detached (transferred), so its bytes cannot be read`);
   const numel = (shape as number[]).reduce((a, b) => a * b, 1);
   const size = DTYPE_SIZES[dtype];
-  if (bytes.length !== numel * size) {
-    throw new DellaError('E_ARGS', `${where}: ${bytes.length} bytes given, shape [${shape.join(', ')}] of ${dtype} needs ${numel * size}`);
+  if (bytes.byteLength !== numel * size) {
+    throw new DellaError('E_ARGS', `${where}: ${bytes.byteLength} bytes given, shape [${shape.join(', ')}] of ${dtype} needs ${numel * size}`);
   }
   return { dtype, shape: [...(shape as number[])], bytes };
 }
@@ -75,7 +77,7 @@ export function memoryCheckpoint(label: string, set: TensorSet): Checkpoint {
   }
   const entries: Array<[unknown, MemoryTensor]> = set instanceof Map ? [...set] : Object.entries(set);
   const tensors = new Map<string, CheckpointTensor>();
-  const data = new Map<string, Uint8Array>();
+  const data = new Map<string, Bytes>();
   for (const [name, t] of entries) {
     if (typeof name !== 'string') {
       throw new DellaError('E_ARGS', `${label}: tensor names must be strings, got ${showArg(name)} (a Map key)`);
@@ -88,19 +90,30 @@ export function memoryCheckpoint(label: string, set: TensorSet): Checkpoint {
     // The native addon takes only plain ArrayBuffers: shared or resizable memory is
     // copied into one (which also keeps another thread's writes out of the merge).
     const buffer = given.buffer as ArrayBufferLike & { resizable?: boolean };
-    const bytes = isSharedArrayBuffer(buffer) || buffer.resizable === true ? new Uint8Array(given) : given;
+    let bytes = given;
+    if (isSharedArrayBuffer(buffer) || buffer.resizable === true) {
+      bytes = allocBytes(given.byteLength);
+      copyBytes(bytes, given);
+    }
     const numel = shape.reduce((a, b) => a * b, 1);
-    tensors.set(name, { name, dtype, shape, numel, begin: 0, end: bytes.length, file: label, offset: 0, byteLength: bytes.length });
+    tensors.set(name, { name, dtype, shape, numel, begin: 0, end: bytes.byteLength, file: label, offset: 0, byteLength: bytes.byteLength });
     data.set(name, bytes);
   }
-  const get = (name: string): Uint8Array => {
+  const get = (name: string): Bytes => {
     const b = data.get(name);
     if (!b) throw new DellaError('E_ARGS', `${label}: no tensor named "${name}"`);
     // a detached buffer reads as 0 bytes (and the addon would say only that)
-    if (b.length !== tensors.get(name)!.byteLength) {
+    if (b.byteLength !== tensors.get(name)!.byteLength) {
       throw new DellaError('E_ARGS', `${label}: tensor ${JSON.stringify(name)}: its data's ArrayBuffer was detached (transferred) during the merge, so its bytes cannot be read`);
     }
     return b;
+  };
+  const small = (name: string): Uint8Array => {
+    const b = get(name);
+    if (b.byteLength > MAX_UINT8ARRAY) {
+      throw new DellaError('E_ARGS', `${label}: tensor ${JSON.stringify(name)} is ${b.byteLength} bytes, more than the 4 GiB one Uint8Array holds in Node.js: read it with data(${JSON.stringify(name)})`);
+    }
+    return b as Uint8Array;
   };
   const names = [...tensors.keys()].sort();
   return {
@@ -110,13 +123,12 @@ export function memoryCheckpoint(label: string, set: TensorSet): Checkpoint {
     tensors,
     names,
     metadata: new Map(),
-    totalBytes: [...data.values()].reduce((a, b) => a + b.length, 0),
-    bytes: get,
+    totalBytes: [...data.values()].reduce((a, b) => a + b.byteLength, 0),
+    bytes: small,
     data: get,
     slice: get,
     array(name): TensorArray {
-      const b = get(name);
-      return new Uint8Array(b) as TensorArray; // a copy: callers own what they are given
+      return new Uint8Array(small(name)) as TensorArray; // a copy: callers own what they are given
     },
     prefetch() {},
     release() {},

@@ -44,7 +44,7 @@ export interface Checkpoint {
   data(name: string): Bytes;
   /** The tensor's bytes for the native kernels: a slice of its file's map (no JS
    * buffer, see input_field in the binding), or the bytes themselves when in memory. */
-  slice(name: string): Uint8Array | NativeSlice;
+  slice(name: string): Bytes | NativeSlice;
   /**
    * The tensor as a typed array of its element type (F16/BF16 as Uint16Array raw bits,
    * F8 types as Uint8Array). Zero-copy when the data is aligned to its element size,

@@ -11,6 +11,7 @@ import { showArg } from '../util/show.js';
 import { checkTensorData } from './memory.js';
 import { MAX_HEADER_LENGTH } from './safetensors.js';
 import { indexJson, INDEX_FILE, layoutShards, SHARD_NAME, TEMP_MARK } from './writer.js';
+import { windows, type Bytes } from '../util/bytes.js';
 import { SINGLE_FILE } from './model.js';
 
 export interface InMemoryTensor {
@@ -29,7 +30,7 @@ interface CheckedTensor {
   dtype: string;
   shape: number[];
   /** a view of the caller's data, not a copy */
-  bytes: Uint8Array;
+  bytes: Bytes;
 }
 
 /** Checks one entry of `tensors`. */
@@ -64,10 +65,9 @@ function removeStaleWeights(dir: string, written: readonly string[]): void {
 }
 
 /** Writes all of `bytes` at the file's current position (writeSync may write less). */
-function writeAll(fd: number, bytes: Uint8Array): void {
-  const CHUNK = 1 << 30;
-  for (let off = 0; off < bytes.length;) {
-    off += writeSync(fd, bytes, off, Math.min(CHUNK, bytes.length - off));
+function writeAll(fd: number, bytes: Bytes): void {
+  for (const w of windows(bytes)) {
+    for (let off = 0; off < w.length;) off += writeSync(fd, w, off, w.length - off);
   }
 }
 
@@ -97,7 +97,7 @@ export function saveModel(dir: string, tensors: readonly InMemoryTensor[], optio
     byName.set(t.name, t);
   }
   const layouts = layoutShards(
-    [...byName.values()].map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape, byteLength: t.bytes.length })),
+    [...byName.values()].map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape, byteLength: t.bytes.byteLength })),
     shardSize,
   );
   for (const l of layouts) {
@@ -117,7 +117,7 @@ export function saveModel(dir: string, tensors: readonly InMemoryTensor[], optio
   // (saving a model opened from this very directory) keep reading its old bytes. Written
   // over in place, its file was cut to 0 under them and the write failed with EFAULT.
   const staged: Array<{ tmp: string; path: string }> = [];
-  const write = (fileName: string, pieces: readonly Uint8Array[]) => {
+  const write = (fileName: string, pieces: readonly Bytes[]) => {
     const path = join(dir, fileName);
     const tmp = join(dir, `.${fileName}${TEMP_MARK}${process.pid}`);
     staged.push({ tmp, path });
