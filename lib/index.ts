@@ -13,6 +13,7 @@ import { expectStreamOptions, streamMerge, type MergedTensor, type TensorStreamO
 
 export { DellaError, isDellaError, type ErrorCode } from './errors.js';
 export { openCheckpoint, type Checkpoint, type CheckpointTensor, type TensorArray } from './checkpoint/model.js';
+export type { Bytes } from './util/bytes.js';
 export { saveModel, type InMemoryTensor } from './checkpoint/save.js';
 export type { TensorInfo } from './checkpoint/safetensors.js';
 export { loadRecipe, parseRecipe, resolveTensorParams, layerCount, layerIndex } from './recipe/index.js';

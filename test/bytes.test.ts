@@ -1,6 +1,10 @@
 // lib/util/bytes.ts: the helpers that let tensors over 4 GiB be DataViews. Small inputs
 // here, both kinds (test/huge-tensor.test.ts runs them on a real 4 GiB tensor).
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { openCheckpoint, saveModel } from '../lib/index.js';
+import { tensorRange, tensorWindows } from '../lib/checkpoint/model.js';
+import { tempDir } from './helpers/models.js';
 import { allocBytes, bytesOf, copyBytes, firstDifference, MAX_UINT8ARRAY, subBytes, uint8, windows } from '../lib/util/bytes.js';
 
 const ramp = (n: number, at = 0) => Uint8Array.from({ length: n }, (_, i) => (i + at) & 255);
@@ -36,5 +40,19 @@ describe('byte helpers', () => {
     expect(() => copyBytes(d, ramp(999))).toThrow('copy of 999 bytes into 1000');
     const z = allocBytes(5);
     expect([z.constructor.name, [...(z as Uint8Array)]]).toEqual(['Uint8Array', [0, 0, 0, 0, 0]]);
+  });
+
+  it("a checkpoint tensor's ranges and windows stay inside it", () => {
+    const d = tempDir('della-bytes-');
+    saveModel(join(d, 'm'), [{ name: 'a', dtype: 'F32', shape: [2], data: new Float32Array([1, 2]) }, { name: 'b', dtype: 'F32', shape: [2], data: new Float32Array([3, 4]) }]);
+    const c = openCheckpoint(join(d, 'm'));
+    try {
+      expect([...(tensorRange(c, 'b', 4, 8) as Uint8Array)]).toEqual([0, 0, 0x80, 0x40]);
+      expect(() => tensorRange(c, 'a', 0, 16)).toThrow('bytes [0, 16) are outside tensor "a" (8 bytes)'); // not b's bytes
+      expect(() => tensorRange(c, 'a', 6, 4)).toThrow('outside');
+      expect([...tensorWindows(c, 'b', 3)].map((w) => w.length)).toEqual([3, 3, 2]);
+    } finally {
+      c.close();
+    }
   });
 });

@@ -284,7 +284,7 @@ describe('hostile checkpoints', () => {
     const c = openCheckpoint(file);
     try {
       expect([...(c.array('w') as Float32Array)]).toEqual([5, 6, 7, 8]);
-      expect(() => c.bytes('pad')).toThrow(/^tensor "pad" is 4831838208 bytes, more than the 4 GiB one Uint8Array holds in Node\.js: read it with data\("pad"\) \(a DataView over a copy\)$/);
+      expect(() => c.bytes('pad')).toThrow(/: tensor "pad" is 4831838208 bytes, more than the 4 GiB one Uint8Array holds in Node\.js: read it with data\("pad"\) \(a DataView over a copy\)$/);
     } finally {
       c.close();
       rmSync(file);

@@ -102,8 +102,10 @@ export function memoryCheckpoint(label: string, set: TensorSet): Checkpoint {
   const get = (name: string): Bytes => {
     const b = data.get(name);
     if (!b) throw new DellaError('E_ARGS', `${label}: no tensor named "${name}"`);
-    // a detached buffer reads as 0 bytes (and the addon would say only that)
-    if (b.byteLength !== tensors.get(name)!.byteLength) {
+    // a detached buffer reads as 0 bytes (and the addon would say only that); a DataView
+    // (data over 4 GiB) throws instead
+    const want = tensors.get(name)!.byteLength;
+    if ((want > 0 && b.buffer.byteLength === 0) || b.byteLength !== want) {
       throw new DellaError('E_ARGS', `${label}: tensor ${JSON.stringify(name)}: its data's ArrayBuffer was detached (transferred) during the merge, so its bytes cannot be read`);
     }
     return b;

@@ -40,7 +40,8 @@ export interface Checkpoint {
    * Node 20); data() reads larger ones. */
   bytes(name: string): Uint8Array;
   /** Bytes of a tensor of any size: zero-copy up to 4 GiB; beyond, a DataView over a
-   * copy (Node 20 views at most 4 GiB of a file's map at once). */
+   * copy from a file (Node 20 views at most 4 GiB of a file's map at once), or over the
+   * tensor's own memory when it was given in memory. */
   data(name: string): Bytes;
   /** The tensor's bytes for the native kernels: a slice of its file's map (no JS
    * buffer, see input_field in the binding), or the bytes themselves when in memory. */
@@ -85,6 +86,9 @@ interface OpenFile {
    * buffer per tensor would count gigabytes against the JS heap's GC budget): one view
    * of the whole file up to 2 GiB, else window k covers [k GiB, k GiB + 2 GiB) */
   windows?: Map<number, Uint8Array>;
+  /** views of tensors over 1 GiB in files over 2 GiB, by offset: one each, however often
+   * asked for (verify views a tensor's rows, windows and whole) */
+  own?: Map<number, Uint8Array>;
   header: SafetensorsHeader;
   size: number;
   mtimeMs: number;
@@ -97,7 +101,15 @@ const WINDOW = 2 ** 30;
 function view(f: OpenFile, offset: number, length: number): Uint8Array {
   if (length === 0) return new Uint8Array(0);
   const size = f.map.size;
-  if (size > 2 * WINDOW && length > WINDOW) return f.map.view(offset, length); // its own view
+  if (size > 2 * WINDOW && length > WINDOW) { // its own view
+    f.own ??= new Map();
+    let v = f.own.get(offset);
+    if (v?.byteLength !== length) {
+      v = f.map.view(offset, length);
+      f.own.set(offset, v);
+    }
+    return v;
+  }
   // The window holding the tensor's start holds its end too (the whole file up to 2 GiB).
   const k = size <= 2 * WINDOW ? 0 : Math.floor(offset / WINDOW);
   f.windows ??= new Map();
@@ -308,7 +320,7 @@ function openMapped(path: string, copyOnWrite: boolean): Checkpoint {
     bytes(name) {
       const t = get(name);
       if (t.byteLength > MAX_UINT8ARRAY) {
-        throw new DellaError('E_ARGS', `tensor "${name}" is ${t.byteLength} bytes, more than the 4 GiB one Uint8Array holds in Node.js: read it with data("${name}") (a DataView over a copy)`);
+        throw new DellaError('E_ARGS', `${full}: tensor "${name}" is ${t.byteLength} bytes, more than the 4 GiB one Uint8Array holds in Node.js: read it with data("${name}") (a DataView over a copy)`);
       }
       return view(opened.get(t.file)!, t.offset, t.byteLength);
     },
@@ -322,7 +334,7 @@ function openMapped(path: string, copyOnWrite: boolean): Checkpoint {
       const Ctor = ARRAY_TYPES[t.dtype];
       const length = t.byteLength / Ctor.BYTES_PER_ELEMENT;
       if (length > MAX_UINT8ARRAY) {
-        throw new DellaError('E_ARGS', `tensor "${name}" has ${length} elements, more than the 2^32 one typed array holds in Node.js: read it with data("${name}") (a DataView)`);
+        throw new DellaError('E_ARGS', `${full}: tensor "${name}" has ${length} elements, more than the 2^32 one typed array holds in Node.js: read it with data("${name}") (a DataView)`);
       }
       // Over 4 GiB, data() is a copy (in aligned memory); else a view, copied when the
       // tensor is not aligned to its element size (maps are page-aligned).
@@ -368,11 +380,12 @@ export function tensorWindows(c: Checkpoint, name: string, size?: number): Gener
   return windows(c.data(name), size);
 }
 
-/** Bytes [begin, end) of a tensor, at most 4 GiB of them, zero-copy. */
-export function tensorRange(c: Checkpoint, name: string, begin: number, end: number): Uint8Array {
+/** Bytes [begin, end) of a tensor: zero-copy up to 4 GiB (beyond, a copy). */
+export function tensorRange(c: Checkpoint, name: string, begin: number, end: number): Bytes {
   const s = c.slice(name);
-  const b = !ArrayBuffer.isView(s) && s.length > MAX_UINT8ARRAY ? sliceBytes(s, begin, end) : subBytes(c.data(name), begin, end);
-  return uint8(b, `bytes [${begin}, ${end}) of tensor "${name}"`);
+  const length = ArrayBuffer.isView(s) ? s.byteLength : s.length;
+  if (!(begin >= 0 && begin <= end && end <= length)) throw new RangeError(`bytes [${begin}, ${end}) are outside tensor "${name}" (${length} bytes)`);
+  return !ArrayBuffer.isView(s) && length > MAX_UINT8ARRAY ? sliceBytes(s, begin, end) : subBytes(c.data(name), begin, end);
 }
 
 /** The first change among the checkpoints' files since they were opened (Checkpoint.changed), else null. */

@@ -444,7 +444,14 @@ function stagingPool(groups: readonly TensorPlan[][], cuda: boolean): StagingPoo
   // GPU batches are up to 256 MiB: two of them, so that the device never waits for a write.
   const cap = cuda ? 2 * CUDA_BATCH_BYTES + STAGING_SLACK : STAGING_CAP;
   const budget = Math.min(2 * largest + STAGING_SLACK, Math.max(largest + STAGING_SLACK, cap));
-  return new StagingPool((n) => native.allocStaging(n), budget);
+  return new StagingPool((n) => {
+    try {
+      return native.allocStaging(n);
+    } catch (e) {
+      const big = largest > STAGING_CAP ? '; the largest tensor is staged whole: free memory, or merge it with a narrower out_dtype' : '';
+      throw new DellaError('E_IO', `not enough memory for ${n} bytes of output staging, where merged tensors wait to be written (${(e as Error).message})${big}`, { cause: e });
+    }
+  }, budget);
 }
 
 type Phase = keyof MergeReport['phases'];

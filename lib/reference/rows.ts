@@ -50,7 +50,7 @@ export function referenceMergeRows(t: MergeTaskSpec, rows: readonly number[], pr
       shape: [n],
       flatOffset: r * n,
       base: t.base && elements(t.base, r * n, n, inSize),
-      out: new Uint8Array(n * outSize),
+      out: allocBytes(n * outSize),
       experts: t.experts.map((e) => {
         const size = dtypeSize(e.dtype);
         const off = expertRowOffset(t.shape, e.shape, r, n);
@@ -62,7 +62,7 @@ export function referenceMergeRows(t: MergeTaskSpec, rows: readonly number[], pr
     s.kept.forEach((c, k) => { stats.kept[k] += c; });
     stats.outNonfinite += s.outNonfinite;
     stats.numel += s.numel;
-    return row.out as Uint8Array;
+    return row.out as Bytes;
   });
   return { rows: out, stats };
 }

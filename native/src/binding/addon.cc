@@ -45,9 +45,9 @@ Napi::Value Xxh64(const Napi::CallbackInfo& info) {
     if (!info[0].IsObject() || info[0].IsTypedArray())
       throw Napi::TypeError::New(env, "xxh64 takes a Uint8Array, a DataView or a map slice");
     Napi::Object holder = Napi::Object::New(env);
-    holder.Set("bytes", info[0]);
+    holder.Set("slice", info[0]);
     MapHolds holds;
-    bytes = input_field(holder, "bytes", "xxh64", holds);
+    bytes = input_field(holder, "slice", "xxh64", holds);  // messages name xxh64.slice
     return hex64(env, della::xxh64(bytes.data, bytes.length));  // while `holds` keeps the map
   }
   return hex64(env, della::xxh64(bytes.data, bytes.length));

@@ -148,11 +148,14 @@ Napi::Value AllocStaging(const Napi::CallbackInfo& info) {
   const size_t bytes = static_cast<size_t>(want);
   if (bytes > kMaxTypedArrayBytes) {
     // More than an external buffer may hold (args.h): memory V8 allocates, a block more
-    // than asked, viewed from its first block-aligned byte.
+    // than asked, viewed from its first block-aligned byte. Made by JS's own ArrayBuffer
+    // constructor, whose failure is a RangeError: N-API's napi_create_arraybuffer ends
+    // the process when the memory is not there.
     const size_t block = della_io::BlockWriter::kBlock;
     Napi::ArrayBuffer ab;
     try {
-      ab = Napi::ArrayBuffer::New(env, bytes + block);
+      Napi::Function ctor = env.Global().Get("ArrayBuffer").As<Napi::Function>();
+      ab = ctor.New({Napi::Number::New(env, static_cast<double>(bytes + block))}).As<Napi::ArrayBuffer>();
     } catch (const Napi::Error&) {
       throw Napi::Error::New(env, "allocStaging: out of memory for " + std::to_string(bytes) + " bytes");
     }

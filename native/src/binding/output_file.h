@@ -27,8 +27,8 @@ class OutputFile : public Napi::ObjectWrap<OutputFile> {
   uint64_t size_ = 0;
 };
 
-// allocStaging(bytes) -> a Uint8Array of that many bytes whose first byte is aligned to
-// della_io::BlockWriter::kBlock; freed when collected.
+// allocStaging(bytes) -> a Uint8Array of that many bytes (a DataView over 4 GiB) whose
+// first byte is aligned to della_io::BlockWriter::kBlock; freed when collected.
 Napi::Value AllocStaging(const Napi::CallbackInfo& info);
 
 // removeAtTeardown(dir, on): while on, `dir` (an output being built) is removed when this
