@@ -1,13 +1,15 @@
 /**
  * Recomputes chosen rows of a tensor with the reference, for verification: alone when
- * a row's result depends only on that row, from the whole tensor when it does not
- * (TIES and breadcrumbs cut over the whole tensor; norm rescales sum over it).
+ * a row's result depends only on that row, after passes over the whole tensor when it
+ * does not (TIES and breadcrumbs cut over the whole tensor; norm rescales sum over it:
+ * streamed.ts).
  */
 import type { MergeTaskSpec, MergeTaskStats } from '../merge/task.js';
 import { RESCALE_CODE, SPARSIFIER_CODE, type InputBytes } from '../merge/task.js';
 import { dtypeSize } from './dtypes.js';
 import { allocBytes, sliceBytes, subBytes, type Bytes } from '../util/bytes.js';
 import { expertRowOffset, referenceMergeTensor, type ElementProbe } from './merge-tensor.js';
+import { streamedMergeRows } from './streamed.js';
 
 export function needsWholeTensor(t: MergeTaskSpec): boolean {
   const wholeCut = t.sparsifier === SPARSIFIER_CODE.magnitude || t.sparsifier === SPARSIFIER_CODE.breadcrumbs;
@@ -18,7 +20,7 @@ export function needsWholeTensor(t: MergeTaskSpec): boolean {
 export interface RowsResult {
   /** the output bytes of each requested row, in the order asked */
   rows: Bytes[];
-  /** statistics over the rows computed (the whole tensor when it had to be) */
+  /** statistics over the rows asked for */
   stats: MergeTaskStats;
 }
 
@@ -33,14 +35,7 @@ export function referenceMergeRows(t: MergeTaskSpec, rows: readonly number[], pr
   const numel = t.shape.reduce((a, b) => a * b, 1);
   const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : numel;
   const outSize = dtypeSize(t.outDtype);
-  if (needsWholeTensor(t)) {
-    const out = allocBytes(numel * outSize);
-    const wanted = new Set(rows);
-    const stats = referenceMergeTensor({ ...t, out }, probe && ((i, raw, sp, m) => {
-      if (wanted.has(Math.floor(i / n))) probe(i, raw, sp, m);
-    }));
-    return { rows: rows.map((r) => subBytes(out, r * n * outSize, (r + 1) * n * outSize)), stats };
-  }
+  if (needsWholeTensor(t)) return streamedMergeRows(t, rows, probe);
   const K = t.experts.length;
   const stats: MergeTaskStats = { nonfinite: new Array(K + 1).fill(0), kept: new Array(K).fill(0), outNonfinite: 0, numel: 0 };
   const inSize = dtypeSize(t.baseDtype);
