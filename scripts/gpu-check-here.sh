@@ -31,4 +31,5 @@ OUT=${OUT:-$PWD/gpu-check-emulated-out} GPU_CHECK_PREBUILT=$bin GPU_CHECK_NCU=0 
   GPU_CHECK_CUDA12_ITERATIONS=${GPU_CHECK_CUDA12_ITERATIONS:-10} GPU_CHECK_BENCH_REPS=${GPU_CHECK_BENCH_REPS:-2} \
   GPU_CHECK_MODEL=${GPU_CHECK_MODEL:---hidden 64 --layers 1 --inter 128 --vocab 256} \
   GPU_CHECK_LARGE=${GPU_CHECK_LARGE:---hidden 64 --layers 4 --inter 128 --vocab 256} \
+  GPU_CHECK_HUGE=${GPU_CHECK_HUGE:---rows 40 --cols 64} \
   GPU_CHECK_WORK=/tmp/della-gpu-check-here bash scripts/gpu-check.sh

@@ -297,6 +297,21 @@ else
       fi
       rm -rf "$work/e2e-large"
     fi
+    # 4e. A tensor over 4 GiB (a 64k-token embedding, 4 GiB + 64 KiB; sparse files with
+    #     random rows around element 2^31): della and ties, to memory, byte for byte.
+    #     GPU_CHECK_HUGE sets the generator's arguments ("0" skips it; the dry run takes
+    #     a small one, as the emulated device would take most of an hour).
+    huge=${GPU_CHECK_HUGE:-}
+    if [ "$huge" != 0 ]; then
+      if timeout 60 node scripts/gpu-huge-model.mjs "$work/huge" $huge >"$work/huge.json"; then
+        cat "$work/huge.json"
+        for r in della ties; do e2e_pair "$work/huge" "$r" memory "$mem" "$r/over-4GiB"; done
+        rm -rf "$mem"
+      else
+        note "e2e over 4 GiB: the models could not be written"; status=1
+      fi
+      rm -rf "$work/huge"
+    fi
     printf "%b\n  ]\n}\n" "$e2e" >"$OUT/e2e.json"
   fi
 fi
