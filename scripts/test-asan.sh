@@ -20,4 +20,8 @@ export LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=lib
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 # independent.test.ts runs Python; pack.test.ts tests packaging, not the addon's memory use.
-npx vitest run --exclude test/independent.test.ts --exclude test/pack.test.ts "$@"
+# huge-tensor.test.ts (4 GiB tensors, about 13 GB of memory) runs alone afterwards: beside
+# the other files under ASan it made vitest lose its worker RPC ('Timeout calling
+# onTaskUpdate', every test passed) in two runs out of two; alone, and without it, none.
+npx vitest run --exclude test/independent.test.ts --exclude test/pack.test.ts --exclude test/huge-tensor.test.ts "$@"
+npx vitest run test/huge-tensor.test.ts
