@@ -36,17 +36,18 @@ export function recordedDigests(record: object): { algorithm: DigestAlgorithm; d
  * merges record: it catches bytes changed after the merge, and SHA-256 cost a fifth of a
  * fast merge's CPU time. */
 export function tensorDigest(algorithm: DigestAlgorithm, bytes: Bytes): string {
-  if (algorithm === 'xxh64') return loadNative().xxh64(bytes);
-  const h = createHash('sha256');
-  for (const w of windows(bytes)) h.update(w);
-  return h.digest('hex');
+  return algorithm === 'xxh64' ? loadNative().xxh64(bytes) : sha256(windows(bytes));
 }
 
 /** tensorDigest of a checkpoint's tensor, of any size: XXH64 straight from its map. */
 export function storedDigest(algorithm: DigestAlgorithm, c: Checkpoint, name: string): string {
-  if (algorithm === 'xxh64') return loadNative().xxh64(c.slice(name));
+  return algorithm === 'xxh64' ? loadNative().xxh64(c.slice(name)) : sha256(tensorWindows(c, name));
+}
+
+/** SHA-256 of bytes given a window at a time (one Uint8Array holds at most 4 GiB). */
+function sha256(parts: Iterable<Uint8Array>): string {
   const h = createHash('sha256');
-  for (const w of tensorWindows(c, name)) h.update(w);
+  for (const w of parts) h.update(w);
   return h.digest('hex');
 }
 
