@@ -3,10 +3,10 @@ import { describe, expect, it } from 'vitest';
 import { loadNative } from '../lib/native.js';
 import { philox4x32_10, elementUniform, seedKey } from '../lib/reference/philox.js';
 import { fnv1a32, tensorId } from '../lib/reference/fnv.js';
-import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, magnitudeKey } from '../lib/reference/dtypes.js';
+import { bf16ToF32, bitsF32, f16ToF32, f32ToBf16, f32ToF16, loadF32, loadF32Row, magnitudeKey, magnitudeKeys } from '../lib/reference/dtypes.js';
 import { magpruneQ, stableRanks } from '../lib/reference/sparsify.js';
 import { fuseElement } from '../lib/reference/fuse.js';
-import { DTYPE_CODE, CONSENSUS_CODE } from '../lib/merge/task.js';
+import { DTYPE_CODE, CONSENSUS_CODE, type DTypeCode } from '../lib/merge/task.js';
 import { rng, testSeed } from './helpers/random.js';
 
 // Random123's kat_vectors for philox4x32_10.
@@ -80,6 +80,51 @@ describe('half-precision conversions', () => {
     expect(magnitudeKey(-1, DTYPE_CODE.BF16)).toBe(0x3f80);
     expect(magnitudeKey(-1, DTYPE_CODE.F32)).toBe(0x3f800000);
     expect(magnitudeKey(1e-9, DTYPE_CODE.F16)).toBe(0);
+  });
+  // The row-at-a-time forms (streamed.ts's passes over whole tensors) against the scalar ones.
+  it('loads rows and builds keys as loadF32 and magnitudeKey do, element for element', () => {
+    const seed = testSeed();
+    const r = rng(seed);
+    const n = 0x10000;
+    // every half pattern; fp32 and fp64 bits drawn at random, specials included
+    const words = new Uint32Array(2 * n);
+    for (let i = 0; i < words.length; i++) words[i] = (r() * 2 ** 32) >>> 0;
+    const specials = [0, 0x80000000, 0x7f800000, 0xff800000, 0x7fc00000, 0xffc00001, 0x7f800001, 1, 0x807fffff, 0x7f7fffff, 0x477ff000, 0x33000000];
+    specials.forEach((v, i) => { words[i] = v; });
+    const halves = Uint16Array.from({ length: n }, (_, h) => h);
+    const cases: Array<[DTypeCode, Uint8Array]> = [
+      [DTYPE_CODE.BF16, new Uint8Array(halves.buffer)],
+      [DTYPE_CODE.F16, new Uint8Array(halves.buffer)],
+      [DTYPE_CODE.F32, new Uint8Array(words.buffer, 0, 4 * n)],
+      [DTYPE_CODE.F64, new Uint8Array(words.buffer)],
+    ];
+    for (const [dtype, bytes] of cases) {
+      for (const shift of [0, 1, 3]) { // aligned, and not: the row is copied first
+        const held = new Uint8Array(bytes.byteLength + 8);
+        held.set(bytes, shift);
+        const view = held.subarray(shift);
+        const from = 5, m = n - 9;
+        const row = new Float32Array(m);
+        loadF32Row(view, dtype, from, m, row);
+        const dv = new DataView(view.buffer, view.byteOffset, view.byteLength);
+        for (let j = 0; j < m; j++) {
+          const want = loadF32(dv, dtype, from + j);
+          if (!Object.is(row[j], want) && !(Number.isNaN(row[j]) && Number.isNaN(want))) {
+            expect(row[j], `dtype ${dtype}, element ${from + j}, byte shift ${shift} (DELLA_TEST_SEED=${seed})`).toBe(want);
+          }
+        }
+      }
+    }
+    const values = new Float32Array(words.buffer, 0, n);
+    for (const base of [DTYPE_CODE.BF16, DTYPE_CODE.F16, DTYPE_CODE.F32, DTYPE_CODE.F64] as DTypeCode[]) {
+      const keys = new Uint32Array(n);
+      magnitudeKeys(values, base, n, keys);
+      for (let j = 0; j < n; j++) {
+        if (keys[j] !== magnitudeKey(bitsF32(words[j]), base)) {
+          expect(keys[j], `base dtype ${base}, bits 0x${words[j].toString(16)} (DELLA_TEST_SEED=${seed})`).toBe(magnitudeKey(bitsF32(words[j]), base));
+        }
+      }
+    }
   });
 });
 

@@ -28,7 +28,11 @@ export function f16ToF32(h: number): number {
 
 /** fp32 -> IEEE half, round to nearest even, with subnormals. */
 export function f32ToF16(v: number): number {
-  const x = f32Bits(v);
+  return f32BitsToF16(f32Bits(v));
+}
+
+/** f32ToF16 on the fp32 bit pattern `x`. */
+function f32BitsToF16(x: number): number {
   const sign = (x >>> 16) & 0x8000;
   const ax = x & 0x7fffffff;
   if (ax > 0x7f800000) return 0x7e00; // NaN: the canonical quiet NaN, whatever its sign
@@ -104,4 +108,68 @@ export function magnitudeKey(v: number, baseDtype: DTypeCode): number {
   if (baseDtype === DTYPE_CODE.F16) return f32ToF16(a) & 0x7fff;
   if (baseDtype === DTYPE_CODE.BF16) return f32ToBf16(a) & 0x7fff;
   return Number.isNaN(a) ? 0x7fc00000 : f32Bits(a) & 0x7fffffff;
+}
+
+// Whole rows at a time, for the passes over every element of a large tensor (streamed.ts):
+// the same conversions as loadF32 and magnitudeKey, element for element, on typed arrays.
+
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+let f16Values: Float32Array | null = null;
+let scratch = new ArrayBuffer(0);
+
+/**
+ * Elements [from, from + n) of a little-endian tensor held in `bytes`, as fp32, into
+ * `into` (what loadF32 gives for each). Typed arrays see the bytes directly when they
+ * are aligned; otherwise the row is copied first.
+ */
+export function loadF32Row(bytes: ArrayBufferView, t: DTypeCode, from: number, n: number, into: Float32Array): void {
+  const size = dtypeSize(t);
+  if (!LITTLE_ENDIAN) {
+    const dv = new DataView(bytes.buffer, bytes.byteOffset + from * size, n * size);
+    for (let j = 0; j < n; j++) into[j] = loadF32(dv, t, j);
+    return;
+  }
+  let buffer = bytes.buffer, at = bytes.byteOffset + from * size;
+  if (at % size !== 0) {
+    if (scratch.byteLength < n * size) scratch = new ArrayBuffer(n * size);
+    new Uint8Array(scratch, 0, n * size).set(new Uint8Array(buffer, at, n * size));
+    buffer = scratch;
+    at = 0;
+  }
+  switch (t) {
+    case DTYPE_CODE.F32: into.set(new Float32Array(buffer, at, n)); break;
+    case DTYPE_CODE.BF16: {
+      const h = new Uint16Array(buffer, at, n), u = new Uint32Array(into.buffer, into.byteOffset, n);
+      for (let j = 0; j < n; j++) u[j] = h[j] << 16;
+      break;
+    }
+    case DTYPE_CODE.F16: {
+      if (!f16Values) {
+        f16Values = new Float32Array(65536);
+        for (let h = 0; h < 65536; h++) f16Values[h] = f16ToF32(h);
+      }
+      const h = new Uint16Array(buffer, at, n), table = f16Values;
+      for (let j = 0; j < n; j++) into[j] = table[h[j]];
+      break;
+    }
+    default: into.set(new Float64Array(buffer, at, n)); break; // rounds to nearest even, as Math.fround
+  }
+}
+
+/** magnitudeKey of each of the first n values of `v`, into `keys`. */
+export function magnitudeKeys(v: Float32Array, baseDtype: DTypeCode, n: number, keys: Uint32Array): void {
+  const bits = new Uint32Array(v.buffer, v.byteOffset, n);
+  if (baseDtype === DTYPE_CODE.BF16) {
+    for (let j = 0; j < n; j++) {
+      const a = bits[j] & 0x7fffffff;
+      keys[j] = a > 0x7f800000 ? 0x7fc0 : (a + 0x7fff + ((a >>> 16) & 1)) >>> 16;
+    }
+  } else if (baseDtype === DTYPE_CODE.F16) {
+    for (let j = 0; j < n; j++) keys[j] = f32BitsToF16(bits[j] & 0x7fffffff) & 0x7fff;
+  } else {
+    for (let j = 0; j < n; j++) {
+      const a = bits[j] & 0x7fffffff;
+      keys[j] = a > 0x7f800000 ? 0x7fc00000 : a;
+    }
+  }
 }

@@ -3,18 +3,23 @@
  * and breadcrumbs' cuts, the l1/l2/linf norm rescales), recomputed in memory bounded by
  * a row, not by the tensor: the whole-tensor facts a row needs are gathered first, in
  * passes over the rows, and then only the rows asked for are merged. The result equals
- * referenceMergeTensor's rows bit for bit (test/reference.test.ts); that function holds
- * whole-tensor arrays (binary64 deltas, JS arrays of keys), which for an embedding of
- * 500 M elements meant tens of GB, and JS arrays stop at about 134 M elements.
+ * referenceMergeTensor's rows bit for bit (test/streamed-rows.test.ts); that function
+ * holds whole-tensor arrays (binary64 deltas, JS arrays of keys), which for an embedding
+ * of 500 M elements meant tens of GB, and JS arrays stop at about 134 M elements.
  *
  * A cut at ascending rank r (r elements before it in the order of SPEC §4: key, then
  * index) is (T, w): element i is before it when key_i < T, or key_i = T and fewer than
- * w elements of key T come before i. Found with two 16-bit histograms of the keys.
+ * w elements of key T come before i. Found with two 16-bit histograms of the keys, of
+ * which the first is trivial for the 15-bit keys of half-precision bases.
+ *
+ * Each pass reads a base row once for all experts, and works on whole rows of typed
+ * arrays (verify spends most of its time here: a TIES verify of a BF16 model is one
+ * pass over every merged element of every expert).
  */
 import type { InputBytes, MergeTaskSpec, MergeTaskStats } from '../merge/task.js';
-import { RESCALE_CODE, SPARSIFIER_CODE, type DTypeCode } from '../merge/task.js';
+import { DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE, type DTypeCode } from '../merge/task.js';
 import { allocBytes, sliceBytes, type Bytes } from '../util/bytes.js';
-import { dataView, dtypeSize, loadF32, magnitudeKey, storeF32 } from './dtypes.js';
+import { dataView, dtypeSize, loadF32, loadF32Row, magnitudeKeys, storeF32 } from './dtypes.js';
 import { tensorId } from './fnv.js';
 import { fuseElement } from './fuse.js';
 import { expertRowOffset, type ElementProbe } from './merge-tensor.js';
@@ -24,21 +29,28 @@ import { breadcrumbsWindow, magpruneQ, stableRanks } from './sparsify.js';
 /** Rows of an input read through views of at most this many bytes (a map's slice). */
 const BLOCK_BYTES = 64 << 20;
 
+/**
+ * Counts of the cuts' keys before each row asked for are taken from copies of the
+ * second histograms at those rows (no further pass over the tensor) while the copies
+ * take at most this many bytes; beyond it (many rows asked for) a third pass counts them.
+ */
+const SNAPSHOT_BYTES = 64 << 20;
+
 /** Row r of an input as fp32 values, through one view (bytes in memory) or views of blocks of rows (a map's slice). */
 function rowReader(v: InputBytes, dtype: DTypeCode, offsetOf: (r: number) => number, n: number, rows: number, blockBytes: number) {
   const size = dtypeSize(dtype);
-  let view: DataView | null = ArrayBuffer.isView(v) ? dataView(v) : null;
-  let first = 0, end = ArrayBuffer.isView(v) ? rows : 0, at = 0; // rows [first, end) in view, from element `at`
+  const inMemory = ArrayBuffer.isView(v);
+  let view: ArrayBufferView | null = inMemory ? v : null;
+  let first = 0, end = inMemory ? rows : 0, at = 0; // rows [first, end) in view, from element `at`
   const block = Math.max(1, Math.floor(blockBytes / Math.max(1, n * size)));
-  return (r: number, into: Float64Array): void => {
+  return (r: number, into: Float32Array): void => {
     if (r < first || r >= end) {
       first = r;
       end = Math.min(rows, r + block);
       at = offsetOf(first);
-      view = dataView(sliceBytes(v as Exclude<InputBytes, ArrayBufferView>, at * size, (offsetOf(end - 1) + n) * size));
+      view = sliceBytes(v as Exclude<InputBytes, ArrayBufferView>, at * size, (offsetOf(end - 1) + n) * size);
     }
-    const o = ArrayBuffer.isView(v) ? offsetOf(r) : offsetOf(r) - at;
-    for (let j = 0; j < n; j++) into[j] = loadF32(view!, dtype, o + j);
+    loadF32Row(view!, dtype, inMemory ? offsetOf(r) : offsetOf(r) - at, n, into);
   };
 }
 
@@ -53,33 +65,59 @@ interface Cut {
 /** Past every element (a cut at rank numel or more). */
 const END: Cut = { key: Infinity, w: 0, equal: 0 };
 
-/** Cuts at ascending ranks `ranks` of the `count` keys that `scan` visits (two passes). */
-function cutsAt(ranks: readonly number[], count: number, scan: (visit: (key: number) => void) => void): Cut[] {
-  if (ranks.every((r) => r >= count)) return ranks.map(() => END);
-  const hi = new Float64Array(65536);
-  scan((key) => { hi[key >>> 16]++; });
-  const picks = ranks.map((r) => {
-    let below = 0, h = 0;
-    if (r < count) while (below + hi[h] <= r) below += hi[h++];
-    return { r, h, below, lo: new Float64Array(65536) };
-  });
-  scan((key) => {
-    for (const p of picks) if (key >>> 16 === p.h) p.lo[key & 0xffff]++;
-  });
-  return picks.map(({ r, h, below, lo }) => {
-    if (r >= count) return END;
-    let l = 0;
-    while (below + lo[l] <= r) below += lo[l++];
-    return { key: h * 65536 + l, w: r - below, equal: lo[l] };
-  });
+/** Counts of keys by their low 16 bits (binary64 only for tensors of 2^32 elements or more). */
+type Counts = Uint32Array | Float64Array;
+
+/**
+ * Where the cut at ascending rank r lies: among the keys whose high 16 bits are h, of
+ * which `lo` counts the low 16 bits; `below` keys have lower high bits.
+ */
+interface Pick {
+  r: number;
+  h: number;
+  below: number;
+  lo: Counts;
+}
+
+function cutOf(p: Pick): Cut {
+  let below = p.below, l = 0;
+  while (below + p.lo[l] <= p.r) below += p.lo[l++];
+  return { key: p.h * 65536 + l, w: p.r - below, equal: p.lo[l] };
 }
 
 /** Whether an element of `key`, the `seen`-th of that key in index order, is before the cut. */
 const before = (c: Cut, key: number, seen: number) => key < c.key || (key === c.key && seen < c.w);
 
-/** `blockBytes`: the most bytes of a map's slice viewed at once (smaller in tests). */
+interface ExpertFacts {
+  /** ascending ranks of the cuts: magnitude's one, breadcrumbs' two */
+  ranks: number[];
+  /** breadcrumbs keeps the ascending ranks [lo, hi) */
+  lo: Cut;
+  hi: Cut;
+  /**
+   * magnitude keeps the top `count` in descending key, ascending index: every key above
+   * the cut's, and of the cut's key the first (by index) `need`, which is not a cut in
+   * ascending order.
+   */
+  top: { key: number; need: number } | null;
+  cuts: boolean;
+  /** per row asked for: the elements of each cut's key before it */
+  seenAt: Map<number, [number, number]>;
+  /** the norm rescale's factor */
+  scale: number;
+}
+
+/** Sizes that tests make smaller to reach every path. */
+export interface StreamedLimits {
+  /** the most bytes of a map's slice viewed at once */
+  blockBytes?: number;
+  /** the most bytes of histogram copies (beyond it, a third pass) */
+  snapshotBytes?: number;
+}
+
 export function streamedMergeRows(
-  t: MergeTaskSpec, rows: readonly number[], probe?: ElementProbe, blockBytes = BLOCK_BYTES,
+  t: MergeTaskSpec, rows: readonly number[], probe?: ElementProbe,
+  { blockBytes = BLOCK_BYTES, snapshotBytes = SNAPSHOT_BYTES }: StreamedLimits = {},
 ): { rows: Bytes[]; stats: MergeTaskStats } {
   const numel = t.shape.reduce((a, b) => a * b, 1);
   const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : numel;
@@ -90,54 +128,107 @@ export function streamedMergeRows(
   const stats: MergeTaskStats = { nonfinite: new Array(K + 1).fill(0), kept: new Array(K).fill(0), outNonfinite: 0, numel: 0 };
   const readBase = rowReader(t.base!, t.baseDtype, (r) => r * n, n, R, blockBytes);
   const readExpert = t.experts.map((e) => rowReader(e.data, e.dtype, (r) => expertRowOffset(t.shape, e.shape, r, n), n, R, blockBytes));
-  const b = new Float64Array(n), x = new Float64Array(n);
-  /** Row r of expert k's delta into d (and the base row into b). */
-  const deltaRow = (k: number, r: number, d: Float64Array) => {
-    readBase(r, b);
-    readExpert[k](r, x);
-    for (let j = 0; j < n; j++) d[j] = Math.fround(x[j] - b[j]);
-  };
-  const d = new Float64Array(n), q = new Float64Array(n), keep = new Uint8Array(n);
+  const b = new Float32Array(n), x = new Float32Array(n), d = new Float32Array(n), keys = new Uint32Array(n);
+  const q = new Float64Array(n), keep = new Uint8Array(n);
   const uniform = (k: number, i: number) => elementUniform(t.seed, id, k, (t.flatOffset ?? 0) + i);
+  const halfKeys = t.baseDtype === DTYPE_CODE.BF16 || t.baseDtype === DTYPE_CODE.F16; // 15 bits, else 31
 
-  // Per expert: its cuts, the number of each cut's key before every row asked for, and
-  // the norm rescale's scale.
-  const facts = t.experts.map((e, k) => {
-    if (t.sparsifier === SPARSIFIER_CODE.none || e.density >= 1) return null;
-    const keyOf = (v: number) => magnitudeKey(v, t.baseDtype);
-    const scan = (visit: (key: number) => void) => {
-      for (let r = 0; r < R; r++) {
-        deltaRow(k, r, d);
-        for (let j = 0; j < n; j++) visit(keyOf(d[j]));
+  /** Expert k's delta in row r into d, and its keys into `keys` (the base row is in b). */
+  const deltaRow = (k: number, r: number) => {
+    readExpert[k](r, x);
+    for (let j = 0; j < n; j++) d[j] = x[j] - b[j]; // the Float32Array rounds: an fp32 subtraction
+    magnitudeKeys(d, t.baseDtype, n, keys);
+  };
+  /** A pass over every row, the base's read once: visit(k, r) sees the delta of each of `experts` in turn. */
+  const pass = (experts: readonly number[], visit: (k: number, r: number) => void, atRow?: (r: number) => void) => {
+    if (experts.length === 0) return;
+    for (let r = 0; r < R; r++) {
+      atRow?.(r);
+      readBase(r, b);
+      for (const k of experts) {
+        deltaRow(k, r);
+        visit(k, r);
       }
-    };
-    // breadcrumbs keeps the ascending ranks [lo, hi). magnitude keeps the top `count` in
-    // descending key, ascending index: every key above the cut's, and of the cut's key
-    // the first (by index) `count` - #{above}, which is not a cut in ascending order.
-    let lo = END, hi = END, top: { key: number; need: number } | null = null;
+    }
+  };
+
+  const facts: (ExpertFacts | null)[] = t.experts.map((e) => {
+    if (t.sparsifier === SPARSIFIER_CODE.none || e.density >= 1) return null;
+    const f: ExpertFacts = { ranks: [], lo: END, hi: END, top: null, cuts: false, seenAt: new Map(), scale: 1 };
     if (t.sparsifier === SPARSIFIER_CODE.magnitude) {
       const count = Math.floor(e.density * numel);
-      if (count === 0) top = { key: Infinity, need: 0 };
-      else {
-        const [c] = cutsAt([numel - count], numel, scan);
-        const above = numel - (numel - count - c.w) - c.equal; // #{key > c.key}
-        top = { key: c.key, need: count - above };
-      }
+      if (count === 0) f.top = { key: Infinity, need: 0 };
+      else f.ranks = [numel - count];
+      f.cuts = true;
     } else if (t.sparsifier === SPARSIFIER_CODE.breadcrumbs) {
-      const { bottom, top: high } = breadcrumbsWindow(numel, e.density, e.gamma);
-      [lo, hi] = cutsAt([bottom, numel - high], numel, scan);
+      const { bottom, top } = breadcrumbsWindow(numel, e.density, e.gamma);
+      f.ranks = [bottom, numel - top];
+      f.cuts = true;
     }
-    const cuts = t.sparsifier === SPARSIFIER_CODE.magnitude || t.sparsifier === SPARSIFIER_CODE.breadcrumbs;
-    return { lo, hi, top, cuts, seenAt: new Map<number, [number, number]>(), scale: 1 };
+    return f;
   });
+  const all = t.experts.map((_, k) => k);
+  const cutters = all.filter((k) => facts[k]?.ranks.some((r) => r < numel));
 
-  /** Keep decisions and probabilities of row r of expert k (its delta in d); `seen`: keys of the cuts met so far. */
+  // The cuts, from two 16-bit histograms of the keys: one pass for the high 16 bits (none
+  // for 15-bit keys), one for the low 16 bits of the keys whose high bits hold a cut.
+  const his = all.map((k) => (!halfKeys && cutters.includes(k) ? new Float64Array(65536) : null));
+  pass(halfKeys ? [] : cutters, (k) => {
+    const hi = his[k]!;
+    for (let j = 0; j < n; j++) hi[keys[j] >>> 16]++;
+  });
+  const los = all.map(() => new Map<number, Counts>());
+  const picks = all.map((k) => (facts[k]?.ranks ?? []).map((r): Pick | null => {
+    if (r >= numel) return null;
+    let below = 0, h = 0;
+    const hi = his[k];
+    if (hi) while (below + hi[h] <= r) below += hi[h++];
+    let lo = los[k].get(h);
+    if (!lo) los[k].set(h, (lo = numel >= 2 ** 32 ? new Float64Array(65536) : new Uint32Array(65536)));
+    return { r, h, below, lo };
+  }));
+  // The elements of each cut's key before a row asked for are read from copies of the
+  // histograms taken at that row, when they are few enough.
+  const histograms = cutters.reduce((sum, k) => sum + los[k].size, 0);
+  const rowsAsked = new Set(rows);
+  const snapshots = rowsAsked.size * histograms * 65536 * 8 <= snapshotBytes;
+  const copiesAt = new Map<number, Map<Counts, Counts>>();
+  pass(cutters, (k) => {
+    for (const [h, lo] of los[k]) {
+      if (halfKeys) for (let j = 0; j < n; j++) lo[keys[j]]++;
+      else for (let j = 0; j < n; j++) if (keys[j] >>> 16 === h) lo[keys[j] & 0xffff]++;
+    }
+  }, snapshots ? (r) => {
+    if (!rowsAsked.has(r)) return;
+    const copies = new Map<Counts, Counts>();
+    for (const k of cutters) for (const lo of los[k].values()) copies.set(lo, lo.slice());
+    copiesAt.set(r, copies);
+  } : undefined);
+  for (const k of cutters) {
+    const f = facts[k]!;
+    const cuts = picks[k].map((p) => (p ? cutOf(p) : END));
+    if (t.sparsifier === SPARSIFIER_CODE.magnitude) {
+      const c = cuts[0], count = numel - f.ranks[0];
+      const above = numel - (f.ranks[0] - c.w) - c.equal; // #{key > c.key}
+      f.top = { key: c.key, need: count - above };
+    } else {
+      [f.lo, f.hi] = cuts;
+    }
+    if (snapshots) {
+      for (const [r, copies] of copiesAt) {
+        const seen = picks[k].map((p, i) => (p ? copies.get(p.lo)![cuts[i].key & 0xffff] : 0));
+        f.seenAt.set(r, [seen[0], seen[1] ?? 0]);
+      }
+    }
+  }
+
+  /** Keep decisions and probabilities of row r of expert k (its delta in d, keys in `keys`); `seen`: keys of the cuts met so far. */
   const decide = (k: number, r: number, seen: [number, number]) => {
     const e = t.experts[k], f = facts[k]!;
     const i0 = r * n;
     q.fill(0);
     if (t.sparsifier === SPARSIFIER_CODE.magprune) {
-      const ranks = stableRanks(Array.from(d, (v) => magnitudeKey(v, t.baseDtype)));
+      const ranks = stableRanks(keys);
       for (let j = 0; j < n; j++) {
         q[j] = magpruneQ(ranks[j], n, e.density, e.epsilon);
         keep[j] = uniform(k, i0 + j) < q[j] ? 1 : 0;
@@ -148,14 +239,15 @@ export function streamedMergeRows(
         keep[j] = uniform(k, i0 + j) < q[j] ? 1 : 0;
       }
     } else if (f.top) {
+      const { key: topKey, need } = f.top;
       for (let j = 0; j < n; j++) {
-        const key = magnitudeKey(d[j], t.baseDtype);
-        keep[j] = key > f.top.key || (key === f.top.key && seen[0] < f.top.need) ? 1 : 0;
-        if (key === f.top.key) seen[0]++;
+        const key = keys[j];
+        keep[j] = key > topKey || (key === topKey && seen[0] < need) ? 1 : 0;
+        if (key === topKey) seen[0]++;
       }
     } else {
       for (let j = 0; j < n; j++) {
-        const key = magnitudeKey(d[j], t.baseDtype);
+        const key = keys[j];
         keep[j] = !before(f.lo, key, seen[0]) && before(f.hi, key, seen[1]) ? 1 : 0;
         if (key === f.lo.key) seen[0]++;
         if (key === f.hi.key) seen[1]++;
@@ -163,45 +255,52 @@ export function streamedMergeRows(
     }
   };
 
-  // One pass over every row of each expert that needs one: the cuts' keys seen before
-  // each row asked for, and the norm sums (binary64; row partials in index order, rows in order).
+  // A last pass over every row of the experts that need one: the norm sums (binary64;
+  // row partials in index order, rows in order), and the cuts' keys before each row
+  // asked for when they were not read from copies.
   const norm = t.rescale === RESCALE_CODE.l1 || t.rescale === RESCALE_CODE.l2 || t.rescale === RESCALE_CODE.linf;
-  const wanted = new Set(rows);
-  t.experts.forEach((_, k) => {
-    const f = facts[k];
-    if (!f || (!norm && !f.cuts)) return;
-    const seen: [number, number] = [0, 0];
-    let full = 0, kept = 0;
-    for (let r = 0; r < R; r++) {
-      if (wanted.has(r)) f.seenAt.set(r, [seen[0], seen[1]]);
-      deltaRow(k, r, d);
-      decide(k, r, seen);
-      if (!norm) continue;
-      let rowFull = 0, rowKept = 0;
+  const counted = all.filter((k) => facts[k] && (norm || (facts[k]!.cuts && !snapshots)));
+  const seen = all.map((): [number, number] => [0, 0]);
+  const full = new Float64Array(K), kept = new Float64Array(K);
+  pass(counted, (k, r) => {
+    const f = facts[k]!;
+    if (rowsAsked.has(r)) f.seenAt.set(r, [seen[k][0], seen[k][1]]);
+    decide(k, r, seen[k]);
+    if (!norm) return;
+    let rowFull = 0, rowKept = 0;
+    if (t.rescale === RESCALE_CODE.linf) {
       for (let j = 0; j < n; j++) {
-        const m = t.rescale === RESCALE_CODE.l2 ? d[j] * d[j] : Math.abs(d[j]);
-        if (t.rescale === RESCALE_CODE.linf) {
-          rowFull = Math.max(rowFull, m);
-          if (keep[j]) rowKept = Math.max(rowKept, m);
-        } else {
-          rowFull += m;
-          if (keep[j]) rowKept += m;
-        }
+        const m = Math.abs(d[j]);
+        rowFull = Math.max(rowFull, m);
+        if (keep[j]) rowKept = Math.max(rowKept, m);
       }
-      if (t.rescale === RESCALE_CODE.linf) {
-        full = Math.max(full, rowFull);
-        kept = Math.max(kept, rowKept);
-      } else {
-        full += rowFull;
-        kept += rowKept;
+    } else if (t.rescale === RESCALE_CODE.l2) {
+      for (let j = 0; j < n; j++) {
+        const m = d[j] * d[j];
+        rowFull += m;
+        if (keep[j]) rowKept += m;
+      }
+    } else {
+      for (let j = 0; j < n; j++) {
+        const m = Math.abs(d[j]);
+        rowFull += m;
+        if (keep[j]) rowKept += m;
       }
     }
-    if (t.rescale === RESCALE_CODE.l2) {
-      full = Math.sqrt(full);
-      kept = Math.sqrt(kept);
+    if (t.rescale === RESCALE_CODE.linf) {
+      full[k] = Math.max(full[k], rowFull);
+      kept[k] = Math.max(kept[k], rowKept);
+    } else {
+      full[k] += rowFull;
+      kept[k] += rowKept;
     }
-    if (norm) f.scale = Math.fround(full < 1e-7 || kept < 1e-7 ? 1 : full / kept);
   });
+  if (norm) {
+    for (const k of counted) {
+      const [sf, sk] = t.rescale === RESCALE_CODE.l2 ? [Math.sqrt(full[k]), Math.sqrt(kept[k])] : [full[k], kept[k]];
+      facts[k]!.scale = Math.fround(sf < 1e-7 || sk < 1e-7 ? 1 : sf / sk);
+    }
+  }
 
   // The rows asked for.
   const w = t.experts.map((e) => Math.fround(e.weight));
@@ -211,8 +310,9 @@ export function streamedMergeRows(
   const out = rows.map((r) => {
     const row = allocBytes(n * outSize);
     const ov = dataView(row);
+    readBase(r, b);
     for (let k = 0; k < K; k++) {
-      deltaRow(k, r, d);
+      deltaRow(k, r);
       raws[k].set(d);
       for (let j = 0; j < n; j++) if (!Number.isFinite(x[j])) stats.nonfinite[k + 1]++;
       const f = facts[k];
@@ -233,7 +333,6 @@ export function streamedMergeRows(
         else sparse[k][j] = d[j];
       }
     }
-    readBase(r, b);
     for (let j = 0; j < n; j++) {
       if (!Number.isFinite(b[j])) stats.nonfinite[0]++;
       for (let k = 0; k < K; k++) p[k] = Math.fround(w[k] * sparse[k][j]);
