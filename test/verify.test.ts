@@ -4,7 +4,7 @@ import { readFileSync, readdirSync, rmSync, utimesSync, writeFileSync } from 'no
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { loadRecipe, merge, openCheckpoint, saveModel } from '../lib/index.js';
-import { verifyMerge } from '../lib/validate/verify.js';
+import { countNonFinite, verifyMerge } from '../lib/validate/verify.js';
 import { makeModels, tempDir, writeRecipe } from './helpers/models.js';
 import { rng, testSeed } from './helpers/random.js';
 import { drawBaseAndExperts, tensorBytes } from './helpers/tensors.js';
@@ -113,6 +113,35 @@ describe(`verify (DELLA_TEST_SEED=${seed})`, () => {
     expect(wrong.stdout).toMatch(/FAILED/);
     expect(readdirSync(join(dir, 'o'))).toContain('della_merge_run.json');
   });
+  it('counts non-finite stored values of every dtype, aligned in memory or not', () => {
+    const r = rng(seed ^ 0xf1f1);
+    const cases = [
+      { dtype: 'BF16', size: 2, bad: [0x7f80, 0xff80, 0x7fc0, 0x7f81, 0xffff], good: [0, 0x8000, 0x7f7f, 0xff7f, 0x3f80, 1] },
+      { dtype: 'F16', size: 2, bad: [0x7c00, 0xfc00, 0x7e00, 0x7c01], good: [0, 0x8000, 0x7bff, 0xfbff, 0x3c00, 1] },
+      { dtype: 'F32', size: 4, bad: [0x7f800000, 0xff800000, 0x7fc00000, 0x7f800001], good: [0, 0x80000000, 0x7f7fffff, 0xff7fffff, 1, 0x3f800000] },
+      { dtype: 'F64', size: 8, bad: [[0, 0x7ff00000], [0, 0xfff00000], [1, 0x7ff80000]], good: [[0, 0], [0xffffffff, 0x7fefffff], [0, 0x3ff00000], [1, 0x80000000]] },
+    ] as const;
+    for (const c of cases) {
+      const count = 1000;
+      const held = new Uint8Array(count * c.size + 8);
+      for (const shift of [0, 1, 2]) {
+        const b = held.subarray(shift, shift + count * c.size);
+        const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+        let want = 0;
+        for (let i = 0; i < count; i++) {
+          const bad = r() < 0.1;
+          const list = (bad ? c.bad : c.good) as readonly (number | readonly number[])[];
+          const v = list[Math.floor(r() * list.length)];
+          if (bad) want++;
+          if (c.size === 2) dv.setUint16(2 * i, v as number, true);
+          else if (c.size === 4) dv.setUint32(4 * i, v as number, true);
+          else { dv.setUint32(8 * i, (v as number[])[0], true); dv.setUint32(8 * i + 4, (v as number[])[1], true); }
+        }
+        expect(countNonFinite(b, c.dtype), `${c.dtype}, byte shift ${shift} (DELLA_TEST_SEED=${seed})`).toBe(want);
+      }
+    }
+  });
+
   it('xxh64 (the recorded digest) gives the reference implementation\'s answers', () => {
     // From xxhsum -H1 (xxHash 0.8.1) over bytes (i * 131 + 7) mod 256.
     const known: Array<[number, string]> = [

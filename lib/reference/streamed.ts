@@ -85,9 +85,6 @@ function cutOf(p: Pick): Cut {
   return { key: p.h * 65536 + l, w: p.r - below, equal: p.lo[l] };
 }
 
-/** Whether an element of `key`, the `seen`-th of that key in index order, is before the cut. */
-const before = (c: Cut, key: number, seen: number) => key < c.key || (key === c.key && seen < c.w);
-
 interface ExpertFacts {
   /** ascending ranks of the cuts: magnitude's one, breadcrumbs' two */
   ranks: number[];
@@ -105,6 +102,20 @@ interface ExpertFacts {
   seenAt: Map<number, [number, number]>;
   /** the norm rescale's factor */
   scale: number;
+  /** by 15-bit key: 1 kept, 0 dropped, CUT_KEY a cut's key (its elements are counted) */
+  classes: Uint8Array | null;
+}
+
+const CUT_KEY = 2;
+
+/** The classes of every 15-bit key under magnitude's top or breadcrumbs' window. */
+function keyClasses(f: ExpertFacts): Uint8Array {
+  const classes = new Uint8Array(1 << 15);
+  for (let key = 0; key < classes.length; key++) {
+    if (f.top) classes[key] = key === f.top.key ? CUT_KEY : +(key > f.top.key);
+    else classes[key] = key === f.lo.key || key === f.hi.key ? CUT_KEY : +(key > f.lo.key && key < f.hi.key);
+  }
+  return classes;
 }
 
 /** Sizes that tests make smaller to reach every path. */
@@ -154,7 +165,7 @@ export function streamedMergeRows(
 
   const facts: (ExpertFacts | null)[] = t.experts.map((e) => {
     if (t.sparsifier === SPARSIFIER_CODE.none || e.density >= 1) return null;
-    const f: ExpertFacts = { ranks: [], lo: END, hi: END, top: null, cuts: false, seenAt: new Map(), scale: 1 };
+    const f: ExpertFacts = { ranks: [], lo: END, hi: END, top: null, cuts: false, seenAt: new Map(), scale: 1, classes: null };
     if (t.sparsifier === SPARSIFIER_CODE.magnitude) {
       const count = Math.floor(e.density * numel);
       if (count === 0) f.top = { key: Infinity, need: 0 };
@@ -214,6 +225,7 @@ export function streamedMergeRows(
     } else {
       [f.lo, f.hi] = cuts;
     }
+    if (halfKeys) f.classes = keyClasses(f);
     if (snapshots) {
       for (const [r, copies] of copiesAt) {
         const seen = picks[k].map((p, i) => (p ? copies.get(p.lo)![cuts[i].key & 0xffff] : 0));
@@ -238,20 +250,33 @@ export function streamedMergeRows(
         q[j] = Math.fround(e.density);
         keep[j] = uniform(k, i0 + j) < q[j] ? 1 : 0;
       }
-    } else if (f.top) {
-      const { key: topKey, need } = f.top;
-      for (let j = 0; j < n; j++) {
-        const key = keys[j];
-        keep[j] = key > topKey || (key === topKey && seen[0] < need) ? 1 : 0;
-        if (key === topKey) seen[0]++;
-      }
     } else {
+      // The cut keys' elements are counted in index order. Every other key's fate is
+      // fixed: with 15-bit keys it is looked up (comparisons of random keys would be
+      // mispredicted branches, several times the cost), else computed without branches.
+      const top = f.top, table = f.classes;
+      const loKey = top ? top.key : f.lo.key, loW = top ? 0 : f.lo.w;
+      const hiKey = top ? Infinity : f.hi.key, hiW = f.hi.w, need = top ? top.need : 0;
+      let s0 = seen[0], s1 = seen[1];
       for (let j = 0; j < n; j++) {
         const key = keys[j];
-        keep[j] = !before(f.lo, key, seen[0]) && before(f.hi, key, seen[1]) ? 1 : 0;
-        if (key === f.lo.key) seen[0]++;
-        if (key === f.hi.key) seen[1]++;
+        if (table) {
+          const c = table[key];
+          if (c !== CUT_KEY) {
+            keep[j] = c;
+            continue;
+          }
+        } else if (key !== loKey && key !== hiKey) {
+          keep[j] = top ? +(key > loKey) : +(key > loKey) & +(key < hiKey);
+          continue;
+        }
+        if (top) keep[j] = key > loKey || (key === loKey && s0 < need) ? 1 : 0;
+        else keep[j] = (key > loKey || (key === loKey && s0 >= loW)) && (key < hiKey || (key === hiKey && s1 < hiW)) ? 1 : 0;
+        if (key === loKey) s0++;
+        if (key === hiKey) s1++;
       }
+      seen[0] = s0;
+      seen[1] = s1;
     }
   };
 
@@ -278,13 +303,13 @@ export function streamedMergeRows(
       for (let j = 0; j < n; j++) {
         const m = d[j] * d[j];
         rowFull += m;
-        if (keep[j]) rowKept += m;
+        rowKept += keep[j] ? m : 0; // a select, not a branch: keep is random
       }
     } else {
       for (let j = 0; j < n; j++) {
         const m = Math.abs(d[j]);
         rowFull += m;
-        if (keep[j]) rowKept += m;
+        rowKept += keep[j] ? m : 0;
       }
     }
     if (t.rescale === RESCALE_CODE.linf) {

@@ -61,6 +61,7 @@ export interface VerifyReport {
 }
 
 const SMALL = 65536;
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
 /** Rows to recompute: all of a small tensor, else the first, the last and some between. */
 export function sampleRows(name: string, rows: number, numel: number, samples: number): number[] {
@@ -75,10 +76,26 @@ export function sampleRows(name: string, rows: number, numel: number, samples: n
 }
 
 /** Counts non-finite values of a stored float tensor straight from its bits. */
-function countNonFinite(b: ArrayBufferView, dtype: string): number {
-  const dv = dataView(b);
+export function countNonFinite(b: ArrayBufferView, dtype: string): number {
+  const size = dtype === 'F64' ? 8 : dtype === 'F32' ? 4 : 2;
   const end = b.byteLength;
   let bad = 0;
+  if (LITTLE_ENDIAN && b.byteOffset % size === 0) { // typed arrays: several times the DataView's speed
+    const count = Math.floor(end / size);
+    if (dtype === 'F16' || dtype === 'BF16') {
+      const mask = dtype === 'F16' ? 0x7c00 : 0x7f80;
+      const h = new Uint16Array(b.buffer, b.byteOffset, count);
+      for (let i = 0; i < count; i++) if ((h[i] & mask) === mask) bad++;
+    } else if (dtype === 'F32') {
+      const w = new Uint32Array(b.buffer, b.byteOffset, count);
+      for (let i = 0; i < count; i++) if ((w[i] & 0x7f800000) === 0x7f800000) bad++;
+    } else if (dtype === 'F64') {
+      const w = new Uint32Array(b.buffer, b.byteOffset, 2 * count);
+      for (let i = 1; i < 2 * count; i += 2) if ((w[i] & 0x7ff00000) === 0x7ff00000) bad++;
+    }
+    return bad;
+  }
+  const dv = dataView(b);
   if (dtype === 'F16' || dtype === 'BF16') {
     const mask = dtype === 'F16' ? 0x7c00 : 0x7f80;
     for (let i = 0; i + 1 < end; i += 2) if ((dv.getUint16(i, true) & mask) === mask) bad++;
