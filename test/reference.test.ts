@@ -115,6 +115,10 @@ describe('half-precision conversions', () => {
         }
       }
     }
+    // a view shorter than the row is an error, not a read of the bytes beyond it
+    const short = new Uint8Array(new ArrayBuffer(64), 0, 12);
+    expect(() => loadF32Row(short, DTYPE_CODE.F32, 2, 2, new Float32Array(2))).toThrow(RangeError);
+    expect(() => loadF32Row(short, DTYPE_CODE.BF16, 5, 1, new Float32Array(1))).not.toThrow();
     const values = new Float32Array(words.buffer, 0, n);
     for (const base of [DTYPE_CODE.BF16, DTYPE_CODE.F16, DTYPE_CODE.F32, DTYPE_CODE.F64] as DTypeCode[]) {
       const keys = new Uint32Array(n);

@@ -79,6 +79,7 @@ describe(`streamed whole-tensor rows equal the reference's (DELLA_TEST_SEED=${se
       const seen = new Map<number, number[][]>();
       const got = referenceMergeRows(t, asked, (idx, raw, sparse, m) => seen.set(idx, [[...raw], [...sparse], [m]]));
       const label = `task ${i} (DELLA_TEST_SEED=${seed}): sparsifier ${t.sparsifier} rescale ${t.rescale} shape [${t.shape}]`;
+      if (i === 0) expect(() => streamedMergeRows(t, [rows])).toThrow(RangeError);
       // The cuts' counts before each row from a third pass rather than histogram copies.
       const counted = streamedMergeRows(t, asked, undefined, { snapshotBytes: 0 });
       asked.forEach((row, k) => {

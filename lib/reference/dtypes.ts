@@ -115,7 +115,6 @@ export function magnitudeKey(v: number, baseDtype: DTypeCode): number {
 
 const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 let f16Values: Float32Array | null = null;
-let scratch = new ArrayBuffer(0);
 
 /**
  * Elements [from, from + n) of a little-endian tensor held in `bytes`, as fp32, into
@@ -124,6 +123,9 @@ let scratch = new ArrayBuffer(0);
  */
 export function loadF32Row(bytes: ArrayBufferView, t: DTypeCode, from: number, n: number, into: Float32Array): void {
   const size = dtypeSize(t);
+  if (from < 0 || (from + n) * size > bytes.byteLength) {
+    throw new RangeError(`elements [${from}, ${from + n}) of ${bytes.byteLength} bytes of ${size}-byte values`);
+  }
   if (!LITTLE_ENDIAN) {
     const dv = new DataView(bytes.buffer, bytes.byteOffset + from * size, n * size);
     for (let j = 0; j < n; j++) into[j] = loadF32(dv, t, j);
@@ -131,9 +133,7 @@ export function loadF32Row(bytes: ArrayBufferView, t: DTypeCode, from: number, n
   }
   let buffer = bytes.buffer, at = bytes.byteOffset + from * size;
   if (at % size !== 0) {
-    if (scratch.byteLength < n * size) scratch = new ArrayBuffer(n * size);
-    new Uint8Array(scratch, 0, n * size).set(new Uint8Array(buffer, at, n * size));
-    buffer = scratch;
+    buffer = new Uint8Array(buffer, at, n * size).slice().buffer;
     at = 0;
   }
   switch (t) {

@@ -32,7 +32,8 @@ const BLOCK_BYTES = 64 << 20;
 /**
  * Counts of the cuts' keys before each row asked for are taken from copies of the
  * second histograms at those rows (no further pass over the tensor) while the copies
- * take at most this many bytes; beyond it (many rows asked for) a third pass counts them.
+ * take at most this many bytes (256 KiB each); beyond it (many rows asked for) a third
+ * pass counts them.
  */
 const SNAPSHOT_BYTES = 64 << 20;
 
@@ -134,6 +135,8 @@ export function streamedMergeRows(
   const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : numel;
   const R = n === 0 ? 0 : numel / n;
   const K = t.experts.length;
+  const bad = rows.find((r) => !Number.isInteger(r) || r < 0 || r >= R);
+  if (bad !== undefined) throw new RangeError(`row ${bad} of a tensor of ${R} rows`);
   const id = tensorId(t.name);
   const outSize = dtypeSize(t.outDtype);
   const stats: MergeTaskStats = { nonfinite: new Array(K + 1).fill(0), kept: new Array(K).fill(0), outNonfinite: 0, numel: 0 };
@@ -168,8 +171,8 @@ export function streamedMergeRows(
     const f: ExpertFacts = { ranks: [], lo: END, hi: END, top: null, cuts: false, seenAt: new Map(), scale: 1, classes: null };
     if (t.sparsifier === SPARSIFIER_CODE.magnitude) {
       const count = Math.floor(e.density * numel);
-      if (count === 0) f.top = { key: Infinity, need: 0 };
-      else f.ranks = [numel - count];
+      if (count > 0) f.ranks = [numel - count];
+      else f.top = { key: Infinity, need: 0 }; // keeps nothing
       f.cuts = true;
     } else if (t.sparsifier === SPARSIFIER_CODE.breadcrumbs) {
       const { bottom, top } = breadcrumbsWindow(numel, e.density, e.gamma);
@@ -202,7 +205,7 @@ export function streamedMergeRows(
   // histograms taken at that row, when they are few enough.
   const histograms = cutters.reduce((sum, k) => sum + los[k].size, 0);
   const rowsAsked = new Set(rows);
-  const snapshots = rowsAsked.size * histograms * 65536 * 8 <= snapshotBytes;
+  const snapshots = rowsAsked.size * histograms * 65536 * (numel >= 2 ** 32 ? 8 : 4) <= snapshotBytes;
   const copiesAt = new Map<number, Map<Counts, Counts>>();
   pass(cutters, (k) => {
     for (const [h, lo] of los[k]) {
