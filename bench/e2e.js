@@ -5,12 +5,13 @@
 // merge process's peak private (anonymous) memory from /proc. Prints a table and writes
 // bench/out/e2e.json.
 //   node bench/e2e.js [--params 200e6] [--experts 3] [--method della[,ties,...]] [--threads N] [--keep DIR]
-//                     [--device cuda[:N]] [--gpu-memory BYTES] [--out DIR]
+//                     [--device cuda[:N]] [--gpu-memory BYTES] [--out DIR] [--verify]
 // Several methods (comma-separated) are timed on the same generated models, each best
 // of two runs. --device runs the merges on a GPU (the rows then also give the run's
 // phases: opening the device is part of the time); --out DIR writes the merged model
 // into a new directory under DIR (removed afterwards) instead of beside the models,
-// e.g. --out /dev/shm to leave the disk's write speed out.
+// e.g. --out /dev/shm to leave the disk's write speed out. --verify also times
+// `della-merge verify` of each method's last merge (once, with its peak RSS).
 import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
@@ -21,7 +22,7 @@ import { provenance } from './lib/provenance.js';
 
 const { values } = parseArgs({ options: {
   params: { type: 'string' }, experts: { type: 'string' }, method: { type: 'string' }, threads: { type: 'string' }, keep: { type: 'string' },
-  device: { type: 'string' }, 'gpu-memory': { type: 'string' }, out: { type: 'string' },
+  device: { type: 'string' }, 'gpu-memory': { type: 'string' }, out: { type: 'string' }, verify: { type: 'boolean' },
 } });
 const device = values.device ?? 'cpu';
 const target = Number(values.params ?? 200e6);
@@ -100,9 +101,13 @@ function readAll(files) {
 }
 
 function runMerge(recipe, out, threads) {
+  return runCli([join(root, 'bin/della-merge.js'), 'run', recipe, '--out', out, '--json', ...(threads ? ['--threads', threads] : []),
+    ...(values.device ? ['--device', values.device] : []), ...(values['gpu-memory'] ? ['--gpu-memory', values['gpu-memory']] : [])]);
+}
+
+/** Runs the CLI with `args`, timing it and sampling its peak memory; resolves with its --json report. */
+function runCli(args) {
   return new Promise((resolve, reject) => {
-    const args = [join(root, 'bin/della-merge.js'), 'run', recipe, '--out', out, '--json', ...(threads ? ['--threads', threads] : []),
-      ...(values.device ? ['--device', values.device] : []), ...(values['gpu-memory'] ? ['--gpu-memory', values['gpu-memory']] : [])];
     const t = performance.now();
     const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
     let stdout = '', peakAnon = 0, peakRss = 0;
@@ -119,7 +124,7 @@ function runMerge(recipe, out, threads) {
     }, 20);
     child.on('exit', (code) => {
       clearInterval(poll);
-      if (code !== 0) return reject(new Error(`merge exited ${code}`));
+      if (code !== 0) return reject(new Error(`della-merge ${args[1]} exited ${code}`));
       resolve({ seconds: (performance.now() - t) / 1000, peakAnon, peakRss, report: JSON.parse(stdout) });
     });
   });
@@ -167,6 +172,13 @@ for (const method of methods) {
   };
   rows.push(row);
   console.log(`${method.padEnd(17)} ${floor.seconds.toFixed(2).padStart(8)} s   ${best.seconds.toFixed(2).padStart(12)} s   ${row.ratioToReadOnce.toFixed(1).padStart(6)}x   ${row.mParamsPerSecond.toFixed(1).padStart(9)}   ${(row.peakAnonBytes / 2 ** 20).toFixed(0).padStart(8)} MiB   ${(row.peakRssBytes / 2 ** 20).toFixed(0).padStart(13)} MiB`);
+  if (values.verify) {
+    // The output of the last merge (the inputs are still page-cached: only the check is timed).
+    const v = await runCli([join(root, 'bin/della-merge.js'), 'verify', out, '--recipe', recipe, '--json']);
+    if (!v.report.ok) throw new Error(`verify of the ${method} merge failed: ${JSON.stringify(v.report.problems)}`);
+    Object.assign(row, { verifySeconds: v.seconds, verifyPeakRssBytes: v.peakRss, verifyRowsChecked: v.report.rowsChecked });
+    console.log(`${''.padEnd(17)} verify ${v.seconds.toFixed(2)} s (${(params / v.seconds / 1e6).toFixed(1)} M params/s), peak RSS ${(v.peakRss / 2 ** 20).toFixed(0)} MiB`);
+  }
   if (device !== 'cpu') {
     const p = best.report.phases;
     console.log(`${''.padEnd(17)} on ${best.report.device}: device ${p.device.toFixed(2)} s, setup ${p.setup.toFixed(2)} s, merge ${p.merge.toFixed(2)} s (${(floor.bytes / p.merge / 1e9).toFixed(1)} GB/s of inputs), flush ${p.flush.toFixed(2)} s`);
