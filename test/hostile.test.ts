@@ -243,6 +243,26 @@ describe('hostile checkpoints', () => {
     }
   });
 
+  it('an embedding larger than the base\'s in one dimension only (an extended vocabulary) is refused with SPEC §2\'s rule said', () => {
+    const emb = 'model.embed_tokens.weight';
+    saveModel(f('emb-base'), [{ name: emb, dtype: 'F32', shape: [4, 3], data: new Float32Array(12).fill(1) }]);
+    saveModel(f('emb-vocab'), [{ name: emb, dtype: 'F32', shape: [5, 3], data: new Float32Array(15).fill(2) }]);
+    saveModel(f('emb-both'), [{ name: emb, dtype: 'F32', shape: [5, 4], data: new Float32Array(20).fill(2) }]);
+    const recipe = (method: string, model: string) => writeRecipe(f(`emb-${method}-${basename(model)}.yaml`), {
+      merge_method: method, base_model: f('emb-base'), models: [{ model, parameters: method === 'slerp' ? {} : { weight: 1 } }], ...(method === 'slerp' ? { parameters: { t: 0.5 } } : {}),
+    });
+    const r = cli(['run', recipe('task_arithmetic', f('emb-vocab')), '--out', f('emb-out')]);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr).toMatch(/has shape \[4, 3\] in the base model \S*emb-base but \[5, 3\] in \S*emb-vocab; an embedding may be larger than the base's only in every dimension \(its leading block is then merged: SPEC §2\), and this one is the same size in dimension 1\n$/);
+    expect(existsSync(f('emb-out'))).toBe(false);
+    const s = cli(['run', recipe('slerp', f('emb-both')), '--out', f('emb-out')]);
+    expect(s.code, s.stderr).toBe(1);
+    expect(s.stderr).toMatch(/but \[5, 4\] in \S*emb-both; slerp needs equal shapes\n$/);
+    // larger in every dimension: the leading block is merged
+    const ok = cli(['run', recipe('task_arithmetic', f('emb-both')), '--out', f('emb-out')]);
+    expect(ok.code, ok.stderr).toBe(0);
+  });
+
   it('a shard whose name begins with ".." is inside the model directory', () => {
     mkdirSync(f('dots'), { recursive: true });
     rawFile(join(f('dots'), '..w.safetensors'), { w: W }, 16);

@@ -62,6 +62,18 @@ function shapeFits(name: string, base: readonly number[], expert: readonly numbe
   return !exact && isEmbedding(name) && base.length > 0 && base.every((d, i) => expert[i] > d);
 }
 
+/**
+ * Why an embedding that is larger than the base's, but not in every dimension (an
+ * extended vocabulary of the same hidden size), is refused: SPEC §2's rule, said.
+ */
+function embeddingHint(name: string, base: readonly number[], expert: readonly number[], slerp: boolean): string {
+  if (!isEmbedding(name) || base.length !== expert.length || !base.every((d, i) => expert[i] >= d)) return '';
+  if (slerp) return '; slerp needs equal shapes';
+  const same = base.flatMap((d, i) => (expert[i] === d ? [i] : []));
+  return `; an embedding may be larger than the base's only in every dimension (its leading block is then merged: SPEC §2), ` +
+    `and this one is the same size in dimension ${same.join(' and ')}`;
+}
+
 export function planMerge(recipe: Recipe, base: Checkpoint, experts: readonly Checkpoint[]): MergePlan {
   const method = METHODS[recipe.mergeMethod];
   if (!method) throw new DellaError('E_RECIPE', `unknown merge_method "${recipe.mergeMethod}"`);
@@ -104,7 +116,7 @@ export function planMerge(recipe: Recipe, base: Checkpoint, experts: readonly Ch
       }
       if (!shapeFits(name, bt.shape, t.shape, method.kind === 'slerp')) {
         throw new DellaError('E_SHAPE',
-          `tensor "${name}" has shape ${shapeText(bt.shape)} in the base model ${baseName} but ${shapeText(t.shape)} in ${model}`);
+          `tensor "${name}" has shape ${shapeText(bt.shape)} in the base model ${baseName} but ${shapeText(t.shape)} in ${model}${embeddingHint(name, bt.shape, t.shape, method.kind === 'slerp')}`);
       }
       ets.push(t);
     });
