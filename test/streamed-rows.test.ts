@@ -11,7 +11,7 @@ import { tempDir } from './helpers/models.js';
 import { CONSENSUS_CODE, DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE, type DTypeCode, type MergeTaskSpec } from '../lib/merge/task.js';
 import { dtypeSize } from '../lib/reference/dtypes.js';
 import { referenceMergeTensor } from '../lib/reference/merge-tensor.js';
-import { needsWholeTensor, referenceMergeRows } from '../lib/reference/rows.js';
+import { needsWholeTensor, referenceMergeInto, referenceMergeRows } from '../lib/reference/rows.js';
 import { drawBaseAndExperts, tensorBytes } from './helpers/tensors.js';
 import { int, pick, rng, testSeed } from './helpers/random.js';
 
@@ -88,6 +88,44 @@ describe(`streamed whole-tensor rows equal the reference's (DELLA_TEST_SEED=${se
         expect(Buffer.from(counted.rows[k] as Uint8Array).equals(Buffer.from(want)), `${label}, row ${row}, counted in a third pass`).toBe(true);
         for (let j = row * n; j < (row + 1) * n; j++) expect(seen.get(j), `${label}, element ${j}`).toEqual(whole.get(j));
       });
+    }
+  });
+
+  it('the reference backend merges large tensors row by row: the same bytes and statistics as whole', () => {
+    const r = rng(seed ^ 0xb16);
+    for (let i = 0; i < 150; i++) {
+      const t = randomTask(r, i);
+      // row-local tasks too (DARE and DELLA rescaled by 1/q, task arithmetic), and tasks without a base (linear)
+      const variant = pick(r, ['whole', 'rows', 'none', 'linear']);
+      if (variant === 'rows') {
+        t.sparsifier = pick(r, [SPARSIFIER_CODE.magprune, SPARSIFIER_CODE.random]);
+        t.rescale = pick(r, [RESCALE_CODE.none, RESCALE_CODE.inverse]);
+      } else if (variant === 'none' || variant === 'linear') {
+        t.sparsifier = SPARSIFIER_CODE.none;
+        t.rescale = RESCALE_CODE.none;
+        if (variant === 'linear') t.base = null;
+      }
+      const whole = { ...t, out: new Uint8Array(t.out.byteLength).fill(0xa5) };
+      const want = referenceMergeTensor(whole);
+      const byRows = { ...t, out: new Uint8Array(t.out.byteLength).fill(0x5a) }; // poisoned: unwritten bytes show
+      const got = referenceMergeInto(byRows, 0);
+      const label = `task ${i} (${variant}, DELLA_TEST_SEED=${seed}): sparsifier ${t.sparsifier} rescale ${t.rescale} shape [${t.shape}]`;
+      expect(Buffer.from(byRows.out).equals(Buffer.from(whole.out)), label).toBe(true);
+      expect(got, label).toEqual(want);
+    }
+    // results that overflow the output dtype (float16 past 65504) are counted alike
+    const t = randomTask(rng(seed), 0);
+    const numel = t.shape.reduce((a, b) => a * b, 1);
+    t.base = tensorBytes(new Float64Array(numel).fill(65000), DTYPE_CODE.F32);
+    t.baseDtype = DTYPE_CODE.F32;
+    t.outDtype = DTYPE_CODE.F16;
+    t.experts = t.experts.map((e) => ({ ...e, data: tensorBytes(new Float64Array(numel).fill(66000), DTYPE_CODE.F32), dtype: DTYPE_CODE.F32, density: 0.5, weight: 1 }));
+    for (const sparsifier of [SPARSIFIER_CODE.none, SPARSIFIER_CODE.magnitude]) {
+      const whole = { ...t, sparsifier, out: new Uint8Array(numel * 2) }, byRows = { ...whole, out: new Uint8Array(numel * 2).fill(0x5a) };
+      const want = referenceMergeTensor(whole);
+      expect(want.outNonfinite).toBeGreaterThan(0);
+      expect(referenceMergeInto(byRows, 0)).toEqual(want);
+      expect(Buffer.from(byRows.out).equals(Buffer.from(whole.out))).toBe(true);
     }
   });
 

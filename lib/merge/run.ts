@@ -19,7 +19,8 @@ import { checkPart, partTensors, planDigest, PART_FILE, type PartRecord } from '
 import { RUN_FILE, sortedDigests, tensorDigest, type RunRecord } from './record.js';
 import { loadNative, packageRoot, type NativeAddon } from '../native.js';
 import type { Recipe } from '../recipe/index.js';
-import { referenceDots, referenceMergeTensor } from '../reference/merge-tensor.js';
+import { referenceDots } from '../reference/merge-tensor.js';
+import { referenceMergeInto } from '../reference/rows.js';
 import { slerpCoefficients } from './slerp.js';
 import { modelCard } from './card.js';
 import type { MergePlan, TensorPlan } from './plan.js';
@@ -572,7 +573,7 @@ export async function* runBatches(
       // The kernels hash each output while it is still in cache (see runMerge's digests).
       stats = native.mergeBatch({ threads, merges, copies, digests: true });
     } else {
-      stats = Promise.resolve(merges.map((m) => referenceMergeTensor(m)));
+      stats = Promise.resolve(merges.map((m) => referenceMergeInto(m)));
       for (const c of copies) copyBytes(c.dst, c.src as ArrayBufferView);
     }
     stats.catch(() => {}); // awaited below; never an unhandled rejection meanwhile

@@ -61,3 +61,33 @@ export function referenceMergeRows(t: MergeTaskSpec, rows: readonly number[], pr
   });
   return { rows: out, stats };
 }
+
+/** Tensors up to this many elements are merged whole by referenceMergeTensor. */
+const WHOLE_ELEMENTS = 1 << 24;
+
+/**
+ * The reference backend's merge of one tensor into t.out: referenceMergeTensor, whose
+ * whole-tensor binary64 arrays (8 bytes an element per input) and JS arrays of keys
+ * (which stop at about 134 M elements) do not scale, for tensors up to `wholeElements`;
+ * row by row beyond it, after streamed.ts's passes where a row needs the whole tensor.
+ * The bytes and statistics are the same either way (test/streamed-rows.test.ts).
+ */
+export function referenceMergeInto(t: MergeTaskSpec, wholeElements = WHOLE_ELEMENTS): MergeTaskStats {
+  const numel = t.shape.reduce((a, b) => a * b, 1);
+  if (numel <= wholeElements) return referenceMergeTensor(t);
+  const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : numel;
+  const rows = Array.from({ length: n === 0 ? 0 : numel / n }, (_, r) => r);
+  if (needsWholeTensor(t)) return streamedMergeRows(t, rows, undefined, { intoOut: true }).stats;
+  const K = t.experts.length;
+  const stats: MergeTaskStats = { nonfinite: new Array(K + 1).fill(0), kept: new Array(K).fill(0), outNonfinite: 0, numel: 0 };
+  const rowBytes = n * dtypeSize(t.outDtype);
+  for (const r of rows) {
+    const got = referenceMergeRows(t, [r]);
+    new Uint8Array(t.out.buffer, t.out.byteOffset + r * rowBytes, rowBytes).set(got.rows[0] as Uint8Array);
+    got.stats.nonfinite.forEach((c, k) => { stats.nonfinite[k] += c; });
+    got.stats.kept.forEach((c, k) => { stats.kept[k] += c; });
+    stats.outNonfinite += got.stats.outNonfinite;
+    stats.numel += got.stats.numel;
+  }
+  return stats;
+}

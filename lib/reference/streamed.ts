@@ -18,7 +18,7 @@
  */
 import type { InputBytes, MergeTaskSpec, MergeTaskStats } from '../merge/task.js';
 import { DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE, type DTypeCode } from '../merge/task.js';
-import { allocBytes, sliceBytes, type Bytes } from '../util/bytes.js';
+import { allocBytes, sliceBytes, subBytes, type Bytes } from '../util/bytes.js';
 import { dataView, dtypeSize, loadF32, loadF32Row, magnitudeKeys, storeF32 } from './dtypes.js';
 import { tensorId } from './fnv.js';
 import { fuseElement } from './fuse.js';
@@ -119,8 +119,10 @@ function keyClasses(f: ExpertFacts): Uint8Array {
   return classes;
 }
 
-/** Sizes that tests make smaller to reach every path. */
-export interface StreamedLimits {
+/** Where the rows go, and sizes that tests make smaller to reach every path. */
+export interface StreamedOptions {
+  /** write row r at its place in t.out (the rows returned are views of it), rather than into new memory */
+  intoOut?: boolean;
   /** the most bytes of a map's slice viewed at once */
   blockBytes?: number;
   /** the most bytes of histogram copies (beyond it, a third pass) */
@@ -129,7 +131,7 @@ export interface StreamedLimits {
 
 export function streamedMergeRows(
   t: MergeTaskSpec, rows: readonly number[], probe?: ElementProbe,
-  { blockBytes = BLOCK_BYTES, snapshotBytes = SNAPSHOT_BYTES }: StreamedLimits = {},
+  { intoOut = false, blockBytes = BLOCK_BYTES, snapshotBytes = SNAPSHOT_BYTES }: StreamedOptions = {},
 ): { rows: Bytes[]; stats: MergeTaskStats } {
   const numel = t.shape.reduce((a, b) => a * b, 1);
   const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : numel;
@@ -336,7 +338,7 @@ export function streamedMergeRows(
   const raws = t.experts.map(() => new Float64Array(n)), sparse = t.experts.map(() => new Float64Array(n));
   const p = new Float64Array(K);
   const out = rows.map((r) => {
-    const row = allocBytes(n * outSize);
+    const row = intoOut ? subBytes(t.out, r * n * outSize, (r + 1) * n * outSize) : allocBytes(n * outSize);
     const ov = dataView(row);
     readBase(r, b);
     for (let k = 0; k < K; k++) {
