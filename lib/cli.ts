@@ -51,7 +51,7 @@ async function cmdRun(args: string[]): Promise<number> {
   }).finally(() => progress.end()));
   // (the output is in place and whole: a signal now stops the check, not the merge)
   const verified = values.verify
-    ? await withSignals((signal) => verifyMerge(report.out, recipe, { seed: report.seed, signal }), `the merge into ${report.out} is complete; not verifying it`)
+    ? await withSignals((signal) => verifyMerge(report.out, recipe, { seed: report.seed, threads, signal }), `the merge into ${report.out} is complete; not verifying it`)
     : null;
   const full = verified ? { ...report, verify: verified } : report;
   if (values.report) writeReport(values.report as string, full);

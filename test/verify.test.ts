@@ -95,6 +95,52 @@ describe(`verify (DELLA_TEST_SEED=${seed})`, () => {
     expect(bad.problems.join('\n')).toMatch(/row 399 differs from the reference recomputation \(first at element 79807\)/);
   });
 
+  it('worker threads check the whole-tensor methods\' large tensors: the same report as one thread, failures and cancellation included', async () => {
+    const r = rng(seed + 11);
+    const dir = tempDir();
+    // four tensors over 65,536 elements (their rows need passes over the whole tensor), one small
+    const shapes: Array<[string, number[]]> = [['model.layers.0.a', [300, 256]], ['model.layers.0.b', [260, 300]], ['model.layers.1.a', [300, 256]], ['model.layers.1.b', [70000]], ['model.norm', [64]]];
+    const drawn = shapes.map(([, shape]) => drawBaseAndExperts(r, shape.reduce((a, b) => a * b, 1), 3));
+    const model = (m: number) => shapes.map(([name, shape], i) => ({ name, dtype: 'BF16', shape, data: tensorBytes(m < 0 ? drawn[i].base : drawn[i].experts[m], DTYPE_CODE.BF16) }));
+    saveModel(join(dir, 'base'), model(-1));
+    [0, 1, 2].forEach((k) => saveModel(join(dir, `e${k}`), model(k)));
+    for (const [method, global] of [['ties', {}], ['breadcrumbs_ties', { rescale: true, gamma: 0.05 }]] as const) {
+      const recipe = writeRecipe(join(dir, `${method}.yaml`), {
+        merge_method: method, base_model: join(dir, 'base'), parameters: global,
+        models: [0, 1, 2].map((k) => ({ model: join(dir, `e${k}`), parameters: { density: [0.3, 0.5, 0.7][k], weight: 1 } })),
+      });
+      const out = join(dir, `o-${method}`);
+      await merge(recipe, { out });
+      const parsed = await loadRecipe(recipe);
+      const strip = (x: Awaited<ReturnType<typeof verifyMerge>>) => ({ ...x, seconds: 0 });
+      const one = await verifyMerge(out, parsed, { threads: 1 });
+      expect(one.ok, one.problems.join('\n')).toBe(true);
+      const order: string[] = [];
+      const three = await verifyMerge(out, parsed, { threads: 3, onProgress: (_d, _t, name) => order.push(name) });
+      expect(strip(three), `${method} (DELLA_TEST_SEED=${seed})`).toEqual(strip(one));
+      expect(order).toEqual(one.checks.map((c) => c.name)); // progress in plan order
+      // the CLI (its bundle finds the worker's module too)
+      const viaCli = cli(['verify', out, '--recipe', recipe, '--threads', '2', '--json']);
+      expect(viaCli.code, viaCli.stderr).toBe(0);
+      expect({ ...JSON.parse(viaCli.stdout), seconds: 0 }).toEqual(JSON.parse(JSON.stringify(strip(one))));
+      flip(out, 'model.layers.1.a', 299 * 256 + 3); // the last row is always sampled
+      rmSync(join(out, 'della_merge_run.json'));
+      const bad = await verifyMerge(out, parsed, { threads: 2 });
+      expect(bad.ok).toBe(false);
+      expect(bad.problems.join('\n')).toMatch(/"model\.layers\.1\.a": row 299 differs from the reference recomputation \(first at element 76547\)/);
+      expect(strip(bad)).toEqual(strip(await verifyMerge(out, parsed, { threads: 1 })));
+    }
+    const zero = cli(['verify', join(dir, 'o-ties'), '--recipe', join(dir, 'ties.yaml'), '--threads', '0']);
+    expect(zero.code).toBe(2);
+    expect(zero.stderr).toMatch(/threads/);
+    await expect(verifyMerge(join(dir, 'o-ties'), await loadRecipe(join(dir, 'ties.yaml')), { threads: 0 })).rejects.toMatchObject({ code: 'E_ARGS', message: 'threads must be an integer from 1 to 1024, got 0' });
+    // cancelled while the workers check: E_ABORTED, and the workers are stopped
+    const controller = new AbortController();
+    const pending = verifyMerge(join(dir, 'o-ties'), await loadRecipe(join(dir, 'ties.yaml')), { threads: 2, signal: controller.signal });
+    setTimeout(() => controller.abort(), 5);
+    await expect(pending).rejects.toMatchObject({ code: 'E_ABORTED' });
+  });
+
   it('the CLI: run --verify, verify with a table and --json, a wrong seed fails', () => {
     const dir = tempDir();
     const m = makeModels(rng(seed + 4), dir, { dtype: 'BF16', experts: 2 });

@@ -17,7 +17,7 @@ export const RUN_USAGE = `Usage: della-merge run RECIPE --out DIR [options]
 
   -o, --out DIR        output directory (must not exist, unless --overwrite)
   --seed N             random seed, an integer in [0, 2^53) (default: the recipe's, else 0)
-  -j, --threads N      kernel threads (default: all cores)
+  -j, --threads N      kernel threads (default: all cores), and verify's with --verify
   --shard-size SIZE    largest output shard, e.g. 2GB, 500MiB (default 5GB)
   --overwrite          replace DIR if it exists (atomically, when the merge is complete)
   --report FILE        write a JSON report (tensors, bytes, seconds, parameters, warnings)
@@ -38,7 +38,7 @@ export const RUN_USAGE = `Usage: della-merge run RECIPE --out DIR [options]
                        the other options are checked as for a run (the GPU is not
                        opened), and --seed and --part shown`;
 
-export const VERIFY_USAGE = `Usage: della-merge verify OUT --recipe RECIPE [--samples N] [--seed N] [--json]
+export const VERIFY_USAGE = `Usage: della-merge verify OUT --recipe RECIPE [--samples N] [--seed N] [--threads N] [--json]
 
   Checks that OUT has exactly the tensors, dtypes and shapes RECIPE plans, that every
   value is finite, that copied tensors equal the base's, and that sampled rows of every
@@ -49,7 +49,10 @@ export const VERIFY_USAGE = `Usage: della-merge verify OUT --recipe RECIPE [--sa
   agree in sign with the merged change, and the norm of the merged change against the
   expert's. Exits 1 if anything differs.
 
-  --seed N   the seed of the merge (default: OUT/della_merge_run.json, else the recipe's)`;
+  --seed N      the seed of the merge (default: OUT/della_merge_run.json, else the recipe's)
+  --threads N   worker threads for the tensors whose rows need passes over the whole
+                tensor (TIES, breadcrumbs, norm rescales; default: all cores, at most 8,
+                where there is enough such work)`;
 
 export const ASSEMBLE_USAGE = `Usage: della-merge assemble --out DIR [--overwrite] [--json] PART_DIR...
 

@@ -32,15 +32,16 @@ export function verifySummary(r: VerifyReport): string[] {
 
 export async function cmdVerify(args: string[]): Promise<number> {
   const { values, positionals } = parse('verify', args, {
-    recipe: { type: 'string', short: 'r' }, samples: { type: 'string' }, seed: { type: 'string' }, json: { type: 'boolean' },
+    recipe: { type: 'string', short: 'r' }, samples: { type: 'string' }, seed: { type: 'string' }, threads: { type: 'string', short: 'j' }, json: { type: 'boolean' },
   });
   if (values.help) return out(VERIFY_USAGE), 0;
   if (positionals.length !== 1) throw usageError('verify takes one OUT directory', 'verify');
   if (!values.recipe) throw usageError('verify needs --recipe RECIPE', 'verify');
   const samples = intOption(values.samples as string | undefined, 'samples', 1, 1_000_000);
   const seed = intOption(values.seed as string | undefined, 'seed', 0, Number.MAX_SAFE_INTEGER);
+  const threads = intOption(values.threads as string | undefined, 'threads', 1, 1024);
   const recipe = await loadRecipe(values.recipe as string);
-  const report = await withSignals((signal) => verifyMerge(resolve(positionals[0]), recipe, { samples, seed, signal }), 'the output is left as it is');
+  const report = await withSignals((signal) => verifyMerge(resolve(positionals[0]), recipe, { samples, seed, threads, signal }), 'the output is left as it is');
   if (values.json) out(JSON.stringify(report, null, 2));
   else [...verifyTable(report), '', ...verifySummary(report)].forEach(out);
   return report.ok ? 0 : 1;

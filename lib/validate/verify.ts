@@ -5,6 +5,7 @@
  * bit. Along the way it gathers what users look at when a merge goes wrong.
  */
 import { existsSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { DellaError } from '../errors.js';
 import { openInput, tensorRange, tensorWindows, type Checkpoint } from '../checkpoint/model.js';
@@ -22,6 +23,7 @@ import { referenceDots } from '../reference/merge-tensor.js';
 import { referenceMergeRows } from '../reference/rows.js';
 import { tensorId } from '../reference/fnv.js';
 import { firstDifference } from '../util/bytes.js';
+import { VerifyPool } from './pool.js';
 
 export interface VerifyOptions {
   /** rows recomputed per merged tensor (all rows of tensors up to 65,536 elements); default 3 */
@@ -31,6 +33,12 @@ export interface VerifyOptions {
   onProgress?: (done: number, total: number, tensor: string) => void;
   /** cancels the check (an E_ABORTED rejection; the output is left as it is) */
   signal?: AbortSignal;
+  /**
+   * threads for the tensors whose rows need passes over the whole tensor (TIES,
+   * breadcrumbs, norm rescales), each a worker thread; default: the machine's cores
+   * (at most 8) when there are enough such elements to be worth it (64 M a thread), else 1
+   */
+  threads?: number;
 }
 
 export interface TensorCheck {
@@ -123,7 +131,7 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
   const started = performance.now();
   if (typeof out !== 'string' || out === '') throw new DellaError('E_ARGS', `verifyMerge(out, recipe) takes the output directory, got ${showShort(out)}`);
   recipe = expectRecipe(recipe, 'verifyMerge(out, recipe)');
-  checkOptions(options, 'verifyMerge(out, recipe, options)', { samples: 'checked', seed: 'checked', onProgress: 'function', signal: 'AbortSignal' });
+  checkOptions(options, 'verifyMerge(out, recipe, options)', { samples: 'checked', seed: 'checked', onProgress: 'function', signal: 'AbortSignal', threads: 'checked' });
   const cancelled = () => new DellaError('E_ABORTED', `the check of ${out} was cancelled; the output is left as it is, unverified`, { cause: options.signal?.reason });
   if (options.signal?.aborted) throw cancelled();
   if (options.seed !== undefined && !(Number.isSafeInteger(options.seed) && options.seed >= 0)) {
@@ -131,6 +139,9 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
   }
   const samples = options.samples ?? 3;
   if (!Number.isInteger(samples) || samples < 1) throw new DellaError('E_ARGS', `samples must be a positive integer, got ${samples}`);
+  if (options.threads !== undefined && !(Number.isInteger(options.threads) && options.threads >= 1 && options.threads <= 1024)) {
+    throw new DellaError('E_ARGS', `threads must be an integer from 1 to 1024, got ${showShort(options.threads)}`);
+  }
   if (!existsSync(out)) throw new DellaError('E_ARGS', `${out}: no such output directory`);
   const record = runRecord(out);
   const recorded = record.seed;
@@ -139,6 +150,7 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
   const digests = stored?.digests ?? null;
   const { plan, models } = planRecipe(recipe);
   let merged: Checkpoint | null = null;
+  let pool: VerifyPool | null = null;
   try {
     merged = openInput(out);
     const problems: string[] = [];
@@ -161,10 +173,20 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
     if (strays.length > 0) {
       problems.push(`${RUN_FILE} records digests of ${strays.length} tensor(s) the plan does not have (first: ${showShort(strays[0])})`);
     }
+    // The tensors whose rows need passes over the whole tensor go to worker threads
+    // (those in the output as planned; the others fail at once, here).
+    const whole = plan.tensors.filter((t) => needsPasses(plan, t) && merged!.tensors.get(t.name)?.shape.join(',') === t.shape.join(','));
+    const work = whole.reduce((sum, t) => sum + t.numel * t.experts.length, 0);
+    const threads = Math.min(whole.length, options.threads ?? (work >= 2 * WORK_PER_THREAD ? Math.min(8, availableParallelism(), Math.floor(work / WORK_PER_THREAD)) : 1));
+    if (threads > 1) pool = new VerifyPool({ out: merged.path, recipe, seed, samples }, whole.map((t) => t.name), threads);
+    const aborted = new Promise<never>((_, reject) => options.signal?.addEventListener('abort', () => reject(cancelled()), { once: true }));
+    aborted.catch(() => {});
     let rowsChecked = 0;
     let yielded = performance.now();
     for (const [i, t] of plan.tensors.entries()) {
-      const check = checkTensor(t, merged, plan.method.kind, models, seed, samples, plan);
+      const check = pool?.has(t.name)
+        ? await Promise.race([pool.check(t.name), aborted])
+        : checkTensor(t, merged, plan.method.kind, models, seed, samples, plan);
       const want = digests && Object.hasOwn(digests, t.name) ? digests[t.name] : undefined; // not inherited: constructor, __proto__
       if (digests && merged.tensors.has(t.name)) {
         const have = storedDigest(stored!.algorithm, merged, t.name);
@@ -191,11 +213,13 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
       if (options.signal?.aborted) throw cancelled();
     }
     // A file that changed meanwhile (or was cut short: its reads saw zeros) was not what
-    // the checks above compared.
+    // the checks above compared (here, or in a worker thread).
+    const changes = new Set(pool ? await pool.finish() : []);
     for (const c of [merged, models.base, ...models.experts]) {
       const change = c.changed();
-      if (change) problems.push(`${change}: rerun verify on files that stay put`);
+      if (change) changes.add(change);
     }
+    for (const change of changes) problems.push(`${change}: rerun verify on files that stay put`);
     return {
       ok: problems.length === 0,
       out: merged.path,
@@ -208,12 +232,25 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
       seconds: (performance.now() - started) / 1000,
     };
   } finally {
+    await pool?.terminate();
     merged?.close();
     models.close();
   }
 }
 
-function checkTensor(
+/** Elements times experts a verify thread is worth (about a second of passes). */
+const WORK_PER_THREAD = 64e6;
+
+/** Whether a tensor's check makes passes over the whole tensor (needsWholeTensor, from the plan). */
+function needsPasses(plan: ReturnType<typeof planRecipe>['plan'], t: TensorPlan): boolean {
+  if (t.kind !== 'merge' || plan.method.kind !== 'delta' || plan.method.sparsifier === 'none' || t.numel <= SMALL) return false;
+  const p = t.params!;
+  const cuts = plan.method.sparsifier === 'magnitude' || plan.method.sparsifier === 'breadcrumbs';
+  const norm = p.rescale === 'l1' || p.rescale === 'l2' || p.rescale === 'linf';
+  return (cuts || norm) && p.experts.some((e) => e.density < 1);
+}
+
+export function checkTensor(
   t: TensorPlan, merged: Checkpoint, kind: string, models: ReturnType<typeof planRecipe>['models'], seed: number,
   samples: number, plan: ReturnType<typeof planRecipe>['plan'],
 ): TensorCheck {
