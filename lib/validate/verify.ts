@@ -151,6 +151,7 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
   const { plan, models } = planRecipe(recipe);
   let merged: Checkpoint | null = null;
   let pool: VerifyPool | null = null;
+  let stopWaiting = () => {}; // for the worker threads' results, on the signal
   try {
     merged = openInput(out);
     const problems: string[] = [];
@@ -179,8 +180,9 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
     const work = whole.reduce((sum, t) => sum + t.numel * t.experts.length, 0);
     const threads = Math.min(whole.length, options.threads ?? (work >= 2 * WORK_PER_THREAD ? Math.min(8, availableParallelism(), Math.floor(work / WORK_PER_THREAD)) : 1));
     if (threads > 1) pool = new VerifyPool({ out: merged.path, recipe, seed, samples }, whole.map((t) => t.name), threads);
-    const aborted = new Promise<never>((_, reject) => options.signal?.addEventListener('abort', () => reject(cancelled()), { once: true }));
+    const aborted = new Promise<never>((_, reject) => { stopWaiting = () => reject(cancelled()); });
     aborted.catch(() => {});
+    options.signal?.addEventListener('abort', stopWaiting, { once: true });
     let rowsChecked = 0;
     let yielded = performance.now();
     for (const [i, t] of plan.tensors.entries()) {
@@ -232,6 +234,7 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
       seconds: (performance.now() - started) / 1000,
     };
   } finally {
+    options.signal?.removeEventListener('abort', stopWaiting);
     await pool?.terminate();
     merged?.close();
     models.close();
