@@ -151,6 +151,9 @@ describe(`verify (DELLA_TEST_SEED=${seed})`, () => {
     const v = cli(['verify', join(dir, 'o'), '--recipe', recipe]);
     expect(v.code, v.stderr).toBe(0);
     expect(v.stdout).toMatch(/model\.layers\.0\.mlp\.down_proj\.weight +ok +\d+\/\d+ +\d+\.\d% \d+\.\d%/);
+    // the run's --seed 77 overrode the recipe's 0: verify says which it used
+    expect(v.stdout).toMatch(/\nnote +rows recomputed with seed 77, the merge's \(della_merge_run\.json\), not the recipe's 0: a run's --seed overrides it\nverified/);
+    expect(cli(['verify', join(dir, 'o'), '--recipe', recipe, '--seed', '77']).stdout).not.toMatch(/note/);
     const j = JSON.parse(cli(['verify', join(dir, 'o'), '--recipe', recipe, '--json']).stdout);
     expect(j.ok).toBe(true);
     expect(j.seed).toBe(77);

@@ -21,6 +21,16 @@ function verifyTable(r: VerifyReport): string[] {
   return lines;
 }
 
+/**
+ * The seed rows were recomputed with, when it is not the recipe's: it came from the
+ * merge's record (a run's --seed overrides the recipe's), so a recipe that differs from
+ * the merge's only in its seed still verifies; said, so that is not missed.
+ */
+export function seedNote(used: number, recipe: number, given: number | undefined): string[] {
+  if (used === recipe || given !== undefined) return [];
+  return [`note     rows recomputed with seed ${used}, the merge's (della_merge_run.json), not the recipe's ${recipe}: a run's --seed overrides it`];
+}
+
 export function verifySummary(r: VerifyReport): string[] {
   const head = r.ok
     ? `verified ${r.tensors.checked} tensors (${r.rowsChecked} rows recomputed by the reference), all equal, all finite, in ${r.seconds.toFixed(2)} s`
@@ -43,6 +53,6 @@ export async function cmdVerify(args: string[]): Promise<number> {
   const recipe = await loadRecipe(values.recipe as string);
   const report = await withSignals((signal) => verifyMerge(resolve(positionals[0]), recipe, { samples, seed, threads, signal }), 'the output is left as it is');
   if (values.json) out(JSON.stringify(report, null, 2));
-  else [...verifyTable(report), '', ...verifySummary(report)].forEach(out);
+  else [...verifyTable(report), '', ...seedNote(report.seed, recipe.seed, seed), ...verifySummary(report)].forEach(out);
   return report.ok ? 0 : 1;
 }
