@@ -130,6 +130,23 @@ describe(`verify (DELLA_TEST_SEED=${seed})`, () => {
       expect(bad.problems.join('\n')).toMatch(/"model\.layers\.1\.a": row 299 differs from the reference recomputation \(first at element 76547\)/);
       expect(strip(bad)).toEqual(strip(await verifyMerge(out, parsed, { threads: 1 })));
     }
+    // Workers that cannot help leave the work to the main thread: the same report as one thread.
+    const tiesOut = join(dir, 'o-ties'), ties = await loadRecipe(join(dir, 'ties.yaml'));
+    const file = join(dir, 'e1', 'model.safetensors'), saved = readFileSync(file);
+    const removed = [];
+    for (const threads of [1, 2]) {
+      writeFileSync(file, saved);
+      const pending = verifyMerge(tiesOut, ties, { threads }); // the main thread has opened the files when this returns
+      rmSync(file); // so the workers cannot
+      removed.push({ ...(await pending), seconds: 0 });
+    }
+    writeFileSync(file, saved);
+    expect(removed[0].ok).toBe(false);
+    expect(removed[0].problems.join('\n')).toMatch(/e1.*rerun verify on files that stay put/);
+    expect(removed[1]).toEqual(removed[0]);
+    // a recipe that cannot be copied to a thread (a function added to it)
+    const odd = { ...ties, note: () => 1 } as typeof ties;
+    expect({ ...(await verifyMerge(tiesOut, odd, { threads: 2 })), seconds: 0 }).toEqual({ ...(await verifyMerge(tiesOut, odd, { threads: 1 })), seconds: 0 });
     const zero = cli(['verify', join(dir, 'o-ties'), '--recipe', join(dir, 'ties.yaml'), '--threads', '0']);
     expect(zero.code).toBe(2);
     expect(zero.stderr).toMatch(/threads/);

@@ -3,6 +3,10 @@
  * in plan order, to whichever worker is free (verify-worker.ts), and their checks come
  * back as promises. Only the reference's whole-tensor passes are worth a thread: the
  * rest of verify is native hashing and a few rows.
+ *
+ * Workers are a speed-up, never a new way to fail: when one cannot start, cannot open
+ * the files, plans differently or stops, every check not yet back comes back as null,
+ * and the main thread does it itself, as with one thread.
  */
 import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
@@ -15,81 +19,98 @@ import type { VerifyWorkerData, VerifyWorkerReply, VerifyWorkerRequest } from '.
 const WORKER_FILE = join(packageRoot, 'dist', 'validate', 'verify-worker.js');
 
 interface Pending {
-  promise: Promise<TensorCheck>;
-  resolve(check: TensorCheck): void;
+  promise: Promise<TensorCheck | null>;
+  resolve(check: TensorCheck | null): void;
   reject(e: Error): void;
 }
 
 export class VerifyPool {
-  private readonly workers: Worker[] = [];
+  private readonly workers = new Set<Worker>();
   private readonly queue: string[];
   private readonly pending = new Map<string, Pending>();
-  private readonly finished = new Map<Worker, (changes: string[]) => void>();
-  private closing = false;
+  /** per worker, once finish() asked it: where its changes go */
+  private readonly finishing = new Map<Worker, (changes: string[]) => void>();
+  private failed = false;
 
   constructor(data: VerifyWorkerData, names: readonly string[], threads: number) {
     this.queue = [...names];
     for (const name of names) {
-      let resolve!: (c: TensorCheck) => void, reject!: (e: Error) => void;
-      const promise = new Promise<TensorCheck>((res, rej) => { resolve = res; reject = rej; });
+      let resolve!: (c: TensorCheck | null) => void, reject!: (e: Error) => void;
+      const promise = new Promise<TensorCheck | null>((res, rej) => { resolve = res; reject = rej; });
       promise.catch(() => {}); // awaited in plan order; never an unhandled rejection meanwhile
       this.pending.set(name, { promise, resolve, reject });
     }
-    for (let i = 0; i < Math.min(threads, names.length); i++) this.start(data);
+    try {
+      for (let i = 0; i < Math.min(threads, names.length); i++) this.start(data);
+    } catch {
+      this.fail(); // no thread, or a recipe that cannot be cloned to one
+    }
   }
 
   has(name: string): boolean {
     return this.pending.has(name);
   }
 
-  /** The check of a tensor given to the pool. */
-  check(name: string): Promise<TensorCheck> {
+  /** The check of a tensor given to the pool; null when the main thread must do it. */
+  check(name: string): Promise<TensorCheck | null> {
     return this.pending.get(name)!.promise;
   }
 
   /** Ends the workers once every check is back: the files they saw change, if any. */
   async finish(): Promise<string[]> {
-    const changes = await Promise.all(this.workers.map((w) => new Promise<string[]>((resolve) => {
-      this.finished.set(w, resolve);
+    const changes = await Promise.all([...this.workers].map((w) => new Promise<string[]>((resolve) => {
+      this.finishing.set(w, resolve);
       w.postMessage({ finish: true } satisfies VerifyWorkerRequest);
     })));
-    this.closing = true;
     return [...new Set(changes.flat())];
   }
 
   /** Stops every worker (after finish(), or to abandon the check). */
   async terminate(): Promise<void> {
-    this.closing = true;
-    await Promise.all(this.workers.map((w) => w.terminate()));
+    const workers = [...this.workers];
+    this.workers.clear();
+    await Promise.all(workers.map((w) => w.terminate()));
   }
 
   private start(data: VerifyWorkerData): void {
     const w = new Worker(WORKER_FILE, { workerData: data });
-    this.workers.push(w);
+    this.workers.add(w);
     const next = () => {
       const name = this.queue.shift();
       if (name !== undefined) w.postMessage({ name } satisfies VerifyWorkerRequest);
     };
     w.on('message', (m: VerifyWorkerReply) => {
+      if ('unable' in m) return this.fail();
       if ('changes' in m) {
-        this.finished.get(w)?.(m.changes);
-        return;
+        this.workers.delete(w); // done: its exit is no failure
+        return this.finishing.get(w)?.(m.changes);
       }
       const p = this.pending.get(m.name)!;
-      if ('check' in m) p.resolve(m.check);
-      else p.reject(m.error.code ? new DellaError(m.error.code as ErrorCode, m.error.message) : new Error(m.error.message));
+      // checkTensor threw in the worker: what it would have thrown here
+      if ('error' in m) p.reject(m.error.code ? new DellaError(m.error.code as ErrorCode, m.error.message) : new Error(m.error.message));
+      else p.resolve(m.check);
       next();
     });
-    w.on('error', (e) => this.fail(e));
-    w.on('exit', (code) => {
-      if (!this.closing) this.fail(new Error(`a verify worker thread stopped (exit code ${code}) before its checks were done`));
+    w.on('error', () => this.fail());
+    w.on('exit', () => {
+      if (!this.workers.has(w)) return; // finished, or terminated
+      this.workers.delete(w);
+      this.finishing.get(w)?.([]); // stopped before it said what changed: the main thread's own check of the files stands
+      this.fail();
     });
     next();
   }
 
-  /** A worker that cannot go on fails every check not yet back. */
-  private fail(e: Error): void {
-    for (const p of this.pending.values()) p.reject(e);
-    for (const resolve of this.finished.values()) resolve([]);
+  /** No more work for the workers: the main thread checks whatever is not back. */
+  private fail(): void {
+    if (this.failed) return;
+    this.failed = true;
+    this.queue.length = 0;
+    for (const p of this.pending.values()) p.resolve(null); // no-op for the checks already back
+    for (const w of this.workers) {
+      this.finishing.get(w)?.([]);
+      this.finishing.delete(w);
+    }
+    void this.terminate();
   }
 }

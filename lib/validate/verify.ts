@@ -4,6 +4,7 @@
  * rows of every merged tensor recomputed by lib/reference equal to the output bit for
  * bit. Along the way it gathers what users look at when a merge goes wrong.
  */
+import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
@@ -179,16 +180,20 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
     const whole = plan.tensors.filter((t) => needsPasses(plan, t) && merged!.tensors.get(t.name)?.shape.join(',') === t.shape.join(','));
     const work = whole.reduce((sum, t) => sum + t.numel * t.experts.length, 0);
     const threads = Math.min(whole.length, options.threads ?? (work >= 2 * WORK_PER_THREAD ? Math.min(8, availableParallelism(), Math.floor(work / WORK_PER_THREAD)) : 1));
-    if (threads > 1) pool = new VerifyPool({ out: merged.path, recipe, seed, samples }, whole.map((t) => t.name), threads);
     const aborted = new Promise<never>((_, reject) => { stopWaiting = () => reject(cancelled()); });
     aborted.catch(() => {});
-    options.signal?.addEventListener('abort', stopWaiting, { once: true });
+    if (threads > 1) {
+      pool = new VerifyPool({
+        out: merged.path, base: models.base.path, experts: models.experts.map((c) => c.path),
+        recipe, fingerprint: planFingerprint(plan), seed, samples,
+      }, whole.map((t) => t.name), threads);
+      options.signal?.addEventListener('abort', stopWaiting, { once: true });
+    }
     let rowsChecked = 0;
     let yielded = performance.now();
     for (const [i, t] of plan.tensors.entries()) {
-      const check = pool?.has(t.name)
-        ? await Promise.race([pool.check(t.name), aborted])
-        : checkTensor(t, merged, plan.method.kind, models, seed, samples, plan);
+      const check = (pool?.has(t.name) ? await Promise.race([pool.check(t.name), aborted]) : null) ??
+        checkTensor(t, merged, plan.method.kind, models, seed, samples, plan);
       const want = digests && Object.hasOwn(digests, t.name) ? digests[t.name] : undefined; // not inherited: constructor, __proto__
       if (digests && merged.tensors.has(t.name)) {
         const have = storedDigest(stored!.algorithm, merged, t.name);
@@ -216,11 +221,12 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
     }
     // A file that changed meanwhile (or was cut short: its reads saw zeros) was not what
     // the checks above compared (here, or in a worker thread).
-    const changes = new Set(pool ? await pool.finish() : []);
+    const changes = new Set<string>();
     for (const c of [merged, models.base, ...models.experts]) {
       const change = c.changed();
       if (change) changes.add(change);
     }
+    for (const change of pool ? await pool.finish() : []) changes.add(change);
     for (const change of changes) problems.push(`${change}: rerun verify on files that stay put`);
     return {
       ok: problems.length === 0,
@@ -239,6 +245,14 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
     merged?.close();
     models.close();
   }
+}
+
+/** What a worker thread's plan must equal: the tensors, their dtypes, shapes and parameters. */
+export function planFingerprint(plan: ReturnType<typeof planRecipe>['plan']): string {
+  const h = createHash('sha256');
+  h.update(plan.method.name);
+  for (const t of plan.tensors) h.update(JSON.stringify([t.name, t.kind, t.outDtype, t.shape, t.base.dtype, t.experts.map((e) => [e.dtype, e.shape]), t.params]));
+  return h.digest('hex');
 }
 
 /** Elements times experts a verify thread is worth (about a second of passes). */
