@@ -8,7 +8,7 @@ import { readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { stringify as yamlStringify } from 'yaml';
 import { DellaError } from '../errors.js';
-import { checkOptions } from '../util/options.js';
+import { checkOptions, checkThreads } from '../util/options.js';
 import { showShort } from '../util/show.js';
 import { copyExtras, CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, DEFAULT_SHARD_SIZE, type OutputTensor, type ShardFiles } from '../checkpoint/writer.js';
@@ -490,9 +490,7 @@ export function runSettings(
   options: { threads?: number; seed?: number }, recipe: Recipe, native: NativeAddon | null,
 ): { threads: number; seed: number } {
   const threads = options.threads ?? native?.hardwareThreads ?? 1;
-  if (!Number.isInteger(threads) || threads < 1 || threads > 1024) {
-    throw new DellaError('E_ARGS', `threads must be an integer from 1 to 1024, got ${showShort(options.threads)}`);
-  }
+  checkThreads(threads, options.threads);
   const seed = options.seed ?? recipe.seed;
   if (!Number.isSafeInteger(seed) || seed < 0) throw new DellaError('E_ARGS', `seed must be an integer in [0, 2^53), got ${showShort(seed)}`);
   return { threads, seed };

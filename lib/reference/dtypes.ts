@@ -113,7 +113,7 @@ export function magnitudeKey(v: number, baseDtype: DTypeCode): number {
 // Whole rows at a time, for the passes over every element of a large tensor (streamed.ts):
 // the same conversions as loadF32 and magnitudeKey, element for element, on typed arrays.
 
-const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+export const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 let f16Values: Float32Array | null = null;
 
 /**

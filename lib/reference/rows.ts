@@ -12,9 +12,14 @@ import { expertRowOffset, referenceMergeTensor, type ElementProbe } from './merg
 import { streamedMergeRows } from './streamed.js';
 
 export function needsWholeTensor(t: MergeTaskSpec): boolean {
-  const wholeCut = t.sparsifier === SPARSIFIER_CODE.magnitude || t.sparsifier === SPARSIFIER_CODE.breadcrumbs;
-  const norm = t.rescale === RESCALE_CODE.l1 || t.rescale === RESCALE_CODE.l2 || t.rescale === RESCALE_CODE.linf;
-  return t.base !== null && t.sparsifier !== SPARSIFIER_CODE.none && (wholeCut || norm);
+  return t.base !== null && wholeTensorSparsifier(t.sparsifier, t.rescale);
+}
+
+/** Whether a delta's sparsifier or its rescale looks at the whole tensor (SPARSIFIER_CODE, RESCALE_CODE). */
+export function wholeTensorSparsifier(sparsifier: number, rescale: number): boolean {
+  const wholeCut = sparsifier === SPARSIFIER_CODE.magnitude || sparsifier === SPARSIFIER_CODE.breadcrumbs;
+  const norm = rescale === RESCALE_CODE.l1 || rescale === RESCALE_CODE.l2 || rescale === RESCALE_CODE.linf;
+  return sparsifier !== SPARSIFIER_CODE.none && (wholeCut || norm);
 }
 
 export interface RowsResult {
@@ -30,12 +35,15 @@ function elements(v: InputBytes, from: number, n: number, size: number): Bytes {
   return ArrayBuffer.isView(v) ? subBytes(v, from * size, (from + n) * size) : sliceBytes(v, from * size, (from + n) * size);
 }
 
-/** `t.out` is ignored; the probe sees the elements of the requested rows only. */
-export function referenceMergeRows(t: MergeTaskSpec, rows: readonly number[], probe?: ElementProbe): RowsResult {
+/**
+ * The probe sees the elements of the requested rows only. `intoOut`: each row is written
+ * at its place in `t.out` (the rows returned are views of it), else `t.out` is ignored.
+ */
+export function referenceMergeRows(t: MergeTaskSpec, rows: readonly number[], probe?: ElementProbe, intoOut = false): RowsResult {
   const numel = t.shape.reduce((a, b) => a * b, 1);
   const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : numel;
   const outSize = dtypeSize(t.outDtype);
-  if (needsWholeTensor(t)) return streamedMergeRows(t, rows, probe);
+  if (needsWholeTensor(t)) return streamedMergeRows(t, rows, probe, { intoOut });
   const K = t.experts.length;
   const stats: MergeTaskStats = { nonfinite: new Array(K + 1).fill(0), kept: new Array(K).fill(0), outNonfinite: 0, numel: 0 };
   const inSize = dtypeSize(t.baseDtype);
@@ -45,7 +53,7 @@ export function referenceMergeRows(t: MergeTaskSpec, rows: readonly number[], pr
       shape: [n],
       flatOffset: r * n,
       base: t.base && elements(t.base, r * n, n, inSize),
-      out: allocBytes(n * outSize),
+      out: intoOut ? subBytes(t.out, r * n * outSize, (r + 1) * n * outSize) : allocBytes(n * outSize),
       experts: t.experts.map((e) => {
         const size = dtypeSize(e.dtype);
         const off = expertRowOffset(t.shape, e.shape, r, n);
@@ -76,18 +84,5 @@ export function referenceMergeInto(t: MergeTaskSpec, wholeElements = WHOLE_ELEME
   const numel = t.shape.reduce((a, b) => a * b, 1);
   if (numel <= wholeElements) return referenceMergeTensor(t);
   const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : numel;
-  const rows = Array.from({ length: n === 0 ? 0 : numel / n }, (_, r) => r);
-  if (needsWholeTensor(t)) return streamedMergeRows(t, rows, undefined, { intoOut: true }).stats;
-  const K = t.experts.length;
-  const stats: MergeTaskStats = { nonfinite: new Array(K + 1).fill(0), kept: new Array(K).fill(0), outNonfinite: 0, numel: 0 };
-  const rowBytes = n * dtypeSize(t.outDtype);
-  for (const r of rows) {
-    const got = referenceMergeRows(t, [r]);
-    new Uint8Array(t.out.buffer, t.out.byteOffset + r * rowBytes, rowBytes).set(got.rows[0] as Uint8Array);
-    got.stats.nonfinite.forEach((c, k) => { stats.nonfinite[k] += c; });
-    got.stats.kept.forEach((c, k) => { stats.kept[k] += c; });
-    stats.outNonfinite += got.stats.outNonfinite;
-    stats.numel += got.stats.numel;
-  }
-  return stats;
+  return referenceMergeRows(t, Array.from({ length: n === 0 ? 0 : numel / n }, (_, r) => r), undefined, true).stats;
 }

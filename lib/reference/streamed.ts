@@ -194,20 +194,22 @@ export function streamedMergeRows(
     for (let j = 0; j < n; j++) hi[keys[j] >>> 16]++;
   });
   const los = all.map(() => new Map<number, Counts>());
+  const wideCounts = numel >= 2 ** 32;
+  const newCounts = (): Counts => (wideCounts ? new Float64Array(65536) : new Uint32Array(65536));
   const picks = all.map((k) => (facts[k]?.ranks ?? []).map((r): Pick | null => {
     if (r >= numel) return null;
     let below = 0, h = 0;
     const hi = his[k];
     if (hi) while (below + hi[h] <= r) below += hi[h++];
     let lo = los[k].get(h);
-    if (!lo) los[k].set(h, (lo = numel >= 2 ** 32 ? new Float64Array(65536) : new Uint32Array(65536)));
+    if (!lo) los[k].set(h, (lo = newCounts()));
     return { r, h, below, lo };
   }));
   // The elements of each cut's key before a row asked for are read from copies of the
   // histograms taken at that row, when they are few enough.
   const histograms = cutters.reduce((sum, k) => sum + los[k].size, 0);
   const rowsAsked = new Set(rows);
-  const snapshots = rowsAsked.size * histograms * 65536 * (numel >= 2 ** 32 ? 8 : 4) <= snapshotBytes;
+  const snapshots = rowsAsked.size * histograms * 65536 * (wideCounts ? 8 : 4) <= snapshotBytes;
   const copiesAt = new Map<number, Map<Counts, Counts>>();
   pass(cutters, (k) => {
     for (const [h, lo] of los[k]) {

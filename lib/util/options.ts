@@ -1,5 +1,5 @@
 import { DellaError } from '../errors.js';
-import { showArg } from './show.js';
+import { showArg, showShort } from './show.js';
 import { nearest } from '../recipe/params.js';
 
 /**
@@ -39,5 +39,12 @@ export function checkOptions(options: unknown, signature: string, spec: Readonly
     const ok = typeof kind !== 'string' ? kind.includes(v as string)
       : kind === 'AbortSignal' ? v instanceof AbortSignal : typeof v === kind;
     if (!ok) throw new DellaError('E_ARGS', `options.${key} must be ${describe(kind)}, got ${showArg(v)}`);
+  }
+}
+
+/** A thread count as the API takes it: an integer from 1 to 1024. */
+export function checkThreads(threads: unknown, given: unknown = threads): void {
+  if (!Number.isInteger(threads) || (threads as number) < 1 || (threads as number) > 1024) {
+    throw new DellaError('E_ARGS', `threads must be an integer from 1 to 1024, got ${showShort(given)}`);
   }
 }

@@ -12,16 +12,16 @@ import { DellaError } from '../errors.js';
 import { openInput, tensorRange, tensorWindows, type Checkpoint } from '../checkpoint/model.js';
 import { expectRecipe, type Recipe } from '../recipe/index.js';
 import { showShort } from '../util/show.js';
-import { checkOptions } from '../util/options.js';
+import { checkOptions, checkThreads } from '../util/options.js';
 import { readRegularFile } from '../util/fs.js';
 import { buildMergeTask, planRecipe } from '../merge/build.js';
 import type { TensorPlan } from '../merge/plan.js';
 import { slerpCoefficients } from '../merge/slerp.js';
 import { DIGEST_LABEL, recordedDigests, RUN_FILE, storedDigest, type RunRecord } from '../merge/record.js';
-import { DTYPE_CODE, type FloatDType } from '../merge/task.js';
-import { dataView, dtypeSize, loadF32 } from '../reference/dtypes.js';
+import { DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE, type FloatDType } from '../merge/task.js';
+import { dataView, dtypeSize, LITTLE_ENDIAN, loadF32 } from '../reference/dtypes.js';
 import { referenceDots } from '../reference/merge-tensor.js';
-import { referenceMergeRows } from '../reference/rows.js';
+import { referenceMergeRows, wholeTensorSparsifier } from '../reference/rows.js';
 import { tensorId } from '../reference/fnv.js';
 import { firstDifference } from '../util/bytes.js';
 import { VerifyPool } from './pool.js';
@@ -70,7 +70,6 @@ export interface VerifyReport {
 }
 
 const SMALL = 65536;
-const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
 /** Rows to recompute: all of a small tensor, else the first, the last and some between. */
 export function sampleRows(name: string, rows: number, numel: number, samples: number): number[] {
@@ -140,9 +139,7 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
   }
   const samples = options.samples ?? 3;
   if (!Number.isInteger(samples) || samples < 1) throw new DellaError('E_ARGS', `samples must be a positive integer, got ${samples}`);
-  if (options.threads !== undefined && !(Number.isInteger(options.threads) && options.threads >= 1 && options.threads <= 1024)) {
-    throw new DellaError('E_ARGS', `threads must be an integer from 1 to 1024, got ${showShort(options.threads)}`);
-  }
+  if (options.threads !== undefined) checkThreads(options.threads);
   if (!existsSync(out)) throw new DellaError('E_ARGS', `${out}: no such output directory`);
   const record = runRecord(out);
   const recorded = record.seed;
@@ -260,11 +257,9 @@ const WORK_PER_THREAD = 64e6;
 
 /** Whether a tensor's check makes passes over the whole tensor (needsWholeTensor, from the plan). */
 function needsPasses(plan: ReturnType<typeof planRecipe>['plan'], t: TensorPlan): boolean {
-  if (t.kind !== 'merge' || plan.method.kind !== 'delta' || plan.method.sparsifier === 'none' || t.numel <= SMALL) return false;
+  if (t.kind !== 'merge' || plan.method.kind !== 'delta' || t.numel <= SMALL) return false;
   const p = t.params!;
-  const cuts = plan.method.sparsifier === 'magnitude' || plan.method.sparsifier === 'breadcrumbs';
-  const norm = p.rescale === 'l1' || p.rescale === 'l2' || p.rescale === 'linf';
-  return (cuts || norm) && p.experts.some((e) => e.density < 1);
+  return wholeTensorSparsifier(SPARSIFIER_CODE[plan.method.sparsifier], RESCALE_CODE[p.rescale]) && p.experts.some((e) => e.density < 1);
 }
 
 export function checkTensor(
