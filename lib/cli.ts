@@ -3,6 +3,7 @@
  * (bad recipe, checkpoint, shapes, I/O), 2 bad command-line usage, 129/130/143 interrupted
  * by SIGHUP/SIGINT/SIGTERM, 70 an internal error (a bug: please report it).
  */
+import { availableParallelism } from 'node:os';
 import { isDellaError } from './errors.js';
 import { openInput, type Checkpoint } from './checkpoint/model.js';
 import { loadRecipe, type Recipe, type TensorParams } from './recipe/index.js';
@@ -20,6 +21,12 @@ import { checkReportFile, deviceOptions, err, intOption, out, parse, summary, us
 import { cmdDemo } from './cli/demo.js';
 import { cmdVerify, verifySummary } from './cli/verify.js';
 import { ASSEMBLE_USAGE, DOCTOR_USAGE, HELP, INSPECT_USAGE, RUN_USAGE, USAGE } from './cli/usage.js';
+
+// run's -j N sets the merge's threads; --verify's workers take at most one a core, since
+// each maps the files again and more than the cores only adds memory.
+export function verifyThreads(threads: number | undefined): number | undefined {
+  return threads === undefined ? undefined : Math.min(threads, availableParallelism());
+}
 
 async function cmdRun(args: string[]): Promise<number> {
   const { values, positionals } = parse('run', args, {
@@ -51,7 +58,7 @@ async function cmdRun(args: string[]): Promise<number> {
   }).finally(() => progress.end()));
   // (the output is in place and whole: a signal now stops the check, not the merge)
   const verified = values.verify
-    ? await withSignals((signal) => verifyMerge(report.out, recipe, { seed: report.seed, threads, signal }), `the merge into ${report.out} is complete; not verifying it`)
+    ? await withSignals((signal) => verifyMerge(report.out, recipe, { seed: report.seed, threads: verifyThreads(threads), signal }), `the merge into ${report.out} is complete; not verifying it`)
     : null;
   const full = verified ? { ...report, verify: verified } : report;
   if (values.report) writeReport(values.report as string, full);

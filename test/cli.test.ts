@@ -8,6 +8,8 @@ import { copyExtras } from '../lib/checkpoint/extras.js';
 import { writeDemoModels } from '../lib/demo.js';
 import { isDellaError, type DellaError } from '../lib/errors.js';
 import { formatBytes } from '../lib/util/size.js';
+import { verifyThreads } from '../lib/cli.js';
+import { availableParallelism } from 'node:os';
 import { makeModels, tempDir, writeRecipe } from './helpers/models.js';
 import { rng, testSeed } from './helpers/random.js';
 
@@ -40,6 +42,16 @@ describe('sizes in progress lines', () => {
     expect(formatBytes(999.6)).toBe('1000 B');
     expect(formatBytes(1500)).toBe('1.50 kB');
     expect(formatBytes(2.5e9)).toBe('2.50 GB');
+  });
+});
+
+describe('run --verify\'s worker threads', () => {
+  it('are run\'s --threads, at most one a core; left to verify without --threads', () => {
+    const cores = availableParallelism();
+    expect(verifyThreads(undefined)).toBeUndefined();
+    expect(verifyThreads(1)).toBe(1);
+    expect(verifyThreads(cores)).toBe(cores);
+    expect(verifyThreads(cores + 5)).toBe(cores);
   });
 });
 

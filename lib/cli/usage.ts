@@ -18,6 +18,7 @@ export const RUN_USAGE = `Usage: della-merge run RECIPE --out DIR [options]
   -o, --out DIR        output directory (must not exist, unless --overwrite)
   --seed N             random seed, an integer in [0, 2^53) (default: the recipe's, else 0)
   -j, --threads N      kernel threads (default: all cores), and verify's with --verify
+                       (at most the cores)
   --shard-size SIZE    largest output shard, e.g. 2GB, 500MiB (default 5GB)
   --overwrite          replace DIR if it exists (atomically, when the merge is complete)
   --report FILE        write a JSON report (tensors, bytes, seconds, parameters, warnings)
