@@ -177,6 +177,15 @@ describe(`CUDA plugin, host side (DELLA_TEST_SEED=${seed})`, () => {
     expect(m.cuda.note).toMatch(/could not be loaded: \/nonexistent\/della_merge_cuda\.so: cannot open shared object file/);
   });
 
+  it('doctor with a DELLA_NATIVE_PATH that does not load names the variable in its fix, not a rebuild', () => {
+    const r = cli(['doctor'], { DELLA_NATIVE_PATH: '/nonexistent/della_merge.node' });
+    expect(r.code).toBe(1);
+    expect(r.stdout).toMatch(/^binary +\/nonexistent\/della_merge\.node \(explicit\) does not load: /m);
+    expect(r.stdout).toMatch(/^cpu +\d+ cores \(Node\.js's count\); SIMD and kernels unknown \(the binary does not load\)$/m);
+    expect(r.stdout).toMatch(/^fix +DELLA_NATIVE_PATH names \/nonexistent\/della_merge\.node, which does not load: point it at a built della_merge\.node, or unset it/m);
+    expect(r.stdout).not.toMatch(/npm rebuild/);
+  });
+
   it('doctor names the CPU kernel paths this machine selects', () => {
     const doc = JSON.parse(cli(['doctor', '--json']).stdout);
     const features: string[] = doc.cpu.features;

@@ -1,5 +1,6 @@
 /** `della-merge doctor`: what this installation runs on, and what to do when it cannot. */
 import { existsSync, readFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { loadNative, nativeLocation, type CudaInfo, type NativeAddon } from '../native.js';
 import { formatBytes } from '../util/size.js';
@@ -59,7 +60,9 @@ export function doctor(version: string): DoctorReport {
   if (!loc.path) {
     advice.push(`No prebuilt binary fits ${process.platform}-${process.arch}: install CMake (>= 3.18) and a C++17 compiler, then run "npm rebuild della-merge".`);
   } else if (!loads) {
-    if (error && /GLIBC_[\d.]+' not found/.test(error)) {
+    if (kind === 'explicit') {
+      advice.push(`DELLA_NATIVE_PATH names ${loc.path}, which does not load: point it at a built della_merge.node, or unset it to use the package's own binary.`);
+    } else if (error && /GLIBC_[\d.]+' not found/.test(error)) {
       advice.push(`The binary needs a newer glibc than this system's ${glibc ?? '(unknown)'}: build from source with "npm rebuild della-merge" (needs CMake and a C++17 compiler).`);
     } else {
       advice.push(`The binary at ${loc.path} does not load: rebuild it with "npm rebuild della-merge".`);
@@ -116,7 +119,9 @@ export function doctorLines(r: DoctorReport): string[] {
   return [
     `della-merge ${r.version} on ${r.platform}, Node.js ${r.node} (N-API ${r.napi ?? '?'}), glibc ${r.glibc ?? 'n/a'}`,
     `binary   ${r.binary.path ?? 'none found'} (${r.binary.kind}) ${r.binary.loads ? 'loads' : `does not load${r.binary.error ? `: ${r.binary.error}` : ''}`}`,
-    `cpu      ${r.cpu.threads ?? '?'} threads; SIMD ${r.cpu.features.join(', ') || 'none detected'}; kernels: ${r.cpu.kernels}`,
+    r.cpu.threads === null
+      ? `cpu      ${availableParallelism()} cores (Node.js's count); SIMD and kernels unknown (the binary does not load)`
+      : `cpu      ${r.cpu.threads} threads; SIMD ${r.cpu.features.join(', ') || 'none detected'}; kernels: ${r.cpu.kernels}`,
     `cuda     plugin ${r.cuda.plugin ?? `not present${r.cuda.pluginPath ? ` (looked for ${r.cuda.pluginPath})` : ''}`}; ` +
       `driver ${r.cuda.driver ?? 'not found'}; ${r.cuda.note}`,
     ...r.advice.map((a) => `fix      ${a}`),
