@@ -56,17 +56,21 @@ async function cmdRun(args: string[]): Promise<number> {
     out: values.out as string, seed, threads, shardSize, overwrite, signal,
     allowNonFinite: Boolean(values['allow-nonfinite']), part, device, gpuMemory, onProgress: (e) => progress.update(e),
   }).finally(() => progress.end()));
-  // (the output is in place and whole: a signal now stops the check, not the merge)
+  // The output is in place and whole: a signal now stops the check, not the merge, so the
+  // merge's summary and report come first (under the check's signal handling), and a
+  // stopped check leaves them.
   const verified = values.verify
-    ? await withSignals((signal) => verifyMerge(report.out, recipe, { seed: report.seed, threads: verifyThreads(threads), signal }), `the merge into ${report.out} is complete; not verifying it`)
+    ? await withSignals(async (signal) => {
+      if (!values.json) summary(report).forEach(out);
+      if (values.report) writeReport(values.report as string, report);
+      return verifyMerge(report.out, recipe, { seed: report.seed, threads: verifyThreads(threads), signal });
+    }, `the merge into ${report.out} is complete; not verifying it`)
     : null;
+  if (!values.json && !verified) summary(report).forEach(out);
   const full = verified ? { ...report, verify: verified } : report;
   if (values.report) writeReport(values.report as string, full);
   if (values.json) out(JSON.stringify(full, null, 2));
-  else {
-    summary(report).forEach(out);
-    if (verified) verifySummary(verified).forEach(out);
-  }
+  else if (verified) verifySummary(verified).forEach(out);
   return verified && !verified.ok ? 1 : 0;
 }
 

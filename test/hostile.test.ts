@@ -386,6 +386,32 @@ describe('faults leave nothing that looks finished', () => {
     });
   }
 
+  it('SIGINT during run --verify stops the check alone: exit 130, the output, its summary and --report stay', async () => {
+    const dir = tempDir();
+    bigModels(dir);
+    // TIES: verify passes over every element of the 24 tensors, on this thread (-j 1)
+    const recipe = writeRecipe(join(dir, 'ties.yaml'), { merge_method: 'ties', base_model: join(dir, 'base'), models: [{ model: join(dir, 'e0'), parameters: { density: 0.5 } }] });
+    const out = join(dir, 'merged'), reportFile = join(dir, 'report.json');
+    const child = spawn(process.execPath, [bin, 'run', recipe, '--out', out, '--verify', '--report', reportFile, '-j', '1', '-q'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '', stderr = '';
+    child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+    const code = await new Promise<number | null>((done) => {
+      child.stdout.on('data', (d: Buffer) => {
+        stdout += d.toString();
+        if (/^files /m.test(stdout) && !child.killed) child.kill('SIGINT'); // the merge's summary is out: verify has begun
+      });
+      child.on('exit', (c) => done(c));
+    });
+    expect(code, stderr).toBe(130);
+    expect(stderr).toContain(`the merge into ${out} is complete; not verifying it`);
+    expect(stdout).toMatch(/^merged +ties: 24 tensors merged/m);
+    expect(stdout).not.toMatch(/verified/);
+    expect(readdirSync(out)).toContain('model.safetensors');
+    const report = JSON.parse(readFileSync(reportFile, 'utf8'));
+    expect(report.tensors.merged).toBe(24);
+    expect(report.verify).toBeUndefined(); // unverified, and the report says so by having no verify part
+  });
+
   it('an input modified during the merge is detected and reported', async () => {
     const dir = tempDir();
     const recipe = bigModels(dir);
