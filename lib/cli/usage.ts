@@ -50,11 +50,14 @@ export const VERIFY_USAGE = `Usage: della-merge verify OUT --recipe RECIPE [--sa
   agree in sign with the merged change, and the norm of the merged change against the
   expert's. Exits 1 if anything differs.
 
-  --seed N      the seed of the merge (default: OUT/della_merge_run.json's, said when it
-                is not the recipe's, else the recipe's)
-  --threads N   worker threads for the tensors whose rows need passes over the whole
-                tensor (TIES, breadcrumbs, norm rescales; default: all cores, at most 8,
-                where there is enough such work)`;
+  -r, --recipe RECIPE  the recipe OUT was merged from
+  --samples N          rows recomputed per merged tensor over 65,536 elements (default 3)
+  --seed N             the seed of the merge (default: OUT/della_merge_run.json's, said
+                       when it is not the recipe's, else the recipe's)
+  -j, --threads N      worker threads for the tensors whose rows need passes over the
+                       whole tensor (TIES, breadcrumbs, norm rescales; default: all
+                       cores, at most 8, where there is enough such work)
+  --json               print the report as JSON on stdout instead of the table`;
 
 export const ASSEMBLE_USAGE = `Usage: della-merge assemble --out DIR [--overwrite] [--json] PART_DIR...
 
