@@ -61,16 +61,16 @@ async function cmdRun(args: string[]): Promise<number> {
   // stopped check leaves them.
   const verified = values.verify
     ? await withSignals(async (signal) => {
-      if (!values.json) summary(report).forEach(out);
       if (values.report) writeReport(values.report as string, report);
+      if (!values.json) summary(report).forEach(out);
       return verifyMerge(report.out, recipe, { seed: report.seed, threads: verifyThreads(threads), signal });
     }, `the merge into ${report.out} is complete; not verifying it`)
     : null;
-  if (!values.json && !verified) summary(report).forEach(out);
   const full = verified ? { ...report, verify: verified } : report;
   if (values.report) writeReport(values.report as string, full);
   if (values.json) out(JSON.stringify(full, null, 2));
   else if (verified) verifySummary(verified).forEach(out);
+  else summary(report).forEach(out);
   return verified && !verified.ok ? 1 : 0;
 }
 
