@@ -8,6 +8,7 @@ import { magpruneQ, stableRanks } from '../lib/reference/sparsify.js';
 import { fuseElement } from '../lib/reference/fuse.js';
 import { DTYPE_CODE, CONSENSUS_CODE, type DTypeCode } from '../lib/merge/task.js';
 import { rng, testSeed } from './helpers/random.js';
+import { reference } from '../lib/index.js';
 
 // Random123's kat_vectors for philox4x32_10.
 const KATS: Array<[number[], number[], number[]]> = [
@@ -15,6 +16,16 @@ const KATS: Array<[number[], number[], number[]]> = [
   [[0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff], [0xffffffff, 0xffffffff], [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]],
   [[0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0], [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]],
 ];
+
+describe('the reference namespace', () => {
+  it('exports the codes its functions and MergeTaskSpec take (a dtype name was read as F32)', () => {
+    expect(reference.DTYPE_CODE).toEqual({ F32: 0, F16: 1, BF16: 2, F64: 3 });
+    expect(reference.SPARSIFIER_CODE.magprune).toBe(1);
+    expect(reference.RESCALE_CODE.l2).toBe(3);
+    expect(reference.CONSENSUS_CODE.sum).toBe(1);
+    expect(reference.magnitudeKey(-1, reference.DTYPE_CODE.BF16)).toBe(0x3f80);
+  });
+});
 
 describe('Philox4x32-10', () => {
   it('passes the known-answer vectors in the reference and the native kernels', () => {

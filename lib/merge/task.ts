@@ -7,12 +7,16 @@
 import type { NativeSlice } from '../native.js';
 import { sliceBytes } from '../util/bytes.js';
 
+/** The code of each float dtype in MergeTaskSpec and `reference`'s functions (the kernels' own). */
 export const DTYPE_CODE = { F32: 0, F16: 1, BF16: 2, F64: 3 } as const;
 export type FloatDType = keyof typeof DTYPE_CODE;
 export type DTypeCode = (typeof DTYPE_CODE)[FloatDType];
 
+/** MergeTaskSpec.sparsifier codes: how each expert's delta is sparsified (SPEC §4). */
 export const SPARSIFIER_CODE = { none: 0, magprune: 1, random: 2, magnitude: 3, breadcrumbs: 4 } as const;
+/** MergeTaskSpec.rescale codes: how the survivors are rescaled (SPEC §4, §6). */
 export const RESCALE_CODE = { none: 0, inverse: 1, l1: 2, l2: 3, linf: 4 } as const;
+/** MergeTaskSpec.consensus codes: the sign election, if any (SPEC §5). */
 export const CONSENSUS_CODE = { none: 0, sum: 1, count: 2 } as const;
 
 /** Input bytes: a typed array, or a slice of a mapped file (which the addon reads

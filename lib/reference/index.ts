@@ -8,3 +8,8 @@ export { referenceMergeRows, needsWholeTensor } from './rows.js';
 export type { SparsifyContext } from './sparsify.js';
 export type { FuseOptions } from './fuse.js';
 export type { RowsResult } from './rows.js';
+// The numeric codes the functions above and MergeTaskSpec (exported at the top level)
+// take for dtypes, sparsifiers, rescales and consensus (the kernels' own), and the
+// input bytes they read.
+export { DTYPE_CODE, SPARSIFIER_CODE, RESCALE_CODE, CONSENSUS_CODE } from '../merge/task.js';
+export type { InputBytes } from '../merge/task.js';
