@@ -7,8 +7,8 @@
 import { resolve } from 'node:path';
 import { stringify as yamlStringify } from 'yaml';
 import { DellaError } from './errors.js';
-import { checkedRecipe, isParsedRecipe, loadRecipe, makeResolver, parseRecipe, type Recipe } from './recipe/index.js';
-import { runMerge, type MergeOptions, type MergeReport } from './merge/run.js';
+import { brokenRecipeProblem, checkedRecipe, isParsedRecipe, loadRecipe, makeResolver, parseRecipe, type Recipe } from './recipe/index.js';
+import { checkMergeOptions, runMerge, type MergeOptions, type MergeReport } from './merge/run.js';
 import { expectStreamOptions, streamMerge, type MergedTensor, type TensorStreamOptions } from './merge/stream.js';
 
 export { DellaError, isDellaError, type ErrorCode } from './errors.js';
@@ -43,6 +43,7 @@ export async function merge(recipe: string | Recipe | Record<string, unknown>, o
   if (!options || typeof options.out !== 'string' || options.out === '') {
     throw new DellaError('E_ARGS', 'merge(recipe, options) needs options.out, the output directory');
   }
+  checkMergeOptions(options); // a misspelt option is named before a recipe's problems
   return runMerge(await toRecipe(recipe), options);
 }
 
@@ -75,12 +76,15 @@ function documentText(doc: object): string {
 async function toRecipe(recipe: string | Recipe | Record<string, unknown>, inMemory = false): Promise<Recipe> {
   if (typeof recipe === 'string') return loadRecipe(recipe);
   if (isParsedRecipe(recipe)) return checkedRecipe(recipe);
+  const broken = brokenRecipeProblem(recipe);
+  if (broken) throw new DellaError('E_ARGS', broken);
   if (recipe && typeof recipe === 'object' && !Array.isArray(recipe)) {
     // Model references as in a file recipe: paths from the current directory, else hub ids.
     if (!inMemory) return parseRecipe(documentText(recipe), { resolvePath: makeResolver(resolve('recipe'), process.cwd()) });
     // In memory, model names are labels: fill in the ones left out.
     const doc = { ...recipe } as Record<string, unknown>;
-    if (doc.base_model === undefined) doc.base_model = 'base';
+    // (linear needs none: left out, the first model supplies the names, as from files)
+    if (doc.base_model === undefined && doc.merge_method !== 'linear') doc.base_model = 'base';
     if (Array.isArray(doc.models)) {
       doc.models = doc.models.map((m: unknown, k: number) =>
         m && typeof m === 'object' && !('model' in m) ? { model: `model-${k}`, ...m } : m);

@@ -7,7 +7,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { mergeTensors, openCheckpoint, saveModel, type InMemoryTensor } from '../lib/index.js';
+import { merge, mergeTensors, openCheckpoint, saveModel, type InMemoryTensor } from '../lib/index.js';
 import { streamMerge, type TensorStreamOptions } from '../lib/merge/stream.js';
 import { parseRecipe } from '../lib/recipe/index.js';
 import { refused } from './helpers/errors.js';
@@ -175,6 +175,27 @@ describe('mergeTensors in-memory arguments', () => {
     await refused(() => drain({ base: { [W]: t() }, models: [{ [W]: null }] }), 'E_ARGS',
       /model-0: tensor "model\.layers\.0\.mlp\.up_proj\.weight": must be an object \{dtype, shape, data\}, got null/);
     await refused(() => drain({ base: new Map([[5, t()]]), models: [{ [W]: t() }] }), 'E_ARGS', /base: tensor names must be strings, got 5/);
+  });
+
+  it('a linear recipe without base_model needs no options.base: its first model supplies the names, as from files', async () => {
+    const dir = tempDir();
+    const sets = [
+      { [W]: t(new Float32Array([1, 2])), other: t(new Float32Array([5, 6])) },
+      { [W]: t(new Float32Array([3, 8])), other: t(new Float32Array([7, 1])) },
+    ];
+    const lin = { merge_method: 'linear', models: [{ parameters: { weight: 1 } }, { parameters: { weight: 0.5 } }] };
+    const got: Record<string, number[]> = {};
+    for await (const x of mergeTensors(lin, { models: sets })) got[x.name] = [...new Float32Array(x.data.slice().buffer)];
+    // the same recipe from files
+    sets.forEach((set, k) => saveModel(join(dir, `m${k}`), Object.entries(set).map(([name, v]) => ({ name, ...v }) as InMemoryTensor)));
+    await merge({ ...lin, models: lin.models.map((m, k) => ({ model: join(dir, `m${k}`), ...m })) }, { out: join(dir, 'out') });
+    const c = openCheckpoint(join(dir, 'out'));
+    expect(got).toEqual(Object.fromEntries([W, 'other'].map((n) => [n, [...(c.array(n) as Float32Array)]])));
+    c.close();
+    expect(got[W]).toEqual([(1 * 1 + 0.5 * 3) / 1.5, (2 + 0.5 * 8) / 1.5].map(Math.fround));
+    // a recipe that names a base still needs it
+    await refused(async () => { for await (const _ of mergeTensors({ ...lin, base_model: 'b' }, { models: sets })) void _; }, 'E_ARGS',
+      /in-memory merges need options\.base .*a linear recipe without base_model may leave it out.*; options\.base is nothing$/);
   });
 
   it('refuses a detached buffer and an inherited dtype name', async () => {

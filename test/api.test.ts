@@ -6,7 +6,7 @@ import { Worker } from 'node:worker_threads';
 import { describe, expect, it } from 'vitest';
 import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
 import {
-  assemble, layerCount, loadRecipe, merge, mergeTensors, openCheckpoint, parseRecipe, planRecipe, saveModel, verifyMerge, DellaError,
+  assemble, layerCount, loadRecipe, merge, mergeTensors, openCheckpoint, parseRecipe, planRecipe, resolveTensorParams, saveModel, verifyMerge, DellaError,
   type MemoryTensor, type Recipe,
 } from '../lib/index.js';
 import { DTYPE_CODE } from '../lib/merge/task.js';
@@ -183,6 +183,59 @@ describe('API arguments: every wrong one is a DellaError naming it, never a cras
     await refused(() => merge({ ...doc, mergeMethod: 'ties', baseModel: 'b' }, { out }), 'E_RECIPE', /unknown key "mergeMethod"/);
     await refused(() => merge({ ...doc, seed: Symbol('s') }, { out }), 'E_RECIPE', /not plain data/);
     expect(existsSync(out)).toBe(false);
+  });
+
+  it('every function\'s options are checked alike: unknown keys, wrong kinds and null', async () => {
+    const out = join(dir, 'never');
+    const T = [{ name: 'w', dtype: 'F32' as const, shape: [2], data: new Float32Array([1, 2]) }];
+    const rfile = join(dir, 'opts.yaml');
+    writeFileSync(rfile, JSON.stringify(doc));
+    // saveModel, loadRecipe and parseRecipe ignored typos and threw TypeErrors
+    await refused(() => saveModel(join(dir, 's1'), T, { shardsize: 4 } as object), 'E_ARGS', /^options\.shardsize is not an option of saveModel \(did you mean "shardSize"\?\)/);
+    await refused(() => loadRecipe(rfile, null as unknown as object), 'E_ARGS', /^loadRecipe\(file, options\): options must be an object, got null$/);
+    await refused(() => loadRecipe(rfile, { cwd: 5 } as unknown as object), 'E_ARGS', /^options\.cwd must be a string, got 5$/);
+    await refused(() => loadRecipe(rfile, { Cwd: '/tmp' } as object), 'E_ARGS', /^options\.Cwd is not an option of loadRecipe \(did you mean "cwd"\?\)/);
+    await refused(() => parseRecipe(JSON.stringify(doc), { resolvePath: 5 } as unknown as object), 'E_ARGS', /^options\.resolvePath must be a function, got 5$/);
+    await refused(() => parseRecipe(JSON.stringify(doc), { resolvepath: (m: string) => m } as object), 'E_ARGS', /did you mean "resolvePath"/);
+    expect(existsSync(join(dir, 's1'))).toBe(false);
+    // null: some options took it as the default, others refused it, gpuMemory misread it
+    for (const key of ['threads', 'seed', 'shardSize', 'overwrite', 'onProgress', 'signal', 'device', 'gpuMemory', 'part']) {
+      await refused(() => merge(doc, { out, [key]: null } as unknown as { out: string }), 'E_ARGS', new RegExp(`^options\\.${key} is null: leave it out \\(or undefined\\) for its default$`));
+    }
+    await refused(() => verifyMerge(dir, parseRecipe(JSON.stringify(doc)), { threads: null } as unknown as object), 'E_ARGS', /^options\.threads is null/);
+    await refused(() => verifyMerge(dir, parseRecipe(JSON.stringify(doc)), { samples: '3' } as unknown as object), 'E_ARGS', /^samples must be a positive integer, got "3"$/);
+    // part: 0 or false was "no part", and extra keys were ignored
+    await refused(() => merge(doc, { out, part: 0 } as unknown as { out: string }), 'E_ARGS', /part must be \{ index, count \}, got 0/);
+    await refused(() => merge(doc, { out, part: { index: 1, count: 2, x: 1 } } as unknown as { out: string }), 'E_ARGS', /part must be \{ index, count \}, got a key "x" too/);
+    // a typo is named before the recipe is read
+    await refused(() => merge(join(dir, 'nope.yaml'), { out, threds: 1 } as unknown as { out: string }), 'E_ARGS', /^options\.threds is not an option of merge/);
+    expect(existsSync(out)).toBe(false);
+  });
+
+  it('a Recipe with a field set wrong is named as such, not read as a recipe document', async () => {
+    const out = join(dir, 'never');
+    const rfile = join(dir, 'opts.yaml');
+    writeFileSync(rfile, JSON.stringify(doc));
+    const r = await loadRecipe(rfile);
+    await refused(() => merge({ ...r, models: null } as unknown as Recipe, { out }), 'E_ARGS', /^the Recipe object's models must be an array, got null \(a Recipe from loadRecipe/);
+    await refused(() => merge({ ...r, baseModel: 'b' } as unknown as Recipe, { out }), 'E_ARGS', /^the Recipe object's baseModel must be an object with a path string, got "b"/);
+    await refused(() => planRecipe({ ...r, mergeMethod: 3 } as unknown as Recipe), 'E_ARGS', /^planRecipe\(recipe\): the Recipe object's mergeMethod must be a method name string, got 3/);
+    const { warnings: _, ...noWarnings } = r; // warnings are the parser's output: leaving them out is fine
+    expect((await merge(noWarnings as Recipe, { out: join(dir, 'no-warnings') })).tensors.merged).toBe(1);
+    expect(existsSync(out)).toBe(false);
+  });
+
+  it('resolveTensorParams checks its recipe and arguments; layerCount its names', async () => {
+    const r = parseRecipe(JSON.stringify({ ...doc, merge_method: 'ties', models: [{ model: join(dir, 'x'), parameters: { density: [0.2, 0.8] } }] }));
+    expect(resolveTensorParams(r, 'model.layers.1.w', 3).experts[0].density).toBe(0.5);
+    const changed = { ...r, models: [{ ...r.models[0], parameters: { density: 5 } }] };
+    await refused(() => resolveTensorParams(changed, 'w', 0), 'E_RECIPE', /density/);
+    await refused(() => resolveTensorParams(r, 5 as unknown as string, 0), 'E_ARGS', /tensorName must be a string, got 5/);
+    for (const layers of [-1, 1.5, '2']) {
+      await refused(() => resolveTensorParams(r, 'w', layers as number), 'E_ARGS', /layers must be a whole number >= 0/);
+    }
+    await refused(() => resolveTensorParams('r.yaml' as unknown as Recipe, 'w', 0), 'E_ARGS', /takes a parsed Recipe/);
+    await refused(() => layerCount([5] as unknown as string[]), 'E_ARGS', /layerCount\(names\) takes the base model's tensor names \(strings\), got 5 among them/);
   });
 
   it('an empty tensor merges whatever its last dimension (rows of 2^40 were refused with a bare RangeError)', async () => {

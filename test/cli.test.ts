@@ -368,7 +368,7 @@ describe(`della-merge CLI (DELLA_TEST_SEED=${seed})`, () => {
       writeFileSync(join(out, 'keep.txt'), 'mine');
       const r = cli(['run', good, '--out', out]);
       expect(r.code).toBe(1);
-      expect(r.stderr).toMatch(/already exists \(pass --overwrite to replace it\)/);
+      expect(r.stderr).toMatch(/already exists \(pass --overwrite, or overwrite: true in the API, to replace it\)/);
       expect(readFileSync(join(out, 'keep.txt'), 'utf8')).toBe('mine');
       expect(cli(['run', good, '--out', out, '--overwrite', '-q']).code).toBe(0);
       expect(existsSync(join(out, 'keep.txt'))).toBe(false);

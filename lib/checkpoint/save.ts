@@ -8,6 +8,7 @@ import { join, resolve } from 'node:path';
 import { DellaError, ioError } from '../errors.js';
 import { makeDirs, removeEmptyDirs } from '../util/fs.js';
 import { showArg } from '../util/show.js';
+import { checkOptions } from '../util/options.js';
 import { checkTensorData } from './memory.js';
 import { MAX_HEADER_LENGTH } from './safetensors.js';
 import { indexJson, INDEX_FILE, layoutShards, SHARD_NAME, TEMP_MARK } from './writer.js';
@@ -85,7 +86,7 @@ export function saveModel(dir: string, tensors: readonly InMemoryTensor[], optio
   if (!Array.isArray(tensors)) {
     throw argsError(`tensors must be an array of {name, dtype, shape, data}, got ${showArg(tensors)}`);
   }
-  if (options === null || typeof options !== 'object') throw argsError(`options must be an object, got ${showArg(options)}`);
+  checkOptions(options, 'saveModel(dir, tensors, options)', { shardSize: 'checked' });
   const shardSize = options.shardSize ?? Number.MAX_SAFE_INTEGER;
   if (!(Number.isSafeInteger(shardSize) && shardSize > 0)) {
     throw argsError(`shardSize must be a positive integer number of bytes, got ${showArg(options.shardSize)}`);

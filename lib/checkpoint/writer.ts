@@ -319,7 +319,7 @@ function checkNotInput(full: string, inputs: readonly string[]): void {
 function checkTarget(full: string, overwrite: boolean): void {
   if (!existsSync(full)) return;
   if (!statSync(full).isDirectory()) throw outputError(`${full} exists and is not a directory`);
-  if (!overwrite) throw outputError(`${full} already exists (pass --overwrite to replace it)`);
+  if (!overwrite) throw outputError(`${full} already exists (pass --overwrite, or overwrite: true in the API, to replace it)`);
 }
 
 export function indexJson(layouts: readonly ShardLayout[]): string {

@@ -32,7 +32,7 @@ export interface CudaTarget {
 /** Checks the device arguments; null for the CPU, else what cudaOpen takes. */
 function openRequest(native: NativeAddon, spec: DeviceSpec, gpuMemory: number | undefined): { device: number; memory: number } | null {
   if (spec.kind === 'cpu') {
-    if (gpuMemory !== undefined) throw new DellaError('E_ARGS', 'a GPU memory budget needs a CUDA device (--device cuda)');
+    if (gpuMemory !== undefined) throw new DellaError('E_ARGS', "a GPU memory budget needs a CUDA device (--device cuda, or device: 'cuda' in the API)");
     return null;
   }
   if (gpuMemory !== undefined && !(Number.isSafeInteger(gpuMemory) && gpuMemory > 0)) {

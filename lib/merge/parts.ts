@@ -46,6 +46,8 @@ export const MAX_PARTS = 65536;
 
 export function checkPart(p: { index: number; count: number }): { index: number; count: number } {
   if (p === null || typeof p !== 'object') throw new DellaError('E_ARGS', `part must be { index, count }, got ${show(p)}`);
+  const extra = Object.keys(p).find((k) => k !== 'index' && k !== 'count');
+  if (extra !== undefined) throw new DellaError('E_ARGS', `part must be { index, count }, got a key ${JSON.stringify(extra)} too`);
   if (!Number.isSafeInteger(p.count) || p.count < 1 || !Number.isSafeInteger(p.index) || p.index < 1 || p.index > p.count) {
     throw new DellaError('E_ARGS', `part ${show(p.index)}/${show(p.count)} is not valid: use i/N with 1 <= i <= N`);
   }

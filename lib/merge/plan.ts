@@ -8,7 +8,7 @@ import { DellaError } from '../errors.js';
 import type { Checkpoint, CheckpointTensor } from '../checkpoint/model.js';
 import { DTYPE_SIZES, MERGEABLE_DTYPES } from '../checkpoint/safetensors.js';
 import type { ParamValue, Recipe, TensorParams } from '../recipe/index.js';
-import { layerCount, resolveTensorParams } from '../recipe/index.js';
+import { layerCount, tensorParams } from '../recipe/index.js';
 import { METHODS, type MethodSpec } from './methods.js';
 
 const EMBEDDING_NAMES = ['embed_tokens', 'lm_head', 'wte', 'word_embeddings', 'embed_in', 'embed_out'];
@@ -125,7 +125,7 @@ export function planMerge(recipe: Recipe, base: Checkpoint, experts: readonly Ch
     tensors.push({
       name, kind: 'merge', base: bt, experts: ets, outDtype, shape: bt.shape, numel: bt.numel, outBytes,
       inBytes: bt.byteLength + ets.reduce((a, t) => a + t.byteLength, 0),
-      params: resolveTensorParams(recipe, name, layers),
+      params: tensorParams(recipe, name, layers),
     });
   }
   if (onlyInBase.length > 0) {

@@ -220,7 +220,7 @@ function checkFinite(t: TensorPlan, stats: MergeTaskStats, recipe: Recipe, warni
     if (count > 0 && !inputsChecked) {
       const model = i === 0 ? `the base model ${recipe.baseModel.model}` : recipe.models[i - 1].model;
       const what = `tensor "${t.name}" of ${model} holds ${count} non-finite value(s) (NaN or infinity)`;
-      if (!warnings) throw new DellaError('E_NONFINITE', `${what}; refusing to merge it (--allow-nonfinite merges it anyway)`);
+      if (!warnings) throw new DellaError('E_NONFINITE', `${what}; refusing to merge it (--allow-nonfinite, or allowNonFinite: true in the API, merges it anyway)`);
       warnings.push(`${what}; merged anyway`);
     }
   });
@@ -231,7 +231,7 @@ function checkFinite(t: TensorPlan, stats: MergeTaskStats, recipe: Recipe, warni
     const f16 = t.outDtype === 'F16';
     const range = f16 ? 'F16 (beyond ±65504)' : 'the fp32 range (beyond ±3.4e38)';
     const what = `tensor "${t.name}": ${stats.outNonfinite} merged value(s) overflowed ${range} to infinity or NaN, from finite inputs`;
-    const fixes = `${f16 ? 'store it wider with out_dtype: float32 or bfloat16, ' : ''}lower the weights or lambda, or pass --allow-nonfinite to write it anyway`;
+    const fixes = `${f16 ? 'store it wider with out_dtype: float32 or bfloat16, ' : ''}lower the weights or lambda, or pass --allow-nonfinite (allowNonFinite: true in the API) to write it anyway`;
     if (!warnings) throw new DellaError('E_NONFINITE', `${what}; refusing to write it (${fixes})`);
     warnings.push(`${what}; written anyway`);
   }
@@ -278,13 +278,18 @@ export function inputPaths(models: OpenedModels, recipe?: Recipe): string[] {
   return [...[models.base, ...models.experts].flatMap((m) => [...m.files, ...(m.dir ? [m.dir] : [])]), ...recipeFile];
 }
 
-/** Runs a parsed recipe to completion; see `merge` in index.ts for the public entry. */
-export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<MergeReport> {
-  const started = performance.now();
+/** merge()'s options, checked before its recipe is read, too. */
+export function checkMergeOptions(options: unknown): void {
   checkOptions(options, 'merge(recipe, options)', {
     out: 'checked', seed: 'checked', threads: 'checked', shardSize: 'checked', overwrite: 'boolean', onProgress: 'function', signal: 'AbortSignal',
     backend: ['native', 'reference'], allowNonFinite: 'boolean', part: 'checked', device: 'string', gpuMemory: 'checked',
   });
+}
+
+/** Runs a parsed recipe to completion; see `merge` in index.ts for the public entry. */
+export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<MergeReport> {
+  const started = performance.now();
+  checkMergeOptions(options);
   const backend = options.backend ?? 'native';
   const native = backend === 'native' ? loadNative() : null;
   const { threads, seed } = runSettings(options, recipe, native);
@@ -313,7 +318,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   let out: OutputDirectory | null = null;
   let shards: ShardFiles | null = null;
   try {
-    const part = options.part ? checkPart(options.part) : null;
+    const part = options.part !== undefined ? checkPart(options.part) : null; // (0 or false is not "no part")
     const tensors = part ? partTensors(plan.tensors, part.index, part.count) : plan.tensors;
     out = OutputDirectory.create(options.out, { overwrite: options.overwrite, inputs: inputPaths(models, recipe) });
     const leftovers = out.leftovers();

@@ -46,7 +46,7 @@ export function expectStreamOptions(options: unknown): asserts options is Tensor
   checkOptions(options, 'mergeTensors(recipe, options)', {
     base: 'checked', models: 'checked', seed: 'checked', threads: 'checked', signal: 'AbortSignal', allowNonFinite: 'boolean',
     onProgress: 'function', onWarning: 'function',
-  });
+  }, ['base', 'models']);
 }
 
 /**
@@ -77,11 +77,15 @@ export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions 
   let models: OpenedModels;
   if (inMemory) {
     const K = recipe.models.length;
-    if (!Array.isArray(options.models) || !isTensorSet(options.base) || options.models.length !== K) {
-      const got = !isTensorSet(options.base) ? `options.base is ${showArg(options.base)}`
+    // A linear recipe without a base model: its first model supplies the names and the
+    // copied tensors (recipe.baseModel names it), so in memory options.base may be left out.
+    const firstIsBase = recipe.mergeMethod === 'linear' && recipe.baseModel.model === recipe.models[0]?.model;
+    const firstAsBase = options.base === undefined && firstIsBase;
+    if (!Array.isArray(options.models) || !(firstAsBase || isTensorSet(options.base)) || options.models.length !== K) {
+      const got = !(firstAsBase || isTensorSet(options.base)) ? `options.base is ${showArg(options.base)}`
         : !Array.isArray(options.models) ? `options.models is ${showArg(options.models)}`
         : `options.models has ${options.models.length}`;
-      throw new DellaError('E_ARGS', `in-memory merges need options.base (an object or Map of tensors) and options.models, an array with one such tensor set per recipe model (${K}); ${got}`);
+      throw new DellaError('E_ARGS', `in-memory merges need options.base (an object or Map of tensors; a linear recipe without base_model may leave it out) and options.models, an array with one such tensor set per recipe model (${K}); ${got}`);
     }
     const sets = options.models;
     for (let k = 0; k < K; k++) {
@@ -90,7 +94,7 @@ export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions 
       }
     }
     models = {
-      base: memoryCheckpoint(recipe.baseModel.model, options.base),
+      base: memoryCheckpoint(recipe.baseModel.model, firstAsBase ? sets[0] : options.base!),
       experts: Array.from({ length: K }, (_, k) => memoryCheckpoint(recipe.models[k].model, sets[k])),
       close() {},
     };

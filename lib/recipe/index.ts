@@ -8,5 +8,5 @@ export type {
   RecipeModel,
   TensorParams,
 } from './types.js';
-export { checkedRecipe, expectRecipe, isParsedRecipe, loadRecipe, makeResolver, parseRecipe, validateParam } from './parse.js';
-export { layerCount, layerIndex, resolveTensorParams } from './resolve.js';
+export { brokenRecipeProblem, checkedRecipe, expectRecipe, isParsedRecipe, loadRecipe, makeResolver, parseRecipe, validateParam } from './parse.js';
+export { layerCount, layerIndex, resolveTensorParams, tensorParams } from './resolve.js';

@@ -8,6 +8,7 @@ import * as path from 'node:path';
 import { parseDocument } from 'yaml';
 import { DellaError } from '../errors.js';
 import { jsonForMessage } from '../util/show.js';
+import { checkOptions } from '../util/options.js';
 import { METHODS, type MethodSpec } from '../merge/methods.js';
 import { resolveHubId } from './hub.js';
 import {
@@ -377,12 +378,31 @@ export function isParsedRecipe(v: unknown): v is Recipe {
   if (v === null || typeof v !== 'object') return false;
   const r = v as Partial<Recipe> & Record<string, unknown>;
   return typeof r.mergeMethod === 'string' && typeof r.baseModel?.path === 'string' && Array.isArray(r.models) &&
-    Array.isArray(r.warnings) && !('merge_method' in r) && !('base_model' in r);
+    (r.warnings === undefined || Array.isArray(r.warnings)) && !('merge_method' in r) && !('base_model' in r);
+}
+
+/**
+ * What keeps an object that looks like a parsed Recipe (its camelCase keys, none of a
+ * document's) from being one, or null. Without it a Recipe with a field set wrong was
+ * read as a recipe document, and refused for keys a document does not have.
+ */
+export function brokenRecipeProblem(v: unknown): string | null {
+  if (v === null || typeof v !== 'object' || Array.isArray(v) || isParsedRecipe(v)) return null;
+  const r = v as Record<string, unknown>;
+  if (!('mergeMethod' in r || 'baseModel' in r) || 'merge_method' in r || 'base_model' in r) return null;
+  const base = r.baseModel as { path?: unknown } | null | undefined;
+  const bad = typeof r.mergeMethod !== 'string' ? ['mergeMethod', 'a method name string', r.mergeMethod]
+    : base === null || typeof base !== 'object' || typeof base.path !== 'string' ? ['baseModel', 'an object with a path string', r.baseModel]
+    : !Array.isArray(r.models) ? ['models', 'an array', r.models]
+    : ['warnings', 'an array of strings', r.warnings];
+  return `the Recipe object's ${bad[0]} must be ${bad[1]}, got ${fmt(bad[2])} (a Recipe from loadRecipe or parseRecipe may be changed, but keeps its fields' kinds)`;
 }
 
 /** For functions that take a parsed Recipe: a path or a document is a clear error. */
 export function expectRecipe(v: unknown, where: string): Recipe {
   if (isParsedRecipe(v)) return checkedRecipe(v);
+  const broken = brokenRecipeProblem(v);
+  if (broken) throw new DellaError('E_ARGS', `${where}: ${broken}`);
   throw new DellaError('E_ARGS', `${where} takes a parsed Recipe (from loadRecipe(path) or parseRecipe(text)), got ${typeof v === 'string' ? `the string ${JSON.stringify(v)}` : fmt(v)}`);
 }
 
@@ -404,7 +424,7 @@ const parsedFields = new WeakMap<object, string>();
  */
 export function checkedRecipe(r: Recipe): Recipe {
   const doc = r.document;
-  if (doc !== null && typeof doc === 'object' && parsedFields.get(doc) === recipeFields(r)) return r;
+  if (doc !== null && typeof doc === 'object' && parsedFields.get(doc) === recipeFields(r)) return Array.isArray(r.warnings) ? r : { ...r, warnings: [] };
   const models: unknown = Array.isArray(r.models)
     ? r.models.map((m) => (isDict(m) ? { model: m.model, parameters: m.parameters ?? {} } : m))
     : r.models;
@@ -430,6 +450,7 @@ export function checkedRecipe(r: Recipe): Recipe {
 
 export function parseRecipe(text: string, options: ParseOptions = {}): Recipe {
   if (typeof text !== 'string') throw new DellaError('E_ARGS', `parseRecipe(text) takes the recipe's YAML or JSON text, got ${fmt(text)}`);
+  checkOptions(options, 'parseRecipe(text, options)', { source: 'string', resolvePath: 'function' });
   const { document, warnings } = parseText(text);
   return recipeFromDocument(document, warnings, options);
 }
@@ -603,6 +624,7 @@ export function makeResolver(recipeFile: string, cwd: string): (model: string) =
 
 export async function loadRecipe(file: string, options: { cwd?: string } = {}): Promise<Recipe> {
   if (typeof file !== 'string' || file === '') throw new DellaError('E_ARGS', `loadRecipe(file) takes a recipe file path, got ${fmt(file)}`);
+  checkOptions(options, 'loadRecipe(file, options)', { cwd: 'string' });
   const cwd = options.cwd ?? process.cwd();
   const source = path.resolve(cwd, file);
   let text: string;

@@ -5,6 +5,7 @@
 import { DellaError } from '../errors.js';
 import { METHODS, resolveRescale, type RescaleName } from '../merge/methods.js';
 import { DEFAULTS, densityEpsilonProblem, fmt, recipeError } from './params.js';
+import { expectRecipe } from './parse.js';
 import type { ExpertParams, ParamScalar, ParamValue, Recipe, TensorParams } from './types.js';
 
 // SPEC §7: `layers.N.` — the index is followed by a dot; a name ending in `.N` has no layer.
@@ -23,6 +24,7 @@ export function layerCount(baseTensorNames: Iterable<string>): number {
   }
   let max = -1;
   for (const n of baseTensorNames) {
+    if (typeof n !== 'string') throw new DellaError('E_ARGS', `layerCount(names) takes the base model's tensor names (strings), got ${fmt(n)} among them`);
     const i = layerIndex(n);
     if (i !== null && i > max) max = i;
   }
@@ -87,7 +89,25 @@ function num(v: ParamScalar | undefined, fallback: number, what: string): number
   return v;
 }
 
+/**
+ * The parameters a merge uses for one tensor (SPEC §7): per model, else global, else
+ * the default; filter lists picked by `tensorName`, gradients read at its layer's
+ * position among `layers` (layerCount of the base model's tensor names). A Recipe
+ * changed since it was parsed is checked again first, as merge() checks it.
+ */
 export function resolveTensorParams(recipe: Recipe, tensorName: string, layers: number): TensorParams {
+  const r = expectRecipe(recipe, 'resolveTensorParams(recipe, tensorName, layers)');
+  if (typeof tensorName !== 'string') {
+    throw new DellaError('E_ARGS', `resolveTensorParams(recipe, tensorName, layers): tensorName must be a string, got ${fmt(tensorName)}`);
+  }
+  if (!Number.isSafeInteger(layers) || layers < 0) {
+    throw new DellaError('E_ARGS', `resolveTensorParams(recipe, tensorName, layers): layers must be a whole number >= 0 (layerCount of the base model's tensor names), got ${fmt(layers)}`);
+  }
+  return tensorParams(r, tensorName, layers);
+}
+
+/** resolveTensorParams for a checked recipe and arguments (the plan's, per tensor). */
+export function tensorParams(recipe: Recipe, tensorName: string, layers: number): TensorParams {
   const method = METHODS[recipe.mergeMethod];
   if (method === undefined) throw recipeError(`unknown merge_method "${recipe.mergeMethod}"`);
   const pos = gradientPosition(tensorName, layers);

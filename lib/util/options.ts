@@ -19,9 +19,10 @@ function describe(kind: Exclude<OptionKind, 'checked'>): string {
  * default. Without it an option the function does not have was ignored (a misspelt
  * `threds`, or `device` given to mergeTensors, which runs on the CPU), `overwrite: 'no'`
  * counted as true, and an onProgress that is not a function failed mid-merge.
- * `signature` names the function in messages, as "merge(recipe, options)".
+ * `signature` names the function in messages, as "merge(recipe, options)"; `nullHandled`
+ * lists the options whose null the function refuses with its own message.
  */
-export function checkOptions(options: unknown, signature: string, spec: Readonly<Record<string, OptionKind>>): void {
+export function checkOptions(options: unknown, signature: string, spec: Readonly<Record<string, OptionKind>>, nullHandled: readonly string[] = []): void {
   if (options === null || typeof options !== 'object') {
     throw new DellaError('E_ARGS', `${signature}: options must be an object, got ${showArg(options)}`);
   }
@@ -35,6 +36,11 @@ export function checkOptions(options: unknown, signature: string, spec: Readonly
   }
   for (const [key, kind] of Object.entries(spec)) {
     const v = (options as Record<string, unknown>)[key];
+    // null is refused alike for every option (some took it as the default, others
+    // refused it, and one misread it), except where the function says what it wanted.
+    if (v === null && !nullHandled.includes(key)) {
+      throw new DellaError('E_ARGS', `options.${key} is null: leave it out (or undefined) for its default`);
+    }
     if (v === undefined || kind === 'checked') continue;
     const ok = typeof kind !== 'string' ? kind.includes(v as string)
       : kind === 'AbortSignal' ? v instanceof AbortSignal : typeof v === kind;

@@ -138,7 +138,7 @@ export async function verifyMerge(out: string, recipe: Recipe, options: VerifyOp
     throw new DellaError('E_ARGS', `seed must be an integer in [0, 2^53), got ${showShort(options.seed)}`);
   }
   const samples = options.samples ?? 3;
-  if (!Number.isInteger(samples) || samples < 1) throw new DellaError('E_ARGS', `samples must be a positive integer, got ${samples}`);
+  if (!Number.isInteger(samples) || samples < 1) throw new DellaError('E_ARGS', `samples must be a positive integer, got ${showShort(samples)}`);
   if (options.threads !== undefined) checkThreads(options.threads);
   if (!existsSync(out)) throw new DellaError('E_ARGS', `${out}: no such output directory`);
   const record = runRecord(out);
