@@ -80,12 +80,14 @@ describe(`pipeline API (DELLA_TEST_SEED=${seed})`, () => {
       for await (const t of mergeTensors(doc, { signal: midway.signal })) { seen.push(t.name); midway.abort(); }
     })().catch((e) => e);
     expect([late.code, seen.length]).toEqual(['E_ABORTED', 1]);
+    // mergeTensors writes nothing in any case: its message says what stops
+    expect([err.message, late.message]).toEqual(Array(2).fill('the merge was cancelled; no more tensors are yielded'));
     // the reason given to abort() is the error's cause (it was dropped), for merge() too
     const why = new Error('the user left');
     const reasoned = await (async () => { for await (const _ of mergeTensors(doc, { signal: AbortSignal.abort(why) })) void _; })().catch((e) => e);
     expect([reasoned.code, reasoned.cause]).toEqual(['E_ABORTED', why]);
     const merged = await merge(doc, { out: join(dir, 'never'), signal: AbortSignal.abort(why) }).catch((e) => e);
-    expect([merged.code, merged.cause]).toEqual(['E_ABORTED', why]);
+    expect([merged.code, merged.cause, merged.message]).toEqual(['E_ABORTED', why, 'the merge was cancelled; nothing was written']);
     expect(existsSync(join(dir, 'never'))).toBe(false);
     // leaving early is fine
     for await (const t of mergeTensors(doc)) if (t) break;
@@ -263,6 +265,8 @@ describe('API arguments: every wrong one is a DellaError naming it, never a cras
     await refused(() => layerCount(null as unknown as string[]), 'E_ARGS', /layerCount\(names\) takes/);
     await refused(() => assemble(dir as unknown as string[], join(dir, 'a')), 'E_ARGS', /assemble\(partDirs, out\) takes a list/);
     const c = openCheckpoint(join(dir, 'base'));
+    expect(() => (c.names as string[]).push('x')).toThrow(TypeError); // the checkpoint's own list: frozen, not shared
+    expect(c.names).toEqual(['w']);
     c.close();
     await refused(() => c.bytes('w'), 'E_ARGS', /the checkpoint is closed/);
   });

@@ -117,7 +117,7 @@ export function memoryCheckpoint(label: string, set: TensorSet): Checkpoint {
     }
     return b as Uint8Array;
   };
-  const names = [...tensors.keys()].sort();
+  const names = Object.freeze([...tensors.keys()].sort());
   return {
     path: label,
     dir: null,

@@ -31,8 +31,8 @@ export interface Checkpoint {
   files: string[];
   /** tensors by name */
   tensors: ReadonlyMap<string, CheckpointTensor>;
-  /** tensor names, sorted */
-  names: string[];
+  /** tensor names, sorted (frozen: the checkpoint's own list) */
+  readonly names: readonly string[];
   /** __metadata__ of each file, by file path */
   metadata: ReadonlyMap<string, Record<string, string> | null>;
   totalBytes: number;
@@ -294,7 +294,7 @@ function openMapped(path: string, copyOnWrite: boolean): Checkpoint {
     for (const f of opened.values()) f.map.close();
     throw e;
   }
-  const names = [...tensors.keys()].sort();
+  const names = Object.freeze([...tensors.keys()].sort());
   let totalBytes = 0;
   for (const t of tensors.values()) totalBytes += t.byteLength;
   let closed = false;

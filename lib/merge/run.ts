@@ -164,8 +164,8 @@ export function packageVersion(): string {
 }
 
 /** The merge's cancellation, with the signal's reason (signal.abort(reason)) as its cause. */
-export function abortError(signal?: AbortSignal): DellaError {
-  return new DellaError('E_ABORTED', 'the merge was cancelled; nothing was written', signal ? { cause: signal.reason } : undefined);
+export function abortError(signal?: AbortSignal, after = 'nothing was written'): DellaError {
+  return new DellaError('E_ABORTED', `the merge was cancelled; ${after}`, signal ? { cause: signal.reason } : undefined);
 }
 
 export function batches(tensors: readonly TensorPlan[], gpu = false): TensorPlan[][] {
@@ -511,6 +511,8 @@ export interface BatchContext {
   /** the GPU the merges run on, or null for the CPU */
   cuda?: CudaTarget | null;
   signal?: AbortSignal;
+  /** what a cancellation's message says of the output (merge's default: nothing was written) */
+  cancelled?: string;
   /** null: non-finite inputs are errors; else they are collected here as warnings */
   nonfiniteWarnings: string[] | null;
   /** DELLA_PROFILE: where the main thread's time goes */
@@ -589,7 +591,7 @@ export async function* runBatches(
   let pending: Promise<LaunchedBatch> | null = null;
   try {
     for (let g = 0; g < groups.length; g++) {
-      if (ctx.signal?.aborted) throw abortError(ctx.signal);
+      if (ctx.signal?.aborted) throw abortError(ctx.signal, ctx.cancelled);
       const current = await (pending ?? launch(g));
       pending = null;
       const stats = await profile.wait('waiting for the kernels', current.stats);

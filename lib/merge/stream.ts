@@ -41,6 +41,8 @@ export interface TensorStreamOptions {
   onWarning?: (message: string) => void;
 }
 
+const NO_MORE = 'no more tensors are yielded'; // (mergeTensors writes nothing in any case)
+
 /** mergeTensors' options, checked (before its recipe is read, too). */
 export function expectStreamOptions(options: unknown): asserts options is TensorStreamOptions {
   checkOptions(options, 'mergeTensors(recipe, options)', {
@@ -110,7 +112,7 @@ export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions 
     }
     checkOutputSizes(plan.tensors);
     const ctx: BatchContext = {
-      plan, models, recipe, seed, threads, native, signal: options.signal,
+      plan, models, recipe, seed, threads, native, signal: options.signal, cancelled: NO_MORE,
       nonfiniteWarnings: options.allowNonFinite ? [] : null,
     };
     for (const w of [...recipe.warnings, ...plan.warnings]) warn(w);
@@ -134,7 +136,7 @@ export async function* streamMerge(recipe: Recipe, options: TensorStreamOptions 
         elapsedSeconds: (performance.now() - started) / 1000, tensor: done[done.length - 1].plan.name,
       });
       for (const t of done) {
-        if (options.signal?.aborted) throw abortError(options.signal); // not only between batches: one may hold hundreds of tensors
+        if (options.signal?.aborted) throw abortError(options.signal, NO_MORE); // not only between batches: one may hold hundreds of tensors
         const data = buffers.get(t.plan.name)!;
         buffers.delete(t.plan.name);
         yield { name: t.plan.name, dtype: t.plan.outDtype, shape: t.plan.shape, data, report: tensorReport(plan, t.plan, t.stats, t.slerp) };
