@@ -138,6 +138,10 @@ describe(`merges end to end (DELLA_TEST_SEED=${seed})`, () => {
     await merge(recipe, { out: join(dir, 'o') });
     expect(readFileSync(join(dir, 'o', 'tokenizer.json'), 'utf8')).toBe('{"from": "expert1"}\n');
     expect(readFileSync(join(dir, 'o', 'config.json'), 'utf8')).toBe(readFileSync(join(models.base, 'config.json'), 'utf8'));
+    // a tokenizer_source without tokenizer files is said (mergekit fails there), not passed over
+    const none = await merge({ ...recipe, tokenizer_source: models.experts[0] }, { out: join(dir, 'p') });
+    expect(none.warnings).toContain(`tokenizer_source "${models.experts[0]}": ${models.experts[0]} holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...), so the output has none`);
+    expect(existsSync(join(dir, 'p', 'tokenizer.json'))).toBe(false);
   });
 
   it('a released tensor reads the same bytes again (its pages are mapped anew)', () => {

@@ -381,6 +381,34 @@ describe('refusals', () => {
     refuse(recipe({ extra: 'slices:\n  - sources: []\n' }), 'slices', 'not supported', 'models');
   });
 
+  it('mergekit keys della-merge has no use for say why, not "unknown key"', () => {
+    refuse(recipe({ extra: 'chat_template: chatml\n' }), '"chat_template" is not supported', 'copied from tokenizer_source or the base model');
+    refuse(recipe({ extra: 'modules: {}\n' }), '"modules" is not supported', 'per-module');
+    refuse(recipe({ extra: 'normalize: true\n' }), '"normalize" is a parameter, not a top-level key: put it under "parameters:"');
+    refuse(recipe({ extra: 'density: 0.5\n' }), '"density" is a parameter, not a top-level key');
+    refuse(recipe({ params: '  dtype: float16\n' }), 'global parameters: "dtype" is a top-level key, not a parameter');
+    refuse(recipe({ models: '  - model: a\n    parameters: {out_dtype: float16}\n' }), 'model "a": "out_dtype" is a top-level key');
+    refuse(recipe({ extra: 'tokenizer_source: union\n' }), '"union", mergekit\'s merged vocabulary, is not supported');
+    refuse(recipe({ extra: 'tokenizer: {source: base, tokens: {}}\n' }), 'tokenizer.tokens is not supported');
+    refuse(recipe({ extra: 'tokenizer: {source: a}\ntokenizer_source: a\n' }), 'give the tokenizer source once');
+    refuse(recipe({ extra: 'tokenizer: base\n' }), 'tokenizer must be a mapping {source: ...}, got "base"');
+    refuse(recipe({ extra: 'tokenizer: {source: c}\n' }), 'tokenizer_source "c" must be "base" or one of the models');
+    refuse(recipe({ models: '  - model: {model: a, lora: l}\n' }), 'models[0].model names a LoRA adapter ("lora")', 'merge_and_unload');
+    refuse(`${recipe()}---\nfoo: 1\n`, 'a recipe file holds one YAML document, and this one holds several');
+  });
+
+  it('mergekit\'s other spellings: tokenizer: {source}, booleans as 1.0 or yes, torch dtypes', () => {
+    expect(parse(recipe({ extra: 'tokenizer: {source: a}\n' })).tokenizerSource).toBe('a');
+    expect(parse(recipe({ extra: 'tokenizer: {source: base}\n' })).tokenizerSource).toBe('base');
+    for (const [v, want] of [['1.0', true], ['0.0', false], ['1', true], ['yes', true], ['Off', false], ['TRUE', true], ['no', false]] as const) {
+      expect(resolveTensorParams(parse(recipe({ params: `  normalize: ${v}\n` })), 'w', 0).normalize, v).toBe(want);
+    }
+    for (const v of ['2', '0.5', 'y', 'n', 'nope']) refuse(recipe({ params: `  normalize: ${v}\n` }), 'parameter "normalize"', 'true or false');
+    expect(resolveTensorParams(parse(recipe({ params: '  rescale: off\n' })), 'w', 0).rescale).toBe('none');
+    expect(resolveTensorParams(parse(recipe({ params: '  rescale: 1.0\n' })), 'w', 0).rescale).toBe('inverse');
+    expect(parse(recipe({ extra: 'dtype: torch.bfloat16\nout_dtype: torch.float16\n' }))).toMatchObject({ dtype: 'BF16', outDtype: 'F16' });
+  });
+
   it('merge_method: missing, unknown with a suggestion', () => {
     refuse('base_model: b\nmodels: [a]\n', 'merge_method is missing');
     refuse(recipe({ method: 'dela' }), 'unknown merge_method "dela"', '(did you mean "della"?)');
@@ -461,7 +489,7 @@ describe('refusals', () => {
   });
 
   it('bad knob values', () => {
-    refuse(recipe({ params: '  normalize: 1\n' }), 'parameter "normalize"', 'true or false', 'got 1');
+    refuse(recipe({ params: '  normalize: 2\n' }), 'parameter "normalize"', 'true or false', 'got 2'); // (1 and 0 are mergekit's true and false)
     refuse(recipe({ params: '  normalize: [true]\n' }), 'parameter "normalize"', 'cannot be a gradient');
     refuse(recipe({ params: '  consensus: majority\n' }), 'parameter "consensus"', 'got "majority"');
     refuse(recipe({ params: '  rescale: l3\n' }), 'parameter "rescale"', 'must be true, false, "inverse", "l1", "l2" or "linf"');
@@ -560,6 +588,15 @@ describe('loadRecipe', () => {
     expect(err.message).toContain('not in the Hugging Face cache (della-merge never downloads)');
     expect(err.message).toContain(path.join(dir, 'cwd', 'mistralai'));
     expect(err.message).toContain('models--mistralai--Mistral-7B-v0.1');
+    expect(err.message).toContain('"huggingface-cli download mistralai/Mistral-7B-v0.1 --revision main"');
+  });
+
+  it('names mergekit\'s "model+lora" as a LoRA adapter, not as a missing model', async () => {
+    const file = path.join(dir, 'recipes', 'lora.yaml');
+    writeFileSync(file, recipe({ models: '  - model: ./base+./adapters/math\n' }).replace('base_model: base', 'base_model: ./base'));
+    const err = (await loadRecipe(file, { cwd: path.join(dir, 'cwd') }).catch((e: unknown) => e)) as DellaError;
+    expect(err.code).toBe('E_RECIPE');
+    expect(err.message).toContain('model "./base+./adapters/math" names a LoRA adapter ("+./adapters/math", as mergekit writes it), which della-merge does not apply: merge the adapter into its model first');
   });
 
   it('a hub revision or ref cannot lead out of the cache with ".."', () => {

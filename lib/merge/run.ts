@@ -371,7 +371,8 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     }
     const tokenizerDir = tokenizerSourceDir(recipe, models);
     files.push(...copyExtras(models.base.dir, out.tmp, CONFIG_FILES));
-    files.push(...copyExtras(tokenizerDir, out.tmp, TOKENIZER_FILES));
+    const tokenizerFiles = copyExtras(tokenizerDir, out.tmp, TOKENIZER_FILES);
+    files.push(...tokenizerFiles);
     const text = recipeText(recipe);
     out.writeFile(RECIPE_FILE, text);
     out.writeFile('README.md', modelCard(recipe, plan.method, text, packageVersion()));
@@ -401,6 +402,10 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     clock.mark('finish');
     const zeroKept = reports.filter((r) => r.keptFraction?.some((f) => f === 0) && r.shape.length > 0);
     const warnings = [...recipe.warnings, ...plan.warnings, ...(nonfiniteWarnings ?? [])];
+    if (recipe.tokenizerSource && tokenizerFiles.length === 0) {
+      // asked for by name, so its absence is news (mergekit fails there)
+      warnings.push(`tokenizer_source "${recipe.tokenizerSource}": ${tokenizerDir ?? 'a lone file'} holds no tokenizer files (${TOKENIZER_FILES.slice(0, 2).join(', ')}, ...), so the output has none`);
+    }
     if (leftovers.length > 0) {
       warnings.push(`${leftovers.length} unfinished output(s) of earlier runs into ${out.target} whose process is gone (killed?) are still there, holding disk space: remove ${leftovers.join(', ')}`);
     }

@@ -34,9 +34,17 @@ const TOP_LEVEL_KEYS = [
   'dtype',
   'out_dtype',
   'tokenizer_source',
+  'tokenizer',
   'seed',
   'name',
 ] as const;
+
+/** mergekit top-level keys della-merge has no use for, and why (an unknown key would be refused without it). */
+const UNSUPPORTED_TOP_LEVEL: Readonly<Record<string, string>> = {
+  slices: 'list the models under "models" (della-merge merges whole models)',
+  modules: 'mergekit\'s per-module configurations; list the models under "models" (della-merge merges whole models)',
+  chat_template: 'della-merge writes no chat template of its own: the tokenizer files, with any template in them, are copied from tokenizer_source or the base model; set a template in the output\'s tokenizer_config.json afterwards',
+};
 
 const DTYPE_NAMES: Readonly<Record<string, OutDType>> = {
   bfloat16: 'BF16', bf16: 'BF16',
@@ -79,7 +87,10 @@ function parseText(text: string): { document: unknown; warnings: string[] } {
   // merge: YAML 1.1's `<<: *anchor` merge keys, which mergekit's PyYAML reads.
   const doc = parseDocument(src, { prettyErrors: true, uniqueKeys: true, merge: true });
   if (doc.errors.length > 0) {
-    const msg = jsonError !== null ? `invalid JSON: ${jsonError}` : `invalid YAML: ${doc.errors[0].message}`;
+    const first = doc.errors[0];
+    const msg = jsonError !== null ? `invalid JSON: ${jsonError}`
+      : first.code === 'MULTIPLE_DOCS' ? 'a recipe file holds one YAML document, and this one holds several (separated by "---")'
+      : `invalid YAML: ${first.message}`;
     throw recipeError(`recipe is not valid: ${msg.trim()}`);
   }
   const warnings = doc.warnings.map((w) => `YAML: ${w.message}`);
@@ -189,20 +200,37 @@ function checkScalar(ctx: Ctx, v: unknown, entry: string): ParamScalar {
       if (!(x >= 0 && x <= 1)) bad('in [0, 1]');
       return x;
     }
-    case 'normalize':
-      if (typeof v !== 'boolean') bad('true or false');
-      return v as boolean;
+    case 'normalize': {
+      const b = pyBool(v);
+      if (b === undefined) bad('true or false');
+      return b as boolean;
+    }
     case 'consensus':
       if (v === null || v === false) return 'none';
       if (v === 'sum' || v === 'count' || v === 'none') return v;
       return bad('"sum", "count" or "none"');
     case 'rescale':
-      if (typeof v === 'boolean' || v === 'inverse' || v === 'none' || v === 'l1' || v === 'l2' || v === 'linf') return v;
+      if (v === 'inverse' || v === 'none' || v === 'l1' || v === 'l2' || v === 'linf') return v;
+      if (pyBool(v) !== undefined) return pyBool(v) as boolean;
       return bad('true, false, "inverse", "l1", "l2" or "linf"');
     default:
       // unreachable: names are checked before values
       throw recipeError(`${describe(ctx, entry)} is not a known parameter`);
   }
+}
+
+/**
+ * A boolean as mergekit reads one: true or false; 1 or 0 (it stores its boolean
+ * parameters as floats, and writes normalize: 1.0 when it saves a config); PyYAML's
+ * YAML 1.1 words (yes, no, on, off, in its three spellings), which YAML 1.2 reads as
+ * strings. Else undefined.
+ */
+function pyBool(v: unknown): boolean | undefined {
+  if (typeof v === 'boolean') return v;
+  if (v === 1 || v === 0) return v === 1;
+  if (typeof v === 'string' && /^(?:yes|Yes|YES|on|On|ON|true|True|TRUE)$/.test(v)) return true;
+  if (typeof v === 'string' && /^(?:no|No|NO|off|Off|OFF|false|False|FALSE)$/.test(v)) return false;
+  return undefined;
 }
 
 function checkGradient(ctx: Ctx, list: unknown[], entry: string): number[] {
@@ -292,6 +320,9 @@ function parseSection(
   for (const [key, value] of Object.entries(raw)) {
     const alias = aliasOf(key);
     const name = alias ? alias.target : key;
+    if (!ALL_PARAM_NAMES.includes(key) && (TOP_LEVEL_KEYS as readonly string[]).includes(key)) {
+      throw recipeError(`${where}: "${key}" is a top-level key, not a parameter: move it out of "parameters:"`);
+    }
     if (!ALL_PARAM_NAMES.includes(key)) {
       // prefer a name valid here; a known name elsewhere only when strictly closer
       const a = nearest(key, valid);
@@ -321,6 +352,8 @@ function parseSection(
 
 // ---------------------------------------------------------------- top level
 
+const LORA_ADVICE = 'merge the adapter into its model first (e.g. with peft\'s merge_and_unload) and name that directory';
+
 function modelString(raw: unknown, what: string): string {
   if (typeof raw === 'string') {
     if (raw.trim() === '') throw recipeError(`${what} is an empty string`);
@@ -328,6 +361,7 @@ function modelString(raw: unknown, what: string): string {
   }
   if (isDict(raw)) {
     for (const k of Object.keys(raw)) {
+      if (k === 'lora') throw recipeError(`${what} names a LoRA adapter ("lora"), which della-merge does not apply: ${LORA_ADVICE}`);
       if (k !== 'model') throw recipeError(`${what} has unknown key "${k}"${didYouMean(k, ['model'])}`);
     }
     if (!has(raw, 'model')) throw recipeError(`${what} has no "model"`);
@@ -336,9 +370,30 @@ function modelString(raw: unknown, what: string): string {
   throw recipeError(`${what} must be a model path (string), got ${fmt(raw)}`);
 }
 
+/**
+ * The tokenizer source, from tokenizer_source or from mergekit's newer form
+ * `tokenizer: {source: ...}` (the same choice; its other keys build a new vocabulary,
+ * which della-merge does not).
+ */
+function tokenizerSourceOf(doc: Dict): unknown {
+  if (doc.tokenizer === undefined || doc.tokenizer === null) return doc.tokenizer_source;
+  if (doc.tokenizer_source !== undefined && doc.tokenizer_source !== null) {
+    throw recipeError('give the tokenizer source once: "tokenizer_source" or "tokenizer: {source: ...}", not both');
+  }
+  if (!isDict(doc.tokenizer)) throw recipeError(`tokenizer must be a mapping {source: ...}, got ${fmt(doc.tokenizer)}`);
+  for (const k of Object.keys(doc.tokenizer)) {
+    if (k !== 'source') {
+      throw recipeError(`tokenizer.${k} is not supported: della-merge copies one model's tokenizer files (tokenizer: {source: ...}) and builds no vocabulary; the models' vocabularies must match`);
+    }
+  }
+  return doc.tokenizer.source;
+}
+
 function parseDtype(raw: unknown, key: string): OutDType | null {
   if (raw === undefined || raw === null) return null;
-  const t = typeof raw === 'string' && has(DTYPE_NAMES, raw.toLowerCase()) ? DTYPE_NAMES[raw.toLowerCase()] : undefined;
+  // mergekit takes torch's names too ("torch.bfloat16")
+  const name = typeof raw === 'string' ? raw.toLowerCase().replace(/^torch\./, '') : '';
+  const t = has(DTYPE_NAMES, name) ? DTYPE_NAMES[name] : undefined;
   if (t === undefined) {
     throw recipeError(`${key} ${fmt(raw)} is not a supported dtype; use one of ${Object.keys(DTYPE_NAMES).join(', ')}`);
   }
@@ -464,8 +519,9 @@ function recipeFromDocument(document: unknown, warnings: string[], options: Pars
   const doc = document;
 
   for (const key of Object.keys(doc)) {
-    if (key === 'slices') {
-      throw recipeError('"slices" is not supported: list the models under "models" (della-merge merges whole models)');
+    if (has(UNSUPPORTED_TOP_LEVEL, key)) throw recipeError(`"${key}" is not supported: ${UNSUPPORTED_TOP_LEVEL[key]}`);
+    if (ALL_PARAM_NAMES.includes(key)) {
+      throw recipeError(`"${key}" is a parameter, not a top-level key: put it under "parameters:" (or a model's "parameters:")`);
     }
     if (!(TOP_LEVEL_KEYS as readonly string[]).includes(key)) {
       throw recipeError(`unknown key "${key}" at the top level${didYouMean(key, TOP_LEVEL_KEYS)}`);
@@ -554,12 +610,13 @@ function recipeFromDocument(document: unknown, warnings: string[], options: Pars
     }
   }
 
-  const tok = doc.tokenizer_source;
+  const tok = tokenizerSourceOf(doc);
   let tokenizerSource: string | null = null;
   if (tok !== undefined && tok !== null) {
     if (typeof tok !== 'string' || (tok !== 'base' && tok !== baseName && !listed.includes(tok))) {
+      const union = tok === 'union' ? ' ("union", mergekit\'s merged vocabulary, is not supported: the models\' vocabularies must match)' : '';
       throw recipeError(
-        `tokenizer_source ${fmt(tok)} must be "base" or one of the models as written: ${[baseName, ...listed.filter((n) => n !== baseName)].map((n) => `"${n}"`).join(', ')}`,
+        `tokenizer_source ${fmt(tok)} must be "base" or one of the models as written: ${[baseName, ...listed.filter((n) => n !== baseName)].map((n) => `"${n}"`).join(', ')}${union}`,
       );
     }
     tokenizerSource = tok;
@@ -611,11 +668,16 @@ export function makeResolver(recipeFile: string, cwd: string): (model: string) =
         : `neither ${inCwd} (working directory) nor ${inRecipeDir} (recipe directory) exists`;
     const hub = resolveHubId(model);
     if (hub && 'path' in hub) return hub.path;
+    // mergekit's "model+lora" names a model and a LoRA adapter to apply to it
+    const plus = model.indexOf('+');
+    if (plus > 0 && plus < model.length - 1 && [cwd, recipeDir].some((d) => present(path.resolve(d, model.slice(0, plus))))) {
+      throw recipeError(`model "${model}" names a LoRA adapter ("+${model.slice(plus + 1)}", as mergekit writes it), which della-merge does not apply: ${LORA_ADVICE}`);
+    }
     if (hub) {
       throw recipeError(
         `model "${model}" is not a local path and not in the Hugging Face cache (della-merge never downloads): ` +
           `looked for ${[inCwd, inRecipeDir].filter((p, i, a) => a.indexOf(p) === i).join(', ')} and ${hub.looked.join(', ')}. ` +
-          `Download it first (e.g. "huggingface-cli download ${model.split('@')[0]}") or give a local path`,
+          `Download it first (e.g. "huggingface-cli download ${model.split('@')[0]}${model.includes('@') ? ` --revision ${model.slice(model.indexOf('@') + 1)}` : ''}") or give a local path`,
       );
     }
     throw recipeError(`model "${model}" not found: ${looked}`);
