@@ -17,7 +17,7 @@ import { verifyMerge } from './validate/verify.js';
 import { assemble, parsePart, partTensors } from './merge/parts.js';
 import { planTotals } from './merge/plan.js';
 import { doctor, doctorLines } from './cli/doctor.js';
-import { checkReportFile, deviceOptions, err, intOption, out, parse, summary, usageError, withSignals, writeReport } from './cli/common.js';
+import { checkReportFile, deviceOptions, err, intOption, out, parse, reportIsFile, summary, usageError, withSignals, writeReport } from './cli/common.js';
 import { cmdDemo } from './cli/demo.js';
 import { cmdVerify, verifySummary } from './cli/verify.js';
 import { ASSEMBLE_USAGE, DOCTOR_USAGE, HELP, INSPECT_USAGE, RUN_USAGE, USAGE } from './cli/usage.js';
@@ -58,10 +58,10 @@ async function cmdRun(args: string[]): Promise<number> {
   }).finally(() => progress.end()));
   // The output is in place and whole: a signal now stops the check, not the merge, so the
   // merge's summary and report come first (under the check's signal handling), and a
-  // stopped check leaves them.
+  // stopped check leaves them. A report going to a pipe is written once, at the end.
   const verified = values.verify
     ? await withSignals(async (signal) => {
-      if (values.report) writeReport(values.report as string, report);
+      if (values.report && reportIsFile(values.report as string)) writeReport(values.report as string, report);
       if (!values.json) summary(report).forEach(out);
       return verifyMerge(report.out, recipe, { seed: report.seed, threads: verifyThreads(threads), signal });
     }, `the merge into ${report.out} is complete; not verifying it`)

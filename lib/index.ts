@@ -61,7 +61,7 @@ export async function* mergeTensors(
 ): AsyncGenerator<MergedTensor> {
   expectStreamOptions(options);
   const inMemory = options.base !== undefined || options.models !== undefined;
-  yield* streamMerge(await toRecipe(recipe, inMemory), options);
+  yield* streamMerge(await toRecipe(recipe, inMemory, options.base !== undefined), options);
 }
 
 /** A recipe object as YAML text, for parseRecipe to check like a file's. */
@@ -73,7 +73,7 @@ function documentText(doc: object): string {
   }
 }
 
-async function toRecipe(recipe: string | Recipe | Record<string, unknown>, inMemory = false): Promise<Recipe> {
+async function toRecipe(recipe: string | Recipe | Record<string, unknown>, inMemory = false, baseGiven = true): Promise<Recipe> {
   if (typeof recipe === 'string') return loadRecipe(recipe);
   if (isParsedRecipe(recipe)) return checkedRecipe(recipe);
   const broken = brokenRecipeProblem(recipe);
@@ -83,8 +83,8 @@ async function toRecipe(recipe: string | Recipe | Record<string, unknown>, inMem
     if (!inMemory) return parseRecipe(documentText(recipe), { resolvePath: makeResolver(resolve('recipe'), process.cwd()) });
     // In memory, model names are labels: fill in the ones left out.
     const doc = { ...recipe } as Record<string, unknown>;
-    // (linear needs none: left out, the first model supplies the names, as from files)
-    if (doc.base_model === undefined && doc.merge_method !== 'linear') doc.base_model = 'base';
+    // (linear needs none: without options.base, the first model supplies the names, as from files)
+    if (doc.base_model === undefined && (doc.merge_method !== 'linear' || baseGiven)) doc.base_model = 'base';
     if (Array.isArray(doc.models)) {
       doc.models = doc.models.map((m: unknown, k: number) =>
         m && typeof m === 'object' && !('model' in m) ? { model: `model-${k}`, ...m } : m);

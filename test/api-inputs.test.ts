@@ -193,6 +193,11 @@ describe('mergeTensors in-memory arguments', () => {
     expect(got).toEqual(Object.fromEntries([W, 'other'].map((n) => [n, [...(c.array(n) as Float32Array)]])));
     c.close();
     expect(got[W]).toEqual([(1 * 1 + 0.5 * 3) / 1.5, (2 + 0.5 * 8) / 1.5].map(Math.fround));
+    // given a base anyway, it is the base (named "base"), as before
+    const withBase: string[] = [];
+    for await (const x of mergeTensors(lin, { base: sets[0], models: sets })) withBase.push(x.name);
+    expect(withBase).toEqual([W, 'other'].sort());
+    await refused(async () => { for await (const _ of mergeTensors(lin, { base: { q: t() }, models: sets })) void _; }, 'E_SHAPE', /^model-0 \(model-0\) has none of the base model's tensors .* are not in base\)$/);
     // a recipe that names a base still needs it
     await refused(async () => { for await (const _ of mergeTensors({ ...lin, base_model: 'b' }, { models: sets })) void _; }, 'E_ARGS',
       /in-memory merges need options\.base .*a linear recipe without base_model may leave it out.*; options\.base is nothing$/);

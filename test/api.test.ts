@@ -222,6 +222,8 @@ describe('API arguments: every wrong one is a DellaError naming it, never a cras
     await refused(() => merge({ ...r, models: null } as unknown as Recipe, { out }), 'E_ARGS', /^the Recipe object's models must be an array, got null \(a Recipe from loadRecipe/);
     await refused(() => merge({ ...r, baseModel: 'b' } as unknown as Recipe, { out }), 'E_ARGS', /^the Recipe object's baseModel must be an object with a path string, got "b"/);
     await refused(() => planRecipe({ ...r, mergeMethod: 3 } as unknown as Recipe), 'E_ARGS', /^planRecipe\(recipe\): the Recipe object's mergeMethod must be a method name string, got 3/);
+    // a document written in camelCase by mistake is a document, told the keys it meant
+    await refused(() => merge({ mergeMethod: 'ties', baseModel: join(dir, 'base'), models: [{ model: join(dir, 'x') }] }, { out }), 'E_RECIPE', /unknown key "mergeMethod" at the top level \(did you mean "merge_method"\?\)/);
     const { warnings: _, ...noWarnings } = r; // warnings are the parser's output: leaving them out is fine
     expect((await merge(noWarnings as Recipe, { out: join(dir, 'no-warnings') })).tensors.merged).toBe(1);
     expect(existsSync(out)).toBe(false);

@@ -91,7 +91,7 @@ describe(`run --part i/N and assemble (DELLA_TEST_SEED=${seed})`, () => {
     expect(missing.stderr).toMatch(/parts 2\/2 are missing/);
     expect(cli(['assemble', '--out', join(dir, 'x'), join(dir, 'a1'), join(dir, 'a1')]).stderr).toMatch(/part 1\/2 is given twice: .*a1 is named twice/);
     cpSync(join(dir, 'a1'), join(dir, 'c1'), { recursive: true }); // a copy of part 1 passed as another part
-    expect(cli(['assemble', '--out', join(dir, 'x'), join(dir, 'a1'), join(dir, 'c1')]).stderr).toMatch(/part 1\/2 is given twice: the run records \(della_merge_run\.json\) of \S*a1 and \S*c1 both say part 1\/2/);
+    expect(cli(['assemble', '--out', join(dir, 'x'), join(dir, 'a1'), join(dir, 'c1')]).stderr).toMatch(/part 1\/2 is given twice: the part records \(della_merge_part\.json\) of \S*a1 and \S*c1 both say part 1\/2/);
     expect(cli(['assemble', '--out', join(dir, 'x'), join(dir, 'a1'), join(dir, 'b2')]).stderr).toMatch(/b2 belongs to a different merge than \S*a1: its seed is 2, the other's 1/);
     // The experts swapped in one part's recipe: the same tensors and parameters planned,
     // other values merged (it assembled a mixed model).

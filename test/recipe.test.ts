@@ -392,7 +392,7 @@ describe('refusals', () => {
     refuse(recipe({ extra: 'tokenizer: {source: base, tokens: {}}\n' }), 'tokenizer.tokens is not supported');
     refuse(recipe({ extra: 'tokenizer: {source: a}\ntokenizer_source: a\n' }), 'give the tokenizer source once');
     refuse(recipe({ extra: 'tokenizer: base\n' }), 'tokenizer must be a mapping {source: ...}, got "base"');
-    refuse(recipe({ extra: 'tokenizer: {source: c}\n' }), 'tokenizer_source "c" must be "base" or one of the models');
+    refuse(recipe({ extra: 'tokenizer: {source: c}\n' }), 'tokenizer.source "c" must be "base" or one of the models');
     refuse(recipe({ models: '  - model: {model: a, lora: l}\n' }), 'models[0].model names a LoRA adapter ("lora")', 'merge_and_unload');
     refuse(`${recipe()}---\nfoo: 1\n`, 'a recipe file holds one YAML document, and this one holds several');
   });
@@ -596,7 +596,12 @@ describe('loadRecipe', () => {
     writeFileSync(file, recipe({ models: '  - model: ./base+./adapters/math\n' }).replace('base_model: base', 'base_model: ./base'));
     const err = (await loadRecipe(file, { cwd: path.join(dir, 'cwd') }).catch((e: unknown) => e)) as DellaError;
     expect(err.code).toBe('E_RECIPE');
-    expect(err.message).toContain('model "./base+./adapters/math" names a LoRA adapter ("+./adapters/math", as mergekit writes it), which della-merge does not apply: merge the adapter into its model first');
+    expect(err.message).toContain('model "./base+./adapters/math" not found: ');
+    expect(err.message).toContain('. If "+./adapters/math" names a LoRA adapter (mergekit\'s model+lora), della-merge does not apply adapters: merge the adapter into its model first');
+    // mergekit's usual form, hub ids on both sides
+    writeFileSync(file, recipe({ models: '  - model: mistralai/Mistral-7B-v0.1+someone/lora\n' }).replace('base_model: base', 'base_model: ./base'));
+    const hub = (await loadRecipe(file, { cwd: path.join(dir, 'cwd') }).catch((e: unknown) => e)) as DellaError;
+    expect(hub.message).toContain('If "+someone/lora" names a LoRA adapter');
   });
 
   it('a hub revision or ref cannot lead out of the cache with ".."', () => {

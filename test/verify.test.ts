@@ -165,6 +165,12 @@ describe(`verify (DELLA_TEST_SEED=${seed})`, () => {
     const run = cli(['run', recipe, '--out', join(dir, 'o'), '--verify', '--seed', '77']);
     expect(run.code, run.stderr).toBe(0);
     expect(run.stdout).toMatch(/verified \d+ tensors \(\d+ rows recomputed by the reference\), all equal, all finite/);
+    // a report to a pipe or /dev/stdout is written once, with the check (a file, before it too)
+    const q = (a: string) => `'${a.replace(/'/g, "'\\''")}'`;
+    const piped = spawnSync('sh', ['-c', `${q(process.execPath)} ${q(join(root, 'bin/della-merge.js'))} run ${q(recipe)} --out ${q(join(dir, 'o2'))} --verify --report /dev/stdout -q | cat`], { encoding: 'utf8' });
+    expect(piped.status, piped.stderr).toBe(0);
+    expect(piped.stdout.match(/^\{$/gm)).toHaveLength(1);
+    expect(piped.stdout).toMatch(/^ {2}"verify": \{$/m);
     const v = cli(['verify', join(dir, 'o'), '--recipe', recipe]);
     expect(v.code, v.stderr).toBe(0);
     expect(v.stdout).toMatch(/model\.layers\.0\.mlp\.down_proj\.weight +ok +\d+\/\d+ +\d+\.\d% \d+\.\d%/);

@@ -129,6 +129,16 @@ export function checkReportFile(path: string, outDir: string | undefined, recipe
   if (why) throw new DellaError('E_OUTPUT', `--report ${why}`);
 }
 
+/** Whether the --report path is a regular file or not there yet: one that can be written
+ * more than once (a pipe or /dev/stdout would pass on each writing). */
+export function reportIsFile(path: string): boolean {
+  try {
+    return statSync(resolve(path)).isFile();
+  } catch {
+    return true; // new
+  }
+}
+
 /** Writes the --report JSON, making its directory if needed (job scripts name a reports/
  * directory per run); a failure (disk full, ...) is E_IO saying the merge itself is done. */
 export function writeReport(path: string, report: { out: string }): void {

@@ -216,7 +216,7 @@ export async function assemble(
       : r.planDigest !== first.planDigest || !samePlanned(r.planned) ? 'their recipes or input models differ (the tensors planned, their parameters, the models named or their bytes)'
       : null;
     if (differs) throw new DellaError('E_ARGS', `${dirs[i]} belongs to a different merge than ${dirs[0]}: ${differs}`);
-    if (byIndex.has(r.part)) throw new DellaError('E_ARGS', `part ${r.part}/${r.of} is given twice: ${byIndex.get(r.part) === dirs[i] ? `${dirs[i]} is named twice` : `the run records (della_merge_run.json) of ${byIndex.get(r.part)} and ${dirs[i]} both say part ${r.part}/${r.of}`}`);
+    if (byIndex.has(r.part)) throw new DellaError('E_ARGS', `part ${r.part}/${r.of} is given twice: ${byIndex.get(r.part) === dirs[i] ? `${dirs[i]} is named twice` : `the part records (${PART_FILE}) of ${byIndex.get(r.part)} and ${dirs[i]} both say part ${r.part}/${r.of}`}`);
     byIndex.set(r.part, dirs[i]);
   });
   const missing = Array.from({ length: first.of }, (_, i) => i + 1).filter((i) => !byIndex.has(i));

@@ -444,7 +444,9 @@ export function isParsedRecipe(v: unknown): v is Recipe {
 export function brokenRecipeProblem(v: unknown): string | null {
   if (v === null || typeof v !== 'object' || Array.isArray(v) || isParsedRecipe(v)) return null;
   const r = v as Record<string, unknown>;
-  if (!('mergeMethod' in r || 'baseModel' in r) || 'merge_method' in r || 'base_model' in r) return null;
+  // A parsed Recipe's own fields (document, warnings) tell it from a document written in
+  // camelCase by mistake, which is refused as a document ("did you mean merge_method").
+  if (!('mergeMethod' in r || 'baseModel' in r) || !('document' in r || 'warnings' in r) || 'merge_method' in r || 'base_model' in r) return null;
   const base = r.baseModel as { path?: unknown } | null | undefined;
   const bad = typeof r.mergeMethod !== 'string' ? ['mergeMethod', 'a method name string', r.mergeMethod]
     : base === null || typeof base !== 'object' || typeof base.path !== 'string' ? ['baseModel', 'an object with a path string', r.baseModel]
@@ -611,12 +613,13 @@ function recipeFromDocument(document: unknown, warnings: string[], options: Pars
   }
 
   const tok = tokenizerSourceOf(doc);
+  const tokKey = doc.tokenizer !== undefined && doc.tokenizer !== null ? 'tokenizer.source' : 'tokenizer_source';
   let tokenizerSource: string | null = null;
   if (tok !== undefined && tok !== null) {
     if (typeof tok !== 'string' || (tok !== 'base' && tok !== baseName && !listed.includes(tok))) {
       const union = tok === 'union' ? ' ("union", mergekit\'s merged vocabulary, is not supported: the models\' vocabularies must match)' : '';
       throw recipeError(
-        `tokenizer_source ${fmt(tok)} must be "base" or one of the models as written: ${[baseName, ...listed.filter((n) => n !== baseName)].map((n) => `"${n}"`).join(', ')}${union}`,
+        `${tokKey} ${fmt(tok)} must be "base" or one of the models as written: ${[baseName, ...listed.filter((n) => n !== baseName)].map((n) => `"${n}"`).join(', ')}${union}`,
       );
     }
     tokenizerSource = tok;
@@ -670,17 +673,17 @@ export function makeResolver(recipeFile: string, cwd: string): (model: string) =
     if (hub && 'path' in hub) return hub.path;
     // mergekit's "model+lora" names a model and a LoRA adapter to apply to it
     const plus = model.indexOf('+');
-    if (plus > 0 && plus < model.length - 1 && [cwd, recipeDir].some((d) => present(path.resolve(d, model.slice(0, plus))))) {
-      throw recipeError(`model "${model}" names a LoRA adapter ("+${model.slice(plus + 1)}", as mergekit writes it), which della-merge does not apply: ${LORA_ADVICE}`);
-    }
+    const lora = plus > 0 && plus < model.length - 1
+      ? `. If "+${model.slice(plus + 1)}" names a LoRA adapter (mergekit's model+lora), della-merge does not apply adapters: ${LORA_ADVICE}`
+      : '';
     if (hub) {
       throw recipeError(
         `model "${model}" is not a local path and not in the Hugging Face cache (della-merge never downloads): ` +
           `looked for ${[inCwd, inRecipeDir].filter((p, i, a) => a.indexOf(p) === i).join(', ')} and ${hub.looked.join(', ')}. ` +
-          `Download it first (e.g. "huggingface-cli download ${model.split('@')[0]}${model.includes('@') ? ` --revision ${model.slice(model.indexOf('@') + 1)}` : ''}") or give a local path`,
+          `Download it first (e.g. "huggingface-cli download ${model.split('@')[0]}${model.includes('@') ? ` --revision ${model.slice(model.indexOf('@') + 1)}` : ''}") or give a local path${lora}`,
       );
     }
-    throw recipeError(`model "${model}" not found: ${looked}`);
+    throw recipeError(`model "${model}" not found: ${looked}${lora}`);
   };
 }
 
