@@ -591,6 +591,14 @@ describe('loadRecipe', () => {
     expect(err.message).toContain('"huggingface-cli download mistralai/Mistral-7B-v0.1 --revision main"');
   });
 
+  it('a local directory named with a revision says it has none', async () => {
+    const file = path.join(dir, 'recipes', 'at.yaml');
+    writeFileSync(file, recipe({ models: '  - model: ./base@main\n' }).replace('base_model: base', 'base_model: ./base'));
+    const err = (await loadRecipe(file, { cwd: path.join(dir, 'cwd') }).catch((e: unknown) => e)) as DellaError;
+    expect(err.code).toBe('E_RECIPE');
+    expect(err.message).toMatch(/: model "\.\/base@main" not found: .*; \S+base exists, but a local directory has no revisions: name it without "@main"$/);
+  });
+
   it('names mergekit\'s "model+lora" as a LoRA adapter, not as a missing model', async () => {
     const file = path.join(dir, 'recipes', 'lora.yaml');
     writeFileSync(file, recipe({ models: '  - model: ./base+./adapters/math\n' }).replace('base_model: base', 'base_model: ./base'));

@@ -676,6 +676,12 @@ export function makeResolver(recipeFile: string, cwd: string): (model: string) =
     const lora = plus > 0 && plus < model.length - 1
       ? `. If "+${model.slice(plus + 1)}" names a LoRA adapter (mergekit's model+lora), della-merge does not apply adapters: ${LORA_ADVICE}`
       : '';
+    // mergekit drops a revision from a local directory's name; here that is said, not done
+    const at = model.lastIndexOf('@');
+    const local = at > 0 ? [cwd, recipeDir].map((d) => path.resolve(d, model.slice(0, at))).find(present) : undefined;
+    if (local !== undefined) {
+      throw recipeError(`model "${model}" not found: ${looked}; ${local} exists, but a local directory has no revisions: name it without "@${model.slice(at + 1)}"`);
+    }
     if (hub) {
       throw recipeError(
         `model "${model}" is not a local path and not in the Hugging Face cache (della-merge never downloads): ` +
