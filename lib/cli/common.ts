@@ -9,7 +9,7 @@ import { INDEX_FILE, TEMP_MARK } from '../checkpoint/writer.js';
 import { EXTRA_FILES } from '../merge/parts.js';
 import { formatBytes, parseSize } from '../util/size.js';
 import { parseDevice } from '../merge/device.js';
-import { nearest } from '../recipe/params.js';
+import { likelyMeant } from '../util/options.js';
 import { HELP, USAGE } from './usage.js';
 import { isWithin, makeDirs, nearestExisting } from '../util/fs.js';
 
@@ -46,8 +46,8 @@ export function parse(command: string, args: string[], options: OptionSpec): Par
     const unknown = (e as { code?: string }).code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION' && /'([^']+)'/.exec((e as Error).message)?.[1];
     if (unknown) {
       const word = unknown.replace(/^-+/, '').split('=')[0];
-      const near = unknown.startsWith('--') ? nearest(word, [...Object.keys(options), 'help']) : null;
-      const hint = near && near.distance <= Math.max(1, Math.floor(word.length / 3)) ? ` (did you mean --${near.name}?)` : '';
+      const meant = unknown.startsWith('--') ? likelyMeant(word, [...Object.keys(options), 'help']) : null;
+      const hint = meant ? ` (did you mean --${meant}?)` : '';
       throw usageError(`unknown option ${unknown} for ${command}` + (hint || `; a file whose name starts with "-" goes after "--", as in: della-merge ${command} -- ${unknown}`), command);
     }
     throw usageError((e as Error).message, command);

@@ -211,8 +211,7 @@ function checkScalar(ctx: Ctx, v: unknown, entry: string): ParamScalar {
       return bad('"sum", "count" or "none"');
     case 'rescale':
       if (v === 'inverse' || v === 'none' || v === 'l1' || v === 'l2' || v === 'linf') return v;
-      if (pyBool(v) !== undefined) return pyBool(v) as boolean;
-      return bad('true, false, "inverse", "l1", "l2" or "linf"');
+      return pyBool(v) ?? bad('true, false, "inverse", "l1", "l2" or "linf"');
     default:
       // unreachable: names are checked before values
       throw recipeError(`${describe(ctx, entry)} is not a known parameter`);
@@ -371,12 +370,12 @@ function modelString(raw: unknown, what: string): string {
 }
 
 /**
- * The tokenizer source, from tokenizer_source or from mergekit's newer form
+ * The tokenizer source and the key it was given as: tokenizer_source, or mergekit's newer form
  * `tokenizer: {source: ...}` (the same choice; its other keys build a new vocabulary,
  * which della-merge does not).
  */
-function tokenizerSourceOf(doc: Dict): unknown {
-  if (doc.tokenizer === undefined || doc.tokenizer === null) return doc.tokenizer_source;
+function tokenizerSourceOf(doc: Dict): { source: unknown; key: string } {
+  if (doc.tokenizer === undefined || doc.tokenizer === null) return { source: doc.tokenizer_source, key: 'tokenizer_source' };
   if (doc.tokenizer_source !== undefined && doc.tokenizer_source !== null) {
     throw recipeError('give the tokenizer source once: "tokenizer_source" or "tokenizer: {source: ...}", not both');
   }
@@ -386,7 +385,7 @@ function tokenizerSourceOf(doc: Dict): unknown {
       throw recipeError(`tokenizer.${k} is not supported: della-merge copies one model's tokenizer files (tokenizer: {source: ...}) and builds no vocabulary; the models' vocabularies must match`);
     }
   }
-  return doc.tokenizer.source;
+  return { source: doc.tokenizer.source, key: 'tokenizer.source' };
 }
 
 function parseDtype(raw: unknown, key: string): OutDType | null {
@@ -612,8 +611,7 @@ function recipeFromDocument(document: unknown, warnings: string[], options: Pars
     }
   }
 
-  const tok = tokenizerSourceOf(doc);
-  const tokKey = doc.tokenizer !== undefined && doc.tokenizer !== null ? 'tokenizer.source' : 'tokenizer_source';
+  const { source: tok, key: tokKey } = tokenizerSourceOf(doc);
   let tokenizerSource: string | null = null;
   if (tok !== undefined && tok !== null) {
     if (typeof tok !== 'string' || (tok !== 'base' && tok !== baseName && !listed.includes(tok))) {

@@ -29,8 +29,8 @@ export function checkOptions(options: unknown, signature: string, spec: Readonly
   const names = Object.keys(spec);
   for (const key of Object.keys(options)) {
     if (!Object.hasOwn(spec, key)) {
-      const near = nearest(key, names); // a suggestion only for a likely typo
-      const hint = near && near.distance <= Math.max(1, Math.floor(key.length / 3)) ? ` (did you mean "${near.name}"?)` : '';
+      const meant = likelyMeant(key, names);
+      const hint = meant ? ` (did you mean "${meant}"?)` : '';
       throw new DellaError('E_ARGS', `options.${key} is not an option of ${signature.slice(0, signature.indexOf('('))}${hint}; its options are ${names.join(', ')}`);
     }
   }
@@ -46,6 +46,12 @@ export function checkOptions(options: unknown, signature: string, spec: Readonly
       : kind === 'AbortSignal' ? v instanceof AbortSignal : typeof v === kind;
     if (!ok) throw new DellaError('E_ARGS', `options.${key} must be ${describe(kind)}, got ${showArg(v)}`);
   }
+}
+
+/** The name `word` is likely a typo of (the nearest, within a third of its length), or null. */
+export function likelyMeant(word: string, names: readonly string[]): string | null {
+  const near = nearest(word, names);
+  return near && near.distance <= Math.max(1, Math.floor(word.length / 3)) ? near.name : null;
 }
 
 /** A thread count as the API takes it: an integer from 1 to 1024. */
