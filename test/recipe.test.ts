@@ -567,23 +567,25 @@ describe('loadRecipe', () => {
     expect(r.models.map((m) => m.path)).toEqual([path.join(dir, 'recipes', 'experts', 'math'), abs]);
   });
 
-  it('names the model and both places looked when a path is missing', async () => {
-    const file = path.join(dir, 'recipes', 'missing.yaml');
-    writeFileSync(file, recipe({ models: '  - model: ./experts/nope\n' }).replace('base_model: base', 'base_model: ./base'));
+  /** The E_RECIPE that loading a recipe of one expert, `model`, from recipes/ with cwd/ as the working directory gives. */
+  async function refusedModel(model: string): Promise<DellaError> {
+    const file = path.join(dir, 'recipes', 'refused.yaml');
+    writeFileSync(file, recipe({ models: `  - model: ${model}\n` }).replace('base_model: base', 'base_model: ./base'));
     const err = await loadRecipe(file, { cwd: path.join(dir, 'cwd') }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(DellaError);
     expect((err as DellaError).code).toBe('E_RECIPE');
-    const msg = (err as DellaError).message;
+    return err as DellaError;
+  }
+
+  it('names the model and both places looked when a path is missing', async () => {
+    const msg = (await refusedModel('./experts/nope')).message;
     expect(msg).toContain('model "./experts/nope" not found');
     expect(msg).toContain(path.join(dir, 'cwd', 'experts', 'nope'));
     expect(msg).toContain(path.join(dir, 'recipes', 'experts', 'nope'));
   });
 
   it('looks a hub id up in the local cache and says where it looked', async () => {
-    const file = path.join(dir, 'recipes', 'hub.yaml');
-    writeFileSync(file, recipe({ models: '  - model: mistralai/Mistral-7B-v0.1@main\n' }).replace('base_model: base', 'base_model: ./base'));
-    const err = (await loadRecipe(file, { cwd: path.join(dir, 'cwd') }).catch((e: unknown) => e)) as DellaError;
-    expect(err.code).toBe('E_RECIPE');
+    const err = await refusedModel('mistralai/Mistral-7B-v0.1@main');
     expect(err.message).toContain('"mistralai/Mistral-7B-v0.1@main"');
     expect(err.message).toContain('not in the Hugging Face cache (della-merge never downloads)');
     expect(err.message).toContain(path.join(dir, 'cwd', 'mistralai'));
@@ -592,24 +594,15 @@ describe('loadRecipe', () => {
   });
 
   it('a local directory named with a revision says it has none', async () => {
-    const file = path.join(dir, 'recipes', 'at.yaml');
-    writeFileSync(file, recipe({ models: '  - model: ./base@main\n' }).replace('base_model: base', 'base_model: ./base'));
-    const err = (await loadRecipe(file, { cwd: path.join(dir, 'cwd') }).catch((e: unknown) => e)) as DellaError;
-    expect(err.code).toBe('E_RECIPE');
-    expect(err.message).toMatch(/: model "\.\/base@main" not found: .*; \S+base exists, but a local directory has no revisions: name it without "@main"$/);
+    expect((await refusedModel('./base@main')).message).toMatch(/: model "\.\/base@main" not found: .*; \S+base exists, but a local directory has no revisions: name it without "@main"$/);
   });
 
-  it('names mergekit\'s "model+lora" as a LoRA adapter, not as a missing model', async () => {
-    const file = path.join(dir, 'recipes', 'lora.yaml');
-    writeFileSync(file, recipe({ models: '  - model: ./base+./adapters/math\n' }).replace('base_model: base', 'base_model: ./base'));
-    const err = (await loadRecipe(file, { cwd: path.join(dir, 'cwd') }).catch((e: unknown) => e)) as DellaError;
-    expect(err.code).toBe('E_RECIPE');
+  it('a missing "model+lora" says "+lora" may be a LoRA adapter (mergekit\'s form), which is not applied', async () => {
+    const err = await refusedModel('./base+./adapters/math');
     expect(err.message).toContain('model "./base+./adapters/math" not found: ');
     expect(err.message).toContain('. If "+./adapters/math" names a LoRA adapter (mergekit\'s model+lora), della-merge does not apply adapters: merge the adapter into its model first');
     // mergekit's usual form, hub ids on both sides
-    writeFileSync(file, recipe({ models: '  - model: mistralai/Mistral-7B-v0.1+someone/lora\n' }).replace('base_model: base', 'base_model: ./base'));
-    const hub = (await loadRecipe(file, { cwd: path.join(dir, 'cwd') }).catch((e: unknown) => e)) as DellaError;
-    expect(hub.message).toContain('If "+someone/lora" names a LoRA adapter');
+    expect((await refusedModel('mistralai/Mistral-7B-v0.1+someone/lora')).message).toContain('If "+someone/lora" names a LoRA adapter');
   });
 
   it('a hub revision or ref cannot lead out of the cache with ".."', () => {
