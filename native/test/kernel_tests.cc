@@ -289,6 +289,137 @@ static void threads_do_not_change_results() {
   CHECK(frac > 0.35 && frac < 0.45, "kept fraction %f", frac);
 }
 
+// A RowSink in memory: each slab's room is a fresh poisoned buffer at an odd address,
+// copied into `out` when handed back, so that rows written outside their slab, left
+// unwritten or put out of order show.
+class MemorySink : public della::RowSink {
+ public:
+  MemorySink(uint64_t slab_rows, uint64_t row_bytes, std::vector<uint8_t>& out)
+      : rows_(slab_rows), row_bytes_(row_bytes), out_(out) {}
+  uint64_t slab_rows() const override { return rows_; }
+  uint8_t* room(uint64_t row0, uint64_t rows) override {
+    CHECK(row0 == next_row_, "slab at row %llu, expected %llu", static_cast<unsigned long long>(row0),
+          static_cast<unsigned long long>(next_row_));
+    room_.assign(rows * row_bytes_ + 3, 0xa5);
+    return room_.data() + 3;
+  }
+  void put(uint64_t row0, uint64_t rows, uint8_t* bytes) override {
+    CHECK(bytes == room_.data() + 3, "put a slab from elsewhere");
+    std::copy(bytes, bytes + rows * row_bytes_, out_.begin() + row0 * row_bytes_);
+    next_row_ = row0 + rows;
+    ++slabs;
+  }
+  void finish() override { finished = true; }
+  unsigned slabs = 0;
+  bool finished = false;
+
+ private:
+  uint64_t rows_, row_bytes_;
+  std::vector<uint8_t>& out_;
+  std::vector<uint8_t> room_;
+  uint64_t next_row_ = 0;
+};
+
+// A task merged slab by slab into a sink equals the same task merged into one buffer:
+// output bytes, statistics and digest, for every sparsifier and rescale (the TIES and
+// breadcrumbs cuts and the norm scales are whole-tensor pre-passes).
+static void slabbed_output_matches_whole() {
+  std::mt19937_64 rng(4242);
+  const int64_t rows = 300, n = 1031;  // 63 rows a work item: several items a slab, several slabs
+  const uint64_t per = della::detail::rows_per_item(n);
+  std::vector<uint16_t> base(rows * n), e0(rows * n), e1(rows * n);
+  std::normal_distribution<float> nd(0.0f, 0.02f);
+  for (size_t i = 0; i < base.size(); ++i) {
+    base[i] = della::f32_to_bf16(nd(rng));
+    e0[i] = della::f32_to_bf16(della::bf16_to_f32(base[i]) + nd(rng) * 0.1f);
+    e1[i] = della::f32_to_bf16(della::bf16_to_f32(base[i]) + nd(rng) * 0.1f);
+  }
+  using S = della::Sparsifier;
+  using R = della::Rescale;
+  const std::pair<S, R> cases[] = {{S::Magprune, R::Inverse}, {S::Magprune, R::L2},    {S::Random, R::Inverse},
+                                   {S::Magnitude, R::None},    {S::Magnitude, R::L1},  {S::Breadcrumbs, R::Linf},
+                                   {S::Breadcrumbs, R::None},  {S::None, R::None}};
+  for (const auto& [sp, rs] : cases) {
+    for (const bool linear : {false, true}) {
+      if (linear && sp != S::None) continue;
+      for (const uint64_t slab : {per, 2 * per + 5, 5 * per, uint64_t{rows} * 2}) {
+        for (const auto out_dtype : {della::DType::BF16, della::DType::F32}) {
+          const uint64_t row_bytes = n * della::dtype_size(out_dtype);
+          std::vector<uint8_t> whole(rows * row_bytes, 0xa5), slabbed(rows * row_bytes, 0xa5);
+          auto task = [&] {
+            della::MergeTask t;
+            t.linear = linear;
+            t.base = linear ? nullptr : base.data();
+            t.base_dtype = della::DType::BF16;
+            t.out_dtype = out_dtype;
+            t.shape = {rows, n};
+            for (auto* e : {&e0, &e1}) {
+              della::ExpertInput in;
+              in.data = e->data();
+              in.dtype = della::DType::BF16;
+              in.shape = t.shape;
+              in.weight = 0.7f;
+              in.density = 0.4;
+              in.epsilon = 0.1;
+              in.gamma = 0.05;
+              t.experts.push_back(in);
+            }
+            t.sparsifier = sp;
+            t.rescale = rs;
+            t.consensus = linear ? della::Consensus::None : della::Consensus::Sum;
+            t.normalize = true;
+            t.lambda = 1.1;
+            t.tensor_id = 7;
+            t.seed = 99;
+            t.digest = true;
+            return t;
+          };
+          della::MergeTask a = task(), b = task();
+          a.out = whole.data();
+          MemorySink sink(slab, row_bytes, slabbed);
+          b.sink = &sink;
+          std::vector<della::MergeStats> sa, sb;
+          della::run_batch({a}, {}, 3, sa);
+          della::run_batch({b}, {}, 2, sb);
+          const int s = static_cast<int>(sp), r = static_cast<int>(rs);
+          const unsigned long long sl = slab;
+          CHECK(whole == slabbed, "sparsifier %d rescale %d slab %llu: slabbed output differs", s, r, sl);
+          CHECK(sa[0].kept == sb[0].kept && sa[0].nonfinite == sb[0].nonfinite &&
+                    sa[0].out_nonfinite == sb[0].out_nonfinite && sa[0].numel == sb[0].numel,
+                "sparsifier %d rescale %d slab %llu: statistics differ", s, r, sl);
+          CHECK(sb[0].has_digest && sa[0].digest == sb[0].digest && sb[0].digest == della::xxh64(whole.data(), whole.size()),
+                "sparsifier %d rescale %d slab %llu: digests differ", s, r, sl);
+          const uint64_t used = slab / per * per;
+          CHECK(sink.finished && sink.slabs == (rows + used - 1) / used, "slab %llu: %u slabs, finished %d", sl,
+                sink.slabs, sink.finished);
+        }
+      }
+    }
+  }
+  // A sink that cannot hold one work item is refused, not overrun.
+  std::vector<uint8_t> out(rows * n * 2);
+  MemorySink small(per - 1, n * 2, out);
+  della::MergeTask t;
+  t.base = base.data();
+  t.base_dtype = della::DType::BF16;
+  t.out_dtype = della::DType::BF16;
+  t.shape = {rows, n};
+  della::ExpertInput in;
+  in.data = e0.data();
+  in.dtype = della::DType::BF16;
+  in.shape = t.shape;
+  t.experts.push_back(in);
+  t.sink = &small;
+  std::vector<della::MergeStats> st;
+  bool refused = false;
+  try {
+    della::run_batch({t}, {}, 2, st);
+  } catch (const std::invalid_argument&) {
+    refused = true;
+  }
+  CHECK(refused && small.slabs == 0, "a sink smaller than a work item was not refused");
+}
+
 // XXH64 fed in pieces of every size (0, under a stripe, across stripes) equals the
 // one-shot digest, which verify.test.ts checks against xxhsum's answers.
 static void xxh64_pieces_match_whole() {
@@ -551,6 +682,7 @@ int main() {
   f16_select_matches();
   f16c_rows_match();
   threads_do_not_change_results();
+  slabbed_output_matches_whole();
   xxh64_pieces_match_whole();
   magprune_arith_checked();
   stable_ranks_match_sort();

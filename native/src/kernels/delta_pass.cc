@@ -589,7 +589,7 @@ void delta_rows(const MergeTask& t, const TaskState& st, uint64_t r0, uint64_t r
       local.kept[k] += kept;
     }
     fuse_row(vals, w, K, n, fc, base, s.x, out);
-    uint8_t* dst = static_cast<uint8_t*>(t.out) + i0 * dtype_size(t.out_dtype);
+    uint8_t* dst = out_row(t, r, n);
     store_any(t.out_dtype, out, n, dst);
     local.out_nonfinite += count_stored_nonfinite_any(t.out_dtype, dst, n);
   }

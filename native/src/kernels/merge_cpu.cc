@@ -446,7 +446,7 @@ void merge_rows_linear(const MergeTask& t, const TaskState& st, uint64_t r0, uin
       local.kept[k] += n;
     }
     fuse_row(s.vals.data(), w, K, n, fc, nullptr, s.x, s.delta.data());
-    uint8_t* dst = static_cast<uint8_t*>(t.out) + r * n * dtype_size(t.out_dtype);
+    uint8_t* dst = out_row(t, r, n);
     store_any(t.out_dtype, s.delta.data(), n, dst);
     local.out_nonfinite += count_stored_nonfinite_any(t.out_dtype, dst, n);
   }
@@ -464,9 +464,12 @@ struct WorkItem {
 // output from memory afterwards. Items finish in about the order they are claimed.
 class OrderedDigest {
  public:
-  // The task's items are items[first, first + count), rows of row_bytes output bytes.
-  OrderedDigest(const uint8_t* out, uint64_t row_bytes, const std::vector<WorkItem>& items, size_t first, size_t count)
-      : out_(out), row_bytes_(row_bytes), items_(items), first_(first), done_(count, 0) {}
+  // The task's items are items[first, first + count), rows of row_bytes output bytes;
+  // row r is at out + (r - row0) * row_bytes. Feeds `hash`, which a slabbed task
+  // carries from one slab to the next.
+  OrderedDigest(const uint8_t* out, uint64_t row0, uint64_t row_bytes, const std::vector<WorkItem>& items,
+                size_t first, size_t count, Xxh64Stream& hash)
+      : out_(out), row0_(row0), row_bytes_(row_bytes), items_(items), first_(first), done_(count, 0), hash_(hash) {}
 
   void finished(size_t idx) {
     std::unique_lock<std::mutex> lock(m_);
@@ -476,7 +479,7 @@ class OrderedDigest {
     while (next_ < done_.size() && done_[next_]) {
       const WorkItem& it = items_[first_ + next_];
       lock.unlock();
-      hash_.update(out_ + it.begin * row_bytes_, (it.end - it.begin) * row_bytes_);
+      hash_.update(out_ + (it.begin - row0_) * row_bytes_, (it.end - it.begin) * row_bytes_);
       lock.lock();
       ++next_;
     }
@@ -488,6 +491,7 @@ class OrderedDigest {
 
  private:
   const uint8_t* out_;
+  uint64_t row0_;
   uint64_t row_bytes_;
   const std::vector<WorkItem>& items_;
   size_t first_;
@@ -495,8 +499,67 @@ class OrderedDigest {
   std::vector<uint8_t> done_;
   size_t next_ = 0;
   bool busy_ = false;
-  Xxh64Stream hash_;
+  Xxh64Stream& hash_;
 };
+
+// Adds one work item's statistics to its task's.
+void add_stats(MergeStats& dst, const MergeStats& src) {
+  for (size_t k = 0; k < src.nonfinite.size(); ++k) dst.nonfinite[k] += src.nonfinite[k];
+  for (size_t k = 0; k < src.kept.size(); ++k) dst.kept[k] += src.kept[k];
+  dst.out_nonfinite += src.out_nonfinite;
+}
+
+// The final pass of one work item of a merge task.
+void merge_item(const MergeTask& t, const TaskState& st, const WorkItem& it, Scratch& s, MergeStats& local) {
+  local.nonfinite.assign(t.experts.size() + 1, 0);
+  local.kept.assign(t.experts.size(), 0);
+  if (t.linear) merge_rows_linear(t, st, it.begin, it.end, s, local);
+  else merge_rows_delta(t, st, it.begin, it.end, s, local);
+}
+
+// A task whose output goes to its sink: the final pass slab by slab, each slab's work
+// items spread over the threads as run_batch spreads a whole tensor's. The items are
+// the ones an unslabbed pass makes (slabs hold whole items), and the statistics and
+// the digest are sums and a stream over them in row order, so the results equal an
+// unslabbed run's.
+void run_slabs(const MergeTask& t, const TaskState& st, unsigned threads, std::vector<Scratch>& scratch,
+               MergeStats& stats) {
+  const Geometry& g = st.g;
+  const uint64_t per = rows_per_item(g.n);
+  const uint64_t room = t.sink->slab_rows();
+  const uint64_t slab = room >= g.rows ? g.rows : room / per * per;
+  if (slab == 0 && g.rows > 0)
+    throw std::invalid_argument("an output slab holds " + std::to_string(room) + " rows: fewer than the tensor's " +
+                                std::to_string(g.rows) + " and than a work item's " + std::to_string(per));
+  const uint64_t row_bytes = g.n * dtype_size(t.out_dtype);
+  Xxh64Stream hash;
+  MergeTask part = t;
+  std::vector<WorkItem> items;
+  std::vector<MergeStats> item_stats;
+  for (uint64_t r0 = 0; r0 < g.rows; r0 += slab) {
+    const uint64_t r1 = std::min(g.rows, r0 + slab);
+    part.out = t.sink->room(r0, r1 - r0);
+    part.out_row0 = r0;
+    items.clear();
+    for (uint64_t r = r0; r < r1; r += per) items.push_back({0, 0, r, std::min(r1, r + per)});
+    std::unique_ptr<OrderedDigest> digest;
+    if (t.digest)
+      digest = std::make_unique<OrderedDigest>(static_cast<const uint8_t*>(part.out), r0, row_bytes, items, 0,
+                                               items.size(), hash);
+    item_stats.assign(items.size(), MergeStats{});
+    global_pool().run(items.size(), threads, [&](size_t idx, unsigned worker) {
+      merge_item(part, st, items[idx], scratch[worker], item_stats[idx]);
+      if (digest) digest->finished(idx);
+    });
+    for (const MergeStats& s : item_stats) add_stats(stats, s);
+    t.sink->put(r0, r1 - r0, static_cast<uint8_t*>(part.out));
+  }
+  t.sink->finish();
+  if (t.digest) {
+    stats.has_digest = true;
+    stats.digest = hash.digest();
+  }
+}
 
 }  // namespace
 
@@ -533,6 +596,7 @@ void run_batch(const std::vector<MergeTask>& merges, const std::vector<CopyTask>
   states.reserve(merges.size());
   std::vector<WorkItem> items;
   std::vector<std::unique_ptr<OrderedDigest>> digests(merges.size());
+  std::vector<Xxh64Stream> hashes(merges.size());
   for (size_t t = 0; t < merges.size(); ++t) {
     validate_task(merges[t]);
     states.push_back(prepare(merges[t], threads, scratch));
@@ -541,12 +605,14 @@ void run_batch(const std::vector<MergeTask>& merges, const std::vector<CopyTask>
     stats[t].nonfinite.assign(K + 1, 0);
     stats[t].kept.assign(K, 0);
     stats[t].numel = g.numel;
+    if (merges[t].sink) continue;  // merged slab by slab below
     const uint64_t per = rows_per_item(g.n);
     const uint64_t first = items.size();
     for (uint64_t r = 0; r < g.rows; r += per) items.push_back({0, static_cast<uint32_t>(t), r, std::min(g.rows, r + per)});
     if (merges[t].digest)
-      digests[t] = std::make_unique<OrderedDigest>(static_cast<const uint8_t*>(merges[t].out),
-                                                   g.n * dtype_size(merges[t].out_dtype), items, first, items.size() - first);
+      digests[t] = std::make_unique<OrderedDigest>(static_cast<const uint8_t*>(merges[t].out), 0,
+                                                   g.n * dtype_size(merges[t].out_dtype), items, first,
+                                                   items.size() - first, hashes[t]);
   }
   for (size_t c = 0; c < copies.size(); ++c)
     for (uint64_t b = 0; b < copies[c].bytes; b += kCopyChunkBytes)
@@ -561,12 +627,7 @@ void run_batch(const std::vector<MergeTask>& merges, const std::vector<CopyTask>
       std::memcpy(static_cast<char*>(c.dst) + it.begin, static_cast<const char*>(c.src) + it.begin, it.end - it.begin);
       return;
     }
-    const MergeTask& t = merges[it.task];
-    MergeStats& local = item_stats[idx];
-    local.nonfinite.assign(t.experts.size() + 1, 0);
-    local.kept.assign(t.experts.size(), 0);
-    if (t.linear) merge_rows_linear(t, states[it.task], it.begin, it.end, scratch[worker], local);
-    else merge_rows_delta(t, states[it.task], it.begin, it.end, scratch[worker], local);
+    merge_item(merges[it.task], states[it.task], it, scratch[worker], item_stats[idx]);
     if (digests[it.task]) digests[it.task]->finished(idx);
   });
   for (size_t t = 0; t < merges.size(); ++t) {
@@ -574,14 +635,10 @@ void run_batch(const std::vector<MergeTask>& merges, const std::vector<CopyTask>
     stats[t].has_digest = true;
     stats[t].digest = digests[t]->digest();
   }
-  for (size_t idx = 0; idx < items.size(); ++idx) {
-    if (items[idx].kind != 0) continue;
-    MergeStats& dst = stats[items[idx].task];
-    const MergeStats& src = item_stats[idx];
-    for (size_t k = 0; k < src.nonfinite.size(); ++k) dst.nonfinite[k] += src.nonfinite[k];
-    for (size_t k = 0; k < src.kept.size(); ++k) dst.kept[k] += src.kept[k];
-    dst.out_nonfinite += src.out_nonfinite;
-  }
+  for (size_t idx = 0; idx < items.size(); ++idx)
+    if (items[idx].kind == 0) add_stats(stats[items[idx].task], item_stats[idx]);
+  for (size_t t = 0; t < merges.size(); ++t)
+    if (merges[t].sink) run_slabs(merges[t], states[t], threads, scratch, stats[t]);
 }
 
 void run_dots(const std::vector<DotTask>& tasks, unsigned threads, std::vector<DotStats>& stats) {

@@ -9,6 +9,24 @@
 
 namespace della {
 
+// Where a merge's output goes when it is not one buffer: slabs of whole rows, merged
+// one after another into room the sink gives and handed back in row order. A tensor
+// then needs memory for a slab or two of its output, not for all of it.
+class RowSink {
+ public:
+  virtual ~RowSink() = default;
+  // The most rows one slab may hold. The kernels use a multiple of their work item's
+  // rows (rows_per_item in merge_state.h) and refuse a sink smaller than one item.
+  virtual uint64_t slab_rows() const = 0;
+  // Room for output rows [row0, row0 + rows), at least rows * row bytes, left alone
+  // by the sink until put() hands it back.
+  virtual uint8_t* room(uint64_t row0, uint64_t rows) = 0;
+  // Rows [row0, row0 + rows), merged into the room given for them.
+  virtual void put(uint64_t row0, uint64_t rows, uint8_t* bytes) = 0;
+  // After the last put(); returns once everything put has been dealt with.
+  virtual void finish() = 0;
+};
+
 struct ExpertInput {
   const void* data = nullptr;
   DType dtype = DType::F32;
@@ -40,6 +58,10 @@ struct MergeTask {
   // Also hash the output (XXH64, seed 0) while its rows are still in cache: into
   // MergeStats::digest.
   bool digest = false;
+  // When set, the output goes to the sink in slabs of rows, and `out` is not used.
+  RowSink* sink = nullptr;
+  // Output row r is at out + (r - out_row0) * row bytes: the first row of a slab.
+  uint64_t out_row0 = 0;
 };
 
 struct CopyTask {

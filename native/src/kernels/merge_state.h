@@ -97,6 +97,11 @@ DELLA_ALWAYS_INLINE uint64_t load_base_row(const MergeTask& t, uint64_t r, uint6
   return bad;
 }
 
+// Where output row r goes (a slab of a sink's output starts at row t.out_row0).
+inline uint8_t* out_row(const MergeTask& t, uint64_t r, uint64_t n) {
+  return static_cast<uint8_t*>(t.out) + (r - t.out_row0) * n * dtype_size(t.out_dtype);
+}
+
 // The bytes of expert k's row r (rows of n; the embedding sub-block rule applies).
 DELLA_ALWAYS_INLINE const uint8_t* expert_row(const MergeTask& t, unsigned k, uint64_t r, uint64_t n) {
   const ExpertInput& e = t.experts[k];
