@@ -6,6 +6,7 @@
 #include "../kernels/merge_cpu.h"
 #include "args.h"
 #include "cuda_plugin.h"
+#include "file_row_sink.h"
 #include "mapped_file.h"
 #include "promise_worker.h"
 #include "della/philox.h"
@@ -33,7 +34,9 @@ void need_bytes(Napi::Env env, const ByteSpan& b, uint64_t want, const std::stri
                                          std::to_string(want));
 }
 
-MergeTask parse_merge(const Napi::Object& o, const std::string& where, MapHolds& holds) {
+// `sinks` keeps the file outputs' sinks alive while the kernels run.
+MergeTask parse_merge(const Napi::Object& o, const std::string& where, MapHolds& holds,
+                      std::vector<std::shared_ptr<della::RowSink>>& sinks) {
   Napi::Env env = o.Env();
   MergeTask t;
   t.shape = shape_field(o, "shape", where);
@@ -45,20 +48,30 @@ MergeTask parse_merge(const Napi::Object& o, const std::string& where, MapHolds&
     need_bytes(env, base, numel * della::dtype_size(t.base_dtype), where + ".base", true);
     t.base = base.data;
   }
-  const ByteSpan out = bytes_field(o, "out", where);
   t.out_dtype = dtype_field(o, "outDtype", where);
-  need_bytes(env, out, numel * della::dtype_size(t.out_dtype), where + ".out", true);
-  t.out = out.data;
+  const uint64_t out_bytes = numel * della::dtype_size(t.out_dtype);
+  Napi::Value name = field(o, "name", where);
+  if (!name.IsString()) throw Napi::TypeError::New(env, where + ".name must be a string");
+  const std::string utf8 = name.As<Napi::String>().Utf8Value();
+  t.tensor_id = della::fnv1a32(reinterpret_cast<const unsigned char*>(utf8.data()), utf8.size());
+  Napi::Value out_value = field(o, "out", where);
+  if (out_value.IsObject() && !out_value.IsTypedArray() && !out_value.IsDataView()) {
+    // { file, offset, buffer }: written to the file slab by slab (file_row_sink.h)
+    const uint64_t n = t.shape.empty() ? numel : static_cast<uint64_t>(t.shape.back());
+    sinks.push_back(file_row_sink_field(out_value.As<Napi::Object>(), where + ".out",
+                                        n * della::dtype_size(t.out_dtype), out_bytes, utf8));
+    t.sink = sinks.back().get();
+  } else {
+    const ByteSpan out = bytes_field(o, "out", where);
+    need_bytes(env, out, out_bytes, where + ".out", true);
+    t.out = out.data;
+  }
   t.sparsifier = static_cast<della::Sparsifier>(integer_field(o, "sparsifier", where, 0, 4));
   t.rescale = static_cast<della::Rescale>(integer_field(o, "rescale", where, 0, 4));
   t.consensus = static_cast<della::Consensus>(integer_field(o, "consensus", where, 0, 2));
   t.normalize = bool_field(o, "normalize", where);
   t.lambda = number_field(o, "lambda", where);
   t.seed = static_cast<uint64_t>(integer_field(o, "seed", where, 0, 9007199254740991.0));
-  Napi::Value name = field(o, "name", where);
-  if (!name.IsString()) throw Napi::TypeError::New(env, where + ".name must be a string");
-  const std::string utf8 = name.As<Napi::String>().Utf8Value();
-  t.tensor_id = della::fnv1a32(reinterpret_cast<const unsigned char*>(utf8.data()), utf8.size());
   Napi::Array experts = array_field(o, "experts", where);
   for (uint32_t k = 0; k < experts.Length(); ++k) {
     const std::string ew = where + ".experts[" + std::to_string(k) + "]";
@@ -158,6 +171,9 @@ Napi::Value DotBatch(const Napi::CallbackInfo& info) {
 
 // mergeBatch({ threads, merges: [...], copies: [{ src, dst }], cuda?: { device, memory }, digests?: bool })
 //   -> Promise<stats[]>
+// A merge's `out` is a typed array, or { file: OutputFile, offset, buffer } to write it
+// to the file slab by slab through `buffer` (two slabs); a failed write rejects with an
+// error marked outputWrite: true.
 // With `cuda` the merges run in the CUDA plugin (copies stay on the CPU threads). With
 // `digests` the CPU kernels also hash each merge's output (stats[i].xxh64).
 Napi::Value MergeBatch(const Napi::CallbackInfo& info) {
@@ -167,12 +183,13 @@ Napi::Value MergeBatch(const Napi::CallbackInfo& info) {
   const unsigned threads = static_cast<unsigned>(integer_field(batch, "threads", "batch", 1, 1024));
   MapHolds holds;
   std::vector<MergeTask> merges;
+  std::vector<std::shared_ptr<della::RowSink>> sinks;
   Napi::Array ms = array_field(batch, "merges", "batch");
   for (uint32_t i = 0; i < ms.Length(); ++i) {
     const std::string where = "merges[" + std::to_string(i) + "]";
     Napi::Value v = ms.Get(i);
     if (!v.IsObject()) throw Napi::TypeError::New(env, where + " must be an object");
-    merges.push_back(parse_merge(v.As<Napi::Object>(), where, holds));
+    merges.push_back(parse_merge(v.As<Napi::Object>(), where, holds, sinks));
   }
   if (batch.Has("digests") && !batch.Get("digests").IsUndefined() && bool_field(batch, "digests", "batch"))
     for (MergeTask& t : merges) t.digest = true;
@@ -193,10 +210,12 @@ Napi::Value MergeBatch(const Napi::CallbackInfo& info) {
     Napi::Object c = object_field(batch, "cuda", "batch");
     cuda_device = static_cast<int>(integer_field(c, "device", "batch.cuda", 0, 1024));
     cuda_memory = static_cast<uint64_t>(integer_field(c, "memory", "batch.cuda", 0, 9007199254740991.0));
+    if (!sinks.empty()) throw Napi::TypeError::New(env, "batch.cuda: merges written to a file (out: { file }) run on the CPU only");
   }
   return PromiseWorker<std::vector<MergeStats>>::Start(
       env, "della-merge:mergeBatch", batch,
-      [merges = std::move(merges), copies = std::move(copies), threads, cuda_device, cuda_memory, holds = std::move(holds)] {
+      [merges = std::move(merges), copies = std::move(copies), threads, cuda_device, cuda_memory, holds = std::move(holds),
+       sinks = std::move(sinks)] {
         std::vector<MergeStats> stats;
         if (cuda_device < 0) {
           della::run_batch(merges, copies, threads, stats);

@@ -83,6 +83,13 @@ OutputFile::OutputFile(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Output
   }
 }
 
+OutputFile* OutputFile::From(const Napi::Value& v) {
+  if (!v.IsObject()) return nullptr;
+  auto* classes = v.Env().GetInstanceData<AddonClasses>();
+  if (classes == nullptr || !v.As<Napi::Object>().InstanceOf(classes->output_file.Value())) return nullptr;
+  return OutputFile::Unwrap(v.As<Napi::Object>());
+}
+
 Napi::Value OutputFile::Size(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(size_));
 }

@@ -16,6 +16,12 @@ class OutputFile : public Napi::ObjectWrap<OutputFile> {
   static Napi::Function Define(Napi::Env env);
   explicit OutputFile(const Napi::CallbackInfo& info);
 
+  // The OutputFile `v` is, or null when it is something else.
+  static OutputFile* From(const Napi::Value& v);
+  // The writer, shared with writes in flight; null once closed.
+  std::shared_ptr<della_io::BlockWriter> writer() const { return writer_; }
+  const std::string& path() const { return path_; }
+
  private:
   Napi::Value Size(const Napi::CallbackInfo& info);
   Napi::Value Direct(const Napi::CallbackInfo& info);

@@ -1,16 +1,23 @@
 // A promise settled by work on a libuv worker thread, for the binding's calls that run
 // long (merges, dot products, opening a GPU). CudaFailure's code reaches JS as the
-// error's cudaCode.
+// error's cudaCode; a WriteFailure is marked outputWrite: true.
 #pragma once
 #include <napi.h>
 
 #include <exception>
 #include <functional>
+#include <stdexcept>
 #include <utility>
 
 #include "cuda_plugin.h"
 
 namespace della_binding {
+
+// An output file could not be written (what the caller reports as an I/O error, not as
+// a fault of the merge).
+struct WriteFailure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 // Settles a promise from a worker's completion. Once the environment is being torn down
 // (worker.terminate(), process.exit() in a Worker) the work still completes, but JS can no
@@ -58,6 +65,9 @@ class PromiseWorker : public Napi::AsyncWorker {
     } catch (const CudaFailure& e) {
       cuda_code_ = e.code;
       SetError(e.what());
+    } catch (const WriteFailure& e) {
+      write_failure_ = true;
+      SetError(e.what());
     } catch (const std::exception& e) {
       SetError(e.what());
     }
@@ -75,6 +85,7 @@ class PromiseWorker : public Napi::AsyncWorker {
       keep_alive_.Reset();
       Napi::Object err = e.Value();
       if (cuda_code_ != 0) err.Set("cudaCode", cuda_code_name(cuda_code_));
+      if (write_failure_) err.Set("outputWrite", true);
       deferred_.Reject(err);
     });
   }
@@ -86,6 +97,7 @@ class PromiseWorker : public Napi::AsyncWorker {
   ToJs to_js_;
   Result result_;
   int cuda_code_ = 0;
+  bool write_failure_ = false;
 };
 
 }  // namespace della_binding
