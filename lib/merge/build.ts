@@ -7,7 +7,7 @@ import { openInput, type Checkpoint } from '../checkpoint/model.js';
 import { expectRecipe, type Recipe } from '../recipe/index.js';
 import { planMerge, type MergePlan, type TensorPlan } from './plan.js';
 import { MAX_UINT8ARRAY } from '../util/bytes.js';
-import { CONSENSUS_CODE, DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE, type FloatDType, type MergeTaskSpec } from './task.js';
+import { CONSENSUS_CODE, DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE, type FileOutput, type FloatDType, type MergeTaskSpec } from './task.js';
 
 export interface OpenedModels {
   base: Checkpoint;
@@ -55,10 +55,10 @@ export function inRecipe(e: unknown, recipe: Recipe): unknown {
  * The kernel task of a merged tensor; slerp needs its coefficients (see slerp.ts).
  * `forNative`: every input as a slice of its file's map (the addon reads it without a JS buffer).
  */
-export function buildMergeTask(
-  plan: MergePlan, t: TensorPlan, models: OpenedModels, out: ArrayBufferView, seed: number, slerp: [number, number] | null,
+export function buildMergeTask<Out extends ArrayBufferView | FileOutput = ArrayBufferView>(
+  plan: MergePlan, t: TensorPlan, models: OpenedModels, out: Out, seed: number, slerp: [number, number] | null,
   forNative = false,
-): MergeTaskSpec {
+): Omit<MergeTaskSpec, 'out'> & { out: Out } {
   const p = t.params!;
   const { base, experts } = models;
   // lib/reference views a tensor over 4 GiB through its slice (see inputView): one row

@@ -12,9 +12,9 @@ import { checkOptions, checkThreads } from '../util/options.js';
 import { showShort } from '../util/show.js';
 import { copyExtras, CONFIG_FILES, TOKENIZER_FILES } from '../checkpoint/extras.js';
 import { indexJson, INDEX_FILE, layoutShards, OutputDirectory, DEFAULT_SHARD_SIZE, type OutputTensor, type ShardFiles } from '../checkpoint/writer.js';
-import { STAGING_BLOCK, StagingPool } from '../checkpoint/staging.js';
+import { StagingPool } from '../checkpoint/staging.js';
 import { firstChange } from '../checkpoint/model.js';
-import { StagedOutput } from './output.js';
+import { slabBytes, StagedOutput, stagingBytes, writtenBySlabs } from './output.js';
 import { checkPart, partTensors, planDigest, PART_FILE, type PartRecord } from './parts.js';
 import { RUN_FILE, sortedDigests, tensorDigest, type RunRecord } from './record.js';
 import { loadNative, packageRoot, type NativeAddon } from '../native.js';
@@ -30,7 +30,10 @@ import {
 } from './device.js';
 import { MainThreadProfile } from './profile.js';
 import { copyBytes, type Bytes } from '../util/bytes.js';
-import { DTYPE_CODE, type CopyTaskSpec, type DotTaskSpec, type FloatDType, type MergeTaskSpec, type MergeTaskStats } from './task.js';
+import {
+  DTYPE_CODE, type CopyTaskSpec, type DotTaskSpec, type FileOutput, type FloatDType, type MergeTaskSpec, type MergeTaskStats,
+  type NativeMergeTaskSpec,
+} from './task.js';
 
 export { planRecipe, openModels, type OpenedModels } from './build.js';
 
@@ -293,6 +296,7 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
   const backend = options.backend ?? 'native';
   const native = backend === 'native' ? loadNative() : null;
   const { threads, seed } = runSettings(options, recipe, native);
+  const slab = slabBytes();
   const shardSize = options.shardSize ?? DEFAULT_SHARD_SIZE;
   if (!(Number.isSafeInteger(shardSize) && shardSize > 0)) {
     throw new DellaError('E_ARGS', `shard size must be a positive number of bytes, got ${shardSize}`);
@@ -325,7 +329,10 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
     const layouts = layoutShards(tensors.map(outputTensor), shardSize);
     shards = out.createShards(layouts);
     const groups = batches(tensors, spec.kind === 'cuda');
-    const staged = new StagedOutput(shards, stagingPool(groups, spec.kind === 'cuda'));
+    // Large merged tensors go to their files slab by slab from the CPU kernels; the
+    // CUDA plugin and lib/reference take whole output buffers.
+    const bySlabs = (t: TensorPlan) => native !== null && spec.kind === 'cpu' && writtenBySlabs(t, slab);
+    const staged = new StagedOutput(shards, stagingPool(groups, spec.kind === 'cuda', (g) => stagingBytes(g, bySlabs, slab)), bySlabs, slab);
     const reports: TensorReport[] = [];
     const digests: Record<string, string> = Object.create(null); // a tensor may be named __proto__
     const bytesTotal = tensors.reduce((a, t) => a + t.inBytes + t.outBytes, 0);
@@ -345,9 +352,10 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
       shards.check();
       for (const [i, t] of done.entries()) {
         // Recorded for `verify`, which detects any later change to the bytes. The CPU
-        // kernels hashed these very bytes (their output was this staging view) as they
-        // wrote them, the CUDA plugin as it copied them in; copies are hashed here.
-        digests[t.plan.name] = t.stats?.xxh64 ?? profile.time('digests', () => tensorDigest('xxh64', bytes[i]));
+        // kernels hashed these very bytes (their output was this staging view, or the
+        // slabs they wrote) as they wrote them, the CUDA plugin as it copied them in;
+        // copies are hashed here.
+        digests[t.plan.name] = t.stats?.xxh64 ?? profile.time('digests', () => tensorDigest('xxh64', bytes[i]!));
         reports.push(tensorReport(plan, t.plan, t.stats, t.slerp));
         bytesDone += t.plan.inBytes + t.plan.outBytes;
         tensorsDone++;
@@ -447,11 +455,12 @@ export async function runMerge(recipe: Recipe, options: MergeOptions): Promise<M
  * Staging memory for the output: room for two batches, one being written while the
  * next is merged (a third waits), but no more than 1 GiB on the CPU unless a single
  * batch needs more (a batch of one huge tensor then waits for the previous write).
- * Bounded by the largest batch, not by the model.
+ * Bounded by the largest batch, not by the model; on the CPU a large merged tensor
+ * takes two slabs of it (bytesOf), not its size.
  */
-function stagingPool(groups: readonly TensorPlan[][], cuda: boolean): StagingPool {
+function stagingPool(groups: readonly TensorPlan[][], cuda: boolean, bytesOf: (group: TensorPlan[]) => number): StagingPool {
   const native = loadNative();
-  const largest = groups.reduce((m, g) => Math.max(m, g.reduce((a, t) => a + t.outBytes + STAGING_BLOCK, 0)), 0);
+  const largest = groups.reduce((m, g) => Math.max(m, bytesOf(g)), 0);
   // GPU batches are up to 256 MiB: two of them, so that the device never waits for a write.
   const cap = cuda ? 2 * CUDA_BATCH_BYTES + STAGING_SLACK : STAGING_CAP;
   const budget = Math.min(2 * largest + STAGING_SLACK, Math.max(largest + STAGING_SLACK, cap));
@@ -459,7 +468,9 @@ function stagingPool(groups: readonly TensorPlan[][], cuda: boolean): StagingPoo
     try {
       return native.allocStaging(n);
     } catch (e) {
-      const big = largest > STAGING_CAP ? '; the largest tensor is staged whole: free memory, or merge it with a narrower out_dtype' : '';
+      const big = largest > STAGING_CAP
+        ? '; a tensor staged whole (a copy, a merge on a GPU, rows longer than a slab) needs room for all of its output: free memory, or merge it with a narrower out_dtype'
+        : '';
       throw new DellaError('E_IO', `not enough memory for ${n} bytes of output staging, where merged tensors wait to be written (${(e as Error).message})${big}`, { cause: e });
     }
   }, budget);
@@ -545,7 +556,7 @@ interface LaunchedBatch {
  */
 export async function* runBatches(
   ctx: BatchContext, groups: readonly TensorPlan[][],
-  destsFor: (group: TensorPlan[]) => Map<string, Bytes> | Promise<Map<string, Bytes>>,
+  destsFor: (group: TensorPlan[]) => Map<string, Bytes | FileOutput> | Promise<Map<string, Bytes | FileOutput>>,
 ): AsyncGenerator<FinishedTensor[]> {
   const { plan, models, recipe, seed, threads, native } = ctx;
   const cuda = ctx.cuda ?? null;
@@ -560,7 +571,7 @@ export async function* runBatches(
     const dests = await profile.wait('waiting for output staging', destsFor(group));
     const t0 = performance.now();
     const destFor = (t: TensorPlan) => dests.get(t.name)!;
-    const merges: MergeTaskSpec[] = [];
+    const merges: NativeMergeTaskSpec[] = [];
     const mergePlans: TensorPlan[] = [];
     const copies: CopyTaskSpec[] = [];
     const coefficients = plan.method.kind === 'slerp'
@@ -571,7 +582,7 @@ export async function* runBatches(
         merges.push(buildMergeTask(plan, t, models, destFor(t), seed, coefficients?.get(t.name) ?? null, native !== null));
         mergePlans.push(t);
       } else {
-        copies.push({ src: native ? models.base.slice(t.name) : models.base.data(t.name), dst: destFor(t) });
+        copies.push({ src: native ? models.base.slice(t.name) : models.base.data(t.name), dst: destFor(t) as Bytes });
       }
     }
     let stats: Promise<MergeTaskStats[]>;
@@ -581,9 +592,12 @@ export async function* runBatches(
         .catch((e: unknown) => { throw cudaError(e, cuda.device, true); });
     } else if (native) {
       // The kernels hash each output while it is still in cache (see runMerge's digests).
-      stats = native.mergeBatch({ threads, merges, copies, digests: true });
+      // A tensor they write to its file themselves fails the batch when that write does.
+      stats = native.mergeBatch({ threads, merges, copies, digests: true }).catch((e: unknown) => {
+        throw (e as { outputWrite?: boolean }).outputWrite ? new DellaError('E_IO', (e as Error).message, { cause: e }) : e;
+      });
     } else {
-      stats = Promise.resolve(merges.map((m) => referenceMergeInto(m)));
+      stats = Promise.resolve(merges.map((m) => referenceMergeInto(m as MergeTaskSpec)));
       for (const c of copies) copyBytes(c.dst, c.src as ArrayBufferView);
     }
     stats.catch(() => {}); // awaited below; never an unhandled rejection meanwhile

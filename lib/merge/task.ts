@@ -4,8 +4,8 @@
  * and compared. Codes are small integers because the binding passes them straight
  * to the C++ enums in native/include/della.
  */
-import type { NativeSlice } from '../native.js';
-import { sliceBytes } from '../util/bytes.js';
+import type { NativeOutputFile, NativeSlice } from '../native.js';
+import { sliceBytes, type Bytes } from '../util/bytes.js';
 
 /** The code of each float dtype in MergeTaskSpec and `reference`'s functions (the kernels' own). */
 export const DTYPE_CODE = { F32: 0, F16: 1, BF16: 2, F64: 3 } as const;
@@ -63,6 +63,22 @@ export interface MergeTaskSpec {
   flatOffset?: number;
 }
 
+/**
+ * A merge's output written straight to its place in an output file, slab by slab of
+ * whole rows through `buffer` (two slabs: one merged into while the other is written),
+ * by the native CPU kernels only. Memory for the tensor is then `buffer`, not its size.
+ */
+export interface FileOutput {
+  file: NativeOutputFile;
+  /** the tensor's absolute offset in the file */
+  offset: number;
+  /** block-aligned (allocStaging's); each half holds a slab */
+  buffer: Bytes;
+}
+
+/** What the native addon takes: a MergeTaskSpec whose output may go to a file. */
+export type NativeMergeTaskSpec = Omit<MergeTaskSpec, 'out'> & { out: ArrayBufferView | FileOutput };
+
 export interface CopyTaskSpec {
   src: InputBytes;
   dst: ArrayBufferView;
@@ -98,7 +114,7 @@ export interface DotStats {
 
 export interface BatchSpec {
   threads: number;
-  merges: MergeTaskSpec[];
+  merges: NativeMergeTaskSpec[];
   copies: CopyTaskSpec[];
   /** run the merges on this CUDA device (opened with cudaOpen), with this memory budget in bytes */
   cuda?: { device: number; memory: number } | null;
