@@ -1,6 +1,6 @@
 // Fuzz harness for the C++ side: task validation, row geometry (including the
 // embedding sub-block offsets) and every sparsifier and rescale on small random
-// tensors. Bytes decide shapes, dtypes, parameters and values; buffers are sized
+// tensors, each also merged through a RowSink in slabs (the same results, or refused). Bytes decide shapes, dtypes, parameters and values; buffers are sized
 // exactly, so AddressSanitizer reports any access outside them.
 //   libFuzzer: clang++ -fsanitize=fuzzer,address -DDELLA_LIBFUZZER ... (cmake -DDELLA_FUZZ=ON)
 //   without it: a driver feeds random inputs (ctest runs it, ideally with -DDELLA_SANITIZE=ON)
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../src/kernels/merge_cpu.h"
+#include "della/tensor_rules.h"
 
 namespace {
 
@@ -28,6 +29,29 @@ struct Reader {
 };
 
 size_t dsize(della::DType t) { return della::dtype_size(t); }
+
+// Slabs in buffers of exactly their size (AddressSanitizer sees a byte written past a
+// slab), copied into `out` when handed back.
+class ExactSink : public della::RowSink {
+ public:
+  ExactSink(uint64_t rows, uint64_t row_bytes, std::vector<uint8_t>& out) : rows_(rows), row_bytes_(row_bytes), out_(out) {}
+  uint64_t slab_rows() const override { return rows_; }
+  uint8_t* room(uint64_t, uint64_t rows) override {
+    slab_.assign(rows * row_bytes_, 0xa5);
+    return slab_.data();
+  }
+  void put(uint64_t row0, uint64_t rows, uint8_t* bytes) override {
+    std::memcpy(out_.data() + row0 * row_bytes_, bytes, rows * row_bytes_);
+    put_rows += rows;
+  }
+  void finish() override {}
+  uint64_t put_rows = 0;
+
+ private:
+  uint64_t rows_, row_bytes_;
+  std::vector<uint8_t>& out_;
+  std::vector<uint8_t> slab_;
+};
 
 }  // namespace
 
@@ -79,12 +103,34 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   std::vector<uint8_t> out(numel * dsize(t.out_dtype));
   t.out = out.data();
+  t.digest = in.byte() & 1;
+  const unsigned threads = 1 + in.byte() % 3;
   std::vector<della::MergeStats> stats;
   try {
-    della::run_batch({t}, {}, 1 + in.byte() % 3, stats);
+    della::run_batch({t}, {}, threads, stats);
   } catch (const std::invalid_argument&) {
-    // refused by validate_task: a clean answer
+    return 0;  // refused by validate_task: a clean answer
   }
+  // The same task through a sink, each slab in a buffer of exactly its size: the same
+  // bytes, statistics and digest, or (a slab too small for a work item) refused.
+  const della::Geometry g = della::geometry(shape);
+  const uint64_t rows = g.rows, row_bytes = g.n * dsize(t.out_dtype);
+  std::vector<uint8_t> slabbed(out.size(), 0xa5);
+  ExactSink sink(rows == 0 ? 1 : 1 + in.byte() % (rows + 1), row_bytes, slabbed);
+  della::MergeTask s = t;
+  s.out = nullptr;
+  s.sink = &sink;
+  std::vector<della::MergeStats> sstats;
+  try {
+    della::run_batch({s}, {}, threads, sstats);
+  } catch (const std::invalid_argument&) {
+    if (sink.slab_rows() >= rows || sink.put_rows != 0) __builtin_trap();  // refused only when a slab cannot hold an item
+    return 0;
+  }
+  if (slabbed != out || sstats[0].kept != stats[0].kept || sstats[0].nonfinite != stats[0].nonfinite ||
+      sstats[0].out_nonfinite != stats[0].out_nonfinite || sstats[0].digest != stats[0].digest ||
+      sink.put_rows != rows)
+    __builtin_trap();
   return 0;
 }
 
