@@ -5,13 +5,15 @@
 // merge process's peak private (anonymous) memory from /proc. Prints a table and writes
 // bench/out/e2e.json.
 //   node bench/e2e.js [--params 200e6] [--experts 3] [--method della[,ties,...]] [--threads N] [--keep DIR]
-//                     [--device cuda[:N]] [--gpu-memory BYTES] [--out DIR] [--verify]
+//                     [--device cuda[:N]] [--gpu-memory BYTES] [--out DIR] [--verify] [--vocab N]
 // Several methods (comma-separated) are timed on the same generated models, each best
 // of two runs. --device runs the merges on a GPU (the rows then also give the run's
 // phases: opening the device is part of the time); --out DIR writes the merged model
 // into a new directory under DIR (removed afterwards) instead of beside the models,
 // e.g. --out /dev/shm to leave the disk's write speed out. --verify also times
-// `della-merge verify` of each method's last merge (once, with its peak RSS).
+// `della-merge verify` of each method's last merge (once, with its peak RSS). --vocab N
+// adds an embedding and an lm_head of [N, 4096] (Llama-3's N = 128256: 1 GiB each), the
+// tensors that decide peak memory when outputs are staged whole.
 import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
@@ -23,6 +25,7 @@ import { provenance } from './lib/provenance.js';
 const { values } = parseArgs({ options: {
   params: { type: 'string' }, experts: { type: 'string' }, method: { type: 'string' }, threads: { type: 'string' }, keep: { type: 'string' },
   device: { type: 'string' }, 'gpu-memory': { type: 'string' }, out: { type: 'string' }, verify: { type: 'boolean' },
+  vocab: { type: 'string' },
 } });
 const device = values.device ?? 'cpu';
 const target = Number(values.params ?? 200e6);
@@ -35,7 +38,8 @@ const dir = values.keep ?? mkdtempSync(join(tmpdir(), 'della-e2e-'));
 // Layers of 4 attention [h, h] and 3 MLP [ffn, h] matrices until the target is reached.
 const perLayer = 4 * hidden * hidden + 3 * ffn * hidden;
 const layers = Math.max(1, Math.round(target / perLayer));
-const params = layers * perLayer;
+const vocab = Number(values.vocab ?? 0);
+const params = layers * perLayer + 2 * vocab * hidden;
 
 function gen(seed, k) {
   let x = (seed * 2654435761) >>> 0 || 1;
@@ -52,16 +56,19 @@ function gen(seed, k) {
 
 function writeModels() {
   if (readdirSync(dir).includes('expert0')) return; // reuse with --keep
-  for (let l = 0; l < layers; l++) {
-    const shapes = [
+  const layerShapes = (l) => l === 'E'
+    ? [['model.embed_tokens.weight', [vocab, hidden]], ['lm_head.weight', [vocab, hidden]]]
+    : [
       ...['q_proj', 'k_proj', 'v_proj', 'o_proj'].map((p) => [`model.layers.${l}.self_attn.${p}.weight`, [hidden, hidden]]),
       ...['gate_proj', 'up_proj'].map((p) => [`model.layers.${l}.mlp.${p}.weight`, [ffn, hidden]]),
       [`model.layers.${l}.mlp.down_proj.weight`, [hidden, ffn]],
     ];
-    for (const [name, shape] of shapes) {
+  for (const l of [...Array.from({ length: layers }, (_, i) => i), ...(vocab > 0 ? ['E'] : [])]) {
+    const li = l === 'E' ? layers : l;
+    for (const [name, shape] of layerShapes(l)) {
       const n = shape[0] * shape[1];
-      const base = gen(l * 31 + name.length, -1)(n);
-      const models = [base, ...Array.from({ length: K }, (_, k) => gen(l * 97 + k + 7, k)(n, base))];
+      const base = gen(li * 31 + name.length, -1)(n);
+      const models = [base, ...Array.from({ length: K }, (_, k) => gen(li * 97 + k + 7, k)(n, base))];
       models.forEach((data, m) => {
         const d = join(dir, m === 0 ? 'base' : `expert${m - 1}`, `layer${l}`);
         mkdirSync(d, { recursive: true });
@@ -131,7 +138,7 @@ function runCli(args) {
 }
 
 mkdirSync(dir, { recursive: true });
-console.log(`della-merge end-to-end benchmark: ${methods.join(', ')}, K = ${K}, BF16, ${(params / 1e6).toFixed(0)} M parameters per model (${layers} layers), ${cpus().length} cores (${cpus()[0]?.model}), device ${device}`);
+console.log(`della-merge end-to-end benchmark: ${methods.join(', ')}, K = ${K}, BF16, ${(params / 1e6).toFixed(0)} M parameters per model (${layers} layers${vocab ? `, embedding and lm_head [${vocab}, ${hidden}]` : ''}), ${cpus().length} cores (${cpus()[0]?.model}), device ${device}`);
 console.log(`models in ${dir}`);
 writeModels();
 // Flush the generated files to disk first: otherwise their writeback (8 GB at 1 B
@@ -164,7 +171,7 @@ for (const method of methods) {
   const best = runs.sort((a, b) => a.seconds - b.seconds)[0];
   const row = {
     ...provenance(), method, experts: K, dtype: 'BF16',
-    parametersPerModel: params, inputBytes: floor.bytes, readOnceSeconds: floor.seconds,
+    parametersPerModel: params, vocab, slabBytes: process.env.DELLA_SLAB_BYTES ?? null, inputBytes: floor.bytes, readOnceSeconds: floor.seconds,
     mergeSeconds: best.seconds, mergeSecondsAll: runs.map((r) => r.seconds), ratioToReadOnce: best.seconds / floor.seconds,
     mParamsPerSecond: params / best.seconds / 1e6, peakAnonBytes: Math.max(...runs.map((r) => r.peakAnon)),
     peakRssBytes: Math.max(...runs.map((r) => r.peakRss)), threads: best.report.threads,

@@ -54,6 +54,25 @@ for (const f of ['e2e-1b.json', 'e2e.json']) {
   console.log();
 }
 
+// Tensors written slab by slab against staged whole (step 86): the same models, each
+// e2e-<name>-whole.json (DELLA_SLAB_BYTES=2^32: nothing slabbed) beside e2e-<name>-slabs.json.
+for (const f of readdirSync(dir).filter((x) => /^e2e-.+-whole\.json$/.test(x)).sort()) {
+  const whole = [load(f)].flat(), slabs = [load(f.replace(/-whole\.json$/, '-slabs.json'))].flat().filter(Boolean);
+  if (slabs.length === 0) continue;
+  const w0 = whole[0];
+  const vocab = w0.vocab ? `, embedding and lm_head [${w0.vocab}, 4096]` : '';
+  console.log(`### Slab by slab against staged whole (${f.replace(/-whole\.json$/, '')}): ${f1(w0.parametersPerModel / 1e6)} M parameters per model${vocab}, K = ${w0.experts}, ${w0.dtype}, ${w0.threads} threads, ${at(w0)}\n`);
+  console.log('| method | read inputs once | staged whole: merge | peak private | slab by slab: merge | peak private | M parameters/s, whole → slabs |');
+  console.log('|---|---|---|---|---|---|---|');
+  for (const w of whole) {
+    const s = slabs.find((x) => x.method === w.method);
+    if (!s) continue;
+    const mib = (b) => `${(b / 2 ** 20).toFixed(0)} MiB`;
+    console.log(`| ${w.method} | ${w.readOnceSeconds.toFixed(2)} s, ${s.readOnceSeconds.toFixed(2)} s | ${w.mergeSeconds.toFixed(2)} s | ${mib(w.peakAnonBytes)} | ${s.mergeSeconds.toFixed(2)} s | ${mib(s.peakAnonBytes)} | ${f1(w.mParamsPerSecond)} → ${f1(s.mParamsPerSecond)} |`);
+  }
+  console.log();
+}
+
 const peer = load('peer.json');
 if (peer) {
   console.log(`### Against the PyTorch peer: ${peer.rows} × ${peer.cols} ${peer.dtype}, ${peer.threads} threads, torch ${peer.peer.torch}, ${at(peer)}\n`);
