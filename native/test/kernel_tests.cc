@@ -239,25 +239,29 @@ static void half_round_trips() {
   CHECK(della::f32_to_bf16(1.00390625f) == 0x3f80, "bf16 tie to even");
 }
 
-static void threads_do_not_change_results() {
-  std::mt19937_64 rng(12345);
-  const int64_t rows = 37, n = 1031;
-  std::vector<uint16_t> base(rows * n), e0(rows * n), e1(rows * n);
-  std::normal_distribution<float> nd(0.0f, 0.02f);
-  for (size_t i = 0; i < base.size(); ++i) {
-    base[i] = della::f32_to_bf16(nd(rng));
-    e0[i] = della::f32_to_bf16(della::bf16_to_f32(base[i]) + nd(rng) * 0.1f);
-    e1[i] = della::f32_to_bf16(della::bf16_to_f32(base[i]) + nd(rng) * 0.1f);
+// A base and two experts of rows x n BF16 values a little apart, and a della task
+// over them into BF16 (each test then changes what it checks).
+struct TwoExperts {
+  int64_t rows, n;
+  std::vector<uint16_t> base, e0, e1;
+
+  TwoExperts(int64_t rows_, int64_t n_, uint64_t seed) : rows(rows_), n(n_), base(rows_ * n_), e0(base.size()), e1(base.size()) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> nd(0.0f, 0.02f);
+    for (size_t i = 0; i < base.size(); ++i) {
+      base[i] = della::f32_to_bf16(nd(rng));
+      e0[i] = della::f32_to_bf16(della::bf16_to_f32(base[i]) + nd(rng) * 0.1f);
+      e1[i] = della::f32_to_bf16(della::bf16_to_f32(base[i]) + nd(rng) * 0.1f);
+    }
   }
-  std::vector<uint16_t> out1(base.size(), 0xffff), out2(base.size(), 0xffff);
-  auto task = [&](std::vector<uint16_t>& out) {
+
+  della::MergeTask task() const {
     della::MergeTask t;
     t.base = base.data();
     t.base_dtype = della::DType::BF16;
-    t.out = out.data();
     t.out_dtype = della::DType::BF16;
     t.shape = {rows, n};
-    for (auto* e : {&e0, &e1}) {
+    for (const auto* e : {&e0, &e1}) {
       della::ExpertInput in;
       in.data = e->data();
       in.dtype = della::DType::BF16;
@@ -265,6 +269,7 @@ static void threads_do_not_change_results() {
       in.weight = 0.7f;
       in.density = 0.4;
       in.epsilon = 0.1;
+      in.gamma = 0.05;
       t.experts.push_back(in);
     }
     t.sparsifier = della::Sparsifier::Magprune;
@@ -275,17 +280,25 @@ static void threads_do_not_change_results() {
     t.tensor_id = 7;
     t.seed = 99;
     return t;
-  };
+  }
+};
+
+static void threads_do_not_change_results() {
+  const TwoExperts d(37, 1031, 12345);
+  std::vector<uint16_t> out1(d.base.size(), 0xffff), out2(d.base.size(), 0xffff);
+  della::MergeTask t1 = d.task(), t2 = d.task();
+  t1.out = out1.data();
+  t2.out = out2.data();
   std::vector<della::MergeStats> s1, s2;
-  della::run_batch({task(out1)}, {}, 1, s1);
-  della::run_batch({task(out2)}, {}, 4, s2);
+  della::run_batch({t1}, {}, 1, s1);
+  della::run_batch({t2}, {}, 4, s2);
   CHECK(out1 == out2, "1 and 4 threads differ");
   CHECK(s1[0].kept == s2[0].kept, "kept counts differ");
   size_t unwritten = 0;
   for (uint16_t v : out1) unwritten += v == 0xffff;
   CHECK(unwritten == 0, "%zu elements unwritten", unwritten);
   // About density of each expert survives.
-  const double frac = static_cast<double>(s1[0].kept[0]) / static_cast<double>(rows * n);
+  const double frac = static_cast<double>(s1[0].kept[0]) / static_cast<double>(d.rows * d.n);
   CHECK(frac > 0.35 && frac < 0.45, "kept fraction %f", frac);
 }
 
@@ -324,16 +337,8 @@ class MemorySink : public della::RowSink {
 // output bytes, statistics and digest, for every sparsifier and rescale (the TIES and
 // breadcrumbs cuts and the norm scales are whole-tensor pre-passes).
 static void slabbed_output_matches_whole() {
-  std::mt19937_64 rng(4242);
-  const int64_t rows = 300, n = 1031;  // 63 rows a work item: several items a slab, several slabs
-  const uint64_t per = della::detail::rows_per_item(n);
-  std::vector<uint16_t> base(rows * n), e0(rows * n), e1(rows * n);
-  std::normal_distribution<float> nd(0.0f, 0.02f);
-  for (size_t i = 0; i < base.size(); ++i) {
-    base[i] = della::f32_to_bf16(nd(rng));
-    e0[i] = della::f32_to_bf16(della::bf16_to_f32(base[i]) + nd(rng) * 0.1f);
-    e1[i] = della::f32_to_bf16(della::bf16_to_f32(base[i]) + nd(rng) * 0.1f);
-  }
+  const TwoExperts d(300, 1031, 4242);  // 63 rows a work item: several items a slab, several slabs
+  const uint64_t per = della::detail::rows_per_item(d.n), rows = d.rows;
   using S = della::Sparsifier;
   using R = della::Rescale;
   const std::pair<S, R> cases[] = {{S::Magprune, R::Inverse}, {S::Magprune, R::L2},    {S::Random, R::Inverse},
@@ -342,39 +347,19 @@ static void slabbed_output_matches_whole() {
   for (const auto& [sp, rs] : cases) {
     for (const bool linear : {false, true}) {
       if (linear && sp != S::None) continue;
-      for (const uint64_t slab : {per, 2 * per + 5, 5 * per, uint64_t{rows} * 2}) {
+      for (const uint64_t slab : {per, 2 * per + 5, 5 * per, rows * 2}) {
         for (const auto out_dtype : {della::DType::BF16, della::DType::F32}) {
-          const uint64_t row_bytes = n * della::dtype_size(out_dtype);
+          const uint64_t row_bytes = d.n * della::dtype_size(out_dtype);
           std::vector<uint8_t> whole(rows * row_bytes, 0xa5), slabbed(rows * row_bytes, 0xa5);
-          auto task = [&] {
-            della::MergeTask t;
-            t.linear = linear;
-            t.base = linear ? nullptr : base.data();
-            t.base_dtype = della::DType::BF16;
-            t.out_dtype = out_dtype;
-            t.shape = {rows, n};
-            for (auto* e : {&e0, &e1}) {
-              della::ExpertInput in;
-              in.data = e->data();
-              in.dtype = della::DType::BF16;
-              in.shape = t.shape;
-              in.weight = 0.7f;
-              in.density = 0.4;
-              in.epsilon = 0.1;
-              in.gamma = 0.05;
-              t.experts.push_back(in);
-            }
-            t.sparsifier = sp;
-            t.rescale = rs;
-            t.consensus = linear ? della::Consensus::None : della::Consensus::Sum;
-            t.normalize = true;
-            t.lambda = 1.1;
-            t.tensor_id = 7;
-            t.seed = 99;
-            t.digest = true;
-            return t;
-          };
-          della::MergeTask a = task(), b = task();
+          della::MergeTask a = d.task();
+          a.linear = linear;
+          a.base = linear ? nullptr : d.base.data();
+          a.out_dtype = out_dtype;
+          a.sparsifier = sp;
+          a.rescale = rs;
+          a.consensus = linear ? della::Consensus::None : della::Consensus::Sum;
+          a.digest = true;
+          della::MergeTask b = a;
           a.out = whole.data();
           MemorySink sink(slab, row_bytes, slabbed);
           b.sink = &sink;
@@ -389,7 +374,7 @@ static void slabbed_output_matches_whole() {
                 "sparsifier %d rescale %d slab %llu: statistics differ", s, r, sl);
           CHECK(sb[0].has_digest && sa[0].digest == sb[0].digest && sb[0].digest == della::xxh64(whole.data(), whole.size()),
                 "sparsifier %d rescale %d slab %llu: digests differ", s, r, sl);
-          const uint64_t used = slab / per * per;
+          const uint64_t used = std::min(slab / per * per, rows);
           CHECK(sink.finished && sink.slabs == (rows + used - 1) / used, "slab %llu: %u slabs, finished %d", sl,
                 sink.slabs, sink.finished);
         }
@@ -397,18 +382,9 @@ static void slabbed_output_matches_whole() {
     }
   }
   // A sink that cannot hold one work item is refused, not overrun.
-  std::vector<uint8_t> out(rows * n * 2);
-  MemorySink small(per - 1, n * 2, out);
-  della::MergeTask t;
-  t.base = base.data();
-  t.base_dtype = della::DType::BF16;
-  t.out_dtype = della::DType::BF16;
-  t.shape = {rows, n};
-  della::ExpertInput in;
-  in.data = e0.data();
-  in.dtype = della::DType::BF16;
-  in.shape = t.shape;
-  t.experts.push_back(in);
+  std::vector<uint8_t> out(rows * d.n * 2);
+  MemorySink small(per - 1, d.n * 2, out);
+  della::MergeTask t = d.task();
   t.sink = &small;
   std::vector<della::MergeStats> st;
   bool refused = false;
