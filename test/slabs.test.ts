@@ -4,7 +4,7 @@
 // each large tensor here: the output must equal the reference backend's (which stages
 // every tensor whole) byte for byte, with the same reports, and verify from its
 // recorded digests.
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { merge, openCheckpoint, parseRecipe, verifyMerge } from '../lib/index.js';
@@ -110,6 +110,27 @@ describe(`tensors written slab by slab (DELLA_TEST_SEED=${seed})`, () => {
     });
   }
 
+  it('a cancelled merge stops within the tensor it is writing by slabs, and leaves nothing behind', async () => {
+    const dir = tempDir();
+    const models = makeModels(rng(seed), dir, { dtype: 'BF16', experts: 2, shapes: [['model.layers.0.mlp.up_proj.weight', [2000, 512]]] });
+    const recipe = { merge_method: 'ties', base_model: models.base, models: models.experts.map((m) => ({ model: m, parameters: { weight: 1, density: 0.5 } })) };
+    const native = loadNative();
+    const original = native.mergeBatch.bind(native);
+    const controller = new AbortController();
+    const seen: unknown[] = [];
+    // The abort comes while the tensor's batch is with the kernels (here: as it is handed
+    // over); the kernels' call itself must end cancelled, not complete the tensor.
+    vi.spyOn(native, 'mergeBatch').mockImplementation((batch) => {
+      controller.abort(new Error('stop'));
+      seen.push(batch.cancel?.[0]);
+      return original(batch).then((s) => { seen.push('completed'); return s; }, (e: unknown) => { seen.push((e as Error).message); throw e; });
+    });
+    const err = await refused(() => merge(recipe, { out: join(dir, 'out'), signal: controller.signal }), 'E_ABORTED', /^the merge was cancelled; nothing was written$/);
+    expect((err.cause as Error).message).toBe('stop');
+    expect(seen).toEqual([1, 'cancelled while merging tensor "model.layers.0.mlp.up_proj.weight"']);
+    expect(readdirSync(dir).sort()).toEqual(['base', 'expert0', 'expert1']);
+  });
+
   it('decides by the output size and the work item: not a copy, nor a tensor whose item does not fit a slab', () => {
     const plan = (kind: 'merge' | 'copy', shape: number[], outDtype = 'BF16'): TensorPlan => {
       const numel = shape.reduce((a, b) => a * b, 1);
@@ -160,6 +181,11 @@ describe(`tensors written slab by slab (DELLA_TEST_SEED=${seed})`, () => {
     expect(() => run({ file, offset: 0, buffer }, { device: 0, memory: 1 << 20 })).toThrow(/run on the CPU only/);
     // A slab too small for a work item is refused by the kernels: nothing is written.
     await expect(run({ file, offset: 0, buffer: buffer.subarray(0, 2 * 4096) })).rejects.toThrow(/an output slab holds 0 rows: fewer than the tensor's 8 and than a work item's 8192/);
+    // A cancel byte already set stops it before its first slab, marked as cancelled.
+    const cancel = new Uint8Array([1]);
+    const stopped = await native.mergeBatch({ threads: 1, merges: [task({ file, offset: 0, buffer })], copies: [], cancel }).then(() => null, (e: unknown) => e);
+    expect(stopped).toMatchObject({ cancelled: true, message: 'cancelled while merging tensor "w"' });
+    expect(() => native.mergeBatch({ threads: 1, merges: [], copies: [], cancel: [1] as unknown as Uint8Array })).toThrow(/batch\.cancel must be a Uint8Array of at least one byte/);
     // The real thing: the tensor lands in the file, whole.
     const stats = await native.mergeBatch({ threads: 1, merges: [task({ file, offset: 0, buffer })], copies: [], digests: true });
     expect(stats[0].xxh64).toBe(native.xxh64(base));

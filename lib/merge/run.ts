@@ -592,10 +592,16 @@ export async function* runBatches(
         .catch((e: unknown) => { throw cudaError(e, cuda.device, true); });
     } else if (native) {
       // The kernels hash each output while it is still in cache (see runMerge's digests).
-      // A tensor they write to its file themselves fails the batch when that write does.
-      stats = native.mergeBatch({ threads, merges, copies, digests: true }).catch((e: unknown) => {
-        throw (e as { outputWrite?: boolean }).outputWrite ? new DellaError('E_IO', (e as Error).message, { cause: e }) : e;
-      });
+      // A tensor they write to its file themselves fails the batch when that write does,
+      // and stops at its next slab when the merge is cancelled.
+      const cancel = new Uint8Array(1);
+      const onAbort = () => { cancel[0] = 1; };
+      ctx.signal?.addEventListener('abort', onAbort, { once: true });
+      stats = native.mergeBatch({ threads, merges, copies, digests: true, cancel }).catch((e: unknown) => {
+        const marks = e as { outputWrite?: boolean; cancelled?: boolean };
+        if (marks.cancelled) throw abortError(ctx.signal, ctx.cancelled);
+        throw marks.outputWrite ? new DellaError('E_IO', (e as Error).message, { cause: e }) : e;
+      }).finally(() => ctx.signal?.removeEventListener('abort', onAbort));
     } else {
       stats = Promise.resolve(merges.map((m) => referenceMergeInto(m as MergeTaskSpec)));
       for (const c of copies) copyBytes(c.dst, c.src as ArrayBufferView);

@@ -120,4 +120,6 @@ export interface BatchSpec {
   cuda?: { device: number; memory: number } | null;
   /** CPU merges only: also hash each merge's output as it is written (stats' xxh64) */
   digests?: boolean;
+  /** set its first byte to stop the merges written to files (FileOutput) before their next slab */
+  cancel?: Uint8Array;
 }

@@ -13,8 +13,8 @@ constexpr uint64_t kBlock = della_io::BlockWriter::kBlock;
 }
 
 FileRowSink::FileRowSink(std::shared_ptr<della_io::BlockWriter> writer, uint64_t offset, uint64_t row_bytes,
-                         ByteSpan buffer, std::string what)
-    : writer_(std::move(writer)), offset_(offset), row_bytes_(row_bytes), what_(std::move(what)) {
+                         ByteSpan buffer, std::string what, const uint8_t* cancel)
+    : writer_(std::move(writer)), offset_(offset), row_bytes_(row_bytes), what_(std::move(what)), cancel_(cancel) {
   half_bytes_ = buffer.length / 2 / kBlock * kBlock;
   half_[0] = buffer.data;
   half_[1] = buffer.data + half_bytes_;
@@ -35,6 +35,9 @@ uint64_t FileRowSink::slab_rows() const {
 
 uint8_t* FileRowSink::room(uint64_t row0, uint64_t rows) {
   if (rows > slab_rows()) throw std::logic_error("a slab larger than the sink's room");
+  // (set by the JS thread: a relaxed read, seen within a slab or two)
+  if (cancel_ != nullptr && __atomic_load_n(cancel_, __ATOMIC_RELAXED) != 0)
+    throw Cancelled("cancelled while merging " + what_);
   const int h = static_cast<int>(next_ % 2);
   wait(h);  // the slab two before this one was written from this half
   const uint64_t at = (offset_ + row0 * row_bytes_) % kBlock;
@@ -63,7 +66,8 @@ void FileRowSink::wait(int half) {
 }
 
 std::shared_ptr<FileRowSink> file_row_sink_field(const Napi::Object& out, const std::string& where,
-                                                 uint64_t row_bytes, uint64_t total_bytes, const std::string& name) {
+                                                 uint64_t row_bytes, uint64_t total_bytes, const std::string& name,
+                                                 const uint8_t* cancel) {
   Napi::Env env = out.Env();
   OutputFile* file = OutputFile::From(field(out, "file", where));
   if (file == nullptr) throw Napi::TypeError::New(env, where + ".file must be an OutputFile");
@@ -77,7 +81,7 @@ std::shared_ptr<FileRowSink> file_row_sink_field(const Napi::Object& out, const 
   ByteSpan buffer{};
   if (!byte_view(field(out, "buffer", where), buffer))
     throw Napi::TypeError::New(env, where + ".buffer must be a Uint8Array or DataView");
-  return std::make_shared<FileRowSink>(std::move(writer), offset, row_bytes, buffer, "tensor \"" + name + "\"");
+  return std::make_shared<FileRowSink>(std::move(writer), offset, row_bytes, buffer, "tensor \"" + name + "\"", cancel);
 }
 
 }  // namespace della_binding

@@ -18,9 +18,11 @@ namespace della_binding {
 class FileRowSink : public della::RowSink {
  public:
   // Rows of row_bytes bytes go to `offset` onwards in the writer's file; `buffer`
-  // (block-aligned, as allocStaging's) holds two slabs. `what` names the tensor.
+  // (block-aligned, as allocStaging's) holds two slabs. `what` names the tensor. When
+  // the byte at `cancel` (if any) turns non-zero, the next slab is refused (Cancelled):
+  // a tensor of many slabs stops within one.
   FileRowSink(std::shared_ptr<della_io::BlockWriter> writer, uint64_t offset, uint64_t row_bytes, ByteSpan buffer,
-              std::string what);
+              std::string what, const uint8_t* cancel = nullptr);
   ~FileRowSink() override;
 
   uint64_t slab_rows() const override;
@@ -36,14 +38,16 @@ class FileRowSink : public della::RowSink {
   uint8_t* half_[2];
   uint64_t half_bytes_;
   std::string what_;
+  const uint8_t* cancel_;
   std::future<void> pending_[2];
   uint64_t next_ = 0;  // slabs handed out so far: the next one goes into half next_ % 2
 };
 
 // A merge's `out` given as { file: OutputFile, offset, buffer }: a sink writing rows of
-// row_bytes bytes for the tensor `name`. Throws a JS TypeError or RangeError naming
-// `where` for anything else.
+// row_bytes bytes for the tensor `name`, watching `cancel`. Throws a JS TypeError or
+// RangeError naming `where` for anything else.
 std::shared_ptr<FileRowSink> file_row_sink_field(const Napi::Object& out, const std::string& where,
-                                                 uint64_t row_bytes, uint64_t total_bytes, const std::string& name);
+                                                 uint64_t row_bytes, uint64_t total_bytes, const std::string& name,
+                                                 const uint8_t* cancel);
 
 }  // namespace della_binding

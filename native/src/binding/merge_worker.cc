@@ -34,9 +34,9 @@ void need_bytes(Napi::Env env, const ByteSpan& b, uint64_t want, const std::stri
                                          std::to_string(want));
 }
 
-// `sinks` keeps the file outputs' sinks alive while the kernels run.
+// `sinks` keeps the file outputs' sinks alive while the kernels run; they watch `cancel`.
 MergeTask parse_merge(const Napi::Object& o, const std::string& where, MapHolds& holds,
-                      std::vector<std::shared_ptr<della::RowSink>>& sinks) {
+                      std::vector<std::shared_ptr<della::RowSink>>& sinks, const uint8_t* cancel) {
   Napi::Env env = o.Env();
   MergeTask t;
   t.shape = shape_field(o, "shape", where);
@@ -59,7 +59,7 @@ MergeTask parse_merge(const Napi::Object& o, const std::string& where, MapHolds&
     // { file, offset, buffer }: written to the file slab by slab (file_row_sink.h)
     const uint64_t n = t.shape.empty() ? numel : static_cast<uint64_t>(t.shape.back());
     sinks.push_back(file_row_sink_field(out_value.As<Napi::Object>(), where + ".out",
-                                        n * della::dtype_size(t.out_dtype), out_bytes, utf8));
+                                        n * della::dtype_size(t.out_dtype), out_bytes, utf8, cancel));
     t.sink = sinks.back().get();
   } else {
     const ByteSpan out = bytes_field(o, "out", where);
@@ -169,11 +169,12 @@ Napi::Value DotBatch(const Napi::CallbackInfo& info) {
       dot_stats_to_js);
 }
 
-// mergeBatch({ threads, merges: [...], copies: [{ src, dst }], cuda?: { device, memory }, digests?: bool })
+// mergeBatch({ threads, merges: [...], copies: [{ src, dst }], cuda?: { device, memory }, digests?: bool, cancel?: Uint8Array })
 //   -> Promise<stats[]>
 // A merge's `out` is a typed array, or { file: OutputFile, offset, buffer } to write it
 // to the file slab by slab through `buffer` (two slabs); a failed write rejects with an
-// error marked outputWrite: true.
+// error marked outputWrite: true. `cancel`, a Uint8Array, stops such a merge before its
+// next slab once its first byte is set (rejected, marked cancelled: true).
 // With `cuda` the merges run in the CUDA plugin (copies stay on the CPU threads). With
 // `digests` the CPU kernels also hash each merge's output (stats[i].xxh64).
 Napi::Value MergeBatch(const Napi::CallbackInfo& info) {
@@ -184,12 +185,19 @@ Napi::Value MergeBatch(const Napi::CallbackInfo& info) {
   MapHolds holds;
   std::vector<MergeTask> merges;
   std::vector<std::shared_ptr<della::RowSink>> sinks;
+  const uint8_t* cancel = nullptr;
+  if (batch.Has("cancel") && !batch.Get("cancel").IsUndefined()) {
+    ByteSpan flag{};
+    if (!byte_view(batch.Get("cancel"), flag) || flag.length < 1)
+      throw Napi::TypeError::New(env, "batch.cancel must be a Uint8Array of at least one byte");
+    cancel = flag.data;
+  }
   Napi::Array ms = array_field(batch, "merges", "batch");
   for (uint32_t i = 0; i < ms.Length(); ++i) {
     const std::string where = "merges[" + std::to_string(i) + "]";
     Napi::Value v = ms.Get(i);
     if (!v.IsObject()) throw Napi::TypeError::New(env, where + " must be an object");
-    merges.push_back(parse_merge(v.As<Napi::Object>(), where, holds, sinks));
+    merges.push_back(parse_merge(v.As<Napi::Object>(), where, holds, sinks, cancel));
   }
   if (batch.Has("digests") && !batch.Get("digests").IsUndefined() && bool_field(batch, "digests", "batch"))
     for (MergeTask& t : merges) t.digest = true;

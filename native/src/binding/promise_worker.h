@@ -1,6 +1,6 @@
 // A promise settled by work on a libuv worker thread, for the binding's calls that run
 // long (merges, dot products, opening a GPU). CudaFailure's code reaches JS as the
-// error's cudaCode; a WriteFailure is marked outputWrite: true.
+// error's cudaCode; a WriteFailure is marked outputWrite: true, a Cancelled cancelled: true.
 #pragma once
 #include <napi.h>
 
@@ -16,6 +16,11 @@ namespace della_binding {
 // An output file could not be written (what the caller reports as an I/O error, not as
 // a fault of the merge).
 struct WriteFailure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// The caller asked the work to stop (it reports its own cancellation).
+struct Cancelled : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
@@ -68,6 +73,9 @@ class PromiseWorker : public Napi::AsyncWorker {
     } catch (const WriteFailure& e) {
       write_failure_ = true;
       SetError(e.what());
+    } catch (const Cancelled& e) {
+      cancelled_ = true;
+      SetError(e.what());
     } catch (const std::exception& e) {
       SetError(e.what());
     }
@@ -86,6 +94,7 @@ class PromiseWorker : public Napi::AsyncWorker {
       Napi::Object err = e.Value();
       if (cuda_code_ != 0) err.Set("cudaCode", cuda_code_name(cuda_code_));
       if (write_failure_) err.Set("outputWrite", true);
+      if (cancelled_) err.Set("cancelled", true);
       deferred_.Reject(err);
     });
   }
@@ -98,6 +107,7 @@ class PromiseWorker : public Napi::AsyncWorker {
   Result result_;
   int cuda_code_ = 0;
   bool write_failure_ = false;
+  bool cancelled_ = false;
 };
 
 }  // namespace della_binding
