@@ -14,6 +14,7 @@ import type { ShardFiles } from '../checkpoint/writer.js';
 import type { TensorPlan } from './plan.js';
 import type { FileOutput } from './task.js';
 import { DTYPE_SIZES } from '../checkpoint/safetensors.js';
+import { geometry } from '../reference/merge-tensor.js';
 import { subBytes, type Bytes } from '../util/bytes.js';
 
 /** Each of the two slabs of a tensor written slab by slab (DELLA_SLAB_BYTES overrides it, for tests). */
@@ -36,7 +37,7 @@ export function slabBytes(env: NodeJS.ProcessEnv = process.env): number {
  * the least a slab must hold.
  */
 export function itemBytes(t: TensorPlan): number {
-  const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : t.numel;
+  const { n } = geometry(t.shape);
   return Math.max(1, Math.floor(65536 / Math.max(1, n))) * n * DTYPE_SIZES[t.outDtype];
 }
 

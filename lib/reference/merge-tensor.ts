@@ -8,8 +8,14 @@ import { tensorId } from './fnv.js';
 import { fuseElement } from './fuse.js';
 import { sparsifyDelta } from './sparsify.js';
 
-function product(shape: readonly number[]): number {
-  return shape.reduce((a, b) => a * b, 1);
+/**
+ * A tensor's rows (SPEC §1): rows of its last dimension `n`, or one row of all its
+ * elements when its rank is 0 or 1 (della::geometry in the kernels).
+ */
+export function geometry(shape: readonly number[]): { numel: number; n: number; rows: number } {
+  const numel = shape.reduce((a, b) => a * b, 1);
+  const n = shape.length >= 2 ? shape[shape.length - 1] : numel;
+  return { numel, n, rows: n === 0 ? 0 : numel / n };
 }
 
 /** Flat offset of base row r inside an expert larger in every dimension (SPEC §2). */
@@ -30,9 +36,7 @@ export function expertRowOffset(base: readonly number[], expert: readonly number
 export type ElementProbe = (i: number, raw: ArrayLike<number>, sparsified: ArrayLike<number>, m: number) => void;
 
 export function referenceMergeTensor(t: MergeTaskSpec, probe?: ElementProbe): MergeTaskStats {
-  const numel = product(t.shape);
-  const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : numel;
-  const rows = n === 0 ? 0 : numel / n;
+  const { numel, n, rows } = geometry(t.shape);
   const K = t.experts.length;
   const id = tensorId(t.name);
   const baseView = t.base ? dataView(t.base) : null;
@@ -79,8 +83,7 @@ export function referenceMergeTensor(t: MergeTaskSpec, probe?: ElementProbe): Me
 
 /** Sums over two tensors for slerp: binary64, row partials in index order, rows in order. */
 export function referenceDots(t: DotTaskSpec): DotStats {
-  const numel = product(t.shape);
-  const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : numel;
+  const { numel, n } = geometry(t.shape);
   const a = dataView(t.a), b = dataView(t.b);
   const s: DotStats = { dot: 0, aa: 0, bb: 0, nonfinite: [0, 0] };
   for (let i0 = 0; n > 0 && i0 < numel; i0 += n) {

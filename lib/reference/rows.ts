@@ -8,7 +8,7 @@ import type { MergeTaskSpec, MergeTaskStats } from '../merge/task.js';
 import { RESCALE_CODE, SPARSIFIER_CODE, type InputBytes } from '../merge/task.js';
 import { dtypeSize } from './dtypes.js';
 import { allocBytes, sliceBytes, subBytes, type Bytes } from '../util/bytes.js';
-import { expertRowOffset, referenceMergeTensor, type ElementProbe } from './merge-tensor.js';
+import { expertRowOffset, geometry, referenceMergeTensor, type ElementProbe } from './merge-tensor.js';
 import { streamedMergeRows } from './streamed.js';
 
 export function needsWholeTensor(t: MergeTaskSpec): boolean {
@@ -40,8 +40,7 @@ function elements(v: InputBytes, from: number, n: number, size: number): Bytes {
  * at its place in `t.out` (the rows returned are views of it), else `t.out` is ignored.
  */
 export function referenceMergeRows(t: MergeTaskSpec, rows: readonly number[], probe?: ElementProbe, intoOut = false): RowsResult {
-  const numel = t.shape.reduce((a, b) => a * b, 1);
-  const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : numel;
+  const { n } = geometry(t.shape);
   const outSize = dtypeSize(t.outDtype);
   if (needsWholeTensor(t)) return streamedMergeRows(t, rows, probe, { intoOut });
   const K = t.experts.length;
@@ -81,8 +80,7 @@ const WHOLE_ELEMENTS = 1 << 24;
  * The bytes and statistics are the same either way (test/streamed-rows.test.ts).
  */
 export function referenceMergeInto(t: MergeTaskSpec, wholeElements = WHOLE_ELEMENTS): MergeTaskStats {
-  const numel = t.shape.reduce((a, b) => a * b, 1);
+  const { numel, rows } = geometry(t.shape);
   if (numel <= wholeElements) return referenceMergeTensor(t);
-  const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : numel;
-  return referenceMergeRows(t, Array.from({ length: n === 0 ? 0 : numel / n }, (_, r) => r), undefined, true).stats;
+  return referenceMergeRows(t, Array.from({ length: rows }, (_, r) => r), undefined, true).stats;
 }

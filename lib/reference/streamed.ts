@@ -22,7 +22,7 @@ import { allocBytes, sliceBytes, subBytes, type Bytes } from '../util/bytes.js';
 import { dataView, dtypeSize, loadF32, loadF32Row, magnitudeKeys, storeF32 } from './dtypes.js';
 import { tensorId } from './fnv.js';
 import { fuseElement } from './fuse.js';
-import { expertRowOffset, type ElementProbe } from './merge-tensor.js';
+import { expertRowOffset, geometry, type ElementProbe } from './merge-tensor.js';
 import { elementUniform } from './philox.js';
 import { breadcrumbsWindow, magpruneQ, stableRanks } from './sparsify.js';
 
@@ -133,9 +133,7 @@ export function streamedMergeRows(
   t: MergeTaskSpec, rows: readonly number[], probe?: ElementProbe,
   { intoOut = false, blockBytes = BLOCK_BYTES, snapshotBytes = SNAPSHOT_BYTES }: StreamedOptions = {},
 ): { rows: Bytes[]; stats: MergeTaskStats } {
-  const numel = t.shape.reduce((a, b) => a * b, 1);
-  const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : numel;
-  const R = n === 0 ? 0 : numel / n;
+  const { numel, n, rows: R } = geometry(t.shape);
   const K = t.experts.length;
   const bad = rows.find((r) => !Number.isInteger(r) || r < 0 || r >= R);
   if (bad !== undefined) throw new RangeError(`row ${bad} of a tensor of ${R} rows`);

@@ -20,7 +20,7 @@ import { slerpCoefficients } from '../merge/slerp.js';
 import { DIGEST_LABEL, recordedDigests, RUN_FILE, storedDigest, type RunRecord } from '../merge/record.js';
 import { DTYPE_CODE, RESCALE_CODE, SPARSIFIER_CODE, type FloatDType } from '../merge/task.js';
 import { dataView, dtypeSize, LITTLE_ENDIAN, loadF32 } from '../reference/dtypes.js';
-import { referenceDots } from '../reference/merge-tensor.js';
+import { geometry, referenceDots } from '../reference/merge-tensor.js';
 import { referenceMergeRows, wholeTensorSparsifier } from '../reference/rows.js';
 import { tensorId } from '../reference/fnv.js';
 import { firstDifference } from '../util/bytes.js';
@@ -266,8 +266,7 @@ export function checkTensor(
   t: TensorPlan, merged: Checkpoint, kind: string, models: ReturnType<typeof planRecipe>['models'], seed: number,
   samples: number, plan: ReturnType<typeof planRecipe>['plan'],
 ): TensorCheck {
-  const n = t.shape.length >= 2 ? t.shape[t.shape.length - 1] : t.numel;
-  const rows = n === 0 ? 0 : t.numel / n;
+  const { n, rows } = geometry(t.shape);
   const check: TensorCheck = { name: t.name, kind: t.kind, ok: true, problems: [], rowsChecked: 0, rowsTotal: rows };
   const fail = (message: string) => {
     check.ok = false;

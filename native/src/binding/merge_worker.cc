@@ -10,6 +10,7 @@
 #include "mapped_file.h"
 #include "promise_worker.h"
 #include "della/philox.h"
+#include "della/tensor_rules.h"
 
 namespace della_binding {
 namespace {
@@ -57,9 +58,9 @@ MergeTask parse_merge(const Napi::Object& o, const std::string& where, MapHolds&
   Napi::Value out_value = field(o, "out", where);
   if (out_value.IsObject() && !out_value.IsTypedArray() && !out_value.IsDataView()) {
     // { file, offset, buffer }: written to the file slab by slab (file_row_sink.h)
-    const uint64_t n = t.shape.empty() ? numel : static_cast<uint64_t>(t.shape.back());
     sinks.push_back(file_row_sink_field(out_value.As<Napi::Object>(), where + ".out",
-                                        n * della::dtype_size(t.out_dtype), out_bytes, utf8, cancel));
+                                        della::geometry(t.shape).n * della::dtype_size(t.out_dtype), out_bytes, utf8,
+                                        cancel));
     t.sink = sinks.back().get();
   } else {
     const ByteSpan out = bytes_field(o, "out", where);
